@@ -1,0 +1,34 @@
+"""qcompile: a quantization compiler for PyTorch.
+
+Capture a model with ``torch.export``, quantize it from a recipe (PTQ now; QAT, weight algorithms
+and mixed precision build on the same graph), run it on the PyTorch reference backend or lower it
+to a real low-precision backend, and measure what was lost.
+
+Example::
+
+    >>> import qcompile
+    >>> qmodel = qcompile.quantize(model, "w8a8", example_inputs=(ids, mask), calibration=batches)
+    >>> print(qmodel.report)
+    >>> qmodel.save("out/model-w8a8"); same = qcompile.load("out/model-w8a8")
+"""
+from . import ops  # noqa: F401  - registers torch.ops.qcompile.*
+from .api import convert, prepare, quantize, resolve_recipe
+from .backends import lower
+from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, PassError, QCompileError,
+                     RecipeError)
+from .formats import FORMATS, Format, get_format
+from .model import PreparedModel, QuantizedModel, load
+from .presets import recipes
+from .recipe import CalibrationConfig, LayerConfig, Recipe, SmoothingConfig
+from .report import Report
+from .spec import QuantSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize", "prepare", "convert", "load", "lower", "recipes", "resolve_recipe",
+    "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig",
+    "PreparedModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
+    "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",
+    "ArtifactError",
+]

@@ -1,0 +1,152 @@
+"""Orchestration only: capture → passes → calibrate → convert → report. Every step lives in its
+own module; this file decides their order."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+from torch import nn
+
+from .calibration import reiterable, run_calibration
+from .capture import capture
+from .errors import CalibrationError, RecipeError, closest
+from .measure import measure
+from .model import PreparedModel, QuantizedModel
+from .passes import (AnnotatePass, ApplySmoothingPass, ConvertPass, FoldBatchNormPass, InsertChannelStatsPass,
+                     InsertObserversPass, NormalizeLinearPass, PassManager)
+from .passes.annotate import annotated_nodes
+from .passes.infra import prune_unused_tensors
+from .recipe import Recipe
+from .report import Report
+
+RecipeLike = Union[Recipe, str, Path, dict]
+
+
+def resolve_recipe(recipe: RecipeLike) -> Recipe:
+    """A :class:`Recipe` from a Recipe, a preset name, a path to a YAML/JSON file, or a dict."""
+    from .presets import PRESETS
+
+    if isinstance(recipe, Recipe):
+        return recipe.validate()
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, Path)):
+        s = str(recipe)
+        if s in PRESETS:
+            return Recipe.preset(s)
+        if s.endswith((".yaml", ".yml", ".json")) or Path(s).exists():
+            if not Path(s).exists():
+                raise RecipeError("recipe", f"file '{s}' does not exist")
+            return Recipe.load(s)
+        raise RecipeError("recipe", f"'{s}' is neither a preset nor a recipe file; {closest(s, PRESETS)}")
+    raise RecipeError("recipe", f"expected a Recipe, preset name, path or dict, got {type(recipe).__name__}")
+
+
+def _needs_static_calibration(gm) -> bool:
+    return any(a.activation is not None and not a.activation.dynamic for _, a in annotated_nodes(gm))
+
+
+def prepare(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, *, example_kwargs: Optional[dict] = None,
+            calibration: Optional[Iterable] = None, dynamic_shapes: Any = "auto",
+            dump_dir: Optional[str] = None) -> PreparedModel:
+    """Capture ``model`` and insert observers per ``recipe``; call the result on calibration
+    data, then :func:`convert`. A recipe with ``smoothing`` measures its smoothing scales on
+    ``calibration`` here (they change what the observers see), so it needs that argument.
+
+    Example::
+
+        >>> prepared = qcompile.prepare(model, "w8a8-dynamic", (ids, mask))
+        >>> for batch in data: prepared(*batch)
+        >>> qmodel = qcompile.convert(prepared)
+    """
+    recipe = resolve_recipe(recipe)
+    t0 = time.perf_counter()
+    cap = capture(model, example_inputs, example_kwargs, dynamic_shapes)
+    gm = cap.graph_module
+    fold, annotate = FoldBatchNormPass(), AnnotatePass(recipe)
+    PassManager([fold, NormalizeLinearPass(), annotate], dump_dir)(gm)
+    info = {"kept_float": dict(annotate.skipped), "folded": list(fold.folded), "smoothing": [],
+            "timings_s": {"capture": time.perf_counter() - t0}}
+    has_act = any(a.activation is not None for _, a in annotated_nodes(gm))
+    if recipe.smoothing is not None and has_act:
+        if calibration is None:
+            raise CalibrationError(f"recipe '{recipe.name}' uses smoothing, whose scales are measured on data: "
+                                   "pass calibration= to prepare (or quantize), or set smoothing to null")
+        t1 = time.perf_counter()
+        PassManager([InsertChannelStatsPass()])(gm)
+        run_calibration(lambda item: gm(*_bind(cap, item)[0], **_bind(cap, item)[1]), calibration,
+                        recipe.calibration.max_samples, recipe.calibration.progress, desc="smoothing statistics")
+        smooth = ApplySmoothingPass(recipe.smoothing.alpha, recipe.smoothing.fold_only, recipe.smoothing.alphas)
+        PassManager([smooth])(gm)
+        info["smoothing"] = smooth.applied
+        info["timings_s"]["smoothing"] = time.perf_counter() - t1
+    PassManager([InsertObserversPass()], dump_dir)(gm)
+    return PreparedModel(gm, cap, recipe, model, info)
+
+
+def _bind(cap, item):
+    return cap.binder.bind(item)
+
+
+def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
+            dump_dir: Optional[str] = None) -> QuantizedModel:
+    """Turn a calibrated :class:`PreparedModel` into a :class:`QuantizedModel` with a report
+    measured on ``report_inputs`` (default: the example inputs)."""
+    if not isinstance(prepared, PreparedModel):
+        raise TypeError(f"convert expects the PreparedModel returned by qcompile.prepare, got {type(prepared).__name__}")
+    gm, cap, recipe, info = prepared.graph_module, prepared._captured, prepared.recipe, prepared._info
+    t0 = time.perf_counter()
+    conv = ConvertPass()
+    PassManager([conv], dump_dir)(gm)
+    prune_unused_tensors(gm)
+    gm.recompile()
+    info["timings_s"]["convert"] = time.perf_counter() - t0
+    report = Report(recipe=recipe.name, kept_float=info["kept_float"], smoothing=info["smoothing"],
+                    folded_batch_norms=info["folded"], calibration_samples=prepared.calibrated_batches)
+    t1 = time.perf_counter()
+    items = list(report_inputs) if report_inputs is not None else [(*cap.example_args, *[cap.example_kwargs[k] for k in cap.binder.keywords])]
+    measure(report, gm, conv.float_weights, prepared._float_model[0], cap.binder, items, set(info["folded"]))
+    info["timings_s"]["report"] = time.perf_counter() - t1
+    report.timings_s = dict(info["timings_s"])
+    example = (cap.example_args, cap.example_kwargs, cap.dynamic_shapes)
+    return QuantizedModel(gm, cap.binder, recipe, report, example)
+
+
+def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibration: Optional[Iterable] = None, *,
+             example_kwargs: Optional[dict] = None, dynamic_shapes: Any = "auto", report_samples: int = 8,
+             dump_dir: Optional[str] = None) -> QuantizedModel:
+    """Quantize ``model`` with ``recipe``; returns a :class:`QuantizedModel` (an ``nn.Module``
+    called like ``model``) with ``.report``, ``.recipe`` and ``.save(path)``. ``model`` itself is
+    never modified.
+
+    ``recipe``: a :class:`Recipe`, a preset (``"w8a8"``, ``"w8a8-dynamic"``, ``"w8"``, ``"w4-g64"``,
+    ``"w4-g128"``) or a YAML/JSON path. ``example_inputs``: positional inputs as ``torch.export``
+    takes them. ``calibration``: any iterable (list, generator, DataLoader) of tuples or kwargs
+    dicts; required when the recipe has static activation scales.
+
+    Example::
+
+        >>> import qcompile
+        >>> qmodel = qcompile.quantize(model, "w8a8", (ids, mask), calibration=batches)
+        >>> print(qmodel.report)
+        >>> qmodel.save("out/model-w8a8")
+    """
+    recipe = resolve_recipe(recipe)
+    passes = 1 + (recipe.smoothing is not None) + 1  # smoothing stats, observers, report samples
+    data = reiterable(calibration, passes)
+    prepared = prepare(model, recipe, example_inputs, example_kwargs=example_kwargs, calibration=data,
+                       dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)
+    t0 = time.perf_counter()
+    if _needs_static_calibration(prepared.graph_module):
+        if data is None:
+            raise CalibrationError(f"recipe '{recipe.name}' has static activation scales: pass calibration=<iterable "
+                                   "of inputs> (e.g. a few hundred representative samples)")
+        prepared.calibrate(data)
+    prepared._info["timings_s"]["calibrate"] = time.perf_counter() - t0
+    report_items = None
+    if data is not None and report_samples:
+        from .calibration import iterate
+
+        report_items = list(iterate(data, report_samples))
+    return convert(prepared, report_inputs=report_items, dump_dir=dump_dir)

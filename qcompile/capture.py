@@ -1,0 +1,193 @@
+"""Capture a model with ``torch.export``: dynamic batch/sequence dims, node → module-path map, and
+errors that name the module being traced, the reason and a hint.
+
+Example::
+
+    >>> cap = capture(model, (input_ids, attention_mask))
+    >>> cap.graph_module            # an fx GraphModule, called like the model
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from .errors import CalibrationError, CaptureError
+from .spec import LAYER, LAYER_TYPE
+
+
+@dataclass
+class InputBinder:
+    """Maps any calibration item (a tuple of positional args, or a kwargs dict) onto the call
+    structure the model was captured with, naming the input that is missing or extra."""
+
+    positional: list[str]
+    keywords: list[str]
+    constants: dict = field(default_factory=dict)  # non-tensor kwargs fixed at capture (use_cache=False)
+
+    def bind(self, item) -> tuple[tuple, dict]:
+        if isinstance(item, dict):
+            unknown = set(item) - set(self.positional) - set(self.keywords) - set(self.constants)
+            if unknown:
+                raise CalibrationError(f"calibration input has unknown key(s) {sorted(unknown)}; "
+                                       f"the model was captured with {self.positional + self.keywords}")
+            missing = [n for n in self.positional + self.keywords if n not in item]
+            if missing:
+                raise CalibrationError(f"calibration input lacks {missing}; the model was captured with "
+                                       f"{self.positional + self.keywords}")
+            args = tuple(item[n] for n in self.positional)
+            kwargs = {n: item[n] for n in self.keywords}
+        else:
+            if isinstance(item, torch.Tensor):
+                item = (item,)
+            if not isinstance(item, (tuple, list)):
+                raise CalibrationError(f"a calibration item must be a tuple of positional inputs or a dict "
+                                       f"of keyword inputs, got {type(item).__name__}")
+            if len(item) != len(self.positional) + len(self.keywords):
+                raise CalibrationError(f"calibration item has {len(item)} inputs; the model was captured with "
+                                       f"{len(self.positional) + len(self.keywords)} ({self.positional + self.keywords})")
+            args = tuple(item[: len(self.positional)])
+            kwargs = dict(zip(self.keywords, item[len(self.positional):]))
+        kwargs.update(self.constants)
+        return args, kwargs
+
+    def to_dict(self) -> dict:
+        return {"positional": self.positional, "keywords": self.keywords, "constants": self.constants}
+
+
+@dataclass
+class Captured:
+    graph_module: torch.fx.GraphModule
+    binder: InputBinder
+    example_args: tuple
+    example_kwargs: dict
+    dynamic_shapes: Any
+    layer_types: dict[str, str]   # module path -> class name, for "type:" overrides
+
+
+def _auto_dynamic(value):
+    if isinstance(value, torch.Tensor):
+        return {i: Dim.AUTO for i in range(value.dim())}
+    return pytree.tree_map(lambda v: {i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None, value)
+
+
+def capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None,
+            dynamic_shapes: Any = "auto") -> Captured:
+    """Export ``model`` on ``example_inputs``.
+
+    ``dynamic_shapes="auto"`` lets every dim of every tensor input be dynamic unless the model
+    forces it static (batch, sequence, image size stay free); pass ``None`` for fully static shapes
+    or a ``torch.export`` spec of your own. Sizes 0/1 in the examples are specialised by
+    ``torch.export``: give examples with batch and sequence ≥ 2.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple):
+        raise CaptureError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}")
+    example_kwargs = dict(example_kwargs or {})
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = [p.name for p in params[: len(example_inputs)]]
+    if len(positional) < len(example_inputs):
+        positional += [f"arg{i}" for i in range(len(positional), len(example_inputs))]
+    tensor_kwargs = {k: v for k, v in example_kwargs.items() if _has_tensor(v)}
+    constants = {k: v for k, v in example_kwargs.items() if k not in tensor_kwargs}
+    binder = InputBinder(positional, list(tensor_kwargs), constants)
+    if dynamic_shapes == "auto":
+        dynamic_shapes = {**{n: _auto_dynamic(a) for n, a in zip(positional, example_inputs)},
+                          **{k: _auto_dynamic(v) for k, v in tensor_kwargs.items()},
+                          **{k: None for k in constants}}
+        if any(n.startswith("arg") for n in positional):  # *args forward: name-keyed spec impossible
+            dynamic_shapes = None
+    was_training = model.training
+    model.eval()
+    try:
+        ep = _export(model, example_inputs, example_kwargs, dynamic_shapes)
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    layer_types = {name: type(m).__name__ for name, m in model.named_modules()}
+    _tag_layers(gm)
+    return Captured(gm, binder, example_inputs, example_kwargs, dynamic_shapes, layer_types)
+
+
+def _has_tensor(v) -> bool:
+    return any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))
+
+
+def _export(model, args, kwargs, dynamic_shapes):
+    stack: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+
+    def enter(mod, _args):
+        stack.append(names[mod] or "<root>")
+
+    def leave(mod, _args, _out):  # a forward hook must return None, or it replaces the output
+        if stack:
+            stack.pop()
+
+    for m in names:
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        module = stack[-1] if stack else "<root> (its inputs or outputs)"
+        mtype = type(model.get_submodule(module)).__name__ if stack and module != "<root>" else type(model).__name__
+        reason = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+        raise CaptureError(f"torch.export could not capture module '{module}' ({mtype}): {reason}\n"
+                           f"hint: {_hint(str(e))}") from e
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_HINTS = [
+    (r"DynamicCache|Cache'?>? in output|register a pytree", "the model returns a KV cache object: capture with the cache "
+     "disabled, e.g. example_kwargs={'use_cache': False}"),
+    (r"data.dependent|GuardOnDataDependent|item\(\)|nonzero", "control flow or shapes depend on tensor values: "
+     "move that logic out of forward, use torch.cond, or torch._check the value"),
+    (r"Constraints violated|specializ|Not all values of|dynamic_shapes", "a dimension marked dynamic is forced static "
+     "by the model: pass dynamic_shapes=None (static) or your own torch.export spec"),
+    (r"not a known type|unsupported.*type|pytree", "an input or output is a type torch.export cannot flatten: "
+     "register it with torch.utils._pytree or return tensors/tuples/dicts"),
+]
+
+
+def _hint(msg: str) -> str:
+    for pattern, hint in _HINTS:
+        if re.search(pattern, msg, flags=re.IGNORECASE):
+            return hint
+    return "see the torch.export error above; examples with batch and sequence >= 2 avoid 0/1 specialisation"
+
+
+def _tag_layers(gm: torch.fx.GraphModule) -> None:
+    """Write each node's innermost module path and type into ``node.meta`` (LAYER, LAYER_TYPE)."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path, mtype = list(stack.values())[-1]
+            node.meta[LAYER] = path
+            node.meta[LAYER_TYPE] = (mtype if isinstance(mtype, str) else mtype.__name__).rsplit(".", 1)[-1]
+        elif node.op == "get_attr":
+            node.meta[LAYER] = node.target.rsplit(".", 1)[0]
+
+
+def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The flat placeholder values of a captured GraphModule for ``(args, kwargs)``."""
+    spec = getattr(gm, "_in_spec", None)
+    flat, got = pytree.tree_flatten((args, kwargs))
+    if spec is not None and got != spec:
+        # kwargs in another order: reorder by the captured spec's key order
+        keys = spec.children_specs[1].context if hasattr(spec, "children_specs") else list(kwargs)
+        flat, got = pytree.tree_flatten((args, {k: kwargs[k] for k in keys}))
+    return flat

@@ -1,0 +1,196 @@
+"""The format table: one record per number format, the one place a format is defined.
+
+A :class:`Format` knows its range, how its codes are stored in a graph (``storage``), how they are
+packed on disk (``pack``/``unpack``: sub-byte codes really take ``bits`` bits), how to pick a scale
+and zero point from a range, and its reference quantize/dequantize. Passes, observers, backends and
+tests look formats up here by id (``"int8"``, ``"int4"``, ``"fp8_e4m3"``, ``"nf4"``); tests iterate
+:data:`FORMATS`, so a new row gets its round-trip tests for free.
+
+Example::
+
+    >>> from qcompile.formats import get_format
+    >>> fmt = get_format("int4")
+    >>> fmt.qmin, fmt.qmax, fmt.bits
+    (-8.0, 7.0, 4)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .errors import RecipeError, closest
+
+# bitsandbytes' NF4 code book: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero.
+NF4_CODEBOOK = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class Format:
+    """One number format.
+
+    ``kind`` is ``"int"`` (affine integer codes), ``"float"`` (a low-precision float scaled by
+    ``scale``) or ``"codebook"`` (indices into ``codebook``, scaled by ``scale``).
+    """
+
+    name: str
+    kind: str
+    bits: int
+    qmin: float
+    qmax: float
+    storage: torch.dtype
+    description: str
+    codebook: Optional[tuple] = field(default=None, repr=False)
+    mantissa_bits: int = 0  # float kinds only: sets the relative rounding error
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    @property
+    def supports_asymmetric(self) -> bool:
+        return self.kind == "int"
+
+    # -- qparams ---------------------------------------------------------------------------
+    def choose_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor, symmetric: bool):
+        """Scale and zero point (``None`` when symmetric around 0) covering ``[min_val, max_val]``.
+
+        Symmetric integer scales map ``max|x|`` to ``qmax`` so nothing is clipped and 0 is exact.
+        """
+        min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
+        max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
+        if symmetric or not self.supports_asymmetric:
+            if not symmetric:
+                raise RecipeError("symmetric", f"format '{self.name}' is symmetric only")
+            amax = torch.maximum(-min_val, max_val)
+            if self.kind == "int" and not self.signed:
+                # unsigned symmetric: centre the range on the middle code (torch's convention)
+                scale = (amax / ((self.qmax - self.qmin) / 2)).clamp_min(_EPS)
+                zp = torch.full_like(scale, (self.qmin + self.qmax + 1) // 2).to(self.storage)
+                return scale, zp
+            top = 1.0 if self.kind == "codebook" else self.qmax  # code books span [-1, 1]
+            return (amax / top).clamp_min(_EPS), None
+        scale = ((max_val - min_val) / (self.qmax - self.qmin)).clamp_min(_EPS)
+        zp = (self.qmin - torch.round(min_val / scale)).clamp(self.qmin, self.qmax)
+        return scale, zp.to(self.storage)
+
+    # -- reference numerics (scale/zero point broadcastable to x) ---------------------------
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]):
+        if self.kind == "int":
+            from torchao.quantization.quant_primitives import quantize_affine
+
+            scale, zero_point = _as_same_rank(x, scale, zero_point)
+            return quantize_affine(x, _block_size(x, scale), scale, zero_point, self.storage,
+                                   int(self.qmin), int(self.qmax))
+        if self.kind == "float":
+            return (x.float() / scale).clamp(self.qmin, self.qmax).to(self.storage)
+        book = torch.tensor(self.codebook, dtype=torch.float32)
+        mid = (book[1:] + book[:-1]) / 2  # decision boundaries between neighbouring codes
+        return torch.bucketize((x.float() / scale).clamp(-1, 1), mid).to(self.storage)
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                   dtype: torch.dtype = torch.float32):
+        if self.kind == "int":
+            from torchao.quantization.quant_primitives import dequantize_affine
+
+            scale, zero_point = _as_same_rank(q, scale, zero_point)
+            return dequantize_affine(q, _block_size(q, scale), scale, zero_point, self.storage,
+                                     int(self.qmin), int(self.qmax), output_dtype=dtype)
+        if self.kind == "float":
+            return (q.float() * scale).to(dtype)
+        book = torch.tensor(self.codebook, dtype=torch.float32)
+        return (book[q.long()] * scale).to(dtype)
+
+    def error_bound(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Largest round-trip error allowed for in-range ``x`` (used by tests and ``verify``)."""
+        if self.kind == "int":
+            return scale / 2 * (1 + 1e-5)
+        if self.kind == "float":
+            tiny = torch.finfo(self.storage).smallest_normal
+            return torch.maximum(x.abs() * 2.0 ** -(self.mantissa_bits + 1), tiny * scale) * (1 + 1e-5)
+        book = torch.tensor(self.codebook)
+        return scale * (book[1:] - book[:-1]).max() / 2 * (1 + 1e-5)
+
+    # -- storage ------------------------------------------------------------------------------
+    def packed_nbytes(self, numel: int) -> int:
+        """Bytes the codes of ``numel`` values take on disk."""
+        return math.ceil(numel * self.bits / 8)
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        """Codes → a flat ``uint8`` tensor of :meth:`packed_nbytes` bytes (bit-exact round trip)."""
+        if self.bits == 8:
+            return q.contiguous().view(torch.uint8).flatten()
+        codes = (q.to(torch.int16) - int(self.qmin)).to(torch.uint8).flatten().numpy()
+        bits = np.unpackbits(codes[:, None], axis=1)[:, 8 - self.bits:]  # MSB-first bit planes
+        return torch.from_numpy(np.packbits(bits.reshape(-1)))
+
+    def unpack(self, packed: torch.Tensor, shape) -> torch.Tensor:
+        """Inverse of :meth:`pack`."""
+        numel = math.prod(shape)
+        if self.bits == 8:
+            return packed.view(self.storage).reshape(shape).clone()
+        bits = np.unpackbits(packed.numpy())[: numel * self.bits].reshape(numel, self.bits)
+        codes = np.packbits(np.pad(bits, ((0, 0), (8 - self.bits, 0))), axis=1).reshape(-1)
+        return (torch.from_numpy(codes).to(torch.int16) + int(self.qmin)).to(self.storage).reshape(shape)
+
+
+def _as_same_rank(x, scale, zero_point):
+    # torchao wants scale/zero point with one entry per block and a zero point even when symmetric
+    if scale.dim() == 0:
+        scale = scale.reshape([1] * x.dim())
+    if zero_point is None:
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    elif zero_point.dim() == 0:
+        zero_point = zero_point.reshape([1] * x.dim())
+    return scale, zero_point
+
+
+def _block_size(x, scale):
+    return tuple(xs // ss for xs, ss in zip(x.shape, scale.shape))
+
+
+def _int(name: str, bits: int, signed: bool) -> Format:
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    storage = torch.int8 if signed else torch.uint8
+    kind = "signed" if signed else "unsigned"
+    return Format(name, "int", bits, float(lo), float(hi), storage, f"{bits}-bit {kind} integer")
+
+
+def _float8(name: str, dtype: torch.dtype, mantissa: int, what: str) -> Format:
+    info = torch.finfo(dtype)
+    return Format(name, "float", 8, float(-info.max), float(info.max), dtype, what, mantissa_bits=mantissa)
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        _int("int8", 8, True),
+        _int("uint8", 8, False),
+        _int("int4", 4, True),
+        _int("uint4", 4, False),
+        _int("int2", 2, True),
+        _int("uint2", 2, False),
+        _float8("fp8_e4m3", torch.float8_e4m3fn, 3, "FP8 E4M3 (finite, max 448)"),
+        _float8("fp8_e5m2", torch.float8_e5m2, 2, "FP8 E5M2 (max 57344)"),
+        Format("nf4", "codebook", 4, 0.0, 15.0, torch.uint8,
+               "4-bit NormalFloat (bitsandbytes code book), absmax-scaled", codebook=NF4_CODEBOOK),
+    )
+}
+
+
+def get_format(name: str, field: str = "format") -> Format:
+    """The format named ``name``; a :class:`RecipeError` naming ``field`` when there is none."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise RecipeError(field, f"unknown format '{name}'; {closest(name, FORMATS)}") from None

@@ -1,0 +1,107 @@
+"""The modules users hold: :class:`PreparedModel` (observed, being calibrated) and
+:class:`QuantizedModel` (converted; runs the Q/DQ graph on the reference backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .capture import Captured, InputBinder
+from .recipe import Recipe
+from .report import Report
+
+
+class PreparedModel(nn.Module):
+    """A captured model with observers inserted. Call it on calibration data, then
+    ``qcompile.convert(prepared)``. ``.calibrate(data)`` does the calling for you."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, captured: Captured, recipe: Recipe,
+                 float_model: nn.Module, info: dict):
+        super().__init__()
+        self.graph_module = graph_module
+        self.recipe = recipe
+        self._captured = captured
+        self._info = info
+        self._float_model = [float_model]   # a list: keep a reference without registering it as a submodule
+        self.calibrated_batches = 0
+
+    def forward(self, *args, **kwargs):
+        self.calibrated_batches += 1
+        kwargs = {**self._captured.binder.constants, **kwargs}
+        return self.graph_module(*args, **kwargs)
+
+    def calibrate(self, data, max_samples: Optional[int] = None, progress: Optional[bool] = None) -> int:
+        """Run every item of ``data`` (tuples or kwargs dicts) through the model."""
+        from .calibration import run_calibration
+
+        cfg = self.recipe.calibration
+        return run_calibration(lambda item: self._call_item(item), data, max_samples or cfg.max_samples,
+                               cfg.progress if progress is None else progress)
+
+    def _call_item(self, item):
+        args, kwargs = self._captured.binder.bind(item)
+        self.calibrated_batches += 1
+        return self.graph_module(*args, **kwargs)
+
+
+class QuantizedModel(nn.Module):
+    """A converted model: call it like the original (same arguments, same output structure).
+
+    Attributes: ``report`` (:class:`~qcompile.report.Report`), ``recipe``, ``graph_module`` (the
+    explicit quantize/dequantize graph). ``save(path)`` writes a directory ``qcompile.load`` reads.
+    """
+
+    backend = "reference"
+
+    def __init__(self, graph_module: torch.fx.GraphModule, binder: InputBinder, recipe: Recipe,
+                 report: Report, example: Optional[tuple] = None,
+                 exported: Optional[torch.export.ExportedProgram] = None):
+        super().__init__()
+        self.graph_module = graph_module
+        self.binder = binder
+        self.recipe = recipe
+        self.report = report
+        self._example = example          # (args, kwargs, dynamic_shapes) to re-export for saving
+        self._exported = exported
+
+    def forward(self, *args, **kwargs):
+        kwargs = {**self.binder.constants, **kwargs}
+        return self.graph_module(*args, **kwargs)
+
+    def exported_program(self) -> torch.export.ExportedProgram:
+        """The converted graph as a ``torch.export.ExportedProgram`` (what backends import)."""
+        if self._exported is None:
+            args, kwargs, dynamic_shapes = self._example
+            self._exported = torch.export.export(self.graph_module, args, kwargs, dynamic_shapes=dynamic_shapes)
+        return self._exported
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the model to the directory ``path`` (atomic; no pickle)."""
+        from .artifact import code_tensors, save_program
+
+        meta = {"recipe": self.recipe.to_dict(), "binder": self.binder.to_dict(), "report": self.report.to_dict()}
+        return save_program(self.exported_program(), code_tensors(self.graph_module), meta, path)
+
+    def extra_repr(self) -> str:
+        return f"recipe={self.recipe.name!r}, backend={self.backend!r}"
+
+
+def load(path: Union[str, Path]) -> QuantizedModel:
+    """Load a model saved with :meth:`QuantizedModel.save`; outputs are bit-identical.
+
+    Example::
+
+        >>> qmodel.save("out/minilm-w8a8")
+        >>> same = qcompile.load("out/minilm-w8a8")
+    """
+    from .artifact import load_program
+
+    ep, meta = load_program(path)
+    b = meta["binder"]
+    binder = InputBinder(b["positional"], b["keywords"], b.get("constants", {}))
+    return QuantizedModel(ep.module(), binder, Recipe.from_dict(meta["recipe"]), Report.from_dict(meta["report"]),
+                          exported=ep)
+
+

@@ -1,0 +1,11 @@
+"""Graph passes over captured ``torch.fx.GraphModule``s. One file per pass or small family."""
+from .annotate import AnnotatePass
+from .convert import ConvertPass
+from .fold_bn import FoldBatchNormPass
+from .infra import Pass, PassManager, PassResult
+from .normalize import NormalizeLinearPass
+from .observe import InsertObserversPass
+from .smooth import ApplySmoothingPass, InsertChannelStatsPass
+
+__all__ = ["Pass", "PassResult", "PassManager", "FoldBatchNormPass", "NormalizeLinearPass", "AnnotatePass",
+           "InsertChannelStatsPass", "ApplySmoothingPass", "InsertObserversPass", "ConvertPass"]

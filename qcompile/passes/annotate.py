@@ -1,0 +1,140 @@
+"""Annotate quantizable op nodes from a recipe: writes a :class:`~qcompile.spec.NodeAnnotation`
+into ``node.meta[ANNOTATION]``; changes nothing else. Which ops are quantizable, and where their
+activation and weight arguments sit, is the table :data:`QUANTIZABLE_OPS`.
+
+Only the inputs of weight-carrying ops are ever quantized: the attention-mask add, softmax and
+LayerNorm stay float by construction (quantizing them destroys transformers)."""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import RecipeError, closest
+from ..recipe import LayerConfig, Recipe
+from ..spec import ANNOTATION, LAYER, LAYER_TYPE, NodeAnnotation
+from .infra import Pass, PassResult, get_attr_tensor
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    kind: str                 # "linear" | "conv" | "embedding"
+    input_arg: Optional[int]  # activation argument (None: integer indices, never quantized)
+    weight_arg: int
+    channel_axis: int         # output channels of the weight
+
+
+QUANTIZABLE_OPS = {
+    aten.linear.default: OpInfo("linear", 0, 1, 0),
+    aten.conv1d.default: OpInfo("conv", 0, 1, 0),
+    aten.conv2d.default: OpInfo("conv", 0, 1, 0),
+    aten.conv3d.default: OpInfo("conv", 0, 1, 0),
+    aten.embedding.default: OpInfo("embedding", None, 0, 0),
+}
+
+
+def match_pattern(pattern: str, path: str, layer_type: str) -> bool:
+    """Exact path, ``re:<regex>`` (full match), ``type:<ClassName>`` or a glob."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    if pattern.startswith("type:"):
+        return layer_type == pattern[5:]
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(path, pattern)
+    return pattern == path
+
+
+class AnnotatePass(Pass):
+    """Resolve the recipe for every quantizable node. An override or ``keep_float`` pattern that
+    matches no quantizable layer is a :class:`RecipeError`."""
+
+    name = "annotate"
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.skipped: dict[str, str] = {}   # layer -> why it stays float
+
+    def call(self, gm):
+        rules = list(self.recipe.overrides.items()) + [(p, None) for p in self.recipe.keep_float]
+        for pattern, _ in rules:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise RecipeError(f"overrides['{pattern}']", f"invalid regex: {e}") from None
+        used: set[str] = set()
+        candidates = []
+        for node in gm.graph.nodes:
+            info = QUANTIZABLE_OPS.get(node.target) if node.op == "call_function" else None
+            if info is None:
+                continue
+            layer = node.meta.get(LAYER, node.name)
+            if get_attr_tensor(gm, node.args[info.weight_arg]) is None:
+                self.skipped[layer] = "its weight is computed in the graph, not a parameter"
+                continue
+            candidates.append((node, info, layer))
+        layers = [layer for _, _, layer in candidates]
+
+        modified = False
+        weighted = [c for c in candidates if c[1].kind != "embedding"]
+        first = weighted[0][0] if weighted else None
+        last = weighted[-1][0] if weighted else None
+        for node, info, layer in candidates:
+            ltype = node.meta.get(LAYER_TYPE, "")
+            cfg, source = self._resolve(layer, ltype, info, rules, used)
+            if (self.recipe.keep_first and node is first) or (self.recipe.keep_last and node is last):
+                cfg, source = None, "keep_first" if node is first and self.recipe.keep_first else "keep_last"
+            if cfg is None or (cfg.weight is None and cfg.activation is None):
+                self.skipped[layer] = f"kept float by {source}"
+                continue
+            act = cfg.activation if info.input_arg is not None else None
+            if info.kind == "embedding" and cfg.activation is not None:
+                raise RecipeError(f"{source}.activation", f"layer '{layer}' is an embedding: weight-only")
+            if cfg.weight is not None and cfg.weight.granularity == "per_group":
+                w = get_attr_tensor(gm, node.args[info.weight_arg])
+                if w.dim() != 2:
+                    raise RecipeError(f"{source}.weight.granularity",
+                                      f"layer '{layer}' has a {w.dim()}-D weight; per_group needs a 2-D (Linear) weight")
+            node.meta[ANNOTATION] = NodeAnnotation(layer, info.kind, cfg.weight, act, info.input_arg,
+                                                   info.weight_arg, info.channel_axis)
+            modified = True
+        for pattern, _ in rules:
+            if pattern not in used:
+                field = "keep_float" if pattern in self.recipe.keep_float and pattern not in self.recipe.overrides \
+                    else f"overrides['{pattern}']"
+                raise RecipeError(field, f"pattern '{pattern}' matches no quantizable layer; "
+                                         f"{closest(pattern, layers) if layers else 'the model has none'}")
+        return PassResult(gm, modified)
+
+    def _resolve(self, layer, ltype, info, rules, used):
+        """(config, where it came from). Exact paths win over patterns; patterns go in order."""
+        for pattern, cfg in rules:
+            if pattern == layer:
+                used.add(pattern)
+                return cfg, f"overrides['{pattern}']"
+        for pattern, cfg in rules:
+            if pattern != layer and match_pattern(pattern, layer, ltype):
+                used.add(pattern)
+                return cfg, f"overrides['{pattern}']" if pattern in self.recipe.overrides else "keep_float"
+        if info.kind == "embedding":
+            return self.recipe.embedding, "embedding"
+        return self.recipe.default, "default"
+
+    def ensures(self, gm):
+        for node in gm.graph.nodes:
+            ann = node.meta.get(ANNOTATION)
+            if ann is not None and QUANTIZABLE_OPS.get(node.target) is None:
+                raise AssertionError(f"{node.name} annotated but not a quantizable op")
+
+
+def annotated_nodes(gm):
+    """(node, annotation) for every annotated node, in graph order."""
+    return [(n, n.meta[ANNOTATION]) for n in gm.graph.nodes if ANNOTATION in n.meta]
+
+
+__all__ = ["AnnotatePass", "QUANTIZABLE_OPS", "OpInfo", "match_pattern", "annotated_nodes", "LayerConfig"]

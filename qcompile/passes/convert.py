@@ -1,0 +1,135 @@
+"""Convert an annotated (and, for static activations, calibrated) graph into the explicit
+quantize/dequantize graph every backend lowers and the reference backend runs:
+
+* weights: ``W`` → ``dequantize(W_q, scale, zp)`` with ``W_q`` stored as codes (a new buffer);
+* static activations: the observer becomes ``dequantize(quantize(x, s, z), s, z)``;
+* dynamic activations: ``s, z = choose_qparams(x)`` then the same pair.
+
+The op's output stays float: backends pattern-match ``dequantize → op`` into integer kernels."""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..errors import CalibrationError
+from ..observers import Observer, weight_qparams
+from ..ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
+from ..spec import LAYER, QPARAMS, ROLE
+from .annotate import annotated_nodes
+from .infra import Pass, PassResult, add_tensor, get_attr_tensor
+
+
+def _group(spec) -> int:
+    return spec.group_size if spec.granularity == "per_group" else 0
+
+
+def _tag(node, role, layer, spec):
+    node.meta[ROLE], node.meta[LAYER], node.meta[QPARAMS] = role, layer, spec
+    return node
+
+
+class ConvertPass(Pass):
+    name = "convert"
+
+    def __init__(self):
+        self.float_weights: dict[str, torch.Tensor] = {}  # op node name -> float weight (for the report)
+
+    def requires(self, gm):
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Observer):
+                obs = gm.get_submodule(node.target)
+                if obs.batches == 0:
+                    raise CalibrationError(f"observer for layer(s) {', '.join(obs.layers)} saw no data: "
+                                           "calibrate (call the prepared model on data) before convert")
+
+    def call(self, gm):
+        weights: dict = {}   # weight target -> dequantize node (a shared weight is quantized once)
+        acts: dict = {}      # (input node, spec) -> dequantize node
+        for node, ann in annotated_nodes(gm):
+            if ann.weight is not None:
+                w_node = node.args[ann.weight_arg]
+                self.float_weights[node.name] = get_attr_tensor(gm, w_node)
+                key = (w_node.target, ann.weight)
+                if key not in weights:
+                    weights[key] = self._weight(gm, node, w_node, ann)
+                node.args = _replace(node.args, ann.weight_arg, weights[key])
+            if ann.activation is not None and ann.activation.dynamic:
+                src = node.args[ann.input_arg]
+                key = (src, ann.activation)
+                if key not in acts:
+                    acts[key] = self._dynamic(gm, src, node, ann)
+                node.args = _replace(node.args, ann.input_arg, acts[key])
+        modified = bool(weights or acts)
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Observer):
+                self._static(gm, node)
+                modified = True
+        return PassResult(gm, modified)
+
+    def _weight(self, gm, op_node, w_node, ann):
+        spec = ann.weight
+        w = get_attr_tensor(gm, w_node)
+        scale, zp = weight_qparams(w, spec, ann.channel_axis)
+        codes = QUANTIZE(w.detach(), scale, zp, spec.format, _group(spec))
+        base = w_node.target
+        q = add_tensor(gm, f"{base}_q", codes, op_node)
+        s = add_tensor(gm, f"{base}_scale", scale, op_node)
+        z = add_tensor(gm, f"{base}_zero_point", zp, op_node) if zp is not None else None
+        with gm.graph.inserting_before(op_node):
+            dq = gm.graph.call_function(DEQUANTIZE, (q, s, z, spec.format, _group(spec), w.dtype))
+        for n in (q, s, z, dq):
+            if n is not None:
+                _tag(n, "weight", ann.layer, spec)
+        return dq
+
+    def _dynamic(self, gm, src, op_node, ann):
+        spec = ann.activation
+        with gm.graph.inserting_before(op_node):
+            qp = gm.graph.call_function(CHOOSE_QPARAMS, (src, spec.format, spec.symmetric,
+                                                         spec.granularity == "per_token"))
+            s = gm.graph.call_function(operator.getitem, (qp, 0))
+            z = gm.graph.call_function(operator.getitem, (qp, 1))
+            q = gm.graph.call_function(QUANTIZE, (src, s, z, spec.format, 0))
+            dq = gm.graph.call_function(DEQUANTIZE, (q, s, z, spec.format, 0, _dtype(src)))
+        for n in (qp, s, z, q, dq):
+            _tag(n, "activation", ann.layer, spec)
+        return dq
+
+    def _static(self, gm, obs_node):
+        obs = gm.get_submodule(obs_node.target)
+        spec = obs.spec
+        scale, zp = obs.qparams()
+        src = obs_node.args[0]
+        layer = ",".join(obs.layers)
+        s = add_tensor(gm, f"{obs_node.target}_scale", scale.reshape(()), obs_node)
+        z = add_tensor(gm, f"{obs_node.target}_zero_point", zp.reshape(()), obs_node) if zp is not None else None
+        with gm.graph.inserting_before(obs_node):
+            q = gm.graph.call_function(QUANTIZE, (src, s, z, spec.format, 0))
+            dq = gm.graph.call_function(DEQUANTIZE, (q, s, z, spec.format, 0, _dtype(src)))
+        for n in (s, z, q, dq):
+            if n is not None:
+                _tag(n, "activation", layer, spec)
+        obs_node.replace_all_uses_with(dq)
+        gm.graph.erase_node(obs_node)
+        gm.delete_submodule(obs_node.target)
+
+    def ensures(self, gm):
+        for node, ann in annotated_nodes(gm):
+            if ann.weight is not None and node.args[ann.weight_arg].target != DEQUANTIZE:
+                raise AssertionError(f"{node.name}: weight not dequantized after convert")
+            if ann.activation is not None and node.args[ann.input_arg].target != DEQUANTIZE:
+                raise AssertionError(f"{node.name}: activation not quantized after convert")
+
+
+def _replace(args, i, value):
+    args = list(args)
+    args[i] = value
+    return tuple(args)
+
+
+def _dtype(node) -> torch.dtype:
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    return val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32
+
+

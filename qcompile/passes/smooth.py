@@ -1,0 +1,177 @@
+"""SmoothQuant-style outlier migration (Xiao et al., 2023) for layers with quantized activations.
+
+Per input channel j of the Linears that read one tensor ``x``:
+``s_j = max|x_j|^alpha / max_i|W_ij|^(1-alpha)``; the Linears get ``W * s`` and the tensor ``x / s``.
+With ``alpha`` unset, the strength is measured per tensor (see :meth:`ApplySmoothingPass._search`).
+``1/s`` is folded into a LayerNorm that feeds only these Linears (no extra op); otherwise a ``mul``
+by ``1/s`` is inserted before them (BERT's LayerNorms also feed residual adds, so they cannot take
+it). Two passes: :class:`InsertChannelStatsPass` (then calibrate), :class:`ApplySmoothingPass`."""
+from __future__ import annotations
+
+import torch
+
+from typing import Optional, Sequence
+
+from ..observers import ChannelAbsMaxObserver, make_observer, weight_qparams
+from ..ops import DEQUANTIZE, QUANTIZE
+from ..spec import ANNOTATION, LAYER, ROLE
+from .annotate import annotated_nodes
+from .infra import Pass, PassResult, add_tensor, get_attr_tensor
+from .observe import insert_on_edge
+
+aten = torch.ops.aten
+STATS = "qstats"
+
+
+class InsertChannelStatsPass(Pass):
+    name = "insert_channel_stats"
+
+    def call(self, gm):
+        shared: dict = {}
+        for node, ann in annotated_nodes(gm):
+            if ann.op == "linear" and ann.activation is not None:
+                src = node.args[ann.input_arg]
+                insert_on_edge(gm, node, ann.input_arg, ChannelAbsMaxObserver([ann.layer]), STATS, shared, src)
+        return PassResult(gm, bool(shared))
+
+
+class ApplySmoothingPass(Pass):
+    name = "apply_smoothing"
+
+    def __init__(self, alpha: Optional[float] = None, fold_only: bool = False,
+                 alphas: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)):
+        self.alpha = alpha
+        self.alphas = tuple(alphas)
+        self.fold_only = fold_only
+        self.applied: list[dict] = []  # one entry per smoothed tensor, for the report
+
+    def call(self, gm):
+        modified = False
+        for obs_node in [n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get(ROLE) == STATS]:
+            obs = gm.get_submodule(obs_node.target)
+            x = obs_node.args[0]
+            consumers = [u for u in obs_node.users if ANNOTATION in u.meta]
+            folded = self._smooth(gm, obs, x, obs_node, consumers) if obs.absmax is not None else None
+            if folded is None:
+                obs_node.replace_all_uses_with(x)
+            gm.graph.erase_node(obs_node)
+            gm.delete_submodule(obs_node.target)
+            modified = True
+        return PassResult(gm, modified)
+
+    def _smooth(self, gm, obs, x, obs_node, consumers):
+        weights = [get_attr_tensor(gm, c.args[c.meta[ANNOTATION].weight_arg]) for c in consumers]
+        if not consumers or len(consumers) != len(obs_node.users):
+            return None
+        w_absmax = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0).float()
+        anns = [c.meta[ANNOTATION] for c in consumers]
+        if self.alpha is not None:
+            alpha = self.alpha
+        else:
+            alpha, errors = self._search(obs, w_absmax, weights, anns)
+        if alpha is None:
+            self.applied.append({"layers": [a.layer for a in anns], "how": "not smoothed (measured worse)",
+                                 "alpha": None})
+            return None
+        s = candidate_scale(alpha, obs.absmax, w_absmax)
+        fold = self._layer_norm(gm, x)
+        if fold is None and self.fold_only:
+            return None
+        for c, w in zip(consumers, weights):
+            ann = c.meta[ANNOTATION]
+            w_node = add_tensor(gm, f"{c.args[ann.weight_arg].target}_smooth", (w * s.to(w.dtype)[None, :]), c)
+            w_node.meta[LAYER] = ann.layer
+            args = list(c.args)
+            args[ann.weight_arg] = w_node
+            c.args = tuple(args)
+        if fold is not None:
+            ln, gamma, beta = fold
+            args = list(ln.args)
+            new_gamma = add_tensor(gm, f"{ln.args[2].target}_smooth", gamma / s.to(gamma.dtype), ln)
+            args[2] = new_gamma
+            if beta is not None:
+                args[3] = add_tensor(gm, f"{ln.args[3].target}_smooth", beta / s.to(beta.dtype), ln)
+            ln.args = tuple(args)
+            obs_node.replace_all_uses_with(x)
+            how = "folded into " + ln.meta.get(LAYER, ln.name)
+        else:
+            inv = add_tensor(gm, f"{consumers[0].meta[ANNOTATION].layer}.smooth_inv", (1.0 / s), obs_node)
+            with gm.graph.inserting_after(obs_node):
+                mul = gm.graph.call_function(aten.mul.Tensor, (x, inv))
+            mul.meta[ROLE] = "smoothing"
+            mul.meta[LAYER] = consumers[0].meta.get(LAYER)
+            obs_node.replace_all_uses_with(mul)
+            how = "mul inserted"
+        self.applied.append({"layers": [c.meta[ANNOTATION].layer for c in consumers], "how": how, "alpha": alpha,
+                             "max_scale": float(s.max()), "min_scale": float(s.min())})
+        return True
+
+    def _search(self, obs, w_absmax, weights, anns):
+        """The candidate (an alpha, ``"outliers"``, or None: no smoothing) whose quantized output
+        error on the sampled rows is smallest, using the consumers' own weight and activation specs."""
+        x = obs.sample()
+        if x.numel() == 0:
+            return 0.5, {}
+        refs = [x @ w.detach().float().t() for w in weights]
+        errors = {}
+        for label in (None, "outliers") + self.alphas:
+            s = candidate_scale(label, obs.absmax, w_absmax)
+            xq = _fake_quant_activation(x / s, anns[0].activation)
+            err = 0.0
+            for ref, w, ann in zip(refs, weights, anns):
+                wq = _fake_quant_weight(w.detach().float() * s[None, :], ann)
+                err += float((xq @ wq.t() - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+            errors[label] = err
+        return min(errors, key=errors.get), errors
+
+    @staticmethod
+    def _layer_norm(gm, x):
+        """(layer_norm node, gamma, beta) when 1/s can be folded into it: ``x`` is a LayerNorm
+        with constant affine parameters whose only user is the statistics observer."""
+        if x.op != "call_function" or x.target != aten.layer_norm.default or len(x.users) != 1:
+            return None
+        if len(x.args) < 3 or get_attr_tensor(gm, x.args[2]) is None:
+            return None
+        beta = get_attr_tensor(gm, x.args[3]) if len(x.args) > 3 and x.args[3] is not None else None
+        if len(x.args) > 3 and x.args[3] is not None and beta is None:
+            return None
+        return x, get_attr_tensor(gm, x.args[2]), beta
+
+    def ensures(self, gm):
+        if any(n.meta.get(ROLE) == STATS for n in gm.graph.nodes):
+            raise AssertionError("channel statistics observers left in the graph")
+
+
+def smoothing_scale(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-channel ``s = max|x|^alpha / max|w|^(1-alpha)`` (1 where either is 0)."""
+    s = x_absmax.pow(alpha) / w_absmax.pow(1 - alpha).clamp(min=1e-5)
+    return torch.where((x_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s)).clamp(min=1e-5)
+
+
+def candidate_scale(label, x_absmax: torch.Tensor, w_absmax: torch.Tensor) -> torch.Tensor:
+    """Per-channel divisor for a search candidate: None → 1 (no smoothing); ``"outliers"`` →
+    channels whose range exceeds the median channel's are brought down to it (their excess moves
+    into the weights, the rest is untouched); a number → SmoothQuant with that alpha."""
+    if label is None:
+        return torch.ones_like(x_absmax)
+    if label == "outliers":
+        return (x_absmax / x_absmax.median().clamp(min=1e-8)).clamp(min=1.0)
+    return smoothing_scale(x_absmax, w_absmax, float(label))
+
+
+def _fake_quant_activation(x, spec):
+    if spec.dynamic:
+        s, z = torch.ops.qcompile.choose_qparams(x, spec.format, spec.symmetric, spec.granularity == "per_token")
+    else:
+        obs = make_observer(spec)
+        obs(x)
+        s, z = obs.qparams()
+    return DEQUANTIZE(QUANTIZE(x, s, z, spec.format, 0), s, z, spec.format, 0, x.dtype)
+
+
+def _fake_quant_weight(w, ann):
+    if ann.weight is None:
+        return w
+    g = ann.weight.group_size if ann.weight.granularity == "per_group" else 0
+    s, z = weight_qparams(w, ann.weight, ann.channel_axis)
+    return DEQUANTIZE(QUANTIZE(w, s, z, ann.weight.format, g), s, z, ann.weight.format, g, w.dtype)

@@ -1,0 +1,60 @@
+"""Named recipes. Each is a function returning a fresh :class:`~qcompile.recipe.Recipe`.
+
+======================  ===============================================================================
+preset                  what it does
+======================  ===============================================================================
+``w8a8``                static int8: per-channel symmetric int8 weights, per-tensor asymmetric uint8
+                        activations (MSE-clipped ranges), SmoothQuant outlier migration (strength searched per layer),
+                        int8 weight-only embeddings
+``w8a8-dynamic``        int8 weights, per-token dynamic uint8 activations, int8 weight-only embeddings
+``w8``                  int8 per-channel weight-only (embeddings too)
+``w4-g64``/``w4-g128``  4-bit group-wise weight-only (asymmetric, groups of 64/128), int8 embeddings
+======================  ===============================================================================
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .recipe import LayerConfig, Recipe, SmoothingConfig
+from .spec import QuantSpec
+
+INT8_WEIGHT = QuantSpec("int8", "per_channel", symmetric=True)
+INT8_EMBEDDING = LayerConfig(weight=INT8_WEIGHT)
+
+
+def _w8a8() -> Recipe:
+    # uint8 asymmetric: the fast x86 int8 kernels (VNNI/AMX, onnxruntime) take u8 activations, and
+    # post-GELU inputs are mostly positive, so a zero point recovers a bit of range.
+    act = QuantSpec("uint8", "per_tensor", symmetric=False, observer="mse")
+    return Recipe(name="w8a8", default=LayerConfig(INT8_WEIGHT, act), embedding=INT8_EMBEDDING,
+                  smoothing=SmoothingConfig())
+
+
+def _w8a8_dynamic() -> Recipe:
+    act = QuantSpec("uint8", "per_token", symmetric=False, dynamic=True)
+    return Recipe(name="w8a8-dynamic", default=LayerConfig(INT8_WEIGHT, act), embedding=INT8_EMBEDDING)
+
+
+def _w8() -> Recipe:
+    return Recipe(name="w8", default=LayerConfig(INT8_WEIGHT), embedding=INT8_EMBEDDING)
+
+
+def _w4(group: int) -> Callable[[], Recipe]:
+    def make() -> Recipe:
+        w = QuantSpec("uint4", "per_group", symmetric=False, group_size=group)
+        return Recipe(name=f"w4-g{group}", default=LayerConfig(w), embedding=INT8_EMBEDDING)
+    return make
+
+
+PRESETS: dict[str, Callable[[], Recipe]] = {
+    "w8a8": _w8a8,
+    "w8a8-dynamic": _w8a8_dynamic,
+    "w8": _w8,
+    "w4-g64": _w4(64),
+    "w4-g128": _w4(128),
+}
+
+
+def recipes() -> list[str]:
+    """Names of the built-in presets."""
+    return list(PRESETS)

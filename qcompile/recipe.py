@@ -1,0 +1,253 @@
+"""Recipes: what to quantize and how, as data (dataclasses ↔ dict ↔ YAML/JSON).
+
+A recipe has a ``default`` :class:`LayerConfig` for quantizable layers (Linear, Conv, matmuls with a
+weight), an ``embedding`` config (weight-only: embeddings are never activation-quantized), and
+``overrides`` keyed by a pattern: an exact module path, a glob (``encoder.layer.*.output.dense``), a
+regex (``re:.*\\.(query|key)$``) or a module type (``type:Conv2d``). ``None`` keeps a layer float.
+An override that matches nothing is an error, not a silent no-op.
+
+Example::
+
+    >>> import qcompile
+    >>> r = qcompile.Recipe.preset("w8a8")
+    >>> r = r.with_overrides({"re:.*output\\.dense$": None})      # keep those float
+    >>> qcompile.Recipe.from_dict(r.to_dict()) == r
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import RecipeError, closest
+from .spec import QuantSpec
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Weight and activation specs for one layer; ``None`` leaves that tensor float."""
+
+    weight: Optional[QuantSpec] = None
+    activation: Optional[QuantSpec] = None
+
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    """SmoothQuant-style outlier migration: per input channel ``s = max|x|^alpha / max|w|^(1-alpha)``;
+    activations are divided by ``s`` (folded into a preceding LayerNorm where possible) and weights
+    multiplied by it. Higher ``alpha`` moves more of the activations' range into the weights.
+
+    ``alpha: null`` (the default) measures, for every smoothed tensor, each of ``alphas``,
+    outlier-only migration (channels above the median range brought down to it) and no smoothing
+    at all on sampled calibration rows with the recipe's real quantizers, and keeps the one with
+    the smallest output error: each layer gets the treatment its own data favours."""
+
+    alpha: Optional[float] = None
+    alphas: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    fold_only: bool = False  # True: only smooth layers whose 1/s folds into a LayerNorm (no extra op)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration data is consumed."""
+
+    max_samples: Optional[int] = None   # stop after this many calibration items
+    progress: bool = True               # a progress bar on stderr
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete quantization recipe. See the module docstring."""
+
+    name: str = "custom"
+    default: Optional[LayerConfig] = None
+    embedding: Optional[LayerConfig] = None
+    overrides: dict = field(default_factory=dict)       # pattern -> LayerConfig | None
+    keep_float: tuple = ()                               # patterns of sensitive layers kept float
+    keep_first: bool = False                             # keep the first quantizable layer float
+    keep_last: bool = False                              # keep the last quantizable layer float
+    smoothing: Optional[SmoothingConfig] = None
+    calibration: CalibrationConfig = CalibrationConfig()
+    version: int = RECIPE_VERSION
+
+    # -- constructors --------------------------------------------------------------------------
+    @staticmethod
+    def preset(name: str) -> "Recipe":
+        """A named preset (``qcompile.recipes()`` lists them)."""
+        from .presets import PRESETS
+
+        if name not in PRESETS:
+            raise RecipeError("name", f"unknown preset '{name}'; {closest(name, PRESETS)}")
+        return PRESETS[name]()
+
+    @staticmethod
+    def load(path: Union[str, Path]) -> "Recipe":
+        """Read a recipe from a ``.yaml``/``.yml`` or ``.json`` file."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise RecipeError("path", f"'{path}': use a .yaml, .yml or .json file")
+        return Recipe.from_dict(data)
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the recipe as YAML or JSON (by suffix)."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2))
+
+    def with_overrides(self, overrides: dict) -> "Recipe":
+        """A copy with more overrides (later entries win over earlier ones for the same pattern)."""
+        merged = dict(self.overrides)
+        merged.update(overrides)
+        return dataclasses.replace(self, overrides=merged).validate()
+
+    # -- dict form -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "default": _layer_to_dict(self.default),
+            "embedding": _layer_to_dict(self.embedding),
+            "overrides": {k: _layer_to_dict(v) for k, v in self.overrides.items()},
+            "keep_float": list(self.keep_float),
+            "keep_first": self.keep_first,
+            "keep_last": self.keep_last,
+            "smoothing": None if self.smoothing is None else
+            dict(dataclasses.asdict(self.smoothing), alphas=list(self.smoothing.alphas)),
+            "calibration": dataclasses.asdict(self.calibration),
+        }
+
+    @staticmethod
+    def from_dict(data: Any) -> "Recipe":
+        """Build and validate a recipe; errors name the field and suggest the closest valid one."""
+        if not isinstance(data, dict):
+            raise RecipeError("<root>", f"expected a mapping, got {type(data).__name__}")
+        _check_keys(data, [f.name for f in fields(Recipe)], "")
+        version = data.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise RecipeError("version", f"recipe version {version!r} is not supported (this qcompile reads {RECIPE_VERSION})")
+        overrides = data.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise RecipeError("overrides", "expected a mapping of pattern -> layer config or null")
+        keep_float = data.get("keep_float") or ()
+        if isinstance(keep_float, str) or not all(isinstance(p, str) for p in keep_float):
+            raise RecipeError("keep_float", "expected a list of module patterns")
+        recipe = Recipe(
+            name=_typed(data.get("name", "custom"), str, "name"),
+            default=_layer_from_dict(data.get("default"), "default"),
+            embedding=_layer_from_dict(data.get("embedding"), "embedding"),
+            overrides={_typed(k, str, "overrides"): _layer_from_dict(v, f"overrides['{k}']") for k, v in overrides.items()},
+            keep_float=tuple(keep_float),
+            keep_first=_typed(data.get("keep_first", False), bool, "keep_first"),
+            keep_last=_typed(data.get("keep_last", False), bool, "keep_last"),
+            smoothing=_small_from_dict(SmoothingConfig, data.get("smoothing"), "smoothing"),
+            calibration=_small_from_dict(CalibrationConfig, data.get("calibration"), "calibration") or CalibrationConfig(),
+            version=version,
+        )
+        return recipe.validate()
+
+    def validate(self) -> "Recipe":
+        """Check every field; returns ``self`` so it chains."""
+        for where, cfg in [("default", self.default), ("embedding", self.embedding),
+                           *((f"overrides['{k}']", v) for k, v in self.overrides.items())]:
+            if cfg is None:
+                continue
+            if not isinstance(cfg, LayerConfig):
+                raise RecipeError(where, f"expected a LayerConfig or None, got {type(cfg).__name__}")
+            if cfg.weight is not None:
+                cfg.weight.validate(f"{where}.weight")
+                if cfg.weight.dynamic or cfg.weight.granularity == "per_token":
+                    raise RecipeError(f"{where}.weight", "weights are constant: use static per_tensor/per_channel/per_group")
+            if cfg.activation is not None:
+                cfg.activation.validate(f"{where}.activation")
+                if cfg.activation.granularity in ("per_channel", "per_group"):
+                    raise RecipeError(f"{where}.activation.granularity",
+                                      "activations take per_tensor or per_token (dynamic) scales")
+        if self.embedding is not None and self.embedding.activation is not None:
+            raise RecipeError("embedding.activation", "embeddings are weight-only: their input is token ids")
+        if self.smoothing is not None:
+            for i, a in enumerate([self.smoothing.alpha] + list(self.smoothing.alphas)):
+                where = "smoothing.alpha" if i == 0 else f"smoothing.alphas[{i - 1}]"
+                if a is not None and (not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= a <= 1.0):
+                    raise RecipeError(where, f"must be a number in [0, 1], got {a!r}")
+        if self.calibration.max_samples is not None and self.calibration.max_samples <= 0:
+            raise RecipeError("calibration.max_samples", "must be a positive integer or null")
+        return self
+
+
+def _typed(value, kind, where):
+    if not isinstance(value, kind):
+        raise RecipeError(where, f"expected {kind.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _check_keys(data: dict, valid, prefix: str):
+    for key in data:
+        if key not in valid:
+            raise RecipeError(f"{prefix}{key}", f"unknown field; {closest(key, valid)}")
+
+
+def _layer_to_dict(cfg: Optional[LayerConfig]):
+    if cfg is None:
+        return None
+    return {"weight": None if cfg.weight is None else cfg.weight.to_dict(),
+            "activation": None if cfg.activation is None else cfg.activation.to_dict()}
+
+
+def _spec_from_dict(data, where: str) -> Optional[QuantSpec]:
+    if data is None:
+        return None
+    if isinstance(data, str):  # shorthand: just a format name
+        data = {"format": data}
+    if not isinstance(data, dict):
+        raise RecipeError(where, f"expected a mapping or a format name, got {type(data).__name__}")
+    _check_keys(data, [f.name for f in fields(QuantSpec)], f"{where}.")
+    if "format" not in data:
+        raise RecipeError(f"{where}.format", "missing")
+    try:
+        spec = QuantSpec(**data)
+    except TypeError as e:
+        raise RecipeError(where, str(e)) from None
+    for name, kind in (("symmetric", bool), ("dynamic", bool), ("format", str), ("granularity", str), ("observer", str)):
+        _typed(getattr(spec, name), kind, f"{where}.{name}")
+    return spec.validate(where)
+
+
+def _layer_from_dict(data, where: str) -> Optional[LayerConfig]:
+    if data is None:
+        return None
+    if isinstance(data, LayerConfig):
+        return data
+    if not isinstance(data, dict):
+        raise RecipeError(where, f"expected a mapping with 'weight'/'activation' or null, got {type(data).__name__}")
+    _check_keys(data, ["weight", "activation"], f"{where}.")
+    return LayerConfig(weight=_spec_from_dict(data.get("weight"), f"{where}.weight"),
+                       activation=_spec_from_dict(data.get("activation"), f"{where}.activation"))
+
+
+def _small_from_dict(cls, data, where: str):
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise RecipeError(where, f"expected a mapping or null, got {type(data).__name__}")
+    names = {f.name: f for f in fields(cls)}
+    _check_keys(data, list(names), f"{where}.")
+    obj = cls(**data)
+    if isinstance(getattr(obj, "alphas", None), list):
+        obj = dataclasses.replace(obj, alphas=tuple(obj.alphas))
+    return obj

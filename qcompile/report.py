@@ -1,0 +1,127 @@
+"""The quantization report: per layer (format, weight SQNR, the layer's own output SQNR, the
+output SQNR accumulated up to it vs the float model) and whole model (stored bytes before and
+after, linear-weight compression, float-vs-quantized output agreement). Printed as a table,
+``to_dict()`` / ``to_json()`` for tools.
+
+SQNR is ``10 log10(|ref|^2 / |ref - test|^2)`` in dB: 40 dB ≈ 1 % relative error."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+
+def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (``inf`` when identical)."""
+    ref, test = ref.detach().double().flatten(), test.detach().double().flatten()
+    noise = (ref - test).pow(2).sum()
+    if noise == 0:
+        return math.inf
+    return float(10 * torch.log10(ref.pow(2).sum().clamp(min=1e-30) / noise))
+
+
+def cosine(ref: torch.Tensor, test: torch.Tensor) -> float:
+    ref, test = ref.detach().double().flatten(), test.detach().double().flatten()
+    return float(torch.nn.functional.cosine_similarity(ref, test, dim=0))
+
+
+@dataclass
+class LayerReport:
+    layer: str
+    op: str
+    weight_format: Optional[str]
+    activation_format: Optional[str]
+    weight_sqnr: Optional[float] = None
+    output_sqnr: Optional[float] = None       # this layer alone: float weights on the same input
+    cumulative_sqnr: Optional[float] = None   # vs the float model's output of this module
+    weight_bytes_float: int = 0
+    weight_bytes_quantized: int = 0
+
+
+@dataclass
+class Report:
+    recipe: str
+    layers: list = field(default_factory=list)
+    kept_float: dict = field(default_factory=dict)     # layer -> reason
+    bytes_before: int = 0
+    bytes_after: int = 0
+    linear_weight_bytes_before: int = 0
+    linear_weight_bytes_after: int = 0
+    output_sqnr: Optional[float] = None
+    output_cosine: Optional[float] = None
+    output_max_abs_diff: Optional[float] = None
+    calibration_samples: int = 0
+    report_samples: int = 0
+    smoothing: list = field(default_factory=list)
+    folded_batch_norms: list = field(default_factory=list)
+    timings_s: dict = field(default_factory=dict)
+
+    @property
+    def compression(self) -> float:
+        return self.bytes_before / max(self.bytes_after, 1)
+
+    @property
+    def linear_weight_compression(self) -> float:
+        return self.linear_weight_bytes_before / max(self.linear_weight_bytes_after, 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["compression"] = self.compression
+        d["linear_weight_compression"] = self.linear_weight_compression
+        return _finite(d)
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Report":
+        d = {k: v for k, v in d.items() if k not in ("compression", "linear_weight_compression")}
+        d["layers"] = [LayerReport(**layer) for layer in d.get("layers", [])]
+        return Report(**d)
+
+    def __str__(self) -> str:
+        rows = [("layer", "op", "weight", "act", "W SQNR", "out SQNR", "cum SQNR", "bytes")]
+        for r in self.layers:
+            rows.append((r.layer, r.op, r.weight_format or "-", r.activation_format or "-", _db(r.weight_sqnr),
+                         _db(r.output_sqnr), _db(r.cumulative_sqnr),
+                         f"{_mb(r.weight_bytes_float)}->{_mb(r.weight_bytes_quantized)}"))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"qcompile report — recipe '{self.recipe}'"]
+        for j, row in enumerate(rows):
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        if self.kept_float:
+            lines.append(f"kept float: {len(self.kept_float)} layer(s): " +
+                         "; ".join(f"{k} ({v})" for k, v in list(self.kept_float.items())[:8]) +
+                         (" ..." if len(self.kept_float) > 8 else ""))
+        lines.append(f"model size: {_mb(self.bytes_before)} MB -> {_mb(self.bytes_after)} MB "
+                     f"({self.compression:.2f}x); quantized layer weights {_mb(self.linear_weight_bytes_before)} MB -> "
+                     f"{_mb(self.linear_weight_bytes_after)} MB ({self.linear_weight_compression:.2f}x)")
+        if self.output_sqnr is not None:
+            lines.append(f"model output vs float on {self.report_samples} batch(es): SQNR {_db(self.output_sqnr)} dB, "
+                         f"cosine {self.output_cosine:.5f}, max |diff| {self.output_max_abs_diff:.4g}")
+        if self.smoothing:
+            lines.append(f"smoothing: {len(self.smoothing)} tensor(s) rescaled")
+        return "\n".join(lines)
+
+
+def _db(v) -> str:
+    return "-" if v is None else ("inf" if v == math.inf else f"{v:.1f}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,79 @@
+"""Immutable descriptors passes write into the graph, and the ``node.meta`` keys that carry them.
+
+Nothing outside this module spells a meta key: use :data:`ANNOTATION`, :data:`LAYER`, ...
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .errors import RecipeError, closest
+from .formats import get_format
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram")
+
+# node.meta keys (namespaced so they never collide with torch's own)
+ANNOTATION = "qcompile.annotation"    # NodeAnnotation on a quantizable op node
+LAYER = "qcompile.layer"              # module path of the node's innermost module
+LAYER_TYPE = "qcompile.layer_type"    # class name of that module
+QPARAMS = "qcompile.qparams"          # on quantize/dequantize nodes: the QuantSpec they implement
+ROLE = "qcompile.role"                # on inserted nodes: "weight", "activation", "smoothing", "observer"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Example::
+
+        >>> QuantSpec("int8", "per_channel")                      # int8 weights, one scale per row
+        >>> QuantSpec("uint8", "per_tensor", symmetric=False, observer="mse")
+        >>> QuantSpec("uint4", "per_group", symmetric=False, group_size=64)
+    """
+
+    format: str
+    granularity: str = "per_tensor"
+    symmetric: bool = True
+    group_size: Optional[int] = None
+    dynamic: bool = False
+    observer: str = "minmax"
+    observer_args: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def validate(self, where: str) -> "QuantSpec":
+        fmt = get_format(self.format, f"{where}.format")
+        if self.granularity not in GRANULARITIES:
+            raise RecipeError(f"{where}.granularity",
+                              f"unknown granularity '{self.granularity}'; {closest(self.granularity, GRANULARITIES)}")
+        if self.observer not in OBSERVERS:
+            raise RecipeError(f"{where}.observer",
+                              f"unknown observer '{self.observer}'; {closest(self.observer, OBSERVERS)}")
+        if self.granularity == "per_group":
+            if not isinstance(self.group_size, int) or self.group_size <= 0:
+                raise RecipeError(f"{where}.group_size", "per_group needs a positive integer group_size")
+        elif self.group_size is not None:
+            raise RecipeError(f"{where}.group_size", f"group_size is only valid with per_group, not {self.granularity}")
+        if not self.symmetric and not fmt.supports_asymmetric:
+            raise RecipeError(f"{where}.symmetric", f"format '{self.format}' is symmetric only")
+        if self.granularity == "per_token" and not self.dynamic:
+            raise RecipeError(f"{where}.dynamic", "per_token scales are computed at run time: set dynamic: true")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if not d["observer_args"]:
+            del d["observer_args"]
+        return d
+
+
+@dataclass(frozen=True)
+class NodeAnnotation:
+    """What the annotate pass decided for one op node (``node.meta[ANNOTATION]``)."""
+
+    layer: str                          # module path, e.g. "encoder.layer.0.attention.self.query"
+    op: str                             # "linear" | "conv" | "embedding"
+    weight: Optional[QuantSpec]
+    activation: Optional[QuantSpec]
+    input_arg: Optional[int]            # index of the activation argument (None: no activation)
+    weight_arg: int                     # index of the weight argument
+    channel_axis: int                   # output-channel axis of the weight
