@@ -102,6 +102,7 @@ def save_program(ep: torch.export.ExportedProgram, codes: dict[str, str], meta: 
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"qcompile_artifact_version": str(ARTIFACT_VERSION)})
         (tmp / "program.json").write_bytes(artifact.exported_program)
         info = dict(meta, artifact_version=ARTIFACT_VERSION, packed=packed,
+                    parameters=list(ep.graph_signature.parameters),
                     sha256={f: _sha256(tmp / f) for f in FILES})
         (tmp / "qcompile.json").write_text(json.dumps(info, indent=1, default=str))
         if path.exists():
@@ -145,7 +146,9 @@ def load_program(path: Union[str, Path]) -> tuple[torch.export.ExportedProgram, 
         if _sha256(path / f) != meta.get("sha256", {}).get(f):
             raise ArtifactError(f"'{path / f}' does not match its checksum: the file is truncated or corrupted")
     tensors = unpack_state(load_file(str(path / "model.safetensors")), meta.get("packed", {}))
+    params = set(meta.get("parameters", ()))
     state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
+    state = {k: torch.nn.Parameter(v, requires_grad=False) if k in params else v for k, v in state.items()}
     consts = {k[len("const."):]: v for k, v in tensors.items() if k.startswith("const.")}
     sep = _bytes_to_dataclass(schema.ExportedProgram, (path / "program.json").read_bytes())
     ep = ExportedProgramDeserializer().deserialize(sep, state, consts, None)

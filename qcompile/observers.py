@@ -115,7 +115,7 @@ class HistogramObserver(Observer):
         width = (self.max_val - self.min_val).double() / self.BINS
         return self.min_val.double() + width * (torch.arange(self.BINS, dtype=torch.float64) + 0.5)
 
-    def _candidates(self, n: int = 100):
+    def _candidates(self, n: int = 40):
         """Candidate clipping ranges: shrink each end independently towards 0."""
         ratios = torch.linspace(0.2, 1.0, n, dtype=torch.float64)
         lo, hi = self.min_val.double().clamp(max=0), self.max_val.double().clamp(min=0)

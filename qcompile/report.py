@@ -58,6 +58,7 @@ class Report:
     smoothing: list = field(default_factory=list)
     folded_batch_norms: list = field(default_factory=list)
     timings_s: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)        # task metrics on held-out data (set by the caller)
 
     @property
     def compression(self) -> float:
@@ -105,7 +106,12 @@ class Report:
             lines.append(f"model output vs float on {self.report_samples} batch(es): SQNR {_db(self.output_sqnr)} dB, "
                          f"cosine {self.output_cosine:.5f}, max |diff| {self.output_max_abs_diff:.4g}")
         if self.smoothing:
-            lines.append(f"smoothing: {len(self.smoothing)} tensor(s) rescaled")
+            chosen = [str(s.get("alpha")) for s in self.smoothing]
+            counts = {c: chosen.count(c) for c in dict.fromkeys(chosen)}
+            lines.append(f"smoothing (per tensor, measured): " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        if self.quality:
+            lines.append("quality vs float on held-out data: " +
+                         ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.quality.items()))
         return "\n".join(lines)
 
 
