@@ -113,14 +113,17 @@ class AnnotatePass(Pass):
 
     def _resolve(self, layer, ltype, info, rules, used):
         """(config, where it came from). Exact paths win over patterns; patterns go in order."""
+        def source(pattern):
+            return f"overrides['{pattern}']" if pattern in self.recipe.overrides else "keep_float"
+
         for pattern, cfg in rules:
             if pattern == layer:
                 used.add(pattern)
-                return cfg, f"overrides['{pattern}']"
+                return cfg, source(pattern)
         for pattern, cfg in rules:
             if pattern != layer and match_pattern(pattern, layer, ltype):
                 used.add(pattern)
-                return cfg, f"overrides['{pattern}']" if pattern in self.recipe.overrides else "keep_float"
+                return cfg, source(pattern)
         if info.kind == "embedding":
             return self.recipe.embedding, "embedding"
         return self.recipe.default, "default"

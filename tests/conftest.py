@@ -1,0 +1,94 @@
+"""Small models shared by the pass and API tests (real modules, random weights, seeded)."""
+import pytest
+import torch
+from torch import nn
+
+
+class TinyBlock(nn.Module):
+    """A transformer-shaped block: LayerNorm feeding three Linears (shared input, like Q/K/V) and a
+    residual, a GELU MLP with a channel outlier in its input, an embedding in front."""
+
+    def __init__(self, vocab=50, d=32, ff=64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.ln = nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.up = nn.Linear(d, ff)
+        self.down = nn.Linear(ff, d)
+        self.head = nn.Linear(d, 8)
+
+    def forward(self, ids, mask):
+        x = self.emb(ids)
+        h = self.ln(x)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 5.0 + (1 - mask[:, None, :].float()) * -1e4, -1)
+        x = x + att @ self.v(h)
+        u = torch.nn.functional.gelu(self.up(x))
+        u = u * torch.linspace(1, 8, u.shape[-1])  # a few channels with a much larger range
+        x = x + self.down(u)
+        return self.head(x).mean(1)
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(x.flatten(1))
+
+
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+@pytest.fixture
+def tiny_block():
+    torch.manual_seed(0)
+    model = TinyBlock().eval()
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(6):
+        ids = torch.randint(0, 50, (3, 7), generator=g)
+        mask = torch.ones(3, 7, dtype=torch.long)
+        mask[0, 5:] = 0
+        batches.append((ids, mask))
+    return model, batches
+
+
+@pytest.fixture
+def tiny_cnn():
+    torch.manual_seed(0)
+    model = _randomise_bn(TinyCNN()).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, 1, 8, 8, generator=g),) for _ in range(4)]
+    return model, batches
+
+
+def state_copy(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model, before):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        a, b = before[k], after[k]
+        if a.is_floating_point():  # bit for bit, NaN included
+            as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+            a, b = a.view(as_int), b.view(as_int)
+        assert a.shape == b.shape and torch.equal(a, b), f"user model tensor {k} was modified"
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()

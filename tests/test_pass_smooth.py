@@ -1,0 +1,90 @@
+import torch
+
+from qcompile import LayerConfig, QuantSpec, Recipe
+from qcompile.calibration import run_calibration
+from qcompile.capture import capture
+from qcompile.passes import AnnotatePass, ApplySmoothingPass, InsertChannelStatsPass
+
+W8 = QuantSpec("int8", "per_channel")
+A8 = QuantSpec("uint8", "per_tensor", symmetric=False)
+
+
+def _stats(model, batches):
+    cap = capture(model, batches[0])
+    gm = cap.graph_module
+    AnnotatePass(Recipe(default=LayerConfig(W8, A8)))(gm)
+    InsertChannelStatsPass()(gm)
+    run_calibration(lambda b: gm(*b), batches, progress=False)
+    return gm
+
+
+def test_smoothing_keeps_float_numerics_and_inserts_muls(tiny_block):
+    model, batches = tiny_block
+    gm = _stats(model, batches)
+    stats = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("qstats")]
+    assert len(stats) == 4  # h -> q/k/v (shared), x -> up, u -> down, x -> head
+    p = ApplySmoothingPass(alpha=0.5)
+    assert p(gm).modified
+    assert not [n for n in gm.graph.nodes if n.op == "call_module" and "qstats" in n.target]
+    muls = [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
+    assert [a["how"] for a in p.applied].count("folded into ln") == 1  # ln feeds only q/k/v
+    assert len(muls) == 3 and len(p.applied) == 4
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)
+
+
+def test_layer_norm_fold_when_it_feeds_only_the_linears():
+    class PreNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.a, self.b = torch.nn.LayerNorm(16), torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = self.ln(x)
+            return self.a(h) * self.b(h)
+
+    torch.manual_seed(0)
+    model = PreNorm().eval()
+    with torch.no_grad():
+        model.ln.weight.mul_(torch.linspace(0.5, 20, 16))  # channel outliers after the norm
+    batches = [(torch.randn(2, 5, 16),) for _ in range(3)]
+    gm = _stats(model, batches)
+    p = ApplySmoothingPass(alpha=0.5)
+    p(gm)
+    assert p.applied[0]["how"] == "folded into ln"
+    assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
+    for b in batches:
+        torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)
+    assert torch.equal(model.ln.weight, model.ln.weight)  # user parameters untouched (new tensors)
+
+
+def test_search_picks_no_smoothing_when_it_only_hurts():
+    """Inputs without channel outliers: every smoothing candidate adds weight error, so the
+    measured search keeps the layer as it is (the negative case of the pass)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32)).eval()
+    scale = torch.ones(32)
+    scale[3] = 3.0  # a mild activation outlier channel
+    batches = [(torch.randn(4, 8, 32) * scale,) for _ in range(3)]
+    cap = capture(model, batches[0])
+    gm = cap.graph_module
+    # 2-bit weights, 8-bit activations: moving any range into the weights costs more than it saves
+    AnnotatePass(Recipe(default=LayerConfig(QuantSpec("int2", "per_channel"), A8)))(gm)
+    InsertChannelStatsPass()(gm)
+    run_calibration(lambda b: gm(*b), batches, progress=False)
+    p = ApplySmoothingPass(alpha=None)
+    p(gm)
+    assert p.applied[0]["alpha"] is None and p.applied[0]["how"].startswith("not smoothed")
+    assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
+
+
+def test_fold_only_leaves_unfoldable_layers(tiny_block):
+    model, batches = tiny_block
+    gm = _stats(model, batches)
+    p = ApplySmoothingPass(alpha=0.5, fold_only=True)
+    p(gm)
+    assert [a["how"] for a in p.applied] == ["folded into ln"]  # the others would need a mul
+    assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
+    for b in batches:
+        torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)
