@@ -78,7 +78,8 @@ def measure(report: Report, gm, float_weights: dict, model, binder, inputs, fold
             float_outs, handles = {}, []
             for layer, mod in modules.items():
                 handles.append(mod.register_forward_hook(
-                    lambda m, a, o, layer=layer: float_outs.setdefault(layer, o.detach() if isinstance(o, torch.Tensor) else None)))
+                    lambda m, a, o, layer=layer, outs=float_outs: outs.setdefault(
+                        layer, o.detach() if isinstance(o, torch.Tensor) else None)))
             try:
                 f_out = model(*args, **kwargs)
             finally:

@@ -108,7 +108,7 @@ class Report:
         if self.smoothing:
             chosen = [str(s.get("alpha")) for s in self.smoothing]
             counts = {c: chosen.count(c) for c in dict.fromkeys(chosen)}
-            lines.append(f"smoothing (per tensor, measured): " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+            lines.append("smoothing (per tensor, measured): " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
         if self.quality:
             lines.append("quality vs float on held-out data: " +
                          ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.quality.items()))
