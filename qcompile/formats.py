@@ -114,7 +114,8 @@ class Format:
     def error_bound(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Largest round-trip error allowed for in-range ``x`` (used by tests and ``verify``)."""
         if self.kind == "int":
-            return scale / 2 * (1 + 1e-5)
+            # half a step, plus float32 rounding of x / scale near a rounding tie (relative to |x|)
+            return scale / 2 * (1 + 1e-5) + x.abs() * 2.0 ** -20
         if self.kind == "float":
             tiny = torch.finfo(self.storage).smallest_normal
             return torch.maximum(x.abs() * 2.0 ** -(self.mantissa_bits + 1), tiny * scale) * (1 + 1e-5)

@@ -165,19 +165,21 @@ class KLObserver(HistogramObserver):
         best, best_kl = 0, math.inf
         for i in range(len(lo_c)):
             lo, hi = float(lo_c[i]), float(hi_c[i])
-            p = self.hist.clone()
             inside = (centres >= lo) & (centres <= hi)
             if not inside.any():
                 continue
-            # outliers are clipped onto the edge bins, as the quantizer would
             first, last = int(inside.nonzero()[0]), int(inside.nonzero()[-1])
-            p[first] += p[:first].sum()
-            p[last] += p[last + 1:].sum()
-            p = p[first:last + 1]
+            # P: the float distribution with outliers clipped onto the edge bins (what the
+            # quantizer does to them); Q: the in-range histogram quantized to `levels` buckets.
+            # Building Q from the *unclipped* slice is what makes clipping cost KL.
+            kept = self.hist[first:last + 1]
+            p = kept.clone()
+            p[0] += self.hist[:first].sum()
+            p[-1] += self.hist[last + 1:].sum()
             bucket = ((centres[first:last + 1] - lo) / max(hi - lo, 1e-12) * (levels - 1)).round().long()
-            mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, p)
-            nonzero = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, (p > 0).double())
-            q = torch.where(p > 0, mass[bucket] / nonzero[bucket].clamp(min=1), torch.zeros_like(p))
+            mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, kept)
+            nonzero = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, (kept > 0).double())
+            q = torch.where(kept > 0, mass[bucket] / nonzero[bucket].clamp(min=1), torch.zeros_like(kept))
             pn, qn = p / p.sum(), q / q.sum()
             mask = pn > 0
             kl = float((pn[mask] * torch.log(pn[mask] / qn[mask].clamp(min=1e-12))).sum())

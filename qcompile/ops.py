@@ -62,8 +62,16 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Te
     return fmt.quantize(x, scale, zero_point)
 
 
+def _check_groups(x, scale, group_size):
+    if group_size > 0:
+        k = x.shape[-1]
+        torch._check(scale.shape[-1] == (k + group_size - 1) // group_size,
+                     lambda: f"scale has {scale.shape[-1]} groups for a last dim of {k} and group_size {group_size}")
+
+
 @quantize.register_fake
 def _(x, scale, zero_point, format, group_size):
+    _check_groups(x, scale, group_size)
     return torch.empty_like(x, dtype=get_format(format).storage)
 
 
@@ -81,6 +89,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.
 
 @dequantize.register_fake
 def _(q, scale, zero_point, format, group_size, output_dtype):
+    _check_groups(q, scale, group_size)
     return torch.empty_like(q, dtype=output_dtype)
 
 

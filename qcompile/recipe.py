@@ -89,15 +89,20 @@ class Recipe:
     def load(path: Union[str, Path]) -> "Recipe":
         """Read a recipe from a ``.yaml``/``.yml`` or ``.json`` file."""
         path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
+        if path.suffix not in (".yaml", ".yml", ".json"):
             raise RecipeError("path", f"'{path}': use a .yaml, .yml or .json file")
+        if not path.exists():
+            raise RecipeError("path", f"'{path}' does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as e:  # noqa: BLE001 - any parser error becomes a RecipeError naming the file
+            raise RecipeError("path", f"'{path}' is not valid {path.suffix[1:].upper()}: {e}") from None
         return Recipe.from_dict(data)
 
     def save(self, path: Union[str, Path]) -> None:
@@ -185,8 +190,9 @@ class Recipe:
                 where = "smoothing.alpha" if i == 0 else f"smoothing.alphas[{i - 1}]"
                 if a is not None and (not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= a <= 1.0):
                     raise RecipeError(where, f"must be a number in [0, 1], got {a!r}")
-        if self.calibration.max_samples is not None and self.calibration.max_samples <= 0:
-            raise RecipeError("calibration.max_samples", "must be a positive integer or null")
+        ms = self.calibration.max_samples
+        if ms is not None and (not isinstance(ms, int) or isinstance(ms, bool) or ms <= 0):
+            raise RecipeError("calibration.max_samples", f"must be a positive integer or null, got {ms!r}")
         return self
 
 
@@ -247,6 +253,9 @@ def _small_from_dict(cls, data, where: str):
         raise RecipeError(where, f"expected a mapping or null, got {type(data).__name__}")
     names = {f.name: f for f in fields(cls)}
     _check_keys(data, list(names), f"{where}.")
+    for name, value in data.items():
+        if names[name].type in ("bool", bool):
+            _typed(value, bool, f"{where}.{name}")
     obj = cls(**data)
     if isinstance(getattr(obj, "alphas", None), list):
         obj = dataclasses.replace(obj, alphas=tuple(obj.alphas))

@@ -49,7 +49,7 @@ class QuantSpec:
             raise RecipeError(f"{where}.observer",
                               f"unknown observer '{self.observer}'; {closest(self.observer, OBSERVERS)}")
         if self.granularity == "per_group":
-            if not isinstance(self.group_size, int) or self.group_size <= 0:
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
                 raise RecipeError(f"{where}.group_size", "per_group needs a positive integer group_size")
         elif self.group_size is not None:
             raise RecipeError(f"{where}.group_size", f"group_size is only valid with per_group, not {self.granularity}")
