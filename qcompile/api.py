@@ -77,7 +77,8 @@ def prepare(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, *, exam
         PassManager([InsertChannelStatsPass()])(gm)
         run_calibration(lambda item: gm(*_bind(cap, item)[0], **_bind(cap, item)[1]), calibration,
                         recipe.calibration.max_samples, recipe.calibration.progress, desc="smoothing statistics")
-        smooth = ApplySmoothingPass(recipe.smoothing.alpha, recipe.smoothing.fold_only, recipe.smoothing.alphas)
+        sm = recipe.smoothing
+        smooth = ApplySmoothingPass(sm.alpha, sm.fold_only, sm.alphas, sm.outlier_quantiles)
         PassManager([smooth])(gm)
         info["smoothing"] = smooth.applied
         info["timings_s"]["smoothing"] = time.perf_counter() - t1

@@ -57,6 +57,14 @@ class InputBinder:
         kwargs.update(self.constants)
         return args, kwargs
 
+    def call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A live call's ``(args, kwargs)`` in the captured structure: positional inputs passed by
+        keyword are moved to their slots, the fixed constants are filled in."""
+        if any(n in kwargs for n in self.positional[len(args):]):
+            args = tuple(args) + tuple(kwargs.pop(n) for n in self.positional[len(args):] if n in kwargs)
+            kwargs = dict(kwargs)
+        return tuple(args), {**self.constants, **kwargs}
+
     def to_dict(self) -> dict:
         return {"positional": self.positional, "keywords": self.keywords, "constants": self.constants}
 

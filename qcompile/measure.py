@@ -26,7 +26,8 @@ class _Recorder(torch.fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         if n in self.keep:
-            self.values[n] = out.detach() if isinstance(out, torch.Tensor) else out
+            # a clone: later in-place ops in the graph (residual add_) must not change what we keep
+            self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
         return out
 
 
@@ -97,8 +98,8 @@ def measure(report: Report, gm, float_weights: dict, model, binder, inputs, fold
                 y_f = node.target(*ref_args, **node.kwargs)
                 _acc(energy[("own", node.name)], y_f, y_q)
                 fo = float_outs.get(ann.layer)
-                if fo is not None and fo.numel() == y_q.numel():
-                    _acc(energy[("cum", ann.layer)], fo, y_q)
+                if fo is not None and fo.numel() == y_q.numel():  # GPT-2's Conv1D: module [B,S,N], op [B*S,N]
+                    _acc(energy[("cum", ann.layer)], fo.reshape(y_q.shape), y_q)
         f_leaves = [t for t in pytree.tree_leaves(f_out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         q_leaves = [t for t in pytree.tree_leaves(q_out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if f_leaves and len(f_leaves) == len(q_leaves):

@@ -29,7 +29,7 @@ class PreparedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         self.calibrated_batches += 1
-        kwargs = {**self._captured.binder.constants, **kwargs}
+        args, kwargs = self._captured.binder.call(args, dict(kwargs))
         return self.graph_module(*args, **kwargs)
 
     def calibrate(self, data, max_samples: Optional[int] = None, progress: Optional[bool] = None) -> int:
@@ -67,7 +67,7 @@ class QuantizedModel(nn.Module):
         self._exported = exported
 
     def forward(self, *args, **kwargs):
-        kwargs = {**self.binder.constants, **kwargs}
+        args, kwargs = self.binder.call(args, dict(kwargs))
         return self.graph_module(*args, **kwargs)
 
     def exported_program(self) -> torch.export.ExportedProgram:

@@ -43,12 +43,14 @@ class SmoothingConfig:
     multiplied by it. Higher ``alpha`` moves more of the activations' range into the weights.
 
     ``alpha: null`` (the default) measures, for every smoothed tensor, each of ``alphas``,
-    outlier-only migration (channels above the median range brought down to it) and no smoothing
-    at all on sampled calibration rows with the recipe's real quantizers, and keeps the one with
-    the smallest output error: each layer gets the treatment its own data favours."""
+    outlier-only migration (channels whose range exceeds the ``q``-quantile of channel ranges
+    brought down to it, for each ``q`` in ``outlier_quantiles``) and no smoothing at all, on
+    sampled calibration rows with the recipe's real quantizers, and keeps the one with the
+    smallest output error: each layer gets the treatment its own data favours."""
 
     alpha: Optional[float] = None
     alphas: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    outlier_quantiles: tuple = (0.25, 0.5, 0.75, 0.9)
     fold_only: bool = False  # True: only smooth layers whose 1/s folds into a LayerNorm (no extra op)
 
 
@@ -133,7 +135,8 @@ class Recipe:
             "keep_first": self.keep_first,
             "keep_last": self.keep_last,
             "smoothing": None if self.smoothing is None else
-            dict(dataclasses.asdict(self.smoothing), alphas=list(self.smoothing.alphas)),
+            dict(dataclasses.asdict(self.smoothing), alphas=list(self.smoothing.alphas),
+                 outlier_quantiles=list(self.smoothing.outlier_quantiles)),
             "calibration": dataclasses.asdict(self.calibration),
         }
 
@@ -186,8 +189,10 @@ class Recipe:
         if self.embedding is not None and self.embedding.activation is not None:
             raise RecipeError("embedding.activation", "embeddings are weight-only: their input is token ids")
         if self.smoothing is not None:
-            for i, a in enumerate([self.smoothing.alpha] + list(self.smoothing.alphas)):
-                where = "smoothing.alpha" if i == 0 else f"smoothing.alphas[{i - 1}]"
+            values = [("smoothing.alpha", self.smoothing.alpha)]
+            values += [(f"smoothing.alphas[{i}]", a) for i, a in enumerate(self.smoothing.alphas)]
+            values += [(f"smoothing.outlier_quantiles[{i}]", q) for i, q in enumerate(self.smoothing.outlier_quantiles)]
+            for where, a in values:
                 if a is not None and (not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= a <= 1.0):
                     raise RecipeError(where, f"must be a number in [0, 1], got {a!r}")
         ms = self.calibration.max_samples
@@ -256,7 +261,8 @@ def _small_from_dict(cls, data, where: str):
     for name, value in data.items():
         if names[name].type in ("bool", bool):
             _typed(value, bool, f"{where}.{name}")
+        elif names[name].type in ("tuple", tuple) and not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where}.{name}", f"expected a list, got {type(value).__name__} ({value!r})")
     obj = cls(**data)
-    if isinstance(getattr(obj, "alphas", None), list):
-        obj = dataclasses.replace(obj, alphas=tuple(obj.alphas))
-    return obj
+    lists = {k: tuple(v) for k, v in dataclasses.asdict(obj).items() if isinstance(v, list)}
+    return dataclasses.replace(obj, **lists) if lists else obj

@@ -353,8 +353,9 @@ _recipes = st.builds(
     keep_float=st.lists(_patterns, max_size=2, unique=True).map(tuple),
     keep_first=st.booleans(),
     keep_last=st.booleans(),
-    smoothing=st.one_of(st.none(), st.builds(SmoothingConfig, st.one_of(st.none(), _unit),
-                                             st.lists(_unit, min_size=1, max_size=4).map(tuple), st.booleans())),
+    smoothing=st.one_of(st.none(), st.builds(
+        SmoothingConfig, alpha=st.one_of(st.none(), _unit), alphas=st.lists(_unit, min_size=1, max_size=4).map(tuple),
+        outlier_quantiles=st.lists(_unit, max_size=4).map(tuple), fold_only=st.booleans())),
     calibration=st.builds(CalibrationConfig, st.one_of(st.none(), st.integers(1, 10_000)), st.booleans()),
 )
 

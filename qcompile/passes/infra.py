@@ -122,7 +122,7 @@ def prune_unused_tensors(gm: torch.fx.GraphModule) -> int:
             del owner._buffers[attr]
         removed += 1
     for name, module in sorted(gm.named_modules(), key=lambda kv: -kv[0].count(".")):
-        if name and name not in called and not any(True for _ in module.parameters()) \
+        if name and name not in called and name not in used and not any(True for _ in module.parameters()) \
                 and not any(True for _ in module.buffers()) and not any(True for _ in module.children()) \
                 and not any(c.startswith(name + ".") for c in called | used):
             parent, _, attr = name.rpartition(".")

@@ -39,9 +39,11 @@ class ApplySmoothingPass(Pass):
     name = "apply_smoothing"
 
     def __init__(self, alpha: Optional[float] = None, fold_only: bool = False,
-                 alphas: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)):
+                 alphas: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+                 outlier_quantiles: Sequence[float] = (0.25, 0.5, 0.75, 0.9)):
         self.alpha = alpha
         self.alphas = tuple(alphas)
+        self.candidates = (None,) + tuple(f"outliers@{q:g}" for q in outlier_quantiles) + self.alphas
         self.fold_only = fold_only
         self.applied: list[dict] = []  # one entry per smoothed tensor, for the report
 
@@ -107,14 +109,14 @@ class ApplySmoothingPass(Pass):
         return True
 
     def _search(self, obs, w_absmax, weights, anns):
-        """The candidate (an alpha, ``"outliers"``, or None: no smoothing) whose quantized output
-        error on the sampled rows is smallest, using the consumers' own weight and activation specs."""
+        """The candidate (see :func:`candidate_scale`) whose quantized output error on the sampled
+        rows is smallest, using the consumers' own weight and activation specs."""
         x = obs.sample()
         if x.numel() == 0:
             return 0.5, {}
         refs = [x @ w.detach().float().t() for w in weights]
         errors = {}
-        for label in (None, "outliers") + self.alphas:
+        for label in self.candidates:
             s = candidate_scale(label, obs.absmax, w_absmax)
             xq = _fake_quant_activation(x / s, anns[0].activation)
             err = 0.0
@@ -149,13 +151,15 @@ def smoothing_scale(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
 
 
 def candidate_scale(label, x_absmax: torch.Tensor, w_absmax: torch.Tensor) -> torch.Tensor:
-    """Per-channel divisor for a search candidate: None → 1 (no smoothing); ``"outliers"`` →
-    channels whose range exceeds the median channel's are brought down to it (their excess moves
-    into the weights, the rest is untouched); a number → SmoothQuant with that alpha."""
+    """Per-channel divisor for a search candidate: None → 1 (no smoothing); ``"outliers@q"`` →
+    channels whose range exceeds the ``q``-quantile of the channel ranges are brought down to it
+    (their excess moves into the weights, the other channels are untouched); a number →
+    SmoothQuant with that alpha."""
     if label is None:
         return torch.ones_like(x_absmax)
-    if label == "outliers":
-        return (x_absmax / x_absmax.median().clamp(min=1e-8)).clamp(min=1.0)
+    if isinstance(label, str) and label.startswith("outliers@"):
+        threshold = x_absmax.quantile(float(label.split("@")[1])).clamp(min=1e-8)
+        return (x_absmax / threshold).clamp(min=1.0)
     return smoothing_scale(x_absmax, w_absmax, float(label))
 
 
