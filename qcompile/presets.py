@@ -4,7 +4,7 @@
 preset                  what it does
 ======================  ===============================================================================
 ``w8a8``                static int8: per-channel symmetric int8 weights, per-tensor asymmetric uint8
-                        activations (MSE-clipped ranges), SmoothQuant outlier migration (strength searched per layer),
+                        activations (min-max ranges), SmoothQuant-style outlier migration measured per tensor,
                         int8 weight-only embeddings
 ``w8a8-dynamic``        int8 weights, per-token dynamic uint8 activations, int8 weight-only embeddings
 ``w8``                  int8 per-channel weight-only (embeddings too)
@@ -24,8 +24,10 @@ INT8_EMBEDDING = LayerConfig(weight=INT8_WEIGHT)
 
 def _w8a8() -> Recipe:
     # uint8 asymmetric: the fast x86 int8 kernels (VNNI/AMX, onnxruntime) take u8 activations, and
-    # post-GELU inputs are mostly positive, so a zero point recovers a bit of range.
-    act = QuantSpec("uint8", "per_tensor", symmetric=False, observer="mse")
+    # post-GELU inputs are mostly positive, so a zero point recovers a bit of range. Min-max
+    # ranges: once smoothing has removed the channel outliers, clipping observers measured worse
+    # on MiniLM (cosine 0.99862 min-max vs 0.99837 MSE, 256 calibration sentences).
+    act = QuantSpec("uint8", "per_tensor", symmetric=False)
     return Recipe(name="w8a8", default=LayerConfig(INT8_WEIGHT, act), embedding=INT8_EMBEDDING,
                   smoothing=SmoothingConfig())
 
