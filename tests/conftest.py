@@ -41,8 +41,9 @@ class TinyCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(1)
+def randomise_bn(model, seed=1):
+    """Non-trivial running statistics and affine parameters, so BN folding matters."""
+    g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
@@ -69,7 +70,7 @@ def tiny_block():
 @pytest.fixture
 def tiny_cnn():
     torch.manual_seed(0)
-    model = _randomise_bn(TinyCNN()).eval()
+    model = randomise_bn(TinyCNN()).eval()
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randn(4, 1, 8, 8, generator=g),) for _ in range(4)]
     return model, batches

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import pytest
 import torch
+from conftest import randomise_bn
 from torch import nn
 
 import qcompile
@@ -101,15 +102,7 @@ def _resnet():
 
     cfg = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                        layer_type="basic")
-    model = ResNetModel(cfg)
-    g = torch.Generator().manual_seed(7)   # non-trivial running statistics so folding matters
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
+    return randomise_bn(ResNetModel(cfg), seed=7)
 
 
 def _wav2vec2():

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from qcompile.errors import PassError
 from qcompile.passes import FoldBatchNormPass, Pass, PassManager, PassResult
