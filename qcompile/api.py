@@ -101,6 +101,7 @@ def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
     conv = ConvertPass()
     PassManager([conv], dump_dir)(gm)
     prune_unused_tensors(gm)
+    _own_tensors(gm)
     gm.recompile()
     info["timings_s"]["convert"] = time.perf_counter() - t0
     report = Report(recipe=recipe.name, kept_float=info["kept_float"], smoothing=info["smoothing"],
@@ -112,6 +113,20 @@ def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
     report.timings_s = dict(info["timings_s"])
     example = (cap.example_args, cap.example_kwargs, cap.dynamic_shapes)
     return QuantizedModel(gm, cap.binder, recipe, report, example)
+
+
+def _own_tensors(gm) -> None:
+    """Give the converted graph its own copies of the float tensors it still reads. ``torch.export``
+    shares parameter objects with the user's model; an inference artifact must neither alias them
+    (a later in-place update of the user's model would leak in) nor record autograd history."""
+    for name, p in list(gm.named_parameters()):
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner._parameters[attr] = nn.Parameter(p.detach().clone(), requires_grad=False)
+    for name, b in list(gm.named_buffers()):
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner._buffers[attr] = b.detach().clone()
 
 
 def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibration: Optional[Iterable] = None, *,

@@ -39,8 +39,9 @@ class Backend(Protocol):
 # backend id -> (module, class name, the extra that installs its dependencies)
 BACKENDS = {
     "reference": ("qcompile.backends.reference", "ReferenceBackend", None),
+    "onnx": ("qcompile.backends.onnx", "OnnxBackend", "onnx"),
 }
-ALIASES = {"torch": "reference", "pytorch": "reference"}
+ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx"}
 
 
 def get_backend(name: str) -> Backend:

@@ -1,0 +1,103 @@
+"""ONNX translations of qcompile's canonical ops for ``torch.onnx.export(dynamo=True)``.
+
+Granularity comes from the shape of ``scale`` (see :mod:`qcompile.ops`): a 0-d or all-ones scale
+is per-tensor, one dimension larger than 1 is per-axis, ``group_size > 0`` is a blocked
+QuantizeLinear/DequantizeLinear (opset 21)."""
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript import opset21 as op
+
+from ...errors import BackendError
+
+_ONNX_TYPES = {"int8": ir.DataType.INT8, "uint8": ir.DataType.UINT8}
+
+
+def _onnx_type(format: str):
+    if format not in _ONNX_TYPES:
+        raise BackendError(f"the onnx backend does not export format '{format}' yet (int8/uint8 only; "
+                           "int4 weight-only via MatMulNBits is not yet built)")
+    return _ONNX_TYPES[format]
+
+
+def _broadcast(scale) -> bool:
+    """Per-token (dynamic) scales [..., 1] vary on several dims: no Q/DQ attribute expresses that."""
+    return len([d for d in scale.shape if not (isinstance(d, int) and d == 1)]) > 1
+
+
+def _axis_and_scale(scale, zero_point, group_size: int):
+    """(attributes, 1-D or same-rank scale, zero point) for Q/DQ from qcompile's scale shape."""
+    shape = [d if isinstance(d, int) else -1 for d in scale.shape]
+    wide = [i for i, d in enumerate(shape) if d != 1]
+    if group_size > 0:
+        return {"axis": len(shape) - 1, "block_size": group_size}, scale, zero_point
+    if not wide:
+        flat = op.Reshape(scale, op.Constant(value_ints=[]))
+        zp = None if zero_point is None else op.Reshape(zero_point, op.Constant(value_ints=[]))
+        return {}, flat, zp
+    if len(wide) > 1:
+        raise BackendError(f"a scale of shape {shape} is neither per-tensor nor per-axis")
+    flat = op.Reshape(scale, op.Constant(value_ints=[-1]))
+    zp = None if zero_point is None else op.Reshape(zero_point, op.Constant(value_ints=[-1]))
+    return {"axis": wide[0]}, flat, zp
+
+
+def _zero(format: str, like_scale):
+    # ONNX takes the quantized type from the zero point: a symmetric spec still needs a typed zero
+    return op.Cast(op.Mul(op.Cast(like_scale, to=ir.DataType.INT32), op.Constant(value_int=0)), to=_onnx_type(format))
+
+
+def _bounds(format: str):
+    return (0.0, 255.0) if format == "uint8" else (-128.0, 127.0)
+
+
+def quantize(x, scale, zero_point, format: str, group_size: int):
+    if _broadcast(scale):  # per-token: the reference formula with broadcasting elementwise ops
+        lo, hi = _bounds(format)
+        q = op.Round(op.Div(x, scale))
+        if zero_point is not None:
+            q = op.Add(q, op.Cast(zero_point, to=ir.DataType.FLOAT))
+        return op.Cast(op.Clip(q, op.Constant(value_float=lo), op.Constant(value_float=hi)), to=_onnx_type(format))
+    attrs, s, z = _axis_and_scale(scale, zero_point, group_size)
+    if z is None:
+        z = _zero(format, s)
+    return op.QuantizeLinear(x, s, z, **attrs)
+
+
+def dequantize(q, scale, zero_point, format: str, group_size: int, output_dtype=None):
+    _onnx_type(format)
+    if _broadcast(scale):
+        x = op.Cast(q, to=ir.DataType.FLOAT)
+        if zero_point is not None:
+            x = op.Sub(x, op.Cast(zero_point, to=ir.DataType.FLOAT))
+        return op.Mul(x, scale)
+    attrs, s, z = _axis_and_scale(scale, zero_point, group_size)
+    if z is None:
+        return op.DequantizeLinear(q, s, **attrs)
+    return op.DequantizeLinear(q, s, z, **attrs)
+
+
+def choose_qparams(x, format: str, symmetric: bool, per_token: bool):
+    """Dynamic scale/zero point with the reference formula (qcompile.formats.Format.choose_qparams)."""
+    fmt_type = _onnx_type(format)
+    qmin, qmax = _bounds(format)
+    axes = op.Constant(value_ints=[-1])
+    keep = 1 if per_token else 0
+    lo = op.ReduceMin(x, axes, keepdims=keep) if per_token else op.ReduceMin(x, keepdims=0)
+    hi = op.ReduceMax(x, axes, keepdims=keep) if per_token else op.ReduceMax(x, keepdims=0)
+    zero = op.Constant(value_float=0.0)
+    lo, hi = op.Min(lo, zero), op.Max(hi, zero)
+    eps = op.Constant(value_float=1.1920928955078125e-07)
+    if symmetric:
+        amax = op.Max(op.Neg(lo), hi)
+        if format == "uint8":
+            scale = op.Max(op.Div(amax, op.Constant(value_float=127.5)), eps)
+            zp = op.Cast(op.Add(op.Mul(scale, zero), op.Constant(value_float=128.0)), to=fmt_type)
+        else:
+            scale = op.Max(op.Div(amax, op.Constant(value_float=qmax)), eps)
+            zp = op.Cast(op.Mul(scale, zero), to=fmt_type)
+        return scale, zp
+    scale = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=qmax - qmin)), eps)
+    zp = op.Clip(op.Sub(op.Constant(value_float=qmin), op.Round(op.Div(lo, scale))),
+                 op.Constant(value_float=qmin), op.Constant(value_float=qmax))
+    return scale, op.Cast(zp, to=fmt_type)

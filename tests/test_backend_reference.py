@@ -1,0 +1,5 @@
+from backend_conformance import BackendConformance
+
+
+class TestReferenceBackend(BackendConformance):
+    backend = "reference"
