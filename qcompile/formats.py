@@ -112,7 +112,7 @@ class Format:
         return (book[q.long()] * scale).to(dtype)
 
     def error_bound(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Largest round-trip error allowed for in-range ``x`` (used by tests and ``verify``)."""
+        """Largest round-trip error allowed for in-range ``x`` (the registry-driven tests use it)."""
         if self.kind == "int":
             # half a step, plus float32 rounding of x / scale near a rounding tie (relative to |x|)
             return scale / 2 * (1 + 1e-5) + x.abs() * 2.0 ** -20

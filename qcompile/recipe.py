@@ -120,7 +120,7 @@ class Recipe:
     def with_overrides(self, overrides: dict) -> "Recipe":
         """A copy with more overrides (later entries win over earlier ones for the same pattern)."""
         merged = dict(self.overrides)
-        merged.update(overrides)
+        merged.update({k: _layer_from_dict(v, f"overrides['{k}']") for k, v in overrides.items()})
         return dataclasses.replace(self, overrides=merged).validate()
 
     # -- dict form -----------------------------------------------------------------------------

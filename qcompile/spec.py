@@ -18,7 +18,7 @@ ANNOTATION = "qcompile.annotation"    # NodeAnnotation on a quantizable op node
 LAYER = "qcompile.layer"              # module path of the node's innermost module
 LAYER_TYPE = "qcompile.layer_type"    # class name of that module
 QPARAMS = "qcompile.qparams"          # on quantize/dequantize nodes: the QuantSpec they implement
-ROLE = "qcompile.role"                # on inserted nodes: "weight", "activation", "smoothing", "observer"
+ROLE = "qcompile.role"                # on inserted nodes: "weight", "activation", "smoothing", "qobs", "qstats"
 
 
 @dataclass(frozen=True)

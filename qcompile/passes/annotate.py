@@ -107,7 +107,8 @@ class AnnotatePass(Pass):
             if pattern not in used:
                 field = "keep_float" if pattern in self.recipe.keep_float and pattern not in self.recipe.overrides \
                     else f"overrides['{pattern}']"
-                raise RecipeError(field, f"pattern '{pattern}' matches no quantizable layer; "
+                raise RecipeError(field, f"pattern '{pattern}' matches no quantizable layer (or only layers an "
+                                         f"earlier pattern already claims); "
                                          f"{closest(pattern, layers) if layers else 'the model has none'}")
         return PassResult(gm, modified)
 
