@@ -125,6 +125,10 @@ def _module_docs(module: ModuleType, top: str) -> list[str]:
                     continue
                 if isinstance(member, (staticmethod, classmethod)):
                     member = member.__func__
+                # other libraries patch stdlib classes (transformers adds Logger.warning_once):
+                # only text written for this module counts, whatever was imported before
+                if isinstance(getattr(member, "__module__", None), str) and not _defined_in(member, top):
+                    continue
                 if callable(member) or isinstance(member, property):
                     docs.append(_own_doc(member))
         elif callable(obj):
