@@ -38,7 +38,7 @@ class QuantSpec:
     group_size: Optional[int] = None
     dynamic: bool = False
     observer: str = "minmax"
-    observer_args: dict = field(default_factory=dict, compare=False, hash=False)
+    observer_args: dict = field(default_factory=dict, hash=False)  # compared, not hashed (a dict)
 
     def validate(self, where: str) -> "QuantSpec":
         fmt = get_format(self.format, f"{where}.format")
