@@ -16,7 +16,7 @@ from .model import PreparedModel, QuantizedModel
 from .passes import (AnnotatePass, ApplySmoothingPass, ConvertPass, FoldBatchNormPass, InsertChannelStatsPass,
                      InsertObserversPass, NormalizeLinearPass, PassManager)
 from .passes.annotate import annotated_nodes
-from .passes.infra import prune_unused_tensors
+from .passes.infra import prune_unused_tensors, tensor_owner
 from .recipe import Recipe
 from .report import Report
 
@@ -75,7 +75,7 @@ def prepare(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, *, exam
                                    "pass calibration= to prepare (or quantize), or set smoothing to null")
         t1 = time.perf_counter()
         PassManager([InsertChannelStatsPass()])(gm)
-        run_calibration(lambda item: gm(*_bind(cap, item)[0], **_bind(cap, item)[1]), calibration,
+        run_calibration(lambda item: cap.binder.apply(gm, item), calibration,
                         recipe.calibration.max_samples, recipe.calibration.progress, desc="smoothing statistics")
         sm = recipe.smoothing
         smooth = ApplySmoothingPass(sm.alpha, sm.fold_only, sm.alphas, sm.outlier_quantiles)
@@ -84,10 +84,6 @@ def prepare(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, *, exam
         info["timings_s"]["smoothing"] = time.perf_counter() - t1
     PassManager([InsertObserversPass()], dump_dir)(gm)
     return PreparedModel(gm, cap, recipe, model, info)
-
-
-def _bind(cap, item):
-    return cap.binder.bind(item)
 
 
 def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
@@ -120,12 +116,10 @@ def _own_tensors(gm) -> None:
     shares parameter objects with the user's model; an inference artifact must neither alias them
     (a later in-place update of the user's model would leak in) nor record autograd history."""
     for name, p in list(gm.named_parameters()):
-        owner_name, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner, attr = tensor_owner(gm, name)
         owner._parameters[attr] = nn.Parameter(p.detach().clone(), requires_grad=False)
     for name, b in list(gm.named_buffers()):
-        owner_name, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner, attr = tensor_owner(gm, name)
         owner._buffers[attr] = b.detach().clone()
 
 

@@ -57,6 +57,11 @@ class InputBinder:
         kwargs.update(self.constants)
         return args, kwargs
 
+    def apply(self, fn, item):
+        """``fn`` called on one calibration item bound to the captured structure."""
+        args, kwargs = self.bind(item)
+        return fn(*args, **kwargs)
+
     def call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A live call's ``(args, kwargs)`` in the captured structure: positional inputs passed by
         keyword are moved to their slots, the fixed constants are filled in."""

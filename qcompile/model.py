@@ -37,13 +37,8 @@ class PreparedModel(nn.Module):
         from .calibration import run_calibration
 
         cfg = self.recipe.calibration
-        return run_calibration(lambda item: self._call_item(item), data, max_samples or cfg.max_samples,
-                               cfg.progress if progress is None else progress)
-
-    def _call_item(self, item):
-        args, kwargs = self._captured.binder.bind(item)
-        self.calibrated_batches += 1
-        return self.graph_module(*args, **kwargs)
+        return run_calibration(lambda item: self._captured.binder.apply(self, item), data,
+                               max_samples or cfg.max_samples, cfg.progress if progress is None else progress)
 
 
 class QuantizedModel(nn.Module):

@@ -105,6 +105,12 @@ def add_tensor(gm: torch.fx.GraphModule, name: str, value: torch.Tensor, before:
         return gm.graph.get_attr(unique)
 
 
+def tensor_owner(gm: torch.nn.Module, name: str):
+    """(the submodule holding the tensor ``name``, its attribute name) for a dotted state name."""
+    owner_name, _, attr = name.rpartition(".")
+    return (gm.get_submodule(owner_name) if owner_name else gm), attr
+
+
 def prune_unused_tensors(gm: torch.fx.GraphModule) -> int:
     """Delete parameters and buffers no ``get_attr`` node reads any more (the float weights that
     quantized codes replaced), and submodules left empty. Returns how many tensors were removed."""
@@ -114,8 +120,7 @@ def prune_unused_tensors(gm: torch.fx.GraphModule) -> int:
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if name in used:
             continue
-        owner_name, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner, attr = tensor_owner(gm, name)
         if attr in owner._parameters:
             del owner._parameters[attr]
         elif attr in owner._buffers:
