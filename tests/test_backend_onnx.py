@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import qcompile
-from backend_conformance import BackendConformance, _quantize
+from backend_conformance import BackendConformance, _quantize, assert_matches_reference
 from conftest import TinyBlock
 
 pytest.importorskip("onnxruntime", reason="the onnx backend needs the 'onnx' extra: pip install 'qcompile[onnx]'")
@@ -10,15 +10,34 @@ onnx = pytest.importorskip("onnx")
 
 
 class TestOnnxBackend(BackendConformance):
+    """Default target: onnxruntime's fused contrib kernels where they are faster."""
     backend = "onnx"
 
 
-def test_exported_graph_is_standard_qdq_with_dq_feeding_matmul():
-    torch.manual_seed(0)
-    batches = [(torch.randint(0, 50, (3, 7)), torch.ones(3, 7, dtype=torch.long)) for _ in range(3)]
-    art = qcompile.lower(_quantize(TinyBlock().eval(), "w8a8", batches), backend="onnx")
+class TestOnnxQdqBackend(BackendConformance):
+    """Portable target: standard ONNX QuantizeLinear/DequantizeLinear only."""
+    backend = "onnx"
+
+    def lower(self, qmodel):
+        return qcompile.lower(qmodel, backend="onnx", target="qdq")
+
+
+def _batches(n=3):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randint(0, 50, (3, 7), generator=g), torch.ones(3, 7, dtype=torch.long)) for _ in range(n)]
+
+
+def _ops(art):
     model = onnx.load_from_string(art.model_bytes)
     onnx.checker.check_model(model)
+    return model
+
+
+def test_qdq_target_is_standard_qdq_with_dq_feeding_matmul():
+    torch.manual_seed(0)
+    art = qcompile.lower(_quantize(TinyBlock().eval(), "w8a8", _batches()), backend="onnx", target="qdq")
+    model = _ops(art)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
     producers = {o: n for n in model.graph.node for o in n.output}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
     weight_dq = [producers.get(n.input[1]) for n in matmuls]
@@ -31,8 +50,57 @@ def test_exported_graph_is_standard_qdq_with_dq_feeding_matmul():
     assert all(isinstance(d, str) for d in dims)  # batch and sequence stay dynamic
 
 
-def test_unsupported_format_names_the_format():
-    batches = [(torch.randint(0, 50, (3, 7)), torch.ones(3, 7, dtype=torch.long))]
-    q = _quantize(TinyBlock().eval(), "w4-g64", batches)
+def test_onnxruntime_target_fuses_static_int8_linears_with_their_bias():
+    torch.manual_seed(0)
+    art = qcompile.lower(_quantize(TinyBlock().eval(), "w8a8", _batches()), backend="onnx")
+    model = _ops(art)
+    fused = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 6 and all(n.domain == "com.microsoft" for n in fused)
+    assert all(len(n.input) == 7 and n.input[6] for n in fused)  # the bias rides in the epilogue
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 4  # Q/K/V share one
+    # the embedding gathers int8 rows and their scales, then dequantizes (never the whole table)
+    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+    init_types = {i.name: i.data_type for i in model.graph.initializer}
+    assert any(init_types.get(n.input[0]) == onnx.TensorProto.INT8 for n in gathers)
+
+
+def test_per_token_dynamic_linears_keep_the_standard_form():
+    """Negative case: MatMulIntegerToFloat takes one activation scale; per-token scales stay Q/DQ."""
+    from qcompile.backends.onnx.lower import FuseOnnxruntimeKernelsPass
+
+    torch.manual_seed(0)
+    q = _quantize(TinyBlock().eval(), "w8a8-dynamic", _batches())
+    p = FuseOnnxruntimeKernelsPass()
+    import copy
+    gm = copy.deepcopy(q.graph_module)
+    assert not p(gm).modified
+    assert set(p.skipped.values()) == {"activation scale is not a static per-tensor constant "
+                                       "(MatMulIntegerToFloat needs one)"}
+
+
+def test_int4_weight_only_exports_matmulnbits_matching_reference():
+    torch.manual_seed(0)
+    model = TinyBlock(d=64, ff=128).eval()
+    batches = _batches()
+    for recipe in ("w4-g64", "w4-g128"):  # g128 > K=64: one short group per row
+        q = _quantize(model, recipe, batches)
+        art = qcompile.lower(q, backend="onnx")
+        nodes = [n for n in _ops(art).graph.node if n.op_type == "MatMulNBits"]
+        assert len(nodes) == 6
+        ids, mask = batches[1]
+        with torch.no_grad():
+            assert_matches_reference(art(ids, mask), q(ids, mask))
+
+
+def test_int4_group_without_kernel_names_the_format():
+    recipe = qcompile.Recipe.preset("w4-g64").with_overrides({"re:.*": {"weight": {"format": "uint4", "granularity": "per_group",
+                                                                                  "symmetric": False, "group_size": 24}}})
+    q = _quantize(TinyBlock().eval(), recipe, _batches(1))
     with pytest.raises(qcompile.BackendError, match="format 'uint4'"):
         qcompile.lower(q, backend="onnx")
+
+
+def test_unknown_target_is_an_error():
+    q = _quantize(TinyBlock().eval(), "w8", _batches(1))
+    with pytest.raises(qcompile.BackendError, match="unknown onnx target 'tensorrt'"):
+        qcompile.lower(q, backend="onnx", target="tensorrt")

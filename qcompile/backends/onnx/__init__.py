@@ -1,10 +1,12 @@
-"""The onnx backend (id ``onnx``): the converted Q/DQ graph as standard ONNX
-QuantizeLinear/DequantizeLinear, run by onnxruntime's CPU execution provider.
+"""The onnx backend (id ``onnx``): the converted Q/DQ graph as an ONNX file run by onnxruntime's CPU
+execution provider.
 
-Built so far: int8/uint8 per-tensor and per-channel Q/DQ, dynamic per-token activation scales,
-dynamic batch/sequence axes, ``onnx.checker``-valid files, a runner called like the model.
-Not yet built: int4 weight-only as ``com.microsoft::MatMulNBits``, int8 embeddings as DQ → Gather
-checks, onnxruntime transformer fusions, per-layer parity (issue 4)."""
+Two targets. ``onnxruntime`` (default) emits onnxruntime's fused contrib kernels where they are
+faster: static int8 Linears as ``com.microsoft::MatMulIntegerToFloat`` (bias in the epilogue),
+4-bit group-wise weight-only Linears as ``com.microsoft::MatMulNBits``. ``qdq`` emits standard
+ONNX QuantizeLinear/DequantizeLinear only (per-tensor, per-axis, per-token as explicit math), for
+other runtimes. Both gather int8 embedding rows before dequantizing, keep batch/sequence axes
+dynamic and pass ``onnx.checker``."""
 from __future__ import annotations
 
 from ..base import Capabilities
@@ -14,12 +16,15 @@ from .runtime import OnnxArtifact
 
 class OnnxBackend:
     id = "onnx"
-    capabilities = Capabilities(formats=frozenset({"int8", "uint8"}),
-                                granularities=frozenset({"per_tensor", "per_channel", "per_token"}),
+    capabilities = Capabilities(formats=frozenset({"int8", "uint8", "int4", "uint4"}),
+                                granularities=frozenset({"per_tensor", "per_channel", "per_token", "per_group"}),
                                 ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True)
 
-    def lower(self, qmodel, opset: int = OPSET, threads: int = 0) -> OnnxArtifact:
-        data, names = export_onnx(qmodel, opset)
+    def lower(self, qmodel, opset: int = OPSET, threads: int = 0, target: str = "onnxruntime",
+              nbits_accuracy_level: int = 0) -> OnnxArtifact:
+        """``target``: ``"onnxruntime"`` (contrib kernels where faster) or ``"qdq"`` (standard
+        ONNX only); ``threads``: onnxruntime intra-op threads (0: its default)."""
+        data, names = export_onnx(qmodel, opset, target, nbits_accuracy_level)
         return OnnxArtifact(data, names, qmodel, threads)
 
 

@@ -5,8 +5,11 @@ is per-tensor, one dimension larger than 1 is per-axis, ``group_size > 0`` is a 
 QuantizeLinear/DequantizeLinear (opset 21)."""
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript import opset21 as op
+from onnx.defs import OpSchema
+from onnxscript.values import Opset
 
 from ...errors import BackendError
 
@@ -32,14 +35,19 @@ def _axis_and_scale(scale, zero_point, group_size: int):
     if group_size > 0:
         return {"axis": len(shape) - 1, "block_size": group_size}, scale, zero_point
     if not wide:
-        flat = op.Reshape(scale, op.Constant(value_ints=[]))
-        zp = None if zero_point is None else op.Reshape(zero_point, op.Constant(value_ints=[]))
+        flat = op.Reshape(scale, _scalar_shape())
+        zp = None if zero_point is None else op.Reshape(zero_point, _scalar_shape())
         return {}, flat, zp
     if len(wide) > 1:
         raise BackendError(f"a scale of shape {shape} is neither per-tensor nor per-axis")
     flat = op.Reshape(scale, op.Constant(value_ints=[-1]))
     zp = None if zero_point is None else op.Reshape(zero_point, op.Constant(value_ints=[-1]))
     return {"axis": wide[0]}, flat, zp
+
+
+def _scalar_shape():
+    # an explicit int64 tensor: an empty ``value_ints`` list leaves the attribute type ambiguous
+    return op.Constant(value=ir.tensor(np.zeros((0,), dtype=np.int64)))
 
 
 def _zero(format: str, like_scale):
@@ -101,3 +109,48 @@ def choose_qparams(x, format: str, symmetric: bool, per_token: bool):
     zp = op.Clip(op.Sub(op.Constant(value_float=qmin), op.Round(op.Div(lo, scale))),
                  op.Constant(value_float=qmin), op.Constant(value_float=qmax))
     return scale, op.Cast(zp, to=fmt_type)
+
+
+def _register_contrib_schemas() -> Opset:
+    """onnxscript builds nodes from ONNX schemas; onnxruntime's contrib kernels have none in the onnx
+    package, so declare the two qcompile emits (their signatures from onnxruntime's ContribOperators.md)."""
+    import onnx
+
+    domain = "com.microsoft"
+    inp, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    ints = ["tensor(int8)", "tensor(uint8)"]
+    schemas = [
+        OpSchema("MatMulIntegerToFloat", domain, 1,
+                 inputs=[inp("A", "T1"), inp("B", "T2"), inp("a_scale", "T3"), inp("b_scale", "T3"),
+                         inp("a_zero_point", "T1", param_option=opt), inp("b_zero_point", "T2", param_option=opt),
+                         inp("bias", "T3", param_option=opt)],
+                 outputs=[inp("Y", "T3")],
+                 type_constraints=[("T1", ints, ""), ("T2", ints, ""), ("T3", ["tensor(float)"], "")]),
+        OpSchema("MatMulNBits", domain, 1,
+                 inputs=[inp("A", "T1"), inp("B", "T2"), inp("scales", "T1"),
+                         inp("zero_points", "T3", param_option=opt), inp("g_idx", "T4", param_option=opt),
+                         inp("bias", "T1", param_option=opt)],
+                 outputs=[inp("Y", "T1")],
+                 type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], ""),
+                                   ("T3", ["tensor(uint8)", "tensor(float)"], ""), ("T4", ["tensor(int32)"], "")],
+                 attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "", required=a in ("K", "N"))
+                             for a in ("K", "N", "bits", "block_size", "accuracy_level")]),
+    ]
+    for schema in schemas:
+        try:
+            onnx.defs.get_schema(schema.name, 1, domain)
+        except onnx.defs.SchemaError:
+            onnx.defs.register_schema(schema)
+    return Opset(domain, 1)
+
+
+_MSFT = _register_contrib_schemas()
+
+
+def matmul_integer_to_float(a, b, a_scale, b_scale, a_zero_point, b_zero_point, bias):
+    return _MSFT.MatMulIntegerToFloat(a, b, a_scale, b_scale, a_zero_point, b_zero_point, bias)
+
+
+def matmul_nbits(a, b_packed, scales, zero_points, k: int, n: int, bits: int, block_size: int, accuracy_level: int):
+    return _MSFT.MatMulNBits(a, b_packed, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size,
+                            accuracy_level=accuracy_level)

@@ -1,0 +1,51 @@
+"""Rewrites of the converted Q/DQ graph that every lowering backend may apply: exact (bit-identical
+to the reference backend) and faster to run.
+
+* :class:`GatherBeforeDequantizePass`: ``embedding(dequantize(W_q, s, z), ids)`` ⇒
+  ``dequantize(embedding(W_q, ids), embedding(s, ids), embedding(z, ids))``. The converted graph
+  dequantizes the whole table (MiniLM: 30,522 × 384) on every call; gathering the codes (and the
+  rows' scales) first touches only the rows the batch uses. Each element still computes
+  ``(q - z) * s`` with the same operands, so the result is unchanged bit for bit."""
+from __future__ import annotations
+
+import torch
+
+from ..ops import DEQUANTIZE
+from .infra import Pass, PassResult, get_attr_tensor
+
+aten = torch.ops.aten
+
+
+class GatherBeforeDequantizePass(Pass):
+    name = "gather_before_dequantize"
+
+    def call(self, gm):
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.target != aten.embedding.default:
+                continue
+            dq, ids = node.args[0], node.args[1]
+            if getattr(dq, "target", None) != DEQUANTIZE:
+                continue
+            table, scale, zp = (get_attr_tensor(gm, a) for a in dq.args[:3])
+            if table is None or scale is None or table.dim() != 2 or not _per_row(scale, table.shape[0]):
+                continue
+            with gm.graph.inserting_before(node):
+                codes = gm.graph.call_function(aten.embedding.default, (dq.args[0], ids))
+                s, z = dq.args[1], dq.args[2]
+                if scale.numel() > 1:  # per row or per group of a row: gather the rows' parameters too
+                    s = gm.graph.call_function(aten.embedding.default, (s, ids))
+                    z = None if z is None else gm.graph.call_function(aten.embedding.default, (z, ids))
+                out = gm.graph.call_function(DEQUANTIZE, (codes, s, z, *dq.args[3:]))
+            out.meta = dict(node.meta)
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+            if not dq.users:
+                gm.graph.erase_node(dq)
+            modified = True
+        return PassResult(gm, modified)
+
+
+def _per_row(scale: torch.Tensor, rows: int) -> bool:
+    """Per-tensor, per-row or per-group-of-a-row parameters: gathering rows keeps them aligned."""
+    return scale.numel() == 1 or (scale.dim() == 2 and scale.shape[0] == rows)
