@@ -22,11 +22,12 @@ from .presets import recipes
 from .recipe import CalibrationConfig, LayerConfig, Recipe, SmoothingConfig
 from .report import Report
 from .spec import QuantSpec
+from .verify import ParityReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "prepare", "convert", "load", "lower", "recipes", "resolve_recipe",
+    "quantize", "prepare", "convert", "load", "lower", "verify", "ParityReport", "recipes", "resolve_recipe",
     "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig",
     "PreparedModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",

@@ -65,6 +65,13 @@ class QuantizedModel(nn.Module):
         args, kwargs = self.binder.call(args, dict(kwargs))
         return self.graph_module(*args, **kwargs)
 
+    def quantized_activations(self, *args, **kwargs) -> list:
+        """``[(scale, codes)]`` at every static activation quantizer, in graph order: the
+        reference side of :func:`qcompile.verify`."""
+        from .verify import reference_activations
+
+        return [(s, c) for s, c, _ in reference_activations(self, args, kwargs)]
+
     def exported_program(self) -> torch.export.ExportedProgram:
         """The converted graph as a ``torch.export.ExportedProgram`` (what backends import)."""
         if self._exported is None:

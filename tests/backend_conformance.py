@@ -59,6 +59,18 @@ class BackendConformance:
             # requantization rounds intermediate codes differently by up to one step: allow 1 %
             assert_matches_reference(art(x), q(x), rel=1e-2)
 
+    def test_verify_holds_per_quantizer(self):
+        """The parity contract: every static activation quantizer's codes within one step."""
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(4)
+        batches = [(torch.randint(0, 50, (4, 9), generator=g), torch.ones(4, 9, dtype=torch.long)) for _ in range(3)]
+        q = _quantize(TinyBlock().eval(), "w8a8", batches)
+        parity = qcompile.verify(self.lower(q), q, batches)
+        assert parity.passed, str(parity)
+        assert parity.samples == 3 and parity.output_max_rel < 1e-3
+        if hasattr(self.lower(q), "quantized_activations"):
+            assert len(parity.points) == 4 and all(p.count > 0 for p in parity.points)
+
     def test_artifact_saves(self, tmp_path):
         torch.manual_seed(0)
         model = TinyBlock().eval()

@@ -32,15 +32,27 @@ class OnnxArtifact:
         # its activations to int8 there (accuracy level 4): a different model than the recipe's.
         # Level 1 keeps them float, as the recipe says.
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        self._options, self._debug = opts, None
         self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, *args, **kwargs):
-        args, kwargs = self._binder.call(args, dict(kwargs))
-        flat = [t for t in flatten_inputs(self._gm, args, kwargs) if isinstance(t, torch.Tensor)]
-        feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, flat)}
-        outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
+        outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, self._feed(args, kwargs))]
         spec = getattr(self._gm, "_out_spec", None)
         return pytree.tree_unflatten(outs, spec) if spec is not None else tuple(outs)
+
+    def _feed(self, args, kwargs) -> dict:
+        args, kwargs = self._binder.call(args, dict(kwargs))
+        flat = [t for t in flatten_inputs(self._gm, args, kwargs) if isinstance(t, torch.Tensor)]
+        return {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, flat)}
+
+    def quantized_activations(self, *args, **kwargs) -> list:
+        """``[(scale, codes)]`` of every static QuantizeLinear, in graph order (for
+        :func:`qcompile.verify`). Runs a second session whose outputs include those codes."""
+        if self._debug is None:
+            self._debug = _expose_quantizers(self.model_bytes, self._options)
+        session, points = self._debug
+        outs = session.run([name for name, _ in points], self._feed(args, kwargs))
+        return [(scale, torch.from_numpy(np.asarray(o))) for (_, scale), o in zip(points, outs)]
 
     def save(self, path) -> Path:
         """Write the ``.onnx`` file (weights inside it)."""
@@ -50,3 +62,28 @@ class OnnxArtifact:
         tmp.write_bytes(self.model_bytes)
         os.replace(tmp, path)
         return path
+
+
+def _expose_quantizers(model_bytes: bytes, options):
+    """(a session that also returns every static QuantizeLinear's codes, [(output name, scale)])."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(model_bytes)
+    consts = {i.name: i for i in model.graph.initializer}
+    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    points = []
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[1] not in consts:
+            continue
+        scale = numpy_helper.to_array(consts[node.input[1]])
+        if scale.size != 1:
+            continue
+        zp_type = consts[node.input[2]].data_type if len(node.input) > 2 and node.input[2] in consts \
+            else onnx.TensorProto.UINT8
+        model.graph.output.append(onnx.helper.make_tensor_value_info(node.output[0], zp_type, None))
+        points.append((node.output[0], float(scale.reshape(()))))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, points
