@@ -204,3 +204,35 @@ def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
         keys = spec.children_specs[1].context if hasattr(spec, "children_specs") else list(kwargs)
         flat, got = pytree.tree_flatten((args, {k: kwargs[k] for k in keys}))
     return flat
+
+
+
+def example_to_dict(example, binder: InputBinder) -> Optional[dict]:
+    """The capture examples ``(args, kwargs, dynamic_shapes)`` as JSON data (shape, dtype and
+    dynamic dims of each input), so a loaded model can be exported again (lowered to a backend).
+    ``None`` when an input is not a plain tensor or the dynamic-shape spec is not keyed by name."""
+    args, kwargs, dynamic_shapes = example
+    if dynamic_shapes is not None and not isinstance(dynamic_shapes, dict):
+        return None
+    named = {**dict(zip(binder.positional, args)), **{k: kwargs[k] for k in binder.keywords}}
+    inputs = {}
+    for name, t in named.items():
+        dyn = (dynamic_shapes or {}).get(name)
+        if not isinstance(t, torch.Tensor) or (dyn is not None and not isinstance(dyn, dict)):
+            return None
+        inputs[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                        "dynamic": sorted(int(i) for i in (dyn or {}))}
+    return {"inputs": inputs, "dynamic": dynamic_shapes is not None}
+
+
+def example_from_dict(data: dict, binder: InputBinder) -> tuple:
+    """Inverse of :func:`example_to_dict`: zero tensors of the saved shapes (values do not matter
+    to ``torch.export``; sizes do) and a ``Dim.AUTO`` spec on the saved dynamic dims."""
+    tensors = {n: torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for n, s in data["inputs"].items()}
+    args = tuple(tensors[n] for n in binder.positional)
+    kwargs = {**{k: tensors[k] for k in binder.keywords}, **binder.constants}
+    dynamic = None
+    if data["dynamic"]:
+        dynamic = {n: {i: Dim.AUTO for i in s["dynamic"]} for n, s in data["inputs"].items()}
+        dynamic.update({k: None for k in binder.constants})
+    return args, kwargs, dynamic

@@ -83,7 +83,10 @@ class QuantizedModel(nn.Module):
         """Write the model to the directory ``path`` (atomic; no pickle)."""
         from .artifact import code_tensors, save_program
 
-        meta = {"recipe": self.recipe.to_dict(), "binder": self.binder.to_dict(), "report": self.report.to_dict()}
+        from .capture import example_to_dict
+
+        meta = {"recipe": self.recipe.to_dict(), "binder": self.binder.to_dict(), "report": self.report.to_dict(),
+                "example": example_to_dict(self._example, self.binder) if self._example is not None else None}
         return save_program(self.exported_program(), code_tensors(self.graph_module), meta, path)
 
     def extra_repr(self) -> str:
@@ -103,7 +106,10 @@ def load(path: Union[str, Path]) -> QuantizedModel:
     ep, meta = load_program(path)
     b = meta["binder"]
     binder = InputBinder(b["positional"], b["keywords"], b.get("constants", {}))
+    from .capture import example_from_dict
+
+    example = example_from_dict(meta["example"], binder) if meta.get("example") else None
     return QuantizedModel(ep.module(), binder, Recipe.from_dict(meta["recipe"]), Report.from_dict(meta["report"]),
-                          exported=ep)
+                          example=example, exported=ep)
 
 

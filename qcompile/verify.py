@@ -28,7 +28,7 @@ from .capture import flatten_inputs
 from .errors import BackendError
 from .ops import QUANTIZE
 from .passes.infra import get_attr_tensor
-from .spec import LAYER, ROLE
+from .spec import LAYER
 
 
 @dataclass
@@ -79,8 +79,9 @@ class ParityReport:
 def static_activation_quantizers(gm: torch.fx.GraphModule) -> list:
     """The converted graph's static activation ``quantize`` nodes in graph order: the points whose
     codes backends expose (a dynamic scale is computed at run time and is not a fixed point)."""
-    return [n for n in gm.graph.nodes if n.target == QUANTIZE and n.meta.get(ROLE) == "activation"
-            and get_attr_tensor(gm, n.args[1]) is not None]
+    # weights are stored as codes, so every quantize op left in a converted graph is an activation's
+    # (meta keys do not survive save/load; the graph structure does)
+    return [n for n in gm.graph.nodes if n.target == QUANTIZE and get_attr_tensor(gm, n.args[1]) is not None]
 
 
 class _CodeRecorder(torch.fx.Interpreter):

@@ -104,3 +104,17 @@ def test_unknown_target_is_an_error():
     q = _quantize(TinyBlock().eval(), "w8", _batches(1))
     with pytest.raises(qcompile.BackendError, match="unknown onnx target 'tensorrt'"):
         qcompile.lower(q, backend="onnx", target="tensorrt")
+
+
+def test_a_loaded_model_lowers_like_the_original(tmp_path):
+    torch.manual_seed(0)
+    batches = _batches()
+    q = _quantize(TinyBlock().eval(), "w8a8", batches)
+    q.save(tmp_path / "m")
+    loaded = qcompile.load(tmp_path / "m")
+    art = qcompile.lower(loaded, backend="onnx")
+    ids, mask = torch.randint(0, 50, (5, 11)), torch.ones(5, 11, dtype=torch.long)  # other shapes: still dynamic
+    with torch.no_grad():
+        assert_matches_reference(art(ids, mask), q(ids, mask))
+    parity = qcompile.verify(art, loaded, batches)
+    assert parity.passed and len(parity.points) == 4

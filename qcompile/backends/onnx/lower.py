@@ -161,8 +161,8 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     if target not in TARGETS:
         raise BackendError(f"unknown onnx target '{target}'; choose one of {', '.join(TARGETS)}")
     if qmodel._example is None:
-        raise BackendError("this model has no capture examples (it was loaded from disk): lowering a loaded "
-                           "model to onnx is not yet built; lower the model returned by quantize()")
+        raise BackendError("this model carries no capture examples to export it again (it was saved from a model "
+                           "with nested, non-tensor inputs): lower the model returned by quantize() instead")
     gm = copy.deepcopy(qmodel.graph_module)
     passes = [GatherBeforeDequantizePass()] + ([FuseOnnxruntimeKernelsPass(nbits_accuracy_level)] if target == "onnxruntime" else [])
     PassManager([*passes, TransposeLinearWeightsPass()])(gm)
