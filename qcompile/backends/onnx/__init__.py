@@ -21,10 +21,10 @@ class OnnxBackend:
                                 ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True)
 
     def lower(self, qmodel, opset: int = OPSET, threads: int = 0, target: str = "onnxruntime",
-              nbits_accuracy_level: int = 0) -> OnnxArtifact:
+              nbits_accuracy_level: int = 0, keep_metadata: bool = False) -> OnnxArtifact:
         """``target``: ``"onnxruntime"`` (contrib kernels where faster) or ``"qdq"`` (standard
         ONNX only); ``threads``: onnxruntime intra-op threads (0: its default)."""
-        data, names = export_onnx(qmodel, opset, target, nbits_accuracy_level)
+        data, names = export_onnx(qmodel, opset, target, nbits_accuracy_level, keep_metadata)
         return OnnxArtifact(data, names, qmodel, threads)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import operator
 
 import torch
 
@@ -73,6 +74,7 @@ class FuseOnnxruntimeKernelsPass(Pass):
         self.skipped: dict[str, str] = {}  # linear node -> reason
 
     def call(self, gm):
+        shared: dict = {}  # quantize node -> int8 Linears reading its codes (Q/K/V share one)
         for node in list(gm.graph.nodes):
             if node.target != aten.linear.default:
                 continue
@@ -81,22 +83,27 @@ class FuseOnnxruntimeKernelsPass(Pass):
             if getattr(w_dq, "target", None) != DEQUANTIZE:
                 self.skipped[node.name] = "float weight"
                 continue
-            w_fmt, w_group = w_dq.args[3], w_dq.args[4]
+            w_fmt = w_dq.args[3]
             if w_fmt in ("int8", "uint8"):
-                reason = self._integer_matmul(gm, node, x, w_dq, bias)
+                reason = self._integer_matmul_operands(gm, node, x, w_dq, bias)
+                if not isinstance(reason, str):
+                    shared.setdefault(x.args[0], []).append(reason)
+                    reason = None
             elif w_fmt in ("int4", "uint4"):
                 reason = self._nbits(gm, node, x, w_dq, bias)
             else:
                 reason = f"weight format '{w_fmt}' has no onnxruntime kernel"
             if reason:
                 self.skipped[node.name] = reason
+        for q, linears in shared.items():
+            self._integer_matmul(gm, q, linears)
         return PassResult(gm, bool(self.fused))
 
-    def _integer_matmul(self, gm, node, x, w_dq, bias):
+    def _integer_matmul_operands(self, gm, node, x, w_dq, bias):
+        """(node, activation dq, W_q, s_w, z_w, bias tensor) or the reason it cannot fuse."""
         if getattr(x, "target", None) != DEQUANTIZE or getattr(x.args[0], "target", None) != QUANTIZE:
             return "activation not quantized (weight-only int8 stays DequantizeLinear -> MatMul)"
-        q = x.args[0]
-        s_a, z_a = get_attr_tensor(gm, x.args[1]), x.args[2]
+        s_a = get_attr_tensor(gm, x.args[1])
         if s_a is None or s_a.numel() != 1:
             return "activation scale is not a static per-tensor constant (MatMulIntegerToFloat needs one)"
         if w_dq.args[4] != 0:
@@ -104,12 +111,42 @@ class FuseOnnxruntimeKernelsPass(Pass):
         wq, sw, zw = (get_attr_tensor(gm, a) for a in w_dq.args[:3])
         if wq is None or wq.dim() != 2:
             return "weight is not a 2-D constant"
+        b = get_attr_tensor(gm, bias) if bias is not None else None
+        if bias is not None and b is None:
+            return "bias is not a constant"
         n = wq.shape[0]
-        b = add_tensor(gm, f"{w_dq.args[0].target}_t", wq.t().contiguous(), node)
-        s = add_tensor(gm, f"{w_dq.args[1].target}_t", sw.reshape(-1).expand(n).contiguous().float(), node)
-        z = None if zw is None else add_tensor(gm, f"{w_dq.args[2].target}_t", zw.reshape(-1).expand(n).contiguous(), node)
-        self._replace(gm, node, MATMUL_INTEGER_TO_FLOAT, (q, b, x.args[1], s, z_a, z, bias))
-        return None
+        return (node, x, wq, sw.reshape(-1).expand(n).float(), None if zw is None else zw.reshape(-1).expand(n), b)
+
+    def _integer_matmul(self, gm, q, linears):
+        """One MatMulIntegerToFloat for all Linears reading the same codes (Q/K/V: one GEMM with
+        N = 3 x hidden instead of three; the integer math per output column is unchanged), then
+        a Split. Weights with and without zero points do not mix."""
+        groups = [linears] if len({z is None for *_, z, _ in linears}) == 1 else [[lin] for lin in linears]
+        for group in groups:
+            first, x = group[0][0], group[0][1]
+            name = "_".join(n.name for n, *_ in group)
+            cat = lambda i: torch.cat([g[i] for g in group]).contiguous()  # noqa: E731
+            w = add_tensor(gm, f"{name}_w_t", torch.cat([g[2] for g in group]).t().contiguous(), first)
+            s = add_tensor(gm, f"{name}_w_scale", cat(3), first)
+            z = None if group[0][4] is None else add_tensor(gm, f"{name}_w_zero_point", cat(4), first)
+            if any(g[5] is not None for g in group):
+                biases = [g[5] if g[5] is not None else torch.zeros(g[2].shape[0]) for g in group]
+                b = add_tensor(gm, f"{name}_bias", torch.cat(biases).float(), first)
+            else:
+                b = None
+            with gm.graph.inserting_before(first):
+                out = gm.graph.call_function(MATMUL_INTEGER_TO_FLOAT, (q, w, x.args[1], s, x.args[2], z, b))
+                out.meta = dict(first.meta)
+                if len(group) > 1:
+                    sizes = [g[2].shape[0] for g in group]
+                    parts = gm.graph.call_function(aten.split_with_sizes.default, (out, sizes, -1))
+                    outs = [gm.graph.call_function(operator.getitem, (parts, i)) for i in range(len(group))]
+                else:
+                    outs = [out]
+            for (node, *_), o in zip(group, outs):
+                node.replace_all_uses_with(o)
+                gm.graph.erase_node(node)
+                self.fused[node.name] = "MatMulIntegerToFloat" + (f" (x{len(group)} concatenated)" if len(group) > 1 else "")
 
     def _nbits(self, gm, node, x, w_dq, bias):
         group = w_dq.args[4]
@@ -133,11 +170,6 @@ class FuseOnnxruntimeKernelsPass(Pass):
         self._finish(gm, node, out, "MatMulNBits")
         return None
 
-    def _replace(self, gm, node, target, args):
-        with gm.graph.inserting_before(node):
-            out = gm.graph.call_function(target, args)
-        self._finish(gm, node, out, "MatMulIntegerToFloat")
-
     def _finish(self, gm, node, out, op_name):
         out.meta = dict(node.meta)
         node.replace_all_uses_with(out)
@@ -149,7 +181,7 @@ TARGETS = ("onnxruntime", "qdq")
 
 
 def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
-                nbits_accuracy_level: int = 0) -> tuple[bytes, list[str]]:
+                nbits_accuracy_level: int = 0, keep_metadata: bool = False) -> tuple[bytes, list[str]]:
     """(ONNX model bytes, input names) for a :class:`~qcompile.model.QuantizedModel`.
 
     ``target="onnxruntime"`` (default) emits onnxruntime's fused contrib kernels where they are
@@ -157,7 +189,8 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     QuantizeLinear/DequantizeLinear, for other runtimes. ``nbits_accuracy_level``: MatMulNBits'
     ``accuracy_level``: 0 computes with float activations, as the weight-only recipe says (the
     reference's numerics); 4 lets onnxruntime quantize activations to int8 inside the kernel
-    (faster, a different model: opt in)."""
+    (faster, a different model: opt in). ``keep_metadata``: keep the exporter's per-node source
+    metadata (stack traces, module scopes)."""
     if target not in TARGETS:
         raise BackendError(f"unknown onnx target '{target}'; choose one of {', '.join(TARGETS)}")
     if qmodel._example is None:
@@ -183,9 +216,13 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
         raise BackendError(f"torch.onnx.export failed: {str(e).splitlines()[0][:400]}") from e
     buf = io.BytesIO()
     program.save(buf)
-    data = buf.getvalue()
     import onnx
 
-    model = onnx.load_from_string(data)
+    model = onnx.load_from_string(buf.getvalue())
+    if not keep_metadata:
+        # the exporter records each node's Python stack and module scopes: ~0.4 MB on MiniLM,
+        # useful when debugging an export, dead weight in a deployed file
+        for node in model.graph.node:
+            del node.metadata_props[:]
     onnx.checker.check_model(model)
-    return data, [i.name for i in model.graph.input]
+    return model.SerializeToString(), [i.name for i in model.graph.input]
