@@ -2,6 +2,7 @@
 own module; this file decides their order."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -74,16 +75,26 @@ def prepare(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, *, exam
             raise CalibrationError(f"recipe '{recipe.name}' uses smoothing, whose scales are measured on data: "
                                    "pass calibration= to prepare (or quantize), or set smoothing to null")
         t1 = time.perf_counter()
-        PassManager([InsertChannelStatsPass()])(gm)
+        stats = InsertChannelStatsPass(_placement(recipe).quantized_outputs)
+        PassManager([stats])(gm)
         run_calibration(lambda item: cap.binder.apply(gm, item), calibration,
                         recipe.calibration.max_samples, recipe.calibration.progress, desc="smoothing statistics")
         sm = recipe.smoothing
         smooth = ApplySmoothingPass(sm.alpha, sm.fold_only, sm.alphas, sm.outlier_quantiles)
         PassManager([smooth])(gm)
-        info["smoothing"] = smooth.applied
+        info["smoothing"] = stats.skipped + smooth.applied
         info["timings_s"]["smoothing"] = time.perf_counter() - t1
-    PassManager([InsertObserversPass()], dump_dir)(gm)
+    observe = InsertObserversPass(_placement(recipe).quantized_outputs)
+    PassManager([observe], dump_dir)(gm)
+    info["quantized_outputs"] = list(observe.outputs)
     return PreparedModel(gm, cap, recipe, model, info)
+
+
+def _placement(recipe: Recipe):
+    """The capabilities of the backend the recipe targets (where to place Q/DQ); none: the default."""
+    from .backends.base import Capabilities, get_backend
+
+    return get_backend(recipe.backend).capabilities if recipe.backend else Capabilities()
 
 
 def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
@@ -125,7 +136,7 @@ def _own_tensors(gm) -> None:
 
 def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibration: Optional[Iterable] = None, *,
              example_kwargs: Optional[dict] = None, dynamic_shapes: Any = "auto", report_samples: int = 8,
-             dump_dir: Optional[str] = None) -> QuantizedModel:
+             backend: Optional[str] = None, dump_dir: Optional[str] = None) -> QuantizedModel:
     """Quantize ``model`` with ``recipe``; returns a :class:`QuantizedModel` (an ``nn.Module``
     called like ``model``) with ``.report``, ``.recipe`` and ``.save(path)``. ``model`` itself is
     never modified.
@@ -133,7 +144,9 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
     ``recipe``: a :class:`Recipe`, a preset (``"w8a8"``, ``"w8a8-dynamic"``, ``"w8"``, ``"w4-g64"``,
     ``"w4-g128"``) or a YAML/JSON path. ``example_inputs``: positional inputs as ``torch.export``
     takes them. ``calibration``: any iterable (list, generator, DataLoader) of tuples or kwargs
-    dicts; required when the recipe has static activation scales.
+    dicts; required when the recipe has static activation scales. ``backend``: the backend you
+    will lower to (sets ``recipe.backend``): quantize/dequantize go where that backend runs them
+    natively (``"onnx"``: conv outputs quantized too, so onnxruntime runs conv chains as QLinearConv).
 
     Example::
 
@@ -143,6 +156,8 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
         >>> qmodel.save("out/model-w8a8")
     """
     recipe = resolve_recipe(recipe)
+    if backend is not None:
+        recipe = dataclasses.replace(recipe, backend=backend).validate()
     passes = 1 + (recipe.smoothing is not None) + 1  # smoothing stats, observers, report samples
     data = reiterable(calibration, passes)
     prepared = prepare(model, recipe, example_inputs, example_kwargs=example_kwargs, calibration=data,

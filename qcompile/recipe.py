@@ -75,6 +75,7 @@ class Recipe:
     keep_last: bool = False                              # keep the last quantizable layer float
     smoothing: Optional[SmoothingConfig] = None
     calibration: CalibrationConfig = CalibrationConfig()
+    backend: Optional[str] = None                        # follow this backend's native placement (onnx: conv outputs too)
     version: int = RECIPE_VERSION
 
     # -- constructors --------------------------------------------------------------------------
@@ -138,6 +139,7 @@ class Recipe:
             dict(dataclasses.asdict(self.smoothing), alphas=list(self.smoothing.alphas),
                  outlier_quantiles=list(self.smoothing.outlier_quantiles)),
             "calibration": dataclasses.asdict(self.calibration),
+            "backend": self.backend,
         }
 
     @staticmethod
@@ -165,6 +167,7 @@ class Recipe:
             keep_last=_typed(data.get("keep_last", False), bool, "keep_last"),
             smoothing=_small_from_dict(SmoothingConfig, data.get("smoothing"), "smoothing"),
             calibration=_small_from_dict(CalibrationConfig, data.get("calibration"), "calibration") or CalibrationConfig(),
+            backend=data.get("backend"),
             version=version,
         )
         return recipe.validate()
@@ -195,6 +198,12 @@ class Recipe:
             for where, a in values:
                 if a is not None and (not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= a <= 1.0):
                     raise RecipeError(where, f"must be a number in [0, 1], got {a!r}")
+        if self.backend is not None:
+            from .backends.base import ALIASES, BACKENDS
+
+            _typed(self.backend, str, "backend")
+            if ALIASES.get(self.backend, self.backend) not in BACKENDS:
+                raise RecipeError("backend", f"unknown backend '{self.backend}'; {closest(self.backend, BACKENDS)}")
         ms = self.calibration.max_samples
         if ms is not None and (not isinstance(ms, int) or isinstance(ms, bool) or ms <= 0):
             raise RecipeError("calibration.max_samples", f"must be a positive integer or null, got {ms!r}")

@@ -1,9 +1,14 @@
+import copy
+import dataclasses
+import os
+import tempfile
+
 import pytest
 import torch
 
 import qcompile
 from backend_conformance import BackendConformance, _quantize, assert_matches_reference
-from conftest import TinyBlock
+from conftest import TinyBlock, TinyCNN, randomise_bn
 
 pytest.importorskip("onnxruntime", reason="the onnx backend needs the 'onnx' extra: pip install 'qcompile[onnx]'")
 onnx = pytest.importorskip("onnx")
@@ -71,7 +76,6 @@ def test_per_token_dynamic_linears_keep_the_standard_form():
     torch.manual_seed(0)
     q = _quantize(TinyBlock().eval(), "w8a8-dynamic", _batches())
     p = FuseOnnxruntimeKernelsPass()
-    import copy
     gm = copy.deepcopy(q.graph_module)
     assert not p(gm).modified
     assert set(p.skipped.values()) == {"activation scale is not a static per-tensor constant "
@@ -124,7 +128,6 @@ def test_linears_sharing_an_input_become_one_gemm():
     """Q/K/V read the same codes: one MatMulIntegerToFloat over the concatenated weights, then a
     Split; the per-column integer math is unchanged, so parity stays exact."""
     from qcompile.backends.onnx.lower import FuseOnnxruntimeKernelsPass
-    import copy
 
     torch.manual_seed(0)
     batches = _batches()
@@ -137,3 +140,38 @@ def test_linears_sharing_an_input_become_one_gemm():
     ids, mask = batches[1]
     with torch.no_grad():
         assert_matches_reference(gm(ids, mask), q.graph_module(ids, mask))
+
+
+def test_onnx_placement_runs_the_conv_chain_in_int8():
+    """backend="onnx": conv outputs are quantized too, the Linear after max-pool/flatten reuses
+    those codes (not smoothed, not quantized twice), and onnxruntime's optimized graph has no
+    float Conv left: QLinearConv -> QLinearConv -> MaxPool (uint8) -> MatMulIntegerToFloat."""
+    torch.manual_seed(0)
+    model = randomise_bn(TinyCNN()).eval()
+    batches = [(torch.randn(4, 1, 8, 8),) for _ in range(3)]
+    r = dataclasses.replace(qcompile.resolve_recipe("w8a8"), calibration=qcompile.CalibrationConfig(progress=False))
+    q = qcompile.quantize(model, r, batches[0], calibration=batches, report_samples=1, backend="onnx")
+    assert q.recipe.backend == "onnx"
+    assert any("reads the quantized output of 'conv2'" in s["how"] for s in q.report.smoothing)
+    art = qcompile.lower(q, backend="onnx")
+    ops = _optimized_ops(art)
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops and "FusedConv" not in ops
+    assert ops.count("QuantizeLinear") == 1 and "MatMulIntegerToFloat" in ops
+    parity = qcompile.verify(art, q, batches)
+    assert parity.passed, str(parity)
+    # negative: without the onnx placement the second conv's output stays float (a float conv remains)
+    q_default = qcompile.quantize(model, r, batches[0], calibration=batches, report_samples=1)
+    assert q_default.recipe.backend is None
+    assert "FusedConv" in _optimized_ops(qcompile.lower(q_default, backend="onnx"))
+
+
+def _optimized_ops(art):
+    """The op types of onnxruntime's optimized graph (what actually runs)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory() as d:
+        opts.optimized_model_filepath = os.path.join(d, "optimized.onnx")
+        ort.InferenceSession(art.model_bytes, opts, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]

@@ -16,6 +16,8 @@ class Capabilities:
     granularities: frozenset = field(default_factory=frozenset)
     ops: frozenset = field(default_factory=frozenset)             # "linear", "conv", "embedding"
     dynamic_activations: bool = False
+    # op kinds whose outputs the backend wants quantized too (integer chains: QLinearConv)
+    quantized_outputs: frozenset = field(default_factory=frozenset)
 
 
 @runtime_checkable

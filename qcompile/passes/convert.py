@@ -61,10 +61,13 @@ class ConvertPass(Pass):
                     acts[key] = self._dynamic(gm, src, node, ann)
                 node.args = _replace(node.args, ann.input_arg, acts[key])
         modified = bool(weights or acts)
+        observers: dict = {}  # observer target -> (scale node, zero-point node): one set of qparams per module
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Observer):
-                self._static(gm, node)
+                self._static(gm, node, observers)
                 modified = True
+        for target in observers:  # an observer may be called on several edges (a reused output grid)
+            gm.delete_submodule(target)
         return PassResult(gm, modified)
 
     def _weight(self, gm, op_node, w_node, ann):
@@ -96,14 +99,19 @@ class ConvertPass(Pass):
             _tag(n, "activation", ann.layer, spec)
         return dq
 
-    def _static(self, gm, obs_node):
+    def _static(self, gm, obs_node, observers):
         obs = gm.get_submodule(obs_node.target)
         spec = obs.spec
-        scale, zp = obs.qparams()
         src = obs_node.args[0]
         layer = ",".join(obs.layers)
-        s = add_tensor(gm, f"{obs_node.target}_scale", scale.reshape(()), obs_node)
-        z = add_tensor(gm, f"{obs_node.target}_zero_point", zp.reshape(()), obs_node) if zp is not None else None
+        if obs_node.target not in observers:
+            scale, zp = obs.qparams()
+            s = add_tensor(gm, f"{obs_node.target}_scale", scale.reshape(()), obs_node)
+            z = add_tensor(gm, f"{obs_node.target}_zero_point", zp.reshape(()), obs_node) if zp is not None else None
+            observers[obs_node.target] = (s.target, None if z is None else z.target)
+        else:
+            with gm.graph.inserting_before(obs_node):
+                s, z = (None if t is None else gm.graph.get_attr(t) for t in observers[obs_node.target])
         with gm.graph.inserting_before(obs_node):
             q = gm.graph.call_function(QUANTIZE, (src, s, z, spec.format, 0))
             dq = gm.graph.call_function(DEQUANTIZE, (q, s, z, spec.format, 0, _dtype(src)))
@@ -112,7 +120,6 @@ class ConvertPass(Pass):
                 _tag(n, "activation", layer, spec)
         obs_node.replace_all_uses_with(dq)
         gm.graph.erase_node(obs_node)
-        gm.delete_submodule(obs_node.target)
 
     def ensures(self, gm):
         for node, ann in annotated_nodes(gm):

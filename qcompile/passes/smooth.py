@@ -17,20 +17,34 @@ from ..ops import DEQUANTIZE, QUANTIZE
 from ..spec import ANNOTATION, LAYER, ROLE
 from .annotate import annotated_nodes
 from .infra import Pass, PassResult, add_tensor, get_attr_tensor
-from .observe import insert_on_edge
+from .observe import insert_on_edge, quantized_output_source
 
 aten = torch.ops.aten
 STATS = "qstats"
 
 
 class InsertChannelStatsPass(Pass):
+    """Channel statistics on the inputs of activation-quantized Linears (what smoothing needs).
+    ``quantized_outputs``: op kinds whose outputs the backend quantizes; a Linear reading such an
+    output through max-pool/flatten/reshape only is not smoothed, so it reuses that output's codes
+    (a smoothing multiply in between would force a second quantization)."""
+
     name = "insert_channel_stats"
+
+    def __init__(self, quantized_outputs: frozenset = frozenset()):
+        self.quantized_outputs = frozenset(quantized_outputs)
+        self.skipped: list[dict] = []
 
     def call(self, gm):
         shared: dict = {}
         for node, ann in annotated_nodes(gm):
             if ann.op == "linear" and ann.activation is not None:
                 src = node.args[ann.input_arg]
+                producer = quantized_output_source(src, self.quantized_outputs)
+                if producer is not None:
+                    self.skipped.append({"layers": [ann.layer], "alpha": None, "how": "not smoothed (reads the "
+                                         f"quantized output of '{producer.meta[ANNOTATION].layer}' as is)"})
+                    continue
                 insert_on_edge(gm, node, ann.input_arg, ChannelAbsMaxObserver([ann.layer]), STATS, shared, src)
         return PassResult(gm, bool(shared))
 

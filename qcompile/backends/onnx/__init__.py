@@ -18,7 +18,8 @@ class OnnxBackend:
     id = "onnx"
     capabilities = Capabilities(formats=frozenset({"int8", "uint8", "int4", "uint4"}),
                                 granularities=frozenset({"per_tensor", "per_channel", "per_token", "per_group"}),
-                                ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True)
+                                ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True,
+                                quantized_outputs=frozenset({"conv"}))
 
     def lower(self, qmodel, opset: int = OPSET, threads: int = 0, target: str = "onnxruntime",
               nbits_accuracy_level: int = 0, keep_metadata: bool = False) -> OnnxArtifact:

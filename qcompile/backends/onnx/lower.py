@@ -125,10 +125,10 @@ class FuseOnnxruntimeKernelsPass(Pass):
         for group in groups:
             first, x = group[0][0], group[0][1]
             name = "_".join(n.name for n, *_ in group)
-            cat = lambda i: torch.cat([g[i] for g in group]).contiguous()  # noqa: E731
             w = add_tensor(gm, f"{name}_w_t", torch.cat([g[2] for g in group]).t().contiguous(), first)
-            s = add_tensor(gm, f"{name}_w_scale", cat(3), first)
-            z = None if group[0][4] is None else add_tensor(gm, f"{name}_w_zero_point", cat(4), first)
+            s = add_tensor(gm, f"{name}_w_scale", torch.cat([g[3] for g in group]).contiguous(), first)
+            z = None if group[0][4] is None else \
+                add_tensor(gm, f"{name}_w_zero_point", torch.cat([g[4] for g in group]).contiguous(), first)
             if any(g[5] is not None for g in group):
                 biases = [g[5] if g[5] is not None else torch.zeros(g[2].shape[0]) for g in group]
                 b = add_tensor(gm, f"{name}_bias", torch.cat(biases).float(), first)
