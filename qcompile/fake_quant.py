@@ -8,7 +8,8 @@ inserts on the edges the recipe annotates.
 * :class:`FakeQuantize` — one weight or activation quantizer: observes ranges for a warm-up, then
   freezes (or trains) its scale; all state (scale, zero point, ranges, step count) is in
   ``state_dict``, so a checkpoint resumes exactly. Under ``torch.distributed`` the observed
-  ranges are reduced over all ranks (min of mins, max of maxes) so every rank holds the same.
+  ranges are reduced over all ranks (min of mins, max of maxes) and batch-norm running statistics
+  averaged, so every rank holds the same quantizer and folds the same weights.
 * :class:`QATConvBn` — simulated conv + batch-norm folding: the weight that is fake-quantized is
   ``w * gamma / sqrt(running_var + eps)``, the one inference will use; batch statistics still
   drive the output (and the running statistics) until batch-norm is frozen.
@@ -149,6 +150,10 @@ class FakeQuantize(nn.Module):
         if not bool(self.initialized):
             raise CalibrationError(f"activation quantizer of layer(s) {', '.join(self.layers)} has no range yet: "
                                    "run a training step or pass calibration= to prepare_qat before eval")
+        if not self.training and self.is_weight and not self.learned and self._observing():
+            # while observing, a weight's scale follows the weight: eval (and convert) use the current one
+            scale, zp = weight_qparams(x, self.spec, self.channel_axis)
+            return fake_quantize(x, scale, None if zp is None else zp.float(), self.fmt, self.group_size)
         factor = None
         if self.learned:
             per_scale = x.numel() / self.scale.numel()
@@ -192,8 +197,11 @@ class FakeQuantize(nn.Module):
             self.max_val.copy_(value_range[1])
         self.initialized.fill_(True)
 
-    def qparams(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The scale and zero point convert stores, in the format's storage dtype and op layout."""
+    def qparams(self, weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The scale and zero point convert stores, in the format's storage dtype and op layout.
+        ``weight``: the current weight, for a weight quantizer that is still observing."""
+        if weight is not None and self.is_weight and not self.learned and self._observing():
+            return weight_qparams(weight, self.spec, self.channel_axis)
         if not bool(self.initialized):
             raise CalibrationError(f"activation quantizer of layer(s) {', '.join(self.layers)} never saw data: "
                                    "train (or calibrate) before convert")
@@ -228,8 +236,10 @@ class GraphBatchNorm(nn.Module):
     """A captured training-mode ``aten.batch_norm`` as a module, so ``.train()/.eval()`` switch it
     between batch and running statistics (``torch.export`` bakes the mode into the op)."""
 
-    def __init__(self, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    def __init__(self, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                 sync: bool = True):
         super().__init__()
+        self.sync = sync  # average the running statistics over ranks (every rank then folds the same)
         self.weight = weight if weight is None or isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
         self.register_buffer("running_mean", running_mean)
@@ -245,8 +255,17 @@ class GraphBatchNorm(nn.Module):
         batch = self.training if use_batch_stats is None else use_batch_stats
         if batch:
             self.num_batches_tracked.add_(1)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, batch,
-                            self._momentum(), self.eps)
+        if not (batch and self.sync and _distributed()):
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, batch,
+                                self._momentum(), self.eps)
+        # update copies (autograd keeps the tensors batch_norm was given), average them, write back
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        y = F.batch_norm(x, mean, var, self.weight, self.bias, True, self._momentum(), self.eps)
+        with torch.no_grad():
+            for t, dst in ((mean, self.running_mean), (var, self.running_var)):
+                torch.distributed.all_reduce(t)
+                dst.copy_(t / torch.distributed.get_world_size())
+        return y
 
     def folded_scale(self) -> torch.Tensor:
         """``gamma / sqrt(running_var + eps)`` per channel."""

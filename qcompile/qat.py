@@ -78,7 +78,7 @@ def prepare_qat(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, cal
     gm = cap.graph_module
     _own_trainable(gm)
     annotate, insert = AnnotatePass(recipe), InsertFakeQuantPass(config)
-    PassManager([NormalizeLinearPass(), annotate, insert, TrainEvalOpsPass()], dump_dir)(gm)
+    PassManager([NormalizeLinearPass(), annotate, insert, TrainEvalOpsPass(config.sync_observers)], dump_dir)(gm)
     info = {"kept_float": dict(annotate.skipped), "folded": list(insert.fused), "smoothing": [],
             "timings_s": {"capture": time.perf_counter() - t0}}
     qat = QATModel(gm, cap, recipe, float_ref, info)

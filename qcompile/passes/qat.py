@@ -57,7 +57,7 @@ def _erase_if_unused(gm, node):
         gm.graph.erase_node(node)
 
 
-def _take_batch_norm(gm, bn) -> GraphBatchNorm:
+def _take_batch_norm(gm, bn, sync: bool) -> GraphBatchNorm:
     """A :class:`GraphBatchNorm` owning ``bn``'s tensors; removes the ``num_batches_tracked += 1``
     export wrote next to it (the module counts itself)."""
     _x, w, b, mean, var, _training, momentum, eps = bn.args[:8]
@@ -70,7 +70,7 @@ def _take_batch_norm(gm, bn) -> GraphBatchNorm:
                 gm.graph.erase_node(user)
     tensors = [_take(gm, n) for n in (w, b, mean, var, nbt_node)]
     _erase_if_unused(gm, nbt_node)
-    return GraphBatchNorm(*tensors, momentum, eps)
+    return GraphBatchNorm(*tensors, momentum, eps, sync=sync)
 
 
 def _erase_bn_inputs(gm, nodes):
@@ -129,7 +129,7 @@ class InsertFakeQuantPass(Pass):
         return bn
 
     def _fuse(self, gm, conv, ann, bn):
-        bn_mod = _take_batch_norm(gm, bn)
+        bn_mod = _take_batch_norm(gm, bn, self.config.sync_observers)
         weight = _take(gm, conv.args[1])
         bias = _take(gm, conv.args[2]) if len(conv.args) > 2 and conv.args[2] is not None else None
         fq = None
@@ -164,13 +164,16 @@ class TrainEvalOpsPass(Pass):
 
     name = "train_eval_ops"
 
+    def __init__(self, sync: bool = True):
+        self.sync = sync
+
     def call(self, gm):
         modified = False
         for node in list(gm.graph.nodes):
             if _is_train_bn(node):
                 if any(get_attr_tensor(gm, n) is None for n in node.args[3:5]):
                     continue  # statistics computed in the graph: leave the op as captured
-                mod = _take_batch_norm(gm, node)
+                mod = _take_batch_norm(gm, node, self.sync)
                 name = _unique(gm, f"bn_{node.meta.get(LAYER) or node.name}")
             elif node.op == "call_function" and node.target == aten.dropout.default:
                 mod = nn.Dropout(float(node.args[1]))
@@ -208,7 +211,7 @@ class FreezeQATPass(Pass):
             if isinstance(mod, QATConvBn):
                 self._unfuse(gm, node, mod)
             elif isinstance(mod, FakeQuantize) and mod.is_weight:
-                qp = mod.qparams()
+                qp = mod.qparams(get_attr_tensor(gm, node.args[0]))
                 for user in node.users:
                     user.meta[WEIGHT_QPARAMS] = qp
                 self._bypass(gm, node)
@@ -248,7 +251,7 @@ class FreezeQATPass(Pass):
             conv = gm.graph.call_function(mod.conv_op, (node.args[0], w, b, *mod.conv_args))
         conv.meta.update({k: v for k, v in node.meta.items() if k != ROLE})
         if mod.weight_fq is not None:
-            conv.meta[WEIGHT_QPARAMS] = mod.weight_fq.qparams()
+            conv.meta[WEIGHT_QPARAMS] = mod.weight_fq.qparams(w_fold)
         node.replace_all_uses_with(conv)
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)
