@@ -4,7 +4,8 @@ inserts on the edges the recipe annotates.
 * :func:`fake_quantize` — quantize → dequantize in float, differentiable. The rounding passes its
   gradient straight through (STE); values clipped to the grid get none. When the scale and zero
   point require grad (LSQ / LSQ+), they get the LSQ gradients: ``round(x/s) - x/s`` inside the
-  range, ``qmin - z`` / ``qmax - z`` outside, scaled by ``1/sqrt(n * qmax)``.
+  range, ``qmin - z`` / ``qmax - z`` outside, scaled by ``1/sqrt(n * qmax)``. A
+  :class:`FakeQuantize` trains ``log(s)`` (so its gradient is ``s`` times that).
 * :class:`FakeQuantize` — one weight or activation quantizer: observes ranges for a warm-up, then
   freezes (or trains) its scale; all state (scale, zero point, ranges, step count) is in
   ``state_dict``, so a checkpoint resumes exactly. Under ``torch.distributed`` the observed
@@ -117,9 +118,11 @@ class FakeQuantize(nn.Module):
         scale = scale.detach().float().clone()
         zp = None if zp is None else zp.detach().float().clone()
         if learn:
-            self.scale = nn.Parameter(scale)
+            # trained as log(scale): an optimizer step then changes a scale by a relative amount, so
+            # one learning rate suits 8-bit (tiny) and 2-bit (large) scales alike, with Adam or SGD
+            self.log_scale = nn.Parameter(scale.clamp_min(_EPS).log())
         else:
-            self.register_buffer("scale", scale)
+            self.register_buffer("scale_", scale)
         if zp is not None and learn and config.learn_zero_point:
             self.zero_point = nn.Parameter(zp)
         else:
@@ -132,7 +135,12 @@ class FakeQuantize(nn.Module):
 
     @property
     def learned(self) -> bool:
-        return isinstance(self.scale, nn.Parameter)
+        return "log_scale" in self._parameters
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The current scale (differentiable when learned)."""
+        return self.log_scale.exp() if self.learned else self.scale_
 
     def _observing(self) -> bool:
         n = self.config.observer_steps
@@ -189,7 +197,10 @@ class FakeQuantize(nn.Module):
     def set_qparams(self, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                     value_range: Optional[tuple] = None) -> None:
         """Set the scale (and zero point), e.g. from a PTQ observer's calibration."""
-        self.scale.copy_(scale.reshape(self.scale.shape))
+        if self.learned:
+            self.log_scale.copy_(scale.reshape(self.log_scale.shape).float().clamp_min(_EPS).log())
+        else:
+            self.scale_.copy_(scale.reshape(self.scale_.shape))
         if self.zero_point is not None and zero_point is not None:
             self.zero_point.copy_(zero_point.float().reshape(self.zero_point.shape))
         if value_range is not None:

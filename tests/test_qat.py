@@ -270,7 +270,7 @@ def test_lsq_learns_scales_and_observer_freezes_after_warmup():
     x, y = _data()
     qat = qcompile.prepare_qat(model, _recipe("w4a4", learn_scale=True, observer_steps=2), (x[:2],))
     fq = qat.graph_module.qfq_1
-    assert isinstance(fq.scale, nn.Parameter)
+    assert isinstance(fq.log_scale, nn.Parameter) and fq.learned
     _train(qat, x, y, steps=2)
     lo, hi = fq.min_val.clone(), fq.max_val.clone()
     s2 = fq.scale.detach().clone()
