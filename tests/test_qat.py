@@ -407,3 +407,23 @@ def test_negative_cases():
     with pytest.raises(RecipeError) as e:
         qcompile.prepare_qat(model, {"name": "bad", "default": {"weight": "int4"}, "qat": {"fold_bn": "yes"}}, (x[:2],))
     assert e.value.field == "qat.fold_bn"
+
+
+def test_qat_converted_cnn_lowers_to_onnx_and_matches_reference():
+    pytest.importorskip("onnxruntime")
+    from backend_conformance import assert_matches_reference
+
+    model = _model()
+    x, y = _data(48)
+    recipe = Recipe(name="w8a8-qat", default=LayerConfig(QuantSpec("int8", "per_channel"),
+                                                         QuantSpec("uint8", "per_tensor", symmetric=False)),
+                    qat=QATConfig(learn_scale=True, observer_steps=0, freeze_bn_steps=2))
+    qat = qcompile.prepare_qat(model, recipe, (x[:2],), calibration=[(x,)])
+    _train(qat, x, y, steps=3)
+    q = qcompile.convert(qat.eval())
+    art = qcompile.lower(q, "onnx")
+    xt = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        ref = q(xt)
+        assert_matches_reference(torch.as_tensor(art(xt)), ref, rel=1e-2)  # QLinearConv requantizes: 1 %
+        assert torch.equal(torch.as_tensor(art(xt)).argmax(1), ref.argmax(1))
