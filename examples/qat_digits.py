@@ -104,6 +104,7 @@ def main(argv=None):
     ap.add_argument("--float-epochs", type=int, default=30)
     ap.add_argument("--qat-epochs", type=int, default=30)
     ap.add_argument("--qat-lr", type=float, default=1e-3)
+    ap.add_argument("--seeds", type=int, default=1, help="QAT runs per preset and variant (data orders)")
     ap.add_argument("--onnx", action="store_true", help="also lower each QAT model to onnx and compare accuracy")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -121,37 +122,53 @@ def main(argv=None):
         acc_ptq = accuracy(q, x_te, y_te)
         row = {"preset": preset, "float": acc_float, "ptq": acc_ptq}
         for variant in ("ste", "lsq"):
-            t1 = time.perf_counter()
-            torch.manual_seed(1)
-            recipe = qat_recipe(preset, variant, args.qat_epochs, steps_per_epoch)
-            qat = qcompile.prepare_qat(model, recipe, (x_tr[:2],), calibration=calib)
-            train(qat, x_tr, y_tr, args.qat_epochs, args.qat_lr, seed=1)
-            qm = qcompile.convert(qat.eval())
-            row[variant] = accuracy(qm, x_te, y_te)
-            row[f"{variant}_fakequant"] = accuracy(qat, x_te, y_te)
-            if args.onnx and variant == "lsq":
-                try:
-                    art = qcompile.lower(qm, "onnx")
-                    row["onnx"] = f"{accuracy(lambda t: torch.as_tensor(art(t)), x_te, y_te):.2f}"
-                except qcompile.BackendError as e:  # the onnx backend exports int8/uint8 only (issue 4)
-                    row["onnx"] = "n/a: " + str(e).split("(")[0].strip()
-            print(f"{preset} {variant}: {row[variant]:.2f} % ({time.perf_counter() - t1:.1f} s)", flush=True)
+            accs = []
+            for seed in range(1, args.seeds + 1):  # the QAT run's data order; the float model is fixed
+                t1 = time.perf_counter()
+                torch.manual_seed(seed)
+                recipe = qat_recipe(preset, variant, args.qat_epochs, steps_per_epoch)
+                qat = qcompile.prepare_qat(model, recipe, (x_tr[:2],), calibration=calib)
+                train(qat, x_tr, y_tr, args.qat_epochs, args.qat_lr, seed=seed)
+                qm = qcompile.convert(qat.eval())
+                accs.append(accuracy(qm, x_te, y_te))
+                if args.onnx and variant == "lsq" and seed == 1:
+                    try:
+                        art = qcompile.lower(qm, "onnx")
+                        row["onnx"] = f"{accuracy(lambda t: torch.as_tensor(art(t)), x_te, y_te):.2f}"
+                    except qcompile.BackendError as e:  # the onnx backend exports int8/uint8 only (issue 4)
+                        row["onnx"] = "n/a: " + str(e).split("(")[0].strip()
+                print(f"{preset} {variant} seed {seed}: {accs[-1]:.2f} % ({time.perf_counter() - t1:.1f} s)",
+                      flush=True)
+            row[variant] = accs
         gap = acc_float - acc_ptq
-        row["recovered"] = 100 * (row["lsq"] - acc_ptq) / gap if gap > 0 else float("nan")
+        lsq = row["lsq"]
+        row["recovered"] = [100 * (a - acc_ptq) / gap if gap > 0 else float("nan") for a in lsq]
         rows.append(row)
     print()
-    cols = "| preset | float | PTQ | QAT plain STE | QAT qcompile (LSQ) | PTQ gap recovered |"
-    if args.onnx:
-        cols += " QAT onnxruntime |"
-    print(cols)
-    print("|" + " --- |" * (cols.count("|") - 1))
-    for r in rows:
-        line = (f"| {r['preset']} | {r['float']:.2f} | {r['ptq']:.2f} | {r['ste']:.2f} | {r['lsq']:.2f} | "
-                f"{r['recovered']:.1f} % |")
-        if args.onnx:
-            line += f" {r['onnx']} |"
-        print(line)
+    print(table(rows, args.onnx))
     return rows
+
+
+def _cell(values, unit=""):
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.2f}{unit}"
+    return f"{mean:.2f}{unit} ({min(values):.2f}–{max(values):.2f})"
+
+
+def table(rows, onnx=False) -> str:
+    """The markdown table: mean over QAT seeds, (min–max) when there are several."""
+    cols = "| preset | float | PTQ | QAT plain STE | QAT qcompile (LSQ) | PTQ gap recovered (LSQ) |"
+    if onnx:
+        cols += " QAT onnxruntime (seed 1) |"
+    lines = [cols, "|" + " --- |" * (cols.count("|") - 1)]
+    for r in rows:
+        line = (f"| {r['preset']} | {r['float']:.2f} | {r['ptq']:.2f} | {_cell(r['ste'])} | {_cell(r['lsq'])} | "
+                f"{_cell(r['recovered'], ' %')} |")
+        if onnx:
+            line += f" {r.get('onnx', '')} |"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
