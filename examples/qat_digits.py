@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 
 import torch
@@ -105,6 +106,7 @@ def main(argv=None):
     ap.add_argument("--qat-epochs", type=int, default=30)
     ap.add_argument("--qat-lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=1, help="QAT runs per preset and variant (data orders)")
+    ap.add_argument("--variants", default="ste,lsq", help="QAT variants: ste (plain baseline), lsq (qcompile's)")
     ap.add_argument("--onnx", action="store_true", help="also lower each QAT model to onnx and compare accuracy")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -121,7 +123,7 @@ def main(argv=None):
         q = qcompile.quantize(model, base_recipe(preset), (x_tr[:2],), calibration=calib)
         acc_ptq = accuracy(q, x_te, y_te)
         row = {"preset": preset, "float": acc_float, "ptq": acc_ptq}
-        for variant in ("ste", "lsq"):
+        for variant in args.variants.split(","):
             accs = []
             for seed in range(1, args.seeds + 1):  # the QAT run's data order; the float model is fixed
                 t1 = time.perf_counter()
@@ -163,8 +165,8 @@ def table(rows, onnx=False) -> str:
         cols += " QAT onnxruntime (seed 1) |"
     lines = [cols, "|" + " --- |" * (cols.count("|") - 1)]
     for r in rows:
-        line = (f"| {r['preset']} | {r['float']:.2f} | {r['ptq']:.2f} | {_cell(r['ste'])} | {_cell(r['lsq'])} | "
-                f"{_cell(r['recovered'], ' %')} |")
+        line = (f"| {r['preset']} | {r['float']:.2f} | {r['ptq']:.2f} | {_cell(r.get('ste', [math.nan]))} | "
+                f"{_cell(r['lsq'])} | {_cell(r['recovered'], ' %')} |")
         if onnx:
             line += f" {r.get('onnx', '')} |"
         lines.append(line)
