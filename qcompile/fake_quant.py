@@ -111,10 +111,11 @@ class FakeQuantize(nn.Module):
         if learn and self.fmt.kind != "int":
             raise RecipeError("qat.learn_scale", f"learned scales need an integer format, not '{spec.format}' "
                                                  f"(layer(s) {', '.join(self.layers)})")
+        self.has_zero_point = _has_zero_point(spec)
         if self.is_weight:
             scale, zp = weight_qparams(weight, spec, channel_axis)
         else:
-            scale, zp = torch.tensor(1.0), (torch.tensor(0.0) if _has_zero_point(spec) else None)
+            scale, zp = torch.tensor(1.0), (torch.tensor(0.0) if self.has_zero_point else None)
         scale = scale.detach().float().clone()
         zp = None if zp is None else zp.detach().float().clone()
         if learn:
@@ -150,7 +151,7 @@ class FakeQuantize(nn.Module):
         if self.spec.dynamic:  # per-token / per-tensor scales from the live tensor, as convert will do
             s, z = CHOOSE_QPARAMS(x.detach(), self.spec.format, self.spec.symmetric,
                                   self.spec.granularity == "per_token")
-            return fake_quantize(x, s, z.float() if _has_zero_point(self.spec) else None, self.fmt)
+            return fake_quantize(x, s, z.float() if self.has_zero_point else None, self.fmt)
         if self.training:
             if self._observing():
                 self.observe(x)
