@@ -290,6 +290,20 @@ class GraphBatchNorm(nn.Module):
         return (b - self.running_mean) * self.folded_scale() + beta
 
 
+class GraphAttention(nn.Module):
+    """A captured ``aten.scaled_dot_product_attention`` whose ``dropout_p`` applies in training only
+    (``torch.export`` bakes the training-mode value into the op)."""
+
+    def __init__(self, dropout_p: float, is_causal: bool, kwargs: dict):
+        super().__init__()
+        self.dropout_p, self.is_causal, self.kwargs = float(dropout_p), bool(is_causal), dict(kwargs)
+
+    def forward(self, q, k, v, attn_mask=None):
+        p = self.dropout_p if self.training else 0.0
+        return torch.ops.aten.scaled_dot_product_attention.default(q, k, v, attn_mask, p, self.is_causal,
+                                                                   **self.kwargs)
+
+
 class QATConvBn(nn.Module):
     """conv → batch-norm trained with simulated folding (Krishnamoorthi 2018, §3.2; as in
     ``torch.ao.nn.intrinsic.qat``). While batch-norm is live (training, before ``freeze_bn_steps``)

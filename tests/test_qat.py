@@ -427,3 +427,29 @@ def test_qat_converted_cnn_lowers_to_onnx_and_matches_reference():
         ref = q(xt)
         assert_matches_reference(torch.as_tensor(art(xt)), ref, rel=1e-2)  # QLinearConv requantizes: 1 %
         assert torch.equal(torch.as_tensor(art(xt)).argmax(1), ref.argmax(1))
+
+
+def test_tiny_bert_attention_dropout_follows_train_and_eval():
+    transformers = pytest.importorskip("transformers")
+    from qcompile.models.minilm import SentenceEncoder
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    model = SentenceEncoder(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
+    ids, mask = torch.randint(0, 100, (4, 9)), torch.ones(4, 9, dtype=torch.long)
+    recipe = dataclasses.replace(Recipe.preset("w4a8"), qat=QATConfig(learn_scale=True, observer_steps=0))
+    qat = qcompile.prepare_qat(model, recipe, (ids, mask), calibration=[(ids, mask)])
+    sdpa = [n for n in qat.graph_module.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
+    assert not sdpa  # captured with dropout_p=0.1 baked in: now a module that drops only in training
+    with torch.no_grad():
+        assert not torch.equal(qat.train()(ids, mask), qat(ids, mask))
+        assert torch.equal(qat.eval()(ids, mask), qat(ids, mask))
+    q = qcompile.convert(qat.eval())
+    sdpa = [n for n in q.graph_module.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
+    assert sdpa and all(n.args[4] == 0.0 for n in sdpa)
+    with torch.no_grad():
+        assert torch.allclose(q(ids, mask), qat(ids, mask), atol=1e-5)
+        ptq = qcompile.quantize(model, "w4a8", (ids, mask), calibration=[(ids, mask)])
+        d = (q(ids, mask) - ptq(ids, mask)).abs().max()
+        assert d < 1e-6, d  # untrained QAT from the PTQ start == PTQ

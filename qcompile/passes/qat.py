@@ -4,8 +4,9 @@
   every quantized weight edge and (one per edge and spec, as observers are shared) on every
   activation edge; an annotated ``conv → batch_norm`` becomes one :class:`QATConvBn` (simulated
   folding) when the recipe's ``qat.fold_bn`` is on.
-* :class:`TrainEvalOpsPass` — ``torch.export`` bakes the training flag into ``batch_norm`` and
-  ``dropout``; the ones left become modules, so ``model.train()/eval()`` switch them.
+* :class:`TrainEvalOpsPass` — ``torch.export`` bakes the training flag into ``batch_norm``,
+  ``dropout`` and attention's ``dropout_p``; the ones left become modules, so
+  ``model.train()/eval()`` switch them.
 * :class:`FreezeQATPass` — at convert, on a copy: each fused conv becomes a plain conv on its folded
   weight and bias, weight quantizers leave their trained qparams on the op
   (``spec.WEIGHT_QPARAMS``), activation quantizers become :class:`FixedQParamsObserver`\\ s and the
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..fake_quant import FakeQuantize, FixedQParamsObserver, GraphBatchNorm, QATConvBn
+from ..fake_quant import FakeQuantize, FixedQParamsObserver, GraphAttention, GraphBatchNorm, QATConvBn
 from ..recipe import QATConfig
 from ..spec import ANNOTATION, LAYER, ROLE, WEIGHT_QPARAMS
 from .annotate import annotated_nodes
@@ -160,7 +161,8 @@ class InsertFakeQuantPass(Pass):
 
 
 class TrainEvalOpsPass(Pass):
-    """Training-mode ``batch_norm`` → :class:`GraphBatchNorm`, ``dropout`` → ``nn.Dropout``."""
+    """Training-mode ``batch_norm`` → :class:`GraphBatchNorm`, ``dropout`` → ``nn.Dropout``,
+    ``scaled_dot_product_attention`` with ``dropout_p > 0`` → :class:`GraphAttention`."""
 
     name = "train_eval_ops"
 
@@ -178,11 +180,19 @@ class TrainEvalOpsPass(Pass):
             elif node.op == "call_function" and node.target == aten.dropout.default:
                 mod = nn.Dropout(float(node.args[1]))
                 name = _unique(gm, f"dropout_{node.meta.get(LAYER) or node.name}")
+            elif _sdpa_dropout(node):
+                args = list(node.args) + [None] * (6 - len(node.args))
+                mod = GraphAttention(node.args[4] if len(node.args) > 4 else node.kwargs["dropout_p"],
+                                     args[5] if args[5] is not None else node.kwargs.get("is_causal", False),
+                                     {k: v for k, v in node.kwargs.items() if k not in ("dropout_p", "is_causal",
+                                                                                         "attn_mask")})
+                name = _unique(gm, f"attention_{node.meta.get(LAYER) or node.name}")
+                inputs = (*node.args[:3], args[3] if args[3] is not None else node.kwargs.get("attn_mask"))
             else:
                 continue
             gm.add_submodule(name, mod)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(name, (node.args[0],))
+                new = gm.graph.call_module(name, inputs if isinstance(mod, GraphAttention) else (node.args[0],))
             new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
             node.replace_all_uses_with(new)
             inputs = [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
@@ -193,8 +203,15 @@ class TrainEvalOpsPass(Pass):
 
     def ensures(self, gm):
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target == aten.dropout.default:
+            if (node.op == "call_function" and node.target == aten.dropout.default) or _sdpa_dropout(node):
                 raise AssertionError(f"{node.name}: dropout left with a fixed training flag")
+
+
+def _sdpa_dropout(node) -> bool:
+    if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
+        return False
+    p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    return float(p) > 0
 
 
 class FreezeQATPass(Pass):
@@ -228,6 +245,14 @@ class FreezeQATPass(Pass):
                 self._batch_norm(gm, node, mod)
             elif isinstance(mod, nn.Dropout):
                 self._bypass(gm, node)
+            elif isinstance(mod, GraphAttention):
+                with gm.graph.inserting_before(node):
+                    att = gm.graph.call_function(aten.scaled_dot_product_attention.default,
+                                                 (*node.args, 0.0, mod.is_causal), dict(mod.kwargs))
+                att.meta.update(node.meta)
+                node.replace_all_uses_with(att)
+                gm.graph.erase_node(node)
+                gm.delete_submodule(node.target)
             else:
                 continue
             modified = True
@@ -274,7 +299,7 @@ class FreezeQATPass(Pass):
     def ensures(self, gm):
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
-                                                       (FakeQuantize, QATConvBn, GraphBatchNorm)):
+                                                       (FakeQuantize, QATConvBn, GraphBatchNorm, GraphAttention)):
                 raise AssertionError(f"{node.name}: QAT module left after freeze")
             if ANNOTATION in node.meta and node.op == "call_module":
                 raise AssertionError(f"{node.name}: annotated module left after freeze")
