@@ -28,7 +28,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="w4a8")
     ap.add_argument("--train-sentences", type=int, default=512)
-    ap.add_argument("--eval-sentences", type=int, default=600)
+    ap.add_argument("--eval-sentences", type=int, default=400)
+    ap.add_argument("--eval-pairs", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--batch", type=int, default=16)
@@ -42,12 +43,19 @@ def main(argv=None):
     batches = [m.encode_batch(train_text[i:i + args.batch]) for i in range(0, len(train_text), args.batch)]
     calib = batches[: max(1, 256 // args.batch)]
     eval_text = docstring_sentences("evaluation", limit=args.eval_sentences)
-    eval_pairs = docstring_pairs("evaluation", limit=300)
+    eval_pairs = docstring_pairs("evaluation", limit=args.eval_pairs)
+
+    cache: dict = {}
+
+    def float_encode(texts):  # the float side is the same for PTQ and QAT: compute it once
+        key = tuple(texts)
+        if key not in cache:
+            cache[key] = teacher(*m.encode_batch(texts))
+        return cache[key]
 
     def quality(model):
         with torch.no_grad():
-            return embedding_quality(lambda t: teacher(*m.encode_batch(t)), lambda t: model(*m.encode_batch(t)),
-                                     eval_text, eval_pairs)
+            return embedding_quality(float_encode, lambda t: model(*m.encode_batch(t)), eval_text, eval_pairs)
 
     recipe = dataclasses.replace(qcompile.Recipe.preset(args.preset), calibration=qcompile.CalibrationConfig(progress=False))
     t0 = time.perf_counter()
