@@ -453,3 +453,18 @@ def test_tiny_bert_attention_dropout_follows_train_and_eval():
         ptq = qcompile.quantize(model, "w4a8", (ids, mask), calibration=[(ids, mask)])
         d = (q(ids, mask) - ptq(ids, mask)).abs().max()
         assert d < 1e-6, d  # untrained QAT from the PTQ start == PTQ
+
+
+def test_fold_bn_off_keeps_batch_norm_float_after_the_quantized_conv():
+    model = _model()
+    x, y = _data()
+    qat = qcompile.prepare_qat(model, _recipe("w4a8", fold_bn=False), (x[:2],))
+    assert not any(isinstance(m, QATConvBn) for m in qat.modules())
+    assert sum(isinstance(m, GraphBatchNorm) for m in qat.modules()) == 2
+    _train(qat, x, y, steps=3)
+    q = qcompile.convert(qat.eval())
+    ops = _ops(q.graph_module)
+    assert ops[aten.batch_norm.default] == 2 and ops[(DEQUANTIZE, "int4")] == 3
+    assert q.report.folded_batch_norms == []
+    with torch.no_grad():
+        assert torch.allclose(qat(x), q(x), atol=1e-5)
