@@ -19,7 +19,8 @@ from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError
 from .formats import FORMATS, Format, get_format
 from .model import PreparedModel, QuantizedModel, load
 from .presets import recipes
-from .recipe import CalibrationConfig, LayerConfig, Recipe, SmoothingConfig
+from .qat import QATModel, prepare_qat
+from .recipe import CalibrationConfig, LayerConfig, QATConfig, Recipe, SmoothingConfig
 from .report import Report
 from .spec import QuantSpec
 from .verify import ParityReport, verify
@@ -27,9 +28,9 @@ from .verify import ParityReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "prepare", "convert", "load", "lower", "verify", "ParityReport", "recipes", "resolve_recipe",
-    "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig",
-    "PreparedModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
+    "quantize", "prepare", "prepare_qat", "convert", "load", "lower", "verify", "ParityReport", "recipes",
+    "resolve_recipe", "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig", "QATConfig",
+    "PreparedModel", "QATModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",
     "ArtifactError",
 ]

@@ -100,7 +100,12 @@ def _placement(recipe: Recipe):
 def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
             dump_dir: Optional[str] = None) -> QuantizedModel:
     """Turn a calibrated :class:`PreparedModel` into a :class:`QuantizedModel` with a report
-    measured on ``report_inputs`` (default: the example inputs)."""
+    measured on ``report_inputs`` (default: the example inputs). A trained
+    :class:`~qcompile.qat.QATModel` is frozen first (on a copy) into the same observed graph."""
+    from .qat import QATModel
+
+    if isinstance(prepared, QATModel):
+        prepared = prepared.to_prepared(dump_dir)
     if not isinstance(prepared, PreparedModel):
         raise TypeError(f"convert expects the PreparedModel returned by qcompile.prepare, got {type(prepared).__name__}")
     gm, cap, recipe, info = prepared.graph_module, prepared._captured, prepared.recipe, prepared._info

@@ -91,12 +91,13 @@ def _auto_dynamic(value):
 
 
 def capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None,
-            dynamic_shapes: Any = "auto") -> Captured:
+            dynamic_shapes: Any = "auto", training: bool = False) -> Captured:
     """Export ``model`` on ``example_inputs``.
 
     ``dynamic_shapes="auto"`` lets every dim of every tensor input be dynamic unless the model
     forces it static (batch, sequence, image size stay free); pass ``None`` for fully static shapes
-    or a ``torch.export`` spec of your own. Sizes 0/1 in the examples are specialised by
+    or a ``torch.export`` spec of your own. ``training=True`` captures the training graph (batch-norm
+    with batch statistics, live dropout) for QAT. Sizes 0/1 in the examples are specialised by
     ``torch.export``: give examples with batch and sequence ≥ 2.
     """
     if not isinstance(model, nn.Module):
@@ -121,7 +122,7 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[di
         if any(n.startswith("arg") for n in positional):  # *args forward: name-keyed spec impossible
             dynamic_shapes = None
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         ep = _export(model, example_inputs, example_kwargs, dynamic_shapes)
     finally:

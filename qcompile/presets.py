@@ -9,6 +9,11 @@ preset                  what it does
 ``w8a8-dynamic``        int8 weights, per-token dynamic uint8 activations, int8 weight-only embeddings
 ``w8``                  int8 per-channel weight-only (embeddings too)
 ``w4-g64``/``w4-g128``  4-bit group-wise weight-only (asymmetric, groups of 64/128), int8 embeddings
+``w4a8``                int4 per-channel symmetric weights, static per-tensor uint8 activations (min-max),
+                        int8 embeddings; for PTQ and QAT (``qcompile.prepare_qat``)
+``w4a4``                int4 per-channel symmetric weights, static per-tensor uint4 activations
+``w2a8``                int2 per-channel symmetric weights, static per-tensor uint8 activations: too
+                        coarse for PTQ on most models, meant as a QAT target
 ======================  ===============================================================================
 """
 from __future__ import annotations
@@ -48,12 +53,25 @@ def _w4(group: int) -> Callable[[], Recipe]:
     return make
 
 
+def _low_bit(name: str, weight_format: str, act_format: str) -> Callable[[], Recipe]:
+    # No smoothing: these target QAT, which trains the ranges; a recipe with smoothing would need
+    # calibration data before training. Static per-tensor asymmetric activations as in w8a8.
+    def make() -> Recipe:
+        w = QuantSpec(weight_format, "per_channel", symmetric=True)
+        act = QuantSpec(act_format, "per_tensor", symmetric=False)
+        return Recipe(name=name, default=LayerConfig(w, act), embedding=INT8_EMBEDDING)
+    return make
+
+
 PRESETS: dict[str, Callable[[], Recipe]] = {
     "w8a8": _w8a8,
     "w8a8-dynamic": _w8a8_dynamic,
     "w8": _w8,
     "w4-g64": _w4(64),
     "w4-g128": _w4(128),
+    "w4a8": _low_bit("w4a8", "int4", "uint8"),
+    "w4a4": _low_bit("w4a4", "int4", "uint4"),
+    "w2a8": _low_bit("w2a8", "int2", "uint8"),
 }
 
 

@@ -63,6 +63,28 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class QATConfig:
+    """How :func:`qcompile.prepare_qat` trains the quantizers (PTQ ignores it).
+
+    ``learn_scale: false`` is the straight-through estimator with observed ranges (min-max or
+    moving average, as each spec's ``observer`` says); ``true`` makes every static scale a trained
+    parameter (LSQ: gradient through the rounding, scaled by ``1/sqrt(n * qmax)``), initialised by
+    observation. ``learn_zero_point`` also trains asymmetric zero points (LSQ+). Observers update
+    for the first ``observer_steps`` training steps, then freeze (``null``: never; learned scales
+    need a finite warm-up). ``fold_bn`` simulates conv + batch-norm folding during training so the
+    fake-quantized weight is the folded one; batch statistics are used until ``freeze_bn_steps``,
+    then the running statistics (``null``: never frozen). ``sync_observers`` reduces observed
+    ranges over all ranks under ``torch.distributed``."""
+
+    learn_scale: bool = False
+    learn_zero_point: bool = False
+    observer_steps: Optional[int] = None
+    fold_bn: bool = True
+    freeze_bn_steps: Optional[int] = None
+    sync_observers: bool = True
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A complete quantization recipe. See the module docstring."""
 
@@ -76,6 +98,7 @@ class Recipe:
     smoothing: Optional[SmoothingConfig] = None
     calibration: CalibrationConfig = CalibrationConfig()
     backend: Optional[str] = None                        # follow this backend's native placement (onnx: conv outputs too)
+    qat: Optional[QATConfig] = None                      # QAT settings (None: QATConfig() defaults)
     version: int = RECIPE_VERSION
 
     # -- constructors --------------------------------------------------------------------------
@@ -140,6 +163,7 @@ class Recipe:
                  outlier_quantiles=list(self.smoothing.outlier_quantiles)),
             "calibration": dataclasses.asdict(self.calibration),
             "backend": self.backend,
+            "qat": None if self.qat is None else dataclasses.asdict(self.qat),
         }
 
     @staticmethod
@@ -168,6 +192,7 @@ class Recipe:
             smoothing=_small_from_dict(SmoothingConfig, data.get("smoothing"), "smoothing"),
             calibration=_small_from_dict(CalibrationConfig, data.get("calibration"), "calibration") or CalibrationConfig(),
             backend=data.get("backend"),
+            qat=_small_from_dict(QATConfig, data.get("qat"), "qat"),
             version=version,
         )
         return recipe.validate()
@@ -204,10 +229,26 @@ class Recipe:
             _typed(self.backend, str, "backend")
             if ALIASES.get(self.backend, self.backend) not in BACKENDS:
                 raise RecipeError("backend", f"unknown backend '{self.backend}'; {closest(self.backend, BACKENDS)}")
+        if self.qat is not None:
+            _validate_qat(self.qat)
         ms = self.calibration.max_samples
         if ms is not None and (not isinstance(ms, int) or isinstance(ms, bool) or ms <= 0):
             raise RecipeError("calibration.max_samples", f"must be a positive integer or null, got {ms!r}")
         return self
+
+
+def _validate_qat(q: QATConfig) -> None:
+    for name in ("learn_scale", "learn_zero_point", "fold_bn", "sync_observers"):
+        _typed(getattr(q, name), bool, f"qat.{name}")
+    for name in ("observer_steps", "freeze_bn_steps"):
+        v = getattr(q, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise RecipeError(f"qat.{name}", f"must be a non-negative integer or null, got {v!r}")
+    if q.learn_scale and q.observer_steps is None:
+        raise RecipeError("qat.observer_steps", "learned scales need a finite observer warm-up (e.g. 0 after "
+                                                "calibration, or a few hundred steps); got null (observe forever)")
+    if q.learn_zero_point and not q.learn_scale:
+        raise RecipeError("qat.learn_zero_point", "a learned zero point needs learn_scale: true")
 
 
 def _typed(value, kind, where):

@@ -18,6 +18,7 @@ ANNOTATION = "qcompile.annotation"    # NodeAnnotation on a quantizable op node
 LAYER = "qcompile.layer"              # module path of the node's innermost module
 LAYER_TYPE = "qcompile.layer_type"    # class name of that module
 QPARAMS = "qcompile.qparams"          # on quantize/dequantize nodes: the QuantSpec they implement
+WEIGHT_QPARAMS = "qcompile.weight_qparams"  # on an op node: (scale, zero_point) trained by QAT, used by convert
 ROLE = "qcompile.role"                # on inserted nodes: "weight", "activation", "smoothing", "qobs", "qstats"
 
 

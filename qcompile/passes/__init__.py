@@ -5,7 +5,9 @@ from .fold_bn import FoldBatchNormPass
 from .infra import Pass, PassManager, PassResult
 from .normalize import NormalizeLinearPass
 from .observe import InsertObserversPass
+from .qat import FreezeQATPass, InsertFakeQuantPass, TrainEvalOpsPass
 from .smooth import ApplySmoothingPass, InsertChannelStatsPass
 
 __all__ = ["Pass", "PassResult", "PassManager", "FoldBatchNormPass", "NormalizeLinearPass", "AnnotatePass",
-           "InsertChannelStatsPass", "ApplySmoothingPass", "InsertObserversPass", "ConvertPass"]
+           "InsertChannelStatsPass", "ApplySmoothingPass", "InsertObserversPass", "ConvertPass",
+           "InsertFakeQuantPass", "TrainEvalOpsPass", "FreezeQATPass"]

@@ -15,7 +15,7 @@ import torch
 from ..errors import CalibrationError
 from ..observers import Observer, weight_qparams
 from ..ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
-from ..spec import LAYER, QPARAMS, ROLE
+from ..spec import LAYER, QPARAMS, ROLE, WEIGHT_QPARAMS
 from .annotate import annotated_nodes
 from .infra import Pass, PassResult, add_tensor, get_attr_tensor
 
@@ -73,7 +73,8 @@ class ConvertPass(Pass):
     def _weight(self, gm, op_node, w_node, ann):
         spec = ann.weight
         w = get_attr_tensor(gm, w_node)
-        scale, zp = weight_qparams(w, spec, ann.channel_axis)
+        # QAT leaves the scales it trained on the op; PTQ derives them from the weight
+        scale, zp = op_node.meta.get(WEIGHT_QPARAMS) or weight_qparams(w, spec, ann.channel_axis)
         codes = QUANTIZE(w.detach(), scale, zp, spec.format, _group(spec))
         base = w_node.target
         q = add_tensor(gm, f"{base}_q", codes, op_node)
