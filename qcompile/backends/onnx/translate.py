@@ -18,8 +18,9 @@ _ONNX_TYPES = {"int8": ir.DataType.INT8, "uint8": ir.DataType.UINT8}
 
 def _onnx_type(format: str):
     if format not in _ONNX_TYPES:
-        raise BackendError(f"the onnx backend does not export format '{format}' yet (int8/uint8 only; "
-                           "int4 weight-only via MatMulNBits is not yet built)")
+        raise BackendError(f"the onnx backend has no standard Q/DQ for format '{format}' (int8/uint8 only); "
+                           "4-bit group-wise weight-only Linears run as com.microsoft::MatMulNBits with "
+                           "target='onnxruntime' and a power-of-two group size >= 16")
     return _ONNX_TYPES[format]
 
 
