@@ -1,6 +1,7 @@
 """The ``qcompile`` command.
 
     qcompile quantize --model minilm --recipe w8a8 --out out/minilm-w8a8
+    qcompile quantize --model minilm --recipe w8a8 --backend onnx --out out/minilm-w8a8   # + model.onnx
     qcompile recipes
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ import time
 from pathlib import Path
 
 
-def _minilm_job(recipe: str, calibration_sentences: int, eval_sentences: int, eval_pairs: int, batch: int):
+def _minilm_job(recipe: str, calibration_sentences: int, eval_sentences: int, eval_pairs: int, batch: int,
+                backend: str = None):
     """Quantize the bundled all-MiniLM-L6-v2 on standard-library docstrings and measure it on
     held-out modules (cosine vs float, neighbour agreement, retrieval recall@1)."""
     import torch
@@ -24,7 +26,7 @@ def _minilm_job(recipe: str, calibration_sentences: int, eval_sentences: int, ev
     cal = docstring_sentences("calibration", limit=calibration_sentences)
     batches = [m.encode_batch(cal[i:i + batch]) for i in range(0, len(cal), batch)]
     t0 = time.perf_counter()
-    qmodel = qcompile.quantize(m.model, recipe, example_inputs=batches[0], calibration=batches)
+    qmodel = qcompile.quantize(m.model, recipe, example_inputs=batches[0], calibration=batches, backend=backend)
     elapsed = time.perf_counter() - t0
 
     def encoder(model):
@@ -35,7 +37,7 @@ def _minilm_job(recipe: str, calibration_sentences: int, eval_sentences: int, ev
                                     docstring_sentences("evaluation", limit=eval_sentences),
                                     docstring_pairs("evaluation", limit=eval_pairs))
     qmodel.report.quality = {"eval_sentences": eval_sentences, "eval_pairs": eval_pairs, **quality}
-    return qmodel, elapsed
+    return qmodel, elapsed, batches
 
 
 JOBS = {"minilm": _minilm_job}
@@ -47,15 +49,25 @@ def _quantize(args) -> int:
 
         print(f"qcompile: unknown bundled model '{args.model}'; {closest(args.model, JOBS)}", file=sys.stderr)
         return 2
-    qmodel, elapsed = JOBS[args.model](args.recipe, args.calibration_sentences, args.eval_sentences,
-                                       args.eval_pairs, args.batch_size)
+    qmodel, elapsed, batches = JOBS[args.model](args.recipe, args.calibration_sentences, args.eval_sentences,
+                                                args.eval_pairs, args.batch_size, args.backend)
     print(qmodel.report)
     print(f"quantize + calibrate: {elapsed:.1f} s")
+    artifact = None
+    if args.backend and args.backend != "reference":
+        import qcompile
+
+        t0 = time.perf_counter()
+        artifact = qcompile.lower(qmodel, backend=args.backend)
+        print(f"lowered to {args.backend} in {time.perf_counter() - t0:.1f} s")
+        print(qcompile.verify(artifact, qmodel, batches[:4]))
     if args.out:
         out = Path(args.out)
         qmodel.save(out)
         (out / "report.json").write_text(qmodel.report.to_json())
         print(f"saved to {out}/ (load with qcompile.load('{out}'))")
+        if artifact is not None:
+            print(f"{args.backend} artifact: {artifact.save(out / f'model.{args.backend}')}")
     return 0
 
 
@@ -81,6 +93,8 @@ def main(argv=None) -> int:
     q.add_argument("--model", default="minilm", help="bundled model (minilm)")
     q.add_argument("--recipe", default="w8a8", help="preset name or YAML/JSON recipe file")
     q.add_argument("--out", default=None, help="directory to save the quantized model and report.json")
+    q.add_argument("--backend", default=None, help="place Q/DQ for this backend, lower to it, check parity and "
+                                                  "save its artifact next to the model (e.g. onnx)")
     q.add_argument("--calibration-sentences", type=int, default=512)
     q.add_argument("--eval-sentences", type=int, default=600)
     q.add_argument("--eval-pairs", type=int, default=300)

@@ -32,7 +32,7 @@ class OnnxArtifact:
         # its activations to int8 there (accuracy level 4): a different model than the recipe's.
         # Level 1 keeps them float, as the recipe says.
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-        self._options, self._debug = opts, None
+        self._options, self._debug = opts, {}
         self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, *args, **kwargs):
@@ -45,13 +45,25 @@ class OnnxArtifact:
         flat = [t for t in flatten_inputs(self._gm, args, kwargs) if isinstance(t, torch.Tensor)]
         return {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, flat)}
 
-    def quantized_activations(self, *args, **kwargs) -> list:
+    supports_forced_codes = True
+
+    def quantized_activations(self, *args, forced=None, **kwargs) -> list:
         """``[(scale, codes)]`` of every static QuantizeLinear, in graph order (for
-        :func:`qcompile.verify`). Runs a second session whose outputs include those codes."""
-        if self._debug is None:
-            self._debug = _expose_quantizers(self.model_bytes, self._options)
-        session, points = self._debug
-        outs = session.run([name for name, _ in points], self._feed(args, kwargs))
+        :func:`qcompile.verify`). Runs a second session whose outputs include those codes.
+
+        ``forced``: codes to feed *downstream* of each quantizer instead of the ones this session
+        computes (teacher forcing): every layer then starts from the same codes as the reference,
+        so a rounding flip in one layer does not propagate into the next one's comparison."""
+        key = forced is not None
+        if key not in self._debug:
+            self._debug[key] = _expose_quantizers(self.model_bytes, self._options, forced=key)
+        session, points = self._debug[key]
+        feed = self._feed(args, kwargs)
+        if forced is not None:
+            if len(forced) != len(points):
+                raise ValueError(f"{len(forced)} forced code tensors for {len(points)} quantizers")
+            feed.update({f"{name}__forced": c.detach().cpu().numpy() for (name, _), c in zip(points, forced)})
+        outs = session.run([name for name, _ in points], feed)
         return [(scale, torch.from_numpy(np.asarray(o))) for (_, scale), o in zip(points, outs)]
 
     def save(self, path) -> Path:
@@ -64,8 +76,9 @@ class OnnxArtifact:
         return path
 
 
-def _expose_quantizers(model_bytes: bytes, options):
-    """(a session that also returns every static QuantizeLinear's codes, [(output name, scale)])."""
+def _expose_quantizers(model_bytes: bytes, options, forced: bool = False):
+    """(a session that also returns every static QuantizeLinear's codes, [(output name, scale)]).
+    ``forced``: the quantizers' consumers read a new graph input ``<codes>__forced`` instead."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -85,5 +98,12 @@ def _expose_quantizers(model_bytes: bytes, options):
             else onnx.TensorProto.UINT8
         model.graph.output.append(onnx.helper.make_tensor_value_info(node.output[0], zp_type, None))
         points.append((node.output[0], float(scale.reshape(()))))
+        if forced:
+            name = f"{node.output[0]}__forced"
+            model.graph.input.append(onnx.helper.make_tensor_value_info(name, zp_type, None))
+            for other in model.graph.node:
+                for i, inp in enumerate(other.input):
+                    if inp == node.output[0]:
+                        other.input[i] = name
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session, points
