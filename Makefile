@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   quantize the bundled real model (all-MiniLM-L6-v2) with w8a8 and print the report
+#   make demo   quantize the bundled real model (all-MiniLM-L6-v2) with w8a8, lower it to ONNX, print the report
 #   make test   run the test suite
 # Both create .venv and install what they need; torch is installed first, pinned (CPU wheel).
 PY ?= python3
@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/qcompile quantize --model minilm --recipe w8a8 --out out/minilm-w8a8
+	$(BIN)/qcompile quantize --model minilm --recipe w8a8 --backend onnx --out out/minilm-w8a8
 
 test: venv
 	$(BIN)/python -m pytest -q tests
