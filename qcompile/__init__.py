@@ -12,6 +12,7 @@ Example::
     >>> qmodel.save("out/model-w8a8"); same = qcompile.load("out/model-w8a8")
 """
 from . import ops  # noqa: F401  - registers torch.ops.qcompile.*
+from .analyze import SensitivityTable, analyze
 from .api import convert, prepare, quantize, resolve_recipe
 from .backends import lower
 from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, PassError, QCompileError,
@@ -28,7 +29,8 @@ from .verify import ParityReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "prepare", "prepare_qat", "convert", "load", "lower", "verify", "ParityReport", "recipes",
+    "quantize", "prepare", "prepare_qat", "convert", "load", "lower", "verify", "ParityReport", "analyze",
+    "SensitivityTable", "recipes",
     "resolve_recipe", "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig", "QATConfig",
     "PreparedModel", "QATModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",

@@ -107,14 +107,9 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[di
     if not isinstance(example_inputs, tuple):
         raise CaptureError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}")
     example_kwargs = dict(example_kwargs or {})
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    positional = [p.name for p in params[: len(example_inputs)]]
-    if len(positional) < len(example_inputs):
-        positional += [f"arg{i}" for i in range(len(positional), len(example_inputs))]
-    tensor_kwargs = {k: v for k, v in example_kwargs.items() if _has_tensor(v)}
-    constants = {k: v for k, v in example_kwargs.items() if k not in tensor_kwargs}
-    binder = InputBinder(positional, list(tensor_kwargs), constants)
+    binder = input_binder(model, example_inputs, example_kwargs)
+    positional, constants = binder.positional, binder.constants
+    tensor_kwargs = {k: example_kwargs[k] for k in binder.keywords}
     if dynamic_shapes == "auto":
         dynamic_shapes = {**{n: _auto_dynamic(a) for n, a in zip(positional, example_inputs)},
                           **{k: _auto_dynamic(v) for k, v in tensor_kwargs.items()},
@@ -131,6 +126,20 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[di
     layer_types = {name: type(m).__name__ for name, m in model.named_modules()}
     _tag_layers(gm)
     return Captured(gm, binder, example_inputs, example_kwargs, dynamic_shapes, layer_types)
+
+
+def input_binder(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None) -> InputBinder:
+    """How calls to ``model`` are structured: positional names from ``forward``'s signature, tensor
+    keyword inputs, and non-tensor keywords fixed as constants."""
+    example_kwargs = dict(example_kwargs or {})
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = [p.name for p in params[: len(example_inputs)]]
+    if len(positional) < len(example_inputs):
+        positional += [f"arg{i}" for i in range(len(positional), len(example_inputs))]
+    tensor_kwargs = [k for k, v in example_kwargs.items() if _has_tensor(v)]
+    constants = {k: v for k, v in example_kwargs.items() if k not in tensor_kwargs}
+    return InputBinder(positional, tensor_kwargs, constants)
 
 
 def _has_tensor(v) -> bool:

@@ -1,0 +1,266 @@
+"""Sensitivity analysis: how much does quantizing *one* layer with *one* candidate recipe hurt?
+
+``qcompile.analyze(model, candidates, example_inputs, calibration)`` measures, for every quantizable
+layer (Linear, Conv, Embedding) and every candidate (a preset name or a :class:`Recipe`):
+
+* ``output_sqnr_db`` / ``output_cosine``: the model's output with only that layer quantized (its
+  weight, and its input activation when the candidate quantizes activations), against float, on the
+  calibration samples;
+* ``layer_sqnr_db``: that layer's own output error (what the report calls the layer's SQNR);
+* ``hessian_proxy``: a second-order estimate that needs no extra forward pass of the model: the
+  weight error weighted by the layer's input energy per channel, ``sum_j ||dW[:, j]||^2 E[x_j^2]``
+  (the diagonal of the layer-output Hessian ``X^T X``), relative to the layer's output energy;
+* ``bits_per_weight`` and ``weight_bytes``: what the candidate costs for that layer, scales and zero
+  points included.
+
+It runs the user's float model eagerly with hooks, one layer perturbed at a time and restored bit
+for bit afterwards: ``layers x candidates`` forward passes over ``max_samples`` calibration items.
+The result is the table mixed precision chooses from.
+
+Example::
+
+    >>> table = qcompile.analyze(model, ["w8", "w4-g64"], (ids, mask), calibration=batches)
+    >>> for row in table.most_sensitive(5): print(row.layer, row.output_sqnr_db)
+    >>> table.to_json("sensitivity.json"); table.to_html("sensitivity.html")
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .calibration import iterate
+from .capture import input_binder
+from .errors import CalibrationError, RecipeError
+from .formats import get_format
+from .observers import weight_qparams
+from .ops import choose_qparams, dequantize, quantize
+from .recipe import LayerConfig, Recipe
+from .report import cosine, sqnr
+
+_KINDS = ((nn.Linear, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"), (nn.Conv3d, "conv"),
+          (nn.Embedding, "embedding"))
+
+
+@dataclass
+class Sensitivity:
+    layer: str
+    op: str
+    candidate: str
+    output_sqnr_db: float
+    output_cosine: float
+    layer_sqnr_db: float
+    hessian_proxy: float
+    bits_per_weight: float
+    weight_bytes: int
+    params: int
+
+
+@dataclass
+class SensitivityTable:
+    """Rows of :class:`Sensitivity`, one per (layer, candidate)."""
+
+    candidates: list
+    rows: list = field(default_factory=list)
+    samples: int = 0
+
+    def get(self, layer: str, candidate: str) -> Sensitivity:
+        for r in self.rows:
+            if r.layer == layer and r.candidate == candidate:
+                return r
+        raise KeyError((layer, candidate))
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(r.layer for r in self.rows))
+
+    def most_sensitive(self, n: int = 5, candidate: Optional[str] = None) -> list[Sensitivity]:
+        """The ``n`` rows with the lowest output SQNR for ``candidate`` (default: the last one,
+        usually the most aggressive)."""
+        cand = candidate or self.candidates[-1]
+        return sorted((r for r in self.rows if r.candidate == cand), key=lambda r: r.output_sqnr_db)[:n]
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        return {"candidates": list(self.candidates), "samples": self.samples,
+                "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
+
+    def to_json(self, path: Union[str, Path, None] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def to_html(self, path: Union[str, Path]) -> Path:
+        """A self-contained page: layer x candidate, output SQNR coloured from red (<= 10 dB) to
+        green (>= 40 dB), bits per weight under it."""
+        def colour(db):
+            t = 1.0 if not math.isfinite(db) else min(max((db - 10) / 30, 0.0), 1.0)
+            return f"hsl({int(120 * t)}, 70%, 80%)"
+
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.candidates)
+        body = []
+        for layer in self.layers:
+            cells = "".join(
+                f'<td style="background:{colour(r.output_sqnr_db)}">{r.output_sqnr_db:.1f} dB'
+                f"<br><small>{r.bits_per_weight:.2f} bpw</small></td>"
+                for r in (self.get(layer, c) for c in self.candidates))
+            body.append(f"<tr><td>{html.escape(layer)}</td>{cells}</tr>")
+        page = ("<!doctype html><meta charset=utf-8><title>qcompile sensitivity</title>"
+                "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border:1px solid #ccc}</style>"
+                "<h1>Sensitivity: model output SQNR with one layer quantized</h1>"
+                f"<p>{self.samples} calibration samples; higher is better.</p>"
+                f"<table><tr><th>layer</th>{head}</tr>{''.join(body)}</table>")
+        path = Path(path)
+        path.write_text(page)
+        return path
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':50s} {'candidate':10s} {'out SQNR':>9s} {'layer SQNR':>10s} {'hessian':>9s} {'bpw':>5s}"]
+        lines += [f"{r.layer[:50]:50s} {r.candidate[:10]:10s} {r.output_sqnr_db:9.2f} {r.layer_sqnr_db:10.2f} "
+                  f"{r.hessian_proxy:9.2e} {r.bits_per_weight:5.2f}" for r in self.rows]
+        return "\n".join(lines)
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(path, module, kind) for every Linear/Conv/Embedding, in module order."""
+    return [(name, mod, kind) for name, mod in model.named_modules() for cls, kind in _KINDS if type(mod) is cls]
+
+
+def fake_quant_weight(w: torch.Tensor, spec) -> tuple[torch.Tensor, int]:
+    """(dequantized weight, bytes its codes + scales + zero points take)."""
+    scale, zp = weight_qparams(w, spec, 0)
+    group = spec.group_size if spec.granularity == "per_group" else 0
+    codes = quantize(w.detach().float(), scale, zp, spec.format, group)
+    nbytes = get_format(spec.format).packed_nbytes(codes.numel()) + scale.numel() * scale.element_size()
+    nbytes += 0 if zp is None else zp.numel() * zp.element_size()
+    return dequantize(codes, scale, zp, spec.format, group, w.dtype), int(nbytes)
+
+
+def _fake_quant_activation(x: torch.Tensor, spec, lo, hi) -> torch.Tensor:
+    if spec.dynamic:
+        s, z = choose_qparams(x, spec.format, spec.symmetric, spec.granularity == "per_token")
+    else:
+        s, z = get_format(spec.format).choose_qparams(lo, hi, spec.symmetric)
+    return dequantize(quantize(x, s, z, spec.format, 0), s, z, spec.format, 0, x.dtype)
+
+
+def _float_leaves(out) -> torch.Tensor:
+    leaves = [t.detach().float().flatten() for t in pytree.tree_leaves(out)
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return torch.cat(leaves)
+
+
+def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calibration: Iterable, *,
+            example_kwargs: Optional[dict] = None, max_samples: int = 8,
+            layers: Optional[Sequence[str]] = None) -> SensitivityTable:
+    """Per-layer, per-candidate sensitivity of ``model`` (see the module docstring).
+
+    ``candidates``: preset names or :class:`Recipe` objects (``default`` applies to Linear/Conv
+    layers, ``embedding`` to embeddings). ``layers``: restrict to these module paths. The model's
+    parameters are restored bit for bit, and its train/eval mode too."""
+    from .api import resolve_recipe
+
+    recipes = [resolve_recipe(c) for c in candidates]
+    names = [c if isinstance(c, str) else r.name for c, r in zip(candidates, recipes)]
+    binder = input_binder(model, tuple(example_inputs), example_kwargs)
+    items = [binder.bind(it) for it in iterate(calibration, max_samples)]
+    if not items:
+        raise CalibrationError("analyze needs calibration data: pass a non-empty iterable of inputs")
+    targets = quantizable_layers(model)
+    if layers is not None:
+        unknown = sorted(set(layers) - {name for name, _, _ in targets})
+        if unknown:
+            raise RecipeError("layers", f"not quantizable layers of this model: {unknown}")
+        targets = [t for t in targets if t[0] in set(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _analyze(model, targets, recipes, names, items)
+    finally:
+        model.train(was_training)
+
+
+class _LayerStats:
+    """What the float pass records at one layer: its inputs and outputs, the input range and the
+    mean squared input per channel."""
+
+    def __init__(self, kind: str):
+        self.kind, self.inputs, self.outputs = kind, [], []
+        self.lo = self.hi = self.x2 = None
+
+    def __call__(self, module, args, out):
+        x = args[0].detach()
+        self.inputs.append(x)
+        self.outputs.append(out.detach().float())
+        if self.kind == "embedding":
+            return
+        xf = x.float()
+        self.lo = xf.min() if self.lo is None else torch.minimum(self.lo, xf.min())
+        self.hi = xf.max() if self.hi is None else torch.maximum(self.hi, xf.max())
+        ch = xf.movedim(1, -1) if self.kind == "conv" else xf
+        e = ch.reshape(-1, ch.shape[-1]).pow(2).mean(0)
+        self.x2 = e if self.x2 is None else self.x2 + e
+
+
+def _analyze(model, targets, recipes, names, items) -> SensitivityTable:
+    stats = {name: _LayerStats(kind) for name, _, kind in targets}
+    handles = [mod.register_forward_hook(stats[name]) for name, mod, _ in targets]
+    try:
+        ref = torch.cat([_float_leaves(model(*a, **k)) for a, k in items])
+    finally:
+        for h in handles:
+            h.remove()
+    table = SensitivityTable(candidates=names, samples=len(items))
+    for name, mod, kind in targets:
+        for cand, recipe in zip(names, recipes):
+            cfg: Optional[LayerConfig] = recipe.embedding if kind == "embedding" else recipe.default
+            row = _measure_layer(model, mod, kind, cfg, stats[name], items, ref)
+            table.rows.append(Sensitivity(name, kind, cand, **row))
+        stats[name].inputs.clear()
+        stats[name].outputs.clear()
+    return table
+
+
+def _measure_layer(model, mod, kind, cfg, st: _LayerStats, items, ref) -> dict:
+    w = mod.weight
+    params = w.numel()
+    if cfg is None or cfg.weight is None:  # the candidate keeps this layer float
+        return dict(output_sqnr_db=math.inf, output_cosine=1.0, layer_sqnr_db=math.inf, hessian_proxy=0.0,
+                    bits_per_weight=8.0 * w.element_size(), weight_bytes=params * w.element_size(), params=params)
+    original = w.detach().clone()
+    wq, nbytes = fake_quant_weight(original, cfg.weight)
+    act = cfg.activation if kind != "embedding" else None
+    handle = None
+    if act is not None:
+        handle = mod.register_forward_pre_hook(
+            lambda m, args: (_fake_quant_activation(args[0], act, st.lo, st.hi), *args[1:]))
+    w.data.copy_(wq)
+    try:
+        out = torch.cat([_float_leaves(model(*a, **k)) for a, k in items])
+        layer_out = torch.cat([mod(x).float().flatten() for x in st.inputs])
+    finally:
+        w.data.copy_(original)
+        if handle is not None:
+            handle.remove()
+    layer_ref = torch.cat([o.flatten() for o in st.outputs])
+    dw = (wq.float() - original.float())
+    if kind == "embedding" or st.x2 is None:
+        proxy = float(dw.pow(2).sum() / original.float().pow(2).sum().clamp_min(1e-30))
+    else:
+        per_in = dw.reshape(w.shape[0], w.shape[1], -1).pow(2).sum((0, 2))  # [in channels]
+        proxy = float((per_in * st.x2 / len(st.inputs)).sum() / w.shape[0]
+                      / layer_ref.pow(2).mean().clamp_min(1e-30))
+    return dict(output_sqnr_db=sqnr(ref, out), output_cosine=cosine(ref, out),
+                layer_sqnr_db=sqnr(layer_ref, layer_out), hessian_proxy=proxy,
+                bits_per_weight=8.0 * nbytes / params, weight_bytes=nbytes, params=params)
