@@ -1,0 +1,146 @@
+"""Mixed precision chosen by measurement: pick one candidate per layer from a
+:class:`~qcompile.analyze.SensitivityTable` under a size budget.
+
+The damage of a choice is the sum over layers of the output noise each causes alone,
+``10^(-SQNR/10)`` (noise-to-signal ratios add when layer errors are independent), and its cost is
+the bytes its codes, scales and zero points take. :func:`allocate` minimises damage subject to
+``bytes <= budget`` exactly as a 0/1 integer program (scipy's ``milp``) when scipy is installed and
+the problem is small, else greedily by marginal gain per byte. It always returns an allocation:
+when even the smallest choice per layer exceeds the budget it returns that one, marked infeasible.
+
+Example::
+
+    >>> table = qcompile.analyze(model, ["w8", "w4-g64", "w3-g64"], (ids,), calibration=batches)
+    >>> alloc = allocate(table, {"bits_per_weight": 4.5})
+    >>> recipe = alloc.recipe({"w8": ..., "w4-g64": ..., "w3-g64": ...})
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from .errors import RecipeError
+from .recipe import Recipe
+
+EXACT_LIMIT = 20_000  # binary variables the exact solver takes before falling back to greedy
+
+
+@dataclass
+class Allocation:
+    choice: dict                     # layer -> candidate name
+    total_bytes: int
+    params: int
+    predicted_noise: float           # sum of the chosen rows' output noise-to-signal ratios
+    feasible: bool
+    solver: str                      # "milp" | "greedy"
+    budget_bytes: float
+    options: dict = field(default_factory=dict, repr=False)  # layer -> [(candidate, noise, bytes)]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.total_bytes / max(self.params, 1)
+
+    @property
+    def predicted_sqnr_db(self) -> float:
+        return math.inf if self.predicted_noise == 0 else -10 * math.log10(self.predicted_noise)
+
+    def recipe(self, recipes: dict, name: str = "auto") -> Recipe:
+        """A concrete recipe: every layer overridden with its chosen candidate's config (the
+        embedding config for embeddings); everything else from the first candidate."""
+        base = next(iter(recipes.values()))
+        overrides = {}
+        for layer, cand in self.choice.items():
+            r = recipes[cand]
+            kind = self.options[layer][0][3]
+            overrides[layer] = r.embedding if kind == "embedding" else r.default
+        smoothing = base.smoothing if all(r.smoothing for r in recipes.values()) else None
+        return replace(base, name=name, overrides=overrides, smoothing=smoothing).validate()
+
+    def to_dict(self) -> dict:
+        return {"choice": dict(self.choice), "total_bytes": self.total_bytes, "bits_per_weight": self.bits_per_weight,
+                "predicted_sqnr_db": self.predicted_sqnr_db, "feasible": self.feasible, "solver": self.solver,
+                "budget_bytes": self.budget_bytes}
+
+
+def budget_bytes(budget: dict, params: int) -> float:
+    """Bytes allowed by ``{"bits_per_weight": b}`` or ``{"bytes": n}``."""
+    if not isinstance(budget, dict) or len(budget) != 1:
+        raise RecipeError("budget", f"expected one of {{'bits_per_weight': b}} or {{'bytes': n}}, got {budget!r}")
+    (key, value), = budget.items()
+    if key == "bits_per_weight":
+        return float(value) * params / 8.0
+    if key == "bytes":
+        return float(value)
+    if key == "latency_ms":
+        raise NotImplementedError("latency budgets (per-layer kernel times measured on a backend) are not built yet")
+    raise RecipeError(f"budget.{key}", "unknown budget; use bits_per_weight or bytes")
+
+
+def allocate(table, budget: dict, solver: Optional[str] = None) -> Allocation:
+    """Choose a candidate per layer of ``table`` minimising predicted output noise within ``budget``."""
+    options: dict = {}
+    for r in table.rows:
+        noise = 0.0 if not math.isfinite(r.output_sqnr_db) else 10 ** (-r.output_sqnr_db / 10)
+        options.setdefault(r.layer, []).append((r.candidate, noise, r.weight_bytes, r.op))
+    params = sum({r.layer: r.params for r in table.rows}.values())
+    limit = budget_bytes(budget, params)
+    smallest = {layer: min(opts, key=lambda o: (o[2], o[1])) for layer, opts in options.items()}
+    if sum(o[2] for o in smallest.values()) > limit:
+        return _result({k: v[0] for k, v in smallest.items()}, options, params, False, "greedy", limit)
+    n_vars = sum(len(v) for v in options.values())
+    if solver in (None, "milp") and n_vars <= EXACT_LIMIT:
+        try:
+            choice = _milp(options, limit)
+            return _result(choice, options, params, True, "milp", limit)
+        except ImportError:
+            if solver == "milp":
+                raise
+    return _result(_greedy(options, limit, smallest), options, params, True, "greedy", limit)
+
+
+def _result(choice, options, params, feasible, solver, limit) -> Allocation:
+    rows = {layer: next(o for o in options[layer] if o[0] == c) for layer, c in choice.items()}
+    return Allocation(choice=choice, total_bytes=int(sum(o[2] for o in rows.values())), params=params,
+                      predicted_noise=sum(o[1] for o in rows.values()), feasible=feasible, solver=solver,
+                      budget_bytes=limit, options=options)
+
+
+def _milp(options, limit) -> dict:
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    flat = [(layer, o) for layer, opts in options.items() for o in opts]
+    cost = np.array([o[1] for _, o in flat])
+    size = np.array([float(o[2]) for _, o in flat])
+    layers = list(options)
+    one_each = np.zeros((len(layers), len(flat)))
+    for j, (layer, _) in enumerate(flat):
+        one_each[layers.index(layer), j] = 1
+    res = milp(cost, integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(size[None, :], -np.inf, limit)])
+    if not res.success:
+        raise ImportError(f"milp failed: {res.message}")  # fall back to greedy
+    return {layer: o[0] for (layer, o), x in zip(flat, res.x) if x > 0.5}
+
+
+def _greedy(options, limit, smallest) -> dict:
+    choice = dict(smallest)
+    spent = sum(o[2] for o in choice.values())
+    while True:
+        best, best_gain = None, 0.0
+        for layer, opts in options.items():
+            cur = choice[layer]
+            for o in opts:
+                extra = o[2] - cur[2]
+                gain = cur[1] - o[1]
+                if gain <= 0 or spent + extra > limit:
+                    continue
+                ratio = gain / max(extra, 1e-9)
+                if ratio > best_gain:
+                    best, best_gain = (layer, o), ratio
+        if best is None:
+            return {k: v[0] for k, v in choice.items()}
+        layer, o = best
+        spent += o[2] - choice[layer][2]
+        choice[layer] = o
