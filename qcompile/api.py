@@ -160,6 +160,15 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
         >>> print(qmodel.report)
         >>> qmodel.save("out/model-w8a8")
     """
+    from .mixed import AutoRecipe
+
+    auto_info = None
+    if isinstance(recipe, AutoRecipe):
+        data = reiterable(calibration, 4)
+        if data is None:
+            raise CalibrationError("Recipe.auto measures each layer's sensitivity: pass calibration=")
+        recipe, auto_info = recipe.resolve(model, example_inputs, data, example_kwargs)
+        calibration = data
     recipe = resolve_recipe(recipe)
     if backend is not None:
         recipe = dataclasses.replace(recipe, backend=backend).validate()
@@ -179,4 +188,7 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
         from .calibration import iterate
 
         report_items = list(iterate(data, report_samples))
-    return convert(prepared, report_inputs=report_items, dump_dir=dump_dir)
+    qmodel = convert(prepared, report_inputs=report_items, dump_dir=dump_dir)
+    if auto_info is not None:
+        qmodel.report.mixed_precision = auto_info
+    return qmodel

@@ -144,3 +144,34 @@ def _greedy(options, limit, smallest) -> dict:
         layer, o = best
         spent += o[2] - choice[layer][2]
         choice[layer] = o
+
+
+@dataclass(frozen=True)
+class AutoRecipe:
+    """A recipe to be chosen by measurement when :func:`qcompile.quantize` runs: analyze the model
+    with every candidate on the calibration data, allocate under ``budget``, quantize with the
+    result. ``Recipe.auto(candidates=["w8", "w4-g64"], budget={"bits_per_weight": 4.5})``."""
+
+    candidates: tuple
+    budget: dict = field(hash=False, default_factory=dict)
+    max_samples: int = 8
+    name: str = "auto"
+
+    def __post_init__(self):
+        if len(self.candidates) < 1:
+            raise RecipeError("candidates", "give at least one candidate recipe")
+        budget_bytes(self.budget, 1)  # validates the budget's shape early
+
+    def resolve(self, model, example_inputs, calibration, example_kwargs=None) -> tuple[Recipe, dict]:
+        """(the concrete recipe, what was measured and chosen, for the report)."""
+        from .analyze import analyze
+        from .api import resolve_recipe
+
+        table = analyze(model, list(self.candidates), example_inputs, calibration, example_kwargs=example_kwargs,
+                        max_samples=self.max_samples)
+        alloc = allocate(table, self.budget)
+        recipes = {c if isinstance(c, str) else resolve_recipe(c).name: resolve_recipe(c) for c in self.candidates}
+        info = {**alloc.to_dict(), "budget": dict(self.budget),
+                "most_sensitive": [{"layer": r.layer, "candidate": r.candidate, "output_sqnr_db": r.output_sqnr_db}
+                                   for r in table.most_sensitive(5)]}
+        return alloc.recipe(recipes, self.name), info

@@ -112,6 +112,14 @@ class Recipe:
         return PRESETS[name]()
 
     @staticmethod
+    def auto(candidates, budget: dict, max_samples: int = 8):
+        """Mixed precision chosen by measurement (see :mod:`qcompile.mixed`): pass the result to
+        :func:`qcompile.quantize` like any recipe."""
+        from .mixed import AutoRecipe
+
+        return AutoRecipe(tuple(candidates), dict(budget), max_samples)
+
+    @staticmethod
     def load(path: Union[str, Path]) -> "Recipe":
         """Read a recipe from a ``.yaml``/``.yml`` or ``.json`` file."""
         path = Path(path)

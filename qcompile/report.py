@@ -59,6 +59,7 @@ class Report:
     folded_batch_norms: list = field(default_factory=list)
     timings_s: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)        # task metrics on held-out data (set by the caller)
+    mixed_precision: dict = field(default_factory=dict)  # what Recipe.auto measured and chose
 
     @property
     def compression(self) -> float:

@@ -58,3 +58,17 @@ def test_bad_budget_names_the_field(table_and_data):
         allocate(table, {"bits": 4})
     with pytest.raises(NotImplementedError, match="latency"):
         allocate(table, {"latency_ms": 3})
+
+
+def test_recipe_auto_is_data_passed_to_quantize(table_and_data):
+    model, batches, table = table_and_data
+    w4_bytes = sum(r.weight_bytes for r in table.rows if r.candidate == "w4-g64")
+    bpw = 8.0 * w4_bytes * 1.3 / sum({r.layer: r.params for r in table.rows}.values())
+    auto = qcompile.Recipe.auto(["w8", "w4-g64"], {"bits_per_weight": bpw})
+    q = qcompile.quantize(model, auto, batches[0], calibration=iter(batches), report_samples=2)  # one-shot data
+    mp = q.report.mixed_precision
+    assert mp["feasible"] and mp["bits_per_weight"] <= bpw and mp["solver"] == "milp"
+    assert len(mp["most_sensitive"]) == 5 and set(mp["choice"].values()) == {"w8", "w4-g64"}
+    assert q.recipe.name == "auto" and q.report.to_dict()["mixed_precision"]["choice"] == mp["choice"]
+    with pytest.raises(qcompile.RecipeError, match="budget"):
+        qcompile.Recipe.auto(["w8"], {"bitz": 3})
