@@ -14,6 +14,7 @@ Example::
 from . import ops  # noqa: F401  - registers torch.ops.qcompile.*
 from .analyze import SensitivityTable, analyze
 from .api import convert, prepare, quantize, resolve_recipe
+from .doctor import CalibrationCheck, check_calibration
 from .backends import lower
 from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, PassError, QCompileError,
                      RecipeError)
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize", "prepare", "prepare_qat", "convert", "load", "lower", "verify", "ParityReport", "analyze",
-    "SensitivityTable", "recipes",
+    "SensitivityTable", "check_calibration", "CalibrationCheck", "recipes",
     "resolve_recipe", "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig", "QATConfig",
     "PreparedModel", "QATModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",
