@@ -7,7 +7,7 @@ with Adam; the token-embedding table (int8 weight-only in the recipe) is not tra
 
 Run::
 
-    PYTHONPATH=. python examples/qat_minilm.py                 # a few minutes on 2 cores
+    PYTHONPATH=. python examples/qat_minilm.py   # measured: 2,613 s for QAT on a loaded 2-core machine
 """
 from __future__ import annotations
 
