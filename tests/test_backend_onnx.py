@@ -175,3 +175,19 @@ def _optimized_ops(art):
         opts.optimized_model_filepath = os.path.join(d, "optimized.onnx")
         ort.InferenceSession(art.model_bytes, opts, providers=["CPUExecutionProvider"])
         return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+def test_int4_per_channel_weights_with_int8_activations_export():
+    """w4a8 (QAT's preset): int4 per-channel weights become MatMulNBits with one block per row,
+    the uint8 activation Q/DQ stays in front of it."""
+    torch.manual_seed(0)
+    q = _quantize(TinyBlock(d=48, ff=96).eval(), "w4a8", _batches())
+    art = qcompile.lower(q, backend="onnx")
+    nodes = _ops(art).graph.node
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 6
+    blocks = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {64, 128}  # K = 48 and 96, one zero-padded block per row
+    ids, mask = _batches()[1]
+    with torch.no_grad():
+        assert_matches_reference(art(ids, mask), q(ids, mask))
+    assert qcompile.verify(art, q, _batches()).passed

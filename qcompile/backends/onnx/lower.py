@@ -61,7 +61,8 @@ class FuseOnnxruntimeKernelsPass(Pass):
     * ``linear(dequantize(quantize(x, s_a)), dequantize(W_q int8, s_w), b)`` with a static
       per-tensor activation scale ⇒ ``MatMulIntegerToFloat(quantize(x), W_q^T, s_a, s_w, z_a, z_w, b)``
       (the int8 GEMM with dequantization and bias in its epilogue);
-    * ``linear(x, dequantize(W_q 4-bit, per-group s_w, z_w), b)`` (weight-only) ⇒ ``MatMulNBits``.
+    * ``linear(x, dequantize(W_q 4-bit, s_w, z_w), b)`` ⇒ ``MatMulNBits`` (per group of a power of two
+      >= 16, or per channel as one zero-padded block per row); ``x`` may itself be a Q/DQ pair (w4a8).
 
     Anything else keeps the standard Q/DQ form. ``skipped`` says why each other Linear did not
     fire (the negative cases tests pin)."""
@@ -149,13 +150,17 @@ class FuseOnnxruntimeKernelsPass(Pass):
                 self.fused[node.name] = "MatMulIntegerToFloat" + (f" (x{len(group)} concatenated)" if len(group) > 1 else "")
 
     def _nbits(self, gm, node, x, w_dq, bias):
-        group = w_dq.args[4]
-        if group < 16 or group & (group - 1):
-            return f"group size {group} (MatMulNBits needs a power of two >= 16)"
         wq, sw, zw = (get_attr_tensor(gm, a) for a in w_dq.args[:3])
         if wq is None or wq.dim() != 2:
             return "weight is not a 2-D constant"
         n, k = wq.shape
+        group = w_dq.args[4]
+        if group == 0:  # per channel (or tensor): one block per row, the next power of two >= K, zero-padded
+            group = max(16, 1 << (k - 1).bit_length())
+            sw = sw.reshape(-1).expand(n)
+            zw = None if zw is None else zw.reshape(-1).expand(n).reshape(n, 1)
+        elif group < 16 or group & (group - 1):
+            return f"group size {group} (MatMulNBits needs a power of two >= 16)"
         codes, zp = wq.to(torch.int16), zw
         if w_dq.args[3] == "int4":   # signed codes: shift to 0..15 around onnxruntime's default zero point 8
             codes = codes + 8
