@@ -163,3 +163,13 @@ def vnni_peak_kernel(iters: int, accumulators: int = 12):
             O[T.ramp(t * 16, 1, 16)] = acc.vload([t * 16], "int32x16")
 
     return peak
+
+
+def compile_kernel(func, target=None):
+    """Build one kernel ``PrimFunc`` on its own (tests, benchmarks): a module whose ``main``
+    takes ``tvm.runtime.tensor`` arguments. ``target``: the host's by default."""
+    import tvm
+
+    from .host import detect
+
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target or detect().target())

@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 class TvmArtifact:
     """Callable like the quantized model: torch tensors in, torch tensors out (same structure).
 
-    Attributes: ``compile_seconds`` (Relax build time), ``target`` (the LLVM target spec),
+    Attributes: ``compile_seconds`` (Relax build and LLVM code generation), ``import_seconds`` (export and Relax import), ``target`` (the LLVM target spec),
     ``family`` (integer kernel family), ``fused`` / ``skipped`` (which Linears run as integer
     GEMMs, and why the others do not)."""
 
