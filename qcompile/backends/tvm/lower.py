@@ -152,6 +152,19 @@ _BROADCASTING = {"add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "maximu
                  "where.self", "pow.Tensor_Tensor"}
 
 
+def _pick(dim, chosen):
+    """The dim an operand is cast to before a broadcasting op: ``chosen`` unless the operand's dim
+    is a broadcast 1, already the same, or nothing was chosen."""
+    import tvm_ffi
+    from tvm import tirx
+
+    if chosen is None or (isinstance(dim, tirx.IntImm) and int(dim) == 1):
+        return dim
+    if isinstance(chosen, int):
+        return dim if isinstance(dim, tirx.IntImm) else chosen
+    return dim if tvm_ffi.structural_equal(dim, chosen) else chosen
+
+
 def _importer():
     """TVM's ExportedProgram importer, made to keep shapes it would lose: when a converted op's
     result has no shape (a broadcast against a reshaped symbolic dim), it is cast to the shape
@@ -168,6 +181,18 @@ def _importer():
                             if isinstance(d, tirx.Var)}
             return params, inputs, ranges
 
+        def _slice(self, node):
+            # x[:, :s] of a constant buffer (BERT's position ids): TVM infers min(s, 512) for the
+            # length, a shape later passes cannot handle; torch.export checked the bound already
+            x = self.env[node.args[0]]
+            start = node.args[2] if len(node.args) > 2 else 0
+            end = node.args[3] if len(node.args) > 3 else None
+            step = node.args[4] if len(node.args) > 4 else 1
+            if isinstance(end, torch.fx.Node) and isinstance(start, int) and step == 1 and start == 0:
+                return self.block_builder.emit(relax.op.strided_slice(
+                    x, [node.args[1]], [start], [self.env[end]], [1], assume_inbound=True))
+            return super()._slice(node)
+
         def create_convert_map(self):
             return {name: self._keep_shape(f) for name, f in super().create_convert_map().items()}
 
@@ -180,14 +205,16 @@ def _importer():
                         if v is None or not isinstance(getattr(v, "ty", None), relax.TensorType):
                             continue
                         old = list(v.ty.shape.values)
-                        new = [dims[len(dims) - len(old) + i] if not isinstance(d, tirx.IntImm)
-                               and isinstance(dims[len(dims) - len(old) + i], int) else d for i, d in enumerate(old)]
+                        new = [_pick(d, dims[len(dims) - len(old) + i]) for i, d in enumerate(old)]
                         if any(x is not y for x, y in zip(new, old)):
                             self.env[a] = self.block_builder.match_cast(v, relax.TensorType(new, v.ty.dtype))
                 out = convert(node)
                 ty = getattr(out, "ty", None)
-                if not isinstance(ty, relax.TensorType) or ty.shape is not None:
+                if not isinstance(ty, relax.TensorType):
                     return out
+                if ty.shape is not None and all(isinstance(d, (tirx.IntImm, tirx.Var)) for d in ty.shape.values):
+                    return out
+                # no shape, or one like min(s53, 512): use the plain symbols torch.export recorded
                 dims = self._recorded_dims(node)
                 return self.block_builder.match_cast(out, relax.TensorType(dims, ty.dtype)) if dims else out
             return run
@@ -212,7 +239,9 @@ def _importer():
             for i in range(rank):
                 cands = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
                 static = [int(d) for d in cands if isinstance(d, tirx.IntImm) and int(d) != 1]
-                dims.append(static[0] if static else None)
+                named = [d for d in cands if isinstance(d, tirx.Var)]
+                # a static dim, else a plain symbol (s53 rather than min(s53, 512))
+                dims.append(static[0] if static else named[0] if named else None)
             return dims
 
         def _recorded_dims(self, node):
@@ -270,6 +299,8 @@ def build(mod, target):
     """Compile a Relax module: (executable, seconds)."""
     import tvm
 
+    from .pipeline import get_pipeline
+
     t0 = time.perf_counter()
-    ex = tvm.compile(mod, target=target)
+    ex = tvm.compile(mod, target=target, relax_pipeline=get_pipeline(target))
     return ex, time.perf_counter() - t0
