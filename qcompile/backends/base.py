@@ -42,8 +42,9 @@ class Backend(Protocol):
 BACKENDS = {
     "reference": ("qcompile.backends.reference", "ReferenceBackend", None),
     "onnx": ("qcompile.backends.onnx", "OnnxBackend", "onnx"),
+    "tvm": ("qcompile.backends.tvm", "TvmBackend", "tvm"),
 }
-ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx"}
+ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx", "tvm-llvm": "tvm"}
 
 
 def get_backend(name: str) -> Backend:

@@ -1,0 +1,136 @@
+"""Integer GEMM kernels side by side, one thread, one process: qcompile's TVM kernel (the family
+the host selects, fused float epilogue included) vs onnxruntime ``MatMulInteger`` (u8 x s8 → s32,
+a one-node model) vs ``torch._int_mm`` (s8 x s8 → s32), at M=128 K=768 N=3072 and M=1; and a
+register-only ``vpdpbusd`` loop, the host's measured VNNI peak.
+
+``extra_info`` holds ``gops`` (2*M*K*N / median), ``ratio_vs_ort`` (onnxruntime median / this
+median: > 1 is faster) and, for the TVM row, ``pct_of_vnni_peak``. Run::
+
+    TVM_NUM_THREADS=1 python -m pytest benchmarks/test_tvm_gemm.py --benchmark-only
+"""
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+tvm = pytest.importorskip("tvm")
+from qcompile.backends.tvm import kernels  # noqa: E402
+from qcompile.backends.tvm.host import detect  # noqa: E402
+
+K, N = 768, 3072
+PEAK_ITERS, PEAK_ACC = 20000, 12
+HOST = detect()
+
+
+def _data(m):
+    rng = np.random.default_rng(m)
+    return rng.integers(0, 256, (m, K)).astype(np.uint8), rng.integers(-128, 128, (N, K)).astype(np.int8)
+
+
+def _tvm_gemm(m):
+    a, w = _data(m)
+    np_ = kernels.padded_n(N)
+    mod = kernels.compile_kernel(kernels.gemm_kernel(K, np_, False, HOST.family))
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(x, dev) for x in (
+        a, kernels.pack_weights(w), np.zeros(np_, np.int32), np.ones(1, np.float32), np.zeros(1, np.int32),
+        np.ones(np_, np.float32), np.zeros(np_, np.float32), np.zeros((m, np_), np.float32))]
+    f = mod["main"]
+    return lambda: f(*args), lambda: args[-1].numpy()
+
+
+def _ort_matmul_integer(m):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    a, w = _data(m)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "mmi",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, N])],
+        [numpy_helper.from_array(np.ascontiguousarray(w.T), "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {"A": a}
+    out = {}
+
+    def run():
+        out["y"] = sess.run(None, feed)[0]
+    return run, lambda: out["y"]
+
+
+def _torch_int_mm(m):
+    a, w = _data(m)
+    at = torch.from_numpy((a.astype(np.int16) - 128).astype(np.int8))  # s8 x s8: the same work
+    bt = torch.from_numpy(np.ascontiguousarray(w.T))
+    torch._int_mm(at, bt)  # raises for shapes it does not take
+    return lambda: torch._int_mm(at, bt), None
+
+
+IMPLS = {"tvm": _tvm_gemm, "onnxruntime": _ort_matmul_integer, "torch_int_mm": _torch_int_mm}
+CASES = [(m, impl) for m in (128, 1) for impl in ("onnxruntime", "tvm", "torch_int_mm")]
+
+
+@pytest.mark.parametrize("m,impl", CASES, ids=[f"m{m}-{i}" for m, i in CASES])
+def test_gemm(benchmark, session_cache, m, impl):
+    torch.set_num_threads(1)
+    try:
+        run, result = IMPLS[impl](m)
+    except RuntimeError as e:
+        pytest.skip(f"{impl} does not run M={m}: {str(e).splitlines()[0]}")
+    benchmark.group = f"gemm-m{m}-k{K}-n{N}"
+    rounds = 50 if m == 128 else 2000
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=5, iterations=1)
+    median = benchmark.stats.stats.median
+    session_cache[("gemm", m, impl)] = median
+    if result is not None:
+        session_cache[("gemm-out", m, impl)] = result()
+    info = {"gops": round(2 * m * K * N / median / 1e9, 1), "threads": 1, "host_family": HOST.family, "mcpu": HOST.mcpu}
+    ort = session_cache.get(("gemm", m, "onnxruntime"))
+    if ort and impl != "onnxruntime":
+        info["ratio_vs_ort"] = round(ort / median, 3)
+    peak = session_cache.get("vnni_peak_gops")
+    if impl == "tvm" and peak:
+        info["pct_of_vnni_peak"] = round(100 * info["gops"] / peak, 1)
+    benchmark.extra_info.update(info)
+    if impl == "tvm" and ("gemm-out", m, "onnxruntime") in session_cache:
+        # identity epilogue: the float output is the int32 product, and both must agree exactly
+        assert np.array_equal(session_cache[("gemm-out", m, "tvm")][:, :N],
+                              session_cache[("gemm-out", m, "onnxruntime")].astype(np.float32))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vnni_peak(session_cache):
+    """The register-only vpdpbusd loop, timed before the GEMMs so their rows can cite it."""
+    if not HOST.has_vnni:
+        return
+    mod = kernels.compile_kernel(kernels.vnni_peak_kernel(PEAK_ITERS, PEAK_ACC))
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ones(16, np.int32), dev), tvm.runtime.tensor(np.ones(64, np.int8), dev),
+            tvm.runtime.tensor(np.zeros(PEAK_ACC * 16, np.int32), dev)]
+    t = min(mod.mod.time_evaluator("main", dev, number=5, repeat=5)(*args).results)
+    session_cache["vnni_peak_gops"] = PEAK_ITERS * PEAK_ACC * 128 / t / 1e9
+
+
+def test_vnni_peak(benchmark, session_cache):
+    """The peak loop itself as a row: ``gops`` is the host's int8 VNNI ceiling on one core."""
+    if not HOST.has_vnni:
+        pytest.skip("this host has no avx512_vnni")
+    mod = kernels.compile_kernel(kernels.vnni_peak_kernel(PEAK_ITERS, PEAK_ACC))
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ones(16, np.int32), dev), tvm.runtime.tensor(np.ones(64, np.int8), dev),
+            tvm.runtime.tensor(np.zeros(PEAK_ACC * 16, np.int32), dev)]
+    f = mod["main"]
+    benchmark.group = "vnni-peak"
+    benchmark.pedantic(lambda: f(*args), rounds=30, warmup_rounds=3, iterations=1)
+    f(*args)
+    assert (args[2].numpy() == PEAK_ITERS).all()  # u8 (1,0,0,0) . s8 (1,1,1,1) = 1 per step, every lane
+    benchmark.extra_info["gops"] = round(PEAK_ITERS * PEAK_ACC * 128 / benchmark.stats.stats.median / 1e9, 1)

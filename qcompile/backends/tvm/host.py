@@ -1,0 +1,80 @@
+"""What the host CPU can run: its flags, the LLVM ``mcpu`` to compile for, and the best integer
+kernel family (machines differ from day to day: never assume one processor)."""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Host:
+    """``flags``: /proc/cpuinfo flags; ``mcpu``: LLVM CPU name; ``family``: integer kernel family."""
+
+    vendor: str
+    flags: frozenset
+    mcpu: str
+    family: str
+
+    @property
+    def has_vnni(self) -> bool:
+        return "avx512_vnni" in self.flags
+
+    @property
+    def has_amx(self) -> bool:
+        return "amx_int8" in self.flags and "amx_tile" in self.flags
+
+    def target(self, threads: int = 0):
+        """The TVM LLVM target for this host (dict form: TVM 0.27 rejects target strings)."""
+        import tvm
+
+        spec = {"kind": "llvm", "mcpu": self.mcpu}
+        if threads:
+            spec["num-cores"] = threads
+        return tvm.target.Target(spec)
+
+
+def _cpuinfo() -> tuple[str, frozenset]:
+    vendor, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "flags":
+                    flags = frozenset(value.split())
+                    break
+    except OSError:
+        pass
+    return vendor, flags
+
+
+def choose_mcpu(vendor: str, flags: frozenset) -> str:
+    """The LLVM CPU whose features match ``flags`` (a conservative named CPU, never ``native``,
+    so a library compiled here says what it needs)."""
+    if "amx_int8" in flags:
+        return "sapphirerapids"
+    if "avx512_vnni" in flags:
+        return "znver4" if vendor == "AuthenticAMD" else "icelake-server"
+    if "avx512f" in flags:
+        return "skylake-avx512"
+    if "avx2" in flags:
+        return "x86-64-v3"
+    return "x86-64"
+
+
+def choose_family(flags: frozenset) -> str:
+    """The fastest built kernel family the flags allow. AMX hosts get ``vnni`` too: the AMX family
+    is not built yet (docs/tvm.md)."""
+    return "vnni" if "avx512_vnni" in flags else "generic"
+
+
+@lru_cache(maxsize=1)
+def detect() -> Host:
+    """This machine's :class:`Host`."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return Host("", frozenset(), "generic", "generic")
+    vendor, flags = _cpuinfo()
+    return Host(vendor, flags, choose_mcpu(vendor, flags), choose_family(flags))

@@ -1,0 +1,175 @@
+"""Integer GEMM kernels written in TVMScript (TIR), one family per instruction set.
+
+Every kernel computes ``out[m, n] = f32(acc - za[row] * colsum[n]) * (sa[row] * sw[n]) + bias[n]``
+with ``acc = sum_k a_u8[m, k] * w_s8[n, k]`` (exact, int32): u8 activations times s8 weights, the
+zero point of the activations removed afterwards through the weights' column sums, and the
+float epilogue fused into the same loop nest, so the int32 accumulators never reach memory.
+
+Weights are packed once, at lowering time, to ``[N/16, K/4, 64]`` (:func:`pack_weights`): for one
+block of 16 output columns and 4 consecutive ``k``, the 64 bytes one ``vpdpbusd`` takes, so each
+micro-kernel step loads whole cache lines. The loop nest is the same for every family:
+
+- a register tile of ``MR x NR`` blocks of 16 columns (``MR=5, NR=3``: 15 zmm accumulators) over
+  ``m // MR`` row tiles, column-panel outer so one weight panel stays in L2 for every row tile;
+- the ``m % MR`` remaining rows (and ``m == 1``: the GEMV path) one row at a time with a wider
+  column tile (``NR1`` blocks), since a single row has no reuse of the weights to exploit.
+
+Families (:data:`FAMILIES`): ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm) and ``generic`` (plain
+integer multiply-adds that LLVM vectorises for whatever the target has, AVX2 included). Both are
+bit-exact against an int32 reference (tests/test_tvm_kernels.py). An AMX family is not built (see
+docs/tvm.md).
+
+Two facts of TVM 0.27 + LLVM 22 shape this code: ``llvm.x86.avx512.vpdpbusd.512`` takes its
+operands as ``<64 x i8>`` (TVM's built-in VNNI intrinsic passes ``<16 x i32>`` and fails to build),
+and a ``local`` buffer is allocated on TVM's heap workspace, which LLVM cannot keep in registers:
+the accumulators are ``global``-scope buffers under 1 KiB, which TVM places on the stack, where
+LLVM's SROA promotes them to registers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MR, NR = 5, 3          # register tile: 5 rows x 3 blocks of 16 columns (15 accumulators, 960 bytes)
+FAMILIES = ("vnni", "generic")
+VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def padded_n(n: int) -> int:
+    """Columns after packing: a multiple of ``16 * NR`` (the padding columns have zero weights)."""
+    step = 16 * NR
+    return (n + step - 1) // step * step
+
+
+def pack_weights(w: np.ndarray) -> np.ndarray:
+    """int8 weights ``[N, K]`` → ``[Np/16, K/4, 64]``: for each block of 16 columns and each group
+    of 4 ``k``, the 16 x 4 bytes in ``vpdpbusd`` order (column-major inside the group)."""
+    n, k = w.shape
+    if k % 4:
+        raise ValueError(f"K={k} is not a multiple of 4")
+    np_ = padded_n(n)
+    wp = np.zeros((np_, k), np.int8)
+    wp[:n] = w
+    return np.ascontiguousarray(wp.reshape(np_ // 16, 16, k // 4, 4).transpose(0, 2, 1, 3).reshape(np_ // 16, k // 4, 64))
+
+
+def unpack_weights(packed: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_weights` (with the padding columns): ``[Np, K]``."""
+    nb, k4, _ = packed.shape
+    return packed.reshape(nb, k4, 16, 4).transpose(0, 2, 1, 3).reshape(nb * 16, k4 * 4)
+
+
+def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni"):
+    """The TIR ``PrimFunc`` for one weight shape.
+
+    Arguments, in order: ``a`` u8 ``[m, K]`` (``m`` symbolic), ``w`` packed int8 ``[Np/16, K/4, 64]``,
+    ``colsum`` i32 ``[Np]``, ``sa`` f32 and ``za`` i32 (``[m]`` when ``per_row``, else ``[1]``),
+    ``sw`` f32 ``[Np]``, ``bias`` f32 ``[Np]``, ``out`` f32 ``[m, Np]``."""
+    from tvm.script import tirx as T
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown kernel family '{family}' (built: {', '.join(FAMILIES)})")
+    if k % 4 or np_ % (16 * NR):
+        raise ValueError(f"K={k} must be a multiple of 4 and Np={np_} of {16 * NR}")
+    k4, nb = k // 4, np_ // 16
+    nr1 = 6 if nb % 6 == 0 else NR
+    pr = 1 if per_row else 0
+    vnni = family == "vnni"
+
+    @T.macro
+    def tile(A, A4, B, CS, SA, ZA, SW, BIAS, O, row0, mr, jb0, nr):
+        # stack-allocated accumulators (see the module docstring for why the scope is "global")
+        acc = T.decl_buffer((mr * nr * 16,), "int32", scope="global")
+        av = T.decl_buffer((mr * 16,), "int32", scope="global")
+        bv = T.decl_buffer((nr * 64,), "int8", scope="global")
+        for t in T.unroll(mr * nr):
+            acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+        for kk in range(k4):
+            if vnni:
+                for jb in T.unroll(nr):
+                    bv[T.ramp(jb * 64, 1, 64)] = B.vload([jb0 + jb, kk, 0], "int8x64")
+                for ii in T.unroll(mr):
+                    av[T.ramp(ii * 16, 1, 16)] = T.broadcast(A4[(row0 + ii) * k4 + kk], 16)
+                for ii in T.unroll(mr):
+                    for jb in T.unroll(nr):
+                        acc[T.ramp((ii * nr + jb) * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                            "int32x16", VPDPBUSD, acc.vload([(ii * nr + jb) * 16], "int32x16"),
+                            T.reinterpret("uint8x64", av.vload([ii * 16], "int32x16")),
+                            bv.vload([jb * 64], "int8x64"))
+            else:
+                for ii in T.unroll(mr):
+                    for jb in T.unroll(nr):
+                        for q in T.unroll(4):
+                            for j in T.vectorized(16):
+                                acc[(ii * nr + jb) * 16 + j] = acc[(ii * nr + jb) * 16 + j] + T.Cast(
+                                    "int32", A[row0 + ii, kk * 4 + q]) * T.Cast("int32", B[jb0 + jb, kk, j * 4 + q])
+        for ii in range(mr):
+            for jb in range(nr):
+                for j in T.vectorized(16):
+                    O[row0 + ii, (jb0 + jb) * 16 + j] = T.Cast(
+                        "float32", acc[(ii * nr + jb) * 16 + j] - ZA[(row0 + ii) * pr] * CS[(jb0 + jb) * 16 + j]
+                    ) * (SA[(row0 + ii) * pr] * SW[(jb0 + jb) * 16 + j]) + BIAS[(jb0 + jb) * 16 + j]
+
+    @T.prim_func
+    def gemm(a: T.handle, w: T.handle, cs: T.handle, sa: T.handle, za: T.handle, sw: T.handle,
+             bias: T.handle, o: T.handle):
+        T.func_attr({"tir.noalias": True})
+        m = T.int64()
+        ms = T.int64()
+        A = T.match_buffer(a, (m, k), "uint8")
+        B = T.match_buffer(w, (nb, k4, 64), "int8")
+        CS = T.match_buffer(cs, (np_,), "int32")
+        SA = T.match_buffer(sa, (ms,), "float32")
+        ZA = T.match_buffer(za, (ms,), "int32")
+        SW = T.match_buffer(sw, (np_,), "float32")
+        BIAS = T.match_buffer(bias, (np_,), "float32")
+        O = T.match_buffer(o, (m, np_), "float32")
+        A4 = T.decl_buffer((m * k4,), "int32", data=A.data)  # 4 codes of one row as one int32
+        for jo in range(nb // NR):
+            for io in range(m // MR):
+                tile(A, A4, B, CS, SA, ZA, SW, BIAS, O, io * MR, MR, jo * NR, NR)
+        for r in range(m % MR):
+            for jo in range(nb // nr1):
+                tile(A, A4, B, CS, SA, ZA, SW, BIAS, O, m // MR * MR + r, 1, jo * nr1, nr1)
+
+    return gemm
+
+
+def vnni_peak_kernel(iters: int, accumulators: int = 12):
+    """A loop of ``vpdpbusd`` on registers only (no memory traffic): the host's int8 VNNI peak.
+    One call does ``iters * accumulators * 128`` int8 operations."""
+    from tvm.script import tirx as T
+
+    nacc = accumulators
+
+    @T.prim_func
+    def peak(a: T.handle, b: T.handle, o: T.handle):
+        T.func_attr({"tir.noalias": True})
+        A = T.match_buffer(a, (16,), "int32")
+        B = T.match_buffer(b, (64,), "int8")
+        O = T.match_buffer(o, (nacc * 16,), "int32")
+        acc = T.decl_buffer((nacc * 16,), "int32", scope="global")
+        av = T.decl_buffer((16,), "int32", scope="global")
+        bv = T.decl_buffer((64,), "int8", scope="global")
+        av[T.ramp(0, 1, 16)] = A.vload([0], "int32x16")
+        bv[T.ramp(0, 1, 64)] = B.vload([0], "int8x64")
+        for t in T.unroll(nacc):
+            acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+        for it in range(iters):
+            for t in T.unroll(nacc):
+                acc[T.ramp(t * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                    "int32x16", VPDPBUSD, acc.vload([t * 16], "int32x16"),
+                    T.reinterpret("uint8x64", av.vload([0], "int32x16")), bv.vload([0], "int8x64"))
+        for t in T.unroll(nacc):
+            O[T.ramp(t * 16, 1, 16)] = acc.vload([t * 16], "int32x16")
+
+    return peak
+
+
+def compile_kernel(func, target=None):
+    """Build one kernel ``PrimFunc`` on its own (tests, benchmarks): a module whose ``main``
+    takes ``tvm.runtime.tensor`` arguments. ``target``: the host's by default."""
+    import tvm
+
+    from .host import detect
+
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target or detect().target())

@@ -1,0 +1,306 @@
+"""Lower a converted qcompile model to a TVM Relax module and build it for the host CPU.
+
+Steps: copy the Q/DQ graph → :class:`~.fuse.FuseInt8LinearPass` (integer GEMMs with packed
+weights) → ``torch.export`` → core ATen decompositions → a check that every op has a converter
+(naming the node that has none) → ``relax.frontend.torch.from_exported_program`` with converters
+for qcompile's ops (below) → ``tvm.compile`` for an LLVM target detected from the host.
+
+The converters mirror the reference numerics (:mod:`qcompile.ops`, torchao's affine primitives)
+op for op — ``round(x * (1 / scale)) + zero_point``, clamped — so codes match the reference
+backend's; ``int8_linear`` becomes a ``call_tir`` of the kernel from :mod:`.kernels` for the
+weight's shape, its float epilogue fused inside the kernel.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from ...errors import BackendError
+from ...formats import get_format
+from ...passes.infra import PassManager, prune_unused_tensors
+from . import kernels
+from .fuse import FuseInt8LinearPass
+
+
+class NotBuiltError(BackendError, NotImplementedError):
+    """A capability the TVM backend does not have yet; the message names it and the node."""
+
+
+def _fmt(node, fmt_name: str):
+    fmt = get_format(fmt_name)
+    if fmt.kind != "int" or fmt.bits != 8:
+        raise NotBuiltError(f"node '{node.name}': the tvm backend does not lower format '{fmt_name}' yet "
+                            "(int8/uint8 only; int4 weight-only with in-kernel unpacking is not yet built)")
+    return fmt
+
+
+def _f32(v: float):
+    from tvm import relax
+
+    return relax.const(v, "float32")
+
+
+def _quantize(node, imp):
+    from tvm import relax
+
+    x, s = imp.env[node.args[0]], imp.env[node.args[1]]
+    z = imp.env[node.args[2]] if node.args[2] is not None else None
+    fmt = _fmt(node, node.args[3])
+    if node.args[4]:
+        raise NotBuiltError(f"node '{node.name}': group-wise quantize (group_size={node.args[4]}) is not yet built")
+    bb, op = imp.block_builder, relax.op
+    q = op.round(op.multiply(x, op.divide(_f32(1.0), s)))
+    if z is not None:
+        q = op.add(q, op.astype(z, "float32"))
+    q = op.clip(q, fmt.qmin, fmt.qmax)
+    return bb.emit(op.astype(q, str(fmt.storage).replace("torch.", "")))
+
+
+def _dequantize(node, imp):
+    from tvm import relax
+
+    q, s = imp.env[node.args[0]], imp.env[node.args[1]]
+    z = imp.env[node.args[2]] if node.args[2] is not None else None
+    _fmt(node, node.args[3])
+    if node.args[4]:
+        raise NotBuiltError(f"node '{node.name}': group-wise dequantize (group_size={node.args[4]}) is not yet built")
+    op = relax.op
+    if z is not None:
+        x = op.astype(op.subtract(op.astype(q, "int32"), op.astype(z, "int32")), "float32")
+    else:
+        x = op.astype(q, "float32")
+    return imp.block_builder.emit(op.multiply(x, s))
+
+
+def _choose_qparams(node, imp):
+    from tvm import relax
+
+    x = imp.env[node.args[0]]
+    fmt_name, symmetric, per_token = node.args[1], node.args[2], node.args[3]
+    fmt = _fmt(node, fmt_name)
+    op, bb = relax.op, imp.block_builder
+    axis = [-1] if per_token else None
+    lo = op.minimum(op.min(x, axis=axis, keepdims=per_token), _f32(0.0))
+    hi = op.maximum(op.max(x, axis=axis, keepdims=per_token), _f32(0.0))
+    eps = _f32(float(torch.finfo(torch.float32).eps))
+    storage = str(fmt.storage).replace("torch.", "")
+    if symmetric:
+        amax = op.maximum(op.negative(lo), hi)
+        if not fmt.signed:
+            scale = op.maximum(op.divide(amax, _f32((fmt.qmax - fmt.qmin) / 2)), eps)
+            zp = op.astype(op.add(op.multiply(scale, _f32(0.0)), _f32((fmt.qmin + fmt.qmax + 1) // 2)), storage)
+        else:
+            scale = op.maximum(op.divide(amax, _f32(fmt.qmax)), eps)
+            zp = op.astype(op.multiply(scale, _f32(0.0)), storage)
+    else:
+        scale = op.maximum(op.divide(op.subtract(hi, lo), _f32(fmt.qmax - fmt.qmin)), eps)
+        zp = op.clip(op.subtract(_f32(fmt.qmin), op.round(op.divide(lo, bb.emit(scale)))),
+                     fmt.qmin, fmt.qmax)
+        zp = op.astype(zp, storage)
+    return bb.emit(relax.Tuple([bb.emit(scale), bb.emit(zp)]))
+
+
+class _Int8Linear:
+    """Converter for ``qcompile_tvm::int8_linear``: one kernel ``PrimFunc`` per (K, Np, per-row)."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.kernels: dict[tuple, object] = {}
+
+    def __call__(self, node, imp):
+        from tvm import relax
+
+        op, bb = relax.op, imp.block_builder
+        a, sa = imp.env[node.args[0]], imp.env[node.args[1]]
+        za = imp.env[node.args[2]] if node.args[2] is not None else None
+        packed, colsum, sw, bias = (imp.env[x] for x in node.args[3:7])
+        n, a_format = node.args[7], node.args[8]
+        k = int(packed.ty.shape[1]) * 4
+        np_ = int(packed.ty.shape[0]) * 16
+        if a.ty.shape is None:  # the importer lost the shape (e.g. after flatten): name its dims
+            from tvm import tirx
+
+            dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(a.ty.ndim - 1)]
+            a = bb.match_cast(a, relax.TensorType([*dims, k], a.ty.dtype))
+        lead = list(a.ty.shape.values[:-1])
+        a2 = bb.emit(op.reshape(a, (-1, k)))
+        if a_format == "int8":  # vpdpbusd is u8 x s8: shift codes and zero point by 128
+            a2 = bb.emit(op.astype(op.add(op.astype(a2, "int16"), relax.const(128, "int16")), "uint8"))
+        za = relax.const(0, "int32") if za is None else bb.emit(op.astype(za, "int32"))
+        if a_format == "int8":
+            za = bb.emit(op.add(za, relax.const(128, "int32")))
+        sa_shape = [int(d) if isinstance(d, int) or hasattr(d, "value") else None for d in sa.ty.shape.values]
+        per_row = not (all(d is not None for d in sa_shape) and int(torch.tensor(sa_shape).prod()) == 1)
+        sa1 = bb.emit(op.reshape(sa, (-1,)))
+        za1 = bb.emit(op.reshape(bb.emit(op.broadcast_to(za, sa.ty.shape)), (-1,)))
+        key = (k, np_, per_row)
+        if key not in self.kernels:
+            name = f"qgemm_{self.family}_k{k}_n{np_}{'_row' if per_row else ''}"
+            func = kernels.gemm_kernel(k, np_, per_row, self.family).with_attr("global_symbol", name)
+            self.kernels[key] = bb.add_func(func, name)
+        m = a2.ty.shape[0]
+        out = bb.emit(relax.call_tir(self.kernels[key], [a2, packed, colsum, sa1, za1, sw, bias],
+                                     out_ty=relax.TensorType((m, np_), "float32")))
+        if np_ != n:
+            out = bb.emit(op.strided_slice(out, axes=[1], begin=[0], end=[n]))
+        return bb.emit(op.reshape(out, (*lead, n)))
+
+
+_BROADCASTING = {"add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "maximum.default", "minimum.default",
+                 "where.self", "pow.Tensor_Tensor"}
+
+
+def _pick(dim, chosen):
+    """The dim an operand is cast to before a broadcasting op: ``chosen`` unless the operand's dim
+    is a broadcast 1, already the same, or nothing was chosen."""
+    import tvm_ffi
+    from tvm import tirx
+
+    if chosen is None or (isinstance(dim, tirx.IntImm) and int(dim) == 1):
+        return dim
+    if isinstance(chosen, int):
+        return dim if isinstance(dim, tirx.IntImm) else chosen
+    return dim if tvm_ffi.structural_equal(dim, chosen) else chosen
+
+
+def _importer():
+    """TVM's ExportedProgram importer, made to keep shapes it would lose: when a converted op's
+    result has no shape (a broadcast against a reshaped symbolic dim), it is cast to the shape
+    torch.export recorded for the node, so every later op can still be legalized."""
+    from tvm import relax, tirx
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    class Importer(ExportedProgramImporter):
+        symbols: dict = {}
+
+        def create_input_vars(self, exported_program):
+            params, inputs, ranges = super().create_input_vars(exported_program)
+            self.symbols = {d.name: d for v in inputs.values() for d in (v.ty.shape.values if v.ty.shape is not None else ())
+                            if isinstance(d, tirx.Var)}
+            return params, inputs, ranges
+
+        def _slice(self, node):
+            # x[:, :s] of a constant buffer (BERT's position ids): TVM infers min(s, 512) for the
+            # length, a shape later passes cannot handle; torch.export checked the bound already
+            x = self.env[node.args[0]]
+            start = node.args[2] if len(node.args) > 2 else 0
+            end = node.args[3] if len(node.args) > 3 else None
+            step = node.args[4] if len(node.args) > 4 else 1
+            if isinstance(end, torch.fx.Node) and isinstance(start, int) and step == 1 and start == 0:
+                return self.block_builder.emit(relax.op.strided_slice(
+                    x, [node.args[1]], [start], [self.env[end]], [1], assume_inbound=True))
+            return super()._slice(node)
+
+        def create_convert_map(self):
+            return {name: self._keep_shape(f) for name, f in super().create_convert_map().items()}
+
+        def _keep_shape(self, convert):
+            def run(node):
+                dims = self._broadcast_dims(node)
+                if dims:  # cast operands to the static dims first, so the op itself legalizes
+                    for a in node.args:
+                        v = self.env.get(a) if isinstance(a, torch.fx.Node) else None
+                        if v is None or not isinstance(getattr(v, "ty", None), relax.TensorType):
+                            continue
+                        old = list(v.ty.shape.values)
+                        new = [_pick(d, dims[len(dims) - len(old) + i]) for i, d in enumerate(old)]
+                        if any(x is not y for x, y in zip(new, old)):
+                            self.env[a] = self.block_builder.match_cast(v, relax.TensorType(new, v.ty.dtype))
+                out = convert(node)
+                ty = getattr(out, "ty", None)
+                if not isinstance(ty, relax.TensorType):
+                    return out
+                if ty.shape is not None and all(isinstance(d, (tirx.IntImm, tirx.Var)) for d in ty.shape.values):
+                    return out
+                # no shape, or one like min(s53, 512): use the plain symbols torch.export recorded
+                dims = self._recorded_dims(node)
+                return self.block_builder.match_cast(out, relax.TensorType(dims, ty.dtype)) if dims else out
+            return run
+
+        def _broadcast_dims(self, node):
+            # an elementwise op: torch checks at run time that the dims agree, so a static dim
+            # other than 1 on either side is the result's (match_cast checks it again at run time)
+            if node.op != "call_function" or node.target.__name__ not in _BROADCASTING:
+                return None
+            shapes = []
+            for a in node.args:
+                v = self.env.get(a) if isinstance(a, torch.fx.Node) else None
+                if v is None:
+                    continue
+                if not isinstance(getattr(v, "ty", None), relax.TensorType) or v.ty.shape is None:
+                    return None
+                shapes.append(list(v.ty.shape.values))
+            if len(shapes) < 2:
+                return None
+            rank = max(len(s) for s in shapes)
+            dims = []
+            for i in range(rank):
+                cands = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+                static = [int(d) for d in cands if isinstance(d, tirx.IntImm) and int(d) != 1]
+                named = [d for d in cands if isinstance(d, tirx.Var)]
+                # a static dim, else a plain symbol (s53 rather than min(s53, 512))
+                dims.append(static[0] if static else named[0] if named else None)
+            return dims
+
+        def _recorded_dims(self, node):
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                return None
+            dims = []
+            for d in val.shape:
+                if isinstance(d, int):
+                    dims.append(d)
+                elif str(d) in self.symbols:
+                    dims.append(self.symbols[str(d)])
+                else:
+                    return None
+            return dims
+
+    return Importer()
+
+
+def _unsupported(ep, convert_map) -> None:
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target.__name__ not in convert_map:
+            stack = node.meta.get("nn_module_stack") or {}
+            where = f" in module '{list(stack.values())[-1][0]}'" if stack else ""
+            raise BackendError(f"node '{node.name}'{where}: TVM's PyTorch importer has no converter for "
+                               f"'{node.target.__name__}'")
+
+
+def import_relax(qmodel, family: str):
+    """(Relax IRModule, the fusion pass that ran): the converted graph of ``qmodel`` in Relax."""
+    if qmodel._example is None:
+        raise BackendError("this model has no capture examples (it was loaded from disk): lowering a loaded "
+                           "model to tvm is not yet built; lower the model returned by quantize()")
+    gm = copy.deepcopy(qmodel.graph_module)
+    fuse = FuseInt8LinearPass()
+    PassManager([fuse])(gm)
+    prune_unused_tensors(gm)
+    args, kwargs, dynamic_shapes = qmodel._example
+    with torch.no_grad():
+        ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
+    custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
+              "choose_qparams.default": _choose_qparams, "int8_linear.default": _Int8Linear(family)}
+    importer = _importer()
+    _unsupported(ep, set(importer.convert_map) | set(custom))
+    try:
+        mod = importer.from_exported_program(ep, False, False, False, custom)
+    except BackendError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised as a qcompile error
+        raise BackendError(f"TVM could not import the graph: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
+    return mod, fuse
+
+
+def build(mod, target):
+    """Compile a Relax module: (executable, seconds)."""
+    import tvm
+
+    from .pipeline import get_pipeline
+
+    t0 = time.perf_counter()
+    ex = tvm.compile(mod, target=target, relax_pipeline=get_pipeline(target))
+    return ex, time.perf_counter() - t0

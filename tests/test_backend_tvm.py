@@ -1,0 +1,83 @@
+"""The tvm backend: the shared conformance suite, the integer-GEMM fusion pass (graph structure,
+numerics, negative cases), save/load with TVM's runtime only, and clear errors."""
+import pytest
+import torch
+
+import qcompile
+from backend_conformance import BackendConformance, _quantize, assert_matches_reference
+from conftest import TinyBlock
+
+pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
+
+from qcompile.backends.tvm import NotBuiltError, load  # noqa: E402
+from qcompile.backends.tvm.fuse import INT8_LINEAR, FuseInt8LinearPass  # noqa: E402
+from qcompile.ops import DEQUANTIZE  # noqa: E402
+
+
+class TestTvmBackend(BackendConformance):
+    backend = "tvm"
+
+
+def _block(recipe, seed=0):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 50, (3, 7), generator=g), torch.ones(3, 7, dtype=torch.long)) for _ in range(3)]
+    return _quantize(TinyBlock().eval(), recipe, batches), batches
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic"])
+def test_fuse_pass_replaces_every_quantized_linear(recipe):
+    import copy
+
+    q, batches = _block(recipe)
+    gm = copy.deepcopy(q.graph_module)
+    p = FuseInt8LinearPass()
+    assert p(gm).modified
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(INT8_LINEAR) == 6 and torch.ops.aten.linear.default not in targets
+    # only the embedding's weight dequantize is left (the fused weights are packed integer codes)
+    assert targets.count(DEQUANTIZE) == 1
+    packed = [getattr(gm, n.args[3].target) for n in gm.graph.nodes if n.target == INT8_LINEAR]
+    assert all(w.dtype == torch.int8 and w.dim() == 3 and w.shape[-1] == 64 for w in packed)
+    with torch.no_grad():  # the fused op's PyTorch implementation computes the same thing
+        for ids, mask in batches:
+            assert_matches_reference(gm(ids, mask), q.graph_module(ids, mask))
+
+
+def test_fuse_pass_leaves_weight_only_linears_and_says_why():
+    import copy
+
+    q, _ = _block("w8")
+    gm = copy.deepcopy(q.graph_module)
+    p = FuseInt8LinearPass()
+    assert not p(gm).modified
+    assert set(p.skipped.values()) == {"the input is not dequantized (weight-only or float layer)"}
+
+
+def test_artifact_reports_kernels_and_reloads_with_tvm_runtime_only(tmp_path):
+    q, batches = _block("w8a8")
+    art = qcompile.lower(q, backend="tvm-llvm")
+    assert art.compile_seconds > 0 and art.family in ("vnni", "generic") and len(art.fused) == 6
+    path = art.save(tmp_path / "m")
+    assert (path / "model.so").stat().st_size > 0 and (path / "tvm.json").exists()
+    again = load(path)
+    ids, mask = torch.randint(0, 50, (2, 13)), torch.ones(2, 13, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.equal(again(ids, mask), art(ids, mask))
+        assert_matches_reference(again(ids, mask=mask), q(ids, mask))
+
+
+def test_generic_family_matches_reference():
+    q, batches = _block("w8a8-dynamic")
+    art = qcompile.lower(q, backend="tvm", family="generic")
+    with torch.no_grad():
+        assert_matches_reference(art(*batches[0]), q(*batches[0]))
+
+
+def test_unbuilt_format_and_family_raise_not_implemented():
+    q, _ = _block("w4-g64")
+    with pytest.raises(NotImplementedError, match="format 'uint4'"):
+        qcompile.lower(q, backend="tvm")
+    q, _ = _block("w8")
+    with pytest.raises(NotBuiltError, match="'amx'"):
+        qcompile.lower(q, backend="tvm", family="amx")
