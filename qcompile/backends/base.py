@@ -42,8 +42,9 @@ class Backend(Protocol):
 BACKENDS = {
     "reference": ("qcompile.backends.reference", "ReferenceBackend", None),
     "onnx": ("qcompile.backends.onnx", "OnnxBackend", "onnx"),
+    "triton-cuda": ("qcompile.backends.triton", "TritonBackend", "triton"),
 }
-ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx"}
+ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx", "triton": "triton-cuda"}
 
 
 def get_backend(name: str) -> Backend:
