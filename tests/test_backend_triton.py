@@ -237,3 +237,27 @@ def test_clear_errors_without_a_gpu_or_without_triton():
     lines = dict(line.split(": ", 1) for line in out.stdout.splitlines() if line.startswith("NO_"))
     assert "needs a CUDA GPU" in lines["NO_GPU"] and "TRITON_INTERPRET=1" in lines["NO_GPU"]
     assert "qcompile[triton]" in lines["NO_TRITON"]
+
+
+def test_gpu_benchmark_script_runs_under_the_interpreter():
+    """benchmarks/gpu/bench_linear.py cannot be timed here; its code path (packing, every kernel row,
+    the correctness column) runs on tiny shapes so a GPU session does not find a broken script."""
+    import importlib.util
+    import time
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu", "bench_linear.py")
+    spec = importlib.util.spec_from_file_location("bench_linear", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert "TRITON_INTERPRET" in bench.no_gpu_reason()
+
+    def once(fn):
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+    rows = bench.run(ms=[1, 3], shapes=[(256, 32)], device="cpu", timer=once, copy_bytes=1 << 16)
+    kernels = {r["kernel"] for r in rows}
+    assert {"cublas-fp16", "w4a16-g128", "w8a16", "nf4-g64", "w8a8-dyn"} <= kernels
+    assert not [r for r in rows if "error" in r]
+    assert all(r["max_rel_err"] < 2e-2 for r in rows if r.get("max_rel_err") is not None)
