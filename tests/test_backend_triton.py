@@ -51,7 +51,7 @@ def _rel(a, b):
 
 # K = 200 is not a multiple of 32/64/128: every grouped case has a short last group
 @pytest.mark.parametrize("fmt,symmetric", [("uint4", False), ("int4", True), ("int4", False), ("int8", True),
-                                           ("uint8", False), ("nf4", True)])
+                                           ("uint8", False), ("nf4", True), ("fp8_e4m3", True)])
 @pytest.mark.parametrize("group", [0, 32, 64, 128])
 @pytest.mark.parametrize("m", [1, 6])
 def test_weight_only_matches_torch(fmt, symmetric, group, m):
@@ -90,8 +90,8 @@ def test_int4_packs_two_codes_per_byte():
 
 def test_pack_rejects_what_the_kernel_does_not_read():
     q, s, z, _ = _quantized_weight("int8", 0, True, 8, 16)
-    with pytest.raises(ValueError, match="fp8_e4m3"):
-        pack_weight(q, s, z, "fp8_e4m3", 0)
+    with pytest.raises(ValueError, match="int2"):
+        pack_weight(q, s, z, "int2", 0)
     with pytest.raises(ValueError, match="symmetric"):
         pack_int8_weight(q, s, torch.ones_like(s, dtype=torch.int8))
 
@@ -117,6 +117,24 @@ def test_w8a8_and_activation_quant_match_torch(fmt, symmetric, dynamic, m):
     y = w8a8_linear(codes, s2, z2, pack_int8_weight(wq, ws, None), b, interpret=True)
     ref = torch.nn.functional.linear(DQ(ref_codes, s, z, fmt, 0, torch.float32), DQ(wq, ws, None, "int8", 0, torch.float32), b)
     assert _rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("m", [1, 7])
+def test_fp8_gemm_matches_torch(per_token, m):
+    from qcompile.backends.triton.fp8 import fp8_linear, pack_fp8_weight
+
+    n, k = 40, 100
+    g = torch.Generator().manual_seed(m)
+    w, x, b = torch.randn(n, k, generator=g), torch.randn(2, m, k, generator=g), torch.randn(n, generator=g)
+    ws = w.abs().amax(1, keepdim=True) / 448
+    wq = Q(w, ws, None, "fp8_e4m3", 0)
+    s = x.abs().amax(-1, keepdim=True) / 448 if per_token else x.abs().max() / 448
+    codes = Q(x, s, None, "fp8_e4m3", 0)
+    y = fp8_linear(codes, s, pack_fp8_weight(wq, ws), b, interpret=True)
+    ref = torch.nn.functional.linear(DQ(codes, s, None, "fp8_e4m3", 0, torch.float32),
+                                     DQ(wq, ws, None, "fp8_e4m3", 0, torch.float32), b)
+    assert y.shape == (2, m, n) and _rel(y, ref) < 1e-5
 
 
 def test_activation_quant_rounds_half_to_even_like_torch():
@@ -176,18 +194,35 @@ def test_w4_group128_with_short_last_group_runs_through_the_kernel():
             assert_matches_reference(art(x), q(x))
 
 
-def test_unsupported_formats_stay_in_pytorch_with_a_reason():
+def _mlp_quantized(weight, activation=None):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 16)).eval()
-    recipe = qcompile.Recipe(name="fp8w", default=qcompile.LayerConfig(
-        weight=qcompile.QuantSpec("fp8_e4m3", "per_channel", symmetric=True)),
-        calibration=qcompile.CalibrationConfig(progress=False))
-    x = torch.randn(3, 32)
-    q = qcompile.quantize(model, recipe, (x,), calibration=[(x,)], report_samples=1)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).eval()
+    recipe = qcompile.Recipe(name="custom", default=qcompile.LayerConfig(weight=weight, activation=activation),
+                             calibration=qcompile.CalibrationConfig(progress=False))
+    xs = [(torch.randn(3, 32),), (torch.randn(5, 32),)]
+    return qcompile.quantize(model, recipe, xs[0], calibration=xs, report_samples=1), xs
+
+
+@pytest.mark.parametrize("act", [None, qcompile.QuantSpec("fp8_e4m3", "per_tensor", symmetric=True)])
+def test_fp8_weights_and_fp8_gemm(act):
+    q, xs = _mlp_quantized(qcompile.QuantSpec("fp8_e4m3", "per_channel", symmetric=True), act)
     art = qcompile.lower(q, backend="triton")
-    assert not art.fused and "fp8_e4m3" in next(iter(art.skipped.values()))
+    kernel = "weight-only fp8_e4m3 per-channel" if act is None else "fp8 gemm (fp8_e4m3 activations)"
+    assert set(art.fused.values()) == {kernel} and len(art.fused) == 2
     with torch.no_grad():
-        assert_matches_reference(art(x), q(x))
+        for x in xs:
+            assert_matches_reference(art(*x), q(*x))
+    if act is not None:  # the fp8 activation codes are PyTorch's own cast: identical
+        parity = qcompile.verify(art, q, xs)
+        assert parity.passed and parity.max_steps == 0 and len(parity.points) == 2
+
+
+def test_unsupported_formats_stay_in_pytorch_with_a_reason():
+    q, xs = _mlp_quantized(qcompile.QuantSpec("int2", "per_channel", symmetric=True))
+    art = qcompile.lower(q, backend="triton")
+    assert not art.fused and all("int2" in r for r in art.skipped.values())
+    with torch.no_grad():
+        assert_matches_reference(art(*xs[1]), q(*xs[1]))
 
 
 def test_cuda_tensors_are_refused_under_the_interpreter():

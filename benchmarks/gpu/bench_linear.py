@@ -4,8 +4,8 @@ cuBLAS (``torch.nn.functional.linear`` fp16/bf16) and a device-to-device copy in
 Shapes (K x N): 4096 x 4096, 4096 x 14336, 14336 x 4096; fp16 activations; M in {1, 16, 64, 4096}.
 Kernels: W4A16 (uint4 asymmetric, groups of 128), W8A16 (int8 per channel), NF4 (groups of 64),
 W8A8 (int8 per-token dynamic activations: the fused quantize kernel + the integer GEMM, timed
-together), cuBLAS fp16 and bf16, and ``torch._scaled_mm`` FP8 E4M3 (per-tensor scales) as a peer
-row where the GPU supports it. One table: shape, M, kernel, time (us), achieved GB/s on the bytes
+together), our FP8 E4M3 GEMM and ``torch._scaled_mm`` (per-tensor scales, compute capability 8.9+),
+cuBLAS fp16 and bf16. One table: shape, M, kernel, time (us), achieved GB/s on the bytes
 the kernel must move (weights + scales + activations + output), TFLOP/s, that bandwidth as a
 fraction of the measured copy bandwidth, speedup vs cuBLAS fp16, and the max relative error vs the
 dequantized fp32 product (correctness on the GPU, not only under the interpreter).
@@ -82,6 +82,7 @@ def run(ms=MS, shapes=SHAPES, autotune=False, device="cuda", timer=bench_ms, cop
     smoke-tested on tiny shapes under the interpreter (tests/test_backend_triton.py); its
     numbers mean something only on a GPU."""
     from qcompile.backends.triton.activation_quant import quantize_per_token
+    from qcompile.backends.triton.fp8 import fp8_linear, pack_fp8_weight
     from qcompile.backends.triton.w8a8 import pack_int8_weight, w8a8_linear
     from qcompile.backends.triton.weight_only import weight_only_linear
 
@@ -126,6 +127,10 @@ def run(ms=MS, shapes=SHAPES, autotune=False, device="cuda", timer=bench_ms, cop
                 w8f = w16.to(torch.float8_e4m3fn)
                 cases["torch-scaled_mm-fp8"] = (lambda: torch._scaled_mm(x8, w8f.t(), one, one, out_dtype=torch.bfloat16),
                                                 n * k, None)
+                pf8 = pack_fp8_weight(w8f.cpu(), torch.ones(n, 1))
+                pf8.codes, pf8.scale = pf8.codes.to(device), pf8.scale.to(device)
+                cases["fp8-e4m3 (ours)"] = (lambda: fp8_linear(x8, one, pf8, None, torch.bfloat16, autotune=autotune), n * k,
+                                            lambda: (fp8_linear(x8, one, pf8, None, torch.float32), x8.float() @ w8f.float().t()))
             for name, (fn, wbytes, check) in cases.items():
                 try:
                     t = base if name == "cublas-fp16" else timer(fn)

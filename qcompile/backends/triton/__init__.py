@@ -19,7 +19,7 @@ from .runtime import TritonArtifact
 
 class TritonBackend:
     id = "triton-cuda"
-    capabilities = Capabilities(formats=frozenset({"int8", "uint8", "int4", "uint4", "nf4"}),
+    capabilities = Capabilities(formats=frozenset({"int8", "uint8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2"}),
                                 granularities=frozenset({"per_tensor", "per_channel", "per_token", "per_group"}),
                                 ops=frozenset({"linear"}), dynamic_activations=True)
 
@@ -39,7 +39,8 @@ class TritonBackend:
                                    "for testing set TRITON_INTERPRET=1 before triton is imported")
             device = torch.device(device or "cuda")
         graph_ops.OPTIONS["autotune"] = bool(autotune)
-        gm, fuse, _ = lower_graph(qmodel.graph_module)
+        fp8_gemm = graph_ops.INTERPRET or torch.cuda.get_device_capability(device) >= (8, 9)
+        gm, fuse, _ = lower_graph(qmodel.graph_module, fp8_gemm)
         return TritonArtifact(gm, qmodel, fuse.fused, fuse.skipped).to(device)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ...errors import BackendError
-from . import activation_quant, w8a8, weight_only
+from . import activation_quant, fp8, w8a8, weight_only
 
 try:  # triton >= 3.2 keeps its switches in knobs; an InterpretedFunction is what jit returned
     from triton.runtime.interpreter import InterpretedFunction
@@ -49,6 +49,14 @@ def w8a8_linear(codes: torch.Tensor, a_scale: torch.Tensor, a_zero: Optional[tor
                             autotune=OPTIONS["autotune"])
 
 
+def fp8_linear(codes: torch.Tensor, a_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
+               bias: Optional[torch.Tensor], n: int, k: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """``F.linear(dequantize(codes fp8), dequantize(W fp8), bias)`` as an FP8 tensor-core GEMM."""
+    _check_device(codes, "FP8 linear")
+    w = fp8.PackedFp8Weight(w_codes, w_scale, n, k)
+    return fp8.fp8_linear(codes, a_scale, w, bias, out_dtype, interpret=INTERPRET, autotune=OPTIONS["autotune"])
+
+
 def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], fmt: str) -> torch.Tensor:
     """``qcompile.quantize`` with a constant per-tensor scale."""
     _check_device(x, "activation quantize")
@@ -61,4 +69,4 @@ def quantize_per_token(x: torch.Tensor, fmt: str, symmetric: bool):
     return activation_quant.quantize_per_token(x, fmt, symmetric, interpret=INTERPRET)
 
 
-TARGETS = (weight_only_linear, w8a8_linear, quantize_static, quantize_per_token)
+TARGETS = (weight_only_linear, w8a8_linear, fp8_linear, quantize_static, quantize_per_token)

@@ -6,7 +6,9 @@ Linears call :mod:`.graph_ops` and everything else stays PyTorch.
 * ``linear(dequantize(quantize(x, s_a, z_a)), dequantize(W_q int8, s_w), b)`` (static per-tensor or
   dynamic per-token int8/uint8 activations, symmetric per-channel int8 weights) into the W8A8
   integer GEMM on the activation codes;
-* ``linear(x, dequantize(W_q, s_w, z_w, fmt, group), b)`` with ``fmt`` in int8/uint8/int4/uint4/nf4
+* ``linear(dequantize(quantize(x, s_a) fp8), dequantize(W_q fp8, s_w), b)`` (per-tensor or per-token
+  activation scale, per-channel weights) into the FP8 GEMM (GPUs of compute capability 8.9+);
+* ``linear(x, dequantize(W_q, s_w, z_w, fmt, group), b)`` with ``fmt`` in int8/uint8/int4/uint4/nf4/fp8
   (per-channel or per-group) into the weight-only kernel (``x`` may itself be a dequantized
   activation: the kernel reads it as float);
 
@@ -26,6 +28,7 @@ from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassManager, PassResult, add_tensor, get_attr_tensor, prune_unused_tensors
 from . import graph_ops
 from .activation_quant import ACTIVATION_FORMATS
+from .fp8 import FP8_FORMATS, pack_fp8_weight
 from .w8a8 import pack_int8_weight
 from .weight_only import WEIGHT_FORMATS, pack_weight
 
@@ -45,7 +48,8 @@ class FuseTritonKernelsPass(Pass):
 
     name = "fuse_triton_kernels"
 
-    def __init__(self):
+    def __init__(self, fp8_gemm: bool = True):
+        self.fp8_gemm = fp8_gemm  # False on GPUs without FP8 tensor cores (before compute capability 8.9)
         self.fused: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
 
@@ -73,6 +77,8 @@ class FuseTritonKernelsPass(Pass):
         if getattr(x, "target", None) != DEQUANTIZE or getattr(x.args[0], "target", None) != QUANTIZE:
             return "activation not quantized"
         q = x.args[0]
+        if q.args[3] in FP8_FORMATS:
+            return self._fp8(gm, node, x, q, w_dq, wq, sw, zw, bias)
         if q.args[3] not in ACTIVATION_FORMATS or q.args[4] != 0:
             return f"activation format '{q.args[3]}' (group {q.args[4]}) has no integer GEMM"
         s_a = get_attr_tensor(gm, x.args[1])
@@ -95,6 +101,28 @@ class FuseTritonKernelsPass(Pass):
         with gm.graph.inserting_before(node):
             out = gm.graph.call_function(graph_ops.w8a8_linear, (q, x.args[1], x.args[2], *args, bias, p.n, p.k, out_dtype))
         self._finish(gm, node, out, f"w8a8 ({q.args[3]} activations)")
+        return None
+
+    def _fp8(self, gm, node, x, q, w_dq, wq, sw, zw, bias):
+        if not self.fp8_gemm:
+            return "this GPU has no FP8 tensor cores (compute capability < 8.9)"
+        if w_dq.args[3] not in FP8_FORMATS or w_dq.args[4] != 0 or zw is not None:
+            return f"fp8 activations with '{w_dq.args[3]}' weights (group {w_dq.args[4]}): the FP8 GEMM needs per-channel fp8"
+        s_a = get_attr_tensor(gm, x.args[1])
+        if (s_a is not None and s_a.numel() != 1) or x.args[2] is not None:
+            return "fp8 activation scale is not per-tensor or per-token, or has a zero point"
+        if s_a is None and _dynamic_source(gm, x.args[1]) is None:
+            return "activation scale is neither a constant nor choose_qparams' output"
+        try:
+            p = pack_fp8_weight(wq, sw)
+        except ValueError as e:
+            return str(e)
+        name = w_dq.args[0].target
+        args = [add_tensor(gm, f"{name}_tri_{k}", t, node) for k, t in p.tensors().items()]
+        out_dtype = w_dq.args[5] if len(w_dq.args) > 5 else torch.float32
+        with gm.graph.inserting_before(node):
+            out = gm.graph.call_function(graph_ops.fp8_linear, (q, x.args[1], *args, bias, p.n, p.k, out_dtype))
+        self._finish(gm, node, out, f"fp8 gemm ({q.args[3]} activations)")
         return None
 
     def _weight_only(self, gm, node, x, w_dq, wq, sw, zw, bias):
@@ -171,10 +199,10 @@ class QuantizeActivationsPass(Pass):
         return PassResult(gm, bool(self.replaced))
 
 
-def lower_graph(gm: torch.fx.GraphModule):
+def lower_graph(gm: torch.fx.GraphModule, fp8_gemm: bool = True):
     """(a lowered copy of ``gm``, the fusion pass, the activation pass): the original is untouched."""
     gm = copy.deepcopy(gm)
-    fuse, acts = FuseTritonKernelsPass(), QuantizeActivationsPass()
+    fuse, acts = FuseTritonKernelsPass(fp8_gemm), QuantizeActivationsPass()
     PassManager([fuse, acts])(gm)
     gm.graph.eliminate_dead_code()
     prune_unused_tensors(gm)

@@ -1,7 +1,7 @@
 """Weight-only GEMM/GEMV: ``y = x @ dequantize(W)^T + b`` with the weights dequantized in registers.
 
 Families covered by one kernel (constexpr switches, so each compiles to its own specialised code):
-int8/uint8 and int4/uint4 codes (two per byte), NF4 (a 16-entry code book), per-channel or
+int8/uint8 and int4/uint4 codes (two per byte), NF4 (a 16-entry code book), FP8 E4M3/E5M2 codes (W8A16 fp8), per-channel or
 group-wise scales (group 32/64/128 or any size divisible by the K block; a short last group is
 read like any other), with or without zero points (asymmetric).
 
@@ -27,13 +27,13 @@ import triton.language as tl
 from ...formats import get_format
 from .select import KernelConfig, choose
 
-WEIGHT_FORMATS = ("int8", "uint8", "int4", "uint4", "nf4")
+WEIGHT_FORMATS = ("int8", "uint8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
 
 
 @triton.jit
 def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr,
                         M, N, K, K_SPLIT, stride_xm, stride_xk, stride_os, stride_om,
-                        GROUP: tl.constexpr, NIBBLES: tl.constexpr, CODEBOOK: tl.constexpr,
+                        GROUP: tl.constexpr, NIBBLES: tl.constexpr, CODEBOOK: tl.constexpr, FLOAT_CODES: tl.constexpr,
                         HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -56,6 +56,8 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, book_ptr, b_ptr, out_ptr,
         if NIBBLES:
             packed = tl.load(w_ptr + (offs_k[:, None] // 2) * N + offs_n[None, :], mask=wmask, other=0)
             q = (packed.to(tl.int32) >> ((offs_k[:, None] % 2) * 4)) & 0xF
+        elif FLOAT_CODES:  # fp8 weights: the code is the value
+            q = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
         else:
             q = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=wmask, other=0).to(tl.int32)
         if CODEBOOK:
@@ -156,7 +158,7 @@ def _launch(x2, w: PackedWeight, bias, out, cfg: KernelConfig, interpret: bool):
         w.codebook if w.codebook is not None else dummy, bias if bias is not None else dummy, out,
         m, w.n, w.k, k_split, x2.stride(0), x2.stride(1), out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
         GROUP=w.group, NIBBLES=get_format(w.format).bits == 4,
-        CODEBOOK=w.codebook is not None, HAS_ZERO=w.zero is not None, HAS_BIAS=bias is not None,
+        CODEBOOK=w.codebook is not None, FLOAT_CODES=get_format(w.format).kind == "float", HAS_ZERO=w.zero is not None, HAS_BIAS=bias is not None,
         # Triton 3.9's interpreter multiplies bf16 tl.dot operands as raw integers: upcast there
         DOT_FP32=x2.dtype == torch.float32 or (interpret and x2.dtype == torch.bfloat16), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
