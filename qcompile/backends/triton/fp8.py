@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import KernelConfig, choose
+from .select import KernelConfig, pick
 
 FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
 
@@ -89,12 +89,5 @@ def fp8_linear(codes: torch.Tensor, a_scale: torch.Tensor, w: PackedFp8Weight, b
         return out
 
     if config is None:
-        bench = None
-        if autotune and not interpret:
-            from triton.testing import do_bench
-            bench = lambda c: do_bench(lambda: run(c))  # noqa: E731
-        config = choose("w8a8", m, w.n, w.k, 0, interpret, bench, (codes.dtype, "fp8"))
-        if config.block_m == 1:  # tl.dot tiles only
-            config = KernelConfig(16 if not interpret else 2, config.block_n, config.block_k, 1,
-                                  config.num_warps, config.num_stages)
+        config = pick("w8a8", m, w.n, w.k, 0, interpret, autotune, run, (codes.dtype, "fp8"), dot_only=True)
     return run(config).reshape(*lead, w.n)

@@ -35,6 +35,21 @@ from .weight_only import WEIGHT_FORMATS, pack_weight
 aten = torch.ops.aten
 
 
+def _out_dtype(dq) -> torch.dtype:
+    return dq.args[5] if len(dq.args) > 5 else torch.float32
+
+
+def _activation_scale_reason(gm, dq) -> str | None:
+    """Why the activation scale of ``dq`` cannot go to a GEMM epilogue (None: it can). The kernels
+    take one scale per tensor or per row: a 0-d constant or ``choose_qparams``' output."""
+    s_a = get_attr_tensor(gm, dq.args[1])
+    if s_a is not None:
+        return None if s_a.numel() == 1 else "static activation scale is not per-tensor"
+    if _dynamic_source(gm, dq.args[1]) is None:
+        return "activation scale is neither a constant nor choose_qparams' output"
+    return None
+
+
 def _dynamic_source(gm, scale_node):
     """The ``choose_qparams`` node a dynamic scale comes from (``getitem(choose_qparams(...), 0)``)."""
     if getattr(scale_node, "target", None) is operator.getitem and getattr(scale_node.args[0], "target", None) == CHOOSE_QPARAMS:
@@ -81,26 +96,17 @@ class FuseTritonKernelsPass(Pass):
             return self._fp8(gm, node, x, q, w_dq, wq, sw, zw, bias)
         if q.args[3] not in ACTIVATION_FORMATS or q.args[4] != 0:
             return f"activation format '{q.args[3]}' (group {q.args[4]}) has no integer GEMM"
-        s_a = get_attr_tensor(gm, x.args[1])
-        if s_a is not None:
-            if s_a.numel() != 1:
-                return "static activation scale is not per-tensor"
-        else:
-            src = _dynamic_source(gm, x.args[1])
-            if src is None:
-                return "activation scale is neither a constant nor choose_qparams' output"
+        reason = _activation_scale_reason(gm, x)
+        if reason:
+            return reason
         if w_dq.args[3] != "int8" or w_dq.args[4] != 0:
             return f"weight format '{w_dq.args[3]}' (group {w_dq.args[4]}) is not per-channel int8"
         try:
             p = pack_int8_weight(wq, sw, zw)
         except ValueError as e:
             return str(e)
-        name = w_dq.args[0].target
-        args = [add_tensor(gm, f"{name}_tri_{k}", t, node) for k, t in p.tensors().items()]
-        out_dtype = w_dq.args[5] if len(w_dq.args) > 5 else torch.float32
-        with gm.graph.inserting_before(node):
-            out = gm.graph.call_function(graph_ops.w8a8_linear, (q, x.args[1], x.args[2], *args, bias, p.n, p.k, out_dtype))
-        self._finish(gm, node, out, f"w8a8 ({q.args[3]} activations)")
+        self._replace(gm, node, w_dq, graph_ops.w8a8_linear, (q, x.args[1], x.args[2]), p,
+                      (bias, p.n, p.k, _out_dtype(w_dq)), f"w8a8 ({q.args[3]} activations)")
         return None
 
     def _fp8(self, gm, node, x, q, w_dq, wq, sw, zw, bias):
@@ -108,21 +114,15 @@ class FuseTritonKernelsPass(Pass):
             return "this GPU has no FP8 tensor cores (compute capability < 8.9)"
         if w_dq.args[3] not in FP8_FORMATS or w_dq.args[4] != 0 or zw is not None:
             return f"fp8 activations with '{w_dq.args[3]}' weights (group {w_dq.args[4]}): the FP8 GEMM needs per-channel fp8"
-        s_a = get_attr_tensor(gm, x.args[1])
-        if (s_a is not None and s_a.numel() != 1) or x.args[2] is not None:
-            return "fp8 activation scale is not per-tensor or per-token, or has a zero point"
-        if s_a is None and _dynamic_source(gm, x.args[1]) is None:
-            return "activation scale is neither a constant nor choose_qparams' output"
+        reason = _activation_scale_reason(gm, x) or ("fp8 activations with a zero point" if x.args[2] is not None else None)
+        if reason:
+            return reason
         try:
             p = pack_fp8_weight(wq, sw)
         except ValueError as e:
             return str(e)
-        name = w_dq.args[0].target
-        args = [add_tensor(gm, f"{name}_tri_{k}", t, node) for k, t in p.tensors().items()]
-        out_dtype = w_dq.args[5] if len(w_dq.args) > 5 else torch.float32
-        with gm.graph.inserting_before(node):
-            out = gm.graph.call_function(graph_ops.fp8_linear, (q, x.args[1], *args, bias, p.n, p.k, out_dtype))
-        self._finish(gm, node, out, f"fp8 gemm ({q.args[3]} activations)")
+        self._replace(gm, node, w_dq, graph_ops.fp8_linear, (q, x.args[1]), p, (bias, p.n, p.k, _out_dtype(w_dq)),
+                      f"fp8 gemm ({q.args[3]} activations)")
         return None
 
     def _weight_only(self, gm, node, x, w_dq, wq, sw, zw, bias):
@@ -133,14 +133,16 @@ class FuseTritonKernelsPass(Pass):
             p = pack_weight(wq, sw, zw, fmt, group)
         except ValueError as e:
             return str(e)
-        name = w_dq.args[0].target
-        args = [None if t is None else add_tensor(gm, f"{name}_tri_{k}", t, node) for k, t in p.tensors().items()]
-        with gm.graph.inserting_before(node):
-            out = gm.graph.call_function(graph_ops.weight_only_linear, (x, *args, bias, fmt, group, p.n, p.k))
-        self._finish(gm, node, out, f"weight-only {fmt}" + (f" g{group}" if group else " per-channel"))
+        self._replace(gm, node, w_dq, graph_ops.weight_only_linear, (x,), p, (bias, fmt, group, p.n, p.k),
+                      f"weight-only {fmt}" + (f" g{group}" if group else " per-channel"))
         return None
 
-    def _finish(self, gm, node, out, kernel):
+    def _replace(self, gm, node, w_dq, target, lead, packed, tail, kernel):
+        """``node`` ⇒ ``target(*lead, *packed tensors as buffers, *tail)``."""
+        name = w_dq.args[0].target
+        tensors = [None if t is None else add_tensor(gm, f"{name}_tri_{k}", t, node) for k, t in packed.tensors().items()]
+        with gm.graph.inserting_before(node):
+            out = gm.graph.call_function(target, (*lead, *tensors, *tail))
         out.meta = dict(node.meta)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)

@@ -87,6 +87,21 @@ def fit(cfg: KernelConfig, m: int, n: int, k: int, group: int, interpret: bool) 
     return replace(cfg, block_m=bm, block_n=bn, block_k=bk, split_k=max(1, split))
 
 
+def pick(family: str, m: int, n: int, k: int, group: int, interpret: bool, autotune: bool,
+         run: Callable[[KernelConfig], object], key_extra=(), dot_only: bool = False) -> KernelConfig:
+    """:func:`choose` for a kernel wrapper: ``run(cfg)`` launches it, timed when ``autotune`` is on
+    (GPU only). ``dot_only``: the kernel has no GEMV path, so M = 1 keeps a ``tl.dot`` tile."""
+    bench = None
+    if autotune and not interpret:
+        from triton.testing import do_bench
+
+        bench = lambda c: do_bench(lambda: run(c))  # noqa: E731
+    cfg = choose(family, m, n, k, group, interpret, bench, key_extra)
+    if dot_only and cfg.block_m == 1:
+        cfg = replace(cfg, block_m=2 if interpret else 16)
+    return cfg
+
+
 def choose(family: str, m: int, n: int, k: int, group: int, interpret: bool,
            bench: Optional[Callable[[KernelConfig], float]] = None, key_extra=()) -> KernelConfig:
     """The configuration to run ``family`` at ``[m, k] x [k, n]``. ``bench`` (GPU only) times one

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import KernelConfig, choose
+from .select import KernelConfig, pick
 
 
 @triton.jit
@@ -108,12 +108,5 @@ def w8a8_linear(codes: torch.Tensor, a_scale: torch.Tensor, a_zero: Optional[tor
         return out
 
     if config is None:
-        bench = None
-        if autotune and not interpret:
-            from triton.testing import do_bench
-            bench = lambda c: do_bench(lambda: run(c))  # noqa: E731
-        config = choose("w8a8", m, w.n, w.k, 0, interpret, bench, (codes.dtype,))
-        if config.block_m == 1:  # the integer kernel always uses tl.dot tiles
-            config = KernelConfig(16 if not interpret else 2, config.block_n, config.block_k, 1,
-                                  config.num_warps, config.num_stages)
+        config = pick("w8a8", m, w.n, w.k, 0, interpret, autotune, run, (codes.dtype,), dot_only=True)
     return run(config).reshape(*lead, w.n)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ...formats import get_format
-from .select import KernelConfig, choose
+from .select import KernelConfig, pick
 
 WEIGHT_FORMATS = ("int8", "uint8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
 
@@ -173,11 +173,8 @@ def weight_only_linear(x: torch.Tensor, w: PackedWeight, bias: Optional[torch.Te
     x2 = x.reshape(-1, w.k)
     m = x2.shape[0]
     if config is None:
-        bench = None
-        if autotune and not interpret:
-            from triton.testing import do_bench
-            bench = lambda c: do_bench(lambda: _run(x2, w, bias, c, interpret))  # noqa: E731
-        config = choose("weight_only", m, w.n, w.k, w.group, interpret, bench, (x.dtype,))
+        config = pick("weight_only", m, w.n, w.k, w.group, interpret, autotune,
+                      lambda c: _run(x2, w, bias, c, interpret), (x.dtype,))
     return _run(x2, w, bias, config, interpret).reshape(*lead, w.n)
 
 
