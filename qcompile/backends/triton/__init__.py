@@ -38,9 +38,8 @@ class TritonBackend:
                                    f"{torch.__version__}, cuda: {torch.version.cuda}); to run its kernels on the CPU "
                                    "for testing set TRITON_INTERPRET=1 before triton is imported")
             device = torch.device(device or "cuda")
-        graph_ops.OPTIONS["autotune"] = bool(autotune)
         fp8_gemm = graph_ops.INTERPRET or torch.cuda.get_device_capability(device) >= (8, 9)
-        gm, fuse, _ = lower_graph(qmodel.graph_module, fp8_gemm)
+        gm, fuse, _ = lower_graph(qmodel.graph_module, fp8_gemm, bool(autotune))
         return TritonArtifact(gm, qmodel, fuse.fused, fuse.skipped).to(device)
 
 

@@ -16,9 +16,6 @@ try:  # triton >= 3.2 keeps its switches in knobs; an InterpretedFunction is wha
 except ImportError:  # pragma: no cover - older triton layouts
     INTERPRET = False
 
-# lowering options that apply to every kernel call of the process (set by TritonBackend.lower)
-OPTIONS = {"autotune": False}
-
 
 def _check_device(t: torch.Tensor, what: str) -> None:
     if INTERPRET:
@@ -32,29 +29,31 @@ def _check_device(t: torch.Tensor, what: str) -> None:
 
 def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
                        codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str, group: int,
-                       n: int, k: int) -> torch.Tensor:
-    """``F.linear(x, dequantize(W), bias)`` with ``W`` packed by :func:`weight_only.pack_weight`."""
+                       n: int, k: int, autotune: bool = False) -> torch.Tensor:
+    """``F.linear(x, dequantize(W), bias)`` with ``W`` packed by :func:`weight_only.pack_weight`.
+    ``autotune``: time the configuration table's candidates (GPU; see :mod:`.select`)."""
     _check_device(x, "weight-only linear")
     w = weight_only.PackedWeight(codes, scale, zero, codebook, fmt, group, n, k)
-    return weight_only.weight_only_linear(x, w, bias, interpret=INTERPRET, autotune=OPTIONS["autotune"])
+    return weight_only.weight_only_linear(x, w, bias, interpret=INTERPRET, autotune=autotune)
 
 
 def w8a8_linear(codes: torch.Tensor, a_scale: torch.Tensor, a_zero: Optional[torch.Tensor], w_codes: torch.Tensor,
                 w_scale: torch.Tensor, colsum: torch.Tensor, bias: Optional[torch.Tensor], n: int, k: int,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, autotune: bool = False) -> torch.Tensor:
     """``F.linear(dequantize(codes), dequantize(W int8), bias)`` as an integer GEMM."""
     _check_device(codes, "W8A8 linear")
     w = w8a8.PackedInt8Weight(w_codes, w_scale, colsum, n, k)
     return w8a8.w8a8_linear(codes, a_scale, a_zero, w, bias, out_dtype, interpret=INTERPRET,
-                            autotune=OPTIONS["autotune"])
+                            autotune=autotune)
 
 
 def fp8_linear(codes: torch.Tensor, a_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
-               bias: Optional[torch.Tensor], n: int, k: int, out_dtype: torch.dtype) -> torch.Tensor:
+               bias: Optional[torch.Tensor], n: int, k: int, out_dtype: torch.dtype,
+               autotune: bool = False) -> torch.Tensor:
     """``F.linear(dequantize(codes fp8), dequantize(W fp8), bias)`` as an FP8 tensor-core GEMM."""
     _check_device(codes, "FP8 linear")
     w = fp8.PackedFp8Weight(w_codes, w_scale, n, k)
-    return fp8.fp8_linear(codes, a_scale, w, bias, out_dtype, interpret=INTERPRET, autotune=OPTIONS["autotune"])
+    return fp8.fp8_linear(codes, a_scale, w, bias, out_dtype, interpret=INTERPRET, autotune=autotune)
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], fmt: str) -> torch.Tensor:

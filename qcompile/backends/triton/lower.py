@@ -63,8 +63,9 @@ class FuseTritonKernelsPass(Pass):
 
     name = "fuse_triton_kernels"
 
-    def __init__(self, fp8_gemm: bool = True):
+    def __init__(self, fp8_gemm: bool = True, autotune: bool = False):
         self.fp8_gemm = fp8_gemm  # False on GPUs without FP8 tensor cores (before compute capability 8.9)
+        self.autotune = autotune  # passed to every kernel call (GPU only)
         self.fused: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
 
@@ -142,7 +143,7 @@ class FuseTritonKernelsPass(Pass):
         name = w_dq.args[0].target
         tensors = [None if t is None else add_tensor(gm, f"{name}_tri_{k}", t, node) for k, t in packed.tensors().items()]
         with gm.graph.inserting_before(node):
-            out = gm.graph.call_function(target, (*lead, *tensors, *tail))
+            out = gm.graph.call_function(target, (*lead, *tensors, *tail, self.autotune))
         out.meta = dict(node.meta)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
@@ -201,10 +202,10 @@ class QuantizeActivationsPass(Pass):
         return PassResult(gm, bool(self.replaced))
 
 
-def lower_graph(gm: torch.fx.GraphModule, fp8_gemm: bool = True):
+def lower_graph(gm: torch.fx.GraphModule, fp8_gemm: bool = True, autotune: bool = False):
     """(a lowered copy of ``gm``, the fusion pass, the activation pass): the original is untouched."""
     gm = copy.deepcopy(gm)
-    fuse, acts = FuseTritonKernelsPass(fp8_gemm), QuantizeActivationsPass()
+    fuse, acts = FuseTritonKernelsPass(fp8_gemm, autotune), QuantizeActivationsPass()
     PassManager([fuse, acts])(gm)
     gm.graph.eliminate_dead_code()
     prune_unused_tensors(gm)
