@@ -72,10 +72,14 @@ def _launch(x, fmt, scale, zero, dynamic, symmetric, interpret):
     cfg = choose("quantize", m, 1, k, 0, interpret)
     block_k = triton.next_power_of_2(k)
     block_m = max(1, min(cfg.block_m, triton.next_power_of_2(m)))
+    num_warps = cfg.num_warps
+    if not interpret:  # a whole row per program: keep a program's tile near 4096 values (no spills)
+        block_m = max(1, min(block_m, 4096 // block_k))
+        num_warps = 8 if block_k >= 4096 else num_warps
     _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
         x2, q, scale, zero if zero is not None else scale, m, k, x2.stride(0), q.stride(0),
         QMIN=f.qmin, QMAX=f.qmax, EPS=torch.finfo(torch.float32).eps, DYNAMIC=dynamic, SYMMETRIC=symmetric,
-        HAS_ZERO=zero is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=cfg.num_warps)
+        HAS_ZERO=zero is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return q.reshape(x.shape)
 
 
