@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .select import KernelConfig, pick
+from .weight_only import per_column
 
 FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
 
@@ -65,7 +66,7 @@ def pack_fp8_weight(q: torch.Tensor, scale: torch.Tensor) -> PackedFp8Weight:
     n, k = q.shape
     if not (scale.numel() == 1 or (scale.dim() == 2 and scale.shape == (n, 1))):
         raise ValueError(f"the FP8 GEMM needs per-channel or per-tensor weight scales, got shape {tuple(scale.shape)}")
-    return PackedFp8Weight(q.t().contiguous(), scale.float().reshape(-1).expand(n).contiguous(), n, k)
+    return PackedFp8Weight(q.t().contiguous(), per_column(scale, n), n, k)
 
 
 def fp8_linear(codes: torch.Tensor, a_scale: torch.Tensor, w: PackedFp8Weight, bias: Optional[torch.Tensor] = None,

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .select import KernelConfig, pick
+from .weight_only import per_column
 
 
 @triton.jit
@@ -79,7 +80,7 @@ def pack_int8_weight(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[
     n, k = q.shape
     if not (scale.numel() == 1 or (scale.dim() == 2 and scale.shape == (n, 1))):
         raise ValueError(f"W8A8 needs per-channel or per-tensor weight scales, got shape {tuple(scale.shape)}")
-    return PackedInt8Weight(q.t().contiguous(), scale.float().reshape(-1).expand(n).contiguous(),
+    return PackedInt8Weight(q.t().contiguous(), per_column(scale, n),
                             q.to(torch.int32).sum(1).to(torch.int32).contiguous(), n, k)
 
 

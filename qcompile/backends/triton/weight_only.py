@@ -112,6 +112,11 @@ class PackedWeight:
         return {"codes": self.codes, "scale": self.scale, "zero": self.zero, "codebook": self.codebook}
 
 
+def per_column(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A per-tensor (0-d or one element) or per-channel (``[N, 1]``) scale or zero point as fp32 ``[N]``."""
+    return t.float().reshape(-1).expand(n).contiguous()
+
+
 def pack_weight(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], fmt_name: str,
                 group: int) -> PackedWeight:
     """Repack ``dequantize(q[N, K], scale, zero_point, fmt, group)`` (the canonical op's operands)
@@ -125,10 +130,10 @@ def pack_weight(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch
     per_row = scale.dim() == 2 and scale.shape[1] == 1 and group == 0
     if group == 0 and not (scale.dim() == 0 or per_row):
         raise ValueError(f"weight scale of shape {tuple(scale.shape)} is neither per-channel nor per-group")
-    s = scale.float().reshape(-1).expand(n) if group == 0 else scale.float().t()
+    s = per_column(scale, n) if group == 0 else scale.float().t()
     z = None
     if zero_point is not None:
-        z = zero_point.float().reshape(-1).expand(n) if group == 0 else zero_point.float().t()
+        z = per_column(zero_point, n) if group == 0 else zero_point.float().t()
     book = None
     if fmt.kind == "codebook":
         book = torch.tensor(fmt.codebook, dtype=torch.float32)
