@@ -154,6 +154,21 @@ def test_kernel_selection_buckets_and_group_alignment():
     assert choose("weight_only", 64, 32, 64, 64, True) == KernelConfig(64, 32, 64)   # interpreter: whole matrix
 
 
+def test_tuned_choice_is_cached_per_bucket_and_refitted_to_each_m():
+    """With a timer (GPU autotuning), each bucket's candidates are timed once per shape; the winner is
+    fitted again to every M of the bucket (M = 1 keeps the GEMV path, M = 8 a 16-row tile)."""
+    timed = []
+
+    def timer(cfg):  # prefers narrow N blocks: deterministic, and not the table's first entry
+        timed.append(cfg)
+        return cfg.block_n
+
+    a = choose("weight_only", 1, 4096, 4096, 128, False, timer, key_extra=("test",))
+    b = choose("weight_only", 8, 4096, 4096, 128, False, timer, key_extra=("test",))
+    assert len(timed) == 4 and a.block_n == b.block_n == 32
+    assert a.block_m == 1 and b.block_m == 16
+
+
 def _block_model(recipe):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)

@@ -109,10 +109,10 @@ def choose(family: str, m: int, n: int, k: int, group: int, interpret: bool,
     if interpret:
         return fit(INTERPRETER_TABLE[family], m, n, k, group, interpret)
     b = bucket(m)
-    candidates = [fit(c, m, n, k, group, interpret) for c in CUDA_TABLE[family][b]]
+    table = CUDA_TABLE[family][b]
     if bench is None:
-        return candidates[0]
+        return fit(table[0], m, n, k, group, interpret)
     key = (family, b, n, k, group, *key_extra)
-    if key not in _tuned:
-        _tuned[key] = min(dict.fromkeys(candidates), key=bench)
-    return _tuned[key]
+    if key not in _tuned:  # the table entry is cached, and fitted again to each M of the bucket
+        _tuned[key] = min(table, key=lambda c: bench(fit(c, m, n, k, group, interpret)))
+    return fit(_tuned[key], m, n, k, group, interpret)
