@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .select import KernelConfig, pick
+from .w8a8 import scaled_epilogue
 from .weight_only import per_column
 
 FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
@@ -37,13 +38,7 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, out_ptr, M, N, K, stri
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, w, acc)
-    sa = tl.load(sa_ptr + offs_m * stride_sa, mask=mask_m, other=0.0)
-    sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
-    y = acc * sa[:, None] * sw[None, :]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    scaled_epilogue(acc, sa_ptr, sw_ptr, b_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_sa, stride_om, HAS_BIAS)
 
 
 @dataclass

@@ -21,6 +21,20 @@ from .weight_only import per_column
 
 
 @triton.jit
+def scaled_epilogue(acc, sa_ptr, sw_ptr, b_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_sa, stride_om,
+                    HAS_BIAS: tl.constexpr):
+    """``out = acc * s_a[m] * s_w[n] (+ b[n])``: the epilogue of the integer and FP8 GEMMs (``stride_sa``
+    0 for a per-tensor activation scale, 1 per token)."""
+    sa = tl.load(sa_ptr + offs_m * stride_sa, mask=mask_m, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, colsum_ptr, b_ptr, out_ptr,
                  M, N, K, stride_am, stride_sa, stride_om,
                  A_UNSIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -48,13 +62,8 @@ def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, colsum_ptr, b_ptr, out_pt
         if A_UNSIGNED:
             za -= 128
         acc -= za[:, None] * tl.load(colsum_ptr + offs_n, mask=mask_n, other=0)[None, :]
-    sa = tl.load(sa_ptr + offs_m * stride_sa, mask=mask_m, other=0.0)
-    sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
-    y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    scaled_epilogue(acc.to(tl.float32), sa_ptr, sw_ptr, b_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n,
+                    stride_sa, stride_om, HAS_BIAS)
 
 
 @dataclass
