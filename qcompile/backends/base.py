@@ -43,8 +43,9 @@ BACKENDS = {
     "reference": ("qcompile.backends.reference", "ReferenceBackend", None),
     "onnx": ("qcompile.backends.onnx", "OnnxBackend", "onnx"),
     "tvm": ("qcompile.backends.tvm", "TvmBackend", "tvm"),
+    "triton-cuda": ("qcompile.backends.triton", "TritonBackend", "triton"),
 }
-ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx", "tvm-llvm": "tvm"}
+ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx", "tvm-llvm": "tvm", "triton": "triton-cuda"}
 
 
 def get_backend(name: str) -> Backend:
