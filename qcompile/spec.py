@@ -5,7 +5,7 @@ Nothing outside this module spells a meta key: use :data:`ANNOTATION`, :data:`LA
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .errors import RecipeError, closest
 from .formats import get_format
@@ -19,6 +19,7 @@ LAYER = "qcompile.layer"              # module path of the node's innermost modu
 LAYER_TYPE = "qcompile.layer_type"    # class name of that module
 QPARAMS = "qcompile.qparams"          # on quantize/dequantize nodes: the QuantSpec they implement
 ROLE = "qcompile.role"                # on inserted nodes: "weight", "activation", "smoothing", "qobs", "qstats"
+WEIGHT_QPARAMS = "qcompile.weight_qparams"  # on an op node: WeightQParams solved by GPTQ/AWQ
 
 
 @dataclass(frozen=True)
@@ -77,3 +78,15 @@ class NodeAnnotation:
     input_arg: Optional[int]            # index of the activation argument (None: no activation)
     weight_arg: int                     # index of the weight argument
     channel_axis: int                   # output-channel axis of the weight
+
+
+@dataclass(frozen=True)
+class WeightQParams:
+    """Quantization parameters a weight algorithm (GPTQ, AWQ) solved for one op's weight
+    (``node.meta[WEIGHT_QPARAMS]``): the convert pass uses them instead of recomputing min-max
+    ones, because the new weight lies on exactly this grid. ``reference`` is the float weight the
+    quantized one stands for (the report's float baseline)."""
+
+    scale: Any
+    zero_point: Any
+    reference: Any

@@ -6,6 +6,8 @@ from .infra import Pass, PassManager, PassResult
 from .normalize import NormalizeLinearPass
 from .observe import InsertObserversPass
 from .smooth import ApplySmoothingPass, InsertChannelStatsPass
+from .weight_algorithms import ApplyWeightAlgorithmPass
 
 __all__ = ["Pass", "PassResult", "PassManager", "FoldBatchNormPass", "NormalizeLinearPass", "AnnotatePass",
-           "InsertChannelStatsPass", "ApplySmoothingPass", "InsertObserversPass", "ConvertPass"]
+           "InsertChannelStatsPass", "ApplySmoothingPass", "InsertObserversPass", "ConvertPass",
+           "ApplyWeightAlgorithmPass"]

@@ -15,7 +15,7 @@ import torch
 from ..errors import CalibrationError
 from ..observers import Observer, weight_qparams
 from ..ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
-from ..spec import LAYER, QPARAMS, ROLE
+from ..spec import LAYER, QPARAMS, ROLE, WEIGHT_QPARAMS
 from .annotate import annotated_nodes
 from .infra import Pass, PassResult, add_tensor, get_attr_tensor
 
@@ -49,7 +49,8 @@ class ConvertPass(Pass):
         for node, ann in annotated_nodes(gm):
             if ann.weight is not None:
                 w_node = node.args[ann.weight_arg]
-                self.float_weights[node.name] = get_attr_tensor(gm, w_node)
+                solved = node.meta.get(WEIGHT_QPARAMS)
+                self.float_weights[node.name] = solved.reference if solved is not None else get_attr_tensor(gm, w_node)
                 key = (w_node.target, ann.weight)
                 if key not in weights:
                     weights[key] = self._weight(gm, node, w_node, ann)
@@ -70,7 +71,9 @@ class ConvertPass(Pass):
     def _weight(self, gm, op_node, w_node, ann):
         spec = ann.weight
         w = get_attr_tensor(gm, w_node)
-        scale, zp = weight_qparams(w, spec, ann.channel_axis)
+        solved = op_node.meta.get(WEIGHT_QPARAMS)
+        # GPTQ/AWQ weights lie on the grid they were solved for: keep it (min-max would move it)
+        scale, zp = (solved.scale, solved.zero_point) if solved is not None else weight_qparams(w, spec, ann.channel_axis)
         codes = QUANTIZE(w.detach(), scale, zp, spec.format, _group(spec))
         base = w_node.target
         q = add_tensor(gm, f"{base}_q", codes, op_node)
