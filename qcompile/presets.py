@@ -9,13 +9,23 @@ preset                  what it does
 ``w8a8-dynamic``        int8 weights, per-token dynamic uint8 activations, int8 weight-only embeddings
 ``w8``                  int8 per-channel weight-only (embeddings too)
 ``w4-g64``/``w4-g128``  4-bit group-wise weight-only (asymmetric, groups of 64/128), int8 embeddings
+``w4-g64-gptq`` ...     the same 4-bit weights solved by GPTQ (``-gptq``) or AWQ (``-awq``) on the
+                        ``calibration`` data; groups of 64 or 128
+``w3-g64``/``w2-g64``   3-/2-bit group-wise weight-only (asymmetric, groups of 64), round-to-nearest
+``nf4``                 4-bit NormalFloat code book, absmax scale per group of 64 (bitsandbytes' layout)
+``fp8-e4m3``            FP8 E4M3 weights, one scale per output row
 ======================  ===============================================================================
+
+The LLM presets (all but ``w8a8*``, ``w8``, ``w4-g64``, ``w4-g128``) keep a tied ``lm_head``
+(``tied_head: embedding``) on the embedding's int8 per-channel weight: one shared tensor, and the
+output projection, the layer small LLMs are most sensitive to, stays at 8 bits (llama.cpp keeps it
+at 6-8 bits too). ``w4-g64``/``w4-g128`` quantize it like any Linear (untied, 4-bit).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
-from .recipe import LayerConfig, Recipe, SmoothingConfig
+from .recipe import LayerConfig, Recipe, SmoothingConfig, WeightAlgorithmConfig
 from .spec import QuantSpec
 
 INT8_WEIGHT = QuantSpec("int8", "per_channel", symmetric=True)
@@ -48,12 +58,32 @@ def _w4(group: int) -> Callable[[], Recipe]:
     return make
 
 
+def _weight_only(name: str, weight: QuantSpec, algorithm: Optional[str] = None) -> Callable[[], Recipe]:
+    def make() -> Recipe:
+        algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
+        return Recipe(name=name, default=LayerConfig(weight), embedding=INT8_EMBEDDING,
+                      weight_algorithm=algo, tied_head="embedding")
+    return make
+
+
+def _uint_group(bits: int, group: int) -> QuantSpec:
+    return QuantSpec(f"uint{bits}", "per_group", symmetric=False, group_size=group)
+
+
 PRESETS: dict[str, Callable[[], Recipe]] = {
     "w8a8": _w8a8,
     "w8a8-dynamic": _w8a8_dynamic,
     "w8": _w8,
     "w4-g64": _w4(64),
     "w4-g128": _w4(128),
+    "w4-g64-gptq": _weight_only("w4-g64-gptq", _uint_group(4, 64), "gptq"),
+    "w4-g64-awq": _weight_only("w4-g64-awq", _uint_group(4, 64), "awq"),
+    "w4-g128-gptq": _weight_only("w4-g128-gptq", _uint_group(4, 128), "gptq"),
+    "w4-g128-awq": _weight_only("w4-g128-awq", _uint_group(4, 128), "awq"),
+    "w3-g64": _weight_only("w3-g64", _uint_group(3, 64)),
+    "w2-g64": _weight_only("w2-g64", _uint_group(2, 64)),
+    "nf4": _weight_only("nf4", QuantSpec("nf4", "per_group", symmetric=True, group_size=64)),
+    "fp8-e4m3": _weight_only("fp8-e4m3", QuantSpec("fp8_e4m3", "per_channel", symmetric=True)),
 }
 
 

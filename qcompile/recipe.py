@@ -88,7 +88,7 @@ class WeightAlgorithmConfig:
     grid: int = 20
     clip_grid: int = 20
     max_shrink: float = 0.5
-    sample_rows: int = 4096
+    sample_rows: int = 2048
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ The text is held-out standard-library docstrings (:func:`qcompile.eval.docstring
 ``"evaluation"`` split: modules the calibration split never sees): each docstring's summary line
 and the prose after it, one docstring per paragraph (coherent text, unlike shuffled sentences),
 tokenized once. :class:`PerplexityProtocol` fixes the window, the stride and the number of
-tokens; with ``stride < window`` each window scores only its last ``stride`` tokens (the others
-are context), so every token is scored exactly once.
+tokens; with ``stride < window`` each window after the first scores only its last ``stride``
+tokens (the others are context), so no token is scored twice; disjoint windows (the default,
+``stride == window``) score all but their first token.
 
 Example:
     >>> from qcompile.models.smollm2 import load_smollm2                  # doctest: +SKIP
@@ -126,9 +127,11 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, protocol: PerplexityProto
         for i, s in enumerate(tqdm(starts, desc="perplexity", disable=not progress, leave=False)):
             window = ids[s:s + protocol.window].unsqueeze(0)
             logits = _logits(model(window, use_cache=False)).float()
-            # the first window scores all its tokens; later ones only the stride not yet scored
-            first = 0 if i == 0 else protocol.window - protocol.stride
-            pred, target = logits[0, first:-1], window[0, first + 1:]
+            # the first window scores all it can (window - 1 tokens); later overlapping windows only
+            # their last `stride` tokens (the rest is context); disjoint windows (stride == window)
+            # score window - 1 tokens each: their first token has no context
+            start = 1 if i == 0 or protocol.stride == protocol.window else protocol.window - protocol.stride
+            pred, target = logits[0, start - 1:-1], window[0, start:]
             nll_sum += float(F.cross_entropy(pred, target, reduction="sum"))
             scored += target.numel()
     nll = nll_sum / scored

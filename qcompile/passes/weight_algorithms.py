@@ -52,10 +52,15 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec, scale, zero_point) -> torch.
     return DEQUANTIZE(q, scale, zero_point, spec.format, g, torch.float32)
 
 
-def supports(spec: Optional[QuantSpec]) -> bool:
-    """GPTQ/AWQ handle 2-D integer and code-book weights per channel or per group."""
-    return (spec is not None and get_format(spec.format).kind in ("int", "codebook")
-            and spec.granularity in ("per_channel", "per_group"))
+def unsupported(spec: Optional[QuantSpec]) -> Optional[str]:
+    """Why GPTQ/AWQ cannot solve this weight spec (None when they can): they handle integer and
+    code-book weights per channel or per group, with float scales."""
+    if spec is None or get_format(spec.format).kind not in ("int", "codebook") \
+            or spec.granularity not in ("per_channel", "per_group"):
+        return "needs an int or code-book weight per channel/group"
+    if spec.scale_dtype == "int8":
+        return "double-quantized scales are not supported by GPTQ/AWQ yet (round-to-nearest used)"
+    return None
 
 
 def _column_qparams(spec: QuantSpec, scale: torch.Tensor, zp: Optional[torch.Tensor], k: int):
@@ -70,6 +75,7 @@ def _quantize_columns(w: torch.Tensor, fmt, s: torch.Tensor, z: Optional[torch.T
     """Fake-quantize columns ``w[:, j]`` with per-element qparams ``s, z`` of the same shape."""
     if fmt.kind == "int":  # torchao's quantize_affine formula, inlined: this runs once per column
         zf = 0.0 if z is None else z.float()
+        s = s.float()
         q = torch.clamp(torch.round(w * (1.0 / s)) + zf, fmt.qmin, fmt.qmax)
         return (q - zf) * s
     return fmt.dequantize(fmt.quantize(w, s, z), s, z)
@@ -163,7 +169,7 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int = 2
     best_s = best_z = None
     for step in range(grid):
         r = 1.0 - max_shrink * step / grid
-        s, z = fmt.choose_qparams(lo * r, hi * r, spec.symmetric)
+        s, z = fmt.choose_qparams(lo * r, hi * r, spec.symmetric, spec.scale_torch_dtype)
         se = s.unsqueeze(-1)
         ze = None if z is None else z.unsqueeze(-1)
         d = wg - fmt.dequantize(fmt.quantize(wg, se, ze), se, ze)
@@ -174,6 +180,7 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int = 2
         best_s = s if best_s is None else torch.where(better, s, best_s)
         if z is not None:
             best_z = z if best_z is None else torch.where(better, z, best_z)
+    best_s = best_s.to(spec.scale_torch_dtype)
     if spec.granularity == "per_channel":
         return best_s.reshape(n, 1), None if best_z is None else best_z.reshape(n, 1)
     return best_s, best_z
@@ -263,8 +270,8 @@ class ApplyWeightAlgorithmPass(Pass):
             ann = n.meta[ANNOTATION]
             if ann.op != "linear" or ann.weight is None:
                 continue
-            if not supports(ann.weight):
-                why = f"{self.config.method} needs an int or code-book weight per channel/group"
+            if unsupported(ann.weight):
+                why = f"{self.config.method} {unsupported(ann.weight)}"
             elif len(readers[n.args[ann.weight_arg].target]) > 1:
                 # a tied head sharing one quantized tensor with the embedding: solving it for the
                 # Linear alone would untie it (two copies); keep it shared and round-to-nearest
