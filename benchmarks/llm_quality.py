@@ -4,6 +4,7 @@ next to llama.cpp's reference quantizers (the ``gguf`` package) applied to the s
 One protocol, one run, one process (one thread)::
 
     PYTHONPATH=. python benchmarks/llm_quality.py --out out/llm_quality.json
+    PYTHONPATH=. python benchmarks/llm_quality.py --markdown out/llm_quality.json   # the docs table
 
 Protocol: :class:`qcompile.eval.perplexity.PerplexityProtocol` defaults (8 disjoint windows of 512
 tokens of held-out standard-library docstrings); calibration for every recipe: 8 windows of 512
@@ -28,14 +29,18 @@ from qcompile.models.smollm2 import load_smollm2
 from qcompile.recipe import WeightAlgorithmConfig
 
 RECIPES = ["w8", "w4-g64", "w4-g128", "w4-g64-gptq", "w4-g64-awq", "w4-g128-gptq", "w4-g128-awq", "nf4",
-           "w3-g64", "w3-g64-gptq", "w2-g64", "w2-g64-gptq", "fp8-e4m3"]
+           "w3-g64", "w3-g64-gptq", "w2-g64", "w2-g64-gptq", "fp8-e4m3", "q4_k_m"]
 GGUF_TYPES = ["Q8_0", "Q5_0", "Q4_0"]
 
 
 def recipe_for(name: str):
     """Presets by name; ``w8``/``w4-g*`` with the tied head kept on the int8 embedding like the
     LLM presets (so every row differs only in its Linear weights); ``w3-g64-gptq``/``w2-g64-gptq``
-    are the presets with GPTQ switched on."""
+    are the presets with GPTQ switched on; ``<preset>-float-head`` keeps the embedding and the tied
+    head float (the setting of the issue's own measurements)."""
+    if name.endswith("-float-head"):   # the issue author's setting: embedding and tied head float
+        base = qcompile.Recipe.preset(name[: -len("-float-head")])
+        return dataclasses.replace(base, name=name, embedding=None, keep_float=("lm_head",))
     if name.endswith("-gptq") and name not in qcompile.recipes():
         base = qcompile.Recipe.preset(name[: -len("-gptq")])
         return dataclasses.replace(base, name=name, weight_algorithm=WeightAlgorithmConfig("gptq"))
@@ -76,13 +81,35 @@ def gguf_model(model, type_name: str):
     return m, bits / numel
 
 
+def markdown(paths) -> str:
+    """The docs table from one or more JSON outputs (rows in file order, float once)."""
+    rows, seen = [], set()
+    for path in paths:
+        for row in json.loads(Path(path).read_text())["rows"]:
+            if row["recipe"] not in seen:
+                seen.add(row["recipe"])
+                rows.append(row)
+    base = next(r["ppl"] for r in rows if r["recipe"] == "float")
+    out = ["| recipe | size (MB) | bits per Linear weight | perplexity | Δ vs float | quantize (s) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        mb = "–" if r.get("mb") is None else f"{r['mb']:.1f}"
+        tq = f"{r['quantize_s']:.0f}" if r.get("quantize_s") else "–"
+        out.append(f"| {r['recipe']} | {mb} | {r['bpw']:.3f} | {r['ppl']:.2f} | {r['ppl'] - base:+.2f} | {tq} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out/llm_quality.json")
     ap.add_argument("--recipes", nargs="*", default=RECIPES)
     ap.add_argument("--gguf", nargs="*", default=GGUF_TYPES)
     ap.add_argument("--calibration-windows", type=int, default=8)
+    ap.add_argument("--markdown", nargs="*", help="print the docs table from these JSON outputs and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(args.markdown))
+        return True
     torch.set_num_threads(1)
     torch.manual_seed(0)
     protocol = PerplexityProtocol()

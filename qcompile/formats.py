@@ -222,6 +222,8 @@ FORMATS: dict[str, Format] = {
         _int("uint4", 4, False),
         _int("int3", 3, True),
         _int("uint3", 3, False),
+        _int("uint5", 5, False),
+        _int("uint6", 6, False),
         _int("int2", 2, True),
         _int("uint2", 2, False),
         _float8("fp8_e4m3", torch.float8_e4m3fn, 3, "FP8 E4M3 (finite, max 448)"),

@@ -12,7 +12,12 @@ preset                  what it does
 ``w4-g64-gptq`` ...     the same 4-bit weights solved by GPTQ (``-gptq``) or AWQ (``-awq``) on the
                         ``calibration`` data; groups of 64 or 128
 ``w3-g64``/``w2-g64``   3-/2-bit group-wise weight-only (asymmetric, groups of 64), round-to-nearest
-``nf4``                 4-bit NormalFloat code book, absmax scale per group of 64 (bitsandbytes' layout)
+``nf4``                 4-bit NormalFloat code book, absmax scale per group of 64, the scales double-quantized
+                        (bitsandbytes' QLoRA scheme: int8 scales in blocks of 256, ~4.127 bits per weight)
+``q4_k_m``              llama.cpp Q4_K_M-like mix: uint4 in groups of 32 with double-quantized (int8)
+                        scales, v_proj and down_proj at uint6 (as Q4_K_M gives them Q6_K); no fallback
+                        to legacy types when a row is not a multiple of 256 (the last super-block of
+                        scales is padded)
 ``fp8-e4m3``            FP8 E4M3 weights, one scale per output row
 ======================  ===============================================================================
 
@@ -70,6 +75,17 @@ def _uint_group(bits: int, group: int) -> QuantSpec:
     return QuantSpec(f"uint{bits}", "per_group", symmetric=False, group_size=group)
 
 
+def _q4_k_m() -> Recipe:
+    # llama.cpp's Q4_K: 4-bit codes in sub-blocks of 32 whose scales are quantized inside a
+    # 256-weight super-block; Q4_K_M gives attn_v and ffn_down more bits (Q6_K). Here: uint4 g32
+    # with int8 double-quantized scales, and uint6 g32 for those layers. Overrides are patterns
+    # that must match: this preset is for Llama-style module names.
+    def k(bits):
+        return LayerConfig(QuantSpec(f"uint{bits}", "per_group", symmetric=False, group_size=32, scale_dtype="int8"))
+    return Recipe(name="q4_k_m", default=k(4), embedding=INT8_EMBEDDING, tied_head="embedding",
+                  overrides={r"re:.*\.(v_proj|down_proj)$": k(6)})
+
+
 PRESETS: dict[str, Callable[[], Recipe]] = {
     "w8a8": _w8a8,
     "w8a8-dynamic": _w8a8_dynamic,
@@ -82,7 +98,8 @@ PRESETS: dict[str, Callable[[], Recipe]] = {
     "w4-g128-awq": _weight_only("w4-g128-awq", _uint_group(4, 128), "awq"),
     "w3-g64": _weight_only("w3-g64", _uint_group(3, 64)),
     "w2-g64": _weight_only("w2-g64", _uint_group(2, 64)),
-    "nf4": _weight_only("nf4", QuantSpec("nf4", "per_group", symmetric=True, group_size=64)),
+    "nf4": _weight_only("nf4", QuantSpec("nf4", "per_group", symmetric=True, group_size=64, scale_dtype="int8")),
+    "q4_k_m": _q4_k_m,
     "fp8-e4m3": _weight_only("fp8-e4m3", QuantSpec("fp8_e4m3", "per_channel", symmetric=True)),
 }
 
