@@ -37,7 +37,12 @@ def recipe_for(name: str):
     """Presets by name; ``w8``/``w4-g*`` with the tied head kept on the int8 embedding like the
     LLM presets (so every row differs only in its Linear weights); ``w3-g64-gptq``/``w2-g64-gptq``
     are the presets with GPTQ switched on; ``<preset>-float-head`` keeps the embedding and the tied
-    head float (the setting of the issue's own measurements)."""
+    head float (the setting of the issue's own measurements); ``<name>-fp16`` stores the Linear
+    weights' scales as float16."""
+    if name.endswith("-fp16"):   # the preset with float16 scales (QuantSpec.scale_dtype)
+        base = recipe_for(name[: -len("-fp16")])
+        w = dataclasses.replace(base.default.weight, scale_dtype="float16")
+        return dataclasses.replace(base, name=name, default=dataclasses.replace(base.default, weight=w))
     if name.endswith("-float-head"):   # the issue author's setting: embedding and tied head float
         base = qcompile.Recipe.preset(name[: -len("-float-head")])
         return dataclasses.replace(base, name=name, embedding=None, keep_float=("lm_head",))

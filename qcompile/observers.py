@@ -244,11 +244,8 @@ def weight_qparams(w: torch.Tensor, spec: QuantSpec, channel_axis: int = 0):
     2-D weight into groups of ``group_size`` (the last group may be shorter). ``observer: mse``
     shrinks each channel's range to minimise its squared error.
     """
-    fmt = get_format(spec.format)
-    if spec.scale_dtype != "float32":   # computed with scales rounded to that dtype, stored in it
-        scale, zp = _weight_qparams(w, spec, channel_axis, fmt)
-        return scale.to(spec.scale_torch_dtype), zp
-    return _weight_qparams(w, spec, channel_axis, fmt)
+    scale, zp = _weight_qparams(w, spec, channel_axis, get_format(spec.format))
+    return scale.to(spec.scale_torch_dtype), zp   # float16 scales: computed rounded, stored as float16
 
 
 def _weight_qparams(w, spec, channel_axis, fmt):

@@ -235,3 +235,20 @@ def test_tied_head_is_explicit(tied_head):
     else:
         assert "untied" in what and head_fmt == "uint4/g64/asym"
         assert len({n.args[0].target for n in codes}) == 2
+
+
+def test_576_wide_rows_with_groups_of_128_pad_the_last_group():
+    # SmolLM2's hidden size: 576 = 4.5 x 128. The last group holds 64 real columns; it is quantized
+    # with its own scale (from those columns only), never dropped and never an error.
+    spec = QuantSpec("uint4", "per_group", symmetric=False, group_size=128)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(16, 576, generator=g) * 0.02
+    x = torch.randn(256, 576, generator=g)
+    h = 2 * x.double().t() @ x.double() / 256
+    w_q, scale, zp, _ = gptq_quantize(w, h, spec)
+    assert scale.shape == (16, 5) and zp.shape == (16, 5)
+    assert torch.equal(fake_quantize(w_q, spec, scale, zp), w_q)
+    assert (w_q[:, 512:] != 0).any()                              # the short group is quantized
+    s_c, z_c = clip_search(w, x, spec)
+    assert s_c.shape == (16, 5)
+    assert _out_err(x, w, fake_quantize(w, spec, s_c, z_c)) <= _out_err(x, w, fake_quantize(w, spec, *weight_qparams(w, spec, 0)))
