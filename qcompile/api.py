@@ -14,7 +14,7 @@ from .capture import capture
 from .errors import CalibrationError, RecipeError, closest
 from .measure import measure
 from .model import PreparedModel, QuantizedModel
-from .passes import (AnnotatePass, ApplySmoothingPass, ConvertPass, FoldBatchNormPass, InsertChannelStatsPass,
+from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass, ConvertPass, FoldBatchNormPass, InsertChannelStatsPass,
                      InsertObserversPass, NormalizeLinearPass, PassManager)
 from .passes.annotate import annotated_nodes
 from .passes.infra import prune_unused_tensors, tensor_owner
@@ -68,6 +68,7 @@ def prepare(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, *, exam
     fold, annotate = FoldBatchNormPass(), AnnotatePass(recipe)
     PassManager([fold, NormalizeLinearPass(), annotate], dump_dir)(gm)
     info = {"kept_float": dict(annotate.skipped), "folded": list(fold.folded), "smoothing": [],
+            "tied": dict(annotate.tied), "weight_algorithm": [],
             "timings_s": {"capture": time.perf_counter() - t0}}
     has_act = any(a.activation is not None for _, a in annotated_nodes(gm))
     if recipe.smoothing is not None and has_act:
@@ -84,6 +85,16 @@ def prepare(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, *, exam
         PassManager([smooth])(gm)
         info["smoothing"] = stats.skipped + smooth.applied
         info["timings_s"]["smoothing"] = time.perf_counter() - t1
+    if recipe.weight_algorithm is not None:
+        if calibration is None:
+            raise CalibrationError(f"recipe '{recipe.name}' uses {recipe.weight_algorithm.method}, which solves the "
+                                   "weights on data: pass calibration= to prepare (or quantize)")
+        t1 = time.perf_counter()
+        algo = ApplyWeightAlgorithmPass(recipe.weight_algorithm, calibration, cap.binder,
+                                        recipe.calibration.max_samples, recipe.calibration.progress)
+        PassManager([algo], dump_dir)(gm)
+        info["weight_algorithm"] = algo.applied
+        info["timings_s"][recipe.weight_algorithm.method] = time.perf_counter() - t1
     observe = InsertObserversPass(_placement(recipe).quantized_outputs)
     PassManager([observe], dump_dir)(gm)
     info["quantized_outputs"] = list(observe.outputs)
@@ -117,6 +128,7 @@ def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
     gm.recompile()
     info["timings_s"]["convert"] = time.perf_counter() - t0
     report = Report(recipe=recipe.name, kept_float=info["kept_float"], smoothing=info["smoothing"],
+                    tied_weights=info.get("tied", {}), weight_algorithm=info.get("weight_algorithm", []),
                     folded_batch_norms=info["folded"], calibration_samples=prepared.calibrated_batches)
     t1 = time.perf_counter()
     items = list(report_inputs) if report_inputs is not None else [(*cap.example_args, *[cap.example_kwargs[k] for k in cap.binder.keywords])]
@@ -172,7 +184,8 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
     recipe = resolve_recipe(recipe)
     if backend is not None:
         recipe = dataclasses.replace(recipe, backend=backend).validate()
-    passes = 1 + (recipe.smoothing is not None) + 1  # smoothing stats, observers, report samples
+    # smoothing stats, weight algorithm, observers, report samples
+    passes = 1 + (recipe.smoothing is not None) + (recipe.weight_algorithm is not None) + 1
     data = reiterable(calibration, passes)
     prepared = prepare(model, recipe, example_inputs, example_kwargs=example_kwargs, calibration=data,
                        dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)

@@ -62,11 +62,22 @@ class Format:
         return self.kind == "int"
 
     # -- qparams ---------------------------------------------------------------------------
-    def choose_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor, symmetric: bool):
+    def choose_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor, symmetric: bool,
+                       scale_dtype: torch.dtype = torch.float32):
         """Scale and zero point (``None`` when symmetric around 0) covering ``[min_val, max_val]``.
 
         Symmetric integer scales map ``max|x|`` to ``qmax`` so nothing is clipped and 0 is exact.
+        ``scale_dtype=torch.float16``: the scale is rounded *up* to a float16 value (so the range
+        is still covered) and the zero point is computed from that rounded scale; the returned
+        scale is float32 holding float16 values (the caller stores it as float16).
         """
+        if scale_dtype != torch.float32:
+            scale, zp = self.choose_qparams(min_val, max_val, symmetric)
+            rounded = _round_up_to(scale, scale_dtype)
+            if zp is not None and not symmetric:
+                lo = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
+                zp = (self.qmin - torch.round(lo / rounded)).clamp(self.qmin, self.qmax).to(self.storage)
+            return rounded, zp
         min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
         max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
         if symmetric or not self.supports_asymmetric:
@@ -145,6 +156,36 @@ class Format:
         return (torch.from_numpy(codes).to(torch.int16) + int(self.qmin)).to(self.storage).reshape(shape)
 
 
+DOUBLE_QUANT_BLOCK = 256
+
+
+def double_quantize_scales(scale: torch.Tensor, block: int = DOUBLE_QUANT_BLOCK):
+    """bitsandbytes' double quantization of per-group scales (QLoRA, Dettmers et al. 2023): the
+    flattened scales minus their mean, in blocks of ``block``, as int8 codes with one float32 scale
+    per block. Returns ``(codes[M] int8, block_scales[ceil(M/block)] float32, offset 0-d float32)``;
+    ``dequantize(codes, block_scales, None, "int8", block) + offset`` gives the scales back.
+    bitsandbytes maps the 8-bit codes through its dynamic float code book; these are linear
+    int8 codes of the same size (8 bits per scale, 32 bits per block of 256)."""
+    flat = scale.detach().float().reshape(-1)
+    offset = flat.mean()
+    centred = flat - offset
+    blocks = -(-flat.numel() // block)
+    padded = torch.nn.functional.pad(centred, (0, blocks * block - flat.numel())).reshape(blocks, block)
+    int8 = FORMATS["int8"]
+    amax = padded.abs().amax(1)
+    block_scales, _ = int8.choose_qparams(-amax, amax, True)
+    codes = torch.ops.qcompile.quantize(centred, block_scales, None, "int8", block)
+    return codes, block_scales, offset
+
+
+def _round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` rounded up to the nearest value of ``dtype`` (and at least its smallest normal)."""
+    info = torch.finfo(dtype)
+    low = scale.clamp(info.smallest_normal, info.max).to(dtype)
+    up = torch.nextafter(low, torch.tensor(info.max, dtype=dtype))
+    return torch.where(low.float() < scale, up, low).float()
+
+
 def _as_same_rank(x, scale, zero_point):
     # torchao wants scale/zero point with one entry per block and a zero point even when symmetric
     if scale.dim() == 0:
@@ -179,6 +220,10 @@ FORMATS: dict[str, Format] = {
         _int("uint8", 8, False),
         _int("int4", 4, True),
         _int("uint4", 4, False),
+        _int("int3", 3, True),
+        _int("uint3", 3, False),
+        _int("uint5", 5, False),
+        _int("uint6", 6, False),
         _int("int2", 2, True),
         _int("uint2", 2, False),
         _float8("fp8_e4m3", torch.float8_e4m3fn, 3, "FP8 E4M3 (finite, max 448)"),

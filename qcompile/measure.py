@@ -47,9 +47,33 @@ def _spec_name(spec) -> str:
 
 
 def weight_bytes(gm, dq_node) -> int:
-    q, s, z = (get_attr_tensor(gm, a) for a in dq_node.args[:3])
-    n = get_format(dq_node.args[3]).packed_nbytes(q.numel()) + s.nbytes
-    return n + (z.nbytes if z is not None else 0)
+    """Stored bytes of one quantized weight: packed codes, plus whatever its scale and zero point
+    are built from (a double-quantized scale is itself packed codes, block scales and an offset)."""
+    q = get_attr_tensor(gm, dq_node.args[0])
+    n = get_format(dq_node.args[3]).packed_nbytes(q.numel())
+    for a in dq_node.args[1:3]:
+        if a is None:
+            continue
+        t = get_attr_tensor(gm, a)
+        n += t.nbytes if t is not None else weight_bytes(gm, _dequantize_in(a))
+    return n
+
+
+def _dequantize_in(node):
+    """The dequantize node a computed scale is rebuilt from."""
+    while node.target != DEQUANTIZE:
+        node = node.args[0]
+    return node
+
+
+def const_value(gm, node):
+    """Value of a node computed from constants only (a dequantize argument, e.g. a rebuilt scale)."""
+    if not isinstance(node, torch.fx.Node):
+        return node
+    if node.op == "get_attr":
+        return get_attr_tensor(gm, node)
+    args = [const_value(gm, a) if isinstance(a, torch.fx.Node) else a for a in node.args]
+    return node.target(*args, **node.kwargs)
 
 
 def measure(report: Report, gm, float_weights: dict, model, binder, inputs, folded=()) -> Report:
@@ -112,7 +136,7 @@ def measure(report: Report, gm, float_weights: dict, model, binder, inputs, fold
         w_f = float_weights.get(node.name)
         row = LayerReport(ann.layer, ann.op, _spec_name(ann.weight), _spec_name(ann.activation))
         if dq is not None and w_f is not None:
-            w_q = DEQUANTIZE(*[get_attr_tensor(gm, a) if getattr(a, "op", None) == "get_attr" else a for a in dq.args])
+            w_q = const_value(gm, dq)
             row.weight_sqnr = sqnr(w_f, w_q)
             row.weight_bytes_float = w_f.nbytes
             row.weight_bytes_quantized = weight_bytes(gm, dq)

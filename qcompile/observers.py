@@ -244,7 +244,11 @@ def weight_qparams(w: torch.Tensor, spec: QuantSpec, channel_axis: int = 0):
     2-D weight into groups of ``group_size`` (the last group may be shorter). ``observer: mse``
     shrinks each channel's range to minimise its squared error.
     """
-    fmt = get_format(spec.format)
+    scale, zp = _weight_qparams(w, spec, channel_axis, get_format(spec.format))
+    return scale.to(spec.scale_torch_dtype), zp   # float16 scales: computed rounded, stored as float16
+
+
+def _weight_qparams(w, spec, channel_axis, fmt):
     wf = w.detach().float()
     if spec.granularity == "per_tensor":
         view = wf.reshape(1, -1)
@@ -274,12 +278,13 @@ def weight_qparams(w: torch.Tensor, spec: QuantSpec, channel_axis: int = 0):
 
 def _search_or_minmax(rows: torch.Tensor, lo, hi, fmt: Format, spec: QuantSpec):
     """Per-row qparams: min-max, or (``mse``) the best of 20 shrunken ranges per row."""
+    dt = spec.scale_torch_dtype
     if spec.observer != "mse":
-        return fmt.choose_qparams(lo, hi, spec.symmetric)
-    best_scale, best_zp = fmt.choose_qparams(lo, hi, spec.symmetric)
+        return fmt.choose_qparams(lo, hi, spec.symmetric, dt)
+    best_scale, best_zp = fmt.choose_qparams(lo, hi, spec.symmetric, dt)
     best_err = _row_error(rows, best_scale, best_zp, fmt)
     for r in torch.linspace(0.5, 0.95, 19):
-        scale, zp = fmt.choose_qparams(lo * r, hi * r, spec.symmetric)
+        scale, zp = fmt.choose_qparams(lo * r, hi * r, spec.symmetric, dt)
         err = _row_error(rows, scale, zp, fmt)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

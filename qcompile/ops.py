@@ -55,6 +55,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Te
              format: str, group_size: int) -> torch.Tensor:
     """Float → codes of ``format`` (stored as ``Format.storage``, one code per element)."""
     fmt = get_format(format)
+    scale = scale.float()   # float16 scales (QuantSpec.scale_dtype) compute in float32
     if group_size > 0:
         xg, sg, k = _grouped(x, scale, group_size)
         zg = None if zero_point is None else zero_point.unsqueeze(-1)
@@ -80,6 +81,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.
                format: str, group_size: int, output_dtype: torch.dtype) -> torch.Tensor:
     """Codes of ``format`` → float of ``output_dtype``."""
     fmt = get_format(format)
+    scale = scale.float()
     if group_size > 0:
         qg, sg, k = _grouped(q, scale, group_size)
         zg = None if zero_point is None else zero_point.unsqueeze(-1)

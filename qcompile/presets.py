@@ -14,13 +14,28 @@ preset                  what it does
 ``w4a4``                int4 per-channel symmetric weights, static per-tensor uint4 activations
 ``w2a8``                int2 per-channel symmetric weights, static per-tensor uint8 activations: too
                         coarse for PTQ on most models, meant as a QAT target
+``w4-g64-gptq`` ...     the same 4-bit weights solved by GPTQ (``-gptq``) or AWQ (``-awq``) on the
+                        ``calibration`` data; groups of 64 or 128
+``w3-g64``/``w2-g64``   3-/2-bit group-wise weight-only (asymmetric, groups of 64), round-to-nearest
+``nf4``                 4-bit NormalFloat code book, absmax scale per group of 64, the scales double-quantized
+                        (bitsandbytes' QLoRA scheme: int8 scales in blocks of 256, ~4.127 bits per weight)
+``q4_k_m``              llama.cpp Q4_K_M-like mix: uint4 in groups of 32 with double-quantized (int8)
+                        scales, v_proj and down_proj at uint6 (as Q4_K_M gives them Q6_K); no fallback
+                        to legacy types when a row is not a multiple of 256 (the last super-block of
+                        scales is padded)
+``fp8-e4m3``            FP8 E4M3 weights, one scale per output row
 ======================  ===============================================================================
+
+The LLM presets (``-gptq``/``-awq``, ``w3-g64``, ``w2-g64``, ``nf4``, ``q4_k_m``, ``fp8-e4m3``) keep a tied ``lm_head``
+(``tied_head: embedding``) on the embedding's int8 per-channel weight: one shared tensor, and the
+output projection, the layer small LLMs are most sensitive to, stays at 8 bits (llama.cpp keeps it
+at 6-8 bits too). ``w4-g64``/``w4-g128`` quantize it like any Linear (untied, 4-bit).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
-from .recipe import LayerConfig, Recipe, SmoothingConfig
+from .recipe import LayerConfig, Recipe, SmoothingConfig, WeightAlgorithmConfig
 from .spec import QuantSpec
 
 INT8_WEIGHT = QuantSpec("int8", "per_channel", symmetric=True)
@@ -63,6 +78,29 @@ def _low_bit(name: str, weight_format: str, act_format: str) -> Callable[[], Rec
     return make
 
 
+def _weight_only(name: str, weight: QuantSpec, algorithm: Optional[str] = None) -> Callable[[], Recipe]:
+    def make() -> Recipe:
+        algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
+        return Recipe(name=name, default=LayerConfig(weight), embedding=INT8_EMBEDDING,
+                      weight_algorithm=algo, tied_head="embedding")
+    return make
+
+
+def _uint_group(bits: int, group: int) -> QuantSpec:
+    return QuantSpec(f"uint{bits}", "per_group", symmetric=False, group_size=group)
+
+
+def _q4_k_m() -> Recipe:
+    # llama.cpp's Q4_K: 4-bit codes in sub-blocks of 32 whose scales are quantized inside a
+    # 256-weight super-block; Q4_K_M gives attn_v and ffn_down more bits (Q6_K). Here: uint4 g32
+    # with int8 double-quantized scales, and uint6 g32 for those layers. Overrides are patterns
+    # that must match: this preset is for Llama-style module names.
+    def k(bits):
+        return LayerConfig(QuantSpec(f"uint{bits}", "per_group", symmetric=False, group_size=32, scale_dtype="int8"))
+    return Recipe(name="q4_k_m", default=k(4), embedding=INT8_EMBEDDING, tied_head="embedding",
+                  overrides={r"re:.*\.(v_proj|down_proj)$": k(6)})
+
+
 PRESETS: dict[str, Callable[[], Recipe]] = {
     "w8a8": _w8a8,
     "w8a8-dynamic": _w8a8_dynamic,
@@ -72,6 +110,15 @@ PRESETS: dict[str, Callable[[], Recipe]] = {
     "w4a8": _low_bit("w4a8", "int4", "uint8"),
     "w4a4": _low_bit("w4a4", "int4", "uint4"),
     "w2a8": _low_bit("w2a8", "int2", "uint8"),
+    "w4-g64-gptq": _weight_only("w4-g64-gptq", _uint_group(4, 64), "gptq"),
+    "w4-g64-awq": _weight_only("w4-g64-awq", _uint_group(4, 64), "awq"),
+    "w4-g128-gptq": _weight_only("w4-g128-gptq", _uint_group(4, 128), "gptq"),
+    "w4-g128-awq": _weight_only("w4-g128-awq", _uint_group(4, 128), "awq"),
+    "w3-g64": _weight_only("w3-g64", _uint_group(3, 64)),
+    "w2-g64": _weight_only("w2-g64", _uint_group(2, 64)),
+    "nf4": _weight_only("nf4", QuantSpec("nf4", "per_group", symmetric=True, group_size=64, scale_dtype="int8")),
+    "q4_k_m": _q4_k_m,
+    "fp8-e4m3": _weight_only("fp8-e4m3", QuantSpec("fp8_e4m3", "per_channel", symmetric=True)),
 }
 
 

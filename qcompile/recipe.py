@@ -27,6 +27,12 @@ from .spec import QuantSpec
 
 RECIPE_VERSION = 1
 
+# How a Linear whose weight is an embedding's weight (a tied lm_head) is configured:
+# "default": like any Linear (default/overrides); when its spec differs from the embedding's the
+#            weight is untied: each gets its own quantized copy (the report lists it under "untied").
+# "embedding": it takes the embedding's config, so both read one shared quantized tensor.
+TIED_HEAD = ("default", "embedding")
+
 
 @dataclass(frozen=True)
 class LayerConfig:
@@ -52,6 +58,37 @@ class SmoothingConfig:
     alphas: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     outlier_quantiles: tuple = (0.25, 0.5, 0.75, 0.9)
     fold_only: bool = False  # True: only smooth layers whose 1/s folds into a LayerNorm (no extra op)
+
+
+WEIGHT_METHODS = ("gptq", "awq")
+
+
+@dataclass(frozen=True)
+class WeightAlgorithmConfig:
+    """How quantized weights are chosen when round-to-nearest is not enough (``Recipe.weight_algorithm``;
+    ``None`` there means round-to-nearest). Both methods run layer by layer over the calibration data
+    in graph order, so each layer sees the inputs produced by the layers already quantized.
+
+    ``gptq`` (Frantar et al., 2022): quantizes one input column at a time and spreads its error over
+    the columns not yet quantized using the inverse Hessian ``H = XᵀX`` of the layer's inputs.
+    ``damping`` (fraction of mean diag(H)) is added to H; it is multiplied by 10 until H is positive
+    definite. ``act_order`` goes through columns by decreasing diag(H); group scales are fixed from
+    the weight before the error feedback ("static groups"), so groups stay contiguous.
+
+    ``awq`` (Lin et al., 2023): per input channel scales ``s = mean|x|^alpha`` (``grid`` values of
+    alpha in [0, 1], chosen per input tensor by the output error of all its consumers), weights
+    multiplied by ``s`` and ``1/s`` folded into a preceding RMSNorm/LayerNorm weight (else a ``mul``
+    before the consumers), then a per-group clipping search (``clip_grid`` ratios down to
+    ``max_shrink``) minimising each group's output error. ``sample_rows`` bounds the rows used."""
+
+    method: str = "gptq"
+    damping: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+    grid: int = 20
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    sample_rows: int = 2048
 
 
 @dataclass(frozen=True)
@@ -96,6 +133,8 @@ class Recipe:
     keep_first: bool = False                             # keep the first quantizable layer float
     keep_last: bool = False                              # keep the last quantizable layer float
     smoothing: Optional[SmoothingConfig] = None
+    weight_algorithm: Optional[WeightAlgorithmConfig] = None   # None: round-to-nearest
+    tied_head: str = "default"                           # see TIED_HEAD
     calibration: CalibrationConfig = CalibrationConfig()
     backend: Optional[str] = None                        # follow this backend's native placement (onnx: conv outputs too)
     qat: Optional[QATConfig] = None                      # QAT settings (None: QATConfig() defaults)
@@ -169,6 +208,8 @@ class Recipe:
             "smoothing": None if self.smoothing is None else
             dict(dataclasses.asdict(self.smoothing), alphas=list(self.smoothing.alphas),
                  outlier_quantiles=list(self.smoothing.outlier_quantiles)),
+            "weight_algorithm": None if self.weight_algorithm is None else dataclasses.asdict(self.weight_algorithm),
+            "tied_head": self.tied_head,
             "calibration": dataclasses.asdict(self.calibration),
             "backend": self.backend,
             "qat": None if self.qat is None else dataclasses.asdict(self.qat),
@@ -198,6 +239,8 @@ class Recipe:
             keep_first=_typed(data.get("keep_first", False), bool, "keep_first"),
             keep_last=_typed(data.get("keep_last", False), bool, "keep_last"),
             smoothing=_small_from_dict(SmoothingConfig, data.get("smoothing"), "smoothing"),
+            weight_algorithm=_small_from_dict(WeightAlgorithmConfig, data.get("weight_algorithm"), "weight_algorithm"),
+            tied_head=_typed(data.get("tied_head", "default"), str, "tied_head"),
             calibration=_small_from_dict(CalibrationConfig, data.get("calibration"), "calibration") or CalibrationConfig(),
             backend=data.get("backend"),
             qat=_small_from_dict(QATConfig, data.get("qat"), "qat"),
@@ -239,6 +282,23 @@ class Recipe:
                 raise RecipeError("backend", f"unknown backend '{self.backend}'; {closest(self.backend, BACKENDS)}")
         if self.qat is not None:
             _validate_qat(self.qat)
+        wa = self.weight_algorithm
+        if wa is not None:
+            if not isinstance(wa, WeightAlgorithmConfig):
+                raise RecipeError("weight_algorithm", f"expected a WeightAlgorithmConfig or None, got {type(wa).__name__}")
+            if wa.method not in WEIGHT_METHODS:
+                raise RecipeError("weight_algorithm.method",
+                                  f"unknown method '{wa.method}'; {closest(wa.method, WEIGHT_METHODS)}")
+            for name in ("block_size", "grid", "clip_grid", "sample_rows"):
+                v = getattr(wa, name)
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    raise RecipeError(f"weight_algorithm.{name}", f"must be a positive integer, got {v!r}")
+            for name, lo, hi in (("damping", 0.0, 1.0), ("max_shrink", 0.0, 1.0)):
+                v = getattr(wa, name)
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo < v <= hi:
+                    raise RecipeError(f"weight_algorithm.{name}", f"must be a number in ({lo}, {hi}], got {v!r}")
+        if self.tied_head not in TIED_HEAD:
+            raise RecipeError("tied_head", f"unknown value '{self.tied_head}'; {closest(self.tied_head, TIED_HEAD)}")
         ms = self.calibration.max_samples
         if ms is not None and (not isinstance(ms, int) or isinstance(ms, bool) or ms <= 0):
             raise RecipeError("calibration.max_samples", f"must be a positive integer or null, got {ms!r}")

@@ -56,6 +56,8 @@ class Report:
     calibration_samples: int = 0
     report_samples: int = 0
     smoothing: list = field(default_factory=list)
+    tied_weights: dict = field(default_factory=dict)   # tied head layer -> shared or untied (AnnotatePass)
+    weight_algorithm: list = field(default_factory=list)  # GPTQ/AWQ per layer (ApplyWeightAlgorithmPass)
     folded_batch_norms: list = field(default_factory=list)
     timings_s: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)        # task metrics on held-out data (set by the caller)
@@ -106,6 +108,11 @@ class Report:
         if self.output_sqnr is not None:
             lines.append(f"model output vs float on {self.report_samples} batch(es): SQNR {_db(self.output_sqnr)} dB, "
                          f"cosine {self.output_cosine:.5f}, max |diff| {self.output_max_abs_diff:.4g}")
+        for layer, what in self.tied_weights.items():
+            lines.append(f"tied: {layer}: {what}")
+        if self.weight_algorithm:
+            methods = sorted({str(e.get("method")) for e in self.weight_algorithm})
+            lines.append(f"weight algorithm: {', '.join(methods)} on {len(self.weight_algorithm)} entries")
         if self.smoothing:
             chosen = [str(s.get("alpha")) for s in self.smoothing]
             counts = {c: chosen.count(c) for c in dict.fromkeys(chosen)}

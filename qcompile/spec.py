@@ -5,12 +5,15 @@ Nothing outside this module spells a meta key: use :data:`ANNOTATION`, :data:`LA
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .errors import RecipeError, closest
 from .formats import get_format
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+# "int8": the weight's scales are themselves quantized (bitsandbytes' double quantization, see
+# formats.double_quantize_scales); per_group weights only
+SCALE_DTYPES = ("float32", "float16", "int8")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram")
 
 # node.meta keys (namespaced so they never collide with torch's own)
@@ -18,8 +21,8 @@ ANNOTATION = "qcompile.annotation"    # NodeAnnotation on a quantizable op node
 LAYER = "qcompile.layer"              # module path of the node's innermost module
 LAYER_TYPE = "qcompile.layer_type"    # class name of that module
 QPARAMS = "qcompile.qparams"          # on quantize/dequantize nodes: the QuantSpec they implement
-WEIGHT_QPARAMS = "qcompile.weight_qparams"  # on an op node: (scale, zero_point) trained by QAT, used by convert
 ROLE = "qcompile.role"                # on inserted nodes: "weight", "activation", "smoothing", "qobs", "qstats"
+WEIGHT_QPARAMS = "qcompile.weight_qparams"  # on an op node: WeightQParams solved by GPTQ/AWQ or trained by QAT
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,14 @@ class QuantSpec:
     dynamic: bool = False
     observer: str = "minmax"
     observer_args: dict = field(default_factory=dict, hash=False)  # compared, not hashed (a dict)
+    scale_dtype: str = "float32"        # "float16": stored in fp16; "int8": double-quantized (SCALE_DTYPES)
+
+    @property
+    def scale_torch_dtype(self):
+        """The dtype scales are computed in (double-quantized scales start from float32)."""
+        import torch
+
+        return torch.float32 if self.scale_dtype == "int8" else getattr(torch, self.scale_dtype)
 
     def validate(self, where: str) -> "QuantSpec":
         fmt = get_format(self.format, f"{where}.format")
@@ -54,6 +65,13 @@ class QuantSpec:
                 raise RecipeError(f"{where}.group_size", "per_group needs a positive integer group_size")
         elif self.group_size is not None:
             raise RecipeError(f"{where}.group_size", f"group_size is only valid with per_group, not {self.granularity}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise RecipeError(f"{where}.scale_dtype",
+                              f"unknown scale dtype '{self.scale_dtype}'; {closest(str(self.scale_dtype), SCALE_DTYPES)}")
+        if self.scale_dtype != "float32" and self.dynamic:
+            raise RecipeError(f"{where}.scale_dtype", f"{self.scale_dtype} scales are for weights (static qparams)")
+        if self.scale_dtype == "int8" and self.granularity != "per_group":
+            raise RecipeError(f"{where}.scale_dtype", "double-quantized (int8) scales need per_group weights")
         if not self.symmetric and not fmt.supports_asymmetric:
             raise RecipeError(f"{where}.symmetric", f"format '{self.format}' is symmetric only")
         if self.granularity == "per_token" and not self.dynamic:
@@ -64,6 +82,8 @@ class QuantSpec:
         d = asdict(self)
         if not d["observer_args"]:
             del d["observer_args"]
+        if d["scale_dtype"] == "float32":   # the default: keep recipe files as they were
+            del d["scale_dtype"]
         return d
 
 
@@ -78,3 +98,15 @@ class NodeAnnotation:
     input_arg: Optional[int]            # index of the activation argument (None: no activation)
     weight_arg: int                     # index of the weight argument
     channel_axis: int                   # output-channel axis of the weight
+
+
+@dataclass(frozen=True)
+class WeightQParams:
+    """Quantization parameters a weight algorithm (GPTQ, AWQ) solved, or QAT trained, for one op's weight
+    (``node.meta[WEIGHT_QPARAMS]``): the convert pass uses them instead of recomputing min-max
+    ones, because the new weight lies on exactly this grid. ``reference`` is the float weight the
+    quantized one stands for (the report's float baseline)."""
+
+    scale: Any
+    zero_point: Any
+    reference: Any

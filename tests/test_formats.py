@@ -79,7 +79,7 @@ def _check_round_trip(fmt, x, xh, scale_full):
 def test_format_record_is_consistent(name):
     fmt = FORMATS[name]
     assert fmt.name == name and get_format(name) is fmt
-    assert fmt.qmin < fmt.qmax and fmt.bits in (2, 4, 8)
+    assert fmt.qmin < fmt.qmax and fmt.bits in (2, 3, 4, 5, 6, 8)
     assert fmt.kind in ("int", "float", "codebook")
     if fmt.kind == "int":
         assert fmt.qmax - fmt.qmin + 1 == 2 ** fmt.bits
@@ -257,7 +257,7 @@ def test_packed_size_ratio(name):
     fmt = FORMATS[name]
     n = 4096
     q = _random_codes(fmt, (n,), _gen(10))
-    expected = {8: n, 4: n // 2, 2: n // 4}[fmt.bits]
+    expected = n * fmt.bits // 8
     assert fmt.packed_nbytes(n) == expected == fmt.pack(q).numel()
 
 
@@ -467,3 +467,112 @@ def test_group_count_mismatch_rejected_at_export():
 
     with pytest.raises(Exception, match="groups"):
         torch.export.export(Bad(), (torch.randn(4, 576),))
+
+
+# -- float16 scales (QuantSpec.scale_dtype) --------------------------------------------------------
+@pytest.mark.parametrize("name", [n for n in NAMES if FORMATS[n].bits < 8 or FORMATS[n].kind != "float"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_float16_scales_round_trip_and_count_two_bytes(name, sym):
+    from qcompile.measure import weight_bytes  # noqa: F401 - the size accounting used by the report
+    from qcompile.observers import weight_qparams
+    from qcompile.spec import QuantSpec
+
+    fmt = FORMATS[name]
+    if not sym and not fmt.supports_asymmetric:
+        pytest.skip("symmetric-only format")
+    w = torch.randn(8, 100, generator=_gen(21)) * 0.03
+    s32 = QuantSpec(name, "per_group", symmetric=sym, group_size=32)
+    s16 = QuantSpec(name, "per_group", symmetric=sym, group_size=32, scale_dtype="float16")
+    scale, zp = weight_qparams(w, s16, 0)
+    assert scale.dtype == torch.float16 and scale.shape == (8, 4)
+    ref, _ = weight_qparams(w, s32, 0)
+    assert (scale.float() >= ref * (1 - 1e-7)).all()          # rounded up: the range stays covered
+    q = torch.ops.qcompile.quantize(w, scale, zp, name, 32)
+    w_hat = torch.ops.qcompile.dequantize(q, scale, zp, name, 32, torch.float32)
+    step = scale.float().repeat_interleave(32, 1)[:, :100]
+    assert ((w - w_hat).abs() <= fmt.error_bound(w, step) * 1.01 + 1e-12).all()
+    assert scale.nbytes == 2 * scale.numel()
+
+
+def test_scale_dtype_validated_and_round_trips():
+    from qcompile.errors import RecipeError
+    from qcompile.recipe import LayerConfig, Recipe
+    from qcompile.spec import QuantSpec
+
+    spec = QuantSpec("uint4", "per_group", symmetric=False, group_size=64, scale_dtype="float16")
+    r = Recipe(default=LayerConfig(spec))
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert "scale_dtype" not in QuantSpec("int8").to_dict()       # default stays out of recipe files
+    with pytest.raises(RecipeError, match="scale_dtype.*did you mean 'float16'"):
+        QuantSpec("int4", scale_dtype="float61").validate("default.weight")
+
+
+# -- NF4 with double-quantized scales (scale_dtype: int8) ------------------------------------------
+def test_nf4_double_quantization_sizes_and_numerics():
+    from qcompile.formats import double_quantize_scales
+
+    g = _gen(31)
+    scale = torch.rand(576, 9, generator=g) * 0.02 + 0.001        # 576 rows, 9 groups of 64
+    codes, block_scales, offset = double_quantize_scales(scale)
+    assert codes.dtype == torch.int8 and codes.shape == (576 * 9,)
+    assert block_scales.shape == (-(-576 * 9 // 256),) and offset.dim() == 0
+    rebuilt = torch.ops.qcompile.dequantize(codes, block_scales, None, "int8", 256, torch.float32) + offset
+    assert (rebuilt.reshape(576, 9) - scale).abs().max() <= block_scales.max() / 2 * 1.001
+    # bits per weight of NF4 g64: 4 (codes) + 8/64 (int8 scales) + 32/(64*256) (block scales)
+    n_weights = 576 * 576
+    bits = 4 * n_weights + 8 * codes.numel() + 32 * block_scales.numel() + 32
+    assert abs(bits / n_weights - (4 + 8 / 64 + 32 / (64 * 256))) < 0.01
+    assert abs(bits / n_weights - 4.127) < 0.01                   # QLoRA's 4.127 bits per parameter
+
+
+def test_nf4_double_quant_end_to_end_is_smaller_and_close():
+    import qcompile
+    from qcompile.recipe import LayerConfig, Recipe
+    from qcompile.spec import QuantSpec
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(576, 256), torch.nn.ReLU(), torch.nn.Linear(256, 96)).eval()
+    x = torch.randn(4, 576)
+    out = {}
+    for dt in ("float32", "int8"):
+        r = Recipe(default=LayerConfig(QuantSpec("nf4", "per_group", group_size=64, scale_dtype=dt)))
+        q = qcompile.quantize(model, r, (x,), calibration=[(x,)])
+        out[dt] = (q, q.report.linear_weight_bytes_after)
+    n = 576 * 256 + 256 * 96
+    assert out["int8"][1] < out["float32"][1]
+    assert abs(out["int8"][1] * 8 / n - 4.127) < 0.02             # real stored bytes, scales included
+    assert abs(out["float32"][1] * 8 / n - 4.5) < 0.01
+    with torch.no_grad():
+        ref, a, b = model(x), out["float32"][0](x), out["int8"][0](x)
+    assert (a - b).abs().max() < 0.05 * ref.abs().max()             # double quantization costs little
+    gm = out["int8"][0].graph_module
+    assert any(n.target == torch.ops.aten.clamp_min.default for n in gm.graph.nodes)
+
+
+def test_double_quant_needs_per_group():
+    from qcompile.errors import RecipeError
+    from qcompile.spec import QuantSpec
+
+    with pytest.raises(RecipeError, match="need per_group"):
+        QuantSpec("nf4", "per_channel", scale_dtype="int8").validate("default.weight")
+
+
+# -- FP8: NaN handling and per-row scales ---------------------------------------------------------
+@pytest.mark.parametrize("name", FLOAT_NAMES)
+def test_fp8_nan_propagates_and_per_row_scales(name):
+    fmt = FORMATS[name]
+    x = torch.tensor([[1.0, float("nan"), -2.0], [0.5, 0.25, 4.0]])
+    q = torch.ops.qcompile.quantize(x, torch.tensor(1.0), None, name, 0)
+    y = torch.ops.qcompile.dequantize(q, torch.tensor(1.0), None, name, 0, torch.float32)
+    assert torch.isnan(y[0, 1]) and torch.isfinite(y[[0, 0, 1, 1, 1], [0, 2, 0, 1, 2]]).all()
+    # per row (per_channel on a Linear weight): each row's max maps to the format's max
+    from qcompile.observers import weight_qparams
+    from qcompile.spec import QuantSpec
+
+    w = torch.randn(4, 64, generator=_gen(41)) * torch.tensor([[1e-3], [1.0], [30.0], [1e3]])
+    s, z = weight_qparams(w, QuantSpec(name, "per_channel"), 0)
+    assert s.shape == (4, 1) and z is None
+    w_hat = torch.ops.qcompile.dequantize(torch.ops.qcompile.quantize(w, s, None, name, 0), s, None, name, 0,
+                                          torch.float32)
+    rel = ((w - w_hat).abs() / w.abs().amax(1, keepdim=True)).max()
+    assert rel < 2.0 ** -fmt.mantissa_bits                         # same relative error on every row

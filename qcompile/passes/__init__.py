@@ -7,7 +7,8 @@ from .normalize import NormalizeLinearPass
 from .observe import InsertObserversPass
 from .qat import FreezeQATPass, InsertFakeQuantPass, TrainEvalOpsPass
 from .smooth import ApplySmoothingPass, InsertChannelStatsPass
+from .weight_algorithms import ApplyWeightAlgorithmPass
 
 __all__ = ["Pass", "PassResult", "PassManager", "FoldBatchNormPass", "NormalizeLinearPass", "AnnotatePass",
            "InsertChannelStatsPass", "ApplySmoothingPass", "InsertObserversPass", "ConvertPass",
-           "InsertFakeQuantPass", "TrainEvalOpsPass", "FreezeQATPass"]
+           "InsertFakeQuantPass", "TrainEvalOpsPass", "FreezeQATPass", "ApplyWeightAlgorithmPass"]

@@ -58,6 +58,7 @@ class AnnotatePass(Pass):
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.skipped: dict[str, str] = {}   # layer -> why it stays float
+        self.tied: dict[str, str] = {}      # layer whose weight is an embedding's -> what was done
 
     def call(self, gm):
         rules = list(self.recipe.overrides.items()) + [(p, None) for p in self.recipe.keep_float]
@@ -80,6 +81,9 @@ class AnnotatePass(Pass):
             candidates.append((node, info, layer))
         layers = [layer for _, _, layer in candidates]
 
+        # a Linear reading an embedding's weight is a tied head (lm_head = embed_tokens)
+        emb_weight = {node.args[info.weight_arg].target: layer for node, info, layer in candidates
+                      if info.kind == "embedding"}
         modified = False
         weighted = [c for c in candidates if c[1].kind != "embedding"]
         first = weighted[0][0] if weighted else None
@@ -87,6 +91,9 @@ class AnnotatePass(Pass):
         for node, info, layer in candidates:
             ltype = node.meta.get(LAYER_TYPE, "")
             cfg, source = self._resolve(layer, ltype, info, rules, used)
+            tied_to = emb_weight.get(node.args[info.weight_arg].target) if info.kind != "embedding" else None
+            if tied_to is not None and source == "default" and self.recipe.tied_head == "embedding":
+                cfg, source = self.recipe.embedding, "tied_head"
             if (self.recipe.keep_first and node is first) or (self.recipe.keep_last and node is last):
                 cfg, source = None, "keep_first" if node is first and self.recipe.keep_first else "keep_last"
             if cfg is None or (cfg.weight is None and cfg.activation is None):
@@ -103,6 +110,11 @@ class AnnotatePass(Pass):
             node.meta[ANNOTATION] = NodeAnnotation(layer, info.kind, cfg.weight, act, info.input_arg,
                                                    info.weight_arg, info.channel_axis)
             modified = True
+            if tied_to is not None:
+                emb = self.recipe.embedding.weight if self.recipe.embedding is not None else None
+                self.tied[layer] = (f"weight tied to {tied_to}: one shared quantized tensor" if emb == cfg.weight
+                                    else f"weight tied to {tied_to} but its spec differs ({source}): untied, "
+                                         f"each quantized separately")
         for pattern, _ in rules:
             if pattern not in used:
                 field = "keep_float" if pattern in self.recipe.keep_float and pattern not in self.recipe.overrides \

@@ -13,6 +13,7 @@ import operator
 import torch
 
 from ..errors import CalibrationError
+from ..formats import DOUBLE_QUANT_BLOCK, double_quantize_scales
 from ..observers import Observer, weight_qparams
 from ..ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ..spec import LAYER, QPARAMS, ROLE, WEIGHT_QPARAMS
@@ -49,7 +50,8 @@ class ConvertPass(Pass):
         for node, ann in annotated_nodes(gm):
             if ann.weight is not None:
                 w_node = node.args[ann.weight_arg]
-                self.float_weights[node.name] = get_attr_tensor(gm, w_node)
+                solved = node.meta.get(WEIGHT_QPARAMS)
+                self.float_weights[node.name] = solved.reference if solved is not None else get_attr_tensor(gm, w_node)
                 key = (w_node.target, ann.weight)
                 if key not in weights:
                     weights[key] = self._weight(gm, node, w_node, ann)
@@ -73,12 +75,17 @@ class ConvertPass(Pass):
     def _weight(self, gm, op_node, w_node, ann):
         spec = ann.weight
         w = get_attr_tensor(gm, w_node)
-        # QAT leaves the scales it trained on the op; PTQ derives them from the weight
-        scale, zp = op_node.meta.get(WEIGHT_QPARAMS) or weight_qparams(w, spec, ann.channel_axis)
-        codes = QUANTIZE(w.detach(), scale, zp, spec.format, _group(spec))
+        solved = op_node.meta.get(WEIGHT_QPARAMS)
+        # GPTQ/AWQ weights lie on the grid they were solved for, QAT trained its scales: keep them
+        # (min-max would move them); PTQ derives them from the weight
+        scale, zp = (solved.scale, solved.zero_point) if solved is not None else weight_qparams(w, spec, ann.channel_axis)
         base = w_node.target
+        if spec.scale_dtype == "int8":
+            s, scale = self._double_quantized_scale(gm, op_node, base, scale, ann)
+        else:
+            s = add_tensor(gm, f"{base}_scale", scale, op_node)
+        codes = QUANTIZE(w.detach(), scale, zp, spec.format, _group(spec))
         q = add_tensor(gm, f"{base}_q", codes, op_node)
-        s = add_tensor(gm, f"{base}_scale", scale, op_node)
         z = add_tensor(gm, f"{base}_zero_point", zp, op_node) if zp is not None else None
         with gm.graph.inserting_before(op_node):
             dq = gm.graph.call_function(DEQUANTIZE, (q, s, z, spec.format, _group(spec), w.dtype))
@@ -86,6 +93,27 @@ class ConvertPass(Pass):
             if n is not None:
                 _tag(n, "weight", ann.layer, spec)
         return dq
+
+    @staticmethod
+    def _double_quantized_scale(gm, op_node, base, scale, ann):
+        """Scales stored as int8 codes (``formats.double_quantize_scales``); the graph rebuilds
+        them: ``clamp_min(reshape(dequantize(codes) + offset), tiny)``. Returns that node and
+        the rebuilt scale (the weight's codes are computed with it, as the graph will use it)."""
+        codes, block_scales, offset = double_quantize_scales(scale)
+        nodes = [add_tensor(gm, f"{base}_scale_q", codes, op_node),
+                 add_tensor(gm, f"{base}_scale_scale", block_scales, op_node),
+                 add_tensor(gm, f"{base}_scale_offset", offset, op_node)]
+        tiny = torch.finfo(torch.float32).tiny   # a block's rounding must never make a scale <= 0
+        with gm.graph.inserting_before(op_node):
+            dq = gm.graph.call_function(DEQUANTIZE, (nodes[0], nodes[1], None, "int8", DOUBLE_QUANT_BLOCK,
+                                                     torch.float32))
+            add = gm.graph.call_function(torch.ops.aten.add.Tensor, (dq, nodes[2]))
+            shaped = gm.graph.call_function(torch.ops.aten.reshape.default, (add, list(scale.shape)))
+            out = gm.graph.call_function(torch.ops.aten.clamp_min.default, (shaped, tiny))
+        for n in (*nodes, dq, add, shaped, out):
+            _tag(n, "weight", ann.layer, ann.weight)
+        rebuilt = DEQUANTIZE(codes, block_scales, None, "int8", DOUBLE_QUANT_BLOCK, torch.float32)
+        return out, (rebuilt + offset).reshape(scale.shape).clamp_min(tiny)
 
     def _dynamic(self, gm, src, op_node, ann):
         spec = ann.activation

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..fake_quant import FakeQuantize, FixedQParamsObserver, GraphAttention, GraphBatchNorm, QATConvBn
 from ..recipe import QATConfig
-from ..spec import ANNOTATION, LAYER, ROLE, WEIGHT_QPARAMS
+from ..spec import ANNOTATION, LAYER, ROLE, WEIGHT_QPARAMS, WeightQParams
 from .annotate import annotated_nodes
 from .infra import Pass, PassResult, add_tensor, get_attr_tensor, tensor_owner
 from .observe import insert_on_edge
@@ -228,7 +228,8 @@ class FreezeQATPass(Pass):
             if isinstance(mod, QATConvBn):
                 self._unfuse(gm, node, mod)
             elif isinstance(mod, FakeQuantize) and mod.is_weight:
-                qp = mod.qparams(get_attr_tensor(gm, node.args[0]))
+                w = get_attr_tensor(gm, node.args[0])
+                qp = WeightQParams(*mod.qparams(w), reference=w)
                 for user in node.users:
                     user.meta[WEIGHT_QPARAMS] = qp
                 self._bypass(gm, node)
@@ -276,7 +277,7 @@ class FreezeQATPass(Pass):
             conv = gm.graph.call_function(mod.conv_op, (node.args[0], w, b, *mod.conv_args))
         conv.meta.update({k: v for k, v in node.meta.items() if k != ROLE})
         if mod.weight_fq is not None:
-            conv.meta[WEIGHT_QPARAMS] = mod.weight_fq.qparams(w_fold)
+            conv.meta[WEIGHT_QPARAMS] = WeightQParams(*mod.weight_fq.qparams(w_fold), reference=w_fold)
         node.replace_all_uses_with(conv)
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)

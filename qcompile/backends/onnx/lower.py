@@ -112,6 +112,8 @@ class FuseOnnxruntimeKernelsPass(Pass):
         wq, sw, zw = (get_attr_tensor(gm, a) for a in w_dq.args[:3])
         if wq is None or wq.dim() != 2:
             return "weight is not a 2-D constant"
+        if sw is None or (w_dq.args[2] is not None and zw is None):
+            return "scales are computed in the graph (double-quantized), not stored"
         b = get_attr_tensor(gm, bias) if bias is not None else None
         if bias is not None and b is None:
             return "bias is not a constant"
@@ -153,6 +155,8 @@ class FuseOnnxruntimeKernelsPass(Pass):
         wq, sw, zw = (get_attr_tensor(gm, a) for a in w_dq.args[:3])
         if wq is None or wq.dim() != 2:
             return "weight is not a 2-D constant"
+        if sw is None or (w_dq.args[2] is not None and zw is None):
+            return "scales are computed in the graph (double-quantized), not stored"
         n, k = wq.shape
         group = w_dq.args[4]
         if group == 0:  # per channel (or tensor): one block per row, the next power of two >= K, zero-padded

@@ -1,0 +1,254 @@
+"""GPTQ and AWQ (qcompile/passes/weight_algorithms.py): the layer-level solvers reduce a layer's
+output error vs round-to-nearest, the pass rewrites the graph (weights on their solved grid, AWQ's
+1/s folded into a norm weight), tied heads are explicit, and the failure cases raise."""
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import qcompile
+from qcompile.errors import CalibrationError, RecipeError
+from qcompile.ops import DEQUANTIZE
+from qcompile.observers import weight_qparams
+from qcompile.passes.weight_algorithms import awq_scale_search, clip_search, fake_quantize, gptq_quantize
+from qcompile.recipe import LayerConfig, Recipe, WeightAlgorithmConfig
+from qcompile.spec import QuantSpec
+
+INT4_G16 = QuantSpec("uint4", "per_group", symmetric=False, group_size=16)
+
+
+def _correlated_inputs(t=512, k=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(t, 8, generator=g)
+    mix = torch.randn(8, k, generator=g)
+    x = base @ mix + 0.1 * torch.randn(t, k, generator=g)   # strongly correlated channels
+    x[:, 3] *= 20                                             # and one outlier channel
+    return x
+
+
+def _layer(n=32, k=48, seed=1):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def _out_err(x, w, w_hat):
+    return float((x @ (w - w_hat).t()).pow(2).mean())
+
+
+@pytest.mark.parametrize("spec", [INT4_G16, QuantSpec("int4", "per_channel"), QuantSpec("int3", "per_group", group_size=16),
+                                  QuantSpec("nf4", "per_group", group_size=16)])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_reduces_layer_output_error_vs_rtn(spec, act_order):
+    x, w = _correlated_inputs(), _layer()
+    h = 2 * x.double().t() @ x.double() / x.shape[0]
+    w_q, scale, zp, damp = gptq_quantize(w, h, spec, act_order=act_order, block_size=16)
+    rtn = fake_quantize(w, spec, scale, zp)
+    assert damp == 0.01
+    assert _out_err(x, w, w_q) < 0.6 * _out_err(x, w, rtn)
+    # the result lies exactly on the grid it was solved for (convert stores these codes as they are)
+    assert torch.equal(fake_quantize(w_q, spec, scale, zp), w_q)
+
+
+def test_gptq_survives_non_positive_definite_hessians():
+    w = _layer(k=48)
+    x = _correlated_inputs(t=4)                       # 4 tokens: rank 4 of 48, singular
+    h = x.double().t() @ x.double()
+    h[5, :] = 0
+    h[:, 5] = 0                                       # a dead input channel
+    w_q, scale, zp, _ = gptq_quantize(w, h, INT4_G16)
+    assert torch.isfinite(w_q).all() and (w_q[:, 5] == 0).all()
+    indefinite = torch.eye(48, dtype=torch.float64)
+    indefinite[0, 0] = -0.5                          # a negative eigenvalue: damping is raised until PD
+    w_q2, _, _, damp = gptq_quantize(w, indefinite, INT4_G16)
+    assert damp > 0.01 and torch.isfinite(w_q2).all()
+
+
+def test_gptq_rejects_a_non_finite_hessian():
+    h = torch.eye(16, dtype=torch.float64)
+    h[2, 3] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN or Inf"):
+        gptq_quantize(_layer(k=16), h, INT4_G16)
+
+
+def test_clip_search_reduces_output_error_vs_min_max():
+    x, w = _correlated_inputs(), _layer()
+    w[0, 0] = 1.0                                     # an outlier weight stretches its group's range
+    s_mm, z_mm = weight_qparams(w, INT4_G16, 0)
+    s_c, z_c = clip_search(w, x, INT4_G16)
+    assert s_c.shape == s_mm.shape and z_c.shape == z_mm.shape
+    assert _out_err(x, w, fake_quantize(w, INT4_G16, s_c, z_c)) <= _out_err(x, w, fake_quantize(w, INT4_G16, s_mm, z_mm))
+    assert (s_c <= s_mm * (1 + 1e-6)).all()          # it only ever shrinks ranges
+
+
+def test_awq_scales_reduce_error_on_outlier_channels_and_never_hurt():
+    x, w = _correlated_inputs(), _layer()
+    s, alpha, ratio = awq_scale_search(x, [w], [INT4_G16])
+    assert alpha > 0 and ratio < 0.9 and s.shape == (48,)
+    # negative case: isotropic inputs give AWQ nothing to exploit; alpha 0 (no scaling) is a
+    # candidate, so the search can never end worse than round-to-nearest
+    iso = torch.randn(512, 48, generator=torch.Generator().manual_seed(3))
+    _, _, ratio_iso = awq_scale_search(iso, [w], [INT4_G16])
+    assert ratio_iso <= 1.0
+
+
+class RMSNormMLP(nn.Module):
+    """Llama-shaped: RMSNorm (a mul by its weight) feeding gate/up, then down; and a head."""
+
+    def __init__(self, d=48, ff=80):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.norm_w = nn.Parameter(torch.rand(d, generator=g) + 0.5)
+        self.gate, self.up, self.down = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d, bias=False)
+        self.head = nn.Linear(d, 16, bias=False)
+        mix = torch.randn(8, d, generator=g)
+        self.register_buffer("mix", mix)
+
+    def forward(self, z):
+        x = z @ self.mix                               # correlated channels, like real hidden states
+        x = x * torch.linspace(1, 10, x.shape[-1])
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_w
+        x = x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+        return self.head(x)
+
+
+def _data(n=8):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(2, 16, 8, generator=g),) for _ in range(n)]
+
+
+def _recipe(method=None):
+    w = QuantSpec("uint4", "per_group", symmetric=False, group_size=16)
+    algo = None if method is None else WeightAlgorithmConfig(method, sample_rows=512)
+    return Recipe(name=f"w4-{method}", default=LayerConfig(w), weight_algorithm=algo)
+
+
+def _rel_err(model, qmodel, data):
+    num = den = 0.0
+    with torch.no_grad():
+        for (z,) in data:
+            ref, out = model(z), qmodel(z)
+            num += float((ref - out).pow(2).sum())
+            den += float(ref.pow(2).sum())
+    return num / den
+
+
+@pytest.fixture(scope="module")
+def mlp_results():
+    torch.manual_seed(0)
+    model = RMSNormMLP().eval()
+    data, held_out = _data(), _data(4)
+    out = {}
+    for method in (None, "gptq", "awq"):
+        q = qcompile.quantize(model, _recipe(method), data[0], calibration=data)
+        out[method] = (q, _rel_err(model, q, held_out))
+    return model, out
+
+
+@pytest.mark.parametrize("method, bound", [("gptq", 0.8), ("awq", 0.95)])
+def test_pass_beats_round_to_nearest_end_to_end(mlp_results, method, bound):
+    _, out = mlp_results
+    q, err = out[method]
+    assert err < bound * out[None][1], (method, err, out[None][1])
+    entries = q.report.weight_algorithm
+    assert entries and all(e["method"] == method for e in entries)
+    assert method in q.report.timings_s
+
+
+def test_gptq_graph_weights_are_codes_on_the_solved_grid(mlp_results):
+    _, out = mlp_results
+    gm = out["gptq"][0].graph_module
+    dqs = [n for n in gm.graph.nodes if n.target == DEQUANTIZE]
+    assert len(dqs) == 5                     # the mix matmul (a constant weight: a Linear), gate, up, down, head
+    solved = [k for k in gm.state_dict() if "gptq" in k]
+    assert solved and all(k.endswith(("_q", "_scale", "_zero_point")) for k in solved)  # float copies pruned
+    for dq in dqs:                           # the stored codes are exactly the solved weights' codes
+        q, s, z = (getattr(gm, a.target) if a is not None else None for a in dq.args[:3])
+        assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    assert all(e["output_error_vs_rtn"] < 1.0 for e in out["gptq"][0].report.weight_algorithm)
+
+
+def test_awq_folds_inverse_scale_into_the_norm_weight(mlp_results):
+    model, out = mlp_results
+    q = out["awq"][0]
+    entries = {tuple(e["layers"]): e for e in q.report.weight_algorithm}
+    gate_up = entries[("gate", "up")]
+    assert gate_up["inverse_scale"].startswith("folded into") or gate_up["alpha"] == 0
+    # down reads silu(gate) * up: no norm to fold into, so a mul is inserted when it scales
+    assert entries[("down",)]["inverse_scale"] in ("mul inserted", "none")
+    assert torch.equal(model.norm_w, RMSNormMLP().norm_w)          # the user's model is untouched
+
+
+def test_weight_algorithm_needs_calibration():
+    with pytest.raises(CalibrationError, match="gptq"):
+        qcompile.quantize(RMSNormMLP().eval(), _recipe("gptq"), _data(1)[0])
+
+
+def test_fp8_weights_keep_round_to_nearest_and_say_so():
+    r = dataclasses.replace(_recipe("gptq"), default=LayerConfig(QuantSpec("fp8_e4m3", "per_channel")))
+    q = qcompile.quantize(RMSNormMLP().eval(), r, _data(1)[0], calibration=_data(2))
+    assert {e["method"] for e in q.report.weight_algorithm} == {"rtn"}
+    assert all("int or code-book" in e["why"] for e in q.report.weight_algorithm)
+
+
+def test_recipe_round_trip_and_validation():
+    r = dataclasses.replace(_recipe("awq"), tied_head="embedding")
+    again = Recipe.from_dict(r.to_dict())
+    assert again == r and again.weight_algorithm.method == "awq"
+    bad = r.to_dict()
+    bad["weight_algorithm"]["method"] = "gptqq"
+    with pytest.raises(RecipeError, match="did you mean 'gptq'"):
+        Recipe.from_dict(bad)
+    bad = r.to_dict()
+    bad["weight_algorithm"]["damping"] = 0
+    with pytest.raises(RecipeError, match="weight_algorithm.damping"):
+        Recipe.from_dict(bad)
+    bad = r.to_dict()
+    bad["tied_head"] = "share"
+    with pytest.raises(RecipeError, match="tied_head"):
+        Recipe.from_dict(bad)
+
+
+def _tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      use_cache=False, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tied_head", ["default", "embedding"])
+def test_tied_head_is_explicit(tied_head):
+    model = _tied_llama()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    r = dataclasses.replace(Recipe.preset("w4-g64"), tied_head=tied_head)
+    q = qcompile.quantize(model, r, (ids,), calibration=[(ids,)], example_kwargs={"use_cache": False})
+    what = q.report.tied_weights["lm_head"]
+    codes = [n for n in q.graph_module.graph.nodes if n.target == DEQUANTIZE
+             and n.args[0].target.startswith(("model_embed_tokens", "lm_head"))]
+    head_fmt = {l.layer: l.weight_format for l in q.report.layers}["lm_head"]
+    if tied_head == "embedding":
+        assert "one shared quantized tensor" in what and head_fmt == "int8/channel"
+        assert len({n.args[0].target for n in codes}) == 1
+    else:
+        assert "untied" in what and head_fmt == "uint4/g64/asym"
+        assert len({n.args[0].target for n in codes}) == 2
+
+
+def test_576_wide_rows_with_groups_of_128_pad_the_last_group():
+    # SmolLM2's hidden size: 576 = 4.5 x 128. The last group holds 64 real columns; it is quantized
+    # with its own scale (from those columns only), never dropped and never an error.
+    spec = QuantSpec("uint4", "per_group", symmetric=False, group_size=128)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(16, 576, generator=g) * 0.02
+    x = torch.randn(256, 576, generator=g)
+    h = 2 * x.double().t() @ x.double() / 256
+    w_q, scale, zp, _ = gptq_quantize(w, h, spec)
+    assert scale.shape == (16, 5) and zp.shape == (16, 5)
+    assert torch.equal(fake_quantize(w_q, spec, scale, zp), w_q)
+    assert (w_q[:, 512:] != 0).any()                              # the short group is quantized
+    s_c, z_c = clip_search(w, x, spec)
+    assert s_c.shape == (16, 5)
+    assert _out_err(x, w, fake_quantize(w, spec, s_c, z_c)) <= _out_err(x, w, fake_quantize(w, spec, *weight_qparams(w, spec, 0)))
