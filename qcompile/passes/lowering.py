@@ -49,3 +49,19 @@ class GatherBeforeDequantizePass(Pass):
 def _per_row(scale: torch.Tensor, rows: int) -> bool:
     """Per-tensor, per-row or per-group-of-a-row parameters: gathering rows keeps them aligned."""
     return scale.numel() == 1 or (scale.dim() == 2 and scale.shape[0] == rows)
+
+
+def quantized_linears(gm, skipped: dict) -> list:
+    """``(linear node, input, weight dequantize node, bias)`` for every ``aten.linear`` whose weight is
+    dequantized, in graph order (a list: a lowering pass may rewrite the graph while it walks it).
+    Linears with a float weight are recorded in ``skipped`` with that reason."""
+    found = []
+    for node in list(gm.graph.nodes):
+        if node.target != aten.linear.default:
+            continue
+        x, w = node.args[0], node.args[1]
+        if getattr(w, "target", None) != DEQUANTIZE:
+            skipped[node.name] = "float weight"
+            continue
+        found.append((node, x, w, node.args[2] if len(node.args) > 2 else None))
+    return found

@@ -15,7 +15,7 @@ import torch
 from ...errors import BackendError
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassManager, PassResult, add_tensor, get_attr_tensor, prune_unused_tensors
-from ...passes.lowering import GatherBeforeDequantizePass
+from ...passes.lowering import GatherBeforeDequantizePass, quantized_linears
 from . import contrib, translate
 from .contrib import MATMUL_INTEGER_TO_FLOAT, MATMUL_NBITS
 
@@ -76,14 +76,7 @@ class FuseOnnxruntimeKernelsPass(Pass):
 
     def call(self, gm):
         shared: dict = {}  # quantize node -> int8 Linears reading its codes (Q/K/V share one)
-        for node in list(gm.graph.nodes):
-            if node.target != aten.linear.default:
-                continue
-            x, w_dq = node.args[0], node.args[1]
-            bias = node.args[2] if len(node.args) > 2 else None
-            if getattr(w_dq, "target", None) != DEQUANTIZE:
-                self.skipped[node.name] = "float weight"
-                continue
+        for node, x, w_dq, bias in quantized_linears(gm, self.skipped):
             w_fmt = w_dq.args[3]
             if w_fmt in ("int8", "uint8"):
                 reason = self._integer_matmul_operands(gm, node, x, w_dq, bias)

@@ -26,6 +26,7 @@ import torch
 
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassManager, PassResult, add_tensor, get_attr_tensor, prune_unused_tensors
+from ...passes.lowering import quantized_linears
 from . import graph_ops
 from .activation_quant import ACTIVATION_FORMATS
 from .fp8 import FP8_FORMATS, pack_fp8_weight
@@ -70,14 +71,7 @@ class FuseTritonKernelsPass(Pass):
         self.skipped: dict[str, str] = {}
 
     def call(self, gm):
-        for node in list(gm.graph.nodes):
-            if node.target != aten.linear.default:
-                continue
-            x, w_dq = node.args[0], node.args[1]
-            bias = node.args[2] if len(node.args) > 2 else None
-            if getattr(w_dq, "target", None) != DEQUANTIZE:
-                self.skipped[node.name] = "float weight"
-                continue
+        for node, x, w_dq, bias in quantized_linears(gm, self.skipped):
             wq, sw, zw = (get_attr_tensor(gm, a) for a in w_dq.args[:3])
             if wq is None or sw is None or (w_dq.args[2] is not None and zw is None):
                 self.skipped[node.name] = "weight codes or scales are not constants"
