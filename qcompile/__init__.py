@@ -15,6 +15,7 @@ from . import ops  # noqa: F401  - registers torch.ops.qcompile.*
 from .analyze import SensitivityTable, analyze
 from .api import convert, prepare, quantize, resolve_recipe
 from .doctor import CalibrationCheck, check_calibration
+from .mixed import Quality
 from .backends import lower
 from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, PassError, QCompileError,
                      RecipeError)
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize", "prepare", "prepare_qat", "convert", "load", "lower", "verify", "ParityReport", "analyze",
-    "SensitivityTable", "check_calibration", "CalibrationCheck", "recipes",
+    "SensitivityTable", "check_calibration", "CalibrationCheck", "Quality", "recipes",
     "resolve_recipe", "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig", "QATConfig",
     "PreparedModel", "QATModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",

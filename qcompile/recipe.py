@@ -151,12 +151,15 @@ class Recipe:
         return PRESETS[name]()
 
     @staticmethod
-    def auto(candidates, budget: dict, max_samples: int = 8):
+    def auto(candidates, budget: Optional[dict] = None, max_samples: int = 8, quality=None):
         """Mixed precision chosen by measurement (see :mod:`qcompile.mixed`): pass the result to
-        :func:`qcompile.quantize` like any recipe."""
+        :func:`qcompile.quantize` like any recipe. Give a ``budget`` (bits per weight or bytes), or a
+        ``quality`` contract (:class:`qcompile.mixed.Quality`) to get the smallest model meeting it."""
         from .mixed import AutoRecipe
 
-        return AutoRecipe(tuple(candidates), dict(budget), max_samples)
+        if budget is None and quality is None:
+            raise RecipeError("budget", "Recipe.auto needs a budget or a quality contract")
+        return AutoRecipe(tuple(candidates), dict(budget or {}), max_samples, quality=quality)
 
     @staticmethod
     def load(path: Union[str, Path]) -> "Recipe":

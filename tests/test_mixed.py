@@ -72,3 +72,34 @@ def test_recipe_auto_is_data_passed_to_quantize(table_and_data):
     assert q.recipe.name == "auto" and q.report.to_dict()["mixed_precision"]["choice"] == mp["choice"]
     with pytest.raises(qcompile.RecipeError, match="budget"):
         qcompile.Recipe.auto(["w8"], {"bitz": 3})
+
+
+def _cosine_metric(batches):
+    def metric(m):
+        with torch.no_grad():
+            return float(torch.stack([torch.nn.functional.cosine_similarity(
+                m(*b).flatten(), _FLOAT[0](*b).flatten(), dim=0) for b in batches]).mean())
+    return metric
+
+
+_FLOAT = []
+
+
+def test_quality_contract_returns_the_smallest_model_meeting_it_or_says_none_did(table_and_data):
+    model, batches, _ = table_and_data
+    _FLOAT[:] = [model]
+    metric = _cosine_metric(batches)
+    contract = qcompile.Quality(metric, max_drop=2e-3, steps=4)
+    q = qcompile.quantize(model, qcompile.Recipe.auto(["w8", "w4-g64"], quality=contract), batches[0],
+                          calibration=batches, report_samples=1)
+    c = q.report.mixed_precision["contract"]
+    assert c["met"] and c["chosen"]["drop"] <= 2e-3
+    sizes = [t["bytes"] for t in c["tried"]]
+    assert sizes == sorted(sizes) and c["chosen"] == c["tried"][-1]  # smallest first, stopped at the first that met it
+    impossible = qcompile.quantize(model, qcompile.Recipe.auto(["w8", "w4-g64"], quality=qcompile.Quality(
+        metric, max_drop=0.0, steps=3)), batches[0], calibration=batches, report_samples=1)
+    c = impossible.report.mixed_precision["contract"]
+    assert not c["met"] and "best one found" in impossible.report.mixed_precision["note"]
+    assert len(c["tried"]) >= 2 and c["pareto"] and c["chosen"]["drop"] == min(t["drop"] for t in c["tried"])
+    with pytest.raises(qcompile.RecipeError, match="budget"):
+        qcompile.Recipe.auto(["w8"])
