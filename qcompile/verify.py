@@ -101,14 +101,21 @@ class _CodeRecorder(torch.fx.Interpreter):
 
 
 def reference_activations(qmodel, args: tuple, kwargs: dict) -> list:
-    """``[(scale, codes)]`` of the reference graph's static activation quantizers, in graph order."""
+    """``[(scale, codes, layers)]`` of the reference graph's static activation quantizers, in graph order."""
+    return _run_reference(qmodel, args, kwargs)[1]
+
+
+def _run_reference(qmodel, args: tuple, kwargs: dict) -> tuple[list, list]:
+    """One run of the reference graph: (its output leaves, its quantizers' codes as in
+    :func:`reference_activations`)."""
     gm = qmodel.graph_module
     nodes = static_activation_quantizers(gm)
     rec = _CodeRecorder(gm, nodes)
     a, k = qmodel.binder.call(args, dict(kwargs))
     with torch.no_grad():
-        rec.run(*flatten_inputs(gm, a, k))
-    return [(float(get_attr_tensor(gm, n.args[1])), rec.codes[n], n.meta.get(LAYER, n.name)) for n in nodes]
+        out = rec.run(*flatten_inputs(gm, a, k))
+    codes = [(float(get_attr_tensor(gm, n.args[1])), rec.codes[n], n.meta.get(LAYER, n.name)) for n in nodes]
+    return pytree.tree_leaves(out), codes
 
 
 def verify(artifact, reference, inputs: Iterable, max_steps: int = 1) -> ParityReport:
@@ -123,9 +130,15 @@ def verify(artifact, reference, inputs: Iterable, max_steps: int = 1) -> ParityR
     points: Optional[list] = None
     for item in inputs:
         args, kwargs = reference.binder.bind(item)
+        # one reference run gives both the outputs and, when the backend can be compared per layer, the codes
+        if exposes:
+            ref_leaves, ref_codes = _run_reference(reference, args, kwargs)
+        else:
+            with torch.no_grad():
+                ref_leaves = pytree.tree_leaves(reference(*args, **kwargs))
         with torch.no_grad():
-            ref_out, out = reference(*args, **kwargs), artifact(*args, **kwargs)
-        for r, o in zip(pytree.tree_leaves(ref_out), pytree.tree_leaves(out)):
+            out = artifact(*args, **kwargs)
+        for r, o in zip(ref_leaves, pytree.tree_leaves(out)):
             if not isinstance(r, torch.Tensor):
                 continue
             if r.shape != o.shape:
@@ -136,7 +149,6 @@ def verify(artifact, reference, inputs: Iterable, max_steps: int = 1) -> ParityR
         report.samples += 1
         if not exposes:
             continue
-        ref_codes = reference_activations(reference, args, kwargs)
         if getattr(artifact, "supports_forced_codes", False):
             got = artifact.quantized_activations(*args, forced=[c for _, c, _ in ref_codes], **kwargs)
         else:
