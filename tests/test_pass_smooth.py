@@ -88,3 +88,60 @@ def test_fold_only_leaves_unfoldable_layers(tiny_block):
     assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
     for b in batches:
         torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)
+
+
+class _Attention(torch.nn.Module):
+    """Self-attention with heads split by view/transpose and merged back, as in BERT."""
+
+    def __init__(self, heads=4, dim=32, sdpa=False, mix_heads=False):
+        super().__init__()
+        self.h, self.d, self.sdpa, self.mix_heads = heads, dim // heads, sdpa, mix_heads
+        self.ln = torch.nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        h = self.ln(x)
+        q, k, v = (m(h).view(b, s, self.h, self.d).transpose(1, 2) for m in (self.q, self.k, self.v))
+        if self.sdpa:
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            a = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, -1) @ v
+        # mix_heads: merge as (head_dim, heads) instead of (heads, head_dim): channels permuted
+        a = a.permute(0, 2, 3, 1) if self.mix_heads else a.transpose(1, 2)
+        return self.o(a.reshape(b, s, -1)) + x
+
+
+def _outlier_attention(**kw):
+    torch.manual_seed(0)
+    model = _Attention(**kw).eval()
+    with torch.no_grad():  # channel outliers in V's output, hence in the attention output
+        model.v.weight.mul_(torch.linspace(0.2, 12, 32)[:, None])
+    return model, [(torch.randn(2, 6, 32),) for _ in range(3)]
+
+
+def test_attention_output_smoothing_folds_into_the_value_projection():
+    for sdpa in (False, True):
+        model, batches = _outlier_attention(sdpa=sdpa)
+        gm = _stats(model, batches)
+        p = ApplySmoothingPass(alpha=0.5)
+        p(gm)
+        how = {a["layers"][0]: a["how"] for a in p.applied}
+        assert how["o"] == "folded into the output channels of v", how
+        assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
+        for b in batches:
+            torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)
+        assert torch.equal(model.v.weight, _outlier_attention(sdpa=sdpa)[0].v.weight)  # user's model untouched
+
+
+def test_value_fold_refused_when_heads_merge_in_another_order():
+    """Heads merged as (head_dim, heads): the attention output's channels are V's channels permuted,
+    so scaling V's rows in order would scale the wrong channels: a mul is inserted instead."""
+    model, batches = _outlier_attention(mix_heads=True)
+    gm = _stats(model, batches)
+    p = ApplySmoothingPass(alpha=0.5)
+    p(gm)
+    how = {a["layers"][0]: a["how"] for a in p.applied}
+    assert how["o"] == "mul inserted"
+    for b in batches:
+        torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)

@@ -3,9 +3,11 @@
 Per input channel j of the Linears that read one tensor ``x``:
 ``s_j = max|x_j|^alpha / max_i|W_ij|^(1-alpha)``; the Linears get ``W * s`` and the tensor ``x / s``.
 With ``alpha`` unset, the strength is measured per tensor (see :meth:`ApplySmoothingPass._search`).
-``1/s`` is folded into a LayerNorm that feeds only these Linears (no extra op); otherwise a ``mul``
-by ``1/s`` is inserted before them (BERT's LayerNorms also feed residual adds, so they cannot take
-it). Two passes: :class:`InsertChannelStatsPass` (then calibrate), :class:`ApplySmoothingPass`."""
+``1/s`` is folded, with no extra op, into a LayerNorm that feeds only these Linears, or into the
+output channels of an upstream Linear whose output reaches ``x`` only through shape operations and
+attention's value path (the attention output projection reads ``softmax(QK^T) V``: scaling V's
+channels scales its channels); otherwise a ``mul`` by ``1/s`` is inserted before them (BERT's
+LayerNorms also feed residual adds, so they cannot take it). Two passes: :class:`InsertChannelStatsPass` (then calibrate), :class:`ApplySmoothingPass`."""
 from __future__ import annotations
 
 import torch
@@ -91,7 +93,8 @@ class ApplySmoothingPass(Pass):
             return None
         s = candidate_scale(alpha, obs.absmax, w_absmax)
         fold = self._layer_norm(gm, x)
-        if fold is None and self.fold_only:
+        upstream = None if fold is not None else channel_source(gm, x)
+        if fold is None and upstream is None and self.fold_only:
             return None
         for c, w in zip(consumers, weights):
             ann = c.meta[ANNOTATION]
@@ -110,6 +113,10 @@ class ApplySmoothingPass(Pass):
             ln.args = tuple(args)
             obs_node.replace_all_uses_with(x)
             how = "folded into " + ln.meta.get(LAYER, ln.name)
+        elif upstream is not None:
+            self._fold_into_outputs(gm, upstream, 1.0 / s)
+            obs_node.replace_all_uses_with(x)
+            how = "folded into the output channels of " + _layer_name(upstream)
         else:
             inv = add_tensor(gm, f"{consumers[0].meta[ANNOTATION].layer}.smooth_inv", (1.0 / s), obs_node)
             with gm.graph.inserting_after(obs_node):
@@ -153,9 +160,122 @@ class ApplySmoothingPass(Pass):
             return None
         return x, get_attr_tensor(gm, x.args[2]), beta
 
+    @staticmethod
+    def _fold_into_outputs(gm, linear, factor):
+        """Scale the output channels of ``linear`` (rows of its weight, its bias) by ``factor``."""
+        w = get_attr_tensor(gm, linear.args[1])
+        args = list(linear.args)
+        args[1] = add_tensor(gm, f"{linear.args[1].target}_smooth_out", w * factor.to(w.dtype)[:, None], linear)
+        if len(args) > 2 and args[2] is not None:
+            b = get_attr_tensor(gm, args[2])
+            args[2] = add_tensor(gm, f"{linear.args[2].target}_smooth_out", b * factor.to(b.dtype), linear)
+        linear.args = tuple(args)
+
     def ensures(self, gm):
         if any(n.meta.get(ROLE) == STATS for n in gm.graph.nodes):
             raise AssertionError("channel statistics observers left in the graph")
+
+
+_LAYOUT_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+                         aten.permute.default, aten.contiguous.default, aten.clone.default})
+
+
+def _layer_name(node) -> str:
+    ann = node.meta.get(ANNOTATION)
+    return ann.layer if ann is not None else node.meta.get(LAYER, node.name)
+
+
+def channel_source(gm, x) -> Optional[torch.fx.Node]:
+    """The ``aten.linear`` node whose output channels are exactly the last-dimension channels of
+    ``x`` (same order), when ``x`` is reached from it only through shape operations (view, reshape,
+    transpose, permute, contiguous) and the value operand of attention (``matmul(P, V)``,
+    ``scaled_dot_product_attention``'s value), every tensor on the way read only once and the
+    Linear's weight and bias constants; else None. Scaling that Linear's output channels then
+    scales ``x``'s channels and nothing else.
+
+    Each dimension is tracked as ``(stride, size)`` in the Linear's channel index (``None`` for
+    a dimension that is not a channel): splits and merges must keep the channels row-major, and
+    attention must not mix over a channel dimension."""
+    chain, node = [], x
+    while True:
+        if node.op != "call_function" or len(node.users) != 1:
+            return None
+        if node.target == aten.linear.default:
+            break
+        if node.target in _LAYOUT_OPS:
+            chain.append((node, 0))
+        elif node.target == aten.matmul.default:
+            chain.append((node, 1))
+        elif node.target == aten.scaled_dot_product_attention.default:
+            chain.append((node, 2))
+        else:
+            return None
+        node = node.args[chain[-1][1]]
+    linear = node
+    if get_attr_tensor(gm, linear.args[1]) is None or \
+            (len(linear.args) > 2 and linear.args[2] is not None and get_attr_tensor(gm, linear.args[2]) is None):
+        return None
+    n = get_attr_tensor(gm, linear.args[1]).shape[0]
+    shape = _static_shape(linear)
+    if shape is None:
+        return None
+    dims = [None] * (len(shape) - 1) + [(1, n)]
+    for op, _ in reversed(chain):
+        out = _static_shape(op)
+        if out is None:
+            return None
+        dims = _propagate(op, dims, out)
+        if dims is None:
+            return None
+    return linear if dims[-1] == (1, n) and all(d is None for d in dims[:-1]) else None
+
+
+def _static_shape(node):
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    return [d if isinstance(d, int) else None for d in val.shape]
+
+
+def _propagate(op, dims, out):
+    """Channel ``(stride, size)`` per dimension of ``op``'s output, or None when it cannot be followed."""
+    t = op.target
+    if t in (aten.contiguous.default, aten.clone.default):
+        return dims
+    if t == aten.transpose.int:
+        a, b = (d % len(dims) for d in op.args[1:3])
+        dims = list(dims)
+        dims[a], dims[b] = dims[b], dims[a]
+        return dims
+    if t == aten.permute.default:
+        return [dims[p % len(dims)] for p in op.args[1]]
+    if t in (aten.matmul.default, aten.scaled_dot_product_attention.default):
+        # the value's last dimension passes through; its second-to-last is mixed over by attention
+        if len(out) != len(dims) or dims[-2] is not None:
+            return None
+        return dims
+    # view / reshape: the channel dimensions must be trailing and row-major, and become the
+    # shortest trailing run of static output dimensions with the same number of elements
+    first = next((i for i, d in enumerate(dims) if d is not None), None)
+    if first is None or any(d is None for d in dims[first:]):
+        return None
+    total = 1
+    for i in range(len(dims) - 1, first - 1, -1):
+        stride, size = dims[i]
+        if stride != total:
+            return None
+        total *= size
+    new, acc = [None] * len(out), 1
+    for i in range(len(out) - 1, -1, -1):
+        if out[i] is None:
+            return None
+        new[i] = (acc, out[i])
+        acc *= out[i]
+        if acc == total:
+            return new
+        if acc > total:
+            return None
+    return None
 
 
 def smoothing_scale(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
