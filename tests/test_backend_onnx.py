@@ -1,3 +1,4 @@
+import collections
 import copy
 import dataclasses
 import os
@@ -60,7 +61,7 @@ def test_onnxruntime_target_fuses_static_int8_linears_with_their_bias():
     art = qcompile.lower(_quantize(TinyBlock().eval(), "w8a8", _batches()), backend="onnx")
     model = _ops(art)
     fused = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
-    assert len(fused) == 4 and all(n.domain == "com.microsoft" for n in fused)  # Q/K/V: one GEMM
+    assert len(fused) == 6 and all(n.domain == "com.microsoft" for n in fused)  # one GEMM per Linear
     assert all(len(n.input) == 7 and n.input[6] for n in fused)  # the bias rides in the epilogue
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 4  # Q/K/V share one
     # the embedding gathers int8 rows and their scales, then dequantizes (never the whole table)
@@ -124,22 +125,27 @@ def test_a_loaded_model_lowers_like_the_original(tmp_path):
     assert parity.passed and len(parity.points) == 4
 
 
-def test_linears_sharing_an_input_become_one_gemm():
-    """Q/K/V read the same codes: one MatMulIntegerToFloat over the concatenated weights, then a
-    Split; the per-column integer math is unchanged, so parity stays exact."""
+def test_linears_sharing_an_input_share_its_codes_or_one_gemm():
+    """Q/K/V read the same codes: one QuantizeLinear feeds three MatMulIntegerToFloat, or, with
+    ``concatenate_shared``, one over the concatenated weights and a Split; the per-column integer
+    math is unchanged, so parity stays exact either way."""
     from qcompile.backends.onnx.lower import FuseOnnxruntimeKernelsPass
 
     torch.manual_seed(0)
     batches = _batches()
     q = _quantize(TinyBlock().eval(), "w8a8", batches)
-    gm = copy.deepcopy(q.graph_module)
-    p = FuseOnnxruntimeKernelsPass()
-    p(gm)
-    assert sorted(v for k, v in p.fused.items() if k in ("linear", "linear_1", "linear_2")) == \
-        ["MatMulIntegerToFloat (x3 concatenated)"] * 3
     ids, mask = batches[1]
-    with torch.no_grad():
-        assert_matches_reference(gm(ids, mask), q.graph_module(ids, mask))
+    for concatenate, label in ((False, "MatMulIntegerToFloat"), (True, "MatMulIntegerToFloat (x3 concatenated)")):
+        gm = copy.deepcopy(q.graph_module)
+        p = FuseOnnxruntimeKernelsPass(concatenate_shared=concatenate)
+        p(gm)
+        assert sorted(v for k, v in p.fused.items() if k in ("linear", "linear_1", "linear_2")) == [label] * 3
+        splits = [n for n in gm.graph.nodes if n.target == torch.ops.aten.split_with_sizes.default]
+        assert len(splits) == (1 if concatenate else 0)
+        readers = collections.Counter(n.args[0] for n in gm.graph.nodes if "matmul_integer_to_float" in str(n.target))
+        assert max(readers.values()) == (1 if concatenate else 3)  # q/k/v read one quantized input
+        with torch.no_grad():
+            assert_matches_reference(gm(ids, mask), q.graph_module(ids, mask))
 
 
 def test_onnx_placement_runs_the_conv_chain_in_int8():

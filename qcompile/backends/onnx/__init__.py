@@ -22,10 +22,12 @@ class OnnxBackend:
                                 quantized_outputs=frozenset({"conv"}))
 
     def lower(self, qmodel, opset: int = OPSET, threads: int = 0, target: str = "onnxruntime",
-              nbits_accuracy_level: int = 0, keep_metadata: bool = False) -> OnnxArtifact:
+              nbits_accuracy_level: int = 0, keep_metadata: bool = False,
+              concatenate_shared: bool = False) -> OnnxArtifact:
         """``target``: ``"onnxruntime"`` (contrib kernels where faster) or ``"qdq"`` (standard
-        ONNX only); ``threads``: onnxruntime intra-op threads (0: its default)."""
-        data, names = export_onnx(qmodel, opset, target, nbits_accuracy_level, keep_metadata)
+        ONNX only); ``threads``: onnxruntime intra-op threads (0: its default); the other options:
+        see :func:`~qcompile.backends.onnx.lower.export_onnx`."""
+        data, names = export_onnx(qmodel, opset, target, nbits_accuracy_level, keep_metadata, concatenate_shared)
         return OnnxArtifact(data, names, qmodel, threads)
 
 

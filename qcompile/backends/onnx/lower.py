@@ -69,8 +69,9 @@ class FuseOnnxruntimeKernelsPass(Pass):
 
     name = "fuse_onnxruntime_kernels"
 
-    def __init__(self, nbits_accuracy_level: int = 0):
+    def __init__(self, nbits_accuracy_level: int = 0, concatenate_shared: bool = False):
         self.nbits_accuracy_level = nbits_accuracy_level
+        self.concatenate_shared = concatenate_shared
         self.fused: dict[str, str] = {}    # linear node -> contrib op
         self.skipped: dict[str, str] = {}  # linear node -> reason
 
@@ -114,10 +115,13 @@ class FuseOnnxruntimeKernelsPass(Pass):
         return (node, x, wq, sw.reshape(-1).expand(n).float(), None if zw is None else zw.reshape(-1).expand(n), b)
 
     def _integer_matmul(self, gm, q, linears):
-        """One MatMulIntegerToFloat for all Linears reading the same codes (Q/K/V: one GEMM with
-        N = 3 x hidden instead of three; the integer math per output column is unchanged), then
-        a Split. Weights with and without zero points do not mix."""
-        groups = [linears] if len({z is None for *_, z, _ in linears}) == 1 else [[lin] for lin in linears]
+        """One MatMulIntegerToFloat per Linear, all reading the same quantized codes; with
+        ``concatenate_shared``, one for all of them (Q/K/V: one GEMM with N = 3 x hidden; the
+        integer math per output column is unchanged) followed by a Split. Off by default: on
+        MiniLM the Split's strided copy cost more than the two GEMM calls it saves (see
+        docs/onnx.md). Weights with and without zero points do not mix."""
+        same_kind = len({z is None for *_, z, _ in linears}) == 1
+        groups = [linears] if self.concatenate_shared and same_kind else [[lin] for lin in linears]
         for group in groups:
             first, x = group[0][0], group[0][1]
             name = "_".join(n.name for n, *_ in group)
@@ -183,7 +187,8 @@ TARGETS = ("onnxruntime", "qdq")
 
 
 def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
-                nbits_accuracy_level: int = 0, keep_metadata: bool = False) -> tuple[bytes, list[str]]:
+                nbits_accuracy_level: int = 0, keep_metadata: bool = False,
+                concatenate_shared: bool = False) -> tuple[bytes, list[str]]:
     """(ONNX model bytes, input names) for a :class:`~qcompile.model.QuantizedModel`.
 
     ``target="onnxruntime"`` (default) emits onnxruntime's fused contrib kernels where they are
@@ -192,14 +197,16 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     ``accuracy_level``: 0 computes with float activations, as the weight-only recipe says (the
     reference's numerics); 4 lets onnxruntime quantize activations to int8 inside the kernel
     (faster, a different model: opt in). ``keep_metadata``: keep the exporter's per-node source
-    metadata (stack traces, module scopes)."""
+    metadata (stack traces, module scopes). ``concatenate_shared``: Linears reading the same
+    quantized codes (Q/K/V) run as one concatenated GEMM + Split instead of one GEMM each."""
     if target not in TARGETS:
         raise BackendError(f"unknown onnx target '{target}'; choose one of {', '.join(TARGETS)}")
     if qmodel._example is None:
         raise BackendError("this model carries no capture examples to export it again (it was saved from a model "
                            "with nested, non-tensor inputs): lower the model returned by quantize() instead")
     gm = copy.deepcopy(qmodel.graph_module)
-    passes = [GatherBeforeDequantizePass()] + ([FuseOnnxruntimeKernelsPass(nbits_accuracy_level)] if target == "onnxruntime" else [])
+    passes = [GatherBeforeDequantizePass()] + \
+        ([FuseOnnxruntimeKernelsPass(nbits_accuracy_level, concatenate_shared)] if target == "onnxruntime" else [])
     PassManager([*passes, TransposeLinearWeightsPass()])(gm)
     prune_unused_tensors(gm)
     args, kwargs, dynamic_shapes = qmodel._example
