@@ -1,7 +1,11 @@
 """MiniLM through ONNX, side by side in one process, one thread: the float ONNX model, onnxruntime's
 own quantizers applied to it (``quantize_dynamic(per_channel=True)``, and ``quantize_static`` in
 QDQ format on the Linear MatMuls with the same calibration text), and qcompile ``w8a8`` lowered to
-ONNX (``target="onnxruntime"``). Rows per batch size (1 and 32, sequence 128) with, in
+ONNX (``target="onnxruntime"``), run with the session options qcompile's runner uses
+(``DISABLED_OPTIMIZERS``: onnxruntime's SkipLayerNormFusion is slower here). The float and dynamic
+rows run twice: with onnxruntime's defaults (what a user of its tool gets) and with those same
+options (``*-same-session``: the apples-to-apples comparison). Rows per batch size (1 and 32,
+sequence 128) with, in
 ``extra_info``: ``speedup_vs_float_onnx``, ``speedup_vs_ort_dynamic`` (> 1: faster than
 onnxruntime's tool), embedding quality vs the float model on held-out docstrings (mean cosine,
 retrieval recall@1 drop, neighbour agreement) and the file size.
@@ -24,14 +28,19 @@ from test_minilm import ROUNDS, SEQUENCE, _calibration_batches, _fixed_inputs, _
 ort = pytest.importorskip("onnxruntime", reason="needs the 'onnx' extra: pip install 'qcompile[onnx]'")
 onnx = pytest.importorskip("onnx")
 
-IMPLS = ["float-onnx", "ort-dynamic", "ort-static", "qcompile-w8a8"]
+from qcompile.backends.onnx.runtime import DISABLED_OPTIMIZERS  # noqa: E402
+
+FILES = ["float-onnx", "ort-dynamic", "ort-static", "qcompile-w8a8"]
+SAME_SESSION = {"float-onnx-same-session": "float-onnx", "ort-dynamic-same-session": "ort-dynamic"}
+IMPLS = FILES + list(SAME_SESSION)
 
 
-def _session(path):
+def _session(path, disabled_optimizers=()):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 class _Reader:
@@ -47,7 +56,7 @@ class _Reader:
 def _build(minilm, calibration_batches, workdir):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    paths = {name: workdir / f"{name}.onnx" for name in IMPLS}
+    paths = {name: workdir / f"{name}.onnx" for name in FILES}
     ids, mask = _fixed_inputs(minilm, 2)
     b, s = torch.export.Dim("batch"), torch.export.Dim("sequence")
     program = torch.onnx.export(minilm.model, (ids, mask), dynamo=True, verbose=False, optimize=True,
@@ -76,7 +85,8 @@ def _build(minilm, calibration_batches, workdir):
 def onnx_models(minilm, tmp_path_factory):
     """{impl: (onnxruntime session, file MB, quality dict)} built once."""
     paths, info = _build(minilm, _calibration_batches(minilm), tmp_path_factory.mktemp("onnx"))
-    sessions = {name: _session(p) for name, p in paths.items()}
+    sessions = {name: _session(p, DISABLED_OPTIMIZERS if name == "qcompile-w8a8" else ()) for name, p in paths.items()}
+    sessions.update({name: _session(paths[base], DISABLED_OPTIMIZERS) for name, base in SAME_SESSION.items()})
 
     def encoder(sess):
         def enc(texts):
@@ -88,7 +98,7 @@ def onnx_models(minilm, tmp_path_factory):
     out = {}
     for name, sess in sessions.items():
         quality = embedding_quality(encoder(sessions["float-onnx"]), encoder(sess), sentences, pairs)
-        out[name] = (sess, round(paths[name].stat().st_size / 1e6, 2), quality)
+        out[name] = (sess, round(paths[SAME_SESSION.get(name, name)].stat().st_size / 1e6, 2), quality)
     out["info"] = info
     out["interleaved"] = _interleaved(minilm, sessions)
     return out
@@ -130,7 +140,7 @@ def test_onnx_latency(benchmark, minilm, onnx_models, session_cache, batch, impl
                                  **{k: round(v, 5) for k, v in quality.items()}, **onnx_models["info"]})
     inter = onnx_models["interleaved"]
     benchmark.extra_info["interleaved_median_ms"] = round(inter[(batch, impl)], 2)
-    for base in ("float-onnx", "ort-dynamic"):
+    for base in ("float-onnx", "ort-dynamic", *SAME_SESSION):
         if impl != base:
             benchmark.extra_info[f"interleaved_speedup_vs_{base.replace('-', '_')}"] = \
                 round(inter[(batch, base)] / inter[(batch, impl)], 3)

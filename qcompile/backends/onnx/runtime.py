@@ -10,15 +10,25 @@ from torch.utils import _pytree as pytree
 
 from ...capture import flatten_inputs
 
+# onnxruntime graph rewrites our sessions turn off, each because it made the model slower here:
+# SkipLayerNormFusion replaces residual Add + LayerNormalization with SkipLayerNormalization, whose
+# CPU kernel (onnxruntime 1.32) measured 4.7x slower than the two ops it replaces on a
+# [32, 128, 384] tensor (32.0 vs 6.8 ms, AMD Zen 4, one thread) and less accurate (max error vs
+# float64 2.6e-6 vs 1.0e-6). A session you create yourself for the saved file should pass the same
+# ``disabled_optimizers`` (docs/onnx.md).
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
 
 class OnnxArtifact:
     """Callable like the quantized model (torch tensors in, torch tensors out, same structure).
 
-    ``threads``: onnxruntime intra-op threads (1 for benchmarks: see docs/benchmarks.md)."""
+    ``threads``: onnxruntime intra-op threads (1 for benchmarks: see docs/benchmarks.md);
+    ``disabled_optimizers``: onnxruntime graph rewrites to skip (default :data:`DISABLED_OPTIMIZERS`)."""
 
     backend = "onnx"
 
-    def __init__(self, model_bytes: bytes, input_names: list[str], qmodel, threads: int = 0):
+    def __init__(self, model_bytes: bytes, input_names: list[str], qmodel, threads: int = 0,
+                 disabled_optimizers: tuple = DISABLED_OPTIMIZERS):
         import onnxruntime as ort
 
         self.model_bytes = model_bytes
@@ -33,7 +43,9 @@ class OnnxArtifact:
         # Level 1 keeps them float, as the recipe says.
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self._options, self._debug = opts, {}
-        self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+        self.disabled_optimizers = list(disabled_optimizers)
+        self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=self.disabled_optimizers)
 
     def __call__(self, *args, **kwargs):
         outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, self._feed(args, kwargs))]
@@ -56,7 +68,7 @@ class OnnxArtifact:
         so a rounding flip in one layer does not propagate into the next one's comparison."""
         key = forced is not None
         if key not in self._debug:
-            self._debug[key] = _expose_quantizers(self.model_bytes, self._options, forced=key)
+            self._debug[key] = _expose_quantizers(self.model_bytes, self._options, self.disabled_optimizers, forced=key)
         session, points = self._debug[key]
         feed = self._feed(args, kwargs)
         if forced is not None:
@@ -76,7 +88,7 @@ class OnnxArtifact:
         return path
 
 
-def _expose_quantizers(model_bytes: bytes, options, forced: bool = False):
+def _expose_quantizers(model_bytes: bytes, options, disabled_optimizers=(), forced: bool = False):
     """(a session that also returns every static QuantizeLinear's codes, [(output name, scale)]).
     ``forced``: the quantizers' consumers read a new graph input ``<codes>__forced`` instead."""
     import onnx
@@ -105,5 +117,6 @@ def _expose_quantizers(model_bytes: bytes, options, forced: bool = False):
                 for i, inp in enumerate(other.input):
                     if inp == node.output[0]:
                         other.input[i] = name
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=list(disabled_optimizers))
     return session, points
