@@ -105,6 +105,24 @@ def test_int4_group_without_kernel_names_the_format():
         qcompile.lower(q, backend="onnx")
 
 
+def test_double_quantized_scales_export_as_their_float_values():
+    """q4_k_m-style layers store their scales as int8 codes the graph rebuilds; MatMulNBits takes
+    float scales, computed at export with the graph's own ops (bit-identical to the reference)."""
+    torch.manual_seed(0)
+    recipe = dataclasses.replace(qcompile.Recipe.preset("q4_k_m"), overrides={})  # uint4 g32, int8 scales
+    q = _quantize(TinyBlock(d=64, ff=128).eval(), recipe, _batches())
+    art = qcompile.lower(q, backend="onnx")
+    assert sum(n.op_type == "MatMulNBits" for n in _ops(art).graph.node) == 6
+    ids, mask = _batches()[1]
+    with torch.no_grad():
+        assert_matches_reference(art(ids, mask), q(ids, mask))
+    # negative: the 6-bit layers of the full preset have no onnxruntime kernel and no standard Q/DQ
+    q6 = _quantize(TinyBlock(d=64, ff=128).eval(), recipe.with_overrides(
+        {"re:.*": {"weight": {"format": "uint6", "granularity": "per_group", "group_size": 32}}}), _batches(1))
+    with pytest.raises(qcompile.BackendError, match="format 'uint6'"):
+        qcompile.lower(q6, backend="onnx")
+
+
 def test_unknown_target_is_an_error():
     q = _quantize(TinyBlock().eval(), "w8", _batches(1))
     with pytest.raises(qcompile.BackendError, match="unknown onnx target 'tensorrt'"):

@@ -92,6 +92,30 @@ def get_attr_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[t
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def constant_value(gm: torch.fx.GraphModule, node) -> Optional[torch.Tensor]:
+    """The value of ``node`` when it depends on constants only (``get_attr`` tensors and literals
+    through pure ``call_function`` nodes, e.g. double-quantized scales the graph rebuilds from their
+    int8 codes), evaluated with the graph's own ops, so the result is bit-identical to what the
+    graph computes; None when it depends on an input."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "get_attr":
+        return get_attr_tensor(gm, node)
+    if node.op != "call_function":
+        return None
+    resolved = []
+    for a in (*node.args, *node.kwargs.values()):
+        if isinstance(a, torch.fx.Node):
+            v = constant_value(gm, a)
+            if v is None:
+                return None
+            resolved.append(v)
+    it = iter(resolved)
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda _: next(it))
+    out = node.target(*args, **kwargs)
+    return out if isinstance(out, torch.Tensor) else None
+
+
 def add_tensor(gm: torch.fx.GraphModule, name: str, value: torch.Tensor, before: torch.fx.Node) -> torch.fx.Node:
     """Register ``value`` as a new buffer of ``gm`` under a unique name derived from ``name`` and
     return a ``get_attr`` node for it inserted before ``before``. Never overwrites a tensor."""

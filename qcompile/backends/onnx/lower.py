@@ -14,7 +14,7 @@ import torch
 
 from ...errors import BackendError
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
-from ...passes.infra import Pass, PassManager, PassResult, add_tensor, get_attr_tensor, prune_unused_tensors
+from ...passes.infra import Pass, PassManager, PassResult, add_tensor, constant_value, get_attr_tensor, prune_unused_tensors
 from ...passes.lowering import GatherBeforeDequantizePass, quantized_linears
 from . import contrib, translate
 from .contrib import MATMUL_INTEGER_TO_FLOAT, MATMUL_NBITS
@@ -103,11 +103,11 @@ class FuseOnnxruntimeKernelsPass(Pass):
             return "activation scale is not a static per-tensor constant (MatMulIntegerToFloat needs one)"
         if w_dq.args[4] != 0:
             return "int8 weights per group"
-        wq, sw, zw = (get_attr_tensor(gm, a) for a in w_dq.args[:3])
+        wq, sw, zw = get_attr_tensor(gm, w_dq.args[0]), *(constant_value(gm, a) for a in w_dq.args[1:3])
         if wq is None or wq.dim() != 2:
             return "weight is not a 2-D constant"
         if sw is None or (w_dq.args[2] is not None and zw is None):
-            return "scales are computed in the graph (double-quantized), not stored"
+            return "scales depend on the model's inputs"
         b = get_attr_tensor(gm, bias) if bias is not None else None
         if bias is not None and b is None:
             return "bias is not a constant"
@@ -149,11 +149,11 @@ class FuseOnnxruntimeKernelsPass(Pass):
                 self.fused[node.name] = "MatMulIntegerToFloat" + (f" (x{len(group)} concatenated)" if len(group) > 1 else "")
 
     def _nbits(self, gm, node, x, w_dq, bias):
-        wq, sw, zw = (get_attr_tensor(gm, a) for a in w_dq.args[:3])
+        wq, sw, zw = get_attr_tensor(gm, w_dq.args[0]), *(constant_value(gm, a) for a in w_dq.args[1:3])
         if wq is None or wq.dim() != 2:
             return "weight is not a 2-D constant"
         if sw is None or (w_dq.args[2] is not None and zw is None):
-            return "scales are computed in the graph (double-quantized), not stored"
+            return "scales depend on the model's inputs"
         n, k = wq.shape
         group = w_dq.args[4]
         if group == 0:  # per channel (or tensor): one block per row, the next power of two >= K, zero-padded
