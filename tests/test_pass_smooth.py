@@ -145,3 +145,29 @@ def test_value_fold_refused_when_heads_merge_in_another_order():
     assert how["o"] == "mul inserted"
     for b in batches:
         torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)
+
+
+def test_gated_mlp_smoothing_folds_into_the_up_projection():
+    """``down(silu(gate(x)) * up(x))``: scaling up's output channels scales the product's channels,
+    so down's input smoothing needs no mul; gate (behind the SiLU) is never the one scaled."""
+
+    class GatedMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = torch.nn.Linear(16, 48), torch.nn.Linear(16, 48), torch.nn.Linear(48, 16)
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+    torch.manual_seed(0)
+    model = GatedMLP().eval()
+    with torch.no_grad():
+        model.up.weight.mul_(torch.linspace(0.2, 15, 48)[:, None])
+    batches = [(torch.randn(2, 5, 16),) for _ in range(3)]
+    gm = _stats(model, batches)
+    p = ApplySmoothingPass(alpha=0.5)
+    p(gm)
+    how = {a["layers"][0]: a["how"] for a in p.applied}
+    assert how["down"] == "folded into the output channels of up", how
+    for b in batches:
+        torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)

@@ -188,30 +188,19 @@ def _layer_name(node) -> str:
 def channel_source(gm, x) -> Optional[torch.fx.Node]:
     """The ``aten.linear`` node whose output channels are exactly the last-dimension channels of
     ``x`` (same order), when ``x`` is reached from it only through shape operations (view, reshape,
-    transpose, permute, contiguous) and the value operand of attention (``matmul(P, V)``,
-    ``scaled_dot_product_attention``'s value), every tensor on the way read only once and the
-    Linear's weight and bias constants; else None. Scaling that Linear's output channels then
-    scales ``x``'s channels and nothing else.
+    transpose, permute, contiguous), the value operand of attention (``matmul(P, V)``,
+    ``scaled_dot_product_attention``'s value) and elementwise products (a gated MLP's
+    ``act(gate) * up``), every tensor on the way read only once and the Linear's weight and bias
+    constants; else None. Scaling that Linear's output channels then scales ``x``'s channels and
+    nothing else.
 
     Each dimension is tracked as ``(stride, size)`` in the Linear's channel index (``None`` for
     a dimension that is not a channel): splits and merges must keep the channels row-major, and
     attention must not mix over a channel dimension."""
-    chain, node = [], x
-    while True:
-        if node.op != "call_function" or len(node.users) != 1:
-            return None
-        if node.target == aten.linear.default:
-            break
-        if node.target in _LAYOUT_OPS:
-            chain.append((node, 0))
-        elif node.target == aten.matmul.default:
-            chain.append((node, 1))
-        elif node.target == aten.scaled_dot_product_attention.default:
-            chain.append((node, 2))
-        else:
-            return None
-        node = node.args[chain[-1][1]]
-    linear = node
+    found = _walk_to_linear(x, [])
+    if found is None:
+        return None
+    linear, chain = found
     if get_attr_tensor(gm, linear.args[1]) is None or \
             (len(linear.args) > 2 and linear.args[2] is not None and get_attr_tensor(gm, linear.args[2]) is None):
         return None
@@ -220,7 +209,7 @@ def channel_source(gm, x) -> Optional[torch.fx.Node]:
     if shape is None:
         return None
     dims = [None] * (len(shape) - 1) + [(1, n)]
-    for op, _ in reversed(chain):
+    for op in reversed(chain):
         out = _static_shape(op)
         if out is None:
             return None
@@ -228,6 +217,32 @@ def channel_source(gm, x) -> Optional[torch.fx.Node]:
         if dims is None:
             return None
     return linear if dims[-1] == (1, n) and all(d is None for d in dims[:-1]) else None
+
+
+def _walk_to_linear(node, chain):
+    """(linear, the ops from ``node`` back to it) along a path :func:`channel_source` can follow."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or len(node.users) != 1:
+        return None
+    if node.target == aten.linear.default:
+        return node, chain
+    if node.target in _LAYOUT_OPS:
+        operands = [node.args[0]]
+    elif node.target == aten.matmul.default:
+        operands = [node.args[1]]
+    elif node.target == aten.scaled_dot_product_attention.default:
+        operands = [node.args[2]]
+    elif node.target == aten.mul.Tensor:  # either factor, if it has the product's full shape
+        out = _static_shape(node) if "val" in node.meta else None
+        operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and out is not None
+                    and len(_static_shape(a) or ()) == len(out)
+                    and a.meta["val"].shape == node.meta["val"].shape]
+    else:
+        return None
+    for operand in operands:
+        found = _walk_to_linear(operand, chain + [node])
+        if found is not None:
+            return found
+    return None
 
 
 def _static_shape(node):
@@ -240,7 +255,7 @@ def _static_shape(node):
 def _propagate(op, dims, out):
     """Channel ``(stride, size)`` per dimension of ``op``'s output, or None when it cannot be followed."""
     t = op.target
-    if t in (aten.contiguous.default, aten.clone.default):
+    if t in (aten.contiguous.default, aten.clone.default, aten.mul.Tensor):
         return dims
     if t == aten.transpose.int:
         a, b = (d % len(dims) for d in op.args[1:3])
