@@ -155,6 +155,7 @@ def atomic_directory(path: Union[str, Path]) -> Iterator[Path]:
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact gets the usual mode
         yield tmp
         _fsync_tree(tmp)
         if not path.exists():
@@ -186,6 +187,7 @@ def atomic_file(path: Union[str, Path]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the usual mode
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
@@ -226,6 +228,12 @@ def _check_replaceable(path: Path) -> None:
     if any(path.iterdir()) and not any((path / m).is_file() for m in MANIFESTS):
         raise ArtifactError(f"'{path}' exists and is not a qcompile artifact (no {' or '.join(MANIFESTS)}); "
                             f"refusing to replace it")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:

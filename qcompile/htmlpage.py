@@ -187,8 +187,10 @@ def page(title: str, body: str) -> str:
 
 
 def write(path: Union[str, Path], document: str) -> Path:
-    """Write ``document`` to ``path`` (UTF-8) and return the path."""
+    """Write ``document`` to ``path`` (UTF-8, atomically) and return the path."""
+    from .artifact import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(document, encoding="utf-8")
+    with atomic_file(path) as tmp:
+        tmp.write_text(document, encoding="utf-8")
     return path

@@ -209,6 +209,9 @@ def test_atomic_directory_replaces_only_artifacts(tmp_path):
             (tmp / "data").write_text("v2")
             raise RuntimeError("interrupted")
     assert (target / "data").read_text() == "v1"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask  # not the private mode of a temporary directory
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     body = read_manifest(target, version_key="format_version", version=1, kind="test", name="tvm.json")
     assert body["files"]["data"]["bytes"] == 2
