@@ -89,3 +89,22 @@ def on_page_markdown(markdown, page, config, files):
         return m.group(1) + new + m.group(3)
 
     return _LINK.sub(rewrite, markdown)
+
+
+class SphinxRoles:
+    """A griffe extension (``mkdocs.yml``: ``extensions: [mkdocs_hooks.py:SphinxRoles]``): the
+    docstrings use Sphinx roles (:class:`~qcompile.Report`) and ``Example::``; show them as
+    Markdown code (``Report``) and ``Example:``, not as literal role syntax."""
+
+    _ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|obj|exc):`(~?)([^`]+)`")
+
+    def __init__(self, **_options):
+        pass
+
+    def _fix(self, text: str) -> str:
+        text = self._ROLE.sub(lambda m: f"`{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}`", text)
+        return re.sub(r"(\w)::\n", r"\1:\n", text)
+
+    def on_instance(self, *, obj, **_kwargs):
+        if obj.docstring is not None:
+            obj.docstring.value = self._fix(obj.docstring.value)
