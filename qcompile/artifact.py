@@ -342,8 +342,9 @@ def read_manifest(directory: Union[str, Path], *, version_key: str, version: int
         raise ArtifactError(f"'{mf}' is corrupted: its file table does not list {', '.join(required)}")
     for f, entry in files.items():
         p = directory / f
-        if Path(f).is_absolute() or ".." in Path(f).parts:
-            raise ArtifactError(f"'{mf}' is corrupted: it lists a file outside the artifact ('{f}')")
+        if Path(f).is_absolute() or ".." in Path(f).parts or not isinstance(entry, dict):
+            raise ArtifactError(f"'{mf}' is corrupted: unreadable file entry '{f}' (outside the artifact, or not "
+                                f"a size and checksum)")
         if not p.is_file():
             raise ArtifactError(f"'{p}' is missing")
         size, expected = p.stat().st_size, entry.get("bytes")

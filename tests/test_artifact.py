@@ -215,6 +215,12 @@ def test_atomic_directory_replaces_only_artifacts(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     body = read_manifest(target, version_key="format_version", version=1, kind="test", name="tvm.json")
     assert body["files"]["data"]["bytes"] == 2
+    # a manifest that points outside its directory is refused even with a valid self-checksum
+    body["files"]["../home/notes.txt"] = {"bytes": 4, "sha256": "0" * 64}
+    body["manifest_sha256"] = qcompile.artifact._digest(body)
+    (target / "tvm.json").write_text(json.dumps(body))
+    with pytest.raises(ArtifactError, match=r"unreadable file entry '../home/notes.txt' \(outside the artifact"):
+        read_manifest(target, version_key="format_version", version=1, kind="test", name="tvm.json")
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
