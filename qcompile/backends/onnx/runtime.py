@@ -125,7 +125,8 @@ def read_onnx(path) -> bytes:
         raise ArtifactError(f"'{path}' is truncated or corrupted (not a readable ONNX model: {e})") from None
     version = ours.get(VERSION_KEY)
     if version is None or not version.isdigit():
-        raise ArtifactError(f"'{path}' carries no qcompile onnx format version: it is truncated, corrupted, or was not saved by qcompile")
+        raise ArtifactError(f"'{path}' carries no qcompile onnx format version: it is truncated, corrupted, "
+                            f"or was not saved by qcompile")
     if int(version) != FORMAT_VERSION:
         newer = "newer than" if int(version) > FORMAT_VERSION else "not"
         raise ArtifactError(f"'{path}' has onnx format version {version}, {newer} the version this qcompile reads "

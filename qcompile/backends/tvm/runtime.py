@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from ...capture import InputBinder
 from ...artifact import atomic_directory, read_manifest, write_manifest
+from ...capture import InputBinder
 from ...errors import ArtifactError
 
 LIBRARY, METADATA = "model.so", "tvm.json"
