@@ -118,7 +118,7 @@ def svg_lines(labels: Sequence[str], series: dict[str, Sequence[Optional[float]]
     lo, hi = min(0.0, min(finite)), max(finite) * 1.05 + 1e-9
     n = len(labels)
     ticks = n <= 48  # layer names under the axis while they fit; tooltips always
-    left, right, top, bottom = 48, 12, 40, 80 if ticks else 12
+    left, right, top, bottom = (140 if ticks else 48), 12, 40, 130 if ticks else 12
     height += bottom
     w, h = width - left - right, height - top - bottom
 
@@ -137,7 +137,7 @@ def svg_lines(labels: Sequence[str], series: dict[str, Sequence[Optional[float]]
         v = lo + (hi - lo) * k / 4
         parts.append(f'<line x1="{left}" x2="{left + w}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eee"/>'
                      f'<text x="{left - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.0f}</text>')
-    parts.append(f'<text x="12" y="{top + h / 2:.0f}" transform="rotate(-90 12 {top + h / 2:.0f})" '
+    parts.append(f'<text x="{left - 34}" y="{top + h / 2:.0f}" transform="rotate(-90 {left - 34} {top + h / 2:.0f})" '
                  f'text-anchor="middle">{html.escape(y_label)}</text>')
     for j, (name, vals) in enumerate(series.items()):
         colour = _PALETTE[j % len(_PALETTE)]
@@ -154,7 +154,7 @@ def svg_lines(labels: Sequence[str], series: dict[str, Sequence[Optional[float]]
                      f'<text x="{left + 14 + 150 * j}" y="31">{html.escape(name)}</text>')
     if ticks:
         for i, label in enumerate(labels):
-            short = label if len(label) <= 16 else "…" + label[-15:]
+            short = label if len(label) <= 30 else "…" + label[-29:]  # the end tells layers apart
             parts.append(f'<text x="{x(i):.1f}" y="{top + h + 12}" text-anchor="end" '
                          f'transform="rotate(-40 {x(i):.1f} {top + h + 12})">{html.escape(short)}</text>')
     parts.append("</svg>")
