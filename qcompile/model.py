@@ -79,15 +79,17 @@ class QuantizedModel(nn.Module):
             self._exported = torch.export.export(self.graph_module, args, kwargs, dynamic_shapes=dynamic_shapes)
         return self._exported
 
-    def save(self, path: Union[str, Path]) -> Path:
-        """Write the model to the directory ``path`` (atomic; no pickle)."""
+    def save(self, path: Union[str, Path], extra_files: Optional[dict] = None) -> Path:
+        """Write the model to the directory ``path``: atomic, versioned and checksummed, no pickle
+        (see :mod:`qcompile.artifact`). ``extra_files``: file name → bytes or text saved (and
+        checksummed) in the same directory, e.g. ``{"report.html": ...}``."""
         from .artifact import code_tensors, save_program
 
         from .capture import example_to_dict
 
         meta = {"recipe": self.recipe.to_dict(), "binder": self.binder.to_dict(), "report": self.report.to_dict(),
                 "example": example_to_dict(self._example, self.binder) if self._example is not None else None}
-        return save_program(self.exported_program(), code_tensors(self.graph_module), meta, path)
+        return save_program(self.exported_program(), code_tensors(self.graph_module), meta, path, extra_files)
 
     def extra_repr(self) -> str:
         return f"recipe={self.recipe.name!r}, backend={self.backend!r}"

@@ -182,14 +182,19 @@ class Recipe:
         return Recipe.from_dict(data)
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write the recipe as YAML or JSON (by suffix)."""
+        """Write the recipe as YAML or JSON (by suffix), atomically (a temporary file renamed
+        into place: an interrupted save leaves the previous file)."""
+        from .artifact import atomic_file
+
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:
-            path.write_text(json.dumps(self.to_dict(), indent=2))
+            text = json.dumps(self.to_dict(), indent=2)
+        with atomic_file(path) as tmp:
+            tmp.write_text(text)
 
     def with_overrides(self, overrides: dict) -> "Recipe":
         """A copy with more overrides (later entries win over earlier ones for the same pattern)."""

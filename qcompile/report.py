@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -121,6 +122,66 @@ class Report:
             lines.append("quality vs float on held-out data: " +
                          ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.quality.items()))
         return "\n".join(lines)
+
+
+    def html(self) -> str:
+        """The report as one self-contained HTML page (see :meth:`to_html`)."""
+        from . import htmlpage as hp
+
+        names = [r.layer for r in self.layers]
+        rows = [[hp.cell(r.layer), hp.cell(r.op), hp.cell(r.weight_format or "-"), hp.cell(r.activation_format or "-"),
+                 hp.db_cell(r.weight_sqnr), hp.db_cell(r.output_sqnr), hp.db_cell(r.cumulative_sqnr),
+                 hp.cell(f"{r.weight_bytes_float:,}", sort=r.weight_bytes_float),
+                 hp.cell(f"{r.weight_bytes_quantized:,}", sort=r.weight_bytes_quantized),
+                 hp.cell(f"{r.weight_bytes_float / r.weight_bytes_quantized:.2f}x" if r.weight_bytes_quantized else "-",
+                         sort=r.weight_bytes_float / r.weight_bytes_quantized if r.weight_bytes_quantized else "")]
+                for r in self.layers]
+        summary = [("model size", f"{_mb(self.bytes_before)} MB -> {_mb(self.bytes_after)} MB ({self.compression:.2f}x)"),
+                   ("quantized layer weights", f"{_mb(self.linear_weight_bytes_before)} MB -> "
+                                               f"{_mb(self.linear_weight_bytes_after)} MB "
+                                               f"({self.linear_weight_compression:.2f}x)"),
+                   ("quantized layers", str(len(self.layers))), ("kept float", str(len(self.kept_float))),
+                   ("calibration samples", str(self.calibration_samples))]
+        if self.output_sqnr is not None:
+            summary.append((f"model output vs float ({self.report_samples} batches)",
+                            f"SQNR {_db(self.output_sqnr)} dB, cosine {self.output_cosine:.5f}, "
+                            f"max |diff| {self.output_max_abs_diff:.4g}"))
+        summary += [(f"quality: {k}", f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in self.quality.items()]
+        parts = [f"<h1>qcompile report: recipe {hp.html.escape(self.recipe)}</h1>", hp.definitions(summary),
+                 hp.svg_bars([("model, float", self.bytes_before / 1e6), ("model, quantized", self.bytes_after / 1e6),
+                              ("layer weights, float", self.linear_weight_bytes_before / 1e6),
+                              ("layer weights, quantized", self.linear_weight_bytes_after / 1e6)],
+                             unit="MB", title="Size before and after"),
+                 hp.svg_lines(names, {"weight SQNR": [r.weight_sqnr for r in self.layers],
+                                      "layer output SQNR": [r.output_sqnr for r in self.layers],
+                                      "cumulative SQNR": [r.cumulative_sqnr for r in self.layers]},
+                              y_label="dB", title="Quantization error per layer (SQNR, higher is better), in graph order"),
+                 "<h2>Layers</h2><p>Click a column to sort. SQNR in dB: 40 dB is about 1 % relative error.</p>",
+                 hp.table(["layer", "op", "weight", "activation", "weight SQNR", "output SQNR", "cumulative SQNR",
+                           "bytes float", "bytes quantized", "compression"], rows, id="layers", row_keys=names)]
+        if self.kept_float:
+            parts += ["<h2>Kept float</h2>",
+                      hp.table(["layer", "reason"], [[hp.cell(k), hp.cell(v)] for k, v in self.kept_float.items()],
+                               id="kept-float", row_keys=list(self.kept_float))]
+        details = {k: v for k, v in self.to_dict().items()
+                   if k in ("smoothing", "tied_weights", "weight_algorithm", "folded_batch_norms", "timings_s",
+                            "mixed_precision") and v}
+        if details:
+            parts.append("<h2>Details</h2><pre>" + hp.html.escape(json.dumps(details, indent=1)) + "</pre>")
+        return hp.page(f"qcompile report: {self.recipe}", "".join(parts))
+
+    def to_html(self, path) -> Path:
+        """Write :meth:`html` to ``path``: one self-contained page (inline CSS, SVG and a few lines
+        of JavaScript; no network) with the size before and after, the error plots and the
+        sortable per-layer table.
+
+        Example::
+
+            >>> qmodel.report.to_html("out/report.html")
+        """
+        from .htmlpage import write
+
+        return write(path, self.html())
 
 
 def _db(v) -> str:

@@ -36,7 +36,7 @@ def test_one_row_per_layer_and_candidate_and_fewer_bits_hurt_more(tmp_path):
     data = json.loads(table.to_json(tmp_path / "s.json"))
     assert len(data["rows"]) == 14
     page = table.to_html(tmp_path / "s.html").read_text()
-    assert page.count("<tr>") == 8 and "w4-g64" in page
+    assert page.count("<tr") == 8 and "w4-g64" in page and 'class="sortable"' in page
 
 
 def test_second_order_estimate_ranks_layers_like_the_measurement():

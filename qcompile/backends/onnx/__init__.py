@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..base import Capabilities
 from .lower import OPSET, export_onnx
-from .runtime import OnnxArtifact
+from .runtime import OnnxArtifact, read_onnx
 
 
 class OnnxBackend:
@@ -31,4 +31,4 @@ class OnnxBackend:
         return OnnxArtifact(data, names, qmodel, threads)
 
 
-__all__ = ["OnnxBackend", "OnnxArtifact"]
+__all__ = ["OnnxBackend", "OnnxArtifact", "read_onnx"]

@@ -1,20 +1,21 @@
 """Run an exported ONNX model in onnxruntime with the PyTorch model's call signature."""
 from __future__ import annotations
 
-import os
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from ...artifact import atomic_file
 from ...capture import flatten_inputs
+from ...errors import ArtifactError
 
 # onnxruntime graph rewrites our sessions turn off, each because it made the model slower here:
 # SkipLayerNormFusion replaces residual Add + LayerNormalization with SkipLayerNormalization, whose
-# CPU kernel (onnxruntime 1.32) measured 4.7x slower than the two ops it replaces on a
-# [32, 128, 384] tensor (32.0 vs 6.8 ms, AMD Zen 4, one thread) and less accurate (max error vs
-# float64 2.6e-6 vs 1.0e-6). A session you create yourself for the saved file should pass the same
+# CPU kernel (onnxruntime 1.32) measured 6-8x slower than the two ops it replaces
+# (benchmarks/test_onnx_skip_layernorm.py) and less accurate (max error vs float64 2.6e-6 vs 1.0e-6). A session you create yourself for the saved file should pass the same
 # ``disabled_optimizers`` (docs/onnx.md).
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
@@ -79,13 +80,71 @@ class OnnxArtifact:
         return [(scale, torch.from_numpy(np.asarray(o))) for (_, scale), o in zip(points, outs)]
 
     def save(self, path) -> Path:
-        """Write the ``.onnx`` file (weights inside it)."""
+        """Write the ``.onnx`` file (weights inside it) atomically, with qcompile's format version
+        and a sha256 of the model in its ``metadata_props``; :func:`read_onnx` checks them."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(self.model_bytes)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(seal_onnx(self.model_bytes))
         return path
+
+
+# metadata_props keys: any ONNX tool reads the file as usual; read_onnx checks them
+VERSION_KEY, CHECKSUM_KEY = "qcompile.onnx_format_version", "qcompile.sha256"
+FORMAT_VERSION = 1
+
+
+def _unsealed(model):
+    """(the model without qcompile's props, those props as a dict)."""
+    ours = {p.key: p.value for p in model.metadata_props if p.key in (VERSION_KEY, CHECKSUM_KEY)}
+    keep = [p for p in model.metadata_props if p.key not in ours]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    return model, ours
+
+
+def seal_onnx(model_bytes: bytes) -> bytes:
+    """The model with its format version and the sha256 of its serialized form (without these
+    two props) added to ``metadata_props``."""
+    import onnx
+
+    model, _ = _unsealed(onnx.load_from_string(model_bytes))
+    digest = hashlib.sha256(model.SerializeToString()).hexdigest()
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        VERSION_KEY: str(FORMAT_VERSION), CHECKSUM_KEY: digest})
+    return model.SerializeToString()
+
+
+def read_onnx(path) -> bytes:
+    """The bytes of an ``.onnx`` file :meth:`OnnxArtifact.save` wrote, after checking its format
+    version and checksum (:class:`~qcompile.errors.ArtifactError` naming the file otherwise).
+    Hand them to ``onnxruntime.InferenceSession``.
+
+    Example::
+
+        >>> session = onnxruntime.InferenceSession(read_onnx("out/model.onnx"))
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"'{path}' is missing")
+    data = path.read_bytes()
+    try:
+        model, ours = _unsealed(onnx.load_from_string(data))
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"'{path}' is truncated or corrupted (not a readable ONNX model: {e})") from None
+    version = ours.get(VERSION_KEY)
+    if version is None or not version.isdigit():
+        raise ArtifactError(f"'{path}' carries no qcompile onnx format version: it is truncated, corrupted, "
+                            f"or was not saved by qcompile")
+    if int(version) != FORMAT_VERSION:
+        newer = "newer than" if int(version) > FORMAT_VERSION else "not"
+        raise ArtifactError(f"'{path}' has onnx format version {version}, {newer} the version this qcompile reads "
+                            f"({FORMAT_VERSION})")
+    if hashlib.sha256(model.SerializeToString()).hexdigest() != ours.get(CHECKSUM_KEY):
+        raise ArtifactError(f"'{path}' does not match its checksum (sha256 mismatch): the file is truncated or corrupted")
+    return data
 
 
 def _expose_quantizers(model_bytes: bytes, options, disabled_optimizers=(), forced: bool = False):

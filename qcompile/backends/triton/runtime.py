@@ -56,7 +56,6 @@ class TritonArtifact(nn.Module):
         """Write the quantized model (``qcompile.load`` reads it; lowering it again rebuilds the
         same packed weights, which are a deterministic function of the codes) and ``triton.json``
         listing the kernel of each Linear."""
-        path = Path(self._qmodel[0].save(path))
-        (path / "triton.json").write_text(json.dumps({"backend": self.backend, "fused": self.fused,
-                                                      "skipped": self.skipped}, indent=1))
-        return path
+        # triton.json goes into the same atomic, checksummed save (not written after it)
+        return Path(self._qmodel[0].save(path, extra_files={"triton.json": json.dumps(
+            {"backend": self.backend, "fused": self.fused, "skipped": self.skipped}, indent=1)}))

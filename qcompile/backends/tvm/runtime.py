@@ -2,10 +2,6 @@
 library plus a JSON file, loadable with TVM's runtime alone (no original model, no qcompile graph)."""
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -13,11 +9,12 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from ...artifact import atomic_directory, read_manifest, write_manifest
 from ...capture import InputBinder
 from ...errors import ArtifactError
 
 LIBRARY, METADATA = "model.so", "tvm.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sizes and sha256 of every file in tvm.json
 
 
 class TvmArtifact:
@@ -67,20 +64,12 @@ class TvmArtifact:
         """Write ``model.so`` (the compiled library) and ``tvm.json`` (call signature, target,
         kernel family, compile time) to the directory ``path``, atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             self.executable.export_library(str(tmp / LIBRARY))
             meta = dict(self.meta, format_version=FORMAT_VERSION, binder=self._binder.to_dict(),
                         in_spec=pytree.treespec_dumps(self._in_spec) if self._in_spec is not None else None,
                         out_spec=pytree.treespec_dumps(self._out_spec) if self._out_spec is not None else None)
-            (tmp / METADATA).write_text(json.dumps(meta, indent=1, default=str))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            write_manifest(tmp, meta, [LIBRARY], name=METADATA)
         return path
 
 
@@ -97,12 +86,9 @@ def load(path: Union[str, Path]) -> TvmArtifact:
     import tvm
 
     path = Path(path)
-    if not (path / METADATA).exists() or not (path / LIBRARY).exists():
-        raise ArtifactError(f"'{path}' is not a saved tvm artifact ({METADATA} and {LIBRARY} expected)")
-    meta = json.loads((path / METADATA).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"'{path}' has tvm artifact version {meta.get('format_version')!r}; "
-                            f"this qcompile reads version {FORMAT_VERSION}")
+    # sizes and checksums before dlopen: loading a corrupted shared library can crash the process
+    meta = read_manifest(path, version_key="format_version", version=FORMAT_VERSION, kind="tvm artifact",
+                         name=METADATA, required=[LIBRARY])
     host_flags = _host_flags()
     missing = [f for f in meta.get("requires_flags", []) if f not in host_flags]
     if missing:
