@@ -33,6 +33,12 @@ class BackendError(QCompileError):
     """A backend cannot lower or run something; names the node and module."""
 
 
+class QuantizationError(QCompileError, ValueError):
+    """A tensor cannot be quantized to a format: NaN/Inf or a magnitude above ``formats.MAX_ABS`` in the
+    range a scale is chosen from, or NaN quantized to a format with no code for it. Names the format,
+    and the layer where one is known."""
+
+
 class ArtifactError(QCompileError):
     """A saved artifact is missing, corrupted, truncated or of an unknown format version."""
 
