@@ -18,8 +18,7 @@ from .doctor import CalibrationCheck, check_calibration
 from .mixed import Quality
 from .backends import lower
 from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, PassError, QCompileError,
-                     QuantizationError,
-                     RecipeError)
+                     InputError, QuantizationError, RecipeError)
 from .formats import FORMATS, Format, get_format
 from .model import PreparedModel, QuantizedModel, load
 from .presets import recipes
@@ -37,5 +36,5 @@ __all__ = [
     "resolve_recipe", "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig", "QATConfig",
     "PreparedModel", "QATModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",
-    "ArtifactError", "QuantizationError",
+    "ArtifactError", "QuantizationError", "InputError",
 ]

@@ -25,6 +25,11 @@ class CalibrationError(QCompileError):
     """Calibration data is unusable (empty, NaN/Inf at a named layer, wrong structure)."""
 
 
+class InputError(QCompileError, ValueError):
+    """A call to a captured/quantized model got inputs it was not captured for: wrong count, dtype,
+    rank or size. Names the input (calibration items raise :class:`CalibrationError` instead)."""
+
+
 class PassError(QCompileError):
     """A graph pass failed; names the pass and the passes that ran before it."""
 
