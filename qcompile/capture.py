@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
@@ -223,19 +224,21 @@ def check_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, error: typ
     with other inputs (one symbol in ``torch.export``'s shapes). Raises ``error`` naming the input,
     where running the graph would fail with a guard, a ``TreeSpec`` or a kernel's dtype error."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    names = [n.name for n in placeholders]
+    names = [str(n.target) for n in placeholders]   # the forward's argument names (node names may be suffixed)
     try:
         flat = flatten_inputs(gm, args, kwargs)
     except KeyError as e:
         raise error(f"input {e} is missing; the model was captured with inputs {names}") from None
     if len(flat) != len(placeholders):
         raise error(f"got {len(flat)} input(s); the model was captured with {len(placeholders)}: {names}")
+    if torch.compiler.is_compiling() or any(isinstance(v, FakeTensor) for v in flat):
+        return flat   # being traced (export/compile of a wrapper): comparing symbolic sizes would add guards
     symbols: dict = {}
     for node, value in zip(placeholders, flat):
         want = node.meta.get("val")
         if not isinstance(want, torch.Tensor):
             continue
-        name = node.name
+        name = str(node.target)
         shape = "[" + ", ".join(str(d) if isinstance(d, int) else "dynamic" for d in want.shape) + "]"
         if not isinstance(value, torch.Tensor):
             raise error(f"input '{name}' must be a tensor ({want.dtype}, shape {shape}), got {type(value).__name__}")
@@ -270,7 +273,7 @@ def call_checked(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, error: typ
         if "Guard failed" not in str(e):
             raise
         guard = str(e).strip().removeprefix("Guard failed:").strip()
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
         shapes = {n: list(v.shape) for n, v in zip(names, flatten_inputs(gm, args, kwargs)) if isinstance(v, torch.Tensor)}
         named = [n for n in names if re.search(rf"\b{re.escape(n)}\.size\(\)", guard)] or names
         got = ", ".join(f"input '{n}' has shape {shapes.get(n)}" for n in named)

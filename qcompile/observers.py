@@ -204,7 +204,9 @@ class ChannelAbsMaxObserver(nn.Module):
         flat = x.detach().float().reshape(-1, x.shape[-1])
         a = flat.abs().amax(0)
         if not torch.isfinite(a).all():
-            raise CalibrationError(f"calibration produced NaN/Inf in the input of layer(s) {', '.join(self.layers)}")
+            bad = "NaN" if bool(torch.isnan(a).any()) else "Inf"
+            raise CalibrationError(f"calibration produced {bad} in the input of layer(s) {', '.join(self.layers) or '?'} "
+                                   "(smoothing statistics); check the calibration data and the float model on it")
         self.absmax = a if self.absmax is None else torch.maximum(self.absmax, a)
         room = self.max_rows - sum(r.shape[0] for r in self.rows)
         if room > 0:
