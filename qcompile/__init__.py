@@ -18,7 +18,7 @@ from .doctor import CalibrationCheck, check_calibration
 from .mixed import Quality
 from .backends import lower
 from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, PassError, QCompileError,
-                     RecipeError)
+                     InputError, QuantizationError, RecipeError)
 from .formats import FORMATS, Format, get_format
 from .model import PreparedModel, QuantizedModel, load
 from .presets import recipes
@@ -36,5 +36,5 @@ __all__ = [
     "resolve_recipe", "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig", "QATConfig",
     "PreparedModel", "QATModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",
-    "ArtifactError",
+    "ArtifactError", "QuantizationError", "InputError",
 ]

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional, Union
 from torch import nn
 
 from .calibration import reiterable, run_calibration
-from .capture import capture
+from .capture import call_checked, capture
 from .errors import CalibrationError, RecipeError, closest
 from .measure import measure
 from .model import PreparedModel, QuantizedModel
@@ -78,7 +78,7 @@ def prepare(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, *, exam
         t1 = time.perf_counter()
         stats = InsertChannelStatsPass(_placement(recipe).quantized_outputs)
         PassManager([stats])(gm)
-        run_calibration(lambda item: cap.binder.apply(gm, item), calibration,
+        run_calibration(lambda item: _call_checked(gm, cap.binder, item), calibration,
                         recipe.calibration.max_samples, recipe.calibration.progress, desc="smoothing statistics")
         sm = recipe.smoothing
         smooth = ApplySmoothingPass(sm.alpha, sm.fold_only, sm.alphas, sm.outlier_quantiles)
@@ -99,6 +99,12 @@ def prepare(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, *, exam
     PassManager([observe], dump_dir)(gm)
     info["quantized_outputs"] = list(observe.outputs)
     return PreparedModel(gm, cap, recipe, model, info)
+
+
+def _call_checked(gm, binder, item):
+    """``gm`` on one calibration item, its inputs checked first (an error naming the input)."""
+    args, kwargs = binder.bind(item)
+    return call_checked(gm, args, kwargs, CalibrationError)
 
 
 def _placement(recipe: Recipe):

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
@@ -215,6 +216,68 @@ def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
         flat, got = pytree.tree_flatten((args, {k: kwargs[k] for k in keys}))
     return flat
 
+
+
+def check_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, error: type = CalibrationError) -> list:
+    """The flat inputs of ``gm`` for ``(args, kwargs)``, checked against what the graph was captured
+    with: the count, and for each tensor its dtype, rank, static sizes and the sizes it must share
+    with other inputs (one symbol in ``torch.export``'s shapes). Raises ``error`` naming the input,
+    where running the graph would fail with a guard, a ``TreeSpec`` or a kernel's dtype error."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [str(n.target) for n in placeholders]   # the forward's argument names (node names may be suffixed)
+    try:
+        flat = flatten_inputs(gm, args, kwargs)
+    except KeyError as e:
+        raise error(f"input {e} is missing; the model was captured with inputs {names}") from None
+    if len(flat) != len(placeholders):
+        raise error(f"got {len(flat)} input(s); the model was captured with {len(placeholders)}: {names}")
+    if torch.compiler.is_compiling() or any(isinstance(v, FakeTensor) for v in flat):
+        return flat   # being traced (export/compile of a wrapper): comparing symbolic sizes would add guards
+    symbols: dict = {}
+    for node, value in zip(placeholders, flat):
+        want = node.meta.get("val")
+        if not isinstance(want, torch.Tensor):
+            continue
+        name = str(node.target)
+        shape = "[" + ", ".join(str(d) if isinstance(d, int) else "dynamic" for d in want.shape) + "]"
+        if not isinstance(value, torch.Tensor):
+            raise error(f"input '{name}' must be a tensor ({want.dtype}, shape {shape}), got {type(value).__name__}")
+        if value.dtype != want.dtype:
+            raise error(f"input '{name}' has dtype {value.dtype}; the model was captured with {want.dtype}")
+        if value.dim() != want.dim():
+            raise error(f"input '{name}' has shape {list(value.shape)} ({value.dim()} dims); the model was captured "
+                        f"with {want.dim()} dims, shape {shape}")
+        for i, (got, dim) in enumerate(zip(value.shape, want.shape)):
+            if isinstance(dim, int):
+                if got != dim:
+                    raise error(f"input '{name}' has size {got} at dim {i} (shape {list(value.shape)}); the model was "
+                                f"captured with a static size {dim} there (shape {shape})")
+                continue
+            expr = dim.node.expr
+            if getattr(expr, "is_Symbol", False):   # the same symbol on two inputs: sizes must agree
+                first = symbols.setdefault(expr, (name, i, got))
+                if first[2] != got:
+                    raise error(f"input '{name}' has size {got} at dim {i}, but input '{first[0]}' has size "
+                                f"{first[2]} at dim {first[1]}; the model was captured with these sizes equal")
+    return flat
+
+
+def call_checked(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, error: type = CalibrationError):
+    """``gm(*args, **kwargs)`` after :func:`check_inputs`; a shape relation only ``torch.export``'s
+    guards know (``8 * (h // 2) * (w // 2) == 128``) becomes ``error`` quoting the guard, which names
+    the inputs."""
+    check_inputs(gm, args, kwargs, error)
+    try:
+        return gm(*args, **kwargs)
+    except AssertionError as e:
+        if "Guard failed" not in str(e):
+            raise
+        guard = str(e).strip().removeprefix("Guard failed:").strip()
+        names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+        shapes = {n: list(v.shape) for n, v in zip(names, flatten_inputs(gm, args, kwargs)) if isinstance(v, torch.Tensor)}
+        named = [n for n in names if re.search(rf"\b{re.escape(n)}\.size\(\)", guard)] or names
+        got = ", ".join(f"input '{n}' has shape {shapes.get(n)}" for n in named)
+        raise error(f"{got}; the model was captured with the shape relation {guard}, which it breaks") from e
 
 
 def example_to_dict(example, binder: InputBinder) -> Optional[dict]:

@@ -25,12 +25,23 @@ class CalibrationError(QCompileError):
     """Calibration data is unusable (empty, NaN/Inf at a named layer, wrong structure)."""
 
 
+class InputError(QCompileError, ValueError):
+    """A call to a captured/quantized model got inputs it was not captured for: wrong count, dtype,
+    rank or size. Names the input (calibration items raise :class:`CalibrationError` instead)."""
+
+
 class PassError(QCompileError):
     """A graph pass failed; names the pass and the passes that ran before it."""
 
 
 class BackendError(QCompileError):
     """A backend cannot lower or run something; names the node and module."""
+
+
+class QuantizationError(QCompileError, ValueError):
+    """A tensor cannot be quantized to a format: NaN/Inf or a magnitude above ``formats.MAX_ABS`` in the
+    range a scale is chosen from, or NaN quantized to a format with no code for it. Names the format,
+    and the layer where one is known."""
 
 
 class ArtifactError(QCompileError):

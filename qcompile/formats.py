@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import RecipeError, closest
+from .errors import QuantizationError, RecipeError, closest
 
 # bitsandbytes' NF4 code book: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero.
 NF4_CODEBOOK = (
@@ -33,6 +33,11 @@ NF4_CODEBOOK = (
 )
 
 _EPS = torch.finfo(torch.float32).eps
+
+# The largest |x| a range may reach: above it float32 overflows in ``max - min`` or in
+# ``(code - zero_point) * scale`` (an unsigned symmetric grid reaches 1 + 1/(2^bits - 1) times the
+# range), and the round trip would return Inf. choose_qparams raises QuantizationError instead.
+MAX_ABS = 2.0 ** 125
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,20 @@ class Format:
     def supports_asymmetric(self) -> bool:
         return self.kind == "int"
 
+    @property
+    def nonfinite(self) -> str:
+        """What this format does with NaN and ±Inf (the one place it is decided; docs/formats.md).
+
+        A range (the min/max a scale is chosen from) with NaN, ±Inf or ``|x| > MAX_ABS`` has no
+        scale in any format: :meth:`choose_qparams` raises :class:`QuantizationError` (the
+        observers name the layer even earlier). Values quantized with a finite scale: ±Inf
+        saturates to the end codes in every format; NaN propagates in the float formats (FP8 has a
+        NaN code, like the float model) and raises :class:`QuantizationError` in integer and code
+        book formats, which have no code for it (a cast would write an arbitrary code)."""
+        if self.kind == "float":
+            return "NaN -> NaN code; +-Inf -> +-max * scale"
+        return "NaN -> QuantizationError; +-Inf -> end codes"
+
     # -- qparams ---------------------------------------------------------------------------
     def choose_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor, symmetric: bool,
                        scale_dtype: torch.dtype = torch.float32):
@@ -78,6 +97,7 @@ class Format:
                 lo = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
                 zp = (self.qmin - torch.round(lo / rounded)).clamp(self.qmin, self.qmax).to(self.storage)
             return rounded, zp
+        _check_range(self.name, min_val, max_val)
         min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
         max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
         if symmetric or not self.supports_asymmetric:
@@ -97,6 +117,9 @@ class Format:
 
     # -- reference numerics (scale/zero point broadcastable to x) ---------------------------
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]):
+        if self.kind != "float" and torch.isnan(x).any():
+            raise QuantizationError(f"format '{self.name}' has no code for NaN ({int(torch.isnan(x).sum())} of "
+                                    f"{x.numel()} values are NaN)")
         if self.kind == "int":
             from torchao.quantization.quant_primitives import quantize_affine
 
@@ -176,6 +199,19 @@ def double_quantize_scales(scale: torch.Tensor, block: int = DOUBLE_QUANT_BLOCK)
     block_scales, _ = int8.choose_qparams(-amax, amax, True)
     codes = torch.ops.qcompile.quantize(centred, block_scales, None, "int8", block)
     return codes, block_scales, offset
+
+
+def _check_range(name: str, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+    """A :class:`QuantizationError` when ``[min_val, max_val]`` has no finite scale (see ``Format.nonfinite``)."""
+    lo, hi = min_val.detach().float(), max_val.detach().float()
+    ok = torch.isfinite(lo) & torch.isfinite(hi) & (lo.abs() <= MAX_ABS) & (hi.abs() <= MAX_ABS)
+    if not bool(ok.all()):
+        i = int(torch.argmin(ok.reshape(-1).to(torch.uint8)))
+        lo_bad, hi_bad = lo.reshape(-1)[i].item(), hi.reshape(-1)[i].item()
+        what = "NaN" if math.isnan(lo_bad) or math.isnan(hi_bad) else (
+            "Inf" if math.isinf(lo_bad) or math.isinf(hi_bad) else f"a magnitude above {MAX_ABS:.3g}")
+        raise QuantizationError(f"format '{name}': the range [{lo_bad:.6g}, {hi_bad:.6g}] contains {what}, "
+                                "which no scale can cover; check the data for NaN/Inf or overflow")
 
 
 def _round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -8,7 +8,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .capture import Captured, InputBinder
+from .capture import Captured, InputBinder, call_checked
+from .errors import CalibrationError, InputError
 from .recipe import Recipe
 from .report import Report
 
@@ -28,9 +29,10 @@ class PreparedModel(nn.Module):
         self.calibrated_batches = 0
 
     def forward(self, *args, **kwargs):
-        self.calibrated_batches += 1
         args, kwargs = self._captured.binder.call(args, dict(kwargs))
-        return self.graph_module(*args, **kwargs)
+        out = call_checked(self.graph_module, args, kwargs, CalibrationError)
+        self.calibrated_batches += 1
+        return out
 
     def calibrate(self, data, max_samples: Optional[int] = None, progress: Optional[bool] = None) -> int:
         """Run every item of ``data`` (tuples or kwargs dicts) through the model."""
@@ -63,7 +65,7 @@ class QuantizedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         args, kwargs = self.binder.call(args, dict(kwargs))
-        return self.graph_module(*args, **kwargs)
+        return call_checked(self.graph_module, args, kwargs, InputError)
 
     def quantized_activations(self, *args, **kwargs) -> list:
         """``[(scale, codes)]`` at every static activation quantizer, in graph order: the

@@ -28,6 +28,14 @@ from .formats import Format, get_format
 from .spec import QuantSpec
 
 
+def check_finite(x: torch.Tensor, layers: Sequence[str], when: str) -> None:
+    """A :class:`CalibrationError` naming ``layers`` (whose input ``x`` is) when ``x`` has NaN or Inf."""
+    if not bool(torch.isfinite(x).all()):
+        bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+        raise CalibrationError(f"calibration produced {bad} in the input of layer(s) {', '.join(layers) or '?'} "
+                               f"({when}); check the calibration data and the float model on it")
+
+
 class Observer(nn.Module):
     """Base observer: checks values are finite (naming the layers that consume them) and records.
 
@@ -45,11 +53,8 @@ class Observer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xd = x.detach()
-        if xd.is_floating_point() and not torch.isfinite(xd).all():
-            bad = "NaN" if torch.isnan(xd).any() else "Inf"
-            raise CalibrationError(
-                f"calibration produced {bad} in the input of layer(s) {', '.join(self.layers) or '?'} "
-                f"(batch {self.batches}); check the calibration data and the float model on it")
+        if xd.is_floating_point():
+            check_finite(xd, self.layers, f"batch {self.batches}")
         if xd.numel():
             self.update(xd.float())
             self.batches += 1
@@ -203,8 +208,7 @@ class ChannelAbsMaxObserver(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().float().reshape(-1, x.shape[-1])
         a = flat.abs().amax(0)
-        if not torch.isfinite(a).all():
-            raise CalibrationError(f"calibration produced NaN/Inf in the input of layer(s) {', '.join(self.layers)}")
+        check_finite(a, self.layers, "smoothing statistics")
         self.absmax = a if self.absmax is None else torch.maximum(self.absmax, a)
         room = self.max_rows - sum(r.shape[0] for r in self.rows)
         if room > 0:

@@ -105,6 +105,8 @@ def choose_qparams(x: torch.Tensor, format: str, symmetric: bool,
     xf = x.detach().float()
     if per_token:
         lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    elif xf.numel() == 0:  # an empty batch: any scale quantizes it (min/max of nothing would raise)
+        lo = hi = xf.new_zeros(())
     else:
         lo, hi = xf.min(), xf.max()
     scale, zp = fmt.choose_qparams(lo, hi, symmetric)

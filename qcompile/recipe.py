@@ -236,7 +236,7 @@ class Recipe:
         if not isinstance(overrides, dict):
             raise RecipeError("overrides", "expected a mapping of pattern -> layer config or null")
         keep_float = data.get("keep_float") or ()
-        if isinstance(keep_float, str) or not all(isinstance(p, str) for p in keep_float):
+        if not isinstance(keep_float, (list, tuple)) or not all(isinstance(p, str) for p in keep_float):
             raise RecipeError("keep_float", "expected a list of module patterns")
         recipe = Recipe(
             name=_typed(data.get("name", "custom"), str, "name"),
@@ -336,7 +336,9 @@ def _typed(value, kind, where):
 def _check_keys(data: dict, valid, prefix: str):
     for key in data:
         if key not in valid:
-            raise RecipeError(f"{prefix}{key}", f"unknown field; {closest(key, valid)}")
+            # an empty or non-string key (YAML allows both) is shown quoted, so the field is never blank
+            name = key if isinstance(key, str) and key.strip() else repr(key)
+            raise RecipeError(f"{prefix}{name}", f"unknown field; {closest(key, valid)}")
 
 
 def _layer_to_dict(cfg: Optional[LayerConfig]):

@@ -4,6 +4,7 @@ Nothing outside this module spells a meta key: use :data:`ANNOTATION`, :data:`LA
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -65,6 +66,12 @@ class QuantSpec:
                 raise RecipeError(f"{where}.group_size", "per_group needs a positive integer group_size")
         elif self.group_size is not None:
             raise RecipeError(f"{where}.group_size", f"group_size is only valid with per_group, not {self.granularity}")
+        args = self.observer_args
+        if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+            raise RecipeError(f"{where}.observer_args", f"expected a mapping of names to numbers, got {args!r}")
+        for k, v in args.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise RecipeError(f"{where}.observer_args.{k}", f"must be a finite number, got {v!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise RecipeError(f"{where}.scale_dtype",
                               f"unknown scale dtype '{self.scale_dtype}'; {closest(str(self.scale_dtype), SCALE_DTYPES)}")

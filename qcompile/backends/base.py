@@ -73,3 +73,42 @@ def lower(qmodel, backend: str = "reference", **options) -> Artifact:
         >>> out = art(input_ids, attention_mask)
     """
     return get_backend(backend).lower(qmodel, **options)
+
+
+def node_module(node) -> str:
+    """Where a graph node came from, for error messages: ``module 'encoder.fc' (Linear)``. A weight's
+    dequantize carries its layer's path; the type is read from the op that consumes it."""
+    from ..spec import LAYER, LAYER_TYPE
+
+    layer, ltype = node.meta.get(LAYER), node.meta.get(LAYER_TYPE)
+    if layer is None and node.meta.get("nn_module_stack"):
+        layer, mtype = list(node.meta["nn_module_stack"].values())[-1]
+        ltype = mtype if isinstance(mtype, str) else mtype.__name__
+    if ltype is None:
+        ltype = next((u.meta[LAYER_TYPE] for u in node.users if u.meta.get(LAYER) == layer and LAYER_TYPE in u.meta),
+                     None)
+    if not layer:
+        return "module <unknown>"
+    return f"module '{layer}'" + (f" ({str(ltype).rsplit('.', 1)[-1]})" if ltype else "")
+
+
+def check_formats(gm, backend: str, formats, group_wise: bool = True, error: type = BackendError) -> None:
+    """Before lowering: ``error`` naming the node and module of the first quantize / dequantize /
+    choose_qparams whose format ``backend`` does not lower (or that is group-wise, when it has no
+    group-wise kernels), instead of a failure deep inside an exporter or compiler."""
+    from ..ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
+
+    for node in gm.graph.nodes:
+        if node.target in (QUANTIZE, DEQUANTIZE):
+            fmt, group = node.args[3], node.args[4]
+        elif node.target == CHOOSE_QPARAMS:
+            fmt, group = node.args[1], 0
+        else:
+            continue
+        if fmt not in formats:
+            raise error(f"node '{node.name}' of {node_module(node)}: backend {backend} does not lower format "
+                        f"'{fmt}' here (it lowers {', '.join(sorted(formats))}); keep that layer float with an "
+                        "override or choose another recipe/backend")
+        if group and not group_wise:
+            raise error(f"node '{node.name}' of {node_module(node)}: backend {backend} has no group-wise "
+                        f"kernels (group_size={group}); use per_channel weights for this backend")

@@ -12,7 +12,7 @@ import operator
 
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, QuantizationError
 from ..formats import DOUBLE_QUANT_BLOCK, double_quantize_scales
 from ..observers import Observer, weight_qparams
 from ..ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
@@ -76,6 +76,10 @@ class ConvertPass(Pass):
         spec = ann.weight
         w = get_attr_tensor(gm, w_node)
         solved = op_node.meta.get(WEIGHT_QPARAMS)
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            bad = "NaN" if bool(torch.isnan(w).any()) else "Inf"
+            raise QuantizationError(f"layer '{ann.layer}': its weight has {bad} values, which cannot be quantized "
+                                    f"to '{spec.format}'; fix the float model (or keep the layer float with an override)")
         # GPTQ/AWQ weights lie on the grid they were solved for, QAT trained its scales: keep them
         # (min-max would move them); PTQ derives them from the weight
         scale, zp = (solved.scale, solved.zero_point) if solved is not None else weight_qparams(w, spec, ann.channel_axis)

@@ -29,7 +29,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..calibration import iterate
-from ..capture import flatten_inputs
+from ..capture import check_inputs
 from ..errors import CalibrationError
 from ..formats import get_format
 from ..observers import weight_qparams
@@ -289,7 +289,7 @@ class ApplyWeightAlgorithmPass(Pass):
         flat = []
         for item in items:
             args, kwargs = self.binder.bind(item)
-            flat.append(flatten_inputs(gm, args, kwargs))
+            flat.append(check_inputs(gm, args, kwargs, CalibrationError))
         from tqdm.auto import tqdm
 
         run = _Lockstep(gm, flat)

@@ -13,6 +13,7 @@ import operator
 import torch
 
 from ...errors import BackendError
+from ..base import check_formats
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassManager, PassResult, add_tensor, constant_value, get_attr_tensor, prune_unused_tensors
 from ...passes.lowering import GatherBeforeDequantizePass, quantized_linears
@@ -209,6 +210,8 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
         ([FuseOnnxruntimeKernelsPass(nbits_accuracy_level, concatenate_shared)] if target == "onnxruntime" else [])
     PassManager([*passes, TransposeLinearWeightsPass()])(gm)
     prune_unused_tensors(gm)
+    # what is left after the contrib fusions must be standard Q/DQ; name the first node that is not
+    check_formats(gm, f"'onnx' (target '{target}')", translate.STANDARD_FORMATS)
     args, kwargs, dynamic_shapes = qmodel._example
     ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
     table = {QUANTIZE: translate.quantize, DEQUANTIZE: translate.dequantize, CHOOSE_QPARAMS: translate.choose_qparams,

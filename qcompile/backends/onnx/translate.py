@@ -14,6 +14,7 @@ from onnxscript.values import Opset
 from ...errors import BackendError
 
 _ONNX_TYPES = {"int8": ir.DataType.INT8, "uint8": ir.DataType.UINT8}
+STANDARD_FORMATS = frozenset(_ONNX_TYPES)   # formats standard QuantizeLinear/DequantizeLinear carry
 
 
 def _onnx_type(format: str):

@@ -18,6 +18,7 @@ import time
 import torch
 
 from ...errors import BackendError
+from ..base import check_formats
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
 from . import kernels
@@ -276,6 +277,7 @@ def import_relax(qmodel, family: str):
         raise BackendError("this model has no capture examples (it was loaded from disk): lowering a loaded "
                            "model to tvm is not yet built; lower the model returned by quantize()")
     gm = copy.deepcopy(qmodel.graph_module)
+    check_formats(gm, "'tvm'", {"int8", "uint8"}, group_wise=False, error=NotBuiltError)
     fuse = FuseInt8LinearPass()
     PassManager([fuse])(gm)
     prune_unused_tensors(gm)
