@@ -94,9 +94,12 @@ def layer_noise(row, cost: str = "output") -> float:
     return 0.0 if not math.isfinite(row.output_sqnr_db) else 10 ** (-row.output_sqnr_db / 10)
 
 
-def allocate(table, budget: dict, solver: Optional[str] = None, cost: str = "output") -> Allocation:
+def allocate(table, budget: dict, solver: Optional[str] = None, cost: Optional[str] = None) -> Allocation:
     """Choose a candidate per layer of ``table`` minimising the summed noise (``cost``, see
-    :func:`layer_noise`) within ``budget``."""
+    :func:`layer_noise`; default: ``"output"`` when the table measured the model output, else
+    ``"hessian"``) within ``budget``."""
+    if cost is None:
+        cost = "output" if getattr(table, "model_output", True) else "hessian"
     options: dict = {}
     for r in table.rows:
         noise = layer_noise(r, cost)
