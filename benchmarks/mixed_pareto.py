@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_quality import linear_bpw, recipe_for  # noqa: E402 - the LLM table's recipes and bpw count
+from llm_quality import linear_bpw, recipe_for  # the LLM table's recipes and its bits-per-weight count
 
 CANDIDATES = ["w8-fp16", "w4-g64-fp16", "w3-g64-fp16", "w2-g64-fp16"]
 # uniform reference rows measured by benchmarks/llm_quality.py (docs/llm.md), same protocol
@@ -183,8 +183,8 @@ def render(path: str, png: str) -> str:
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
-    lines = ["| recipe | bits per Linear weight | perplexity | layers int8 / int4 / int3 / int2 | "
-             "best uniform at ≤ these bits | its perplexity |", "| --- | ---: | ---: | --- | --- | ---: |"]
+    lines = [("| recipe | bits per Linear weight | perplexity | layers int8 / int4 / int3 / int2 | "
+              "best uniform at ≤ these bits | its perplexity |"), "| --- | ---: | ---: | --- | --- | ---: |"]
     for r in searched:
         ref = [u for u in uniform if u["bpw"] <= r["bpw"] + 1e-9]
         best = min(ref, key=lambda u: u["ppl"]) if ref else None

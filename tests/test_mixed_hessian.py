@@ -25,7 +25,7 @@ def setup():
 
 
 def test_layer_local_table_has_the_same_local_columns_and_no_output_columns(setup):
-    model, batches, full, local = setup
+    _, _, full, local = setup
     assert not local.model_output and full.model_output
     assert [(r.layer, r.candidate) for r in local.rows] == [(r.layer, r.candidate) for r in full.rows]
     for a, b in zip(full.rows, local.rows):
