@@ -83,10 +83,11 @@ class SensitivityTable:
         return list(dict.fromkeys(r.layer for r in self.rows))
 
     def most_sensitive(self, n: int = 5, candidate: Optional[str] = None) -> list[Sensitivity]:
-        """The ``n`` rows with the lowest output SQNR for ``candidate`` (default: the last one,
-        usually the most aggressive)."""
+        """The ``n`` rows with the lowest :meth:`cost_db` (the output SQNR, or the Hessian-proxy SQNR
+        when the model output was not measured) for ``candidate`` (default: the last one, usually
+        the most aggressive)."""
         cand = candidate or self.candidates[-1]
-        return sorted((r for r in self.rows if r.candidate == cand), key=lambda r: r.output_sqnr_db)[:n]
+        return sorted((r for r in self.rows if r.candidate == cand), key=self.cost_db)[:n]
 
     def to_dict(self) -> dict:
         def clean(v):

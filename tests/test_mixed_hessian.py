@@ -31,6 +31,9 @@ def test_layer_local_table_has_the_same_local_columns_and_no_output_columns(setu
     for a, b in zip(full.rows, local.rows):
         assert math.isnan(b.output_sqnr_db) and math.isnan(b.output_cosine)
         assert (a.layer_sqnr_db, a.hessian_proxy, a.weight_bytes) == (b.layer_sqnr_db, b.hessian_proxy, b.weight_bytes)
+    worst = local.most_sensitive(3, "w3-g64")  # ranked by the proxy, not by the NaN output column
+    assert [local.cost_db(r) for r in worst] == sorted(local.cost_db(r) for r in local.rows
+                                                       if r.candidate == "w3-g64")[:3]
     # the view shows the proxy in dB: fewer bits, lower
     for layer in ("q", "up", "down"):
         assert local.cost_db(local.get(layer, "w3-g64")) < local.cost_db(local.get(layer, "w4-g64")) \
