@@ -58,21 +58,26 @@ def main():
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--clock", default="cpu", choices=["wall", "cpu"])
     ap.add_argument("--fractions", default="0.75,0.45,0.15", help="budgets between all-w8a8 (0) and float (1)")
+    ap.add_argument("--ends", default=None, help="w8a8,float ms already measured (skips the uniform rows)")
+    ap.add_argument("--calibration-batch", type=int, default=None, help="default: the timed batch size")
     args = ap.parse_args()
     torch.set_num_threads(1)
     m = load_minilm()
     cal = docstring_sentences("calibration", limit=128)
     held = docstring_sentences("evaluation", limit=64)
     for batch in [int(b) for b in args.batches.split(",")]:
-        # the search times the model on its example inputs, so calibration batches have the same
-        # batch size (a batch-1 capture is specialised to batch 1); sensitivity on 8 items at batch 1,
-        # 4 at batch 32
-        calibration = [m.encode_batch(cal[i:i + batch]) for i in range(0, min(len(cal), 64 * batch), batch)]
+        # the search times the model on its example inputs; a batch-1 capture is specialised to
+        # batch 1, so calibration batches then hold one sentence (any size > 1 works for batch > 1)
+        cb = args.calibration_batch or batch
+        calibration = [m.encode_batch(cal[i:i + cb]) for i in range(0, min(len(cal), 64 * cb), cb)]
         samples = 8 if batch < 16 else 4
         evaluation = [m.encode_batch(held[i:i + batch]) for i in range(0, len(held), batch)]
         example = _fixed_inputs(m, batch)
         ends = {}
-        for name in ("float", "w8a8"):
+        if args.ends:
+            lo, hi = (float(x) for x in args.ends.split(","))
+            ends = {"w8a8": {args.clock: lo}, "float": {args.clock: hi}}
+        for name in ("float", "w8a8") if not ends else ():
             q = qcompile.quantize(m.model, _quiet(name), example, calibration=calibration, backend="onnx")
             ends[name] = timing.time_artifact(timing.lower(q, "onnxruntime"), example, {}, 10)
             row = {"batch": batch, "uniform": name, "measured_ms": ends[name], "cosine": _cosine(m, q, evaluation)}
@@ -83,8 +88,9 @@ def main():
         for frac in [float(x) for x in args.fractions.split(",")]:
             budget = round(lo + frac * (hi - lo), 2 if hi < 100 else 0)
             t0 = time.perf_counter()
-            auto = qcompile.Recipe.auto(CANDIDATES, {"latency_ms": budget, "backend": "onnx", "clock": args.clock},
-                                        max_samples=samples)
+            runs = 10 if batch < 16 else 5  # end-to-end timing runs: a batch-32 run takes ~1 s of CPU
+            auto = qcompile.Recipe.auto(CANDIDATES, {"latency_ms": budget, "backend": "onnx", "clock": args.clock,
+                                                     "runs": runs}, max_samples=samples)
             q = qcompile.quantize(m.model, auto, example, calibration=calibration)
             mp = q.report.mixed_precision
             lat = mp["latency"]

@@ -206,7 +206,8 @@ class AutoRecipe:
         return table, recipes
 
     def search(self, model, example_inputs, calibration, example_kwargs, quantize_with):
-        """Quality-contract search (see :class:`Quality`): ``quantize_with(recipe)`` quantizes the model.
+        """Quality-contract search (see :class:`Quality`), or a latency budget's (:func:`qcompile.latency.search`):
+        ``quantize_with(recipe)`` quantizes the model.
         Returns the chosen quantized model; its report's ``mixed_precision`` lists every
         configuration tried (bytes, bits per weight, metric) and whether the contract was met."""
         if "latency_ms" in self.budget:

@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
 
 
 def _search(model, batches, ms):
-    auto = qcompile.Recipe.auto(CANDIDATES, {"latency_ms": ms, "backend": "onnx", "clock": "cpu", "runs": 15})
+    auto = qcompile.Recipe.auto(CANDIDATES, {"latency_ms": ms, "backend": "onnx", "clock": "cpu", "runs": 15, "attempts": 4})
     return qcompile.quantize(model, auto, batches[0], calibration=batches, report_samples=2)
 
 
@@ -73,7 +73,7 @@ def test_impossible_budget_returns_the_fastest_marked_unmet(impossible):
     lat = mp["latency"]
     assert not mp["feasible"] and not lat["met"] and lat["measured_ms"] > 1e-3
     assert set(mp["choice"].values()) == {"w8a8"}          # the fastest kernel for every layer
-    assert len(lat["attempts"]) == 1 and "fastest" in mp["note"]
+    assert len(lat["attempts"]) == 1 and "fastest" in mp["note"]   # infeasible: no retry can help
     assert lat["layer_table"]["measured"] == 4 and lat["layer_table"]["cached"] == 0  # 2 shapes x 2 candidates
 
 
@@ -135,6 +135,8 @@ def test_bad_latency_budgets_name_their_field():
         qcompile.Recipe.auto(CANDIDATES, {"latency_ms": -1, "backend": "onnx"})
     with pytest.raises(qcompile.RecipeError, match="budget.clock"):
         qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5, "backend": "onnx", "clock": "gpu"})
+    with pytest.raises(qcompile.RecipeError, match="budget.margin"):
+        qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5, "backend": "onnx", "margin": 1.5})
     with pytest.raises(qcompile.RecipeError, match="budget.target"):
         qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5, "backend": "onnx", "target": "tensorrt"})
     with pytest.raises(qcompile.RecipeError, match="budget.latency"):
