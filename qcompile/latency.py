@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 from .errors import RecipeError
+from .recipe import Recipe
 
 # backend id -> module with the timing protocol: ID, version(), lower(qmodel, target),
 # time_artifact(artifact, args, kwargs, runs), time_branches(artifact, args, runs)
@@ -217,7 +218,7 @@ def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, ex
     cache = cache or LatencyCache()
     host, runtime = host_id(), timer.version()
     inputs = _layer_inputs(model, layers, example_inputs, example_kwargs)
-    plain = {FLOAT: _float_recipe(), **recipes}
+    plain = {FLOAT: Recipe.preset(FLOAT), **recipes}
 
     def key(name, cand):
         mod, kind = layers[name]
@@ -260,12 +261,6 @@ def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, ex
     return out
 
 
-def _float_recipe():
-    from .recipe import Recipe
-
-    return Recipe(name=FLOAT)
-
-
 def search(auto, model, example_inputs, calibration, example_kwargs, quantize_with):
     """:meth:`qcompile.mixed.AutoRecipe.search` for a latency budget (see the module docstring)."""
     from .analyze import quantizable_layers
@@ -276,7 +271,6 @@ def search(auto, model, example_inputs, calibration, example_kwargs, quantize_wi
     table, recipes = auto._measure(model, example_inputs, calibration, example_kwargs)
     layers = {name: (mod, kind) for name, mod, kind in quantizable_layers(model) if name in set(table.layers)}
     lat = measure_layers(model, layers, recipes, example_inputs, example_kwargs, budget)
-    costs = {key: ms for key, ms in lat.ms.items()}
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
 
     clock = budget["clock"]
@@ -286,7 +280,7 @@ def search(auto, model, example_inputs, calibration, example_kwargs, quantize_wi
         art = timer.lower(qmodel, budget["target"])
         return qmodel, timer.time_artifact(art, args, kwargs, budget["runs"])
 
-    _, float_times = run(_float_recipe())
+    _, float_times = run(Recipe.preset(FLOAT))
     float_ms = float_times[clock]
     remainder = float_ms - sum(lat.float_ms.values())
     target_ms = float(budget["latency_ms"])
@@ -295,7 +289,7 @@ def search(auto, model, example_inputs, calibration, example_kwargs, quantize_wi
     limit = target_ms * (1 - budget["margin"]) - remainder
     attempts, seen, best = [], set(), None
     for _ in range(budget["attempts"]):
-        alloc = allocate(table, {"latency_ms": limit}, costs=costs)
+        alloc = allocate(table, {"latency_ms": limit}, costs=lat.ms)
         choice = tuple(sorted(alloc.choice.items()))
         if choice in seen:  # tightening did not change the choice: nothing new to measure
             break
