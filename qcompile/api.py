@@ -185,7 +185,7 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
         data = reiterable(calibration, 4)
         if data is None:
             raise CalibrationError("Recipe.auto measures each layer's sensitivity: pass calibration=")
-        if recipe.quality is not None:
+        if recipe.searches:
             return recipe.search(model, example_inputs, data, example_kwargs, lambda concrete: quantize(
                 model, concrete, example_inputs, data, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                 report_samples=report_samples, backend=backend))

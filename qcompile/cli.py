@@ -208,8 +208,9 @@ def _recipes(_args) -> int:
         r = make()
         w = r.default.weight if r.default else None
         a = r.default.activation if r.default else None
-        desc = f"weights {w.format}/{w.granularity}" + (f" g{w.group_size}" if w and w.group_size else "")
-        desc += f", activations {a.format}/{a.granularity}{' dynamic' if a.dynamic else ' static'}" if a else ", weight-only"
+        desc = "nothing quantized" if w is None else \
+            f"weights {w.format}/{w.granularity}" + (f" g{w.group_size}" if w.group_size else "")
+        desc += f", activations {a.format}/{a.granularity}{' dynamic' if a.dynamic else ' static'}" if a else (", weight-only" if w else "")
         if r.smoothing:
             desc += ", smoothing"
         print(f"{name:14s} {desc}")

@@ -35,7 +35,8 @@ class Allocation:
     feasible: bool
     solver: str                      # "milp" | "greedy"
     budget_bytes: float
-    options: dict = field(default_factory=dict, repr=False)  # layer -> [(candidate, noise, bytes)]
+    options: dict = field(default_factory=dict, repr=False)  # layer -> [(candidate, noise, bytes, op, cost)]
+    total_cost: Optional[float] = None  # the sum of the chosen ``costs`` when allocate() was given some
 
     @property
     def bits_per_weight(self) -> float:
@@ -54,7 +55,10 @@ class Allocation:
             r = recipes[cand]
             kind = self.options[layer][0][3]
             overrides[layer] = r.embedding if kind == "embedding" else r.default
-        smoothing = base.smoothing if all(r.smoothing for r in recipes.values()) else None
+        # smoothing only touches activation-quantized layers: a weight-only or float candidate beside
+        # w8a8 must not switch it off for the w8a8 layers
+        act = [r for r in recipes.values() if r.default is not None and r.default.activation is not None]
+        smoothing = act[0].smoothing if act and all(r.smoothing for r in act) else None
         return replace(base, name=name, overrides=overrides, smoothing=smoothing).validate()
 
     def to_dict(self) -> dict:
@@ -73,8 +77,9 @@ def budget_bytes(budget: dict, params: int) -> float:
     if key == "bytes":
         return float(value)
     if key == "latency_ms":
-        raise NotImplementedError("latency budgets (per-layer kernel times measured on a backend) are not built yet")
-    raise RecipeError(f"budget.{key}", "unknown budget; use bits_per_weight or bytes")
+        raise RecipeError("budget.latency_ms", "a latency budget has no byte limit: allocate(..., costs=) takes "
+                                               "measured per-layer times (qcompile.latency)")
+    raise RecipeError(f"budget.{key}", "unknown budget; use bits_per_weight, bytes, or latency_ms with backend")
 
 
 COSTS = ("output", "hessian")
@@ -94,20 +99,25 @@ def layer_noise(row, cost: str = "output") -> float:
     return 0.0 if not math.isfinite(row.output_sqnr_db) else 10 ** (-row.output_sqnr_db / 10)
 
 
-def allocate(table, budget: dict, solver: Optional[str] = None, cost: Optional[str] = None) -> Allocation:
+def allocate(table, budget: dict, solver: Optional[str] = None, cost: Optional[str] = None,
+             costs: Optional[dict] = None) -> Allocation:
     """Choose a candidate per layer of ``table`` minimising the summed noise (``cost``, see
     :func:`layer_noise`; default: ``"output"`` when the table measured the model output, else
-    ``"hessian"``) within ``budget``."""
+    ``"hessian"``) within ``budget``.
+
+    ``costs``: ``{(layer, candidate): cost}`` in the budget's unit, constrained instead of bytes
+    (``{"latency_ms": ms}`` with measured kernel times: :mod:`qcompile.latency`)."""
     if cost is None:
         cost = "output" if getattr(table, "model_output", True) else "hessian"
     options: dict = {}
     for r in table.rows:
         noise = layer_noise(r, cost)
-        options.setdefault(r.layer, []).append((r.candidate, noise, r.weight_bytes, r.op))
+        spent = r.weight_bytes if costs is None else costs[(r.layer, r.candidate)]
+        options.setdefault(r.layer, []).append((r.candidate, noise, r.weight_bytes, r.op, spent))
     params = sum({r.layer: r.params for r in table.rows}.values())
-    limit = budget_bytes(budget, params)
-    smallest = {layer: min(opts, key=lambda o: (o[2], o[1])) for layer, opts in options.items()}
-    if sum(o[2] for o in smallest.values()) > limit:
+    limit = budget_bytes(budget, params) if costs is None else float(next(iter(budget.values())))
+    smallest = {layer: min(opts, key=lambda o: (o[4], o[1])) for layer, opts in options.items()}
+    if sum(o[4] for o in smallest.values()) > limit:
         return _result({k: v[0] for k, v in smallest.items()}, options, params, False, "greedy", limit)
     n_vars = sum(len(v) for v in options.values())
     if solver in (None, "milp") and n_vars <= EXACT_LIMIT:
@@ -124,7 +134,7 @@ def _result(choice, options, params, feasible, solver, limit) -> Allocation:
     rows = {layer: next(o for o in options[layer] if o[0] == c) for layer, c in choice.items()}
     return Allocation(choice=choice, total_bytes=int(sum(o[2] for o in rows.values())), params=params,
                       predicted_noise=sum(o[1] for o in rows.values()), feasible=feasible, solver=solver,
-                      budget_bytes=limit, options=options)
+                      budget_bytes=limit, options=options, total_cost=sum(o[4] for o in rows.values()))
 
 
 def _milp(options, limit) -> dict:
@@ -133,7 +143,7 @@ def _milp(options, limit) -> dict:
 
     flat = [(layer, o) for layer, opts in options.items() for o in opts]
     cost = np.array([o[1] for _, o in flat])
-    size = np.array([float(o[2]) for _, o in flat])
+    size = np.array([float(o[4]) for _, o in flat])
     layers = list(options)
     one_each = np.zeros((len(layers), len(flat)))
     for j, (layer, _) in enumerate(flat):
@@ -147,13 +157,13 @@ def _milp(options, limit) -> dict:
 
 def _greedy(options, limit, smallest) -> dict:
     choice = dict(smallest)
-    spent = sum(o[2] for o in choice.values())
+    spent = sum(o[4] for o in choice.values())
     while True:
         best, best_gain = None, 0.0
         for layer, opts in options.items():
             cur = choice[layer]
             for o in opts:
-                extra = o[2] - cur[2]
+                extra = o[4] - cur[4]
                 gain = cur[1] - o[1]
                 if gain <= 0 or spent + extra > limit:
                     continue
@@ -163,7 +173,7 @@ def _greedy(options, limit, smallest) -> dict:
         if best is None:
             return {k: v[0] for k, v in choice.items()}
         layer, o = best
-        spent += o[2] - choice[layer][2]
+        spent += o[4] - choice[layer][4]
         choice[layer] = o
 
 
@@ -195,8 +205,18 @@ class AutoRecipe:
     def __post_init__(self):
         if len(self.candidates) < 1:
             raise RecipeError("candidates", "give at least one candidate recipe")
-        if self.quality is None or self.budget:
+        if isinstance(self.budget, dict) and "latency_ms" in self.budget:
+            from .latency import check_budget
+
+            check_budget(self.budget)
+        elif self.quality is None or self.budget:
             budget_bytes(self.budget, 1)  # validates the budget's shape early
+
+    @property
+    def searches(self) -> bool:
+        """True when choosing means quantizing and measuring candidates (:meth:`search`): a quality
+        contract or a latency budget."""
+        return self.quality is not None or "latency_ms" in self.budget
 
     def _measure(self, model, example_inputs, calibration, example_kwargs):
         from .analyze import analyze
@@ -208,9 +228,14 @@ class AutoRecipe:
         return table, recipes
 
     def search(self, model, example_inputs, calibration, example_kwargs, quantize_with):
-        """Quality-contract search (see :class:`Quality`): ``quantize_with(recipe)`` quantizes the model.
+        """Quality-contract search (see :class:`Quality`), or a latency budget's (:func:`qcompile.latency.search`):
+        ``quantize_with(recipe)`` quantizes the model.
         Returns the chosen quantized model; its report's ``mixed_precision`` lists every
         configuration tried (bytes, bits per weight, metric) and whether the contract was met."""
+        if "latency_ms" in self.budget:
+            from . import latency
+
+            return latency.search(self, model, example_inputs, calibration, example_kwargs, quantize_with)
         q = self.quality
         table, recipes = self._measure(model, example_inputs, calibration, example_kwargs)
         sign = 1.0 if q.higher_is_better else -1.0

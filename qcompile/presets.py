@@ -3,6 +3,7 @@
 ======================  ===============================================================================
 preset                  what it does
 ======================  ===============================================================================
+``float``               nothing quantized: the baseline, and mixed precision's keep-float candidate
 ``w8a8``                static int8: per-channel symmetric int8 weights, per-tensor asymmetric uint8
                         activations (min-max ranges), SmoothQuant-style outlier migration measured per tensor,
                         int8 weight-only embeddings
@@ -102,6 +103,7 @@ def _q4_k_m() -> Recipe:
 
 
 PRESETS: dict[str, Callable[[], Recipe]] = {
+    "float": lambda: Recipe(name="float"),
     "w8a8": _w8a8,
     "w8a8-dynamic": _w8a8_dynamic,
     "w8": _w8,

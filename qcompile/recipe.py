@@ -153,8 +153,9 @@ class Recipe:
     @staticmethod
     def auto(candidates, budget: Optional[dict] = None, max_samples: int = 8, quality=None):
         """Mixed precision chosen by measurement (see :mod:`qcompile.mixed`): pass the result to
-        :func:`qcompile.quantize` like any recipe. Give a ``budget`` (bits per weight or bytes), or a
-        ``quality`` contract (:class:`qcompile.mixed.Quality`) to get the smallest model meeting it."""
+        :func:`qcompile.quantize` like any recipe. Give a ``budget`` (bits per weight, bytes, or
+        ``{"latency_ms": ms, "backend": "onnx"}`` measured on that backend: :mod:`qcompile.latency`),
+        or a ``quality`` contract (:class:`qcompile.mixed.Quality`) to get the smallest model meeting it."""
         from .mixed import AutoRecipe
 
         if budget is None and quality is None:

@@ -20,6 +20,21 @@ from ...errors import ArtifactError
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
+def session_options(threads: int = 0):
+    """The onnxruntime session options every qcompile session uses (artifacts and the per-layer
+    latency sessions of :mod:`.timing` alike, so both time the same kernels)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime fuses int8 weight-only DQ -> MatMul into MatMulNBits and by default quantizes
+    # its activations to int8 there (accuracy level 4): a different model than the recipe's.
+    # Level 1 keeps them float, as the recipe says.
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return opts
+
+
 class OnnxArtifact:
     """Callable like the quantized model (torch tensors in, torch tensors out, same structure).
 
@@ -36,13 +51,7 @@ class OnnxArtifact:
         self.input_names = input_names
         self._binder = qmodel.binder
         self._gm = qmodel.graph_module
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # onnxruntime fuses int8 weight-only DQ -> MatMul into MatMulNBits and by default quantizes
-        # its activations to int8 there (accuracy level 4): a different model than the recipe's.
-        # Level 1 keeps them float, as the recipe says.
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        opts = session_options(threads)
         self._options, self._debug = opts, {}
         self.disabled_optimizers = list(disabled_optimizers)
         self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"],
