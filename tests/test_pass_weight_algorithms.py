@@ -11,7 +11,8 @@ import qcompile
 from qcompile.errors import CalibrationError, RecipeError
 from qcompile.ops import DEQUANTIZE
 from qcompile.observers import weight_qparams
-from qcompile.passes.weight_algorithms import awq_scale_search, clip_search, fake_quantize, gptq_quantize
+from qcompile.passes.weight_algorithms import (GPTQHessian, InputStats, awq_scale_search, clip_search, fake_quantize,
+                                               gptq_quantize)
 from qcompile.recipe import LayerConfig, Recipe, WeightAlgorithmConfig
 from qcompile.spec import QuantSpec
 
@@ -252,3 +253,33 @@ def test_576_wide_rows_with_groups_of_128_pad_the_last_group():
     s_c, z_c = clip_search(w, x, spec)
     assert s_c.shape == (16, 5)
     assert _out_err(x, w, fake_quantize(w, spec, s_c, z_c)) <= _out_err(x, w, fake_quantize(w, spec, *weight_qparams(w, spec, 0)))
+
+
+def test_solvers_need_only_running_sums_of_the_inputs():
+    """GPTQ's Hessian and AWQ's searches come from :class:`InputStats` added item by item: the same
+    answers as from the concatenated rows, and one GPTQ factorisation serves every reader."""
+    x, w = _correlated_inputs(), _layer()
+    st = InputStats.of(x[:100])
+    for chunk in (x[100:300], x[300:].reshape(2, -1, x.shape[1])):   # any leading shape
+        st.add(chunk)
+    assert st.rows == x.shape[0]
+    h = 2 * x.double().t() @ x.double() / x.shape[0]
+    torch.testing.assert_close(st.hessian(), h, rtol=1e-5, atol=1e-6)
+    prep = GPTQHessian.of(st.hessian())
+    w_shared, *_ = gptq_quantize(w, prep, INT4_G16, block_size=16)
+    w_direct, *_ = gptq_quantize(w, h, INT4_G16, block_size=16)
+    assert (w_shared != w_direct).float().mean() < 0.01     # float32 sums vs float64 rows: ties may flip
+    s_rows, a_rows, _ = awq_scale_search(x, [w], [INT4_G16])
+    s_st, a_st, _ = awq_scale_search(st, [w], [INT4_G16])
+    assert a_rows == a_st and torch.allclose(s_rows, s_st, rtol=1e-5)
+    torch.testing.assert_close(clip_search(w, st, INT4_G16)[0], clip_search(w, x, INT4_G16)[0])
+
+
+def test_gptq_factor_is_the_upper_cholesky_of_the_damped_inverse():
+    x = _correlated_inputs()
+    h = 2 * x.double().t() @ x.double() / x.shape[0]
+    prep = GPTQHessian.of(h, damping=0.01, act_order=False)
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    u = prep.hinv.double()
+    assert torch.equal(u, torch.triu(u))
+    torch.testing.assert_close(u.t() @ u, torch.linalg.inv(damped), rtol=1e-3, atol=1e-3)
