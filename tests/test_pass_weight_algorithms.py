@@ -308,3 +308,26 @@ def test_w5_g64_gptq_preset_stores_5_bit_codes_with_float16_scales():
         dataclasses.replace(r5.default.weight, format="uint4")))
     q4 = qcompile.quantize(model, r4, data[0], calibration=data)
     assert _rel_err(model, q5, data) < 0.5 * _rel_err(model, q4, data)
+
+
+def test_gptq_reads_a_one_shot_generator_once_and_matches_the_list():
+    """Calibration may be a generator: it is read once, item by item (``quantize`` keeps the items
+    for the report; the sequential pass holds their activations, see docs/llm.md), and gives the
+    same solved weights as the same items in a list."""
+    torch.manual_seed(0)
+    model = RMSNormMLP().eval()
+    data = _data(6)
+    yielded = []
+
+    def stream():
+        for item in data:
+            yielded.append(1)
+            yield item
+
+    r = dataclasses.replace(_recipe("gptq"), calibration=qcompile.CalibrationConfig(progress=False))
+    q_gen = qcompile.quantize(model, r, data[0], calibration=stream())
+    q_list = qcompile.quantize(model, r, data[0], calibration=data)
+    assert len(yielded) == len(data)
+    sd_gen, sd_list = q_gen.graph_module.state_dict(), q_list.graph_module.state_dict()
+    solved = [k for k in sd_list if "gptq" in k]
+    assert solved and all(torch.equal(sd_gen[k], sd_list[k]) for k in solved)
