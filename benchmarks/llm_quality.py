@@ -1,6 +1,10 @@
 """The SmolLM2-135M quality table (docs/llm.md): perplexity, size and bits per weight per recipe,
 next to llama.cpp's reference quantizers (the ``gguf`` package) applied to the same Linear weights.
 
+``--llamacpp Q4_K_M ...`` adds llama.cpp's own quantizer (k-quants included) through
+``llama-cpp-python``, a benchmark-only install that compiles llama.cpp (not in any extra); ``mb`` is
+then the GGUF file's size.
+
 One protocol, one run, one process (one thread)::
 
     PYTHONPATH=. python benchmarks/llm_quality.py --out out/llm_quality.json
@@ -17,6 +21,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,12 +36,14 @@ from qcompile.recipe import WeightAlgorithmConfig
 RECIPES = ["w8", "w4-g64", "w4-g128", "w4-g64-gptq", "w4-g64-awq", "w4-g128-gptq", "w4-g128-awq", "nf4",
            "w3-g64", "w3-g64-gptq", "w2-g64", "w2-g64-gptq", "fp8-e4m3", "q4_k_m"]
 GGUF_TYPES = ["Q8_0", "Q5_0", "Q4_0"]
+LLAMACPP_TYPES = ["Q6_K", "Q5_0", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
+LINEAR_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def recipe_for(name: str):
     """Presets by name; ``w8``/``w4-g*`` with the tied head kept on the int8 embedding like the
     LLM presets (so every row differs only in its Linear weights); ``w3-g64-gptq``/``w2-g64-gptq``
-    are the presets with GPTQ switched on; ``<preset>-float-head`` keeps the embedding and the tied
+    are the presets with GPTQ switched on (``w4-g32``: the w4-g64 preset at groups of 32); ``<preset>-float-head`` keeps the embedding and the tied
     head float (the setting of the issue's own measurements); ``<name>-fp16`` stores the Linear
     weights' scales as float16."""
     if name.endswith("-fp16"):   # the preset with float16 scales (QuantSpec.scale_dtype)
@@ -47,8 +54,14 @@ def recipe_for(name: str):
         base = qcompile.Recipe.preset(name[: -len("-float-head")])
         return dataclasses.replace(base, name=name, embedding=None, keep_float=("lm_head",))
     if name.endswith("-gptq") and name not in qcompile.recipes():
-        base = qcompile.Recipe.preset(name[: -len("-gptq")])
+        base = recipe_for(name[: -len("-gptq")])
         return dataclasses.replace(base, name=name, weight_algorithm=WeightAlgorithmConfig("gptq"))
+    m = re.fullmatch(r"w(\d)-g(\d+)", name)
+    if m and name not in qcompile.recipes():   # any other width/group: w4-g64 with that spec
+        base = qcompile.Recipe.preset("w4-g64")
+        w = dataclasses.replace(base.default.weight, format=f"uint{m[1]}", group_size=int(m[2]))
+        return dataclasses.replace(base, name=name, default=dataclasses.replace(base.default, weight=w),
+                                   tied_head="embedding")
     r = qcompile.Recipe.preset(name)
     return dataclasses.replace(r, tied_head="embedding")
 
@@ -86,6 +99,59 @@ def gguf_model(model, type_name: str):
     return m, bits / numel
 
 
+def llamacpp_quantize(src: Path, type_name: str, out_dir: Path) -> Path:
+    """llama.cpp's own quantizer (``llama-cpp-python``'s ``llama_model_quantize``, one thread) from
+    the shipped GGUF to ``type_name`` (``Q4_K_M`` ...); ``allow_requantize`` because the source is
+    Q4_1 (its dequantized weights are exactly the float model every row starts from)."""
+    import ctypes
+
+    import llama_cpp
+
+    out = out_dir / f"SmolLM2-135M-Instruct.{type_name}.gguf"
+    if not out.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
+        params.allow_requantize = True
+        params.nthread = 1
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({type_name}) returned {rc}")
+    return out
+
+
+def gguf_linear_bits(path: Path) -> tuple[float, dict, str]:
+    """Bits per weight spent on the 210 decoder Linear weights of a GGUF file (tensor bytes / elements,
+    read with the ``gguf`` package), the count of each tensor type among them, and the embedding's."""
+    import gguf
+
+    bits = numel = 0
+    types: dict = {}
+    emb = "?"
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name == "token_embd.weight":
+            emb = t.tensor_type.name
+        if t.name.startswith("blk.") and t.name.split(".")[2] in LINEAR_TENSORS:
+            bits += 8 * int(t.n_bytes)
+            numel += int(t.n_elements)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return bits / numel, types, emb
+
+
+def llamacpp_model(type_name: str, out_dir: Path):
+    """The model as transformers loads llama.cpp's ``type_name`` file (dequantized to float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from qcompile.models.smollm2 import GGUF_NAME, model_dir
+
+    path = llamacpp_quantize(model_dir() / GGUF_NAME, type_name, out_dir)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    model.config.use_cache = False
+    bpw, types, emb = gguf_linear_bits(path)
+    return model.eval(), bpw, types, emb, path.stat().st_size
+
+
 def markdown(paths) -> str:
     """The docs table from one or more JSON outputs (rows in file order, float once)."""
     rows, seen = [], set()
@@ -109,6 +175,11 @@ def main(argv=None):
     ap.add_argument("--out", default="out/llm_quality.json")
     ap.add_argument("--recipes", nargs="*", default=RECIPES)
     ap.add_argument("--gguf", nargs="*", default=GGUF_TYPES)
+    ap.add_argument("--llamacpp", nargs="*", default=[],
+                    help="llama.cpp's own quantizer (needs llama-cpp-python, a benchmark-only install), e.g. "
+                         + " ".join(LLAMACPP_TYPES))
+    ap.add_argument("--llamacpp-dir", default="out/llamacpp", help="where the quantized GGUF files are written")
+    ap.add_argument("--no-float", action="store_true", help="skip the float row (measured by another run)")
     ap.add_argument("--calibration-windows", type=int, default=8)
     ap.add_argument("--markdown", nargs="*", help="print the docs table from these JSON outputs and exit")
     args = ap.parse_args(argv)
@@ -131,9 +202,10 @@ def main(argv=None):
                                               "torch": torch.__version__, "rows": rows}, indent=1))
 
     t = time.perf_counter()
-    res = perplexity(lm.model, lm.tokenizer, protocol)
-    emit({"recipe": "float", "ppl": res.perplexity, "mb": res.model_bytes / 1e6, "bpw": 32.0,
-          "eval_s": time.perf_counter() - t})
+    if not args.no_float:
+        res = perplexity(lm.model, lm.tokenizer, protocol)
+        emit({"recipe": "float", "ppl": res.perplexity, "mb": res.model_bytes / 1e6, "bpw": 32.0,
+              "eval_s": time.perf_counter() - t})
     for name in args.recipes:
         recipe = recipe_for(name)
         t = time.perf_counter()
@@ -151,6 +223,17 @@ def main(argv=None):
         m, bpw = gguf_model(lm.model, type_name)
         res = perplexity(m, lm.tokenizer, protocol)
         emit({"recipe": f"gguf {type_name}", "ppl": res.perplexity, "mb": None, "bpw": bpw})
+        del m
+    for type_name in args.llamacpp:
+        import llama_cpp
+
+        t = time.perf_counter()
+        m, bpw, types, emb, nbytes = llamacpp_model(type_name, Path(args.llamacpp_dir))
+        tq = time.perf_counter() - t
+        res = perplexity(m, lm.tokenizer, protocol)
+        emit({"recipe": f"llama.cpp {type_name}", "ppl": res.perplexity, "mb": nbytes / 1e6, "bpw": bpw,
+              "linear_tensor_types": types, "embedding_type": emb, "llama_cpp_python": llama_cpp.__version__,
+              "quantize_and_load_s": tq})
         del m
     return rows
 

@@ -18,6 +18,8 @@ preset                  what it does
 ``w4-g64-gptq`` ...     the same 4-bit weights solved by GPTQ (``-gptq``) or AWQ (``-awq``) on the
                         ``calibration`` data; groups of 64 or 128
 ``w3-g64``/``w2-g64``   3-/2-bit group-wise weight-only (asymmetric, groups of 64), round-to-nearest
+``w5-g64-gptq``         5-bit group-wise (asymmetric, groups of 64, float16 scales: 5.375 bits per weight)
+                        solved by GPTQ: the counterpart of llama.cpp's Q5_0 (5.5 bits per weight)
 ``nf4``                 4-bit NormalFloat code book, absmax scale per group of 64, the scales double-quantized
                         (bitsandbytes' QLoRA scheme: int8 scales in blocks of 256, ~4.127 bits per weight)
 ``q4_k_m``              llama.cpp Q4_K_M-like mix: uint4 in groups of 32 with double-quantized (int8)
@@ -27,7 +29,7 @@ preset                  what it does
 ``fp8-e4m3``            FP8 E4M3 weights, one scale per output row
 ======================  ===============================================================================
 
-The LLM presets (``-gptq``/``-awq``, ``w3-g64``, ``w2-g64``, ``nf4``, ``q4_k_m``, ``fp8-e4m3``) keep a tied ``lm_head``
+The LLM presets (``-gptq``/``-awq``, ``w5-g64-gptq``, ``w3-g64``, ``w2-g64``, ``nf4``, ``q4_k_m``, ``fp8-e4m3``) keep a tied ``lm_head``
 (``tied_head: embedding``) on the embedding's int8 per-channel weight: one shared tensor, and the
 output projection, the layer small LLMs are most sensitive to, stays at 8 bits (llama.cpp keeps it
 at 6-8 bits too). ``w4-g64``/``w4-g128`` quantize it like any Linear (untied, 4-bit).
@@ -117,6 +119,8 @@ PRESETS: dict[str, Callable[[], Recipe]] = {
     "w4-g128-gptq": _weight_only("w4-g128-gptq", _uint_group(4, 128), "gptq"),
     "w4-g128-awq": _weight_only("w4-g128-awq", _uint_group(4, 128), "awq"),
     "w3-g64": _weight_only("w3-g64", _uint_group(3, 64)),
+    "w5-g64-gptq": _weight_only("w5-g64-gptq", QuantSpec("uint5", "per_group", symmetric=False, group_size=64,
+                                                         scale_dtype="float16"), "gptq"),
     "w2-g64": _weight_only("w2-g64", _uint_group(2, 64)),
     "nf4": _weight_only("nf4", QuantSpec("nf4", "per_group", symmetric=True, group_size=64, scale_dtype="int8")),
     "q4_k_m": _q4_k_m,

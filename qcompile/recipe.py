@@ -79,7 +79,8 @@ class WeightAlgorithmConfig:
     alpha in [0, 1], chosen per input tensor by the output error of all its consumers), weights
     multiplied by ``s`` and ``1/s`` folded into a preceding RMSNorm/LayerNorm weight (else a ``mul``
     before the consumers), then a per-group clipping search (``clip_grid`` ratios down to
-    ``max_shrink``) minimising each group's output error. ``sample_rows`` bounds the rows used."""
+    ``max_shrink``) minimising each group's output error. ``sample_rows`` bounds the rows AWQ's
+    statistics read (an evenly strided subset of every item; GPTQ's Hessian reads all rows)."""
 
     method: str = "gptq"
     damping: float = 0.01

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -71,76 +72,107 @@ def _column_qparams(spec: QuantSpec, scale: torch.Tensor, zp: Optional[torch.Ten
     return scale[:, idx], None if zp is None else zp[:, idx]
 
 
-def _quantize_columns(w: torch.Tensor, fmt, s: torch.Tensor, z: Optional[torch.Tensor]) -> torch.Tensor:
-    """Fake-quantize columns ``w[:, j]`` with per-element qparams ``s, z`` of the same shape."""
-    if fmt.kind == "int":  # torchao's quantize_affine formula, inlined: this runs once per column
-        zf = 0.0 if z is None else z.float()
-        s = s.float()
-        q = torch.clamp(torch.round(w * (1.0 / s)) + zf, fmt.qmin, fmt.qmax)
-        return (q - zf) * s
-    return fmt.dequantize(fmt.quantize(w, s, z), s, z)
-
-
 def _inverse_hessian_chol(h: torch.Tensor, damping: float):
-    """Upper Cholesky factor of ``H⁻¹`` with damping raised ×10 until ``H`` is positive definite
-    (a Hessian from few tokens or collinear channels is often only semi-definite)."""
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``) with damping raised ×10 until ``H`` is
+    positive definite (a Hessian from few tokens or collinear channels is often only semi-definite).
+
+    One factorisation and one triangular inverse, in float64: with ``J`` the reversal permutation
+    and ``JHJ = LLᵀ``, ``U = J L⁻¹ J`` is upper triangular and ``UᵀU = H⁻¹``. (The textbook route,
+    Cholesky of ``H``, ``cholesky_inverse``, Cholesky again, costs twice as much.)"""
     if not torch.isfinite(h).all():
         raise CalibrationError("GPTQ: the Hessian has NaN or Inf entries (the layer's calibration inputs do)")
+    h = h.double()
     mean_diag = abs(float(torch.diag(h).mean())) or 1.0
     damp = damping
     eye = torch.eye(h.shape[0], dtype=h.dtype)
+    flipped = h.flip(0, 1)
     for _ in range(8):
-        hd = h + damp * mean_diag * eye
-        chol, info = torch.linalg.cholesky_ex(hd)
+        chol, info = torch.linalg.cholesky_ex(flipped + damp * mean_diag * eye)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info2) == 0:
+            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            if torch.isfinite(u).all():
                 return u, damp
         damp *= 10
     raise CalibrationError(f"GPTQ: the Hessian is not positive definite even with damping {damp / 10:g}")
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damping: float = 0.01,
+@dataclass
+class GPTQHessian:
+    """What GPTQ needs from one input Hessian, computed once and shared by every Linear reading
+    that input (q/k/v, gate/up): the column order, the dead channels and the upper Cholesky factor
+    of the damped inverse (float32, in that order). Build it with :meth:`of`."""
+
+    perm: torch.Tensor
+    dead: torch.Tensor
+    hinv: torch.Tensor
+    damping: float
+
+    @classmethod
+    def of(cls, h: torch.Tensor, damping: float = 0.01, act_order: bool = True) -> GPTQHessian:
+        """Prepare ``h [K, K]`` (dead input channels, ``H_jj = 0``, get a unit diagonal)."""
+        h = h.detach().double().clone()
+        k = h.shape[0]
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1
+        perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+        u, damp = _inverse_hessian_chol(h[perm][:, perm], damping)
+        return cls(perm, dead, u.float(), damp)
+
+
+def gptq_quantize(w: torch.Tensor, h, spec: QuantSpec, damping: float = 0.01,
                   act_order: bool = True, block_size: int = 128):
-    """GPTQ on one weight ``w [N, K]`` with input Hessian ``h [K, K]``.
+    """GPTQ on one weight ``w [N, K]`` with input Hessian ``h [K, K]`` (or a :class:`GPTQHessian`
+    prepared from it, to share one factorisation between the Linears that read the same input).
 
     Returns ``(w_q, scale, zero_point, damping_used)``: ``w_q`` is float and lies on the grid of
     ``scale``/``zero_point`` (computed from ``w`` before the error feedback, so groups stay
     contiguous under ``act_order``). Dead input channels (``H_jj = 0``) are zeroed first.
+
+    The GPTQ paper's lazy batch updates: columns are solved one at a time inside blocks of
+    ``block_size`` (a rank-1 update of the block only), and the rest of the weight gets the block's
+    error in one matrix product. The error feedback runs in float32 on ``Wᵀ`` (a column is a
+    contiguous row); the factorisation of the damped Hessian is done in float64.
     """
+    prep = h if isinstance(h, GPTQHessian) else GPTQHessian.of(h, damping, act_order)
     fmt = get_format(spec.format)
-    w = w.detach().double().clone()
-    h = h.detach().double().clone()
-    n, k = w.shape
-    scale, zp = weight_qparams(w.float(), spec, 0)
+    w = w.detach().float()
+    k = w.shape[1]
+    scale, zp = weight_qparams(w, spec, 0)
     s_col, z_col = _column_qparams(spec, scale, zp, k)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
-    s_col = s_col[:, perm]
-    z_col = None if z_col is None else z_col[:, perm]
-    hinv, damp = _inverse_hessian_chol(h, damping)
-    q = torch.zeros_like(w)
+    perm = prep.perm
+    # [K, N] in solve order: column j of W is row j here; per-column qparams precomputed once
+    wt = w.t()[perm].contiguous()
+    wt[prep.dead[perm]] = 0
+    st = s_col.float().t()[perm].contiguous()
+    zt = None if z_col is None else z_col.float().t()[perm].contiguous()
+    fast = fmt.kind == "int"
+    inv_st = 1.0 / st if fast else None
+    zf = torch.zeros_like(st) if (fast and zt is None) else zt
+    qt = torch.empty_like(wt)
+    hinv = prep.hinv
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        w1 = wt[i1:i2]                  # a view: updated in place
+        err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        # one column at a time, but the fake-quant of the whole block's columns is vectorised
+        diag = torch.diagonal(hinv1).tolist()
         for i in range(i2 - i1):
-            col = w1[:, i:i + 1]
-            qc = _quantize_columns(col.float(), fmt, s_col[:, i1 + i:i1 + i + 1],
-                                   None if z_col is None else z_col[:, i1 + i:i1 + i + 1]).double()
-            q[:, i1 + i:i1 + i + 1] = qc
-            e = (col - qc) / hinv1[i, i]
-            w1[:, i:] -= e @ hinv1[i:i + 1, i:]
-            err1[:, i:i + 1] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            j = i1 + i
+            col = w1[i]
+            if fast:   # torchao's quantize_affine formula, inlined: this runs once per column
+                q = torch.round(col * inv_st[j]).add_(zf[j]).clamp_(fmt.qmin, fmt.qmax).sub_(zf[j]).mul_(st[j])
+            else:
+                s1, z1 = st[j].unsqueeze(1), None if zt is None else zt[j].unsqueeze(1)
+                q = fmt.dequantize(fmt.quantize(col.unsqueeze(1), s1, z1), s1, z1).squeeze(1)
+            qt[j] = q
+            e = err1[i]
+            torch.sub(col, q, out=e).div_(diag[i])
+            if i + 1 < i2 - i1:
+                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+        if i2 < k:
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
     inv = torch.argsort(perm)
-    return q[:, inv].float(), scale, zp, damp
+    return qt[inv].t().contiguous(), scale, zp, prep.damping
 
 
 def _grouped(w: torch.Tensor, group: int):
@@ -151,16 +183,62 @@ def _grouped(w: torch.Tensor, group: int):
     return torch.nn.functional.pad(w, (0, groups * g - k)).reshape(n, groups, g), groups * g
 
 
-def clip_search(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int = 20, max_shrink: float = 0.5):
+@dataclass
+class InputStats:
+    """Running sums over the rows ``x [T, K]`` of one Linear input, added item by item: the Gram
+    matrix ``XᵀX`` (float32 products, float64 sum) and ``Σ|x|`` per channel. GPTQ's Hessian is
+    ``2 XᵀX / T``; AWQ's searches measure output errors as ``tr(D XᵀX Dᵀ)``, so neither needs the
+    rows themselves, and the calibration rows are never concatenated."""
+
+    gram: torch.Tensor
+    abs_sum: torch.Tensor
+    rows: int = 0
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> InputStats:
+        """Statistics of the rows of ``x [..., K]``."""
+        k = x.shape[-1]
+        st = cls(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
+        st.add(x)
+        return st
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x [..., K]``."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.gram += (x.t() @ x).double()
+        self.abs_sum += x.abs().sum(0).double()
+        self.rows += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's ``H = 2 XᵀX / T`` (float64)."""
+        return self.gram * (2.0 / self.rows)
+
+    def mean_gram(self) -> torch.Tensor:
+        """``XᵀX / T`` (float32)."""
+        return (self.gram / self.rows).float()
+
+    def mean_abs(self) -> torch.Tensor:
+        """``mean_t |x_t|`` per channel (float32)."""
+        return (self.abs_sum / self.rows).float()
+
+
+def _as_stats(x) -> InputStats:
+    return x if isinstance(x, InputStats) else InputStats.of(x)
+
+
+def clip_search(w: torch.Tensor, x, spec: QuantSpec, grid: int = 20, max_shrink: float = 0.5):
     """Per output row and group, the range shrink ratio in ``[1 - max_shrink, 1]`` (``grid`` steps)
-    minimising that group's output error ``‖X_g (w_g - q(w_g))‖²`` on the sample rows ``x [T, K]``.
-    Returns ``(scale, zero_point)`` in the layout of :func:`~qcompile.observers.weight_qparams`."""
+    minimising that group's output error ``‖X_g (w_g - q(w_g))‖²`` on the input rows ``x [T, K]``
+    (or their :class:`InputStats`). Returns ``(scale, zero_point)`` in the layout of
+    :func:`~qcompile.observers.weight_qparams`."""
     fmt = get_format(spec.format)
     group = _group(spec)
     n, k = w.shape
     wg, kp = _grouped(w.float(), group)
-    xg, _ = _grouped(x.float(), group)                      # [T, G, g]
-    gram = torch.einsum("tgi,tgj->gij", xg, xg)               # per-group input Gram matrix
+    # per-group input Gram matrices [G, g, g]: the diagonal blocks of XᵀX / T, zero-padded
+    gm = torch.nn.functional.pad(_as_stats(x).mean_gram(), (0, kp - k, 0, kp - k))
+    gs = group or k
+    gram = gm.reshape(kp // gs, gs, kp // gs, gs).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     valid, _ = _grouped(torch.ones(1, k), group)
     valid = valid[0].bool()                                    # [G, g]
     lo = torch.where(valid, wg, torch.full_like(wg, math.inf)).amin(-1)
@@ -186,13 +264,18 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int = 2
     return best_s, best_z
 
 
-def awq_scale_search(x: torch.Tensor, weights: list, specs: list, grid: int = 20):
-    """AWQ's activation-aware per input channel scale for Linears sharing the input ``x [T, K]``:
-    ``s = mean|x|^alpha`` normalised, alpha on a grid in [0, 1) (alpha 0: no scaling), chosen by the
-    summed output error of all consumers. Returns ``(s, alpha, error_ratio_vs_no_scaling)``."""
-    x = x.float()
-    x_mean = x.abs().mean(0).clamp_min(1e-8)
-    ref = [x @ w.float().t() for w in weights]
+def awq_scale_search(x, weights: list, specs: list, grid: int = 20):
+    """AWQ's activation-aware per input channel scale for Linears sharing the input ``x [T, K]`` (or
+    its :class:`InputStats`): ``s = mean|x|^alpha`` normalised, alpha on a grid in [0, 1) (alpha 0:
+    no scaling), chosen by the summed output error of all consumers. Returns
+    ``(s, alpha, error_ratio_vs_no_scaling)``.
+
+    The output error of ``y = xWᵀ`` against ``(x/s) q(Ws)ᵀ = x (q(Ws)/s)ᵀ`` is
+    ``tr(D XᵀX Dᵀ) / T`` with ``D = W - q(Ws)/s``: ``N·K²`` per candidate from the Gram matrix
+    instead of ``T·N·K`` from the rows."""
+    st = _as_stats(x)
+    gram = st.mean_gram()
+    x_mean = st.mean_abs().clamp_min(1e-8)
     errors = []
     best = (math.inf, None, None)
     for step in range(grid):
@@ -200,11 +283,12 @@ def awq_scale_search(x: torch.Tensor, weights: list, specs: list, grid: int = 20
         s = x_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
         err = 0.0
-        for w, spec, y in zip(weights, specs, ref):
-            ws = w.float() * s
+        for w, spec in zip(weights, specs):
+            w = w.float()
+            ws = w * s
             scale, zp = weight_qparams(ws, spec, 0)
-            y_q = (x / s) @ fake_quantize(ws, spec, scale, zp).t()
-            err += float((y - y_q).pow(2).mean())
+            d = w - fake_quantize(ws, spec, scale, zp) / s
+            err += float(((d @ gram) * d).sum()) / d.shape[0]
         errors.append(err)
         if err < best[0]:
             best = (err, s, alpha)
@@ -302,12 +386,11 @@ class ApplyWeightAlgorithmPass(Pass):
                 if node in pending:
                     group = self._consumers(node, pending)
                     if self.config.method == "gptq":
-                        x = self._inputs(run, node).double()
-                        h = 2 * x.t() @ x / x.shape[0]     # one Hessian for all readers of the input
-                        xs = self._sample(x.float())
-                        del x
+                        # one Hessian, and one factorisation of it, for all readers of the input
+                        h = self._stats(run, node).hessian()
+                        prep = GPTQHessian.of(h, self.config.damping, self.config.act_order)
                         for op in group:
-                            self._gptq(gm, run, op, h, xs)
+                            self._gptq(gm, run, op, h, prep)
                     else:
                         self._awq(gm, run, node, group)
                     pending -= set(group)
@@ -324,17 +407,21 @@ class ApplyWeightAlgorithmPass(Pass):
         src = node.args[node.meta[ANNOTATION].input_arg]
         return [u for u in src.users if u in pending and u.args[u.meta[ANNOTATION].input_arg] is src] or [node]
 
-    def _inputs(self, run, op) -> torch.Tensor:
-        ann = op.meta[ANNOTATION]
-        xs = run.values(op.args[ann.input_arg])
-        return torch.cat([x.detach().reshape(-1, x.shape[-1]).float() for x in xs])
-
-    def _sample(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.config.sample_rows
-        if x.shape[0] <= n:
-            return x
-        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:n]
-        return x[idx]
+    @staticmethod
+    def _stats(run, op, max_rows: Optional[int] = None) -> InputStats:
+        """:class:`InputStats` of ``op``'s input, item by item. ``max_rows``: an evenly strided
+        subset of every item's rows, about ``max_rows`` in all."""
+        xs = run.values(op.args[op.meta[ANNOTATION].input_arg])
+        total = sum(x.numel() // x.shape[-1] for x in xs)
+        stride = 1 if not max_rows or total <= max_rows else -(-total // max_rows)
+        st = None
+        for x in xs:
+            x = x.detach().reshape(-1, x.shape[-1])[::stride]
+            if st is None:
+                st = InputStats.of(x)
+            else:
+                st.add(x)
+        return st
 
     def _set_weight(self, gm, run, op, w_new, scale, zp, reference):
         """Point ``op`` at a new weight tensor (never edit the old one in place: it may be tied
@@ -349,14 +436,15 @@ class ApplyWeightAlgorithmPass(Pass):
         op.args = tuple(args)
         op.meta[WEIGHT_QPARAMS] = WeightQParams(scale, zp, reference)
 
-    def _gptq(self, gm, run, op, h, xs):
+    def _gptq(self, gm, run, op, h, prep):
         ann = op.meta[ANNOTATION]
-        w = get_attr_tensor(gm, op.args[ann.weight_arg])
-        cfg = self.config
-        w_q, scale, zp, damp = gptq_quantize(w, h, ann.weight, cfg.damping, cfg.act_order, cfg.block_size)
-        rtn = fake_quantize(w.float(), ann.weight, scale, zp)
-        err_rtn = float((xs @ (w.float() - rtn).t()).pow(2).mean())
-        err_gptq = float((xs @ (w.float() - w_q).t()).pow(2).mean())
+        w = get_attr_tensor(gm, op.args[ann.weight_arg]).detach().float()
+        w_q, scale, zp, damp = gptq_quantize(w, prep, ann.weight, block_size=self.config.block_size)
+        # output errors from the Hessian: mean_t ‖x_t Dᵀ‖² = tr(D H Dᵀ) / 2, no pass over the rows;
+        # a diagnostic only, so on at most 128 evenly spaced output rows (N·K² costs as much as H)
+        rows = slice(None, None, max(1, w.shape[0] // 128))
+        d = torch.stack([w[rows] - fake_quantize(w, ann.weight, scale, zp)[rows], w[rows] - w_q[rows]])
+        err_rtn, err_gptq = ((d @ h.float()) * d).sum((1, 2)).tolist()
         self._set_weight(gm, run, op, w_q, scale, zp, w.detach().float())
         self.applied.append({"layer": ann.layer, "method": "gptq", "damping": damp,
                              "output_error_vs_rtn": err_gptq / err_rtn if err_rtn > 0 else 1.0})
@@ -365,14 +453,15 @@ class ApplyWeightAlgorithmPass(Pass):
         cfg = self.config
         ann0 = src_user.meta[ANNOTATION]
         src = src_user.args[ann0.input_arg]
-        x = self._sample(self._inputs(run, src_user))
+        x = self._stats(run, src_user, cfg.sample_rows)
         weights = [get_attr_tensor(gm, op.args[op.meta[ANNOTATION].weight_arg]).detach().float() for op in group]
         specs = [op.meta[ANNOTATION].weight for op in group]
         s, alpha, ratio = awq_scale_search(x, weights, specs, cfg.grid)
         how = "none"
         if alpha > 0:
             how = self._divide_input(gm, run, src, group, s)
-        x_s = x / s
+        sd = s.double()
+        x_s = InputStats(x.gram / sd[:, None] / sd[None, :], x.abs_sum / sd, x.rows)   # stats of x / s
         for op, w, spec in zip(group, weights, specs):
             ws = w * s
             scale, zp = clip_search(ws, x_s, spec, cfg.clip_grid, cfg.max_shrink)
