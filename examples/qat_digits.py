@@ -137,7 +137,7 @@ def main(argv=None):
                     try:
                         art = qcompile.lower(qm, "onnx")
                         row["onnx"] = f"{accuracy(lambda t: torch.as_tensor(art(t)), x_te, y_te):.2f}"
-                    except qcompile.BackendError as e:  # the onnx backend exports int8/uint8 only (issue 4)
+                    except qcompile.BackendError as e:  # a format the onnx backend has no type for
                         row["onnx"] = "n/a: " + str(e).split("(")[0].strip()
                 print(f"{preset} {variant} seed {seed}: {accs[-1]:.2f} % ({time.perf_counter() - t1:.1f} s)",
                       flush=True)

@@ -23,7 +23,7 @@ from torch import nn
 from .api import RecipeLike, resolve_recipe
 from .calibration import run_calibration
 from .capture import capture
-from .fake_quant import FakeQuantize
+from .fake_quant import FakeQuantize, GraphAttention
 from .model import PreparedModel
 from .observers import make_observer
 from .passes import AnnotatePass, FreezeQATPass, InsertFakeQuantPass, NormalizeLinearPass, PassManager, \
@@ -41,6 +41,20 @@ class QATModel(PreparedModel):
     def forward(self, *args, **kwargs):
         args, kwargs = self._captured.binder.call(args, dict(kwargs))
         return self.graph_module(*args, **kwargs)
+
+    def train(self, mode: bool = True, *, dropout: bool = True) -> "QATModel":
+        """``nn.Module.train``, plus ``dropout=False``: training mode for the quantizers and
+        batch-norm, but every dropout (``nn.Dropout`` and attention's ``dropout_p`` in
+        :class:`GraphAttention`) in eval, so the forward pass is deterministic. Wanted when the
+        loss has no noise of its own to regularise against, e.g. distilling a float teacher's
+        outputs, where live dropout only adds noise to the target. Lasts until the next
+        ``train()``/``eval()`` call."""
+        super().train(mode)
+        if mode and not dropout:
+            for m in self.graph_module.modules():
+                if isinstance(m, (nn.Dropout, GraphAttention)):
+                    m.eval()
+        return self
 
     def fake_quantizers(self) -> dict[str, FakeQuantize]:
         """Module path → :class:`FakeQuantize` (weights and activations)."""

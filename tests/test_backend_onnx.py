@@ -4,6 +4,7 @@ import dataclasses
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,12 +98,108 @@ def test_int4_weight_only_exports_matmulnbits_matching_reference():
             assert_matches_reference(art(ids, mask), q(ids, mask))
 
 
-def test_int4_group_without_kernel_names_the_format():
+def test_int4_group_without_kernel_is_blocked_dequantize_linear():
+    """Groups of 24 (no MatMulNBits): standard blocked DequantizeLinear on a packed UINT4
+    initializer (the last group of K=32 is short); 3-bit codes have no ONNX type: an error."""
     recipe = qcompile.Recipe.preset("w4-g64").with_overrides({"re:.*": {"weight": {"format": "uint4", "granularity": "per_group",
                                                                                   "symmetric": False, "group_size": 24}}})
-    q = _quantize(TinyBlock().eval(), recipe, _batches(1))
-    with pytest.raises(qcompile.BackendError, match="format 'uint4'"):
-        qcompile.lower(q, backend="onnx")
+    batches = _batches(2)
+    q = _quantize(TinyBlock().eval(), recipe, batches)
+    art = qcompile.lower(q, backend="onnx")
+    model = _ops(art)
+    assert not any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    inits = {t.name: t for t in model.graph.initializer}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+           and inits[n.input[0]].data_type == onnx.TensorProto.UINT4]
+    assert len(dqs) == 6 and all({a.name: a.i for a in n.attribute}.get("block_size") == 24 for n in dqs)
+    with torch.no_grad():
+        assert_matches_reference(art(*batches[1]), q(*batches[1]))
+    q3 = _quantize(TinyBlock().eval(), "w3-g64", _batches(1))
+    with pytest.raises(qcompile.BackendError, match="format 'uint3'"):
+        qcompile.lower(q3, backend="onnx", target="qdq")
+
+
+def _cnn_and_data(convs=None):
+    torch.manual_seed(0)
+    model = randomise_bn(TinyCNN()).eval() if convs is None else torch.nn.Sequential(*convs).eval()
+    return model, torch.randn(16, *((1, 8, 8) if convs is None else (convs[0].in_channels, 10, 10)))
+
+
+def _no_optimizations(art):
+    """onnxruntime with graph optimizations off: the exported ops' own semantics, no fusion."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(art.model_bytes, opts, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(sess.run(None, {art.input_names[0]: x.numpy()})[0])
+
+
+@pytest.mark.parametrize("preset,codes,target", [("w4a8", (-8, 7), "onnxruntime"), ("w4a8", (-8, 7), "qdq"),
+                                                 ("w2a8", (-2, 1), "qdq"), ("w4a4", (-8, 7), "qdq")])
+def test_low_bit_conv_weights_are_int4_dequantize_linear(preset, codes, target):
+    """4-/2-bit conv weights: opset-21 DequantizeLinear (per channel, axis 0) on a packed INT4
+    initializer feeding a float Conv (int2 widened to INT4: ONNX runtimes have no INT2 DQ)."""
+    model, x = _cnn_and_data()
+    q = qcompile.quantize(model, preset, (x[:2],), calibration=[(x,)])
+    art = qcompile.lower(q, backend="onnx", target=target)
+    graph = _ops(art).graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2
+    for conv in convs:
+        dq = producers[conv.input[1]]
+        assert dq.op_type == "DequantizeLinear" and {a.name: a.i for a in dq.attribute}.get("axis", 1) == 0
+        w = inits[dq.input[0]]
+        assert w.data_type == onnx.TensorProto.INT4
+        assert len(w.raw_data) == (int(np.prod(w.dims)) + 1) // 2           # two codes a byte
+        vals = onnx.numpy_helper.to_array(w).astype(np.int8)
+        assert codes[0] <= vals.min() and vals.max() <= codes[1] and len(np.unique(vals)) > 1
+    assert not any(n.op_type == "Cast" and n.input[0] in inits for n in graph.node)
+    with torch.no_grad():
+        ref = q(x)
+        assert_matches_reference(_no_optimizations(art)(x), ref)          # the exported semantics: exact
+        # onnxruntime's fusions (Conv+Relu, Q/DQ around them) reorder float math, which can move
+        # an activation across a uint8 rounding boundary: one code, as QLinearConv in the int8 test
+        out = torch.as_tensor(art(x))
+        assert_matches_reference(out, ref, rel=2e-2)
+        assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+def test_large_int4_conv_weight_is_packed_not_int8_plus_cast():
+    """The exporter's optimizer folds only small constants: a 64x64x3x3 weight arrives as int8 +
+    Cast and :func:`pack_low_bit_initializers` packs it, so the file is ~half a byte a weight."""
+    model, x = _cnn_and_data([torch.nn.Conv2d(3, 64, 3), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3)])
+    q = qcompile.quantize(model, "w4a8", (x[:2],), calibration=[(x,)])
+    art = qcompile.lower(q, backend="onnx", target="qdq")
+    graph = _ops(art).graph
+    assert not any(n.op_type == "Cast" for n in graph.node)
+    assert {t.data_type for t in graph.initializer if len(t.dims) == 4} == {onnx.TensorProto.INT4}
+    n_weights = sum(m.weight.numel() for m in model if isinstance(m, torch.nn.Conv2d))
+    assert len(art.model_bytes) < 0.5 * n_weights + 8_000
+    with torch.no_grad():
+        assert_matches_reference(_no_optimizations(art)(x), q(x))
+
+
+def test_pack_low_bit_initializers_rejects_codes_outside_4_bits():
+    from onnx import helper, numpy_helper
+
+    from qcompile.backends.onnx.lower import pack_low_bit_initializers
+
+    def model(codes):
+        return helper.make_model(helper.make_graph(
+            [helper.make_node("Cast", ["w"], ["w4"], to=onnx.TensorProto.INT4),
+             helper.make_node("DequantizeLinear", ["w4", "s"], ["y"])], "g", [],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3])],
+            [numpy_helper.from_array(np.array(codes, dtype=np.int8), "w"),
+             numpy_helper.from_array(np.array(0.5, dtype=np.float32), "s")]), opset_imports=[helper.make_opsetid("", 21)])
+
+    ok = model([-8, 0, 7])
+    assert pack_low_bit_initializers(ok) == 1 and [n.op_type for n in ok.graph.node] == ["DequantizeLinear"]
+    assert onnx.numpy_helper.to_array(ok.graph.initializer[-1]).astype(int).tolist() == [-8, 0, 7]
+    with pytest.raises(qcompile.BackendError, match="'w' holds codes outside the 4-bit range"):
+        pack_low_bit_initializers(model([-9, 0, 7]))
 
 
 def test_double_quantized_scales_export_as_their_float_values():

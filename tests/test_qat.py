@@ -455,6 +455,66 @@ def test_tiny_bert_attention_dropout_follows_train_and_eval():
         assert d < 1e-6, d  # untrained QAT from the PTQ start == PTQ
 
 
+def test_train_with_dropout_off_keeps_quantizers_and_bn_training():
+    """``qat.train(dropout=False)``: quantizers and batch-norm train, every dropout is off, so two
+    forward passes agree; a plain ``train()`` makes dropout live again."""
+    from qcompile.fake_quant import GraphAttention
+
+    model = _model(DropCNN)
+    x, y = _data()
+    # fold_bn off: a folded conv's weight follows the running variance, which each training forward
+    # updates, so only unfused batch-norm gives two identical training forwards
+    qat = qcompile.prepare_qat(model, _recipe("w4a8", fold_bn=False), (x[:2],))
+    gm = qat.graph_module
+    assert qat.train(dropout=False) is qat and qat.training
+    drops = [m for m in gm.modules() if isinstance(m, nn.Dropout)]
+    assert drops and not any(m.training for m in drops)
+    bns = [m for m in gm.modules() if isinstance(m, GraphBatchNorm)]
+    assert bns and all(m.training for m in gm.modules() if isinstance(m, (FakeQuantize, GraphBatchNorm)))
+    rm = bns[0].running_mean.clone()
+    with torch.no_grad():
+        a, b = qat(x), qat(x)
+    assert torch.equal(a, b)                                                  # dropout off
+    assert not torch.equal(rm, bns[0].running_mean)                           # BN still trains
+    with torch.no_grad():
+        e = qat.eval()(x)
+    assert not torch.allclose(a, e, atol=1e-3)                                # batch statistics, not running
+    # the output is the float-dropout-free training forward: same as dropping nothing in train()
+    drop_p = drops[0].p
+    drops[0].p = 0.0
+    with torch.no_grad():
+        ref = qat.train()(x)
+    drops[0].p = drop_p
+    with torch.no_grad():
+        assert torch.equal(qat.train(dropout=False)(x), ref)
+        c, d = qat.train()(x), qat(x)
+    assert not torch.equal(c, d)                                              # plain train(): dropout live again
+    assert not qat.train(False, dropout=False).training and not any(m.training for m in gm.modules())
+
+    # BERT: nn.Dropout after each block and attention's dropout_p (GraphAttention); learned scales
+    transformers = pytest.importorskip("transformers")
+    from qcompile.models.minilm import SentenceEncoder
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    bert = SentenceEncoder(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
+    ids, mask = torch.randint(0, 100, (4, 9)), torch.ones(4, 9, dtype=torch.long)
+    recipe = dataclasses.replace(Recipe.preset("w4a8"), qat=QATConfig(learn_scale=True, observer_steps=0))
+    qat = qcompile.prepare_qat(bert, recipe, (ids, mask), calibration=[(ids, mask)])
+    attn = [m for m in qat.graph_module.modules() if isinstance(m, GraphAttention)]
+    assert attn and any(isinstance(m, nn.Dropout) for m in qat.graph_module.modules())
+    qat.train(dropout=False)
+    assert not any(m.training for m in attn)
+    out = qat(ids, mask)
+    out.sum().backward()                                                      # quantizers still learn
+    assert all(fq.log_scale.grad is not None for fq in qat.fake_quantizers().values() if fq.learned)
+    with torch.no_grad():
+        assert torch.equal(qat(ids, mask), out.detach())
+        assert torch.allclose(out.detach(), qat.eval()(ids, mask), atol=1e-6)  # no BN: same as eval
+        assert not torch.equal(qat.train()(ids, mask), qat(ids, mask))
+
+
 def test_fold_bn_off_keeps_batch_norm_float_after_the_quantized_conv():
     model = _model()
     x, y = _data()

@@ -236,5 +236,45 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
         # useful when debugging an export, dead weight in a deployed file
         for node in model.graph.node:
             del node.metadata_props[:]
+    pack_low_bit_initializers(model)
     onnx.checker.check_model(model)
     return model.SerializeToString(), [i.name for i in model.graph.input]
+
+
+def pack_low_bit_initializers(model) -> int:
+    """Fold each ``Cast(int8/uint8 initializer, to=INT4/UINT4)`` (what :func:`.translate.dequantize`
+    emits for 4-/2-bit codes) into one packed INT4/UINT4 initializer, two codes a byte, so the file
+    holds the weight at its real size. The exporter's optimizer folds the small ones itself but
+    leaves large constants (a 256x256x3x3 conv) as int8 + Cast. Returns the number folded."""
+    import ml_dtypes
+    import onnx
+    from onnx import numpy_helper
+
+    to_np = {onnx.TensorProto.INT4: ml_dtypes.int4, onnx.TensorProto.UINT4: ml_dtypes.uint4}
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    folded = []
+    for node in graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type != "Cast" or to not in to_np or node.input[0] not in inits:
+            continue
+        src = inits[node.input[0]]
+        if src.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            continue
+        codes = numpy_helper.to_array(src)
+        lo, hi = (-8, 7) if to == onnx.TensorProto.INT4 else (0, 15)
+        if codes.size and (codes.min() < lo or codes.max() > hi):  # a Cast would wrap them silently
+            raise BackendError(f"onnx: initializer '{src.name}' holds codes outside the 4-bit range [{lo}, {hi}]")
+        graph.initializer.append(numpy_helper.from_array(codes.astype(to_np[to]), node.output[0]))
+        folded.append(node)
+        uses[src.name] -= 1
+        if uses[src.name] == 0:
+            graph.initializer.remove(src)
+            del inits[src.name]
+    for node in folded:
+        graph.node.remove(node)
+    return len(folded)

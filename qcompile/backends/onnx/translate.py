@@ -2,7 +2,15 @@
 
 Granularity comes from the shape of ``scale`` (see :mod:`qcompile.ops`): a 0-d or all-ones scale
 is per-tensor, one dimension larger than 1 is per-axis, ``group_size > 0`` is a blocked
-QuantizeLinear/DequantizeLinear (opset 21)."""
+QuantizeLinear/DequantizeLinear (opset 21).
+
+4- and 2-bit integer codes (``int4``/``uint4``/``int2``/``uint2``): qcompile stores them one per
+int8/uint8 element, so a DequantizeLinear reads ``Cast(codes, INT4/UINT4)``; after export
+:func:`qcompile.backends.onnx.lower.pack_low_bit_initializers` folds that Cast of a constant into a
+packed INT4/UINT4 initializer (two codes a byte). ONNX 1.23 has INT2/UINT2 but onnxruntime 1.32
+has no DequantizeLinear for them, so 2-bit codes are widened, losslessly, to INT4/UINT4 (4 bits a
+code in the file, not 2). A 4-/2-bit QuantizeLinear (activations) is computed with the reference
+formula and clipped to the format's own range, then Cast to the int8/uint8 storage."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,14 +22,21 @@ from onnxscript.values import Opset
 from ...errors import BackendError
 
 _ONNX_TYPES = {"int8": ir.DataType.INT8, "uint8": ir.DataType.UINT8}
-STANDARD_FORMATS = frozenset(_ONNX_TYPES)   # formats standard QuantizeLinear/DequantizeLinear carry
+# sub-byte codes: the ONNX type a DequantizeLinear reads them as (int2 widened: onnxruntime has no
+# INT2 DequantizeLinear), and the int8/uint8 type qcompile stores them in
+_LOW_BIT_TYPES = {"int4": ir.DataType.INT4, "uint4": ir.DataType.UINT4,
+                  "int2": ir.DataType.INT4, "uint2": ir.DataType.UINT4}
+_STORAGE_TYPES = {"int4": ir.DataType.INT8, "uint4": ir.DataType.UINT8,
+                  "int2": ir.DataType.INT8, "uint2": ir.DataType.UINT8}
+# formats standard QuantizeLinear/DequantizeLinear carry (sub-byte ones as INT4/UINT4)
+STANDARD_FORMATS = frozenset(_ONNX_TYPES) | frozenset(_LOW_BIT_TYPES)
 
 
 def _onnx_type(format: str):
     if format not in _ONNX_TYPES:
-        raise BackendError(f"the onnx backend has no standard Q/DQ for format '{format}' (int8/uint8 only); "
-                           "4-bit group-wise weight-only Linears run as com.microsoft::MatMulNBits with "
-                           "target='onnxruntime' and a power-of-two group size >= 16")
+        raise BackendError(f"the onnx backend has no standard Q/DQ for format '{format}' (it has int8/uint8, "
+                           "and int4/uint4/int2/uint2 codes dequantized from INT4/UINT4; 4-/2-bit activations "
+                           "quantized per tensor, not dynamically)")
     return _ONNX_TYPES[format]
 
 
@@ -58,16 +73,30 @@ def _zero(format: str, like_scale):
 
 
 def _bounds(format: str):
+    if format in _LOW_BIT_TYPES:
+        from ...formats import get_format
+
+        fmt = get_format(format)
+        return float(fmt.qmin), float(fmt.qmax)
     return (0.0, 255.0) if format == "uint8" else (-128.0, 127.0)
 
 
+def _reference_quantize(x, scale, zero_point, format: str, out_type):
+    """``clip(round(x / s) + z, qmin, qmax)`` with broadcasting elementwise ops, as the reference."""
+    lo, hi = _bounds(format)
+    q = op.Round(op.Div(x, scale))
+    if zero_point is not None:
+        q = op.Add(q, op.Cast(zero_point, to=ir.DataType.FLOAT))
+    return op.Cast(op.Clip(q, op.Constant(value_float=lo), op.Constant(value_float=hi)), to=out_type)
+
+
 def quantize(x, scale, zero_point, format: str, group_size: int):
+    if format in _LOW_BIT_TYPES:  # 4-/2-bit activations: int8/uint8 storage, the format's own range
+        if group_size > 0:
+            raise NotImplementedError(f"onnx: group-wise QuantizeLinear of runtime values to '{format}'")
+        return _reference_quantize(x, scale, zero_point, format, _STORAGE_TYPES[format])
     if _broadcast(scale):  # per-token: the reference formula with broadcasting elementwise ops
-        lo, hi = _bounds(format)
-        q = op.Round(op.Div(x, scale))
-        if zero_point is not None:
-            q = op.Add(q, op.Cast(zero_point, to=ir.DataType.FLOAT))
-        return op.Cast(op.Clip(q, op.Constant(value_float=lo), op.Constant(value_float=hi)), to=_onnx_type(format))
+        return _reference_quantize(x, scale, zero_point, format, _onnx_type(format))
     attrs, s, z = _axis_and_scale(scale, zero_point, group_size)
     if z is None:
         z = _zero(format, s)
@@ -75,8 +104,14 @@ def quantize(x, scale, zero_point, format: str, group_size: int):
 
 
 def dequantize(q, scale, zero_point, format: str, group_size: int, output_dtype=None):
-    _onnx_type(format)
-    if _broadcast(scale):
+    per_token = group_size == 0 and _broadcast(scale)  # [N, G] group scales are blocked DQ, not per-token
+    if format in _LOW_BIT_TYPES and not per_token:
+        # standard opset-21 DequantizeLinear on INT4/UINT4 codes (constant codes are packed after export)
+        q = op.Cast(q, to=_LOW_BIT_TYPES[format])
+        zero_point = None if zero_point is None else op.Cast(zero_point, to=_LOW_BIT_TYPES[format])
+    elif format not in _LOW_BIT_TYPES:
+        _onnx_type(format)
+    if per_token:
         x = op.Cast(q, to=ir.DataType.FLOAT)
         if zero_point is not None:
             x = op.Sub(x, op.Cast(zero_point, to=ir.DataType.FLOAT))
