@@ -136,7 +136,7 @@ def _call_missing_input(m):
 
 
 def _onnx_unsupported(m):
-    q = qcompile.quantize(m, _recipe("w4-g64"), _mlp_batches()[0])
+    q = qcompile.quantize(m, _recipe("w3-g64"), _mlp_batches()[0])  # ONNX has no 3-bit type
     qcompile.lower(q, backend="onnx", target="qdq")
 
 
@@ -175,7 +175,7 @@ CASES = [
     ("quantized model called with the wrong rank", MLP, _call_wrong_rank, InputError, ["'x'", "3 dims", "2 dims"]),
     ("quantized model called with an input missing", TinyBlock, _call_missing_input, InputError, ["'ids'", "'mask'"]),
     ("format a backend cannot lower (onnx, qdq target)", MLP, _onnx_unsupported, BackendError,
-     ["node '", "module 'fc1' (Linear)", "uint4"]),
+     ["node '", "module 'fc1' (Linear)", "uint3"]),
     ("format a backend cannot lower (tvm)", MLP, _tvm_unsupported, BackendError, ["node '", "module 'fc1'", "fp8_e4m3"]),
     ("recipe override matching nothing", MLP, _override_matches_nothing, RecipeError, ["overrides['fc3']", "matches no"]),
     ("recipe type override matching nothing", MLP, _override_type_matches_nothing, RecipeError,
