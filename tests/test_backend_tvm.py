@@ -1,5 +1,7 @@
 """The tvm backend: the shared conformance suite, the integer-GEMM fusion pass (graph structure,
 numerics, negative cases), save/load with TVM's runtime only, and clear errors."""
+import shutil
+
 import pytest
 import torch
 
@@ -65,12 +67,14 @@ def test_artifact_reports_kernels_and_reloads_with_tvm_runtime_only(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(ids, mask), art(ids, mask))
         assert_matches_reference(again(ids, mask=mask), q(ids, mask))
-    # the library's checksum is checked before it is loaded (dlopen of a corrupted library can crash)
-    lib = bytearray((path / "model.so").read_bytes())
+    # the library's checksum is checked before it is loaded (dlopen of a corrupted library can crash);
+    # corrupt a copy: rewriting the file this process has mapped would corrupt the loaded library itself
+    corrupt = shutil.copytree(path, tmp_path / "corrupt")
+    lib = bytearray((corrupt / "model.so").read_bytes())
     lib[len(lib) // 2] ^= 0x01
-    (path / "model.so").write_bytes(bytes(lib))
+    (corrupt / "model.so").write_bytes(bytes(lib))
     with pytest.raises(qcompile.ArtifactError, match=r"model.so' does not match its checksum"):
-        load(path)
+        load(corrupt)
 
 
 def test_generic_family_matches_reference():
