@@ -429,7 +429,9 @@ def test_qat_converted_cnn_lowers_to_onnx_and_matches_reference():
         assert torch.equal(torch.as_tensor(art(xt)).argmax(1), ref.argmax(1))
 
 
-def test_tiny_bert_attention_dropout_follows_train_and_eval():
+
+def _tiny_bert_w4a8_qat():
+    """(QAT model, the float BERT, ids, mask): a one-layer BERT prepared for w4a8 QAT with learned scales."""
     transformers = pytest.importorskip("transformers")
     from qcompile.models.minilm import SentenceEncoder
 
@@ -439,7 +441,11 @@ def test_tiny_bert_attention_dropout_follows_train_and_eval():
     model = SentenceEncoder(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
     ids, mask = torch.randint(0, 100, (4, 9)), torch.ones(4, 9, dtype=torch.long)
     recipe = dataclasses.replace(Recipe.preset("w4a8"), qat=QATConfig(learn_scale=True, observer_steps=0))
-    qat = qcompile.prepare_qat(model, recipe, (ids, mask), calibration=[(ids, mask)])
+    return qcompile.prepare_qat(model, recipe, (ids, mask), calibration=[(ids, mask)]), model, ids, mask
+
+
+def test_tiny_bert_attention_dropout_follows_train_and_eval():
+    qat, model, ids, mask = _tiny_bert_w4a8_qat()
     sdpa = [n for n in qat.graph_module.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
     assert not sdpa  # captured with dropout_p=0.1 baked in: now a module that drops only in training
     with torch.no_grad():
@@ -492,16 +498,7 @@ def test_train_with_dropout_off_keeps_quantizers_and_bn_training():
     assert not qat.train(False, dropout=False).training and not any(m.training for m in gm.modules())
 
     # BERT: nn.Dropout after each block and attention's dropout_p (GraphAttention); learned scales
-    transformers = pytest.importorskip("transformers")
-    from qcompile.models.minilm import SentenceEncoder
-
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64)
-    bert = SentenceEncoder(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
-    ids, mask = torch.randint(0, 100, (4, 9)), torch.ones(4, 9, dtype=torch.long)
-    recipe = dataclasses.replace(Recipe.preset("w4a8"), qat=QATConfig(learn_scale=True, observer_steps=0))
-    qat = qcompile.prepare_qat(bert, recipe, (ids, mask), calibration=[(ids, mask)])
+    qat, _, ids, mask = _tiny_bert_w4a8_qat()
     attn = [m for m in qat.graph_module.modules() if isinstance(m, GraphAttention)]
     assert attn and any(isinstance(m, nn.Dropout) for m in qat.graph_module.modules())
     qat.train(dropout=False)
