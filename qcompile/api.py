@@ -167,7 +167,10 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
     ``recipe``: a :class:`Recipe`, a preset (``"w8a8"``, ``"w8a8-dynamic"``, ``"w8"``, ``"w4-g64"``,
     ``"w4-g128"``) or a YAML/JSON path. ``example_inputs``: positional inputs as ``torch.export``
     takes them. ``calibration``: any iterable (list, generator, DataLoader) of tuples or kwargs
-    dicts; required when the recipe has static activation scales. ``backend``: the backend you
+    dicts; required when the recipe has static activation scales. A re-iterable one (list,
+    DataLoader, Dataset) is streamed on every pass, never copied; a one-shot generator is kept
+    in a list when the recipe needs more than one pass over it (smoothing, GPTQ/AWQ): pass a
+    DataLoader for calibration sets larger than memory. ``backend``: the backend you
     will lower to (sets ``recipe.backend``): quantize/dequantize go where that backend runs them
     natively (``"onnx"``: conv outputs quantized too, so onnxruntime runs conv chains as QLinearConv).
 
