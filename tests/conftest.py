@@ -67,6 +67,16 @@ def tiny_block():
     return model, batches
 
 
+def wide_tiny_block(n_batches=4):
+    """(TinyBlock d=64 ff=128 in eval mode, ``n_batches`` unpadded (ids, mask) batches): the model the
+    mixed-precision tests analyse (64-wide rows so that group-wise candidates apply)."""
+    torch.manual_seed(0)
+    model = TinyBlock(d=64, ff=128).eval()
+    g = torch.Generator().manual_seed(2)
+    return model, [(torch.randint(0, 50, (3, 7), generator=g), torch.ones(3, 7, dtype=torch.long))
+                   for _ in range(n_batches)]
+
+
 @pytest.fixture
 def tiny_cnn():
     torch.manual_seed(0)

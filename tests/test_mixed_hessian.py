@@ -8,17 +8,14 @@ import pytest
 import torch
 
 import qcompile
-from conftest import TinyBlock
+from conftest import wide_tiny_block
 from qcompile.analyze import SensitivityTable
 from qcompile.mixed import allocate
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = TinyBlock(d=64, ff=128).eval()
-    g = torch.Generator().manual_seed(2)
-    batches = [(torch.randint(0, 50, (3, 7), generator=g), torch.ones(3, 7, dtype=torch.long)) for _ in range(4)]
+    model, batches = wide_tiny_block()
     full = qcompile.analyze(model, ["w8", "w4-g64", "w3-g64"], batches[0], batches)
     local = qcompile.analyze(model, ["w8", "w4-g64", "w3-g64"], batches[0], batches, model_output=False)
     return model, batches, full, local

@@ -232,10 +232,9 @@ def _walk_to_linear(node, chain):
     elif node.target == aten.scaled_dot_product_attention.default:
         operands = [node.args[2]]
     elif node.target == aten.mul.Tensor:  # either factor, if it has the product's full shape
-        out = _static_shape(node) if "val" in node.meta else None
-        operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and out is not None
-                    and len(_static_shape(a) or ()) == len(out)
-                    and a.meta["val"].shape == node.meta["val"].shape]
+        out = node.meta.get("val")
+        operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and isinstance(out, torch.Tensor)
+                    and isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].shape == out.shape]
     else:
         return None
     for operand in operands:
