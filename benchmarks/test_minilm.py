@@ -3,7 +3,8 @@ costs at run time next to float.
 
 * ``test_quantize_w8a8``: one ``qcompile.quantize(model, "w8a8", ...)`` call on 256 calibration
   sentences (capture, smoothing statistics and search, calibration, convert, report), timed once.
-* ``test_latency``: float, reference-backend and onnx-backend forward passes on the same
+* ``test_latency``: float (eager and ``torch.compile``), reference-backend, onnx-backend and
+  torchao PT2E x86 int8 (compiled; ``benchmarks/peers.py``) forward passes on the same
   fixed-length inputs, batch 1 and batch 32, sequence 128, in one group per shape so the table
   puts them side by side. Each quantized row records ``ratio_vs_float`` (its median / the float
   median) and its cosine to float in ``extra_info``. The onnx rows are skipped when onnxruntime
@@ -11,8 +12,7 @@ costs at run time next to float.
 
 The reference backend is the numerical ground truth (weights dequantized, activations
 fake-quantized, all in float): it is expected to be slower than float. Speed comes from the
-lowering backends: onnx (partly built: int8/uint8 Q/DQ on onnxruntime's CPU provider), TVM and
-Triton (not yet built).
+lowering backends: onnx here, TVM in ``test_tvm_minilm.py``, Triton (GPU) in ``benchmarks/gpu``.
 
 Run::
 
@@ -109,14 +109,38 @@ def onnx_artifact(quantized):
     return qcompile.lower(quantized, backend="onnx", threads=1)
 
 
-CASES = [(b, impl) for b in (1, 32) for impl in ("float", "reference", "onnx")]
+@pytest.fixture(scope="module")
+def compiled_peers(minilm, calibration_batches):
+    """Per batch size, the compiled peers (``benchmarks/peers.py``): float under inductor, and
+    torchao's PT2E x86 int8 path, each built on first use (about a minute each)."""
+    import peers
+
+    built = {}
+
+    def get(impl, batch):
+        if (impl, batch) not in built:
+            example = _fixed_inputs(minilm, batch)
+            if impl == "float-compiled":
+                built[impl, batch] = peers.torch_compiled(minilm.model, example)
+            else:
+                pytest.importorskip("torchao")
+                built[impl, batch] = peers.torchao_pt2e_x86(minilm.model, example, calibration_batches)
+        return built[impl, batch]
+
+    return get
+
+
+CASES = [(b, impl) for b in (1, 32) for impl in ("float", "float-compiled", "reference", "onnx", "torchao-pt2e")]
 
 
 @pytest.mark.parametrize("batch,impl", CASES, ids=[f"b{b}-s{SEQUENCE}-{i}" for b, i in CASES])
 def test_latency(benchmark, request, minilm, quantized, session_cache, batch, impl):
     ids, mask = _fixed_inputs(minilm, batch)
+    build_seconds = None
     if impl == "float":
         model = minilm.model
+    elif impl in ("float-compiled", "torchao-pt2e"):
+        model, build_seconds = request.getfixturevalue("compiled_peers")(impl, batch)
     elif impl == "reference":
         model = qcompile.lower(quantized, backend="reference")
     else:
@@ -138,6 +162,8 @@ def test_latency(benchmark, request, minilm, quantized, session_cache, batch, im
     # and the page faults that follow can double the batch-1 time. Recorded so a slow run explains itself.
     benchmark.extra_info.update({"batch": batch, "sequence": SEQUENCE, "impl": impl, "threads": torch.get_num_threads(),
                                  "minor_page_faults_per_call": round(faults / (rounds + warmup))})
+    if build_seconds is not None:   # export + calibration + torch.compile, for the compiled peers
+        benchmark.extra_info["build_seconds"] = round(build_seconds, 1)
     if impl != "float":
         with torch.inference_mode():
             benchmark.extra_info["cosine_vs_float"] = cosine(minilm.model(ids, mask), out)

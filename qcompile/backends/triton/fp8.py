@@ -12,33 +12,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from .select import KernelConfig, pick
-from .w8a8 import scaled_epilogue
+from .select import KernelConfig
+from .w8a8 import scaled_gemm
 from .weight_only import per_column
 
 FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
-
-
-@triton.jit
-def _fp8_gemm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_sa, stride_om,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
-    scaled_epilogue(acc, sa_ptr, sw_ptr, b_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_sa, stride_om, HAS_BIAS)
 
 
 @dataclass
@@ -68,22 +47,5 @@ def fp8_linear(codes: torch.Tensor, a_scale: torch.Tensor, w: PackedFp8Weight, b
                out_dtype: torch.dtype = torch.float32, config: Optional[KernelConfig] = None,
                interpret: bool = False, autotune: bool = False) -> torch.Tensor:
     """``F.linear(dequantize(codes fp8, a_scale), dequantize(W fp8), bias)``; ``a_scale`` 0-d or ``[..., 1]``."""
-    lead = codes.shape[:-1]
-    a2 = codes.reshape(-1, w.k)
-    if a2.stride(-1) != 1:
-        a2 = a2.contiguous()
-    m = a2.shape[0]
-    sa = a_scale.float().reshape(-1).contiguous()
-    out = torch.empty(m, w.n, dtype=out_dtype, device=codes.device)
-
-    def run(cfg):
-        grid = (triton.cdiv(w.n, cfg.block_n), triton.cdiv(m, cfg.block_m))
-        _fp8_gemm_kernel[grid](a2, w.codes, sa, w.scale, bias if bias is not None else sa, out, m, w.n, w.k,
-                               a2.stride(0), 0 if sa.numel() == 1 else 1, out.stride(0), HAS_BIAS=bias is not None,
-                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return out
-
-    if config is None:
-        config = pick("w8a8", m, w.n, w.k, 0, interpret, autotune, run, (codes.dtype, "fp8"), dot_only=True)
-    return run(config).reshape(*lead, w.n)
+    return scaled_gemm(codes, a_scale, None, w.codes, w.scale, None, bias, w.n, w.k, out_dtype, config, interpret,
+                       autotune, (codes.dtype, "fp8"))
