@@ -71,6 +71,7 @@ class SensitivityTable:
     rows: list = field(default_factory=list)
     samples: int = 0
     model_output: bool = True   # False: output_sqnr_db/output_cosine not measured (NaN); see analyze()
+    excluded: dict = field(default_factory=dict)   # layer path -> why it has no rows (see analyze())
 
     def get(self, layer: str, candidate: str) -> Sensitivity:
         for r in self.rows:
@@ -94,7 +95,7 @@ class SensitivityTable:
             return None if isinstance(v, float) and not math.isfinite(v) else v
 
         return {"candidates": list(self.candidates), "samples": self.samples, "model_output": self.model_output,
-                "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
+                "excluded": dict(self.excluded), "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
 
     @staticmethod
     def from_dict(data: dict) -> "SensitivityTable":
@@ -103,7 +104,8 @@ class SensitivityTable:
             return math.nan if v is None else v
 
         rows = [Sensitivity(**{k: num(v) for k, v in r.items()}) for r in data["rows"]]
-        return SensitivityTable(list(data["candidates"]), rows, data.get("samples", 0), data.get("model_output", True))
+        return SensitivityTable(list(data["candidates"]), rows, data.get("samples", 0), data.get("model_output", True),
+                                dict(data.get("excluded", {})))
 
     def cost_db(self, row: Sensitivity) -> float:
         """The damage shown in the HTML/PNG views, in dB (higher is better): the model-output SQNR,
@@ -185,6 +187,17 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return [(name, mod, kind) for name, mod in model.named_modules() for cls, kind in _KINDS if type(mod) is cls]
 
 
+def tied_layers(model: nn.Module) -> dict[str, str]:
+    """``{path: why}`` for the quantizable layers whose weight is one tensor shared with another
+    module (a tied embedding and ``lm_head``): quantizing one quantizes both, so they are not
+    chosen layer by layer (the recipe's ``embedding`` and ``tied_head`` decide them)."""
+    owners: dict[int, list[str]] = {}
+    for name, mod, _ in quantizable_layers(model):
+        owners.setdefault(id(mod.weight), []).append(name)
+    return {name: f"weight tied with {', '.join(n for n in names if n != name)}: the recipe's embedding / "
+                  "tied_head decide it" for names in owners.values() if len(names) > 1 for name in names}
+
+
 def fake_quant_weight(w: torch.Tensor, spec) -> tuple[torch.Tensor, int]:
     """(dequantized weight, bytes its codes + scales + zero points take)."""
     scale, zp = weight_qparams(w, spec, 0)
@@ -216,8 +229,10 @@ def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calib
     """Per-layer, per-candidate sensitivity of ``model`` (see the module docstring).
 
     ``candidates``: preset names or :class:`Recipe` objects (``default`` applies to Linear/Conv
-    layers, ``embedding`` to embeddings). ``layers``: restrict to these module paths. The model's
-    parameters are restored bit for bit, and its train/eval mode too.
+    layers, ``embedding`` to embeddings). ``layers``: restrict to these module paths; by default every
+    Linear/Conv/Embedding except those whose weight is tied to another module's (a tied embedding
+    and ``lm_head``: the recipe decides them together), which are named in ``table.excluded``. The
+    model's parameters are restored bit for bit, and its train/eval mode too.
 
     ``model_output=False`` skips the ``layers x candidates`` forward passes of the whole model (the
     expensive part: 840 passes for SmolLM2's 210 Linears and 4 candidates) and measures only the
@@ -232,16 +247,22 @@ def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calib
     if not items:
         raise CalibrationError("analyze needs calibration data: pass a non-empty iterable of inputs")
     targets = quantizable_layers(model)
+    excluded = {}
     if layers is not None:
         unknown = sorted(set(layers) - {name for name, _, _ in targets})
         if unknown:
             raise RecipeError("layers", f"not quantizable layers of this model: {unknown}")
         targets = [t for t in targets if t[0] in set(layers)]
+    else:   # tied layers are decided together by the recipe, never by a per-layer allocation
+        excluded = tied_layers(model)
+        targets = [t for t in targets if t[0] not in excluded]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _analyze(model, targets, recipes, names, items, model_output, progress)
+            table = _analyze(model, targets, recipes, names, items, model_output, progress)
+            table.excluded = excluded
+            return table
     finally:
         model.train(was_training)
 

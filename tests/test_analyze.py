@@ -56,6 +56,19 @@ def test_activation_candidates_quantize_the_input_too():
     assert table.get("up", "w8a8-dynamic").layer_sqnr_db < table.get("up", "w8").layer_sqnr_db
 
 
+def test_tied_embedding_and_head_are_left_to_the_recipe(tmp_path):
+    model, batches = _setup()
+    model.head = torch.nn.Linear(model.emb.embedding_dim, model.emb.num_embeddings, bias=False)
+    model.head.weight = model.emb.weight   # tied, as a causal LM's lm_head and embedding
+    table = qcompile.analyze(model, ["w8", "w4-g64"], batches[0], batches)
+    assert table.layers == ["q", "k", "v", "up", "down"]
+    assert set(table.excluded) == {"emb", "head"} and "tied with head" in table.excluded["emb"]
+    again = qcompile.SensitivityTable.from_dict(json.loads(table.to_json(tmp_path / "t.json")))
+    assert again.excluded == table.excluded
+    # named explicitly, a tied layer is measured (the caller takes the responsibility)
+    assert qcompile.analyze(model, ["w8"], batches[0], batches, layers=["head"]).layers == ["head"]
+
+
 def test_errors_name_what_is_wrong():
     model, batches = _setup()
     with pytest.raises(qcompile.RecipeError, match="layers"):
