@@ -97,6 +97,8 @@ def _sensitivity(model, batches, example_kwargs, args):
                              max_samples=args.analyze_samples, model_output=args.cost == "output", progress=True)
     print(f"sensitivity of {len(table.layers)} layers x {len(candidates)} candidates: "
           f"{time.perf_counter() - t0:.1f} s")
+    for layer, why in table.excluded.items():   # not in the budget: the first candidate's recipe decides them
+        print(f"  not allocated: {layer} ({why}; here: {candidates[0]}'s)")
     return table, candidates
 
 
