@@ -395,15 +395,19 @@ def test_gptq_with_int8_scales_stores_exactly_the_solved_codes_and_scales(monkey
     assert _rel_err(model, q, held_out) < 0.8 * _rel_err(model, q_rtn, held_out)
 
 
-@pytest.mark.parametrize("name, fmt, bpw", [("q4_k_m-gptq", None, None), ("q6_k", "int6", 6 + 8 / 16),
+@pytest.mark.parametrize("name, fmt, bpw", [("q4_k_m-gptq", None, None), ("q4_k_m-gptq-min", None, None),
+                                            ("q6_k", "int6", 6 + 8 / 16),
                                             ("w5-g64-dq-gptq", "uint5", 5 + 16 / 64)])
 def test_double_quantized_gptq_presets(name, fmt, bpw):
     """The GPTQ-solved presets with int8 scales: GPTQ, int8 scales, and their stored bits per weight
     (codes + int8 scales + zero points + a float32 block scale per 256 scales and one offset)."""
     r = Recipe.preset(name)
     assert r.weight_algorithm.method == "gptq" and r.default.weight.scale_dtype == "int8"
-    if fmt is None:
-        assert r.overrides and r.default.weight == Recipe.preset("q4_k_m").default.weight
+    if fmt is None:   # q4_k_m's layers, with code or double-quantized float zero points
+        zd = "int8" if name.endswith("-min") else "code"
+        assert r.overrides and r.default.weight == dataclasses.replace(Recipe.preset("q4_k_m").default.weight,
+                                                                       zero_point_dtype=zd)
+        assert all(c.weight.zero_point_dtype == zd for c in r.overrides.values())
         return
     assert r.default.weight.format == fmt
     torch.manual_seed(0)
