@@ -49,7 +49,7 @@ def min_form(w, g, scale_dtype):
     d = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float32).eps)
     if scale_dtype == "float16":
         d, lo = d.half().float(), lo.half().float()
-    else:
+    elif scale_dtype == "int8":
         # the minimum may be negative: double-quantized like the scales, without their > 0 floor
         d, lo = scale_grid(d, scale_dtype), rebuild_scales(*double_quantize_scales(lo), lo.shape, floor=None)
     d, m = d.unsqueeze(-1), lo.unsqueeze(-1)
