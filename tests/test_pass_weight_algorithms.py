@@ -175,9 +175,30 @@ def test_awq_folds_inverse_scale_into_the_norm_weight(mlp_results):
     entries = {tuple(e["layers"]): e for e in q.report.weight_algorithm}
     gate_up = entries[("gate", "up")]
     assert gate_up["inverse_scale"].startswith("folded into") or gate_up["alpha"] == 0
-    # down reads silu(gate) * up: no norm to fold into, so a mul is inserted when it scales
-    assert entries[("down",)]["inverse_scale"] in ("mul inserted", "none")
+    # down reads silu(gate) * up: no norm, so 1/s goes into up's output channels (rows), no mul
+    assert entries[("down",)]["inverse_scale"] in ("folded into the output channels of up", "none")
+    assert entries[("down",)]["alpha"] > 0
+    muls = [n.meta.get("qcompile.layer") for n in q.graph_module.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
+    assert "down" not in muls and "head" in muls      # head reads a residual sum: nothing to fold into
     assert torch.equal(model.norm_w, RMSNormMLP().norm_w)          # the user's model is untouched
+    torch.manual_seed(0)
+    assert torch.equal(model.up.weight, RMSNormMLP().up.weight)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "int8"])
+def test_awq_keeps_the_mul_when_the_upstream_grid_cannot_be_row_scaled(scale_dtype):
+    """Negative case of the fold: up's solved scales are float16 or double-quantized, so scaling its
+    rows would re-round them; the 1/s stays a ``mul`` before down, and the result still beats RTN."""
+    torch.manual_seed(0)
+    model = RMSNormMLP().eval()
+    data = _data()
+    w = dataclasses.replace(INT4_G16, scale_dtype=scale_dtype)
+    r = dataclasses.replace(_recipe("awq"), default=LayerConfig(w), calibration=qcompile.CalibrationConfig(progress=False))
+    q = qcompile.quantize(model, r, data[0], calibration=data)
+    down = {tuple(e["layers"]): e for e in q.report.weight_algorithm}[("down",)]
+    assert down["alpha"] > 0 and down["inverse_scale"] == "mul inserted"
+    rtn = qcompile.quantize(model, dataclasses.replace(r, weight_algorithm=None), data[0], calibration=data)
+    assert _rel_err(model, q, data) < _rel_err(model, rtn, data)
 
 
 def test_weight_algorithm_needs_calibration():

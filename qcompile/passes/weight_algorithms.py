@@ -486,7 +486,10 @@ class ApplyWeightAlgorithmPass(Pass):
 
     def _divide_input(self, gm, run, src, group, s) -> str:
         """Make the consumers read ``src / s``: fold into a norm's weight when ``src`` is
-        ``mul(h, norm_weight)`` read only by these Linears, else insert a ``mul``."""
+        ``mul(h, norm_weight)`` read only by these Linears; else into the output channels of the
+        Linear ``src`` comes from (:func:`~qcompile.passes.smooth.channel_source`: ``up_proj`` for
+        ``down_proj``'s ``act(gate) * up``; a Llama ``o_proj``'s input is not followed back to
+        ``v_proj`` by it, so that one keeps its ``mul``); else insert a ``mul``."""
         w_node = None
         if (src.op == "call_function" and src.target == aten.mul.Tensor and set(src.users) <= set(group)):
             for a in src.args:
@@ -500,6 +503,14 @@ class ApplyWeightAlgorithmPass(Pass):
             src.args = tuple(new if a is w_node else a for a in src.args)
             run.set(src, [v / s for v in run.values(src)])
             return "folded into " + src.meta.get(LAYER, src.name)
+        from .smooth import channel_source
+
+        up = channel_source(gm, src)
+        if up is not None and set(src.users) <= set(group) and self._scale_output_channels(gm, up, 1.0 / s):
+            # the chain from ``up`` to ``src`` has run and its values are freed (each is read once)
+            run.set(src, [v / s for v in run.values(src)])
+            ann = up.meta.get(ANNOTATION)
+            return "folded into the output channels of " + (ann.layer if ann else up.meta.get(LAYER, up.name))
         inv = add_tensor(gm, f"{src.name}_awq_inv_scale", 1.0 / s, group[0])
         run.set(inv, [get_attr_tensor(gm, inv)] * len(run.interps))
         with gm.graph.inserting_before(group[0]):
@@ -514,3 +525,34 @@ class ApplyWeightAlgorithmPass(Pass):
             args[ann.input_arg] = mul
             op.args = tuple(args)
         return "mul inserted"
+
+    def _scale_output_channels(self, gm, linear, factor) -> bool:
+        """Scale the rows of ``linear``'s weight (and its bias) by ``factor``; False (nothing
+        changed) when that cannot keep it exact. A weight already solved by this pass stays on its
+        grid: row ``i`` scaled by ``f_i`` has the same codes with its scales times ``f_i``, true for
+        float32 scales and any zero point; float16 or double-quantized scales would be re-rounded,
+        so those keep the ``mul``. The weight must be read by ``linear`` alone (not tied)."""
+        w_node = linear.args[1]
+        w = get_attr_tensor(gm, w_node)
+        if w is None or sum(1 for u in w_node.users) != 1 or \
+                sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == w_node.target) != 1:
+            return False
+        bias = linear.args[2] if len(linear.args) > 2 else None
+        if bias is not None and get_attr_tensor(gm, bias) is None:
+            return False
+        solved = linear.meta.get(WEIGHT_QPARAMS)
+        ann = linear.meta.get(ANNOTATION)
+        if solved is not None and (ann is None or ann.weight.scale_dtype != "float32"):
+            return False
+        col = factor.to(w.dtype)[:, None]
+        args = list(linear.args)
+        args[1] = add_tensor(gm, f"{w_node.target}_awq_out", w.detach() * col, linear)
+        args[1].meta[ROLE] = "weight"
+        if bias is not None:
+            b = get_attr_tensor(gm, bias)
+            args[2] = add_tensor(gm, f"{bias.target}_awq_out", b.detach() * factor.to(b.dtype), linear)
+        linear.args = tuple(args)
+        if solved is not None:
+            linear.meta[WEIGHT_QPARAMS] = WeightQParams(solved.scale * col, solved.zero_point,
+                                                        solved.reference * col)
+        return True
