@@ -100,8 +100,9 @@ class Format:
                                   f"not '{self.name}'{' (symmetric)' if symmetric else ''}")
             _check_range(self.name, min_val, max_val)
             lo, hi = min_val.float(), max_val.float()
-            scale = _round_up_to(((hi - lo) / (self.qmax - self.qmin)).clamp_min(_EPS), scale_dtype) \
-                if scale_dtype != torch.float32 else ((hi - lo) / (self.qmax - self.qmin)).clamp_min(_EPS)
+            scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(_EPS)
+            if scale_dtype != torch.float32:
+                scale = _round_up_to(scale, scale_dtype)
             return scale, self.qmin - lo / scale
         if scale_dtype != torch.float32:
             scale, zp = self.choose_qparams(min_val, max_val, symmetric)
