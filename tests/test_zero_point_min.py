@@ -179,3 +179,23 @@ def test_tvm_lowering_refuses_a_float_zero_point_by_name():
     q = qcompile.quantize(model, Recipe(name="m", default=LayerConfig(spec)), data[0], calibration=data)
     with pytest.raises(BackendError, match="float zero point.*zero_point_dtype: float32"):
         qcompile.lower(q, backend="tvm")
+
+
+@pytest.mark.parametrize("zero_point_dtype", ["float16", "int8"])
+def test_float_zero_points_save_and_load_bit_exact(tmp_path, zero_point_dtype):
+    """The artifact stores them (float16 as float16; int8 as codes, block scales and offset) and
+    the loaded model gives the same outputs; the int8 form costs what uint8 code zero points cost
+    plus its float32 block scales (one per 256 zero points) and offset."""
+    model = _Two().eval()
+    data = _data(2)
+    from qcompile.artifact import stored_nbytes
+
+    q = {zd: qcompile.quantize(model, Recipe(name=zd, default=LayerConfig(_spec(zd, "int8"))), data[0],
+                               calibration=data) for zd in (zero_point_dtype, "code")}
+    q[zero_point_dtype].save(tmp_path / "a")
+    loaded = qcompile.load(tmp_path / "a")
+    x = data[1][0]
+    assert torch.equal(loaded(x), q[zero_point_dtype](x))
+    extra = stored_nbytes(q[zero_point_dtype].graph_module) - stored_nbytes(q["code"].graph_module)
+    groups = 256 * 64 // 32 + 64 * 256 // 32           # 512 per layer: 2 blocks of 256 each
+    assert extra == (groups if zero_point_dtype == "float16" else 2 * (2 * 4 + 4))
