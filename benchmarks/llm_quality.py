@@ -45,7 +45,17 @@ def recipe_for(name: str):
     LLM presets (so every row differs only in its Linear weights); ``w3-g64-gptq``/``w2-g64-gptq``
     are the presets with GPTQ switched on (``w4-g32``: the w4-g64 preset at groups of 32); ``<preset>-float-head`` keeps the embedding and the tied
     head float (the setting of the issue's own measurements); ``<name>-fp16`` stores the Linear
-    weights' scales as float16."""
+    weights' scales as float16; ``<name>-min`` stores their zero points as double-quantized floats
+    (``zero_point_dtype: int8``, llama.cpp's scale + minimum form)."""
+    if name.endswith("-min"):   # the recipe with double-quantized float zero points (x = s*q + min)
+        base = recipe_for(name[: -len("-min")])
+
+        def with_min(cfg):
+            if cfg is None or cfg.weight is None or cfg.weight.symmetric:
+                return cfg
+            return dataclasses.replace(cfg, weight=dataclasses.replace(cfg.weight, zero_point_dtype="int8"))
+        return dataclasses.replace(base, name=name, default=with_min(base.default),
+                                   overrides={k: with_min(v) for k, v in base.overrides.items()})
     if name.endswith("-fp16"):   # the preset with float16 scales (QuantSpec.scale_dtype)
         base = recipe_for(name[: -len("-fp16")])
         w = dataclasses.replace(base.default.weight, scale_dtype="float16")

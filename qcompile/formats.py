@@ -82,14 +82,28 @@ class Format:
 
     # -- qparams ---------------------------------------------------------------------------
     def choose_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor, symmetric: bool,
-                       scale_dtype: torch.dtype = torch.float32):
+                       scale_dtype: torch.dtype = torch.float32, float_zero_point: bool = False):
         """Scale and zero point (``None`` when symmetric around 0) covering ``[min_val, max_val]``.
+
+        ``float_zero_point`` (asymmetric integer formats): the range is not widened to include 0
+        and the zero point is the float ``qmin - min/scale``, so ``qmin`` decodes to the minimum
+        exactly (``x = s q + m``, llama.cpp's Q4_1 / K-quant form; ``QuantSpec.zero_point_dtype``).
 
         Symmetric integer scales map ``max|x|`` to ``qmax`` so nothing is clipped and 0 is exact.
         ``scale_dtype=torch.float16``: the scale is rounded *up* to a float16 value (so the range
         is still covered) and the zero point is computed from that rounded scale; the returned
         scale is float32 holding float16 values (the caller stores it as float16).
         """
+        if float_zero_point:
+            if symmetric or self.kind != "int":
+                raise RecipeError("zero_point_dtype", f"a float zero point needs an asymmetric integer format, "
+                                  f"not '{self.name}'{' (symmetric)' if symmetric else ''}")
+            _check_range(self.name, min_val, max_val)
+            lo, hi = min_val.float(), max_val.float()
+            scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(_EPS)
+            if scale_dtype != torch.float32:
+                scale = _round_up_to(scale, scale_dtype)
+            return scale, self.qmin - lo / scale
         if scale_dtype != torch.float32:
             scale, zp = self.choose_qparams(min_val, max_val, symmetric)
             rounded = _round_up_to(scale, scale_dtype)
@@ -120,6 +134,11 @@ class Format:
         if self.kind != "float" and torch.isnan(x).any():
             raise QuantizationError(f"format '{self.name}' has no code for NaN ({int(torch.isnan(x).sum())} of "
                                     f"{x.numel()} values are NaN)")
+        if self.kind == "int" and zero_point is not None and zero_point.is_floating_point():
+            # a float zero point: round(x/s + z), so it shifts the grid by a fraction of a step
+            # (torchao's integer path rounds x/s first and would round z away)
+            q = torch.round(x.float() / scale + zero_point.float())
+            return q.clamp(self.qmin, self.qmax).to(self.storage)
         if self.kind == "int":
             from torchao.quantization.quant_primitives import quantize_affine
 
@@ -134,6 +153,8 @@ class Format:
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                    dtype: torch.dtype = torch.float32):
+        if self.kind == "int" and zero_point is not None and zero_point.is_floating_point():
+            return ((q.float() - zero_point.float()) * scale.float()).to(dtype)
         if self.kind == "int":
             from torchao.quantization.quant_primitives import dequantize_affine
 
@@ -201,6 +222,38 @@ def double_quantize_scales(scale: torch.Tensor, block: int = DOUBLE_QUANT_BLOCK)
     return codes, block_scales, offset
 
 
+def rebuild_scales(codes: torch.Tensor, block_scales: torch.Tensor, offset: torch.Tensor, shape,
+                   block: int = DOUBLE_QUANT_BLOCK, floor: Optional[float] = torch.finfo(torch.float32).tiny):
+    """The values a graph rebuilds from :func:`double_quantize_scales`' output (what the weight's
+    codes are computed against): ``clamp_min(reshape(dequantize(codes) + offset), floor)``. The
+    tiny floor is for scales: a block's rounding must never make a scale <= 0; ``floor=None`` for
+    values that may be negative (float zero points)."""
+    deq = torch.ops.qcompile.dequantize(codes, block_scales, None, "int8", block, torch.float32)
+    out = (deq + offset).reshape(shape)
+    return out if floor is None else out.clamp_min(floor)
+
+
+def scale_grid(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """The scales a weight is really quantized with once stored as ``scale_dtype`` (a
+    :data:`~qcompile.spec.SCALE_DTYPES` name): ``"int8"`` double-quantizes them
+    (:func:`double_quantize_scales` then :func:`rebuild_scales`, deterministic, so convert and
+    GPTQ/AWQ get the same grid from the same float scales); other dtypes are already rounded by
+    ``choose_qparams``."""
+    if scale_dtype != "int8":
+        return scale
+    return rebuild_scales(*double_quantize_scales(scale), scale.shape)
+
+
+def zero_point_grid(zero_point: Optional[torch.Tensor], zero_point_dtype: str) -> Optional[torch.Tensor]:
+    """The zero points a weight is really quantized with once stored as ``zero_point_dtype`` (a
+    :data:`~qcompile.spec.ZERO_POINT_DTYPES` name): ``"int8"`` double-quantizes the float zero
+    points like :func:`scale_grid` does scales (no floor: they may be negative); the others are
+    stored as they are."""
+    if zero_point is None or zero_point_dtype != "int8":
+        return zero_point
+    return rebuild_scales(*double_quantize_scales(zero_point), zero_point.shape, floor=None)
+
+
 def _check_range(name: str, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
     """A :class:`QuantizationError` when ``[min_val, max_val]`` has no finite scale (see ``Format.nonfinite``)."""
     lo, hi = min_val.detach().float(), max_val.detach().float()
@@ -260,6 +313,7 @@ FORMATS: dict[str, Format] = {
         _int("uint3", 3, False),
         _int("uint5", 5, False),
         _int("uint6", 6, False),
+        _int("int6", 6, True),
         _int("int2", 2, True),
         _int("uint2", 2, False),
         _float8("fp8_e4m3", torch.float8_e4m3fn, 3, "FP8 E4M3 (finite, max 448)"),

@@ -249,6 +249,8 @@ def weight_qparams(w: torch.Tensor, spec: QuantSpec, channel_axis: int = 0):
     shrinks each channel's range to minimise its squared error.
     """
     scale, zp = _weight_qparams(w, spec, channel_axis, get_format(spec.format))
+    if spec.zero_point_dtype == "float16":   # a float16 zero point: rounded here, stored as float16
+        zp = zp.half()
     return scale.to(spec.scale_torch_dtype), zp   # float16 scales: computed rounded, stored as float16
 
 
@@ -282,13 +284,13 @@ def _weight_qparams(w, spec, channel_axis, fmt):
 
 def _search_or_minmax(rows: torch.Tensor, lo, hi, fmt: Format, spec: QuantSpec):
     """Per-row qparams: min-max, or (``mse``) the best of 20 shrunken ranges per row."""
-    dt = spec.scale_torch_dtype
+    dt, fz = spec.scale_torch_dtype, spec.float_zero_point
     if spec.observer != "mse":
-        return fmt.choose_qparams(lo, hi, spec.symmetric, dt)
-    best_scale, best_zp = fmt.choose_qparams(lo, hi, spec.symmetric, dt)
+        return fmt.choose_qparams(lo, hi, spec.symmetric, dt, fz)
+    best_scale, best_zp = fmt.choose_qparams(lo, hi, spec.symmetric, dt, fz)
     best_err = _row_error(rows, best_scale, best_zp, fmt)
     for r in torch.linspace(0.5, 0.95, 19):
-        scale, zp = fmt.choose_qparams(lo * r, hi * r, spec.symmetric, dt)
+        scale, zp = fmt.choose_qparams(lo * r, hi * r, spec.symmetric, dt, fz)
         err = _row_error(rows, scale, zp, fmt)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -26,10 +26,18 @@ preset                  what it does
                         scales, v_proj and down_proj at uint6 (as Q4_K_M gives them Q6_K); no fallback
                         to legacy types when a row is not a multiple of 256 (the last super-block of
                         scales is padded)
+``q4_k_m-gptq``         ``q4_k_m`` solved by GPTQ against its double-quantized scales (5.07 bits per weight)
+``q4_k_m-gptq-min``     the same with double-quantized float zero points (``x = s q + min``, llama.cpp's
+                        K-quant form) at the same bits: the best of the three on SmolLM2; reference
+                        backend only (ONNX/TVM kernels take integer zero points)
+``q6_k``                llama.cpp Q6_K-like: symmetric int6 in groups of 16, double-quantized (int8) scales,
+                        solved by GPTQ (~6.51 bits per weight against Q6_K's 6.5625)
+``w5-g64-dq-gptq``      uint5 in groups of 64, double-quantized (int8) scales, uint8 zero points, by GPTQ
+                        (~5.25 bits per weight)
 ``fp8-e4m3``            FP8 E4M3 weights, one scale per output row
 ======================  ===============================================================================
 
-The LLM presets (``-gptq``/``-awq``, ``w5-g64-gptq``, ``w3-g64``, ``w2-g64``, ``nf4``, ``q4_k_m``, ``fp8-e4m3``) keep a tied ``lm_head``
+The LLM presets (``-gptq``/``-awq``, ``w5-g64-gptq``, ``w3-g64``, ``w2-g64``, ``nf4``, ``q4_k_m``, ``q6_k``, ``fp8-e4m3``) keep a tied ``lm_head``
 (``tied_head: embedding``) on the embedding's int8 per-channel weight: one shared tensor, and the
 output projection, the layer small LLMs are most sensitive to, stays at 8 bits (llama.cpp keeps it
 at 6-8 bits too). ``w4-g64``/``w4-g128`` quantize it like any Linear (untied, 4-bit).
@@ -93,15 +101,24 @@ def _uint_group(bits: int, group: int) -> QuantSpec:
     return QuantSpec(f"uint{bits}", "per_group", symmetric=False, group_size=group)
 
 
-def _q4_k_m() -> Recipe:
+def _q4_k_m(algorithm: Optional[str] = None, zero_point_dtype: str = "code") -> Callable[[], Recipe]:
     # llama.cpp's Q4_K: 4-bit codes in sub-blocks of 32 whose scales are quantized inside a
     # 256-weight super-block; Q4_K_M gives attn_v and ffn_down more bits (Q6_K). Here: uint4 g32
     # with int8 double-quantized scales, and uint6 g32 for those layers. Overrides are patterns
-    # that must match: this preset is for Llama-style module names.
+    # that must match: this preset is for Llama-style module names. zero_point_dtype "int8": a
+    # double-quantized float zero point (scale + minimum, as K-quants store their mins) at the
+    # bits of a uint8 code zero point.
     def k(bits):
-        return LayerConfig(QuantSpec(f"uint{bits}", "per_group", symmetric=False, group_size=32, scale_dtype="int8"))
-    return Recipe(name="q4_k_m", default=k(4), embedding=INT8_EMBEDDING, tied_head="embedding",
-                  overrides={r"re:.*\.(v_proj|down_proj)$": k(6)})
+        return LayerConfig(QuantSpec(f"uint{bits}", "per_group", symmetric=False, group_size=32, scale_dtype="int8",
+                                     zero_point_dtype=zero_point_dtype))
+
+    def make() -> Recipe:
+        algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
+        name = "q4_k_m" + ("" if algorithm is None else f"-{algorithm}") + ("" if zero_point_dtype == "code" else "-min")
+        return Recipe(name=name, default=k(4),
+                      embedding=INT8_EMBEDDING, tied_head="embedding", weight_algorithm=algo,
+                      overrides={r"re:.*\.(v_proj|down_proj)$": k(6)})
+    return make
 
 
 PRESETS: dict[str, Callable[[], Recipe]] = {
@@ -123,7 +140,16 @@ PRESETS: dict[str, Callable[[], Recipe]] = {
                                                          scale_dtype="float16"), "gptq"),
     "w2-g64": _weight_only("w2-g64", _uint_group(2, 64)),
     "nf4": _weight_only("nf4", QuantSpec("nf4", "per_group", symmetric=True, group_size=64, scale_dtype="int8")),
-    "q4_k_m": _q4_k_m,
+    "q4_k_m": _q4_k_m(),
+    "q4_k_m-gptq": _q4_k_m("gptq"),
+    "q4_k_m-gptq-min": _q4_k_m("gptq", "int8"),
+    # llama.cpp's Q6_K: symmetric 6-bit codes in sub-blocks of 16 with 8-bit sub-block scales
+    # (6.5625 bpw); here int6 g16, int8 double-quantized scales (~6.51 bpw), solved by GPTQ
+    "q6_k": _weight_only("q6_k", QuantSpec("int6", "per_group", symmetric=True, group_size=16,
+                                           scale_dtype="int8"), "gptq"),
+    # uint5 g64 with int8 double-quantized scales and uint8 zero points (~5.25 bpw), by GPTQ
+    "w5-g64-dq-gptq": _weight_only("w5-g64-dq-gptq", QuantSpec("uint5", "per_group", symmetric=False, group_size=64,
+                                                               scale_dtype="int8"), "gptq"),
     "fp8-e4m3": _weight_only("fp8-e4m3", QuantSpec("fp8_e4m3", "per_channel", symmetric=True)),
 }
 

@@ -15,6 +15,11 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 # "int8": the weight's scales are themselves quantized (bitsandbytes' double quantization, see
 # formats.double_quantize_scales); per_group weights only
 SCALE_DTYPES = ("float32", "float16", "int8")
+# "code": the zero point is an integer code of the format, x = s (q - z) (the default). The others
+# store a float zero point, x = s (q - z) = s q + m with the minimum m = -s z (llama.cpp's Q4_1 and
+# K-quant form): "float32", "float16", or "int8" (double-quantized like int8 scales); asymmetric
+# integer weights only
+ZERO_POINT_DTYPES = ("code", "float32", "float16", "int8")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram")
 
 # node.meta keys (namespaced so they never collide with torch's own)
@@ -45,6 +50,12 @@ class QuantSpec:
     observer: str = "minmax"
     observer_args: dict = field(default_factory=dict, hash=False)  # compared, not hashed (a dict)
     scale_dtype: str = "float32"        # "float16": stored in fp16; "int8": double-quantized (SCALE_DTYPES)
+    zero_point_dtype: str = "code"      # "code": an integer code; else a float zero point (ZERO_POINT_DTYPES)
+
+    @property
+    def float_zero_point(self) -> bool:
+        """Whether the zero point is a float (a group minimum, ``x = s q + m``), not a code."""
+        return self.zero_point_dtype != "code"
 
     @property
     def scale_torch_dtype(self):
@@ -79,6 +90,15 @@ class QuantSpec:
             raise RecipeError(f"{where}.scale_dtype", f"{self.scale_dtype} scales are for weights (static qparams)")
         if self.scale_dtype == "int8" and self.granularity != "per_group":
             raise RecipeError(f"{where}.scale_dtype", "double-quantized (int8) scales need per_group weights")
+        if self.zero_point_dtype not in ZERO_POINT_DTYPES:
+            raise RecipeError(f"{where}.zero_point_dtype", f"unknown zero point dtype '{self.zero_point_dtype}'; "
+                              f"{closest(str(self.zero_point_dtype), ZERO_POINT_DTYPES)}")
+        if self.float_zero_point and (self.symmetric or fmt.kind != "int" or self.dynamic
+                                      or self.granularity not in ("per_channel", "per_group")):
+            raise RecipeError(f"{where}.zero_point_dtype", f"a {self.zero_point_dtype} (float) zero point is for "
+                              "asymmetric (symmetric: false) integer weights per channel or per group")
+        if self.zero_point_dtype == "int8" and self.granularity != "per_group":
+            raise RecipeError(f"{where}.zero_point_dtype", "double-quantized (int8) zero points need per_group weights")
         if not self.symmetric and not fmt.supports_asymmetric:
             raise RecipeError(f"{where}.symmetric", f"format '{self.format}' is symmetric only")
         if self.granularity == "per_token" and not self.dynamic:
@@ -91,6 +111,8 @@ class QuantSpec:
             del d["observer_args"]
         if d["scale_dtype"] == "float32":   # the default: keep recipe files as they were
             del d["scale_dtype"]
+        if d["zero_point_dtype"] == "code":
+            del d["zero_point_dtype"]
         return d
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import qcompile
 from qcompile.errors import CalibrationError, RecipeError
+from qcompile.formats import scale_grid
 from qcompile.ops import DEQUANTIZE
 from qcompile.observers import weight_qparams
 from qcompile.passes.weight_algorithms import (GPTQHessian, InputStats, awq_scale_search, clip_search, fake_quantize,
@@ -174,9 +175,30 @@ def test_awq_folds_inverse_scale_into_the_norm_weight(mlp_results):
     entries = {tuple(e["layers"]): e for e in q.report.weight_algorithm}
     gate_up = entries[("gate", "up")]
     assert gate_up["inverse_scale"].startswith("folded into") or gate_up["alpha"] == 0
-    # down reads silu(gate) * up: no norm to fold into, so a mul is inserted when it scales
-    assert entries[("down",)]["inverse_scale"] in ("mul inserted", "none")
+    # down reads silu(gate) * up: no norm, so 1/s goes into up's output channels (rows), no mul
+    assert entries[("down",)]["inverse_scale"] in ("folded into the output channels of up", "none")
+    assert entries[("down",)]["alpha"] > 0
+    muls = [n.meta.get("qcompile.layer") for n in q.graph_module.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
+    assert "down" not in muls and "head" in muls      # head reads a residual sum: nothing to fold into
     assert torch.equal(model.norm_w, RMSNormMLP().norm_w)          # the user's model is untouched
+    torch.manual_seed(0)
+    assert torch.equal(model.up.weight, RMSNormMLP().up.weight)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "int8"])
+def test_awq_keeps_the_mul_when_the_upstream_grid_cannot_be_row_scaled(scale_dtype):
+    """Negative case of the fold: up's solved scales are float16 or double-quantized, so scaling its
+    rows would re-round them; the 1/s stays a ``mul`` before down, and the result still beats RTN."""
+    torch.manual_seed(0)
+    model = RMSNormMLP().eval()
+    data = _data()
+    w = dataclasses.replace(INT4_G16, scale_dtype=scale_dtype)
+    r = dataclasses.replace(_recipe("awq"), default=LayerConfig(w), calibration=qcompile.CalibrationConfig(progress=False))
+    q = qcompile.quantize(model, r, data[0], calibration=data)
+    down = {tuple(e["layers"]): e for e in q.report.weight_algorithm}[("down",)]
+    assert down["alpha"] > 0 and down["inverse_scale"] == "mul inserted"
+    rtn = qcompile.quantize(model, dataclasses.replace(r, weight_algorithm=None), data[0], calibration=data)
+    assert _rel_err(model, q, data) < _rel_err(model, rtn, data)
 
 
 def test_weight_algorithm_needs_calibration():
@@ -331,3 +353,89 @@ def test_gptq_reads_a_one_shot_generator_once_and_matches_the_list():
     sd_gen, sd_list = q_gen.graph_module.state_dict(), q_list.graph_module.state_dict()
     solved = [k for k in sd_list if "gptq" in k]
     assert solved and all(torch.equal(sd_gen[k], sd_list[k]) for k in solved)
+
+
+INT4_G16_DQ = dataclasses.replace(INT4_G16, scale_dtype="int8")
+
+
+@pytest.mark.parametrize("spec", [INT4_G16_DQ, QuantSpec("int6", "per_group", group_size=16, scale_dtype="int8"),
+                                  QuantSpec("nf4", "per_group", group_size=16, scale_dtype="int8")])
+def test_gptq_with_double_quantized_scales_solves_on_the_int8_scale_grid(spec):
+    """GPTQ against double-quantized (int8) scales: less output error than round-to-nearest with the
+    same int8 scales, and the result lies on the grid of the *double-quantized* scales (what convert
+    stores), not on the grid of the float scales (negative control: the same scales kept float32)."""
+    x, w = _correlated_inputs(), _layer()
+    h = 2 * x.double().t() @ x.double() / x.shape[0]
+    w_q, scale, zp, _ = gptq_quantize(w, h, spec, block_size=16)
+    rtn = fake_quantize(w, spec, scale, zp)
+    assert _out_err(x, w, w_q) < 0.6 * _out_err(x, w, rtn)
+    assert torch.equal(fake_quantize(w_q, spec, scale, zp), w_q)
+    float_scales = dataclasses.replace(spec, scale_dtype="float32")
+    assert not torch.equal(fake_quantize(w_q, float_scales, scale, zp), w_q)
+    # the grid really is the int8 one: rebuilt scales differ from the float ones by < one int8 step
+    grid = scale_grid(scale, "int8")
+    assert not torch.equal(grid, scale) and float((grid - scale).abs().max()) < float(scale.max()) / 100
+
+
+def test_gptq_with_int8_scales_stores_exactly_the_solved_codes_and_scales(monkeypatch):
+    """End to end (the pass, then convert): every double-quantized layer is solved by GPTQ (none falls
+    back to round-to-nearest), the graph dequantizes to exactly the weights GPTQ returned, its
+    scales are int8 codes, and it beats round-to-nearest with the same int8 scales."""
+    from qcompile.measure import const_value
+    from qcompile.passes import weight_algorithms as wa
+
+    solved = []
+    real = wa.gptq_quantize
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        solved.append(out[0])
+        return out
+
+    monkeypatch.setattr(wa, "gptq_quantize", recording)
+    torch.manual_seed(0)
+    model = RMSNormMLP().eval()
+    data, held_out = _data(), _data(4)
+    cfg = qcompile.CalibrationConfig(progress=False)
+    r_gptq = dataclasses.replace(_recipe("gptq"), default=LayerConfig(INT4_G16_DQ), calibration=cfg)
+    r_rtn = dataclasses.replace(r_gptq, name="w4-dq-rtn", weight_algorithm=None)
+    q = qcompile.quantize(model, r_gptq, data[0], calibration=data)
+    q_rtn = qcompile.quantize(model, r_rtn, data[0], calibration=data)
+    assert [e["method"] for e in q.report.weight_algorithm] == ["gptq"] * 5
+    gm = q.graph_module
+    dqs = [n for n in gm.graph.nodes if n.target == DEQUANTIZE and n.args[3] == "uint4"]
+    assert len(dqs) == len(solved) == 5
+    weights = [const_value(gm, dq) for dq in dqs]
+    for w_q in solved:   # each solved weight is one layer's dequantized graph weight, bit for bit
+        assert any(w.shape == w_q.shape and torch.equal(w, w_q) for w in weights)
+    for dq in dqs:       # the scale is rebuilt from int8 codes
+        scale_dq = dq.args[1]
+        while scale_dq.target != DEQUANTIZE:
+            scale_dq = scale_dq.args[0]
+        assert getattr(gm, scale_dq.args[0].target).dtype == torch.int8
+    assert _rel_err(model, q, held_out) < 0.8 * _rel_err(model, q_rtn, held_out)
+
+
+@pytest.mark.parametrize("name, fmt, bpw", [("q4_k_m-gptq", None, None), ("q4_k_m-gptq-min", None, None),
+                                            ("q6_k", "int6", 6 + 8 / 16),
+                                            ("w5-g64-dq-gptq", "uint5", 5 + 16 / 64)])
+def test_double_quantized_gptq_presets(name, fmt, bpw):
+    """The GPTQ-solved presets with int8 scales: GPTQ, int8 scales, and their stored bits per weight
+    (codes + int8 scales + zero points + a float32 block scale per 256 scales and one offset)."""
+    r = Recipe.preset(name)
+    assert r.weight_algorithm.method == "gptq" and r.default.weight.scale_dtype == "int8"
+    if fmt is None:   # q4_k_m's layers, with code or double-quantized float zero points
+        zd = "int8" if name.endswith("-min") else "code"
+        assert r.overrides and r.default.weight == dataclasses.replace(Recipe.preset("q4_k_m").default.weight,
+                                                                       zero_point_dtype=zd)
+        assert all(c.weight.zero_point_dtype == zd for c in r.overrides.values())
+        return
+    assert r.default.weight.format == fmt
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256, bias=False), nn.ReLU(), nn.Linear(256, 256, bias=False)).eval()
+    data = [(torch.randn(4, 256, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    r = dataclasses.replace(r, calibration=qcompile.CalibrationConfig(progress=False))
+    q = qcompile.quantize(model, r, data[0], calibration=data)
+    bits = sum(8 * row.weight_bytes_quantized for row in q.report.layers if row.weight_bytes_float)
+    numel = sum(row.weight_bytes_float // 4 for row in q.report.layers if row.weight_bytes_float)
+    assert bpw < bits / numel < bpw + 0.03

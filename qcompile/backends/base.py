@@ -112,3 +112,19 @@ def check_formats(gm, backend: str, formats, group_wise: bool = True, error: typ
         if group and not group_wise:
             raise error(f"node '{node.name}' of {node_module(node)}: backend {backend} has no group-wise "
                         f"kernels (group_size={group}); use per_channel weights for this backend")
+    check_integer_zero_points(gm, backend, error)
+
+
+def check_integer_zero_points(gm, backend: str, error: type = BackendError) -> None:
+    """``error`` naming the first quantize / dequantize with a float zero point
+    (``QuantSpec.zero_point_dtype``, ``x = s*q + min``), for backends whose kernels and Q/DQ ops
+    take integer zero points only. Call it before any fusion reads the zero points."""
+    from ..ops import DEQUANTIZE, QUANTIZE
+    from ..spec import QPARAMS
+
+    for node in gm.graph.nodes:
+        spec = node.meta.get(QPARAMS) if node.target in (QUANTIZE, DEQUANTIZE) else None
+        if spec is not None and getattr(spec, "float_zero_point", False):
+            raise error(f"node '{node.name}' of {node_module(node)}: backend {backend} cannot express a float "
+                        f"zero point (zero_point_dtype: {spec.zero_point_dtype}, x = s*q + min); its integer "
+                        "kernels take an integer zero point: use zero_point_dtype: code, or the reference backend")

@@ -13,7 +13,7 @@ import operator
 import torch
 
 from ..errors import CalibrationError, QuantizationError
-from ..formats import DOUBLE_QUANT_BLOCK, double_quantize_scales
+from ..formats import DOUBLE_QUANT_BLOCK, double_quantize_scales, rebuild_scales
 from ..observers import Observer, weight_qparams
 from ..ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ..spec import LAYER, QPARAMS, ROLE, WEIGHT_QPARAMS
@@ -88,9 +88,16 @@ class ConvertPass(Pass):
             s, scale = self._double_quantized_scale(gm, op_node, base, scale, ann)
         else:
             s = add_tensor(gm, f"{base}_scale", scale, op_node)
+        if zp is not None and spec.zero_point_dtype == "int8":   # a float zero point, double-quantized
+            z, zp = self._double_quantized_scale(gm, op_node, base, zp, ann, "zero_point", None)
+        elif zp is not None and spec.zero_point_dtype == "float32":
+            zp = zp.float()
         codes = QUANTIZE(w.detach(), scale, zp, spec.format, _group(spec))
         q = add_tensor(gm, f"{base}_q", codes, op_node)
-        z = add_tensor(gm, f"{base}_zero_point", zp, op_node) if zp is not None else None
+        if zp is not None and spec.zero_point_dtype != "int8":
+            z = add_tensor(gm, f"{base}_zero_point", zp, op_node)
+        elif zp is None:
+            z = None
         with gm.graph.inserting_before(op_node):
             dq = gm.graph.call_function(DEQUANTIZE, (q, s, z, spec.format, _group(spec), w.dtype))
         for n in (q, s, z, dq):
@@ -99,25 +106,28 @@ class ConvertPass(Pass):
         return dq
 
     @staticmethod
-    def _double_quantized_scale(gm, op_node, base, scale, ann):
-        """Scales stored as int8 codes (``formats.double_quantize_scales``); the graph rebuilds
-        them: ``clamp_min(reshape(dequantize(codes) + offset), tiny)``. Returns that node and
-        the rebuilt scale (the weight's codes are computed with it, as the graph will use it)."""
+    def _double_quantized_scale(gm, op_node, base, scale, ann, what="scale", floor=torch.finfo(torch.float32).tiny):
+        """Scales (or float zero points: ``what="zero_point"``, ``floor=None``) stored as int8 codes
+        (``formats.double_quantize_scales``); the graph rebuilds them:
+        ``clamp_min(reshape(dequantize(codes) + offset), tiny)`` (a scale's block rounding must
+        never make it <= 0; a zero point has no floor). Returns that node and the rebuilt values
+        (the weight's codes are computed with them, as the graph will use them)."""
         codes, block_scales, offset = double_quantize_scales(scale)
-        nodes = [add_tensor(gm, f"{base}_scale_q", codes, op_node),
-                 add_tensor(gm, f"{base}_scale_scale", block_scales, op_node),
-                 add_tensor(gm, f"{base}_scale_offset", offset, op_node)]
-        tiny = torch.finfo(torch.float32).tiny   # a block's rounding must never make a scale <= 0
+        nodes = [add_tensor(gm, f"{base}_{what}_q", codes, op_node),
+                 add_tensor(gm, f"{base}_{what}_scale", block_scales, op_node),
+                 add_tensor(gm, f"{base}_{what}_offset", offset, op_node)]
         with gm.graph.inserting_before(op_node):
             dq = gm.graph.call_function(DEQUANTIZE, (nodes[0], nodes[1], None, "int8", DOUBLE_QUANT_BLOCK,
                                                      torch.float32))
             add = gm.graph.call_function(torch.ops.aten.add.Tensor, (dq, nodes[2]))
-            shaped = gm.graph.call_function(torch.ops.aten.reshape.default, (add, list(scale.shape)))
-            out = gm.graph.call_function(torch.ops.aten.clamp_min.default, (shaped, tiny))
-        for n in (*nodes, dq, add, shaped, out):
+            out = gm.graph.call_function(torch.ops.aten.reshape.default, (add, list(scale.shape)))
+            made = [dq, add, out]
+            if floor is not None:
+                out = gm.graph.call_function(torch.ops.aten.clamp_min.default, (out, floor))
+                made.append(out)
+        for n in (*nodes, *made):
             _tag(n, "weight", ann.layer, ann.weight)
-        rebuilt = DEQUANTIZE(codes, block_scales, None, "int8", DOUBLE_QUANT_BLOCK, torch.float32)
-        return out, (rebuilt + offset).reshape(scale.shape).clamp_min(tiny)
+        return out, rebuild_scales(codes, block_scales, offset, scale.shape, floor=floor)
 
     def _dynamic(self, gm, src, op_node, ann):
         spec = ann.activation

@@ -32,7 +32,7 @@ import torch
 from ..calibration import iterate
 from ..capture import check_inputs
 from ..errors import CalibrationError
-from ..formats import get_format
+from ..formats import get_format, scale_grid, zero_point_grid
 from ..observers import weight_qparams
 from ..ops import DEQUANTIZE, QUANTIZE
 from ..recipe import WeightAlgorithmConfig
@@ -47,20 +47,23 @@ def _group(spec: QuantSpec) -> int:
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, scale, zero_point) -> torch.Tensor:
-    """``dequantize(quantize(w))`` with the canonical ops (the numerics the graph will run)."""
+    """``dequantize(quantize(w))`` with the canonical ops (the numerics the graph will run): with
+    double-quantized scales or zero points (``scale_dtype``/``zero_point_dtype: int8``) on the grid
+    of the values as convert stores them."""
     g = _group(spec)
+    scale = scale_grid(scale, spec.scale_dtype)
+    zero_point = zero_point_grid(zero_point, spec.zero_point_dtype)
     q = QUANTIZE(w, scale, zero_point, spec.format, g)
     return DEQUANTIZE(q, scale, zero_point, spec.format, g, torch.float32)
 
 
 def unsupported(spec: Optional[QuantSpec]) -> Optional[str]:
     """Why GPTQ/AWQ cannot solve this weight spec (None when they can): they handle integer and
-    code-book weights per channel or per group, with float scales."""
+    code-book weights per channel or per group (double-quantized scales included: they solve against
+    the grid of the scales as stored, :func:`~qcompile.formats.scale_grid`)."""
     if spec is None or get_format(spec.format).kind not in ("int", "codebook") \
             or spec.granularity not in ("per_channel", "per_group"):
         return "needs an int or code-book weight per channel/group"
-    if spec.scale_dtype == "int8":
-        return "double-quantized scales are not supported by GPTQ/AWQ yet (round-to-nearest used)"
     return None
 
 
@@ -126,7 +129,11 @@ def gptq_quantize(w: torch.Tensor, h, spec: QuantSpec, damping: float = 0.01,
 
     Returns ``(w_q, scale, zero_point, damping_used)``: ``w_q`` is float and lies on the grid of
     ``scale``/``zero_point`` (computed from ``w`` before the error feedback, so groups stay
-    contiguous under ``act_order``). Dead input channels (``H_jj = 0``) are zeroed first.
+    contiguous under ``act_order``). Dead input channels (``H_jj = 0``) are zeroed first. With
+    double-quantized scales (``scale_dtype: int8``) ``scale`` is the float scale before double
+    quantization and ``w_q`` lies on the grid of its double-quantized values
+    (:func:`~qcompile.formats.scale_grid`, what convert stores): the grid is fixed before the column
+    loop, so GPTQ solves against exactly the scales the converted layer holds.
 
     The GPTQ paper's lazy batch updates: columns are solved one at a time inside blocks of
     ``block_size`` (a rank-1 update of the block only), and the rest of the weight gets the block's
@@ -138,7 +145,7 @@ def gptq_quantize(w: torch.Tensor, h, spec: QuantSpec, damping: float = 0.01,
     w = w.detach().float()
     k = w.shape[1]
     scale, zp = weight_qparams(w, spec, 0)
-    s_col, z_col = _column_qparams(spec, scale, zp, k)
+    s_col, z_col = _column_qparams(spec, scale_grid(scale, spec.scale_dtype), zero_point_grid(zp, spec.zero_point_dtype), k)
     perm = prep.perm
     # [K, N] in solve order: column j of W is row j here; per-column qparams precomputed once
     wt = w.t()[perm].contiguous()
@@ -146,6 +153,7 @@ def gptq_quantize(w: torch.Tensor, h, spec: QuantSpec, damping: float = 0.01,
     st = s_col.float().t()[perm].contiguous()
     zt = None if z_col is None else z_col.float().t()[perm].contiguous()
     fast = fmt.kind == "int"
+    float_zp = spec.float_zero_point   # round(x/s + z): a float zero point shifts the grid by a fraction of a step
     inv_st = 1.0 / st if fast else None
     zf = torch.zeros_like(st) if (fast and zt is None) else zt
     qt = torch.empty_like(wt)
@@ -159,7 +167,9 @@ def gptq_quantize(w: torch.Tensor, h, spec: QuantSpec, damping: float = 0.01,
         for i in range(i2 - i1):
             j = i1 + i
             col = w1[i]
-            if fast:   # torchao's quantize_affine formula, inlined: this runs once per column
+            if fast and float_zp:   # Format.quantize's float zero point formula
+                q = torch.round(col * inv_st[j] + zf[j]).clamp_(fmt.qmin, fmt.qmax).sub_(zf[j]).mul_(st[j])
+            elif fast:   # torchao's quantize_affine formula, inlined: this runs once per column
                 q = torch.round(col * inv_st[j]).add_(zf[j]).clamp_(fmt.qmin, fmt.qmax).sub_(zf[j]).mul_(st[j])
             else:
                 s1, z1 = st[j].unsqueeze(1), None if zt is None else zt[j].unsqueeze(1)
@@ -247,9 +257,13 @@ def clip_search(w: torch.Tensor, x, spec: QuantSpec, grid: int = 20, max_shrink:
     best_s = best_z = None
     for step in range(grid):
         r = 1.0 - max_shrink * step / grid
-        s, z = fmt.choose_qparams(lo * r, hi * r, spec.symmetric, spec.scale_torch_dtype)
-        se = s.unsqueeze(-1)
-        ze = None if z is None else z.unsqueeze(-1)
+        s, z = fmt.choose_qparams(lo * r, hi * r, spec.symmetric, spec.scale_torch_dtype, spec.float_zero_point)
+        if spec.zero_point_dtype == "float16":
+            z = z.half()
+        # each candidate on its stored grid (double-quantized scales: the whole candidate's scales
+        # double-quantized together; the chosen mix is double-quantized again at convert)
+        se = scale_grid(s, spec.scale_dtype).unsqueeze(-1)
+        ze = None if z is None else zero_point_grid(z, spec.zero_point_dtype).unsqueeze(-1)
         d = wg - fmt.dequantize(fmt.quantize(wg, se, ze), se, ze)
         d = d * valid
         err = torch.einsum("ngi,gij,ngj->ng", d, gram, d)
@@ -472,7 +486,10 @@ class ApplyWeightAlgorithmPass(Pass):
 
     def _divide_input(self, gm, run, src, group, s) -> str:
         """Make the consumers read ``src / s``: fold into a norm's weight when ``src`` is
-        ``mul(h, norm_weight)`` read only by these Linears, else insert a ``mul``."""
+        ``mul(h, norm_weight)`` read only by these Linears; else into the output channels of the
+        Linear ``src`` comes from (:func:`~qcompile.passes.smooth.channel_source`: ``up_proj`` for
+        ``down_proj``'s ``act(gate) * up``; a Llama ``o_proj``'s input is not followed back to
+        ``v_proj`` by it, so that one keeps its ``mul``); else insert a ``mul``."""
         w_node = None
         if (src.op == "call_function" and src.target == aten.mul.Tensor and set(src.users) <= set(group)):
             for a in src.args:
@@ -486,6 +503,14 @@ class ApplyWeightAlgorithmPass(Pass):
             src.args = tuple(new if a is w_node else a for a in src.args)
             run.set(src, [v / s for v in run.values(src)])
             return "folded into " + src.meta.get(LAYER, src.name)
+        from .smooth import channel_source
+
+        up = channel_source(gm, src)
+        if up is not None and set(src.users) <= set(group) and self._scale_output_channels(gm, up, 1.0 / s):
+            # the chain from ``up`` to ``src`` has run and its values are freed (each is read once)
+            run.set(src, [v / s for v in run.values(src)])
+            ann = up.meta.get(ANNOTATION)
+            return "folded into the output channels of " + (ann.layer if ann else up.meta.get(LAYER, up.name))
         inv = add_tensor(gm, f"{src.name}_awq_inv_scale", 1.0 / s, group[0])
         run.set(inv, [get_attr_tensor(gm, inv)] * len(run.interps))
         with gm.graph.inserting_before(group[0]):
@@ -500,3 +525,34 @@ class ApplyWeightAlgorithmPass(Pass):
             args[ann.input_arg] = mul
             op.args = tuple(args)
         return "mul inserted"
+
+    def _scale_output_channels(self, gm, linear, factor) -> bool:
+        """Scale the rows of ``linear``'s weight (and its bias) by ``factor``; False (nothing
+        changed) when that cannot keep it exact. A weight already solved by this pass stays on its
+        grid: row ``i`` scaled by ``f_i`` has the same codes with its scales times ``f_i``, true for
+        float32 scales and any zero point; float16 or double-quantized scales would be re-rounded,
+        so those keep the ``mul``. The weight must be read by ``linear`` alone (not tied)."""
+        w_node = linear.args[1]
+        w = get_attr_tensor(gm, w_node)
+        if w is None or sum(1 for u in w_node.users) != 1 or \
+                sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == w_node.target) != 1:
+            return False
+        bias = linear.args[2] if len(linear.args) > 2 else None
+        if bias is not None and get_attr_tensor(gm, bias) is None:
+            return False
+        solved = linear.meta.get(WEIGHT_QPARAMS)
+        ann = linear.meta.get(ANNOTATION)
+        if solved is not None and (ann is None or ann.weight.scale_dtype != "float32"):
+            return False
+        col = factor.to(w.dtype)[:, None]
+        args = list(linear.args)
+        args[1] = add_tensor(gm, f"{w_node.target}_awq_out", w.detach() * col, linear)
+        args[1].meta[ROLE] = "weight"
+        if bias is not None:
+            b = get_attr_tensor(gm, bias)
+            args[2] = add_tensor(gm, f"{bias.target}_awq_out", b.detach() * factor.to(b.dtype), linear)
+        linear.args = tuple(args)
+        if solved is not None:
+            linear.meta[WEIGHT_QPARAMS] = WeightQParams(solved.scale * col, solved.zero_point,
+                                                        solved.reference * col)
+        return True

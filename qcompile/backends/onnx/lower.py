@@ -13,7 +13,7 @@ import operator
 import torch
 
 from ...errors import BackendError
-from ..base import check_formats
+from ..base import check_formats, check_integer_zero_points
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassManager, PassResult, add_tensor, constant_value, get_attr_tensor, prune_unused_tensors
 from ...passes.lowering import GatherBeforeDequantizePass, quantized_linears
@@ -205,6 +205,8 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     if qmodel._example is None:
         raise BackendError("this model carries no capture examples to export it again (it was saved from a model "
                            "with nested, non-tensor inputs): lower the model returned by quantize() instead")
+    # before the MatMulNBits fusion, which packs zero points as integer codes
+    check_integer_zero_points(qmodel.graph_module, f"'onnx' (target '{target}')")
     gm = copy.deepcopy(qmodel.graph_module)
     passes = [GatherBeforeDequantizePass()] + \
         ([FuseOnnxruntimeKernelsPass(nbits_accuracy_level, concatenate_shared)] if target == "onnxruntime" else [])

@@ -76,6 +76,9 @@ class FuseTritonKernelsPass(Pass):
             if wq is None or sw is None or (w_dq.args[2] is not None and zw is None):
                 self.skipped[node.name] = "weight codes or scales are not constants"
                 continue
+            if zw is not None and zw.is_floating_point():   # the kernels take integer zero points
+                self.skipped[node.name] = "float zero point (x = s*q + min): no kernel, stays in PyTorch"
+                continue
             reason = self._w8a8(gm, node, x, w_dq, wq, sw, zw, bias)
             if reason is not None:
                 reason2 = self._weight_only(gm, node, x, w_dq, wq, sw, zw, bias)
