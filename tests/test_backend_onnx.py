@@ -98,6 +98,56 @@ def test_int4_weight_only_exports_matmulnbits_matching_reference():
             assert_matches_reference(art(ids, mask), q(ids, mask))
 
 
+def _nbits_attrs(model):
+    return [{a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"]
+
+
+def test_w4_a8_lowers_to_matmulnbits_level4_and_matches_the_reference():
+    """w4-g*-a8: the reference quantizes activations per token and K-block to symmetric int8, as
+    onnxruntime's MatMulNBits does itself at accuracy level 4; the Q/DQ of the activation disappears
+    into the kernel and the outputs agree to float rounding, while the float-activation model
+    (level 0) is measurably a different one."""
+    torch.manual_seed(0)
+    model = TinyBlock(d=64, ff=128).eval()
+    batches = _batches()
+    ids, mask = batches[1]
+    q = _quantize(model, "w4-g32-a8", batches)
+    art = qcompile.lower(q, backend="onnx")
+    m = _ops(art)
+    attrs = _nbits_attrs(m)
+    assert len(attrs) == 6 and all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in attrs)
+    assert not {"QuantizeLinear", "DequantizeLinear", "ReduceMax", "Round"} & {n.op_type for n in m.graph.node}
+    # the same weights with float activations: plain weight-only, level 0
+    preset = qcompile.Recipe.preset("w4-g32-a8")
+    w_only = _quantize(model, dataclasses.replace(preset, default=qcompile.LayerConfig(preset.default.weight)), batches)
+    assert all(a["accuracy_level"] == 0 for a in _nbits_attrs(_ops(qcompile.lower(w_only, backend="onnx"))))
+    with torch.no_grad():
+        out, ref = art(ids, mask), q(ids, mask)
+        assert_matches_reference(out, ref, rel=1e-5)
+        # the int8 activation blocks change the model by far more than the backend differs from it
+        assert (ref - w_only(ids, mask)).abs().max() > 100 * (out - ref).abs().max()
+    assert qcompile.verify(art, q, batches[:2]).passed
+
+
+@pytest.mark.parametrize("act, match", [
+    ({"format": "int8", "granularity": "per_token_group", "group_size": 16, "dynamic": True}, "differ from the weight's 32"),
+    ({"format": "uint8", "granularity": "per_token_group", "group_size": 32, "symmetric": False, "dynamic": True},
+     "not symmetric int8"),
+])
+def test_per_token_group_activations_without_kernel_are_not_built(act, match):
+    """Negative: activation blocks that are not MatMulNBits' own (another block size, asymmetric
+    uint8) have no ONNX form: NotImplementedError naming the layer and why it did not fuse."""
+    torch.manual_seed(0)
+    preset = qcompile.Recipe.preset("w4-g32-a8")
+    recipe = dataclasses.replace(preset, default=qcompile.LayerConfig(preset.default.weight, qcompile.QuantSpec(**act)))
+    q = _quantize(TinyBlock(d=64, ff=128).eval(), recipe, _batches())
+    with pytest.raises(NotImplementedError, match=match) as e:
+        qcompile.lower(q, backend="onnx")
+    assert "module '" in str(e.value) and "MatMulNBits" in str(e.value)
+    with pytest.raises(NotImplementedError, match="per token and per group"):
+        qcompile.lower(q, backend="onnx", target="qdq")
+
+
 def test_int4_group_without_kernel_is_blocked_dequantize_linear():
     """Groups of 24 (no MatMulNBits): standard blocked DequantizeLinear on a packed UINT4
     initializer (the last group of K=32 is short); 3-bit codes have no ONNX type: an error."""
