@@ -13,7 +13,8 @@ preset                  what it does
 ``w4-g32-a8`` ...        4-bit group-wise weights (as ``w4-g64``) with int8 activations quantized at run time, symmetric,
                         one scale per token and per block of K the size of the weight group (groups of
                         32/64/128): the numerics of onnxruntime's ``MatMulNBits`` at accuracy level 4, which
-                        the onnx backend lowers it to (int8 dot products in the kernel)
+                        the onnx backend lowers it to (int8 dot products in the kernel); ``w4-a8`` is
+                        ``w4-g64-a8``
 ``w4a8``                int4 per-channel symmetric weights, static per-tensor uint8 activations (min-max),
                         int8 embeddings; for PTQ and QAT (``qcompile.prepare_qat``)
 ``w4a4``                int4 per-channel symmetric weights, static per-tensor uint4 activations
@@ -75,14 +76,14 @@ def _w4(group: int) -> Callable[[], Recipe]:
     return make
 
 
-def _w4_a8(group: int) -> Callable[[], Recipe]:
+def _w4_a8(group: int, name: Optional[str] = None) -> Callable[[], Recipe]:
     # symmetric int8, scale = amax / 127 per (token, K-block of the weight's group): what onnxruntime's
     # MLAS computes inside MatMulNBits at accuracy level 4 (QuantizeARow_CompInt8), so the reference
     # and the fused kernel compute the same model
     def make() -> Recipe:
         w = QuantSpec("uint4", "per_group", symmetric=False, group_size=group)
         act = QuantSpec("int8", "per_token_group", symmetric=True, group_size=group, dynamic=True)
-        return Recipe(name=f"w4-g{group}-a8", default=LayerConfig(w, act), embedding=INT8_EMBEDDING)
+        return Recipe(name=name or f"w4-g{group}-a8", default=LayerConfig(w, act), embedding=INT8_EMBEDDING)
     return make
 
 
@@ -129,6 +130,9 @@ PRESETS: dict[str, Callable[[], Recipe]] = {
     "w4-g32-a8": _w4_a8(32),
     "w4-g64-a8": _w4_a8(64),
     "w4-g128-a8": _w4_a8(128),
+    # the default group: >= 2x float ONNX at M = 1 (768 x 3072) alone and interleaved, like g128, and
+    # closer to float than g128 (benchmarks/test_onnx_int4.py, docs/onnx.md)
+    "w4-a8": _w4_a8(64, "w4-a8"),
     "w4a8": _low_bit("w4a8", "int4", "uint8"),
     "w4a4": _low_bit("w4a4", "int4", "uint4"),
     "w2a8": _low_bit("w2a8", "int2", "uint8"),
