@@ -362,3 +362,60 @@ def test_int4_per_channel_weights_with_int8_activations_export():
     with torch.no_grad():
         assert_matches_reference(art(ids, mask), q(ids, mask))
     assert qcompile.verify(art, q, _batches()).passed
+
+
+class _PostLayerNormBlock(torch.nn.Module):
+    """Two BERT-style residual + LayerNorm steps; the first sum also feeds the second residual."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        y = x + self.a(x)
+        return self.ln2(y + self.b(self.ln1(y)))
+
+
+def _optimized_ops(model_bytes, tmp_path, disabled=()):
+    """Op types of the graph a default onnxruntime session (ORT_ENABLE_ALL) actually runs."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
+    return collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+def test_residual_add_before_layer_norm_is_a_sum_so_default_sessions_skip_the_slow_fusion(tmp_path):
+    """The saved file avoids onnxruntime's SkipLayerNormalization (slow on CPU) in a plain session: the
+    residual Add feeding a LayerNorm is a two-input Sum (same value). An Add with another consumer
+    stays Add (negative case); the same file with Add back is fused (the rewrite is what prevents it)."""
+    from qcompile.backends.onnx.lower import residual_adds_as_sum
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 5, 32),) for _ in range(3)]
+    q = qcompile.quantize(_PostLayerNormBlock().eval(), "w8a8", batches[0], calibration=batches, backend="onnx",
+                          report_samples=1)
+    art = qcompile.lower(q, backend="onnx")
+    model = _ops(art)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    feeding = sorted(producer[n.input[0]].op_type for n in model.graph.node if n.op_type == "LayerNormalization")
+    assert feeding == ["Add", "Sum"]   # y = x + a(x) also feeds the second residual: not fused by onnxruntime
+    ops = _optimized_ops(art.model_bytes, tmp_path)
+    assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 2
+    as_add = onnx.load_from_string(art.model_bytes)
+    for n in as_add.graph.node:
+        if n.op_type == "Sum":
+            n.op_type = "Add"
+    assert _optimized_ops(as_add.SerializeToString(), tmp_path)["SkipLayerNormalization"] == 1
+    assert residual_adds_as_sum(as_add) == 1
+    import onnxruntime as ort
+
+    plain = ort.InferenceSession(art.model_bytes, providers=["CPUExecutionProvider"])
+    x = batches[1][0]
+    out = torch.from_numpy(plain.run(None, {art.input_names[0]: x.numpy()})[0])
+    torch.testing.assert_close(out, art(x), rtol=0, atol=0)   # same kernels as qcompile's own session
+    with torch.no_grad():
+        assert_matches_reference(out, q(x))
