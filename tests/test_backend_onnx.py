@@ -290,6 +290,22 @@ def test_a_loaded_model_lowers_like_the_original(tmp_path):
     assert parity.passed and len(parity.points) == 4
 
 
+def test_a_loaded_w4_a8_model_keeps_its_activation_blocks(tmp_path):
+    """choose_qparams' group argument survives save/load: the loaded model computes the same numbers
+    and still lowers to MatMulNBits at accuracy level 4."""
+    torch.manual_seed(0)
+    batches = _batches()
+    q = _quantize(TinyBlock(d=64, ff=128).eval(), "w4-a8", batches)
+    q.save(tmp_path / "m")
+    loaded = qcompile.load(tmp_path / "m")
+    ids, mask = batches[1]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask), q(ids, mask))
+    art = qcompile.lower(loaded, backend="onnx")
+    assert [a["accuracy_level"] for a in _nbits_attrs(_ops(art))] == [4] * 6
+    assert qcompile.verify(art, q, batches[:2]).passed
+
+
 def test_linears_sharing_an_input_share_its_codes_or_one_gemm():
     """Q/K/V read the same codes: one QuantizeLinear feeds three MatMulIntegerToFloat, or, with
     ``concatenate_shared``, one over the concatenated weights and a Split; the per-column integer
