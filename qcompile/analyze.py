@@ -210,10 +210,10 @@ def fake_quant_weight(w: torch.Tensor, spec) -> tuple[torch.Tensor, int]:
 
 def _fake_quant_activation(x: torch.Tensor, spec, lo, hi) -> torch.Tensor:
     if spec.dynamic:
-        s, z = choose_qparams(x, spec.format, spec.symmetric, spec.granularity == "per_token")
+        s, z = choose_qparams(x, spec.format, spec.symmetric, spec.per_token, spec.group)
     else:
         s, z = get_format(spec.format).choose_qparams(lo, hi, spec.symmetric)
-    return dequantize(quantize(x, s, z, spec.format, 0), s, z, spec.format, 0, x.dtype)
+    return dequantize(quantize(x, s, z, spec.format, spec.group), s, z, spec.format, spec.group, x.dtype)
 
 
 def _float_leaves(out) -> torch.Tensor:

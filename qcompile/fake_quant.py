@@ -106,7 +106,7 @@ class FakeQuantize(nn.Module):
         self.fmt = get_format(spec.format)
         self.is_weight = weight is not None
         self.channel_axis = channel_axis
-        self.group_size = spec.group_size if spec.granularity == "per_group" else 0
+        self.group_size = spec.group
         learn = config.learn_scale and not spec.dynamic
         if learn and self.fmt.kind != "int":
             raise RecipeError("qat.learn_scale", f"learned scales need an integer format, not '{spec.format}' "
@@ -149,9 +149,9 @@ class FakeQuantize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.dynamic:  # per-token / per-tensor scales from the live tensor, as convert will do
-            s, z = CHOOSE_QPARAMS(x.detach(), self.spec.format, self.spec.symmetric,
-                                  self.spec.granularity == "per_token")
-            return fake_quantize(x, s, z.float() if self.has_zero_point else None, self.fmt)
+            s, z = CHOOSE_QPARAMS(x.detach(), self.spec.format, self.spec.symmetric, self.spec.per_token,
+                                  self.group_size)
+            return fake_quantize(x, s, z.float() if self.has_zero_point else None, self.fmt, self.group_size)
         if self.training:
             if self._observing():
                 self.observe(x)

@@ -42,7 +42,8 @@ def _float_input(node, ann):
 def _spec_name(spec) -> str:
     if spec is None:
         return None
-    g = {"per_tensor": "tensor", "per_channel": "channel", "per_group": f"g{spec.group_size}", "per_token": "token"}
+    g = {"per_tensor": "tensor", "per_channel": "channel", "per_group": f"g{spec.group_size}", "per_token": "token",
+         "per_token_group": f"token-g{spec.group_size}"}
     return f"{spec.format}/{g[spec.granularity]}{'' if spec.symmetric else '/asym'}{'/dyn' if spec.dynamic else ''}"
 
 

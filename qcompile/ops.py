@@ -9,6 +9,7 @@ per-tensor        any                         ``[]`` (0-d)
 per-channel       ``[N, K]`` / ``[O, I, h, w]``  ``[N, 1]`` / ``[O, 1, 1, 1]``
 per-group         ``[N, K]``, ``group_size=g``   ``[N, ceil(K / g)]``
 per-token         ``[B, S, K]``                 ``[B, S, 1]``
+per-token-group   ``[B, S, K]``, ``group_size=g``  ``[B, S, ceil(K / g)]`` (dynamic)
 ================  ==========================  ==========================
 
 With ``group_size > 0`` the last dimension is split into groups of ``g``; a last group shorter than
@@ -97,13 +98,20 @@ def _(q, scale, zero_point, format, group_size, output_dtype):
 
 @torch.library.custom_op("qcompile::choose_qparams", mutates_args=())
 def choose_qparams(x: torch.Tensor, format: str, symmetric: bool,
-                   per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   per_token: bool, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic quantization parameters from the live tensor: per token (last dim reduced,
-    keepdim) or per tensor (0-d). The zero point is always returned (zeros when symmetric)
-    so the op has a fixed signature."""
+    keepdim), per token and group of ``group_size`` along the last dim (``[..., ceil(K / g)]``;
+    ``per_token`` must be set) or per tensor (0-d). The zero point is always returned (zeros when
+    symmetric) so the op has a fixed signature."""
     fmt = get_format(format)
     xf = x.detach().float()
-    if per_token:
+    if group_size > 0:
+        if not per_token:
+            raise ValueError("choose_qparams: group_size needs per_token=True (one scale per token and group)")
+        # the zero padding of a short last group cannot move its range: every range includes 0
+        xg = _grouped(xf, xf.new_empty(-(-xf.shape[-1] // group_size)), group_size)[0]
+        lo, hi = xg.amin(-1), xg.amax(-1)
+    elif per_token:
         lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
     elif xf.numel() == 0:  # an empty batch: any scale quantizes it (min/max of nothing would raise)
         lo = hi = xf.new_zeros(())
@@ -116,8 +124,11 @@ def choose_qparams(x: torch.Tensor, format: str, symmetric: bool,
 
 
 @choose_qparams.register_fake
-def _(x, format, symmetric, per_token):
-    shape = (*x.shape[:-1], 1) if per_token else ()
+def _(x, format, symmetric, per_token, group_size=0):
+    if group_size > 0:
+        shape = (*x.shape[:-1], (x.shape[-1] + group_size - 1) // group_size)
+    else:
+        shape = (*x.shape[:-1], 1) if per_token else ()
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=get_format(format).storage)
 
 

@@ -11,7 +11,10 @@ from typing import Any, Optional
 from .errors import RecipeError, closest
 from .formats import get_format
 
-GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+# per_token_group: dynamic activations, one scale per token and per group of ``group_size`` along the
+# last (reduction) axis: the int8 activation blocks of onnxruntime's MatMulNBits at accuracy level 4
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token", "per_token_group")
+GROUPED = ("per_group", "per_token_group")   # granularities that take a group_size
 # "int8": the weight's scales are themselves quantized (bitsandbytes' double quantization, see
 # formats.double_quantize_scales); per_group weights only
 SCALE_DTYPES = ("float32", "float16", "int8")
@@ -40,6 +43,7 @@ class QuantSpec:
         >>> QuantSpec("int8", "per_channel")                      # int8 weights, one scale per row
         >>> QuantSpec("uint8", "per_tensor", symmetric=False, observer="mse")
         >>> QuantSpec("uint4", "per_group", symmetric=False, group_size=64)
+        >>> QuantSpec("int8", "per_token_group", group_size=64, dynamic=True)  # a scale per token per 64 of K
     """
 
     format: str
@@ -58,6 +62,16 @@ class QuantSpec:
         return self.zero_point_dtype != "code"
 
     @property
+    def group(self) -> int:
+        """The ``group_size`` the canonical ops take: the group for grouped granularities, else 0."""
+        return self.group_size if self.granularity in GROUPED else 0
+
+    @property
+    def per_token(self) -> bool:
+        """Dynamic scales computed per token (``choose_qparams(per_token=True)``), grouped or not."""
+        return self.granularity in ("per_token", "per_token_group")
+
+    @property
     def scale_torch_dtype(self):
         """The dtype scales are computed in (double-quantized scales start from float32)."""
         import torch
@@ -72,11 +86,12 @@ class QuantSpec:
         if self.observer not in OBSERVERS:
             raise RecipeError(f"{where}.observer",
                               f"unknown observer '{self.observer}'; {closest(self.observer, OBSERVERS)}")
-        if self.granularity == "per_group":
+        if self.granularity in GROUPED:
             if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
-                raise RecipeError(f"{where}.group_size", "per_group needs a positive integer group_size")
+                raise RecipeError(f"{where}.group_size", f"{self.granularity} needs a positive integer group_size")
         elif self.group_size is not None:
-            raise RecipeError(f"{where}.group_size", f"group_size is only valid with per_group, not {self.granularity}")
+            raise RecipeError(f"{where}.group_size",
+                              f"group_size is only valid with {' or '.join(GROUPED)}, not {self.granularity}")
         args = self.observer_args
         if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
             raise RecipeError(f"{where}.observer_args", f"expected a mapping of names to numbers, got {args!r}")
@@ -101,8 +116,9 @@ class QuantSpec:
             raise RecipeError(f"{where}.zero_point_dtype", "double-quantized (int8) zero points need per_group weights")
         if not self.symmetric and not fmt.supports_asymmetric:
             raise RecipeError(f"{where}.symmetric", f"format '{self.format}' is symmetric only")
-        if self.granularity == "per_token" and not self.dynamic:
-            raise RecipeError(f"{where}.dynamic", "per_token scales are computed at run time: set dynamic: true")
+        if self.granularity in ("per_token", "per_token_group") and not self.dynamic:
+            raise RecipeError(f"{where}.dynamic",
+                              f"{self.granularity} scales are computed at run time: set dynamic: true")
         return self
 
     def to_dict(self) -> dict:

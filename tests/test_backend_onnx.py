@@ -98,6 +98,56 @@ def test_int4_weight_only_exports_matmulnbits_matching_reference():
             assert_matches_reference(art(ids, mask), q(ids, mask))
 
 
+def _nbits_attrs(model):
+    return [{a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"]
+
+
+def test_w4_a8_lowers_to_matmulnbits_level4_and_matches_the_reference():
+    """w4-g*-a8: the reference quantizes activations per token and K-block to symmetric int8, as
+    onnxruntime's MatMulNBits does itself at accuracy level 4; the Q/DQ of the activation disappears
+    into the kernel and the outputs agree to float rounding, while the float-activation model
+    (level 0) is measurably a different one."""
+    torch.manual_seed(0)
+    model = TinyBlock(d=64, ff=128).eval()
+    batches = _batches()
+    ids, mask = batches[1]
+    q = _quantize(model, "w4-g32-a8", batches)
+    art = qcompile.lower(q, backend="onnx")
+    m = _ops(art)
+    attrs = _nbits_attrs(m)
+    assert len(attrs) == 6 and all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in attrs)
+    assert not {"QuantizeLinear", "DequantizeLinear", "ReduceMax", "Round"} & {n.op_type for n in m.graph.node}
+    # the same weights with float activations: plain weight-only, level 0
+    preset = qcompile.Recipe.preset("w4-g32-a8")
+    w_only = _quantize(model, dataclasses.replace(preset, default=qcompile.LayerConfig(preset.default.weight)), batches)
+    assert all(a["accuracy_level"] == 0 for a in _nbits_attrs(_ops(qcompile.lower(w_only, backend="onnx"))))
+    with torch.no_grad():
+        out, ref = art(ids, mask), q(ids, mask)
+        assert_matches_reference(out, ref, rel=1e-5)
+        # the int8 activation blocks change the model by far more than the backend differs from it
+        assert (ref - w_only(ids, mask)).abs().max() > 100 * (out - ref).abs().max()
+    assert qcompile.verify(art, q, batches[:2]).passed
+
+
+@pytest.mark.parametrize("act, match", [
+    ({"format": "int8", "granularity": "per_token_group", "group_size": 16, "dynamic": True}, "differ from the weight's 32"),
+    ({"format": "uint8", "granularity": "per_token_group", "group_size": 32, "symmetric": False, "dynamic": True},
+     "not symmetric int8"),
+])
+def test_per_token_group_activations_without_kernel_are_not_built(act, match):
+    """Negative: activation blocks that are not MatMulNBits' own (another block size, asymmetric
+    uint8) have no ONNX form: NotImplementedError naming the layer and why it did not fuse."""
+    torch.manual_seed(0)
+    preset = qcompile.Recipe.preset("w4-g32-a8")
+    recipe = dataclasses.replace(preset, default=qcompile.LayerConfig(preset.default.weight, qcompile.QuantSpec(**act)))
+    q = _quantize(TinyBlock(d=64, ff=128).eval(), recipe, _batches())
+    with pytest.raises(NotImplementedError, match=match) as e:
+        qcompile.lower(q, backend="onnx")
+    assert "module '" in str(e.value) and "MatMulNBits" in str(e.value)
+    with pytest.raises(NotImplementedError, match="per token and per group"):
+        qcompile.lower(q, backend="onnx", target="qdq")
+
+
 def test_int4_group_without_kernel_is_blocked_dequantize_linear():
     """Groups of 24 (no MatMulNBits): standard blocked DequantizeLinear on a packed UINT4
     initializer (the last group of K=32 is short); 3-bit codes have no ONNX type: an error."""
@@ -240,6 +290,22 @@ def test_a_loaded_model_lowers_like_the_original(tmp_path):
     assert parity.passed and len(parity.points) == 4
 
 
+def test_a_loaded_w4_a8_model_keeps_its_activation_blocks(tmp_path):
+    """choose_qparams' group argument survives save/load: the loaded model computes the same numbers
+    and still lowers to MatMulNBits at accuracy level 4."""
+    torch.manual_seed(0)
+    batches = _batches()
+    q = _quantize(TinyBlock(d=64, ff=128).eval(), "w4-a8", batches)
+    q.save(tmp_path / "m")
+    loaded = qcompile.load(tmp_path / "m")
+    ids, mask = batches[1]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask), q(ids, mask))
+    art = qcompile.lower(loaded, backend="onnx")
+    assert [a["accuracy_level"] for a in _nbits_attrs(_ops(art))] == [4] * 6
+    assert qcompile.verify(art, q, batches[:2]).passed
+
+
 def test_linears_sharing_an_input_share_its_codes_or_one_gemm():
     """Q/K/V read the same codes: one QuantizeLinear feeds three MatMulIntegerToFloat, or, with
     ``concatenate_shared``, one over the concatenated weights and a Split; the per-column integer
@@ -286,15 +352,16 @@ def test_onnx_placement_runs_the_conv_chain_in_int8():
     assert "FusedConv" in _optimized_ops(qcompile.lower(q_default, backend="onnx"))
 
 
-def _optimized_ops(art):
-    """The op types of onnxruntime's optimized graph (what actually runs)."""
+def _optimized_ops(art, model_bytes=None):
+    """The op types of onnxruntime's optimized graph (what actually runs) for ``art`` or ``model_bytes``,
+    in a session with onnxruntime's default options but for the level (EXTENDED: no layout rewrites)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     with tempfile.TemporaryDirectory() as d:
         opts.optimized_model_filepath = os.path.join(d, "optimized.onnx")
-        ort.InferenceSession(art.model_bytes, opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model_bytes or art.model_bytes, opts, providers=["CPUExecutionProvider"])
         return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
 
 
@@ -312,3 +379,49 @@ def test_int4_per_channel_weights_with_int8_activations_export():
     with torch.no_grad():
         assert_matches_reference(art(ids, mask), q(ids, mask))
     assert qcompile.verify(art, q, _batches()).passed
+
+
+class _PostLayerNormBlock(torch.nn.Module):
+    """Two BERT-style residual + LayerNorm steps; the first sum also feeds the second residual."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        y = x + self.a(x)
+        return self.ln2(y + self.b(self.ln1(y)))
+
+
+def test_residual_add_before_layer_norm_is_a_sum_so_default_sessions_skip_the_slow_fusion():
+    """The saved file avoids onnxruntime's SkipLayerNormalization (slow on CPU) in a plain session: the
+    residual Add feeding a LayerNorm is a two-input Sum (same value). An Add with another consumer
+    stays Add (negative case); the same file with Add back is fused (the rewrite is what prevents it)."""
+    from qcompile.backends.onnx.lower import residual_adds_as_sum
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 5, 32),) for _ in range(3)]
+    q = qcompile.quantize(_PostLayerNormBlock().eval(), "w8a8", batches[0], calibration=batches, backend="onnx",
+                          report_samples=1)
+    art = qcompile.lower(q, backend="onnx")
+    model = _ops(art)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    feeding = sorted(producer[n.input[0]].op_type for n in model.graph.node if n.op_type == "LayerNormalization")
+    assert feeding == ["Add", "Sum"]   # y = x + a(x) also feeds the second residual: not fused by onnxruntime
+    ops = collections.Counter(_optimized_ops(art))
+    assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 2
+    as_add = onnx.load_from_string(art.model_bytes)
+    for n in as_add.graph.node:
+        if n.op_type == "Sum":
+            n.op_type = "Add"
+    assert _optimized_ops(None, as_add.SerializeToString()).count("SkipLayerNormalization") == 1
+    assert residual_adds_as_sum(as_add) == 1
+    import onnxruntime as ort
+
+    plain = ort.InferenceSession(art.model_bytes, providers=["CPUExecutionProvider"])
+    x = batches[1][0]
+    out = torch.from_numpy(plain.run(None, {art.input_names[0]: x.numpy()})[0])
+    torch.testing.assert_close(out, art(x), rtol=0, atol=0)   # same kernels as qcompile's own session
+    with torch.no_grad():
+        assert_matches_reference(out, q(x))

@@ -69,6 +69,35 @@ def test_dynamic_and_group_convert(tiny_block):
             assert cosine(gm(*b), model(*b)) > 0.98
 
 
+def test_per_token_group_convert_matches_blockwise_int8_math(tiny_block):
+    """per_token_group (w4-g*-a8): choose_qparams with the group, one symmetric int8 scale per token and
+    K-block (amax / 127), and the Linear computes on exactly those dequantized blocks."""
+    model, batches = tiny_block
+    act = QuantSpec("int8", "per_token_group", group_size=16, dynamic=True)
+    gm = _observed(model, batches[0], Recipe(default=LayerConfig(W4G, act)))
+    ConvertPass()(gm)
+    cq = [n for n in gm.graph.nodes if n.target == CHOOSE_QPARAMS]
+    assert len(cq) == 4 and all(n.args[1:] == ("int8", True, True, 16) for n in cq)
+    aq = [n for n in gm.graph.nodes if n.target == QUANTIZE and n.args[3] == "int8"]
+    assert len(aq) == 4 and all(n.args[4] == 16 for n in aq)
+    x = torch.randn(2, 5, 40)   # 40 = 16 + 16 + a short group of 8
+    s, z = CHOOSE_QPARAMS(x, "int8", True, True, 16)
+    assert s.shape == (2, 5, 3) and not z.any()
+    for i, sl in enumerate((slice(0, 16), slice(16, 32), slice(32, 40))):
+        blk = x[..., sl]
+        torch.testing.assert_close(s[..., i], blk.abs().amax(-1) / 127)
+        codes = QUANTIZE(x, s, z, "int8", 16)[..., sl]
+        torch.testing.assert_close(codes.float(), torch.round(blk / s[..., i:i + 1]), atol=1, rtol=0)
+    with torch.no_grad():
+        for b in batches:
+            assert cosine(gm(*b), model(*b)) > 0.98
+
+
+def test_per_token_group_needs_per_token():
+    with pytest.raises(ValueError, match="per_token"):
+        CHOOSE_QPARAMS(torch.randn(2, 32), "int8", True, False, 16)
+
+
 def test_convert_before_calibration_is_an_error(tiny_block):
     model, batches = tiny_block
     gm = _observed(model, batches[0], Recipe(default=LayerConfig(W8, A8)))

@@ -214,6 +214,17 @@ def test_weight_cannot_be_dynamic():
     _bad({"default": {"weight": {"format": "int8", "dynamic": True}}}, "default.weight")
     _bad({"default": {"weight": {"format": "int8", "granularity": "per_token", "dynamic": True}}},
          "default.weight")
+    _bad({"default": {"weight": {"format": "int8", "granularity": "per_token_group", "group_size": 32,
+                                 "dynamic": True}}}, "default.weight")
+
+
+def test_per_token_group_needs_group_size_and_dynamic():
+    act = {"format": "int8", "granularity": "per_token_group"}
+    _bad({"default": {"weight": W8, "activation": {**act, "dynamic": True}}},
+         "default.activation.group_size", "per_token_group")
+    _bad({"default": {"weight": W8, "activation": {**act, "group_size": 32}}}, "default.activation.dynamic", "dynamic")
+    r = Recipe.from_dict({"default": {"weight": W8, "activation": {**act, "group_size": 32, "dynamic": True}}})
+    assert r.default.activation.group == 32 and r.default.activation.per_token
 
 
 def test_embedding_with_activation():

@@ -102,7 +102,7 @@ def check_formats(gm, backend: str, formats, group_wise: bool = True, error: typ
         if node.target in (QUANTIZE, DEQUANTIZE):
             fmt, group = node.args[3], node.args[4]
         elif node.target == CHOOSE_QPARAMS:
-            fmt, group = node.args[1], 0
+            fmt, group = node.args[1], (node.args[4] if len(node.args) > 4 else 0)
         else:
             continue
         if fmt not in formats:

@@ -132,12 +132,13 @@ class ConvertPass(Pass):
     def _dynamic(self, gm, src, op_node, ann):
         spec = ann.activation
         with gm.graph.inserting_before(op_node):
-            qp = gm.graph.call_function(CHOOSE_QPARAMS, (src, spec.format, spec.symmetric,
-                                                         spec.granularity == "per_token"))
+            # per_token_group: one more argument (the group), so graphs without it keep their schema
+            extra = (spec.group,) if spec.group else ()
+            qp = gm.graph.call_function(CHOOSE_QPARAMS, (src, spec.format, spec.symmetric, spec.per_token, *extra))
             s = gm.graph.call_function(operator.getitem, (qp, 0))
             z = gm.graph.call_function(operator.getitem, (qp, 1))
-            q = gm.graph.call_function(QUANTIZE, (src, s, z, spec.format, 0))
-            dq = gm.graph.call_function(DEQUANTIZE, (q, s, z, spec.format, 0, _dtype(src)))
+            q = gm.graph.call_function(QUANTIZE, (src, s, z, spec.format, spec.group))
+            dq = gm.graph.call_function(DEQUANTIZE, (q, s, z, spec.format, spec.group, _dtype(src)))
         for n in (qp, s, z, q, dq):
             _tag(n, "activation", ann.layer, spec)
         return dq

@@ -313,12 +313,12 @@ def candidate_scale(label, x_absmax: torch.Tensor, w_absmax: torch.Tensor) -> to
 
 def _fake_quant_activation(x, spec):
     if spec.dynamic:
-        s, z = torch.ops.qcompile.choose_qparams(x, spec.format, spec.symmetric, spec.granularity == "per_token")
+        s, z = torch.ops.qcompile.choose_qparams(x, spec.format, spec.symmetric, spec.per_token, spec.group)
     else:
         obs = make_observer(spec)
         obs(x)
         s, z = obs.qparams()
-    return DEQUANTIZE(QUANTIZE(x, s, z, spec.format, 0), s, z, spec.format, 0, x.dtype)
+    return DEQUANTIZE(QUANTIZE(x, s, z, spec.format, spec.group), s, z, spec.format, spec.group, x.dtype)
 
 
 def _fake_quant_weight(w, ann):

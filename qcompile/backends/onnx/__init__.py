@@ -17,7 +17,7 @@ from .runtime import OnnxArtifact, read_onnx
 class OnnxBackend:
     id = "onnx"
     capabilities = Capabilities(formats=frozenset({"int8", "uint8", "int4", "uint4"}),
-                                granularities=frozenset({"per_tensor", "per_channel", "per_token", "per_group"}),
+                                granularities=frozenset({"per_tensor", "per_channel", "per_token", "per_group", "per_token_group"}),
                                 ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True,
                                 quantized_outputs=frozenset({"conv"}))
 

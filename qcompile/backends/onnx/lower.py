@@ -163,6 +163,17 @@ class FuseOnnxruntimeKernelsPass(Pass):
             zw = None if zw is None else zw.reshape(-1).expand(n).reshape(n, 1)
         elif group < 16 or group & (group - 1):
             return f"group size {group} (MatMulNBits needs a power of two >= 16)"
+        level = self.nbits_accuracy_level
+        blocked = _per_token_group_int8(x)
+        if blocked is not None:  # w4-g*-a8: the kernel's own int8 activation blocks (accuracy level 4)
+            src, act_group = blocked
+            if act_group != group:
+                return (f"activation blocks of {act_group} along K differ from the weight's {group} "
+                        "(MatMulNBits quantizes activations per weight block)")
+            x, level = src, 4
+        elif _is_dynamic_grouped(x):
+            return ("dynamic per-token-group activations that are not symmetric int8 "
+                    "(MatMulNBits' accuracy level 4 quantizes them so)")
         codes, zp = wq.to(torch.int16), zw
         if w_dq.args[3] == "int4":   # signed codes: shift to 0..15 around onnxruntime's default zero point 8
             codes = codes + 8
@@ -171,7 +182,7 @@ class FuseOnnxruntimeKernelsPass(Pass):
         s = add_tensor(gm, f"{w_dq.args[1].target}_nbits", sw.float().reshape(-1).contiguous(), node)
         z = None if zp is None else add_tensor(gm, f"{w_dq.args[2].target}_nbits", contrib.pack_zero_points(zp), node)
         with gm.graph.inserting_before(node):
-            out = gm.graph.call_function(MATMUL_NBITS, (x, b, s, z, k, n, 4, group, self.nbits_accuracy_level))
+            out = gm.graph.call_function(MATMUL_NBITS, (x, b, s, z, k, n, 4, group, level))
             if bias is not None:
                 out = gm.graph.call_function(aten.add.Tensor, (out, bias))
         self._finish(gm, node, out, "MatMulNBits")
@@ -182,6 +193,53 @@ class FuseOnnxruntimeKernelsPass(Pass):
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         self.fused[node.name] = op_name
+
+
+def _check_no_grouped_dynamic(gm, target: str, skipped: dict) -> None:
+    """Per-token-group activations (``w4-g*-a8``) exist in ONNX only inside MatMulNBits: name the
+    first one left over and why its Linear did not fuse."""
+    from ..base import node_module
+
+    for node in gm.graph.nodes:
+        if node.target == CHOOSE_QPARAMS and len(node.args) > 4 and node.args[4]:
+            users = [u for u in node.users for u in u.users for u in u.users if u.target == aten.linear.default]
+            why = "; ".join(f"{u.name}: {skipped[u.name]}" for u in users if u.name in skipped)
+            raise NotImplementedError(
+                f"onnx (target '{target}'): node '{node.name}' of {node_module(node)} quantizes activations per token "
+                f"and per group of {node.args[4]} at run time; ONNX has that only inside "
+                "com.microsoft::MatMulNBits (accuracy level 4, target 'onnxruntime', 4-bit weights in groups of the "
+                "same size)" + (f" and this Linear did not fuse ({why})" if why else "")
+                + "; a standalone per-token-group QuantizeLinear is not built")
+
+
+def _is_dynamic_grouped(x) -> bool:
+    """``x`` is ``dequantize(quantize(...))`` with a group size and a scale computed at run time."""
+    return getattr(x, "target", None) == DEQUANTIZE and x.args[4] > 0 and _choose_qparams_of(x.args[1]) is not None
+
+
+def _choose_qparams_of(scale):
+    if getattr(scale, "target", None) is operator.getitem and getattr(scale.args[0], "target", None) == CHOOSE_QPARAMS:
+        return scale.args[0]
+    return None
+
+
+def _per_token_group_int8(x):
+    """``(source, group)`` when ``x = dequantize(quantize(src, s, z, int8, g), s, z, int8, g)`` with
+    ``s, z = choose_qparams(src, int8, symmetric, per_token, g)``: the activation quantization
+    onnxruntime's MatMulNBits does itself at accuracy level 4 (MLAS ``QuantizeARow_CompInt8``: per
+    block of K, scale = amax / 127, round to nearest even); else None."""
+    if getattr(x, "target", None) != DEQUANTIZE or getattr(x.args[0], "target", None) != QUANTIZE:
+        return None
+    q = x.args[0]
+    qp = _choose_qparams_of(q.args[1])
+    if qp is None or len(qp.args) < 5:
+        return None
+    src, fmt, symmetric, per_token, group = qp.args[:5]
+    if not (fmt == "int8" and symmetric and per_token and group > 0 and q.args[0] is src
+            and q.args[3] == x.args[3] == "int8" and q.args[4] == x.args[4] == group
+            and x.args[1] is q.args[1] and _choose_qparams_of(q.args[2]) is qp):
+        return None
+    return src, group
 
 
 TARGETS = ("onnxruntime", "qdq")
@@ -208,10 +266,11 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     # before the MatMulNBits fusion, which packs zero points as integer codes
     check_integer_zero_points(qmodel.graph_module, f"'onnx' (target '{target}')")
     gm = copy.deepcopy(qmodel.graph_module)
-    passes = [GatherBeforeDequantizePass()] + \
-        ([FuseOnnxruntimeKernelsPass(nbits_accuracy_level, concatenate_shared)] if target == "onnxruntime" else [])
+    fuse = FuseOnnxruntimeKernelsPass(nbits_accuracy_level, concatenate_shared)
+    passes = [GatherBeforeDequantizePass()] + ([fuse] if target == "onnxruntime" else [])
     PassManager([*passes, TransposeLinearWeightsPass()])(gm)
     prune_unused_tensors(gm)
+    _check_no_grouped_dynamic(gm, target, fuse.skipped)
     # what is left after the contrib fusions must be standard Q/DQ; name the first node that is not
     check_formats(gm, f"'onnx' (target '{target}')", translate.STANDARD_FORMATS)
     args, kwargs, dynamic_shapes = qmodel._example
@@ -239,8 +298,38 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
         for node in model.graph.node:
             del node.metadata_props[:]
     pack_low_bit_initializers(model)
+    residual_adds_as_sum(model)
     onnx.checker.check_model(model)
     return model.SerializeToString(), [i.name for i in model.graph.input]
+
+
+def residual_adds_as_sum(model) -> int:
+    """Write each residual ``Add`` that feeds a ``LayerNormalization`` as a two-input ``Sum`` (the
+    same ``a + b``, bit for bit). onnxruntime's SkipLayerNormFusion matches ``Add`` → LayerNormalization
+    only; its SkipLayerNormalization CPU kernel measured 6-8x slower than the two ops (see
+    :data:`.runtime.DISABLED_OPTIMIZERS`), so a file written this way runs at full speed in a plain
+    onnxruntime session too, without that session option. An ``Add`` of a constant (a bias) or
+    with other consumers is left alone. Returns the number rewritten."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    constants = {i.name for i in graph.initializer} | \
+        {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        add = producer.get(node.input[0])
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or \
+                consumers.get(add.output[0]) != 1 or add.output[0] in outputs or set(add.input) & constants:
+            continue
+        add.op_type = "Sum"
+        rewritten += 1
+    return rewritten
 
 
 def pack_low_bit_initializers(model) -> int:

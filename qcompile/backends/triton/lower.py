@@ -182,6 +182,9 @@ class QuantizeActivationsPass(Pass):
                     or getattr(z, "args", (None,))[0] is not src:
                 self.skipped[node.name] = "dynamic scale is not choose_qparams(per_token=True) of the same tensor"
                 continue
+            if len(src.args) > 4 and src.args[4]:  # per_token_group: one scale per row and K-block
+                self.skipped[node.name] = "per-token-group scales (the per-token kernel takes one scale per row)"
+                continue
             symmetric = src.args[2]
             if symmetric and fmt == "uint8":
                 self.skipped[node.name] = "symmetric per-token uint8 (mid-range zero point)"
