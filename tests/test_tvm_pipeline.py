@@ -51,7 +51,7 @@ def test_fast_math_rewrites_gelu_softmax_and_matches_torch():
         return relax.op.nn.softmax(bb.emit(relax.op.add(g, relax.op.exp(x))), axis=-1)
 
     mod = _module(body, [("b", "s", 37)])
-    rewritten = pipeline.fast_math()(mod)
+    rewritten = pipeline.rewrite_float_ops()(mod)
     assert {"relax.nn.gelu", "relax.nn.softmax", "relax.exp"} & _ops(rewritten) == set()
     assert "relax.call_tir" in _ops(rewritten)
     x = np.random.default_rng(0).standard_normal((3, 5, 37)).astype(np.float32) * 4
@@ -62,7 +62,7 @@ def test_fast_math_rewrites_gelu_softmax_and_matches_torch():
 
 def test_fast_math_leaves_other_dtypes_alone():
     mod = _module(lambda bb, x: relax.op.nn.gelu(x), [(4, 8)], dtype="float64")
-    assert "relax.nn.gelu" in _ops(pipeline.fast_math()(mod))
+    assert "relax.nn.gelu" in _ops(pipeline.rewrite_float_ops()(mod))
 
 
 def test_layer_norm_and_quantize_chain_match_torch():
@@ -125,6 +125,35 @@ def test_batch_matmul_loop_order_and_numerics(last):
     rng = np.random.default_rng(3)
     a, b = rng.random((3, 13, 13), np.float32), rng.random((3, 13, last), np.float32)
     np.testing.assert_allclose(_run(mod, a, b), a @ b, rtol=1e-5)
+
+
+def _calls_tir(mod, name):
+    found = []
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, relax.Call) and isinstance(
+                e.op, tvm.ir.Op) and e.op.name == "relax.call_tir" and e.args[0].name_hint == name else None)
+    return found
+
+
+def test_rank3_float_matmuls_go_to_the_tiled_kernel_others_do_not():
+    """Q·Kᵀ-like (K static, N symbolic) and P·V-like (K symbolic) matmuls call the tiled kernel;
+    a rank-4 matmul and a broadcast batch stay ``relax.matmul`` (scheduled by the TIR pass)."""
+    rng = np.random.default_rng(4)
+    qk = _module(lambda bb, a, b: relax.op.matmul(a, b), [("h", "s", 32), ("h", 32, "s")])
+    pv = _module(lambda bb, a, b: relax.op.matmul(a, b), [("h", "s", "s"), ("h", "s", 24)])
+    for mod, (a_shape, b_shape) in [(qk, ((5, 37, 32), (5, 32, 37))), (pv, ((5, 37, 37), (5, 37, 24)))]:
+        out = pipeline.rewrite_float_ops()(mod)
+        assert len(_calls_tir(out, pipeline.FLOAT_BMM)) == 1 and "relax.matmul" not in _ops(out)
+        a, b = rng.standard_normal(a_shape, np.float32), rng.standard_normal(b_shape, np.float32)
+        np.testing.assert_allclose(_run(mod, a, b), a @ b, rtol=1e-5, atol=1e-5)
+    four = _module(lambda bb, a, b: relax.op.matmul(a, b), [(2, 3, 9, 16), (2, 3, 16, 9)])
+    bcast = _module(lambda bb, a, b: relax.op.matmul(a, b), [(4, 9, 16), (1, 16, 9)])
+    for mod in (four, bcast):
+        out = pipeline.rewrite_float_ops()(mod)
+        assert not _calls_tir(out, pipeline.FLOAT_BMM) and "relax.matmul" in _ops(out)
+    a, b = rng.standard_normal((4, 9, 16), np.float32), rng.standard_normal((1, 16, 9), np.float32)
+    np.testing.assert_allclose(_run(bcast, a, b), a @ b, rtol=1e-5, atol=1e-5)
 
 
 def test_integer_gemm_kernels_are_not_rescheduled():

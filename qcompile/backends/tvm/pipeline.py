@@ -6,29 +6,33 @@ full-size loop nest per elementwise step (each writing a temporary as large as t
 and ``exp`` are scalar libm calls that stop LLVM's vectorizer, reductions run in source order, and
 a float matmul reads ``B`` with a stride in its innermost loop. Ours:
 
-- :func:`fast_math` (before legalization): GELU, softmax, ``erf`` and ``exp`` through TVM's
-  polynomial ``fast_erf`` / ``fast_exp`` (topi), which are plain arithmetic that vectorizes.
+- :func:`rewrite_float_ops` (before legalization): GELU, softmax, ``erf`` and ``exp`` through
+  TVM's polynomial ``fast_erf`` / ``fast_exp`` (topi), which are plain arithmetic that vectorizes.
   Measured against float64: ``fast_erf`` within 3.7e-7 absolute, ``fast_exp`` within 2.5e-7
-  relative (torch's float32 ``erf``: 3.2e-8) — far below the int8 step of any activation.
+  relative (torch's float32 ``erf``: 3.2e-8) — far below the int8 step of any activation. Float
+  batch matmuls of rank 3 (attention's Q·Kᵀ and P·V after the importer's reshapes) become calls of
+  the register-tiled :func:`~.kernels.batch_matmul_kernel` (FMA on zmm, 8 accumulators).
 - :func:`schedule_primfunc` (after fusion), for every PrimFunc but the integer GEMMs:
   elementwise steps are inlined into one loop nest (a producer read by two consumers of a
   reduction kernel, softmax's ``exp``, is kept so it is computed once); in a kernel with
   reductions (softmax, LayerNorm) every step is computed per row under the output's leading
   spatial loops, so a row stays in L1 between its passes; float ``matmul`` blocks get their
-  reduction loop outside the last spatial loop (vectorized explicitly when its extent is static).
+  reduction loop outside the last spatial loop (vectorized explicitly when its extent is static);
+  these are the matmuls the kernel does not take (other ranks, a broadcast batch).
   Other innermost loops are left to LLVM's loop vectorizer: it handles symbolic extents (batch, sequence) with a remainder loop, and an explicit
   ``vectorize`` of a rounding cast to uint8 came out slower (scalarized ``vcvttps2dq``).
 - :data:`FAST_MATH_FLAGS` on the target: LLVM may reassociate float adds (so it vectorizes
   reductions: a LayerNorm row sum in 16 lanes) and contract ``a * b + c`` into FMA. No ``nnan`` /
   ``ninf``: an attention mask may hold large negative values and the results must keep NaN/inf.
 
-The integer GEMM kernels (``qgemm_*``) are hand-written and left alone.
+The hand-written kernels (``qgemm_*``, :data:`FLOAT_BMM`) are left alone.
 """
 from __future__ import annotations
 
 # LLVM fast-math flags the tvm backend's target carries (see the module docstring for why these)
 FAST_MATH_FLAGS = {"fast-math-reassoc": True, "fast-math-contract": True, "fast-math-nsz": True}
 VECTOR_LANES = 16   # float32 lanes of a zmm register
+FLOAT_BMM = "fbmm_f32"   # the name of the float batch-matmul kernel in the module
 
 
 def _blocks(sch):
@@ -147,7 +151,7 @@ def schedule_float_kernels():
     @tvm.transform.module_pass(opt_level=0, name="QcompileScheduleFloatKernels")
     def run(mod, _ctx):
         for gv, func in list(mod.functions.items()):
-            if isinstance(func, tirx.PrimFunc) and not gv.name_hint.startswith("qgemm"):
+            if isinstance(func, tirx.PrimFunc) and not gv.name_hint.startswith(("qgemm", FLOAT_BMM)):
                 new = schedule_primfunc(func)
                 if new is not func:
                     mod[gv] = new
@@ -164,9 +168,32 @@ def _gelu_te(x):
     return topi.multiply(x, topi.add(half, topi.multiply(erf, half)))
 
 
-def fast_math():
-    """A Relax pass: ``nn.gelu`` (the erf form), ``nn.softmax``, ``erf`` and ``exp`` on float32
-    through TVM's ``fast_erf`` / ``fast_exp`` / ``fast_softmax`` (see the module docstring)."""
+def _batch_matmul(bb, call, kernels_added: dict):
+    """``matmul(a, b)`` of two float32 rank-3 tensors with the same batch: a ``call_tir`` of the
+    register-tiled kernel (:func:`~.kernels.batch_matmul_kernel`); None for any other matmul."""
+    import tvm_ffi
+    from tvm import relax
+
+    from . import kernels
+
+    a, b = call.args
+    ta, tb = a.ty, b.ty
+    if not all(isinstance(t, relax.TensorType) and t.dtype == "float32" and t.ndim == 3 and t.shape is not None
+               for t in (ta, tb)):
+        return None
+    (ba, m, ka), (bb_, kb, n) = ta.shape.values, tb.shape.values
+    if not (tvm_ffi.structural_equal(ba, bb_) and tvm_ffi.structural_equal(ka, kb)):
+        return None
+    if "gv" not in kernels_added:
+        kernels_added["gv"] = bb.add_func(kernels.batch_matmul_kernel().with_attr("global_symbol", FLOAT_BMM),
+                                          FLOAT_BMM)
+    return relax.call_tir(kernels_added["gv"], [a, b], out_ty=relax.TensorType([ba, m, n], "float32"))
+
+
+def rewrite_float_ops():
+    """A Relax pass, before legalization: ``nn.gelu`` (the erf form), ``nn.softmax``, ``erf`` and
+    ``exp`` on float32 through TVM's ``fast_erf`` / ``fast_exp`` / ``fast_softmax``, and float32
+    batch matmuls through :func:`~.kernels.batch_matmul_kernel` (see the module docstring)."""
     import tvm
     from tvm import relax, topi
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -179,17 +206,25 @@ def fast_math():
 
     @mutator
     class Rewrite(PyExprMutator):
+        added: dict = {}
+
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if isinstance(call.op, tvm.ir.Op) and call.op.name in rewrites:
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            if call.op.name == "relax.matmul":
+                new = _batch_matmul(self.builder_, call, self.added)
+                return call if new is None else new
+            if call.op.name in rewrites:
                 ty = call.args[0].ty
                 if isinstance(ty, relax.TensorType) and ty.dtype == "float32":
                     return rewrites[call.op.name](self.builder_, call)
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="QcompileFastMath")
+    @tvm.transform.module_pass(opt_level=0, name="QcompileRewriteFloatOps")
     def run(mod, _ctx):
         rw = Rewrite(mod)
+        rw.added = {}
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rw.builder_.update_func(gv, rw.visit_expr(func))
@@ -199,7 +234,7 @@ def fast_math():
 
 
 def get_pipeline(target):
-    """TVM's CPU phases with :func:`fast_math` before legalization and
+    """TVM's CPU phases with :func:`rewrite_float_ops` before legalization and
     :func:`schedule_float_kernels` after fusion."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -207,7 +242,7 @@ def get_pipeline(target):
     @tvm.transform.module_pass(opt_level=0, name="QcompileCPUPipeline")
     def run(mod, _ctx):
         with target:
-            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [fast_math()]
+            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [rewrite_float_ops()]
                                            + cpu.legalize_passes(target) + [schedule_float_kernels()]
                                            + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return seq(mod)
