@@ -156,6 +156,29 @@ def test_rank3_float_matmuls_go_to_the_tiled_kernel_others_do_not():
     np.testing.assert_allclose(_run(bcast, a, b), a @ b, rtol=1e-5, atol=1e-5)
 
 
+def test_residual_add_fuses_into_layer_norm():
+    """add → LayerNorm is one kernel with the pattern change, two without it (TVM's default)."""
+    def body(bb, x, r, w, b):
+        return relax.op.nn.layer_norm(bb.emit(relax.op.add(x, r)), w, b, axes=[-1], epsilon=1e-12)
+
+    mod = _module(body, [("b", 24), ("b", 24), (24,), (24,)])
+
+    def fused(passes):
+        with TARGET:
+            out = tvm.transform.Sequential(passes)(mod)
+        return sorted(_primfuncs(out))
+
+    legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()]
+    fuse = [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    assert fused(legalize + [pipeline.fuse_producers_into_norms()] + fuse) == ["fused_add_layer_norm"]
+    assert fused(legalize + fuse) == ["add", "layer_norm"]
+    rng = np.random.default_rng(5)
+    x, r, w, b = (rng.standard_normal(s).astype(np.float32) for s in [(6, 24), (6, 24), (24,), (24,)])
+    ref = torch.nn.functional.layer_norm(torch.from_numpy(x + r), (24,), torch.from_numpy(w), torch.from_numpy(b),
+                                         eps=1e-12).numpy()
+    np.testing.assert_allclose(_run(mod, x, r, w, b), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_integer_gemm_kernels_are_not_rescheduled():
     from qcompile.backends.tvm import kernels
 

@@ -1,5 +1,5 @@
 """The Relax pipeline the tvm backend builds with: TVM's CPU phases (dispatch, legalize + fuse,
-lower, finalize) with three phases of ours.
+lower, finalize) with four phases of ours.
 
 TVM's default CPU pipeline leaves every legalized loop nest unscheduled: a fused kernel runs one
 full-size loop nest per elementwise step (each writing a temporary as large as the tensor), ``erf``
@@ -21,6 +21,8 @@ a float matmul reads ``B`` with a stride in its innermost loop. Ours:
   these are the matmuls the kernel does not take (other ranks, a broadcast batch).
   Other innermost loops are left to LLVM's loop vectorizer: it handles symbolic extents (batch, sequence) with a remainder loop, and an explicit
   ``vectorize`` of a rounding cast to uint8 came out slower (scalarized ``vcvttps2dq``).
+- :func:`fuse_producers_into_norms` (before fusion): the attention scale and mask fuse into the
+  softmax kernel, the residual add into the LayerNorm kernel.
 - :data:`FAST_MATH_FLAGS` on the target: LLVM may reassociate float adds (so it vectorizes
   reductions: a LayerNorm row sum in 16 lanes) and contract ``a * b + c`` into FMA. No ``nnan`` /
   ``ninf``: an attention mask may hold large negative values and the results must keep NaN/inf.
@@ -233,18 +235,46 @@ def rewrite_float_ops():
     return run
 
 
-def get_pipeline(target):
-    """TVM's CPU phases with :func:`rewrite_float_ops` before legalization and
-    :func:`schedule_float_kernels` after fusion."""
+# FuseOps fuses elementwise producers into a reduction kernel (kCommReduce = 3), not into one
+# TVM annotates "output-elementwise fusable" (4), as it does softmax and LayerNorm.
+_REDUCTION_PATTERN = 3
+_FUSE_PRODUCERS_INTO = ("softmax", "layer_norm")
+
+
+def fuse_producers_into_norms():
+    """A module pass between ``AnnotateTIROpPattern`` and ``FuseOps``: softmax and LayerNorm
+    kernels marked as reductions, so the attention scale and mask (``x * c + mask``) fuse into
+    the softmax and the residual ``add`` into the LayerNorm, one pass over the rows instead of two."""
     import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="QcompileFuseProducersIntoNorms")
+    def run(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith(_FUSE_PRODUCERS_INTO):
+                mod[gv] = func.with_attr("op_pattern", _REDUCTION_PATTERN)
+        return mod
+
+    return run
+
+
+def get_pipeline(target):
+    """TVM's CPU phases with :func:`rewrite_float_ops` before legalization,
+    :func:`fuse_producers_into_norms` before fusion and :func:`schedule_float_kernels` after it."""
+    import tvm
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="QcompileCPUPipeline")
     def run(mod, _ctx):
         with target:
-            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [rewrite_float_ops()]
-                                           + cpu.legalize_passes(target) + [schedule_float_kernels()]
-                                           + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            # TVM's legalize phase (cpu.legalize_passes) with our pattern change before FuseOps
+            legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                        fuse_producers_into_norms(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                        relax.transform.FuseTIR()]
+            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [rewrite_float_ops()] + legalize
+                                           + [schedule_float_kernels()] + cpu.dataflow_lower_passes(target)
+                                           + cpu.finalize_passes(target))
             return seq(mod)
 
     return run
