@@ -12,17 +12,18 @@ a float matmul reads ``B`` with a stride in its innermost loop. Ours:
   relative (torch's float32 ``erf``: 3.2e-8) — far below the int8 step of any activation. Float
   batch matmuls of rank 3 (attention's Q·Kᵀ and P·V after the importer's reshapes) become calls of
   the register-tiled :func:`~.kernels.batch_matmul_kernel` (FMA on zmm, 8 accumulators).
-- :func:`schedule_primfunc` (after fusion), for every PrimFunc but the integer GEMMs:
+- :func:`fuse_producers_into_norms` (before fusion): the attention scale and mask fuse into the
+  softmax kernel, the residual add into the LayerNorm kernel.
+- :func:`schedule_primfunc` (after fusion), for every PrimFunc but the hand-written kernels:
   elementwise steps are inlined into one loop nest (a producer read by two consumers of a
   reduction kernel, softmax's ``exp``, is kept so it is computed once); in a kernel with
   reductions (softmax, LayerNorm) every step is computed per row under the output's leading
   spatial loops, so a row stays in L1 between its passes; float ``matmul`` blocks get their
   reduction loop outside the last spatial loop (vectorized explicitly when its extent is static);
-  these are the matmuls the kernel does not take (other ranks, a broadcast batch).
-  Other innermost loops are left to LLVM's loop vectorizer: it handles symbolic extents (batch, sequence) with a remainder loop, and an explicit
-  ``vectorize`` of a rounding cast to uint8 came out slower (scalarized ``vcvttps2dq``).
-- :func:`fuse_producers_into_norms` (before fusion): the attention scale and mask fuse into the
-  softmax kernel, the residual add into the LayerNorm kernel.
+  these are the matmuls the tiled kernel does not take (other ranks, a broadcast batch). Other
+  innermost loops are left to LLVM's loop vectorizer: it handles symbolic extents (batch,
+  sequence) with a remainder loop, and an explicit ``vectorize`` of a rounding cast to uint8 came
+  out slower (scalarized ``vcvttps2dq``).
 - :data:`FAST_MATH_FLAGS` on the target: LLVM may reassociate float adds (so it vectorizes
   reductions: a LayerNorm row sum in 16 lanes) and contract ``a * b + c`` into FMA. No ``nnan`` /
   ``ninf``: an attention mask may hold large negative values and the results must keep NaN/inf.
