@@ -34,9 +34,10 @@ class Float64Ops(torch.fx.Interpreter):
 
 def main():
     torch.set_num_threads(1)
+    from test_minilm import _calibration_batches, _fixed_inputs, _quantize
+
     from qcompile.models import load_minilm
     from qcompile.report import cosine
-    from test_minilm import _calibration_batches, _fixed_inputs, _quantize
 
     minilm = load_minilm()
     qmodel = _quantize(minilm, _calibration_batches(minilm))

@@ -46,10 +46,10 @@ def _interleaved(artifacts, ids, mask, rounds: int) -> dict:
     times = {"onnx": [], "tvm": []}
     with torch.inference_mode():
         for _ in range(rounds):
-            for impl in times:
+            for impl, spent in times.items():
                 t0 = time.perf_counter()
                 artifacts[impl](ids, mask)
-                times[impl].append(time.perf_counter() - t0)
+                spent.append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"onnx_ms": round(med["onnx"] * 1e3, 2), "tvm_ms": round(med["tvm"] * 1e3, 2),
             "ratio_vs_onnx": round(med["onnx"] / med["tvm"], 3)}

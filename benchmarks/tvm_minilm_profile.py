@@ -37,7 +37,7 @@ def profile(art, ids, mask, rounds: int) -> dict:
     for _ in range(rounds):
         acc, count, start = collections.defaultdict(float), collections.Counter(), {}
 
-        def instrument(func, name, before, ret, *args):
+        def instrument(func, name, before, ret, *args, acc=acc, count=count, start=start):
             if before:
                 start[name] = time.perf_counter()
             else:
@@ -62,9 +62,10 @@ def main():
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from test_minilm import _calibration_batches, _fixed_inputs, _quantize
+
     import qcompile
     from qcompile.models import load_minilm
-    from test_minilm import _calibration_batches, _fixed_inputs, _quantize
 
     minilm = load_minilm()
     qmodel = _quantize(minilm, _calibration_batches(minilm))

@@ -207,7 +207,8 @@ def batch_matmul_kernel():
                         + T.broadcast(A[bi, row0 + ii, kk], FLANES) * bv.vload([v * FLANES], "float32x16"))
         for ii in T.unroll(mr):
             for v in T.unroll(FNV):
-                C[T.ramp((bi * m + row0 + ii) * nd + col0 + v * FLANES, 1, FLANES)] = acc.vload([(ii * FNV + v) * FLANES], "float32x16")
+                C[T.ramp((bi * m + row0 + ii) * nd + col0 + v * FLANES, 1, FLANES)] = acc.vload(
+                    [(ii * FNV + v) * FLANES], "float32x16")
 
     @T.prim_func
     def bmm(a: T.handle, b: T.handle, c: T.handle):

@@ -89,8 +89,8 @@ def _inline_elementwise(sch, has_reduction: bool) -> None:
                 sch.compute_inline(info.block_rv)
                 done = True
                 break
-            except Exception:  # noqa: BLE001 - not inlinable (an output block, a non-trivial read)
-                pass
+            except Exception:  # noqa: BLE001, S112 - not inlinable (an output block, a non-trivial read)
+                continue
         if not done:
             for info in reversed(infos):
                 if not info.is_injective():
@@ -99,8 +99,8 @@ def _inline_elementwise(sch, has_reduction: bool) -> None:
                     sch.reverse_compute_inline(info.block_rv)
                     done = True
                     break
-                except Exception:  # noqa: BLE001 - not inlinable into its producer
-                    pass
+                except Exception:  # noqa: BLE001, S112 - not inlinable into its producer
+                    continue
         if not done:
             return
 
@@ -209,7 +209,7 @@ def rewrite_float_ops():
 
     @mutator
     class Rewrite(PyExprMutator):
-        added: dict = {}
+        added: dict  # the kernel GlobalVar once added, set per module by run()
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
