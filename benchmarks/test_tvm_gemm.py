@@ -134,3 +134,74 @@ def test_vnni_peak(benchmark, session_cache):
     f(*args)
     assert (args[2].numpy() == PEAK_ITERS).all()  # u8 (1,0,0,0) . s8 (1,1,1,1) = 1 per step, every lane
     benchmark.extra_info["gops"] = round(PEAK_ITERS * PEAK_ACC * 128 / benchmark.stats.stats.median / 1e9, 1)
+
+
+# Float batch matmul of attention at MiniLM batch 32, sequence 128 (12 heads x 32): Q·Kᵀ and P·V.
+# qcompile's register-tiled kernel vs what qcompile ran before: TVM's matmul on symbolic shapes
+# (as the model's are) with the reduction outside the last spatial loop, left to LLVM, built
+# without fast-math flags; vs torch.bmm.
+BMM = {"qk": (384, 128, 32, 128), "pv": (384, 128, 128, 32)}
+
+
+def _bmm_data(shape):
+    b, m, k, n = shape
+    rng = np.random.default_rng(k)
+    return rng.standard_normal((b, m, k)).astype(np.float32), rng.standard_normal((b, k, n)).astype(np.float32)
+
+
+def _bmm_tvm(shape, kernel):
+    from tvm import s_tir, te
+
+    x, y = _bmm_data(shape)
+    if kernel == "fbmm":
+        func = kernels.batch_matmul_kernel()
+    else:  # TVM's te matmul with the reduction moved outside the last spatial loop
+        b, m, k, n = (te.var(v, "int64") for v in "bmkn")
+        A, B = te.placeholder((b, m, k), name="A"), te.placeholder((b, k, n), name="B")
+        r = te.reduce_axis((0, k), name="k")
+        C = te.compute((b, m, n), lambda i, p, q: te.sum(A[i, p, r] * B[i, r, q], axis=r), name="matmul")
+        sch = s_tir.Schedule(te.create_prim_func([A, B, C]))
+        blk = sch.get_sblock("matmul")
+        loops = sch.get_loops(blk)
+        sch.reorder(loops[-1], loops[-2])
+        sch.decompose_reduction(blk, loops[-1])
+        func = sch.mod["main"]
+    mod = kernels.compile_kernel(func, target=HOST.target(fast_math=kernel == "fbmm"))
+    args = [tvm.runtime.tensor(v) for v in (x, y, np.zeros((shape[0], shape[1], shape[3]), np.float32))]
+    f = mod["main"]
+    return lambda: f(*args), lambda: args[-1].numpy()
+
+
+def _bmm_torch(shape):
+    x, y = (torch.from_numpy(v) for v in _bmm_data(shape))
+    out = {}
+
+    def run():
+        out["y"] = torch.bmm(x, y)
+    return run, lambda: out["y"].numpy()
+
+
+BMM_IMPLS = {"fbmm": lambda s: _bmm_tvm(s, "fbmm"), "tvm_loop": lambda s: _bmm_tvm(s, "loop"), "torch_bmm": _bmm_torch}
+BMM_CASES = [(name, impl) for name in BMM for impl in ("torch_bmm", "tvm_loop", "fbmm")]
+
+
+@pytest.mark.parametrize("name,impl", BMM_CASES, ids=[f"{n}-{i}" for n, i in BMM_CASES])
+def test_float_bmm(benchmark, session_cache, name, impl):
+    torch.set_num_threads(1)
+    shape = BMM[name]
+    run, result = BMM_IMPLS[impl](shape)
+    benchmark.group = f"float-bmm-{name}-{'x'.join(map(str, shape))}"
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
+    x, y = _bmm_data(shape)
+    np.testing.assert_allclose(result(), x @ y, rtol=1e-4, atol=1e-4)
+    median = benchmark.stats.stats.median
+    session_cache[("bmm", name, impl)] = median
+    b, m, k, n = shape
+    info = {"gflops": round(2 * b * m * k * n / median / 1e9, 1), "threads": 1}
+    other = session_cache.get(("bmm", name, "tvm_loop"))
+    if other and impl == "fbmm":
+        info["ratio_vs_tvm_loop"] = round(other / median, 3)
+    other = session_cache.get(("bmm", name, "torch_bmm"))
+    if other and impl != "torch_bmm":
+        info["ratio_vs_torch"] = round(other / median, 3)
+    benchmark.extra_info.update(info)

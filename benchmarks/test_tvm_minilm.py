@@ -3,7 +3,9 @@ one thread: the TVM artifact vs onnxruntime running qcompile's ONNX export of th
 PyTorch float eager, batch 1 and 32 x sequence 128 (the inputs of benchmarks/test_minilm.py).
 
 ``extra_info``: ``ratio_vs_float`` and ``ratio_vs_onnx`` (their median / this median: > 1 is
-faster), ``cosine_vs_reference`` (TVM vs the reference backend), ``compile_seconds``. Run::
+faster), ``cosine_vs_reference`` (TVM vs the reference backend), ``compile_seconds``; on the TVM
+rows also ``interleaved``: onnxruntime and TVM called alternately (ROUNDS rounds each), their
+medians and ``ratio_vs_onnx``, which load from other processes affects alike. Run::
 
     TVM_NUM_THREADS=1 python -m pytest benchmarks/test_tvm_minilm.py --benchmark-only
 """
@@ -36,6 +38,23 @@ def artifacts(w8a8):
     return {"tvm": qcompile.lower(w8a8, backend="tvm"), "onnx": qcompile.lower(w8a8, backend="onnx", threads=1)}
 
 
+def _interleaved(artifacts, ids, mask, rounds: int) -> dict:
+    """onnxruntime and TVM called one after the other, ``rounds`` times: medians in ms and their ratio."""
+    import statistics
+    import time
+
+    times = {"onnx": [], "tvm": []}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for impl, spent in times.items():
+                t0 = time.perf_counter()
+                artifacts[impl](ids, mask)
+                spent.append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"onnx_ms": round(med["onnx"] * 1e3, 2), "tvm_ms": round(med["tvm"] * 1e3, 2),
+            "ratio_vs_onnx": round(med["onnx"] / med["tvm"], 3)}
+
+
 CASES = [(b, impl) for b in (1, 32) for impl in ("float", "onnx", "tvm")]
 
 
@@ -60,6 +79,7 @@ def test_minilm_tvm(benchmark, minilm, w8a8, artifacts, session_cache, batch, im
         if other and peer != impl:
             info[f"ratio_vs_{peer}"] = round(other / median, 3)
     if impl == "tvm":
+        info["interleaved"] = _interleaved(artifacts, ids, mask, rounds)
         with torch.inference_mode():
             info["cosine_vs_reference"] = cosine(w8a8(ids, mask), out)
         info["compile_seconds"] = round(artifacts["tvm"].compile_seconds, 1)

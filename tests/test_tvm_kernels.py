@@ -82,3 +82,22 @@ def test_unknown_family_and_bad_shapes_are_rejected():
         kernels.gemm_kernel(64, 48, False, "amx")
     with pytest.raises(ValueError, match="multiple of 4"):
         kernels.gemm_kernel(30, 48, False, "generic")
+
+
+@pytest.mark.parametrize("b,m,k,n", [(2, 8, 32, 64), (3, 13, 32, 37), (2, 9, 7, 32), (1, 1, 5, 3)])
+def test_float_batch_matmul_matches_numpy(b, m, k, n):
+    """Full 4-row x 32-column tiles, remainder rows (13 = 3 tiles + 1), remainder columns (37 =
+    one tile + 5 scalars; 3 = scalars only), K not a multiple of anything."""
+    rng = np.random.default_rng(b * 100 + m + k + n)
+    mod = kernels.compile_kernel(kernels.batch_matmul_kernel())
+    x, y = rng.standard_normal((b, m, k)).astype(np.float32), rng.standard_normal((b, k, n)).astype(np.float32)
+    out = tvm.runtime.tensor(np.full((b, m, n), np.nan, np.float32))
+    mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), out)
+    np.testing.assert_allclose(out.numpy(), x.astype(np.float64) @ y.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_float_batch_matmul_rejects_mismatched_shapes():
+    mod = kernels.compile_kernel(kernels.batch_matmul_kernel())
+    x, y = np.zeros((2, 4, 8), np.float32), np.zeros((2, 7, 32), np.float32)
+    with pytest.raises(Exception, match="(?i)shape|mismatch|match"):
+        mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), tvm.runtime.tensor(np.zeros((2, 4, 32), np.float32)))

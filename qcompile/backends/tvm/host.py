@@ -24,11 +24,14 @@ class Host:
     def has_amx(self) -> bool:
         return "amx_int8" in self.flags and "amx_tile" in self.flags
 
-    def target(self, threads: int = 0):
-        """The TVM LLVM target for this host (dict form: TVM 0.27 rejects target strings)."""
+    def target(self, threads: int = 0, fast_math: bool = True):
+        """The TVM LLVM target for this host (dict form: TVM 0.27 rejects target strings);
+        ``fast_math``: with :data:`~.pipeline.FAST_MATH_FLAGS` (float reassociation, FMA)."""
         import tvm
 
-        spec = {"kind": "llvm", "mcpu": self.mcpu}
+        from .pipeline import FAST_MATH_FLAGS
+
+        spec = {"kind": "llvm", "mcpu": self.mcpu, **(FAST_MATH_FLAGS if fast_math else {})}
         if threads:
             spec["num-cores"] = threads
         return tvm.target.Target(spec)

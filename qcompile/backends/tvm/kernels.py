@@ -173,3 +173,65 @@ def compile_kernel(func, target=None):
     from .host import detect
 
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target or detect().target())
+
+
+# Float batch matmul (attention's Q·Kᵀ and P·V, which stay float in w8a8): register tiles of
+# FMR rows x 2 vectors of 16 columns (8 zmm accumulators), the k loop inside the tile, B read
+# along its rows (contiguous 16-float vectors), A broadcast one element at a time.
+FMR, FNV = 4, 2
+FLANES = 16
+
+
+def batch_matmul_kernel():
+    """The TIR ``PrimFunc`` ``C[b, i, j] = sum_k A[b, i, k] * B[b, k, j]`` in float32, for
+    ``A [batch, m, K]``, ``B [batch, K, N]``, ``C [batch, m, N]``, every dim symbolic (one kernel
+    serves Q·Kᵀ and P·V at any batch and sequence). Rows outside the ``FMR``-row tiles run one at
+    a time; columns outside the 32-column tiles run as scalars."""
+    from tvm.script import tirx as T
+
+    tile_n = FNV * FLANES
+
+    @T.macro
+    def tile(A, B, C, bi, row0, mr, col0, kk_n, m, nd):
+        acc = T.decl_buffer((mr * FNV * FLANES,), "float32", scope="global")
+        bv = T.decl_buffer((FNV * FLANES,), "float32", scope="global")
+        for t in T.unroll(mr * FNV):
+            acc[T.ramp(t * FLANES, 1, FLANES)] = T.broadcast(T.float32(0), FLANES)
+        for kk in range(kk_n):
+            for v in T.unroll(FNV):
+                bv[T.ramp(v * FLANES, 1, FLANES)] = B.vload([bi, kk, col0 + v * FLANES], "float32x16")
+            for ii in T.unroll(mr):
+                for v in T.unroll(FNV):
+                    acc[T.ramp((ii * FNV + v) * FLANES, 1, FLANES)] = (
+                        acc.vload([(ii * FNV + v) * FLANES], "float32x16")
+                        + T.broadcast(A[bi, row0 + ii, kk], FLANES) * bv.vload([v * FLANES], "float32x16"))
+        for ii in T.unroll(mr):
+            for v in T.unroll(FNV):
+                C[T.ramp((bi * m + row0 + ii) * nd + col0 + v * FLANES, 1, FLANES)] = acc.vload(
+                    [(ii * FNV + v) * FLANES], "float32x16")
+
+    @T.prim_func
+    def bmm(a: T.handle, b: T.handle, c: T.handle):
+        T.func_attr({"tir.noalias": True})
+        nb = T.int64()
+        m = T.int64()
+        kd = T.int64()
+        nd = T.int64()
+        A = T.match_buffer(a, (nb, m, kd), "float32")
+        B = T.match_buffer(b, (nb, kd, nd), "float32")
+        C = T.match_buffer(c, (nb, m, nd), "float32")
+        C1 = T.decl_buffer((nb * m * nd,), "float32", data=C.data)
+        for bi in range(nb):
+            for jo in range(nd // tile_n):
+                for io in range(m // FMR):
+                    tile(A, B, C1, bi, io * FMR, FMR, jo * tile_n, kd, m, nd)
+                for r in range(m % FMR):
+                    tile(A, B, C1, bi, m // FMR * FMR + r, 1, jo * tile_n, kd, m, nd)
+            for i in range(m):
+                for j in range(nd % tile_n):
+                    C[bi, i, nd // tile_n * tile_n + j] = T.float32(0)
+                    for kk in range(kd):
+                        C[bi, i, nd // tile_n * tile_n + j] = (C[bi, i, nd // tile_n * tile_n + j]
+                                                               + A[bi, i, kk] * B[bi, kk, nd // tile_n * tile_n + j])
+
+    return bmm
