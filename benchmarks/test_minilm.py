@@ -109,27 +109,6 @@ def onnx_artifact(quantized):
     return qcompile.lower(quantized, backend="onnx", threads=1)
 
 
-@pytest.fixture(scope="module")
-def compiled_peers(minilm, calibration_batches):
-    """Per batch size, the compiled peers (``benchmarks/peers.py``): float under inductor, and
-    torchao's PT2E x86 int8 path, each built on first use (about a minute each)."""
-    import peers
-
-    built = {}
-
-    def get(impl, batch):
-        if (impl, batch) not in built:
-            example = _fixed_inputs(minilm, batch)
-            if impl == "float-compiled":
-                built[impl, batch] = peers.torch_compiled(minilm.model, example)
-            else:
-                pytest.importorskip("torchao")
-                built[impl, batch] = peers.torchao_pt2e_x86(minilm.model, example, calibration_batches)
-        return built[impl, batch]
-
-    return get
-
-
 CASES = [(b, impl) for b in (1, 32) for impl in ("float", "float-compiled", "reference", "onnx", "torchao-pt2e")]
 
 

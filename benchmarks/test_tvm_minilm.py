@@ -1,11 +1,12 @@
 """MiniLM (all-MiniLM-L6-v2) w8a8 end to end on the tvm backend, side by side in one process,
-one thread: the TVM artifact vs onnxruntime running qcompile's ONNX export of the same model vs
-PyTorch float eager, batch 1 and 32 x sequence 128 (the inputs of benchmarks/test_minilm.py).
+one thread: the TVM artifact vs its peers — onnxruntime running qcompile's ONNX export of the same
+model, torchao's PT2E x86 int8 path compiled by inductor (``benchmarks/peers.py``) — and PyTorch
+float eager, batch 1 and 32 x sequence 128 (the inputs of benchmarks/test_minilm.py).
 
-``extra_info``: ``ratio_vs_float`` and ``ratio_vs_onnx`` (their median / this median: > 1 is
-faster), ``cosine_vs_reference`` (TVM vs the reference backend), ``compile_seconds``; on the TVM
-rows also ``interleaved``: onnxruntime and TVM called alternately (ROUNDS rounds each), their
-medians and ``ratio_vs_onnx``, which load from other processes affects alike. Run::
+``extra_info``: ``ratio_vs_<peer>`` (the peer's median / this median: > 1 is faster),
+``cosine_vs_reference`` (TVM vs the reference backend), ``compile_seconds``; on the TVM rows also
+``interleaved``: float, onnxruntime, torchao and TVM called in turn (ROUNDS rounds each), their
+medians and TVM's ratio to each, which load from other processes affects alike. Run::
 
     TVM_NUM_THREADS=1 python -m pytest benchmarks/test_tvm_minilm.py --benchmark-only
 """
@@ -38,31 +39,39 @@ def artifacts(w8a8):
     return {"tvm": qcompile.lower(w8a8, backend="tvm"), "onnx": qcompile.lower(w8a8, backend="onnx", threads=1)}
 
 
-def _interleaved(artifacts, ids, mask, rounds: int) -> dict:
-    """onnxruntime and TVM called one after the other, ``rounds`` times: medians in ms and their ratio."""
+def _interleaved(models: dict, ids, mask, rounds: int) -> dict:
+    """Every model called in turn, ``rounds`` times: medians in ms and TVM's ratio to each."""
     import statistics
     import time
 
-    times = {"onnx": [], "tvm": []}
+    times = {impl: [] for impl in models}
     with torch.inference_mode():
         for _ in range(rounds):
             for impl, spent in times.items():
                 t0 = time.perf_counter()
-                artifacts[impl](ids, mask)
+                models[impl](ids, mask)
                 spent.append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"onnx_ms": round(med["onnx"] * 1e3, 2), "tvm_ms": round(med["tvm"] * 1e3, 2),
-            "ratio_vs_onnx": round(med["onnx"] / med["tvm"], 3)}
+    out = {f"{k}_ms": round(v * 1e3, 2) for k, v in med.items()}
+    out.update({f"ratio_vs_{k}": round(v / med["tvm"], 3) for k, v in med.items() if k != "tvm"})
+    return out
 
 
-CASES = [(b, impl) for b in (1, 32) for impl in ("float", "onnx", "tvm")]
+PEERS = ("float", "onnx", "torchao-pt2e")
+CASES = [(b, impl) for b in (1, 32) for impl in (*PEERS, "tvm")]
 
 
 @pytest.mark.parametrize("batch,impl", CASES, ids=[f"b{b}-s{SEQUENCE}-{i}" for b, i in CASES])
-def test_minilm_tvm(benchmark, minilm, w8a8, artifacts, session_cache, batch, impl):
+def test_minilm_tvm(benchmark, minilm, w8a8, artifacts, compiled_peers, session_cache, batch, impl):
     torch.set_num_threads(1)
     ids, mask = _fixed_inputs(minilm, batch)
-    model = minilm.model if impl == "float" else artifacts[impl]
+
+    def model_of(name):
+        if name == "float":
+            return minilm.model
+        return compiled_peers(name, batch)[0] if name == "torchao-pt2e" else artifacts[name]
+
+    model = model_of(impl)
     benchmark.group = f"minilm-tvm-b{batch}-s{SEQUENCE}"
 
     def run():
@@ -74,16 +83,20 @@ def test_minilm_tvm(benchmark, minilm, w8a8, artifacts, session_cache, batch, im
     median = benchmark.stats.stats.median
     session_cache[("tvm-bench", batch, impl)] = median
     info = {"batch": batch, "sequence": SEQUENCE, "threads": 1}
-    for peer in ("float", "onnx"):
+    for peer in PEERS:
         other = session_cache.get(("tvm-bench", batch, peer))
         if other and peer != impl:
             info[f"ratio_vs_{peer}"] = round(other / median, 3)
     if impl == "tvm":
-        info["interleaved"] = _interleaved(artifacts, ids, mask, rounds)
+        info["interleaved"] = _interleaved({name: model_of(name) for name in (*PEERS, "tvm")}, ids, mask, rounds)
         with torch.inference_mode():
             info["cosine_vs_reference"] = cosine(w8a8(ids, mask), out)
         info["compile_seconds"] = round(artifacts["tvm"].compile_seconds, 1)
         info["family"] = artifacts["tvm"].family
+    if impl == "torchao-pt2e":
+        with torch.inference_mode():
+            info["cosine_vs_float"] = cosine(minilm.model(ids, mask), out)
+        info["build_seconds"] = round(compiled_peers(impl, batch)[1], 1)
     benchmark.extra_info.update(info)
     if impl == "tvm":
         assert info["cosine_vs_reference"] > 0.999
