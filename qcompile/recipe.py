@@ -268,7 +268,7 @@ class Recipe:
                 raise RecipeError(where, f"expected a LayerConfig or None, got {type(cfg).__name__}")
             if cfg.weight is not None:
                 cfg.weight.validate(f"{where}.weight")
-                if cfg.weight.dynamic or cfg.weight.granularity in ("per_token", "per_token_group"):
+                if cfg.weight.dynamic or cfg.weight.per_token:
                     raise RecipeError(f"{where}.weight", "weights are constant: use static per_tensor/per_channel/per_group")
             if cfg.activation is not None:
                 cfg.activation.validate(f"{where}.activation")

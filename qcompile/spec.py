@@ -116,7 +116,7 @@ class QuantSpec:
             raise RecipeError(f"{where}.zero_point_dtype", "double-quantized (int8) zero points need per_group weights")
         if not self.symmetric and not fmt.supports_asymmetric:
             raise RecipeError(f"{where}.symmetric", f"format '{self.format}' is symmetric only")
-        if self.granularity in ("per_token", "per_token_group") and not self.dynamic:
+        if self.per_token and not self.dynamic:
             raise RecipeError(f"{where}.dynamic",
                               f"{self.granularity} scales are computed at run time: set dynamic: true")
         return self
