@@ -75,3 +75,65 @@ def test_refusals():
         int4.pack_int4(q.astype(np.int16) + 1, s, z, 32)
     with pytest.raises(ValueError, match="multiple of the group"):
         int4.int4_kernel(96, 16, 64)
+
+
+# ---- the fuse pass and the lowering ----------------------------------------------------------
+
+import copy  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import qcompile  # noqa: E402
+from qcompile.ops import DEQUANTIZE  # noqa: E402
+from qcompile.verify import verify  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_backend_tvm import _block  # noqa: E402
+
+
+def _mlp(k=128, recipe="w4-g64"):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(k, 64), torch.nn.ReLU(), torch.nn.Linear(64, 40)).eval()
+    x = torch.randn(3, k)
+    return qcompile.quantize(m, recipe, example_inputs=(x,), calibration=[(x,)]), x
+
+
+def test_pass_fuses_int4_linears_and_keeps_numerics():
+    q, x = _mlp()
+    gm = copy.deepcopy(q.graph_module)
+    p = int4.FuseInt4LinearPass()
+    assert p(gm).modified and p.fused == ["linear", "linear_1"] and not p.skipped
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(int4.INT4_LINEAR) == 2 and torch.ops.aten.linear.default not in targets
+    gm.graph.eliminate_dead_code()
+    assert DEQUANTIZE not in [n.target for n in gm.graph.nodes]   # the float weight is gone
+    gm.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0] if isinstance(gm(x), (tuple, list)) else gm(x), q(x), rtol=1e-5, atol=1e-5)
+    assert q.graph_module.graph.find_nodes(op="call_function", target=DEQUANTIZE)   # the user's model untouched
+
+
+def test_group_not_dividing_k_stays_float_and_is_named():
+    q, _ = _mlp()
+    gm = copy.deepcopy(q.graph_module)
+    dq = next(n for n in gm.graph.nodes if n.target == DEQUANTIZE)
+    dq.args = (*dq.args[:4], 48, *dq.args[5:])      # a group size that does not divide K=128
+    p = int4.FuseInt4LinearPass()
+    p(gm)
+    assert p.fused == ["linear_1"] and "group size 48" in p.skipped["linear"]
+    assert [n.target for n in gm.graph.nodes].count(torch.ops.aten.linear.default) == 1
+
+
+@pytest.mark.parametrize("recipe", ["w4-g64", "w4-g128"])
+def test_int4_model_lowered_matches_reference(recipe):
+    q, x = _mlp(k=256, recipe=recipe)
+    art = qcompile.lower(q, backend="tvm")
+    assert art.meta["fused"] == ["linear", "linear_1"]
+    assert verify(art, q, [(x,), (torch.randn(1, 256),)]).passed
+
+
+def test_int4_tiny_block_lowered_matches_reference():
+    q, batches = _block("w4-g64")
+    art = qcompile.lower(q, backend="tvm")
+    assert len(art.meta["fused"]) == 6 and not art.meta["skipped"]
+    assert verify(art, q, batches).passed

@@ -11,8 +11,11 @@ byte ``[nb, j, c]`` = ``q[nb*16 + c, 2j] | q[nb*16 + c, 2j + 1] << 4``: one 16-b
 ``k`` for a block of 16 columns, contiguous along ``k`` so a GEMV streams each block once. Scales and
 zero points are stored ``[Np/16, K/g, 16]`` float32 alongside. Padding columns have zero scale.
 
-Status: the kernel and its packing are built and tested (tests/test_tvm_int4.py); the fuse pass and
-the lowering hook that would call it from a converted model are not built yet (docs/tvm.md).
+Lowering: :class:`FuseInt4LinearPass` turns ``linear(x_float, dequantize(W_uint4 per group), b)``
+into ``qcompile_tvm::int4_linear`` (PyTorch implementation included, so the pass is tested on its
+own) with the weights packed here; :class:`Int4LinearConverter` makes it a ``call_tir`` of the kernel.
+An int4 Linear the pass cannot take is named in ``skipped`` and left as it was (the backend's format
+check then raises ``NotBuiltError`` naming it, since the Relax dequantize has no uint4 path).
 """
 from __future__ import annotations
 
@@ -108,3 +111,129 @@ def int4_kernel(k: int, np_: int, group: int):
 
     return gemv
 
+
+
+# ---- the fused op, the pass that creates it, and its Relax converter --------------------------
+
+import torch  # noqa: E402
+
+from ...ops import DEQUANTIZE  # noqa: E402
+from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor  # noqa: E402
+
+
+@torch.library.custom_op("qcompile_tvm::int4_linear", mutates_args=())
+def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bias: torch.Tensor,
+                n: int, group: int) -> torch.Tensor:
+    """``linear(x, dequantize(W_uint4, s, z, group), bias)`` from the packed operands of
+    :func:`pack_int4` (``bias`` padded to Np). Returns float32 ``[..., n]``."""
+    q = torch.from_numpy(unpack_int4(w_packed.numpy())).float()                       # [Np, K]
+    lay = lambda t: t.permute(0, 2, 1).reshape(q.shape[0], -1).repeat_interleave(group, 1)  # noqa: E731
+    w = (q - lay(z)) * lay(s)
+    return torch.nn.functional.linear(x.float(), w[:n], bias[:n])
+
+
+@int4_linear.register_fake
+def _(x, w_packed, s, z, bias, n, group):
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
+INT4_LINEAR = torch.ops.qcompile_tvm.int4_linear.default
+
+
+class FuseInt4LinearPass(Pass):
+    """``linear(x_float, dequantize(W_uint4, s, z, "uint4", g), b)`` ⇒ ``int4_linear(x, packed W, ...)``.
+    Linears on other weights are left alone; an int4 one it cannot take is named in :attr:`skipped`."""
+
+    name = "fuse_int4_linear"
+
+    def __init__(self):
+        self.skipped: dict[str, str] = {}
+        self.fused: list[str] = []
+
+    def _why_not(self, gm, node) -> str | None:
+        dqa, dqw = node.args[0], node.args[1]
+        if getattr(dqa, "target", None) == DEQUANTIZE:
+            return "int4 weights with quantized activations have no TVM kernel"
+        q, s = get_attr_tensor(gm, dqw.args[0]), get_attr_tensor(gm, dqw.args[1])
+        z = get_attr_tensor(gm, dqw.args[2]) if dqw.args[2] is not None else None
+        if q is None or s is None or z is None or q.dim() != 2:
+            return "int4 weight codes, scale or zero point are not constant 2-D tensors"
+        k = q.shape[1]
+        group = min(dqw.args[4], k)  # a group wider than K is one group of K (how convert writes it)
+        if group not in GROUPS:
+            return f"int4 group size {group} has no TVM kernel (built: {GROUPS})"
+        if k % group:
+            return f"int4 group size {group} does not divide K={k}"
+        if s.shape != (q.shape[0], k // group) or z.shape != s.shape:
+            return f"int4 scale/zero point of shape {tuple(s.shape)} are not per group"
+        if len(node.args) > 2 and node.args[2] is not None and get_attr_tensor(gm, node.args[2]) is None:
+            return "the bias is not a constant"
+        return None
+
+    def call(self, gm):
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target != torch.ops.aten.linear.default or len(node.args) < 2:
+                continue
+            dqw = node.args[1]
+            if getattr(dqw, "target", None) != DEQUANTIZE or dqw.args[3] != "uint4":
+                continue
+            reason = self._why_not(gm, node)
+            if reason:
+                self.skipped[node.name] = reason
+                continue
+            q = get_attr_tensor(gm, dqw.args[0])
+            n = q.shape[0]
+            group = min(dqw.args[4], q.shape[1])
+            packed, sp, zp = pack_int4(q.numpy(), get_attr_tensor(gm, dqw.args[1]).float().numpy(),
+                                       get_attr_tensor(gm, dqw.args[2]).float().numpy(), group)
+            bias = torch.zeros(padded_n(n))
+            if len(node.args) > 2 and node.args[2] is not None:
+                bias[:n] = get_attr_tensor(gm, node.args[2]).float()
+            base = dqw.args[0].target
+            args = [node.args[0], add_tensor(gm, f"{base}_int4", torch.from_numpy(packed), node),
+                    add_tensor(gm, f"{base}_int4_s", torch.from_numpy(sp), node),
+                    add_tensor(gm, f"{base}_int4_z", torch.from_numpy(zp), node),
+                    add_tensor(gm, f"{base}_int4_bias", bias, node)]
+            with gm.graph.inserting_before(node):
+                fused = gm.graph.call_function(INT4_LINEAR, (*args, n, group))
+            fused.meta = dict(node.meta)
+            node.replace_all_uses_with(fused)
+            gm.graph.erase_node(node)
+            self.fused.append(node.name)
+            modified = True
+        return PassResult(gm, modified)
+
+
+class Int4LinearConverter:
+    """Relax converter for ``qcompile_tvm::int4_linear``: a ``call_tir`` of :func:`int4_kernel`,
+    one ``PrimFunc`` per (K, Np, group)."""
+
+    def __init__(self):
+        self.kernels: dict[tuple, object] = {}
+
+    def __call__(self, node, imp):
+        from tvm import relax
+
+        op, bb = relax.op, imp.block_builder
+        x = imp.env[node.args[0]]
+        packed, s, z, bias = (imp.env[a] for a in node.args[1:5])
+        n, group = node.args[5], node.args[6]
+        k = int(packed.ty.shape[1]) * 2
+        np_ = int(packed.ty.shape[0]) * LANES
+        if x.ty.shape is None:  # the importer lost the shape: name its dims
+            from tvm import tirx
+
+            dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(x.ty.ndim - 1)]
+            x = bb.match_cast(x, relax.TensorType([*dims, k], x.ty.dtype))
+        lead = list(x.ty.shape.values[:-1])
+        x2 = bb.emit(op.reshape(bb.emit(op.astype(x, "float32")), (-1, k)))
+        key = (k, np_, group)
+        if key not in self.kernels:
+            name = f"qgemm_int4_k{k}_n{np_}_g{group}"
+            self.kernels[key] = bb.add_func(int4_kernel(k, np_, group).with_attr("global_symbol", name), name)
+        out = bb.emit(relax.call_tir(self.kernels[key], [x2, packed, s, z, bias],
+                                     out_ty=relax.TensorType((x2.ty.shape[0], np_), "float32")))
+        if np_ != n:
+            out = bb.emit(op.strided_slice(out, axes=[1], begin=[0], end=[n]))
+        return bb.emit(op.reshape(out, (*lead, n)))
