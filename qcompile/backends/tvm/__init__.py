@@ -5,8 +5,9 @@ built into a shared library for an LLVM target detected from the host.
 
 Built: int8/uint8 per-tensor, per-channel and per-token dynamic Q/DQ; kernel families ``vnni``
 (AVX-512 VNNI) and ``generic`` (any LLVM target), a one-row path for M=1; dynamic batch and
-sequence; ``save``/``load`` of the library. Not yet built (``NotBuiltError``): an AMX family,
-int4 weight-only GEMM, group-wise formats, integer conv. See docs/tvm.md.
+sequence; ``save``/``load`` of the library; int4 weight-only Linears (``w4-g32/64/128``) through a
+TIR kernel that unpacks the codes in registers (:mod:`.int4`). Not yet built (``NotBuiltError``): an
+AMX family, other group-wise formats (int4 on quantized activations), integer conv. See docs/tvm.md.
 
 Example::
 

@@ -1,9 +1,10 @@
 """Lower a converted qcompile model to a TVM Relax module and build it for the host CPU.
 
-Steps: copy the Q/DQ graph → :class:`~.fuse.FuseInt8LinearPass` (integer GEMMs with packed
-weights) → ``torch.export`` → core ATen decompositions → a check that every op has a converter
-(naming the node that has none) → ``relax.frontend.torch.from_exported_program`` with converters
-for qcompile's ops (below) → ``tvm.compile`` for an LLVM target detected from the host.
+Steps: copy the Q/DQ graph → :class:`~.int4.FuseInt4LinearPass` (int4 weight-only Linears) →
+:class:`~.fuse.FuseInt8LinearPass` (integer GEMMs with packed weights) → ``torch.export`` →
+core ATen decompositions → a check that every op has a converter (naming the node that has
+none) → ``relax.frontend.torch.from_exported_program`` with converters for qcompile's ops
+(below) → ``tvm.compile`` for an LLVM target detected from the host.
 
 The converters mirror the reference numerics (:mod:`qcompile.ops`, torchao's affine primitives)
 op for op — ``round(x * (1 / scale)) + zero_point``, clamped — so codes match the reference
@@ -23,6 +24,7 @@ from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
 from . import kernels
 from .fuse import FuseInt8LinearPass
+from .int4 import FuseInt4LinearPass, Int4LinearConverter
 
 
 class NotBuiltError(BackendError, NotImplementedError):
@@ -277,15 +279,19 @@ def import_relax(qmodel, family: str):
         raise BackendError("this model has no capture examples (it was loaded from disk): lowering a loaded "
                            "model to tvm is not yet built; lower the model returned by quantize()")
     gm = copy.deepcopy(qmodel.graph_module)
+    fuse4 = FuseInt4LinearPass()  # int4 weight-only Linears first: check_formats rejects what is left
+    PassManager([fuse4])(gm)
     check_formats(gm, "'tvm'", {"int8", "uint8"}, group_wise=False, error=NotBuiltError)
     fuse = FuseInt8LinearPass()
     PassManager([fuse])(gm)
+    fuse.fused, fuse.skipped = fuse4.fused + fuse.fused, {**fuse4.skipped, **fuse.skipped}
     prune_unused_tensors(gm)
     args, kwargs, dynamic_shapes = qmodel._example
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
     custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
-              "choose_qparams.default": _choose_qparams, "int8_linear.default": _Int8Linear(family)}
+              "choose_qparams.default": _choose_qparams, "int8_linear.default": _Int8Linear(family),
+              "int4_linear.default": Int4LinearConverter()}
     importer = _importer()
     _unsupported(ep, set(importer.convert_map) | set(custom))
     try:

@@ -1,0 +1,95 @@
+"""int4 weight-only Linear side by side, one thread, one process: qcompile's TIR int4 kernel
+(qcompile/backends/tvm/int4.py, codes unpacked in registers) vs torch float ``F.linear`` on the
+dequantized fp32 weight vs onnxruntime ``com.microsoft::MatMulNBits`` (accuracy level 0, float
+activations: the like-for-like peer, a one-node model built with onnx.helper), at K=768 N=3072,
+M in {1, 128}, g in {64, 128}. The three are timed interleaved (round-robin) in
+``test_int4_interleaved``, whose ``extra_info`` holds the medians and the ratios
+(``vs_float`` = float median / TVM median, ``vs_ort`` = MatMulNBits median / TVM median: > 1 is faster)
+and the load average. Run::
+
+    TVM_NUM_THREADS=1 python -m pytest benchmarks/test_tvm_int4.py --benchmark-only -s
+"""
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+tvm = pytest.importorskip("tvm")
+ort = pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+
+from qcompile.backends.tvm import int4, kernels  # noqa: E402
+
+K, N = 768, 3072
+
+
+def _ort_session(q, s, z, g, m):
+    nblk = K // g
+    blob = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(N, nblk, g // 2)
+    zq = z.astype(np.uint8)
+    if nblk % 2:
+        zq = np.concatenate([zq, np.zeros((N, 1), np.uint8)], 1)
+    zp = (zq[:, 0::2] | (zq[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+    node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft",
+                            K=K, N=N, bits=4, block_size=g, accuracy_level=0)
+    graph = helper.make_graph(
+        [node], "mm4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, N])],
+        [onnx.numpy_helper.from_array(blob, "w"), onnx.numpy_helper.from_array(s.reshape(-1).astype(np.float32), "s"),
+         onnx.numpy_helper.from_array(zp, "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _setup(m, g):
+    rng = np.random.default_rng(g + m)
+    q = rng.integers(0, 16, (N, K)).astype(np.uint8)
+    s = (rng.random((N, K // g)) * 0.01 + 1e-3).astype(np.float32)
+    z = rng.integers(0, 16, (N, K // g)).astype(np.float32)
+    x = rng.standard_normal((m, K)).astype(np.float32)
+    packed, sp, zp = int4.pack_int4(q, s, z, g)
+    f = kernels.compile_kernel(int4.int4_kernel(K, N, g))["main"]
+    targs = [tvm.runtime.tensor(a) for a in (x, packed, sp, zp, np.zeros(N, np.float32))]
+    tout = tvm.runtime.tensor(np.zeros((m, N), np.float32))
+    w = torch.from_numpy((q.astype(np.float32) - np.repeat(z, g, 1)) * np.repeat(s, g, 1))
+    xt = torch.from_numpy(x)
+    sess = _ort_session(q, s, z, g, m)
+    impls = {"tvm_int4": lambda: f(*targs, tout),
+             "torch_float": lambda: torch.nn.functional.linear(xt, w),
+             "ort_matmulnbits_l0": lambda: sess.run(None, {"x": x})}
+    ref = torch.nn.functional.linear(xt.double(), w.double()).numpy()
+    impls["tvm_int4"]()
+    got = {"tvm_int4": tout.numpy(), "ort_matmulnbits_l0": impls["ort_matmulnbits_l0"]()[0]}
+    for name, y in got.items():   # a benchmark of a wrong kernel is worth nothing
+        assert np.abs(y - ref).max() <= 1e-3 * np.abs(ref).max(), name
+    return impls
+
+
+@pytest.mark.parametrize("g", [64, 128])
+@pytest.mark.parametrize("m", [1, 128])
+def test_int4_interleaved(benchmark, m, g):
+    torch.set_num_threads(1)
+    impls = _setup(m, g)
+    rounds = 200 if m == 1 else 20
+    times = {k: [] for k in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    info = {f"{k}_us": round(v * 1e6, 1) for k, v in med.items()}
+    info["vs_float"] = round(med["torch_float"] / med["tvm_int4"], 2)
+    info["vs_ort"] = round(med["ort_matmulnbits_l0"] / med["tvm_int4"], 2)
+    info["loadavg"] = os.getloadavg()[0]
+    benchmark.extra_info.update(info)
+    print(f"\nM={m} g={g}: {info}")
+    benchmark.pedantic(impls["tvm_int4"], rounds=5, iterations=1)

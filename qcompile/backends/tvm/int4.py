@@ -1,0 +1,239 @@
+"""int4 weight-only GEMM/GEMV in TVMScript (TIR), with the codes unpacked in registers.
+
+Computes ``y[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] * q[n, k] - z[g, n] * sum_{k in g} x[m, k]) + b[n]``
+— ``x @ dequant(W4)^T + b`` with the zero point folded out of the inner loop, so the float weight
+matrix never exists in memory: the K loop loads one byte (two uint4 codes) per column, splits it
+with a mask and a shift, converts and multiplies-adds 16 columns at a time (one zmm on AVX-512,
+two ymm on AVX2: LLVM vectorises the 16-lane loop for the target).
+
+Packing (:func:`pack_int4`, once, at lowering): codes ``[N, K]`` (0..15) → uint8 ``[Np/16, K/2, 16]``,
+byte ``[nb, j, c]`` = ``q[nb*16 + c, 2j] | q[nb*16 + c, 2j + 1] << 4``: one 16-byte row per pair of
+``k`` for a block of 16 columns, contiguous along ``k`` so a GEMV streams each block once. Scales and
+zero points are stored ``[Np/16, K/g, 16]`` float32 alongside. Padding columns have zero scale.
+
+Lowering: :class:`FuseInt4LinearPass` turns ``linear(x_float, dequantize(W_uint4 per group), b)``
+into ``qcompile_tvm::int4_linear`` (PyTorch implementation included, so the pass is tested on its
+own) with the weights packed here; :class:`Int4LinearConverter` makes it a ``call_tir`` of the kernel.
+An int4 Linear the pass cannot take is named in ``skipped`` and left as it was (the backend's format
+check then raises ``NotBuiltError`` naming it, since the Relax dequantize has no uint4 path).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+LANES = 16      # columns per block: one zmm of float32
+GROUPS = (32, 64, 128)
+
+
+def padded_n(n: int) -> int:
+    """Columns after packing: a multiple of :data:`LANES`."""
+    return (n + LANES - 1) // LANES * LANES
+
+
+def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int):
+    """(packed codes ``[Np/16, K/2, 16]`` uint8, scales, zeros ``[Np/16, K/g, 16]`` float32).
+
+    ``q``: uint4 codes ``[N, K]`` in 0..15; ``scale``/``zero``: ``[N, K/g]``. ``K`` must be even and
+    ``group`` must divide it."""
+    n, k = q.shape
+    if group not in GROUPS:
+        raise ValueError(f"group size {group} has no int4 kernel (built: {GROUPS})")
+    if k % group:
+        raise ValueError(f"group size {group} does not divide K={k}")
+    if q.min() < 0 or q.max() > 15:
+        raise ValueError("uint4 codes must lie in 0..15")
+    np_, ng = padded_n(n), k // group
+    qp = np.zeros((np_, k), np.uint8)
+    qp[:n] = q
+    byte = (qp[:, 0::2] | (qp[:, 1::2] << 4)).astype(np.uint8)              # [Np, K/2]
+    packed = np.ascontiguousarray(byte.reshape(np_ // LANES, LANES, k // 2).transpose(0, 2, 1))
+    s = np.zeros((np_, ng), np.float32)
+    z = np.zeros((np_, ng), np.float32)
+    s[:n], z[:n] = scale.reshape(n, ng), zero.reshape(n, ng)
+    lay = lambda t: np.ascontiguousarray(t.reshape(np_ // LANES, LANES, ng).transpose(0, 2, 1))  # noqa: E731
+    return packed, lay(s), lay(z)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """Inverse of the code packing of :func:`pack_int4`: ``[Np, K]`` uint8 codes."""
+    nb, k2, _ = packed.shape
+    byte = packed.transpose(0, 2, 1).reshape(nb * LANES, k2)
+    out = np.empty((nb * LANES, k2 * 2), np.uint8)
+    out[:, 0::2], out[:, 1::2] = byte & 15, byte >> 4
+    return out
+
+
+def int4_kernel(k: int, np_: int, group: int):
+    """The TIR ``PrimFunc`` for one weight shape: arguments ``x`` f32 ``[m, K]`` (``m`` symbolic),
+    ``w`` u8 ``[Np/16, K/2, 16]``, ``s``, ``z`` f32 ``[Np/16, K/g, 16]``, ``bias`` f32 ``[Np]``,
+    ``out`` f32 ``[m, Np]``. One row at a time (the GEMV path is the whole kernel; M > 1 repeats it,
+    correct but without weight reuse across rows)."""
+    from tvm.script import tirx as T
+
+    if group not in GROUPS or k % group or np_ % LANES:
+        raise ValueError(f"K={k} must be a multiple of the group {group} (one of {GROUPS}) and Np={np_} of {LANES}")
+    nb, ng, g2 = np_ // LANES, k // group, group // 2
+
+    @T.prim_func
+    def gemv(x: T.handle, w: T.handle, s: T.handle, z: T.handle, bias: T.handle, o: T.handle):
+        T.func_attr({"tir.noalias": True})
+        m = T.int64()
+        X = T.match_buffer(x, (m, k), "float32")
+        W = T.match_buffer(w, (nb, k // 2, LANES), "uint8")
+        S = T.match_buffer(s, (nb, ng, LANES), "float32")
+        Z = T.match_buffer(z, (nb, ng, LANES), "float32")
+        B = T.match_buffer(bias, (np_,), "float32")
+        O = T.match_buffer(o, (m, np_), "float32")
+        # stack buffers under 1 KiB ("global" scope, see kernels.py why) that LLVM keeps in registers
+        xs = T.decl_buffer((ng,), "float32", scope="global")
+        for r in range(m):
+            for gi in range(ng):
+                xs[gi] = T.float32(0)
+                for kk in range(group):
+                    xs[gi] = xs[gi] + X[r, gi * group + kk]
+            for jb in range(nb):
+                acc = T.decl_buffer((LANES,), "float32", scope="global")
+                gacc = T.decl_buffer((LANES,), "float32", scope="global")
+                for c in T.vectorized(LANES):
+                    acc[c] = B[jb * LANES + c]
+                for gi in range(ng):
+                    for c in T.vectorized(LANES):
+                        gacc[c] = T.float32(0)
+                    for kk in range(g2):
+                        for c in T.vectorized(LANES):
+                            gacc[c] = gacc[c] + X[r, gi * group + kk * 2] * T.Cast(
+                                "float32", W[jb, gi * g2 + kk, c] & T.uint8(15)) + X[r, gi * group + kk * 2 + 1] * T.Cast(
+                                "float32", W[jb, gi * g2 + kk, c] >> T.uint8(4))
+                    for c in T.vectorized(LANES):
+                        acc[c] = acc[c] + S[jb, gi, c] * (gacc[c] - Z[jb, gi, c] * xs[gi])
+                for c in T.vectorized(LANES):
+                    O[r, jb * LANES + c] = acc[c]
+
+    return gemv
+
+
+
+# ---- the fused op, the pass that creates it, and its Relax converter --------------------------
+
+import torch  # noqa: E402
+
+from ...ops import DEQUANTIZE  # noqa: E402
+from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor  # noqa: E402
+
+
+@torch.library.custom_op("qcompile_tvm::int4_linear", mutates_args=())
+def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bias: torch.Tensor,
+                n: int, group: int) -> torch.Tensor:
+    """``linear(x, dequantize(W_uint4, s, z, group), bias)`` from the packed operands of
+    :func:`pack_int4` (``bias`` padded to Np). Returns float32 ``[..., n]``."""
+    q = torch.from_numpy(unpack_int4(w_packed.numpy())).float()                       # [Np, K]
+    lay = lambda t: t.permute(0, 2, 1).reshape(q.shape[0], -1).repeat_interleave(group, 1)  # noqa: E731
+    w = (q - lay(z)) * lay(s)
+    return torch.nn.functional.linear(x.float(), w[:n], bias[:n])
+
+
+@int4_linear.register_fake
+def _(x, w_packed, s, z, bias, n, group):
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
+INT4_LINEAR = torch.ops.qcompile_tvm.int4_linear.default
+
+
+class FuseInt4LinearPass(Pass):
+    """``linear(x_float, dequantize(W_uint4, s, z, "uint4", g), b)`` ⇒ ``int4_linear(x, packed W, ...)``.
+    Linears on other weights are left alone; an int4 one it cannot take is named in :attr:`skipped`."""
+
+    name = "fuse_int4_linear"
+
+    def __init__(self):
+        self.skipped: dict[str, str] = {}
+        self.fused: list[str] = []
+
+    def _why_not(self, gm, node) -> str | None:
+        dqa, dqw = node.args[0], node.args[1]
+        if getattr(dqa, "target", None) == DEQUANTIZE:
+            return "int4 weights with quantized activations have no TVM kernel"
+        q, s = get_attr_tensor(gm, dqw.args[0]), get_attr_tensor(gm, dqw.args[1])
+        z = get_attr_tensor(gm, dqw.args[2]) if dqw.args[2] is not None else None
+        if q is None or s is None or z is None or q.dim() != 2:
+            return "int4 weight codes, scale or zero point are not constant 2-D tensors"
+        k = q.shape[1]
+        group = min(dqw.args[4], k)  # a group wider than K is one group of K (how convert writes it)
+        if group not in GROUPS:
+            return f"int4 group size {group} has no TVM kernel (built: {GROUPS})"
+        if k % group:
+            return f"int4 group size {group} does not divide K={k}"
+        if s.shape != (q.shape[0], k // group) or z.shape != s.shape:
+            return f"int4 scale/zero point of shape {tuple(s.shape)} are not per group"
+        if len(node.args) > 2 and node.args[2] is not None and get_attr_tensor(gm, node.args[2]) is None:
+            return "the bias is not a constant"
+        return None
+
+    def call(self, gm):
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target != torch.ops.aten.linear.default or len(node.args) < 2:
+                continue
+            dqw = node.args[1]
+            if getattr(dqw, "target", None) != DEQUANTIZE or dqw.args[3] != "uint4":
+                continue
+            reason = self._why_not(gm, node)
+            if reason:
+                self.skipped[node.name] = reason
+                continue
+            q = get_attr_tensor(gm, dqw.args[0])
+            n = q.shape[0]
+            group = min(dqw.args[4], q.shape[1])
+            packed, sp, zp = pack_int4(q.numpy(), get_attr_tensor(gm, dqw.args[1]).float().numpy(),
+                                       get_attr_tensor(gm, dqw.args[2]).float().numpy(), group)
+            bias = torch.zeros(padded_n(n))
+            if len(node.args) > 2 and node.args[2] is not None:
+                bias[:n] = get_attr_tensor(gm, node.args[2]).float()
+            base = dqw.args[0].target
+            args = [node.args[0], add_tensor(gm, f"{base}_int4", torch.from_numpy(packed), node),
+                    add_tensor(gm, f"{base}_int4_s", torch.from_numpy(sp), node),
+                    add_tensor(gm, f"{base}_int4_z", torch.from_numpy(zp), node),
+                    add_tensor(gm, f"{base}_int4_bias", bias, node)]
+            with gm.graph.inserting_before(node):
+                fused = gm.graph.call_function(INT4_LINEAR, (*args, n, group))
+            fused.meta = dict(node.meta)
+            node.replace_all_uses_with(fused)
+            gm.graph.erase_node(node)
+            self.fused.append(node.name)
+            modified = True
+        return PassResult(gm, modified)
+
+
+class Int4LinearConverter:
+    """Relax converter for ``qcompile_tvm::int4_linear``: a ``call_tir`` of :func:`int4_kernel`,
+    one ``PrimFunc`` per (K, Np, group)."""
+
+    def __init__(self):
+        self.kernels: dict[tuple, object] = {}
+
+    def __call__(self, node, imp):
+        from tvm import relax
+
+        op, bb = relax.op, imp.block_builder
+        x = imp.env[node.args[0]]
+        packed, s, z, bias = (imp.env[a] for a in node.args[1:5])
+        n, group = node.args[5], node.args[6]
+        k = int(packed.ty.shape[1]) * 2
+        np_ = int(packed.ty.shape[0]) * LANES
+        if x.ty.shape is None:  # the importer lost the shape: name its dims
+            from tvm import tirx
+
+            dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(x.ty.ndim - 1)]
+            x = bb.match_cast(x, relax.TensorType([*dims, k], x.ty.dtype))
+        lead = list(x.ty.shape.values[:-1])
+        x2 = bb.emit(op.reshape(bb.emit(op.astype(x, "float32")), (-1, k)))
+        key = (k, np_, group)
+        if key not in self.kernels:
+            name = f"qgemm_int4_k{k}_n{np_}_g{group}"
+            self.kernels[key] = bb.add_func(int4_kernel(k, np_, group).with_attr("global_symbol", name), name)
+        out = bb.emit(relax.call_tir(self.kernels[key], [x2, packed, s, z, bias],
+                                     out_ty=relax.TensorType((x2.ty.shape[0], np_), "float32")))
+        if np_ != n:
+            out = bb.emit(op.strided_slice(out, axes=[1], begin=[0], end=[n]))
+        return bb.emit(op.reshape(out, (*lead, n)))

@@ -1,0 +1,139 @@
+"""The TIR int4 weight-only kernel of the tvm backend (qcompile/backends/tvm/int4.py) against a
+float64 torch reference of ``x @ ((q - z) * s)^T + b``, for the GEMV (M=1) and M>1 cases, every
+built group size, and N/K that are not multiples of the tile; plus the packing and its refusals."""
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
+
+from qcompile.backends.tvm import int4, kernels  # noqa: E402
+
+
+def _case(m, k, n, g, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    s = (rng.random((n, k // g)) * 0.1 + 1e-3).astype(np.float32)
+    z = rng.integers(0, 16, (n, k // g)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    return q, s, z, b, x
+
+
+def _reference(q, s, z, b, x, g):
+    t = lambda a: torch.from_numpy(np.asarray(a)).to(torch.float64)  # noqa: E731
+    w = (t(q) - t(z).repeat_interleave(g, 1)) * t(s).repeat_interleave(g, 1)
+    return (t(x) @ w.T + t(b)).numpy()
+
+
+def _run(q, s, z, b, x, g):
+    n, k = q.shape
+    packed, sp, zp = int4.pack_int4(q, s, z, g)
+    np_ = int4.padded_n(n)
+    bias = np.zeros(np_, np.float32)
+    bias[:n] = b
+    f = kernels.compile_kernel(int4.int4_kernel(k, np_, g))
+    out = tvm.runtime.tensor(np.zeros((x.shape[0], np_), np.float32))
+    f["main"](*(tvm.runtime.tensor(a) for a in (x, packed, sp, zp, bias)), out)
+    return out.numpy()
+
+
+def test_pack_round_trip_and_layout():
+    q, s, z, _, _ = _case(1, 64, 20, 32)
+    packed, sp, zp = int4.pack_int4(q, s, z, 32)
+    assert packed.shape == (2, 32, 16) and sp.shape == zp.shape == (2, 2, 16)   # N 20 -> 32
+    assert np.array_equal(int4.unpack_int4(packed)[:20], q) and not int4.unpack_int4(packed)[20:].any()
+    # byte [block, j, column] holds k=2j in the low nibble and k=2j+1 in the high one
+    assert packed[1, 3, 2] == q[18, 6] | (q[18, 7] << 4)
+    assert sp[1, 1, 3] == s[19, 1] and not sp[1, :, 4:].any()     # padding columns: zero scale
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_kernel_matches_float64(m, g):
+    k, n = 384, 40        # N not a multiple of the 16-column block; K = 3 groups of 128
+    q, s, z, b, x = _case(m, k, n, g, seed=m * g)
+    ref = _reference(q, s, z, b, x, g)
+    out = _run(q, s, z, b, x, g)
+    assert out.shape == (m, 48)
+    np.testing.assert_allclose(out[:, :n], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert not out[:, n:].any()       # padding columns: zero scale, zero bias
+
+
+def test_k_not_a_multiple_of_128():
+    q, s, z, b, x = _case(2, 96, 33, 32, seed=5)      # K = 3 groups of 32
+    np.testing.assert_allclose(_run(q, s, z, b, x, 32)[:, :33], _reference(q, s, z, b, x, 32), rtol=1e-4, atol=1e-4)
+
+
+def test_refusals():
+    q, s, z, _, _ = _case(1, 96, 16, 32)
+    with pytest.raises(ValueError, match="does not divide K=96"):
+        int4.pack_int4(q, s[:, :1], z[:, :1], 64)
+    with pytest.raises(ValueError, match="no int4 kernel"):
+        int4.pack_int4(q, s, z, 48)
+    with pytest.raises(ValueError, match="0..15"):
+        int4.pack_int4(q.astype(np.int16) + 1, s, z, 32)
+    with pytest.raises(ValueError, match="multiple of the group"):
+        int4.int4_kernel(96, 16, 64)
+
+
+# ---- the fuse pass and the lowering ----------------------------------------------------------
+
+import copy  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import qcompile  # noqa: E402
+from qcompile.ops import DEQUANTIZE  # noqa: E402
+from qcompile.verify import verify  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_backend_tvm import _block  # noqa: E402
+
+
+def _mlp(k=128, recipe="w4-g64"):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(k, 64), torch.nn.ReLU(), torch.nn.Linear(64, 40)).eval()
+    x = torch.randn(3, k)
+    return qcompile.quantize(m, recipe, example_inputs=(x,), calibration=[(x,)]), x
+
+
+def test_pass_fuses_int4_linears_and_keeps_numerics():
+    q, x = _mlp()
+    gm = copy.deepcopy(q.graph_module)
+    p = int4.FuseInt4LinearPass()
+    assert p(gm).modified and p.fused == ["linear", "linear_1"] and not p.skipped
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(int4.INT4_LINEAR) == 2 and torch.ops.aten.linear.default not in targets
+    gm.graph.eliminate_dead_code()
+    assert DEQUANTIZE not in [n.target for n in gm.graph.nodes]   # the float weight is gone
+    gm.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0] if isinstance(gm(x), (tuple, list)) else gm(x), q(x), rtol=1e-5, atol=1e-5)
+    assert q.graph_module.graph.find_nodes(op="call_function", target=DEQUANTIZE)   # the user's model untouched
+
+
+def test_group_not_dividing_k_stays_float_and_is_named():
+    q, _ = _mlp()
+    gm = copy.deepcopy(q.graph_module)
+    dq = next(n for n in gm.graph.nodes if n.target == DEQUANTIZE)
+    dq.args = (*dq.args[:4], 48, *dq.args[5:])      # a group size that does not divide K=128
+    p = int4.FuseInt4LinearPass()
+    p(gm)
+    assert p.fused == ["linear_1"] and "group size 48" in p.skipped["linear"]
+    assert [n.target for n in gm.graph.nodes].count(torch.ops.aten.linear.default) == 1
+
+
+@pytest.mark.parametrize("recipe", ["w4-g64", "w4-g128"])
+def test_int4_model_lowered_matches_reference(recipe):
+    q, x = _mlp(k=256, recipe=recipe)
+    art = qcompile.lower(q, backend="tvm")
+    assert art.meta["fused"] == ["linear", "linear_1"]
+    assert verify(art, q, [(x,), (torch.randn(1, 256),)]).passed
+
+
+def test_int4_tiny_block_lowered_matches_reference():
+    q, batches = _block("w4-g64")
+    art = qcompile.lower(q, backend="tvm")
+    assert len(art.meta["fused"]) == 6 and not art.meta["skipped"]
+    assert verify(art, q, batches).passed
