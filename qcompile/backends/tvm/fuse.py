@@ -53,6 +53,30 @@ def _(a, a_scale, a_zero, w_packed, colsum, w_scale, bias, n, a_format):
 INT8_LINEAR = torch.ops.qcompile_tvm.int8_linear.default
 
 
+def variable_bias(gm, node) -> Optional[str]:
+    """Why a Linear's bias keeps it out of a fused kernel (the kernels take a constant one), or None."""
+    if len(node.args) > 2 and node.args[2] is not None and get_attr_tensor(gm, node.args[2]) is None:
+        return "the bias is not a constant"
+    return None
+
+
+def replace_linear(gm, node, op, args: tuple) -> None:
+    """``node`` (a Linear) replaced by ``op(*args)``, which takes over its meta and its users."""
+    with gm.graph.inserting_before(node):
+        fused = gm.graph.call_function(op, args)
+    fused.meta = dict(node.meta)
+    node.replace_all_uses_with(fused)
+    gm.graph.erase_node(node)
+
+
+def padded_bias(gm, node, n: int, padded: int) -> torch.Tensor:
+    """The Linear's constant float bias (zeros without one) padded to the kernel's ``padded`` columns."""
+    bias = torch.zeros(padded)
+    if len(node.args) > 2 and node.args[2] is not None:
+        bias[:n] = get_attr_tensor(gm, node.args[2]).float()
+    return bias
+
+
 def _static_numel(gm, node) -> Optional[int]:
     t = get_attr_tensor(gm, node)
     if t is not None:
@@ -108,9 +132,7 @@ class FuseInt8LinearPass(Pass):
             return f"weight scale of shape {tuple(sw.shape)} is not per channel"
         if w.shape[1] % 4:
             return f"K={w.shape[1]} is not a multiple of 4"
-        if len(node.args) > 2 and node.args[2] is not None and get_attr_tensor(gm, node.args[2]) is None:
-            return "the bias is not a constant"
-        return None
+        return variable_bias(gm, node)
 
     def call(self, gm):
         modified = False
@@ -130,20 +152,14 @@ class FuseInt8LinearPass(Pass):
             wfull[:n] = w.numpy()
             sw = torch.zeros(np_)
             sw[:n] = get_attr_tensor(gm, dqw.args[1]).float().reshape(-1).expand(n)
-            bias = torch.zeros(np_)
-            if len(node.args) > 2 and node.args[2] is not None:
-                bias[:n] = get_attr_tensor(gm, node.args[2]).float()
+            bias = padded_bias(gm, node, n, np_)
             base = dqw.args[0].target
             args = [dqa.args[0], dqa.args[1], dqa.args[2],
                     add_tensor(gm, f"{base}_packed", torch.from_numpy(packed), node),
                     add_tensor(gm, f"{base}_colsum", torch.from_numpy(wfull.sum(1).astype(np.int32)), node),
                     add_tensor(gm, f"{base}_wscale", sw, node),
                     add_tensor(gm, f"{base}_bias", bias, node)]
-            with gm.graph.inserting_before(node):
-                fused = gm.graph.call_function(INT8_LINEAR, (*args, n, dqa.args[3]))
-            fused.meta = dict(node.meta)
-            node.replace_all_uses_with(fused)
-            gm.graph.erase_node(node)
+            replace_linear(gm, node, INT8_LINEAR, (*args, n, dqa.args[3]))
             self.fused.append(node.name)
             modified = True
         return PassResult(gm, modified)

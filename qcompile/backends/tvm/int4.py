@@ -119,6 +119,7 @@ import torch  # noqa: E402
 
 from ...ops import DEQUANTIZE  # noqa: E402
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor  # noqa: E402
+from .fuse import padded_bias, replace_linear, variable_bias  # noqa: E402
 
 
 @torch.library.custom_op("qcompile_tvm::int4_linear", mutates_args=())
@@ -166,9 +167,7 @@ class FuseInt4LinearPass(Pass):
             return f"int4 group size {group} does not divide K={k}"
         if s.shape != (q.shape[0], k // group) or z.shape != s.shape:
             return f"int4 scale/zero point of shape {tuple(s.shape)} are not per group"
-        if len(node.args) > 2 and node.args[2] is not None and get_attr_tensor(gm, node.args[2]) is None:
-            return "the bias is not a constant"
-        return None
+        return variable_bias(gm, node)
 
     def call(self, gm):
         modified = False
@@ -187,19 +186,13 @@ class FuseInt4LinearPass(Pass):
             group = min(dqw.args[4], q.shape[1])
             packed, sp, zp = pack_int4(q.numpy(), get_attr_tensor(gm, dqw.args[1]).float().numpy(),
                                        get_attr_tensor(gm, dqw.args[2]).float().numpy(), group)
-            bias = torch.zeros(padded_n(n))
-            if len(node.args) > 2 and node.args[2] is not None:
-                bias[:n] = get_attr_tensor(gm, node.args[2]).float()
+            bias = padded_bias(gm, node, n, padded_n(n))
             base = dqw.args[0].target
             args = [node.args[0], add_tensor(gm, f"{base}_int4", torch.from_numpy(packed), node),
                     add_tensor(gm, f"{base}_int4_s", torch.from_numpy(sp), node),
                     add_tensor(gm, f"{base}_int4_z", torch.from_numpy(zp), node),
                     add_tensor(gm, f"{base}_int4_bias", bias, node)]
-            with gm.graph.inserting_before(node):
-                fused = gm.graph.call_function(INT4_LINEAR, (*args, n, group))
-            fused.meta = dict(node.meta)
-            node.replace_all_uses_with(fused)
-            gm.graph.erase_node(node)
+            replace_linear(gm, node, INT4_LINEAR, (*args, n, group))
             self.fused.append(node.name)
             modified = True
         return PassResult(gm, modified)
