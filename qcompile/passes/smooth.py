@@ -114,7 +114,7 @@ class ApplySmoothingPass(Pass):
             obs_node.replace_all_uses_with(x)
             how = "folded into " + ln.meta.get(LAYER, ln.name)
         elif upstream is not None:
-            self._fold_into_outputs(gm, upstream, 1.0 / s)
+            scale_output_channels(gm, upstream, 1.0 / s)
             obs_node.replace_all_uses_with(x)
             how = "folded into the output channels of " + _layer_name(upstream)
         else:
@@ -160,17 +160,6 @@ class ApplySmoothingPass(Pass):
             return None
         return x, get_attr_tensor(gm, x.args[2]), beta
 
-    @staticmethod
-    def _fold_into_outputs(gm, linear, factor):
-        """Scale the output channels of ``linear`` (rows of its weight, its bias) by ``factor``."""
-        w = get_attr_tensor(gm, linear.args[1])
-        args = list(linear.args)
-        args[1] = add_tensor(gm, f"{linear.args[1].target}_smooth_out", w * factor.to(w.dtype)[:, None], linear)
-        if len(args) > 2 and args[2] is not None:
-            b = get_attr_tensor(gm, args[2])
-            args[2] = add_tensor(gm, f"{linear.args[2].target}_smooth_out", b * factor.to(b.dtype), linear)
-        linear.args = tuple(args)
-
     def ensures(self, gm):
         if any(n.meta.get(ROLE) == STATS for n in gm.graph.nodes):
             raise AssertionError("channel statistics observers left in the graph")
@@ -178,6 +167,19 @@ class ApplySmoothingPass(Pass):
 
 _LAYOUT_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
                          aten.permute.default, aten.contiguous.default, aten.clone.default})
+
+
+def scale_output_channels(gm, linear, factor: torch.Tensor, suffix: str = "smooth_out") -> torch.fx.Node:
+    """Scale the output channels of ``linear`` (rows of its constant weight, its bias) by
+    ``factor``: new constants named ``<old>_<suffix>``. Returns the new weight node."""
+    w = get_attr_tensor(gm, linear.args[1])
+    args = list(linear.args)
+    args[1] = add_tensor(gm, f"{linear.args[1].target}_{suffix}", w.detach() * factor.to(w.dtype)[:, None], linear)
+    if len(args) > 2 and args[2] is not None:
+        b = get_attr_tensor(gm, args[2])
+        args[2] = add_tensor(gm, f"{linear.args[2].target}_{suffix}", b.detach() * factor.to(b.dtype), linear)
+    linear.args = tuple(args)
+    return args[1]
 
 
 def _layer_name(node) -> str:

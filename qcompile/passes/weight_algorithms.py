@@ -544,14 +544,10 @@ class ApplyWeightAlgorithmPass(Pass):
         ann = linear.meta.get(ANNOTATION)
         if solved is not None and (ann is None or ann.weight.scale_dtype != "float32"):
             return False
+        from .smooth import scale_output_channels
+
+        scale_output_channels(gm, linear, factor, "awq_out").meta[ROLE] = "weight"
         col = factor.to(w.dtype)[:, None]
-        args = list(linear.args)
-        args[1] = add_tensor(gm, f"{w_node.target}_awq_out", w.detach() * col, linear)
-        args[1].meta[ROLE] = "weight"
-        if bias is not None:
-            b = get_attr_tensor(gm, bias)
-            args[2] = add_tensor(gm, f"{bias.target}_awq_out", b.detach() * factor.to(b.dtype), linear)
-        linear.args = tuple(args)
         if solved is not None:
             linear.meta[WEIGHT_QPARAMS] = WeightQParams(solved.scale * col, solved.zero_point,
                                                         solved.reference * col)
