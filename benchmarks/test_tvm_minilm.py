@@ -4,7 +4,11 @@ model, torchao's PT2E x86 int8 path compiled by inductor (``benchmarks/peers.py`
 float eager, batch 1 and 32 x sequence 128 (the inputs of benchmarks/test_minilm.py).
 
 ``extra_info``: ``ratio_vs_<peer>`` (the peer's median / this median: > 1 is faster),
-``cosine_vs_reference`` (TVM vs the reference backend), ``compile_seconds``; on the TVM rows also
+``cosine_vs_reference`` (TVM vs the reference backend, on the timed batch), ``compile_seconds``;
+on the TVM rows also ``quality``: the reference backend, onnxruntime (qcompile's export) and TVM
+each compared by ``qcompile.eval.embedding_quality`` on 600 held-out docstrings and 300 retrieval
+pairs, against the float model and against the reference (mean/min cosine, neighbour agreement,
+recall@1), so "embedding quality equal to the reference's" is measured on real data; and
 ``interleaved``: float, onnxruntime, torchao and TVM called in turn (ROUNDS rounds each), their
 medians and TVM's ratio to each, which load from other processes affects alike. Run::
 
@@ -39,6 +43,30 @@ def artifacts(w8a8):
     return {"tvm": qcompile.lower(w8a8, backend="tvm"), "onnx": qcompile.lower(w8a8, backend="onnx", threads=1)}
 
 
+@pytest.fixture(scope="module")
+def quality(minilm, w8a8, artifacts):
+    """{"<impl>_vs_<base>": embedding_quality dict} on held-out docstrings, for the reference
+    backend, onnxruntime and TVM against the float model, and onnxruntime and TVM against the
+    reference (the numbers behind "TVM's embeddings are as good as the reference's")."""
+    from qcompile.eval import docstring_pairs, docstring_sentences, embedding_quality
+
+    def encoder(model):
+        def enc(texts):
+            with torch.inference_mode():
+                return model(*minilm.encode_batch(texts))
+        return enc
+
+    torch.set_num_threads(1)
+    sentences, pairs = docstring_sentences("evaluation", limit=600), docstring_pairs("evaluation", limit=300)
+    enc = {"float": encoder(minilm.model), "reference": encoder(w8a8), "onnx": encoder(artifacts["onnx"]),
+           "tvm": encoder(artifacts["tvm"])}
+    cases = [("reference", "float"), ("onnx", "float"), ("tvm", "float"), ("onnx", "reference"),
+             ("tvm", "reference")]
+    return {f"{test}_vs_{base}": {k: round(float(v), 5) for k, v in
+                                  embedding_quality(enc[base], enc[test], sentences, pairs).items()}
+            for test, base in cases}
+
+
 def _interleaved(models: dict, ids, mask, rounds: int) -> dict:
     """Every model called in turn, ``rounds`` times: medians in ms and TVM's ratio to each."""
     import statistics
@@ -62,7 +90,7 @@ CASES = [(b, impl) for b in (1, 32) for impl in (*PEERS, "tvm")]
 
 
 @pytest.mark.parametrize("batch,impl", CASES, ids=[f"b{b}-s{SEQUENCE}-{i}" for b, i in CASES])
-def test_minilm_tvm(benchmark, minilm, w8a8, artifacts, compiled_peers, session_cache, batch, impl):
+def test_minilm_tvm(benchmark, minilm, w8a8, artifacts, compiled_peers, session_cache, quality, batch, impl):
     torch.set_num_threads(1)
     ids, mask = _fixed_inputs(minilm, batch)
 
@@ -93,6 +121,7 @@ def test_minilm_tvm(benchmark, minilm, w8a8, artifacts, compiled_peers, session_
             info["cosine_vs_reference"] = cosine(w8a8(ids, mask), out)
         info["compile_seconds"] = round(artifacts["tvm"].compile_seconds, 1)
         info["family"] = artifacts["tvm"].family
+        info["quality"] = quality
     if impl == "torchao-pt2e":
         with torch.inference_mode():
             info["cosine_vs_float"] = cosine(minilm.model(ids, mask), out)
@@ -100,3 +129,4 @@ def test_minilm_tvm(benchmark, minilm, w8a8, artifacts, compiled_peers, session_
     benchmark.extra_info.update(info)
     if impl == "tvm":
         assert info["cosine_vs_reference"] > 0.999
+        assert quality["tvm_vs_reference"]["mean_cosine"] > 0.999
