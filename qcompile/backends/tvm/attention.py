@@ -221,16 +221,18 @@ def _shape(expr):
 
 
 def _same(a, b) -> bool:
+    """Two shapes are equal, dim by dim (structurally, or provably for symbolic products)."""
     import tvm_ffi
     from tvm.sym.analyzer import Analyzer
 
-    if len(a) != len(b):
+    if a is None or b is None or len(a) != len(b):
         return False
     ana = Analyzer()
     return all(tvm_ffi.structural_equal(x, y) or ana.can_prove_equal(x, y) for x, y in zip(a, b))
 
 
 def _int(x):
+    """A static dim as an int, else None."""
     from tvm import tirx
 
     return int(x) if isinstance(x, tirx.IntImm) else None
@@ -359,6 +361,10 @@ def match_attention(root, lookup):
     if h is None or d is None or d % ALANES or not all(_same([b, s], x[:2]) and x[2:] == [h, d] for x in (kdims, vdims)):
         return None
     if not _same(out_shape, [b, s, h * d]):
+        return None
+    # the 4-d views between the products must be the [B, H, S, ·] the heads were split into
+    if not (_same(_shape(sc4), [b, h, s, s]) and _same(_shape(probs), [b, h, s, s])
+            and _same(_shape(ctx4), [b, h, s, d])):
         return None
     ms = _shape(mask)
     if ms is None or len(ms) != 4 or not _same([ms[0], ms[1], ms[3]], [b, 1, s]):

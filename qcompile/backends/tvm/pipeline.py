@@ -1,5 +1,6 @@
 """The Relax pipeline the tvm backend builds with: TVM's CPU phases (dispatch, legalize + fuse,
-lower, finalize) with four phases of ours.
+lower, finalize) with four phases of ours, after :func:`~.attention.rewrite_attention` (the
+importer's attention as one fused kernel).
 
 TVM's default CPU pipeline leaves every legalized loop nest unscheduled: a fused kernel runs one
 full-size loop nest per elementwise step (each writing a temporary as large as the tensor), ``erf``
@@ -28,7 +29,7 @@ a float matmul reads ``B`` with a stride in its innermost loop. Ours:
   reductions: a LayerNorm row sum in 16 lanes) and contract ``a * b + c`` into FMA. No ``nnan`` /
   ``ninf``: an attention mask may hold large negative values and the results must keep NaN/inf.
 
-The hand-written kernels (``qgemm_*``, :data:`FLOAT_BMM`) are left alone.
+The hand-written kernels (``qgemm_*``, :data:`FLOAT_BMM`, :data:`ATTENTION`) are left alone.
 """
 from __future__ import annotations
 
