@@ -167,11 +167,11 @@ def test_rewrite_leaves_head_size_off_the_vector_alone():
     assert "relax.nn.softmax" in _ops(attention.rewrite_attention()(mod))
 
 
-def test_tiny_bert_lowers_with_fused_attention_and_verifies():
+def test_tiny_bert_lowers_with_fused_attention_and_verifies(tmp_path):
     transformers = pytest.importorskip("transformers")
     import qcompile
     from backend_conformance import _quantize
-    from qcompile.backends.tvm import lower
+    from qcompile.backends.tvm import load, lower
     from qcompile.models.minilm import SentenceEncoder
 
     torch.manual_seed(0)
@@ -193,3 +193,6 @@ def test_tiny_bert_lowers_with_fused_attention_and_verifies():
     art = qcompile.lower(q, backend="tvm")
     report = qcompile.verify(art, q, batches)
     assert report.passed and report.output_max_rel < 1e-3, report.to_dict()
+    again = load(art.save(tmp_path / "bert"))   # the kernel's workspace buffers work from the saved library
+    with torch.no_grad():
+        assert torch.equal(again(*batches[1]), art(*batches[1]))
