@@ -8,10 +8,10 @@ from torch import nn
 
 tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 
-from tvm import relax  # noqa: E402
+from tvm import relax
 
-from qcompile.backends.tvm import attention, kernels, pipeline  # noqa: E402
-from qcompile.backends.tvm.host import detect  # noqa: E402
+from qcompile.backends.tvm import attention, kernels, pipeline
+from qcompile.backends.tvm.host import detect
 
 TARGET = detect().target()
 NEG = torch.finfo(torch.float32).min
@@ -169,8 +169,9 @@ def test_rewrite_leaves_head_size_off_the_vector_alone():
 
 def test_tiny_bert_lowers_with_fused_attention_and_verifies(tmp_path):
     transformers = pytest.importorskip("transformers")
-    import qcompile
     from backend_conformance import _quantize
+
+    import qcompile
     from qcompile.backends.tvm import load, lower
     from qcompile.models.minilm import SentenceEncoder
 
