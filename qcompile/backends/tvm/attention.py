@@ -15,17 +15,19 @@ rows), reading Q, K and V where the Linears wrote them (``[B·S, H·D]``: one he
 contiguous floats of a row) and writing the context where the output projection reads it:
 
 1. once per (batch, head), one head of K transposed into a ``[D, S]`` buffer, so the Q·Kᵀ inner
-   loop reads 16 consecutive keys at a time;
+   loop reads 16 consecutive keys at a time, and one head of V copied to a contiguous ``[S, D]``
+   buffer (read in place, rows ``H·D`` floats apart, P·V ran 3x slower per sequence once the
+   batch no longer fit in L2: measured at batch 2 against batch 1);
 2. scores of the row tile, ``AMR`` rows × 32 keys in 8 zmm accumulators, ``* scale + mask`` fused
    into their store into a ``[AMR, S]`` row buffer (stays in L1: 2 KiB at S = 128);
 3. softmax over each row as :func:`tvm.topi.nn.fast_softmax` computes it: max, then TVM's
    polynomial ``fast_exp`` of the max-subtracted score (same constants, same clamps), the sum;
-4. P·V: ``AMR`` rows × ``D`` columns of accumulators, one row of V (``D`` contiguous floats)
-   loaded per key and broadcast-multiplied by each row's probability, the result scaled by
-   ``1 / sum`` once per output element (``fast_softmax`` divides each probability: the two agree
+4. P·V: ``AMR`` rows × ``D`` columns of accumulators, one row of the V copy loaded per key and
+   broadcast-multiplied by each row's probability, the result scaled by ``1 / sum`` once per
+   output element (``fast_softmax`` divides each probability: the two agree
    to float rounding).
 
-The two buffers whose size depends on the symbolic sequence length are allocated once per call
+The three buffers whose size depends on the symbolic sequence length are allocated once per call
 (TVM puts a non-constant allocation on its workspace); the accumulators are ``global``-scope
 stack buffers under 1 KiB, promoted to registers by LLVM (see :mod:`.kernels`).
 
