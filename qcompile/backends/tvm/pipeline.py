@@ -1,5 +1,6 @@
 """The Relax pipeline the tvm backend builds with: TVM's CPU phases (dispatch, legalize + fuse,
-lower, finalize) with four phases of ours.
+lower, finalize) with four phases of ours, after :func:`~.attention.rewrite_attention` (the
+importer's attention as one fused kernel).
 
 TVM's default CPU pipeline leaves every legalized loop nest unscheduled: a fused kernel runs one
 full-size loop nest per elementwise step (each writing a temporary as large as the tensor), ``erf``
@@ -28,7 +29,7 @@ a float matmul reads ``B`` with a stride in its innermost loop. Ours:
   reductions: a LayerNorm row sum in 16 lanes) and contract ``a * b + c`` into FMA. No ``nnan`` /
   ``ninf``: an attention mask may hold large negative values and the results must keep NaN/inf.
 
-The hand-written kernels (``qgemm_*``, :data:`FLOAT_BMM`) are left alone.
+The hand-written kernels (``qgemm_*``, :data:`FLOAT_BMM`, :data:`ATTENTION`) are left alone.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 FAST_MATH_FLAGS = {"fast-math-reassoc": True, "fast-math-contract": True, "fast-math-nsz": True}
 VECTOR_LANES = 16   # float32 lanes of a zmm register
 FLOAT_BMM = "fbmm_f32"   # the name of the float batch-matmul kernel in the module
+ATTENTION = "attention_f32"   # name prefix of the fused attention kernels (attention.py)
 
 
 def _blocks(sch):
@@ -154,7 +156,7 @@ def schedule_float_kernels():
     @tvm.transform.module_pass(opt_level=0, name="QcompileScheduleFloatKernels")
     def run(mod, _ctx):
         for gv, func in list(mod.functions.items()):
-            if isinstance(func, tirx.PrimFunc) and not gv.name_hint.startswith(("qgemm", FLOAT_BMM)):
+            if isinstance(func, tirx.PrimFunc) and not gv.name_hint.startswith(("qgemm", FLOAT_BMM, ATTENTION)):
                 new = schedule_primfunc(func)
                 if new is not func:
                     mod[gv] = new
@@ -266,6 +268,8 @@ def get_pipeline(target):
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from .attention import rewrite_attention
+
     @tvm.transform.module_pass(opt_level=0, name="QcompileCPUPipeline")
     def run(mod, _ctx):
         with target:
@@ -273,7 +277,8 @@ def get_pipeline(target):
             legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                         fuse_producers_into_norms(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
                         relax.transform.FuseTIR()]
-            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [rewrite_float_ops()] + legalize
+            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [rewrite_attention(), rewrite_float_ops()]
+                                           + legalize
                                            + [schedule_float_kernels()] + cpu.dataflow_lower_passes(target)
                                            + cpu.finalize_passes(target))
             return seq(mod)
