@@ -63,54 +63,122 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     return out
 
 
+# M>1: column panels of PNV blocks (32 columns), the panel dequantized once to float32 into a
+# workspace buffer [K, 32] (L2-resident), then an FMA register tile of IMR rows x PNV vectors over
+# all of K; M = 1 (and m < MMIN): GEMV with G1 blocks at once and even/odd accumulators.
+IMR, PNV = 6, 2     # M>1 register tile: 6 rows x 2 vectors of 16 columns (12 zmm accumulators)
+G1 = 4              # GEMV column tile: 4 blocks of 16 columns, 8 independent accumulator chains
+MMIN = 2            # rows from which the dequantize-once path beats one GEMV per row
+
+
 def int4_kernel(k: int, np_: int, group: int):
     """The TIR ``PrimFunc`` for one weight shape: arguments ``x`` f32 ``[m, K]`` (``m`` symbolic),
     ``w`` u8 ``[Np/16, K/2, 16]``, ``s``, ``z`` f32 ``[Np/16, K/g, 16]``, ``bias`` f32 ``[Np]``,
-    ``out`` f32 ``[m, Np]``. One row at a time (the GEMV path is the whole kernel; M > 1 repeats it,
-    correct but without weight reuse across rows)."""
+    ``out`` f32 ``[m, Np]``.
+
+    ``m >= MMIN``: per panel of 32 columns, dequantize ``(q - z) * s`` once into a float32 ``[K, 32]``
+    buffer, then run an ``IMR x 2``-vector FMA register tile over the rows (the weights are
+    unpacked once per panel, not once per row). ``m < MMIN`` (GEMV): per row, ``G1`` blocks of
+    16 columns at once with separate accumulators for the low and high nibbles (independent FMA
+    chains), the zero point folded out per group through the group sums of ``x``."""
     from tvm.script import tirx as T
 
     if group not in GROUPS or k % group or np_ % LANES:
         raise ValueError(f"K={k} must be a multiple of the group {group} (one of {GROUPS}) and Np={np_} of {LANES}")
-    nb, ng, g2 = np_ // LANES, k // group, group // 2
+    nb, ng, g2, k2 = np_ // LANES, k // group, group // 2, k // 2
+    f16, u16 = "float32x16", "uint8x16"
+    pw = PNV * LANES
+
+    @T.macro
+    def gemv_tile(X, W, S, Z, B, O, xs, r, jb0, nbt):
+        # stack buffers under 1 KiB ("global" scope, see kernels.py why) that LLVM keeps in registers
+        acc = T.decl_buffer((nbt * LANES,), "float32", scope="global")
+        ga = T.decl_buffer((2 * nbt * LANES,), "float32", scope="global")
+        for t in T.unroll(nbt):
+            acc[T.ramp(t * LANES, 1, LANES)] = B.vload([(jb0 + t) * LANES], f16)
+        for gi in range(ng):
+            for t in T.unroll(2 * nbt):
+                ga[T.ramp(t * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+            for kk in range(g2):
+                for t in T.unroll(nbt):
+                    ga[T.ramp(2 * t * LANES, 1, LANES)] = ga.vload([2 * t * LANES], f16) + T.broadcast(
+                        X[r, gi * group + kk * 2], LANES) * T.Cast(
+                        f16, T.Cast("int32x16", W.vload([jb0 + t, gi * g2 + kk, 0], u16)) & T.broadcast(T.int32(15), LANES))
+                    ga[T.ramp((2 * t + 1) * LANES, 1, LANES)] = ga.vload([(2 * t + 1) * LANES], f16) + T.broadcast(
+                        X[r, gi * group + kk * 2 + 1], LANES) * T.Cast(
+                        f16, T.Cast("int32x16", W.vload([jb0 + t, gi * g2 + kk, 0], u16)) >> T.broadcast(T.int32(4), LANES))
+            for t in T.unroll(nbt):
+                acc[T.ramp(t * LANES, 1, LANES)] = acc.vload([t * LANES], f16) + S.vload([jb0 + t, gi, 0], f16) * (
+                    ga.vload([2 * t * LANES], f16) + ga.vload([(2 * t + 1) * LANES], f16)
+                    - Z.vload([jb0 + t, gi, 0], f16) * T.broadcast(xs[gi], LANES))
+        for t in T.unroll(nbt):
+            O[r, T.ramp((jb0 + t) * LANES, 1, LANES)] = acc.vload([t * LANES], f16)
+
+    @T.macro
+    def dequant_panel(W, S, Z, WB, jb0, nv):
+        for gi in range(ng):
+            for v in T.unroll(nv):
+                for kk in range(g2):
+                    WB[T.ramp((gi * group + kk * 2) * pw + v * LANES, 1, LANES)] = (T.Cast(
+                        f16, T.Cast("int32x16", W.vload([jb0 + v, gi * g2 + kk, 0], u16)) & T.broadcast(T.int32(15), LANES))
+                        - Z.vload([jb0 + v, gi, 0], f16)) * S.vload([jb0 + v, gi, 0], f16)
+                    WB[T.ramp((gi * group + kk * 2 + 1) * pw + v * LANES, 1, LANES)] = (T.Cast(
+                        f16, T.Cast("int32x16", W.vload([jb0 + v, gi * g2 + kk, 0], u16)) >> T.broadcast(T.int32(4), LANES))
+                        - Z.vload([jb0 + v, gi, 0], f16)) * S.vload([jb0 + v, gi, 0], f16)
+
+    @T.macro
+    def fma_tile(X, WB, B, O, row0, mr, jb0, nv):
+        acc = T.decl_buffer((mr * nv * LANES,), "float32", scope="global")
+        for ii in T.unroll(mr):
+            for v in T.unroll(nv):
+                acc[T.ramp((ii * nv + v) * LANES, 1, LANES)] = B.vload([(jb0 + v) * LANES], f16)
+        for kk in range(k):
+            for ii in T.unroll(mr):
+                for v in T.unroll(nv):
+                    acc[T.ramp((ii * nv + v) * LANES, 1, LANES)] = acc.vload([(ii * nv + v) * LANES], f16) + T.broadcast(
+                        X[row0 + ii, kk], LANES) * WB.vload([kk * pw + v * LANES], f16)
+        for ii in T.unroll(mr):
+            for v in T.unroll(nv):
+                O[row0 + ii, T.ramp((jb0 + v) * LANES, 1, LANES)] = acc.vload([(ii * nv + v) * LANES], f16)
+
+    @T.macro
+    def panel(X, W, S, Z, B, O, WB, m, jb0, nv):
+        dequant_panel(W, S, Z, WB, jb0, nv)
+        for io in range(m // IMR):
+            fma_tile(X, WB, B, O, io * IMR, IMR, jb0, nv)
+        for r in range(m % IMR):
+            fma_tile(X, WB, B, O, m // IMR * IMR + r, 1, jb0, nv)
 
     @T.prim_func
-    def gemv(x: T.handle, w: T.handle, s: T.handle, z: T.handle, bias: T.handle, o: T.handle):
+    def qgemm_int4(x: T.handle, w: T.handle, s: T.handle, z: T.handle, bias: T.handle, o: T.handle):
         T.func_attr({"tir.noalias": True})
         m = T.int64()
         X = T.match_buffer(x, (m, k), "float32")
-        W = T.match_buffer(w, (nb, k // 2, LANES), "uint8")
+        W = T.match_buffer(w, (nb, k2, LANES), "uint8")
         S = T.match_buffer(s, (nb, ng, LANES), "float32")
         Z = T.match_buffer(z, (nb, ng, LANES), "float32")
         B = T.match_buffer(bias, (np_,), "float32")
         O = T.match_buffer(o, (m, np_), "float32")
-        # stack buffers under 1 KiB ("global" scope, see kernels.py why) that LLVM keeps in registers
-        xs = T.decl_buffer((ng,), "float32", scope="global")
-        for r in range(m):
-            for gi in range(ng):
-                xs[gi] = T.float32(0)
-                for kk in range(group):
-                    xs[gi] = xs[gi] + X[r, gi * group + kk]
-            for jb in range(nb):
-                acc = T.decl_buffer((LANES,), "float32", scope="global")
-                gacc = T.decl_buffer((LANES,), "float32", scope="global")
-                for c in T.vectorized(LANES):
-                    acc[c] = B[jb * LANES + c]
+        if m >= MMIN:
+            # one dequantized panel, [K, 32] float32 (K * 128 bytes: TVM's workspace, L2-resident)
+            WB = T.decl_buffer((k * pw,), "float32", scope="global")
+            for jo in range(nb // PNV):
+                panel(X, W, S, Z, B, O, WB, m, jo * PNV, PNV)
+            for _ in range(min(nb % PNV, 1)):     # an odd last block: a panel of one vector
+                panel(X, W, S, Z, B, O, WB, m, nb // PNV * PNV, nb % PNV)
+        else:
+            xs = T.decl_buffer((ng,), "float32", scope="global")
+            for r in range(m):
                 for gi in range(ng):
-                    for c in T.vectorized(LANES):
-                        gacc[c] = T.float32(0)
-                    for kk in range(g2):
-                        for c in T.vectorized(LANES):
-                            gacc[c] = gacc[c] + X[r, gi * group + kk * 2] * T.Cast(
-                                "float32", W[jb, gi * g2 + kk, c] & T.uint8(15)) + X[r, gi * group + kk * 2 + 1] * T.Cast(
-                                "float32", W[jb, gi * g2 + kk, c] >> T.uint8(4))
-                    for c in T.vectorized(LANES):
-                        acc[c] = acc[c] + S[jb, gi, c] * (gacc[c] - Z[jb, gi, c] * xs[gi])
-                for c in T.vectorized(LANES):
-                    O[r, jb * LANES + c] = acc[c]
+                    xs[gi] = T.float32(0)
+                    for kk in range(group):
+                        xs[gi] = xs[gi] + X[r, gi * group + kk]
+                for jo in range(nb // G1):
+                    gemv_tile(X, W, S, Z, B, O, xs, r, jo * G1, G1)
+                for jb in range(nb % G1):
+                    gemv_tile(X, W, S, Z, B, O, xs, r, nb // G1 * G1 + jb, 1)
 
-    return gemv
-
+    return qgemm_int4
 
 
 # ---- the fused op, the pass that creates it, and its Relax converter --------------------------
