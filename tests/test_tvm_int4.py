@@ -41,10 +41,13 @@ def _run(q, s, z, b, x, g):
 def test_pack_round_trip_and_layout():
     q, s, z, _, _ = _case(1, 64, 20, 32)
     packed, sp, zp = int4.pack_int4(q, s, z, 32)
-    assert packed.shape == (2, 32, 16) and sp.shape == zp.shape == (2, 2, 16)   # N 20 -> 32
+    assert packed.shape == (2, 8, 64) and sp.shape == zp.shape == (2, 2, 16)   # N 20 -> 32
     assert np.array_equal(int4.unpack_int4(packed)[:20], q) and not int4.unpack_int4(packed)[20:].any()
-    # byte [block, j, column] holds k=2j in the low nibble and k=2j+1 in the high one
-    assert packed[1, 3, 2] == q[18, 6] | (q[18, 7] << 4)
+    # byte [block, i, 4 * column + j] holds k = 8i + 2j in the low nibble and k = 8i + 2j + 1 in the high one
+    assert packed[1, 3, 4 * 2 + 1] == q[18, 26] | (q[18, 27] << 4)
+    # as little-endian uint32 lanes: lane c holds the 8 codes k = 8i .. 8i+7 of column c, k = 8i at bits 0..3
+    lane = packed.view("<u4")[1, 3, 2]
+    assert [(lane >> (4 * h)) & 15 for h in range(8)] == list(q[18, 24:32])
     assert sp[1, 1, 3] == s[19, 1] and not sp[1, :, 4:].any()     # padding columns: zero scale
 
 

@@ -1,15 +1,26 @@
 """int4 weight-only GEMM/GEMV in TVMScript (TIR), with the codes unpacked in registers.
 
-Computes ``y[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] * q[n, k] - z[g, n] * sum_{k in g} x[m, k]) + b[n]``
-— ``x @ dequant(W4)^T + b`` with the zero point folded out of the inner loop, so the float weight
-matrix never exists in memory: the K loop loads one byte (two uint4 codes) per column, splits it
-with a mask and a shift, converts and multiplies-adds 16 columns at a time (one zmm on AVX-512,
-two ymm on AVX2: LLVM vectorises the 16-lane loop for the target).
+Computes ``y = x @ dequant(W4)^T + b``, ``dequant(W4)[n, k] = (q[n, k] - z[g, n]) * s[g, n]`` for
+uint4 codes ``q`` with a scale and zero point per group of ``g`` along ``k``. The float weight
+matrix never exists in memory. Two paths in one kernel, chosen on the row count ``m``:
 
-Packing (:func:`pack_int4`, once, at lowering): codes ``[N, K]`` (0..15) → uint8 ``[Np/16, K/2, 16]``,
-byte ``[nb, j, c]`` = ``q[nb*16 + c, 2j] | q[nb*16 + c, 2j + 1] << 4``: one 16-byte row per pair of
-``k`` for a block of 16 columns, contiguous along ``k`` so a GEMV streams each block once. Scales and
-zero points are stored ``[Np/16, K/g, 16]`` float32 alongside. Padding columns have zero scale.
+- ``m >= MMIN`` (GEMM): per panel of 32 columns, the codes are dequantized once into a float32
+  ``[K, 32]`` buffer (L2-resident), then an ``IMR``-row x 2-vector FMA register tile runs over every
+  row tile (like ``kernels.batch_matmul_kernel``): the unpacking cost is paid once per panel, not
+  once per row, and the FMA tile runs near the host's fp32 peak.
+- ``m < MMIN`` (GEMV): one row at a time, the zero point folded out per group,
+  ``y[n] = b[n] + sum_g s[g, n] * (sum_{k in g} x[k] q[n, k] - z[g, n] sum_{k in g} x[k])``, ``G1``
+  blocks of 16 columns at once with separate accumulators (independent FMA chains). Each 32-bit
+  lane holds 8 codes of one column (no byte shuffles to widen them); a byte ``d = lo + 16 hi``
+  needs no shift for its high nibble: ``x_e lo + x_o hi = (x_e - x_o/16) lo + (x_o/16) d``, with
+  ``x_o/16`` exact (a power of two) and both coefficient rows made once per row.
+
+Packing (:func:`pack_int4`, once, at lowering): codes ``[N, K]`` (0..15) → uint8 ``[Np/16, K/8, 64]``,
+byte ``[nb, i, 4c + j]`` = ``q[nb*16 + c, 8i + 2j] | q[nb*16 + c, 8i + 2j + 1] << 4``: read as 16
+little-endian uint32 lanes, lane ``c`` holds codes ``8i .. 8i+7`` of column ``nb*16 + c`` (byte ``j``
+at bits ``8j``); one 64-byte line per 8 ``k`` of a block of 16 columns, contiguous along ``k`` so
+each block streams once. Scales and zero points are stored ``[Np/16, K/g, 16]`` float32 alongside.
+Padding columns have zero scale.
 
 Lowering: :class:`FuseInt4LinearPass` turns ``linear(x_float, dequantize(W_uint4 per group), b)``
 into ``qcompile_tvm::int4_linear`` (PyTorch implementation included, so the pass is tested on its
@@ -22,7 +33,11 @@ from __future__ import annotations
 import numpy as np
 
 LANES = 16      # columns per block: one zmm of float32
+KW = 8          # codes of one column per 32-bit lane
 GROUPS = (32, 64, 128)
+IMR, PNV = 6, 2     # GEMM register tile: 6 rows x 2 vectors of 16 columns (12 zmm accumulators)
+G1 = 4              # GEMV column tile: 4 blocks of 16 columns, 8 independent accumulator chains
+MMIN = 2            # rows from which dequantizing a panel once beats one GEMV per row
 
 
 def padded_n(n: int) -> int:
@@ -31,10 +46,10 @@ def padded_n(n: int) -> int:
 
 
 def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int):
-    """(packed codes ``[Np/16, K/2, 16]`` uint8, scales, zeros ``[Np/16, K/g, 16]`` float32).
+    """(packed codes ``[Np/16, K/8, 64]`` uint8, scales, zeros ``[Np/16, K/g, 16]`` float32).
 
-    ``q``: uint4 codes ``[N, K]`` in 0..15; ``scale``/``zero``: ``[N, K/g]``. ``K`` must be even and
-    ``group`` must divide it."""
+    ``q``: uint4 codes ``[N, K]`` in 0..15; ``scale``/``zero``: ``[N, K/g]``. ``group`` must divide
+    ``K`` (every built group is a multiple of 8, so ``K`` is too)."""
     n, k = q.shape
     if group not in GROUPS:
         raise ValueError(f"group size {group} has no int4 kernel (built: {GROUPS})")
@@ -46,7 +61,8 @@ def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int):
     qp = np.zeros((np_, k), np.uint8)
     qp[:n] = q
     byte = (qp[:, 0::2] | (qp[:, 1::2] << 4)).astype(np.uint8)              # [Np, K/2]
-    packed = np.ascontiguousarray(byte.reshape(np_ // LANES, LANES, k // 2).transpose(0, 2, 1))
+    packed = np.ascontiguousarray(byte.reshape(np_ // LANES, LANES, k // KW, 4).transpose(0, 2, 1, 3)
+                                  .reshape(np_ // LANES, k // KW, 4 * LANES))
     s = np.zeros((np_, ng), np.float32)
     z = np.zeros((np_, ng), np.float32)
     s[:n], z[:n] = scale.reshape(n, ng), zero.reshape(n, ng)
@@ -56,41 +72,33 @@ def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int):
 
 def unpack_int4(packed: np.ndarray) -> np.ndarray:
     """Inverse of the code packing of :func:`pack_int4`: ``[Np, K]`` uint8 codes."""
-    nb, k2, _ = packed.shape
-    byte = packed.transpose(0, 2, 1).reshape(nb * LANES, k2)
-    out = np.empty((nb * LANES, k2 * 2), np.uint8)
+    nb, k8, _ = packed.shape
+    byte = packed.reshape(nb, k8, LANES, 4).transpose(0, 2, 1, 3).reshape(nb * LANES, k8 * 4)
+    out = np.empty((nb * LANES, k8 * KW), np.uint8)
     out[:, 0::2], out[:, 1::2] = byte & 15, byte >> 4
     return out
 
 
-# M>1: column panels of PNV blocks (32 columns), the panel dequantized once to float32 into a
-# workspace buffer [K, 32] (L2-resident), then an FMA register tile of IMR rows x PNV vectors over
-# all of K; M = 1 (and m < MMIN): GEMV with G1 blocks at once and even/odd accumulators.
-IMR, PNV = 6, 2     # M>1 register tile: 6 rows x 2 vectors of 16 columns (12 zmm accumulators)
-G1 = 4              # GEMV column tile: 4 blocks of 16 columns, 8 independent accumulator chains
-MMIN = 2            # rows from which the dequantize-once path beats one GEMV per row
-
-
 def int4_kernel(k: int, np_: int, group: int):
     """The TIR ``PrimFunc`` for one weight shape: arguments ``x`` f32 ``[m, K]`` (``m`` symbolic),
-    ``w`` u8 ``[Np/16, K/2, 16]``, ``s``, ``z`` f32 ``[Np/16, K/g, 16]``, ``bias`` f32 ``[Np]``,
-    ``out`` f32 ``[m, Np]``.
-
-    ``m >= MMIN``: per panel of 32 columns, dequantize ``(q - z) * s`` once into a float32 ``[K, 32]``
-    buffer, then run an ``IMR x 2``-vector FMA register tile over the rows (the weights are
-    unpacked once per panel, not once per row). ``m < MMIN`` (GEMV): per row, ``G1`` blocks of
-    16 columns at once with separate accumulators for the low and high nibbles (independent FMA
-    chains), the zero point folded out per group through the group sums of ``x``."""
+    ``w`` u8 ``[Np/16, K/8, 64]``, ``s``, ``z`` f32 ``[Np/16, K/g, 16]``, ``bias`` f32 ``[Np]``,
+    ``out`` f32 ``[m, Np]``. The GEMM path for ``m >= MMIN`` rows, the GEMV path below (module
+    docstring)."""
     from tvm.script import tirx as T
 
     if group not in GROUPS or k % group or np_ % LANES:
         raise ValueError(f"K={k} must be a multiple of the group {group} (one of {GROUPS}) and Np={np_} of {LANES}")
-    nb, ng, g2, k2 = np_ // LANES, k // group, group // 2, k // 2
-    f16, u16 = "float32x16", "uint8x16"
+    nb, ng, gw, kw, k2 = np_ // LANES, k // group, group // KW, k // KW, k // 2
+    f16, u16 = "float32x16", "uint32x16"
     pw = PNV * LANES
 
+    def bits(w, shift, mask):
+        """``(w >> shift) & mask`` on 16 uint32 lanes, as float32 (exact: below 2^24). LLVM drops a
+        zero shift and a mask the shift already implies (the top byte, the top nibble)."""
+        return T.Cast(f16, (w >> T.broadcast(T.Cast("uint32", shift), LANES)) & T.broadcast(T.uint32(mask), LANES))
+
     @T.macro
-    def gemv_tile(X, W, S, Z, B, O, xs, r, jb0, nbt):
+    def gemv_tile(XA, XB, W32, S, Z, B, O, xs, r, jb0, nbt):
         # stack buffers under 1 KiB ("global" scope, see kernels.py why) that LLVM keeps in registers
         acc = T.decl_buffer((nbt * LANES,), "float32", scope="global")
         ga = T.decl_buffer((2 * nbt * LANES,), "float32", scope="global")
@@ -99,14 +107,15 @@ def int4_kernel(k: int, np_: int, group: int):
         for gi in range(ng):
             for t in T.unroll(2 * nbt):
                 ga[T.ramp(t * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-            for kk in range(g2):
-                for t in T.unroll(nbt):
-                    ga[T.ramp(2 * t * LANES, 1, LANES)] = ga.vload([2 * t * LANES], f16) + T.broadcast(
-                        X[r, gi * group + kk * 2], LANES) * T.Cast(
-                        f16, T.Cast("int32x16", W.vload([jb0 + t, gi * g2 + kk, 0], u16)) & T.broadcast(T.int32(15), LANES))
-                    ga[T.ramp((2 * t + 1) * LANES, 1, LANES)] = ga.vload([(2 * t + 1) * LANES], f16) + T.broadcast(
-                        X[r, gi * group + kk * 2 + 1], LANES) * T.Cast(
-                        f16, T.Cast("int32x16", W.vload([jb0 + t, gi * g2 + kk, 0], u16)) >> T.broadcast(T.int32(4), LANES))
+            for i in range(gw):
+                for j in T.unroll(4):
+                    for t in T.unroll(nbt):
+                        # byte j of each lane: d = lo + 16 hi (module docstring)
+                        ga[T.ramp(2 * t * LANES, 1, LANES)] = ga.vload([2 * t * LANES], f16) + T.broadcast(
+                            XA[(gi * gw + i) * 4 + j], LANES) * bits(W32.vload([jb0 + t, gi * gw + i, 0], u16), 8 * j, 15)
+                        ga[T.ramp((2 * t + 1) * LANES, 1, LANES)] = ga.vload([(2 * t + 1) * LANES], f16) + T.broadcast(
+                            XB[(gi * gw + i) * 4 + j], LANES) * bits(
+                            W32.vload([jb0 + t, gi * gw + i, 0], u16), 8 * j, 255)
             for t in T.unroll(nbt):
                 acc[T.ramp(t * LANES, 1, LANES)] = acc.vload([t * LANES], f16) + S.vload([jb0 + t, gi, 0], f16) * (
                     ga.vload([2 * t * LANES], f16) + ga.vload([(2 * t + 1) * LANES], f16)
@@ -115,16 +124,15 @@ def int4_kernel(k: int, np_: int, group: int):
             O[r, T.ramp((jb0 + t) * LANES, 1, LANES)] = acc.vload([t * LANES], f16)
 
     @T.macro
-    def dequant_panel(W, S, Z, WB, jb0, nv):
+    def dequant_panel(W32, S, Z, WB, jb0, nv):
+        # (q - z) * s in the reference's order of operations, row k of the panel at WB[k * 32 ...]
         for gi in range(ng):
             for v in T.unroll(nv):
-                for kk in range(g2):
-                    WB[T.ramp((gi * group + kk * 2) * pw + v * LANES, 1, LANES)] = (T.Cast(
-                        f16, T.Cast("int32x16", W.vload([jb0 + v, gi * g2 + kk, 0], u16)) & T.broadcast(T.int32(15), LANES))
-                        - Z.vload([jb0 + v, gi, 0], f16)) * S.vload([jb0 + v, gi, 0], f16)
-                    WB[T.ramp((gi * group + kk * 2 + 1) * pw + v * LANES, 1, LANES)] = (T.Cast(
-                        f16, T.Cast("int32x16", W.vload([jb0 + v, gi * g2 + kk, 0], u16)) >> T.broadcast(T.int32(4), LANES))
-                        - Z.vload([jb0 + v, gi, 0], f16)) * S.vload([jb0 + v, gi, 0], f16)
+                for i in range(gw):
+                    for h in T.unroll(KW):
+                        WB[T.ramp((gi * group + i * KW + h) * pw + v * LANES, 1, LANES)] = (
+                            bits(W32.vload([jb0 + v, gi * gw + i, 0], u16), 4 * h, 15)
+                            - Z.vload([jb0 + v, gi, 0], f16)) * S.vload([jb0 + v, gi, 0], f16)
 
     @T.macro
     def fma_tile(X, WB, B, O, row0, mr, jb0, nv):
@@ -142,8 +150,8 @@ def int4_kernel(k: int, np_: int, group: int):
                 O[row0 + ii, T.ramp((jb0 + v) * LANES, 1, LANES)] = acc.vload([(ii * nv + v) * LANES], f16)
 
     @T.macro
-    def panel(X, W, S, Z, B, O, WB, m, jb0, nv):
-        dequant_panel(W, S, Z, WB, jb0, nv)
+    def panel(X, W32, S, Z, B, O, WB, m, jb0, nv):
+        dequant_panel(W32, S, Z, WB, jb0, nv)
         for io in range(m // IMR):
             fma_tile(X, WB, B, O, io * IMR, IMR, jb0, nv)
         for r in range(m % IMR):
@@ -154,29 +162,35 @@ def int4_kernel(k: int, np_: int, group: int):
         T.func_attr({"tir.noalias": True})
         m = T.int64()
         X = T.match_buffer(x, (m, k), "float32")
-        W = T.match_buffer(w, (nb, k2, LANES), "uint8")
+        W = T.match_buffer(w, (nb, kw, 4 * LANES), "uint8")
         S = T.match_buffer(s, (nb, ng, LANES), "float32")
         Z = T.match_buffer(z, (nb, ng, LANES), "float32")
         B = T.match_buffer(bias, (np_,), "float32")
         O = T.match_buffer(o, (m, np_), "float32")
+        W32 = T.decl_buffer((nb, kw, LANES), "uint32", data=W.data)   # 8 codes of one column per lane
         if m >= MMIN:
             # one dequantized panel, [K, 32] float32 (K * 128 bytes: TVM's workspace, L2-resident)
             WB = T.decl_buffer((k * pw,), "float32", scope="global")
             for jo in range(nb // PNV):
-                panel(X, W, S, Z, B, O, WB, m, jo * PNV, PNV)
+                panel(X, W32, S, Z, B, O, WB, m, jo * PNV, PNV)
             for _ in range(min(nb % PNV, 1)):     # an odd last block: a panel of one vector
-                panel(X, W, S, Z, B, O, WB, m, nb // PNV * PNV, nb % PNV)
+                panel(X, W32, S, Z, B, O, WB, m, nb // PNV * PNV, nb % PNV)
         else:
             xs = T.decl_buffer((ng,), "float32", scope="global")
+            XA = T.decl_buffer((k2,), "float32", scope="global")
+            XB = T.decl_buffer((k2,), "float32", scope="global")
             for r in range(m):
                 for gi in range(ng):
                     xs[gi] = T.float32(0)
                     for kk in range(group):
                         xs[gi] = xs[gi] + X[r, gi * group + kk]
+                for kk in range(k2):
+                    XB[kk] = X[r, kk * 2 + 1] * T.float32(0.0625)     # exact: a power of two
+                    XA[kk] = X[r, kk * 2] - XB[kk]
                 for jo in range(nb // G1):
-                    gemv_tile(X, W, S, Z, B, O, xs, r, jo * G1, G1)
+                    gemv_tile(XA, XB, W32, S, Z, B, O, xs, r, jo * G1, G1)
                 for jb in range(nb % G1):
-                    gemv_tile(X, W, S, Z, B, O, xs, r, nb // G1 * G1 + jb, 1)
+                    gemv_tile(XA, XB, W32, S, Z, B, O, xs, r, nb // G1 * G1 + jb, 1)
 
     return qgemm_int4
 
@@ -280,7 +294,7 @@ class Int4LinearConverter:
         x = imp.env[node.args[0]]
         packed, s, z, bias = (imp.env[a] for a in node.args[1:5])
         n, group = node.args[5], node.args[6]
-        k = int(packed.ty.shape[1]) * 2
+        k = int(packed.ty.shape[1]) * KW
         np_ = int(packed.ty.shape[0]) * LANES
         if x.ty.shape is None:  # the importer lost the shape: name its dims
             from tvm import tirx
