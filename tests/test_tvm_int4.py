@@ -1,6 +1,8 @@
 """The TIR int4 weight-only kernel of the tvm backend (qcompile/backends/tvm/int4.py) against a
 float64 torch reference of ``x @ ((q - z) * s)^T + b``, for the GEMV (M=1) and M>1 cases, every
 built group size, and N/K that are not multiples of the tile; plus the packing and its refusals."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -26,13 +28,18 @@ def _reference(q, s, z, b, x, g):
     return (t(x) @ w.T + t(b)).numpy()
 
 
-def _run(q, s, z, b, x, g):
+@functools.lru_cache(maxsize=None)
+def _kernel(k, np_, g, mmin=int4.MMIN):
+    return kernels.compile_kernel(int4.int4_kernel(k, np_, g, mmin))
+
+
+def _run(q, s, z, b, x, g, mmin=int4.MMIN):
     n, k = q.shape
     packed, sp, zp = int4.pack_int4(q, s, z, g)
     np_ = int4.padded_n(n)
     bias = np.zeros(np_, np.float32)
     bias[:n] = b
-    f = kernels.compile_kernel(int4.int4_kernel(k, np_, g))
+    f = _kernel(k, np_, g, mmin)
     out = tvm.runtime.tensor(np.zeros((x.shape[0], np_), np.float32))
     f["main"](*(tvm.runtime.tensor(a) for a in (x, packed, sp, zp, bias)), out)
     return out.numpy()
@@ -52,15 +59,25 @@ def test_pack_round_trip_and_layout():
 
 
 @pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 17, 128])
 def test_kernel_matches_float64(m, g):
-    k, n = 384, 40        # N not a multiple of the 16-column block; K = 3 groups of 128
+    # m < MMIN: the GEMV path; 17 = 2 tiles of 6 rows + 2 pairs + 1 row, 128 = 21 tiles + 1 pair
+    k, n = 384, 40        # N not a multiple of the 16-column block (an odd last panel); K = 3 groups of 128
     q, s, z, b, x = _case(m, k, n, g, seed=m * g)
     ref = _reference(q, s, z, b, x, g)
     out = _run(q, s, z, b, x, g)
     assert out.shape == (m, 48)
     np.testing.assert_allclose(out[:, :n], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     assert not out[:, n:].any()       # padding columns: zero scale, zero bias
+
+
+@pytest.mark.parametrize("mmin, m", [(1, 1), (1, 3), (1, 9), (1000, 17)])
+def test_each_path_at_any_row_count(mmin, m):
+    """The dequantize-once GEMM path at 1..9 rows and the GEMV path at 17 (``mmin`` moves the switch)."""
+    k, n, g = 256, 72, 64
+    q, s, z, b, x = _case(m, k, n, g, seed=m)
+    ref = _reference(q, s, z, b, x, g)
+    np.testing.assert_allclose(_run(q, s, z, b, x, g, mmin)[:, :n], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_k_not_a_multiple_of_128():
@@ -132,7 +149,8 @@ def test_int4_model_lowered_matches_reference(recipe):
     q, x = _mlp(k=256, recipe=recipe)
     art = qcompile.lower(q, backend="tvm")
     assert art.meta["fused"] == ["linear", "linear_1"]
-    assert verify(art, q, [(x,), (torch.randn(1, 256),)]).passed
+    # 3 and 1 rows: the GEMV path; 8 rows: the dequantize-once GEMM path
+    assert verify(art, q, [(x,), (torch.randn(1, 256),), (torch.randn(8, 256),)]).passed
 
 
 def test_int4_tiny_block_lowered_matches_reference():
