@@ -98,7 +98,8 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
         return T.Cast(f16, (w >> T.broadcast(T.Cast("uint32", shift), LANES)) & T.broadcast(T.uint32(mask), LANES))
 
     @T.macro
-    def gemv_tile(XA, XB, W32, S, Z, B, O, xs, r, jb0, nbt):
+    def gemv_tile(WS, W32, S, Z, B, O, r, jb0, nbt):
+        # WS: [x_e - x_o/16 (K/2), x_o/16 (K/2), group sums of x (K/g)] of row r
         # stack buffers under 1 KiB ("global" scope, see kernels.py why) that LLVM keeps in registers
         acc = T.decl_buffer((nbt * LANES,), "float32", scope="global")
         ga = T.decl_buffer((2 * nbt * LANES,), "float32", scope="global")
@@ -112,14 +113,14 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
                     for t in T.unroll(nbt):
                         # byte j of each lane: d = lo + 16 hi (module docstring)
                         ga[T.ramp(2 * t * LANES, 1, LANES)] = ga.vload([2 * t * LANES], f16) + T.broadcast(
-                            XA[(gi * gw + i) * 4 + j], LANES) * bits(W32.vload([jb0 + t, gi * gw + i, 0], u16), 8 * j, 15)
+                            WS[(gi * gw + i) * 4 + j], LANES) * bits(W32.vload([jb0 + t, gi * gw + i, 0], u16), 8 * j, 15)
                         ga[T.ramp((2 * t + 1) * LANES, 1, LANES)] = ga.vload([(2 * t + 1) * LANES], f16) + T.broadcast(
-                            XB[(gi * gw + i) * 4 + j], LANES) * bits(
+                            WS[k2 + (gi * gw + i) * 4 + j], LANES) * bits(
                             W32.vload([jb0 + t, gi * gw + i, 0], u16), 8 * j, 255)
             for t in T.unroll(nbt):
                 acc[T.ramp(t * LANES, 1, LANES)] = acc.vload([t * LANES], f16) + S.vload([jb0 + t, gi, 0], f16) * (
                     ga.vload([2 * t * LANES], f16) + ga.vload([(2 * t + 1) * LANES], f16)
-                    - Z.vload([jb0 + t, gi, 0], f16) * T.broadcast(xs[gi], LANES))
+                    - Z.vload([jb0 + t, gi, 0], f16) * T.broadcast(WS[k + gi], LANES))
         for t in T.unroll(nbt):
             O[r, T.ramp((jb0 + t) * LANES, 1, LANES)] = acc.vload([t * LANES], f16)
 
@@ -171,29 +172,30 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
         B = T.match_buffer(bias, (np_,), "float32")
         O = T.match_buffer(o, (m, np_), "float32")
         W32 = T.decl_buffer((nb, kw, LANES), "uint32", data=W.data)   # 8 codes of one column per lane
+        # One workspace for every memory buffer (TVM's heap workspace, L2-resident): the GEMM path's
+        # dequantized panel [K, 32], or the GEMV path's coefficient rows x_e - x_o/16, x_o/16 (K/2 each)
+        # and group sums of x. One buffer live through the whole kernel, because StorageRewrite
+        # otherwise merges the small register buffers into a larger heap buffer whose lifetime does
+        # not overlap theirs, and LLVM can then no longer keep the accumulators in registers.
+        WS = T.decl_buffer((max(k * pw, k + ng),), "float32", scope="global")
         if m >= mmin:
-            # one dequantized panel, [K, 32] float32 (K * 128 bytes: TVM's workspace, L2-resident)
-            WB = T.decl_buffer((k * pw,), "float32", scope="global")
             for jo in range(nb // PNV):
-                panel(X, W32, S, Z, B, O, WB, m, jo * PNV, PNV)
-            for _ in range(min(nb % PNV, 1)):     # an odd last block: a panel of one vector
-                panel(X, W32, S, Z, B, O, WB, m, nb // PNV * PNV, nb % PNV)
+                panel(X, W32, S, Z, B, O, WS, m, jo * PNV, PNV)
+            for _ in range(nb % PNV):     # an odd last block (PNV = 2): a panel of one vector
+                panel(X, W32, S, Z, B, O, WS, m, nb // PNV * PNV, 1)
         else:
-            xs = T.decl_buffer((ng,), "float32", scope="global")
-            XA = T.decl_buffer((k2,), "float32", scope="global")
-            XB = T.decl_buffer((k2,), "float32", scope="global")
             for r in range(m):
                 for gi in range(ng):
-                    xs[gi] = T.float32(0)
+                    WS[k + gi] = T.float32(0)
                     for kk in range(group):
-                        xs[gi] = xs[gi] + X[r, gi * group + kk]
+                        WS[k + gi] = WS[k + gi] + X[r, gi * group + kk]
                 for kk in range(k2):
-                    XB[kk] = X[r, kk * 2 + 1] * T.float32(0.0625)     # exact: a power of two
-                    XA[kk] = X[r, kk * 2] - XB[kk]
+                    WS[k2 + kk] = X[r, kk * 2 + 1] * T.float32(0.0625)     # exact: a power of two
+                    WS[kk] = X[r, kk * 2] - WS[k2 + kk]
                 for jo in range(nb // G1):
-                    gemv_tile(XA, XB, W32, S, Z, B, O, xs, r, jo * G1, G1)
+                    gemv_tile(WS, W32, S, Z, B, O, r, jo * G1, G1)
                 for jb in range(nb % G1):
-                    gemv_tile(XA, XB, W32, S, Z, B, O, xs, r, nb // G1 * G1 + jb, 1)
+                    gemv_tile(WS, W32, S, Z, B, O, r, nb // G1 * G1 + jb, 1)
 
     return qgemm_int4
 
