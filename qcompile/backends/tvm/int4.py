@@ -11,9 +11,17 @@ matrix never exists in memory. Two paths in one kernel, chosen on the row count 
 - ``m < MMIN`` (GEMV): one row at a time, the zero point folded out per group,
   ``y[n] = b[n] + sum_g s[g, n] * (sum_{k in g} x[k] q[n, k] - z[g, n] sum_{k in g} x[k])``, ``G1``
   blocks of 16 columns at once with separate accumulators (independent FMA chains). Each 32-bit
-  lane holds 8 codes of one column (no byte shuffles to widen them); a byte ``d = lo + 16 hi``
-  needs no shift for its high nibble: ``x_e lo + x_o hi = (x_e - x_o/16) lo + (x_o/16) d``, with
-  ``x_o/16`` exact (a power of two) and both coefficient rows made once per row.
+  lane holds 8 codes of one column (no byte shuffles to widen them). A byte ``d = lo + 16 hi``
+  needs no shift for its high nibble: ``x_e lo + x_o hi = (x_e - x_o/16) lo + (x_o/16) d``
+  (``x_o/16`` exact: a power of two). And the bytes need no shift either: the prefixes
+  ``w & 0xFF``, ``w & 0xFFFF``, ``w & 0xFFFFFF`` (exact in float32: 24 bits) and the top byte
+  ``w >> 24`` carry the four bytes: with per-byte coefficients ``c_j``,
+  ``sum_j c_j d_j = sum_p a_p prefix_p`` for the telescoped ``a_0 = c_0 - c_1/256``,
+  ``a_1 = c_1/256 - c_2/65536``, ``a_2 = c_2/65536``, ``a_3 = c_3`` (likewise for the low nibbles,
+  with the masks ``0x0F``, ``0x0F0F``, ``0x0F0F0F`` and ``(w >> 24) & 0x0F``). The coefficient rows are
+  made once per row; the cross terms they cancel are 256x smaller than the terms they keep, so the
+  rounding stays that of a float32 dot product. Per 16 x 8 codes: one shift, seven masks, eight
+  converts, eight FMAs.
 
 Packing (:func:`pack_int4`, once, at lowering): codes ``[N, K]`` (0..15) → uint8 ``[Np/16, K/8, 64]``,
 byte ``[nb, i, 4c + j]`` = ``q[nb*16 + c, 8i + 2j] | q[nb*16 + c, 8i + 2j + 1] << 4``: read as 16
@@ -95,11 +103,16 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
     def bits(w, shift, mask):
         """``(w >> shift) & mask`` on 16 uint32 lanes, as float32 (exact: below 2^24). LLVM drops a
         zero shift and a mask the shift already implies (the top byte, the top nibble)."""
-        return T.Cast(f16, (w >> T.broadcast(T.Cast("uint32", shift), LANES)) & T.broadcast(T.uint32(mask), LANES))
+        return T.Cast(f16, (w >> T.broadcast(T.Cast("uint32", shift), LANES)) & T.broadcast(T.Cast("uint32", mask), LANES))
+
+    def prefix(j):
+        """Mask of bytes 0..j of a lane for j < 3 (exact in float32: 24 bits), the top byte for j = 3."""
+        return T.if_then_else(j < 3, T.shift_left(T.int64(1), T.Cast("int64", 8 * j + 8)) - 1, T.int64(255))
 
     @T.macro
     def gemv_tile(WS, W32, S, Z, B, O, r, jb0, nbt):
-        # WS: [x_e - x_o/16 (K/2), x_o/16 (K/2), group sums of x (K/g)] of row r
+        # WS, for row r: telescoped coefficients of the low-nibble and byte prefixes (K/2 each:
+        # from x_e - x_o/16 and x_o/16), group sums of x (K/g)
         # stack buffers under 1 KiB ("global" scope, see kernels.py why) that LLVM keeps in registers
         acc = T.decl_buffer((nbt * LANES,), "float32", scope="global")
         ga = T.decl_buffer((2 * nbt * LANES,), "float32", scope="global")
@@ -111,12 +124,14 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
             for i in range(gw):
                 for j in T.unroll(4):
                     for t in T.unroll(nbt):
-                        # byte j of each lane: d = lo + 16 hi (module docstring)
+                        # prefixes of the lane (module docstring): bytes 0..j (the top byte on its own)
+                        # and their low nibbles, telescoped by the coefficients made per row
                         ga[T.ramp(2 * t * LANES, 1, LANES)] = ga.vload([2 * t * LANES], f16) + T.broadcast(
-                            WS[(gi * gw + i) * 4 + j], LANES) * bits(W32.vload([jb0 + t, gi * gw + i, 0], u16), 8 * j, 15)
+                            WS[(gi * gw + i) * 4 + j], LANES) * bits(
+                            W32.vload([jb0 + t, gi * gw + i, 0], u16), j // 3 * 24, prefix(j) & 0x0F0F0F)
                         ga[T.ramp((2 * t + 1) * LANES, 1, LANES)] = ga.vload([(2 * t + 1) * LANES], f16) + T.broadcast(
                             WS[k2 + (gi * gw + i) * 4 + j], LANES) * bits(
-                            W32.vload([jb0 + t, gi * gw + i, 0], u16), 8 * j, 255)
+                            W32.vload([jb0 + t, gi * gw + i, 0], u16), j // 3 * 24, prefix(j))
             for t in T.unroll(nbt):
                 acc[T.ramp(t * LANES, 1, LANES)] = acc.vload([t * LANES], f16) + S.vload([jb0 + t, gi, 0], f16) * (
                     ga.vload([2 * t * LANES], f16) + ga.vload([(2 * t + 1) * LANES], f16)
@@ -192,6 +207,12 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
                 for kk in range(k2):
                     WS[k2 + kk] = X[r, kk * 2 + 1] * T.float32(0.0625)     # exact: a power of two
                     WS[kk] = X[r, kk * 2] - WS[k2 + kk]
+                for h in range(2):      # telescoping coefficients for the byte prefixes, in place
+                    for i in range(kw):
+                        WS[h * k2 + i * 4] = WS[h * k2 + i * 4] - WS[h * k2 + i * 4 + 1] * T.float32(1 / 256)
+                        WS[h * k2 + i * 4 + 1] = (WS[h * k2 + i * 4 + 1] * T.float32(1 / 256)
+                                                  - WS[h * k2 + i * 4 + 2] * T.float32(1 / 65536))
+                        WS[h * k2 + i * 4 + 2] = WS[h * k2 + i * 4 + 2] * T.float32(1 / 65536)
                 for jo in range(nb // G1):
                     gemv_tile(WS, W32, S, Z, B, O, r, jo * G1, G1)
                 for jb in range(nb % G1):
