@@ -8,9 +8,11 @@ matrix never exists in memory. Two paths in one kernel, chosen on the row count 
   ``[K, 32]`` buffer (L2-resident), then an ``IMR``-row x 2-vector FMA register tile runs over every
   row tile (like ``kernels.batch_matmul_kernel``): the unpacking cost is paid once per panel, not
   once per row, and the FMA tile runs near the host's fp32 peak.
-- ``m < MMIN`` (GEMV): one row at a time, the zero point folded out per group,
-  ``y[n] = b[n] + sum_g s[g, n] * (sum_{k in g} x[k] q[n, k] - z[g, n] sum_{k in g} x[k])``, ``G1``
-  blocks of 16 columns at once with separate accumulators (independent FMA chains). Each 32-bit
+- ``m < MMIN`` (GEMV): two rows at a time (the codes unpacked and converted once for both; an odd
+  last row alone), the zero point folded out per group,
+  ``y[n] = b[n] + sum_g s[g, n] * (sum_{k in g} x[k] q[n, k] - z[g, n] sum_{k in g} x[k])``, ``G2``
+  (two rows) or ``G1`` (one row) blocks of 16 columns at once with separate accumulators for the
+  low nibbles and the bytes (8 independent FMA chains). Each 32-bit
   lane holds 8 codes of one column (no byte shuffles to widen them). A byte ``d = lo + 16 hi``
   needs no shift for its high nibble: ``x_e lo + x_o hi = (x_e - x_o/16) lo + (x_o/16) d``
   (``x_o/16`` exact: a power of two). And the bytes need no shift either: the prefixes
@@ -45,7 +47,8 @@ KW = 8          # codes of one column per 32-bit lane
 GROUPS = (32, 64, 128)
 IMR, PNV = 6, 2     # GEMM register tile: 6 rows x 2 vectors of 16 columns (12 zmm accumulators)
 G1 = 4              # GEMV column tile: 4 blocks of 16 columns, 8 independent accumulator chains
-MMIN = 6            # rows from which dequantizing a panel once beats one GEMV per row (measured: 4-5 even)
+G2 = 2              # GEMV column tile for a pair of rows (8 chains as well)
+MMIN = 12           # rows from which dequantizing a panel once beats the GEMV (measured: even at 10-12)
 
 
 def padded_n(n: int) -> int:
@@ -99,6 +102,7 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
     nb, ng, gw, kw, k2 = np_ // LANES, k // group, group // KW, k // KW, k // 2
     f16, u16 = "float32x16", "uint32x16"
     pw = PNV * LANES
+    rs = k + ng         # the GEMV path's workspace per row
 
     def bits(w, shift, mask):
         """``(w >> shift) & mask`` on 16 uint32 lanes, as float32 (exact: below 2^24). LLVM drops a
@@ -110,34 +114,60 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
         return T.if_then_else(j < 3, T.shift_left(T.int64(1), T.Cast("int64", 8 * j + 8)) - 1, T.int64(255))
 
     @T.macro
-    def gemv_tile(WS, W32, S, Z, B, O, r, jb0, nbt):
-        # WS, for row r: telescoped coefficients of the low-nibble and byte prefixes (K/2 each:
-        # from x_e - x_o/16 and x_o/16), group sums of x (K/g)
+    def gemv_rows(X, WS, r0, rr):
+        # WS[ri * rs ...], for row r0 + ri: the telescoped coefficients of the low-nibble and byte
+        # prefixes (K/2 each, from x_e - x_o/16 and x_o/16; module docstring), then the group sums of x
+        for ri in range(rr):
+            for gi in range(ng):
+                WS[ri * rs + k + gi] = T.float32(0)
+                for kk in range(group):
+                    WS[ri * rs + k + gi] = WS[ri * rs + k + gi] + X[r0 + ri, gi * group + kk]
+            for kk in range(k2):
+                WS[ri * rs + k2 + kk] = X[r0 + ri, kk * 2 + 1] * T.float32(0.0625)     # exact: a power of two
+                WS[ri * rs + kk] = X[r0 + ri, kk * 2] - WS[ri * rs + k2 + kk]
+            for h in range(2):      # telescoping, in place
+                for i in range(kw):
+                    WS[ri * rs + h * k2 + i * 4] = (WS[ri * rs + h * k2 + i * 4]
+                                                    - WS[ri * rs + h * k2 + i * 4 + 1] * T.float32(1 / 256))
+                    WS[ri * rs + h * k2 + i * 4 + 1] = (WS[ri * rs + h * k2 + i * 4 + 1] * T.float32(1 / 256)
+                                                        - WS[ri * rs + h * k2 + i * 4 + 2] * T.float32(1 / 65536))
+                    WS[ri * rs + h * k2 + i * 4 + 2] = WS[ri * rs + h * k2 + i * 4 + 2] * T.float32(1 / 65536)
+
+    @T.macro
+    def gemv_tile(WS, W32, S, Z, B, O, r0, rr, jb0, nbt):
+        # rr rows x nbt blocks; the codes are unpacked and converted once for the rr rows.
         # stack buffers under 1 KiB ("global" scope, see kernels.py why) that LLVM keeps in registers
-        acc = T.decl_buffer((nbt * LANES,), "float32", scope="global")
-        ga = T.decl_buffer((2 * nbt * LANES,), "float32", scope="global")
-        for t in T.unroll(nbt):
-            acc[T.ramp(t * LANES, 1, LANES)] = B.vload([(jb0 + t) * LANES], f16)
+        acc = T.decl_buffer((rr * nbt * LANES,), "float32", scope="global")
+        ga = T.decl_buffer((2 * rr * nbt * LANES,), "float32", scope="global")
+        for ri in T.unroll(rr):
+            for t in T.unroll(nbt):
+                acc[T.ramp((ri * nbt + t) * LANES, 1, LANES)] = B.vload([(jb0 + t) * LANES], f16)
         for gi in range(ng):
-            for t in T.unroll(2 * nbt):
+            for t in T.unroll(2 * rr * nbt):
                 ga[T.ramp(t * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
             for i in range(gw):
                 for j in T.unroll(4):
-                    for t in T.unroll(nbt):
-                        # prefixes of the lane (module docstring): bytes 0..j (the top byte on its own)
-                        # and their low nibbles, telescoped by the coefficients made per row
-                        ga[T.ramp(2 * t * LANES, 1, LANES)] = ga.vload([2 * t * LANES], f16) + T.broadcast(
-                            WS[(gi * gw + i) * 4 + j], LANES) * bits(
-                            W32.vload([jb0 + t, gi * gw + i, 0], u16), j // 3 * 24, prefix(j) & 0x0F0F0F)
-                        ga[T.ramp((2 * t + 1) * LANES, 1, LANES)] = ga.vload([(2 * t + 1) * LANES], f16) + T.broadcast(
-                            WS[k2 + (gi * gw + i) * 4 + j], LANES) * bits(
-                            W32.vload([jb0 + t, gi * gw + i, 0], u16), j // 3 * 24, prefix(j))
+                    for ri in T.unroll(rr):
+                        for t in T.unroll(nbt):
+                            # prefixes of the lane (module docstring): bytes 0..j (the top byte on its
+                            # own) and their low nibbles, telescoped by the coefficients of the row
+                            ga[T.ramp(2 * (ri * nbt + t) * LANES, 1, LANES)] = ga.vload(
+                                [2 * (ri * nbt + t) * LANES], f16) + T.broadcast(
+                                WS[ri * rs + (gi * gw + i) * 4 + j], LANES) * bits(
+                                W32.vload([jb0 + t, gi * gw + i, 0], u16), j // 3 * 24, prefix(j) & 0x0F0F0F)
+                            ga[T.ramp((2 * (ri * nbt + t) + 1) * LANES, 1, LANES)] = ga.vload(
+                                [(2 * (ri * nbt + t) + 1) * LANES], f16) + T.broadcast(
+                                WS[ri * rs + k2 + (gi * gw + i) * 4 + j], LANES) * bits(
+                                W32.vload([jb0 + t, gi * gw + i, 0], u16), j // 3 * 24, prefix(j))
+            for ri in T.unroll(rr):
+                for t in T.unroll(nbt):
+                    acc[T.ramp((ri * nbt + t) * LANES, 1, LANES)] = acc.vload(
+                        [(ri * nbt + t) * LANES], f16) + S.vload([jb0 + t, gi, 0], f16) * (
+                        ga.vload([2 * (ri * nbt + t) * LANES], f16) + ga.vload([(2 * (ri * nbt + t) + 1) * LANES], f16)
+                        - Z.vload([jb0 + t, gi, 0], f16) * T.broadcast(WS[ri * rs + k + gi], LANES))
+        for ri in T.unroll(rr):
             for t in T.unroll(nbt):
-                acc[T.ramp(t * LANES, 1, LANES)] = acc.vload([t * LANES], f16) + S.vload([jb0 + t, gi, 0], f16) * (
-                    ga.vload([2 * t * LANES], f16) + ga.vload([(2 * t + 1) * LANES], f16)
-                    - Z.vload([jb0 + t, gi, 0], f16) * T.broadcast(WS[k + gi], LANES))
-        for t in T.unroll(nbt):
-            O[r, T.ramp((jb0 + t) * LANES, 1, LANES)] = acc.vload([t * LANES], f16)
+                O[r0 + ri, T.ramp((jb0 + t) * LANES, 1, LANES)] = acc.vload([(ri * nbt + t) * LANES], f16)
 
     @T.macro
     def dequant_panel(W32, S, Z, WB, jb0, nv):
@@ -192,31 +222,25 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
         # and group sums of x. One buffer live through the whole kernel, because StorageRewrite
         # otherwise merges the small register buffers into a larger heap buffer whose lifetime does
         # not overlap theirs, and LLVM can then no longer keep the accumulators in registers.
-        WS = T.decl_buffer((max(k * pw, k + ng),), "float32", scope="global")
+        WS = T.decl_buffer((max(k * pw, 2 * rs),), "float32", scope="global")
         if m >= mmin:
             for jo in range(nb // PNV):
                 panel(X, W32, S, Z, B, O, WS, m, jo * PNV, PNV)
             for _ in range(nb % PNV):     # an odd last block (PNV = 2): a panel of one vector
                 panel(X, W32, S, Z, B, O, WS, m, nb // PNV * PNV, 1)
         else:
-            for r in range(m):
-                for gi in range(ng):
-                    WS[k + gi] = T.float32(0)
-                    for kk in range(group):
-                        WS[k + gi] = WS[k + gi] + X[r, gi * group + kk]
-                for kk in range(k2):
-                    WS[k2 + kk] = X[r, kk * 2 + 1] * T.float32(0.0625)     # exact: a power of two
-                    WS[kk] = X[r, kk * 2] - WS[k2 + kk]
-                for h in range(2):      # telescoping coefficients for the byte prefixes, in place
-                    for i in range(kw):
-                        WS[h * k2 + i * 4] = WS[h * k2 + i * 4] - WS[h * k2 + i * 4 + 1] * T.float32(1 / 256)
-                        WS[h * k2 + i * 4 + 1] = (WS[h * k2 + i * 4 + 1] * T.float32(1 / 256)
-                                                  - WS[h * k2 + i * 4 + 2] * T.float32(1 / 65536))
-                        WS[h * k2 + i * 4 + 2] = WS[h * k2 + i * 4 + 2] * T.float32(1 / 65536)
+            for r2 in range(m // 2):     # pairs of rows: the unpacking shared by two rows
+                gemv_rows(X, WS, r2 * 2, 2)
+                for jo in range(nb // G2):
+                    gemv_tile(WS, W32, S, Z, B, O, r2 * 2, 2, jo * G2, G2)
+                for jb in range(nb % G2):
+                    gemv_tile(WS, W32, S, Z, B, O, r2 * 2, 2, nb // G2 * G2 + jb, 1)
+            for _ in range(m % 2):
+                gemv_rows(X, WS, m - 1, 1)
                 for jo in range(nb // G1):
-                    gemv_tile(WS, W32, S, Z, B, O, r, jo * G1, G1)
+                    gemv_tile(WS, W32, S, Z, B, O, m - 1, 1, jo * G1, G1)
                 for jb in range(nb % G1):
-                    gemv_tile(WS, W32, S, Z, B, O, r, nb // G1 * G1 + jb, 1)
+                    gemv_tile(WS, W32, S, Z, B, O, m - 1, 1, nb // G1 * G1 + jb, 1)
 
     return qgemm_int4
 
