@@ -218,8 +218,8 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
         O = T.match_buffer(o, (m, np_), "float32")
         W32 = T.decl_buffer((nb, kw, LANES), "uint32", data=W.data)   # 8 codes of one column per lane
         # One workspace for every memory buffer (TVM's heap workspace, L2-resident): the GEMM path's
-        # dequantized panel [K, 32], or the GEMV path's coefficient rows x_e - x_o/16, x_o/16 (K/2 each)
-        # and group sums of x. One buffer live through the whole kernel, because StorageRewrite
+        # dequantized panel [K, 32], or the GEMV path's telescoped coefficient rows and group sums
+        # of x for two rows (gemv_rows). One buffer live through the whole kernel, because StorageRewrite
         # otherwise merges the small register buffers into a larger heap buffer whose lifetime does
         # not overlap theirs, and LLVM can then no longer keep the accumulators in registers.
         WS = T.decl_buffer((max(k * pw, 2 * rs),), "float32", scope="global")
