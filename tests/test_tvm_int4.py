@@ -59,10 +59,10 @@ def test_pack_round_trip_and_layout():
 
 
 @pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 17, 128])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 17, 128])
 def test_kernel_matches_float64(m, g):
-    # m < MMIN: the GEMV path (pairs of rows, then the odd one); 17 = 2 tiles of 6 rows + 2 pairs + 1 row,
-    # 128 = 21 tiles + 1 pair
+    # m < MMIN: the GEMV path (quads of rows, a pair, the odd one: 7 = 4 + 2 + 1, 17 = 4 x 4 + 1);
+    # 128: the GEMM path, 21 tiles of 6 rows + 1 pair
     k, n = 384, 40        # N not a multiple of the 16-column block (an odd last panel); K = 3 groups of 128
     q, s, z, b, x = _case(m, k, n, g, seed=m * g)
     ref = _reference(q, s, z, b, x, g)
@@ -72,9 +72,10 @@ def test_kernel_matches_float64(m, g):
     assert not out[:, n:].any()       # padding columns: zero scale, zero bias
 
 
-@pytest.mark.parametrize("mmin, m", [(1, 1), (1, 3), (1, 9), (1000, 17)])
+@pytest.mark.parametrize("mmin, m", [(1, 1), (1, 3), (1, 9), (1, 17), (1000, 43)])
 def test_each_path_at_any_row_count(mmin, m):
-    """The dequantize-once GEMM path at 1..9 rows and the GEMV path at 17 (``mmin`` moves the switch)."""
+    """The dequantize-once GEMM path at 1..17 rows (17 = 2 tiles of 6 rows + 2 pairs + 1 row) and the
+    GEMV path at 43 (``mmin`` moves the switch)."""
     k, n, g = 256, 72, 64
     q, s, z, b, x = _case(m, k, n, g, seed=m)
     ref = _reference(q, s, z, b, x, g)
@@ -165,8 +166,8 @@ def test_int4_model_lowered_matches_reference(recipe):
     q, x = _mlp(k=256, recipe=recipe)
     art = qcompile.lower(q, backend="tvm")
     assert art.meta["fused"] == ["linear", "linear_1"]
-    # 3 and 1 rows: the GEMV path; 16 rows: the dequantize-once GEMM path
-    assert verify(art, q, [(x,), (torch.randn(1, 256),), (torch.randn(16, 256),)]).passed
+    # 3 and 1 rows: the GEMV path; 40 rows: the dequantize-once GEMM path
+    assert verify(art, q, [(x,), (torch.randn(1, 256),), (torch.randn(40, 256),)]).passed
 
 
 def test_int4_tiny_block_lowered_matches_reference():

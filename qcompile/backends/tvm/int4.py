@@ -8,11 +8,12 @@ matrix never exists in memory. Two paths in one kernel, chosen on the row count 
   ``[K, 32]`` buffer (L2-resident), then an ``IMR``-row x 2-vector FMA register tile runs over every
   row tile (like ``kernels.batch_matmul_kernel``): the unpacking cost is paid once per panel, not
   once per row, and the FMA tile runs near the host's fp32 peak.
-- ``m < MMIN`` (GEMV): two rows at a time (the codes unpacked and converted once for both; an odd
-  last row alone), the zero point folded out per group,
-  ``y[n] = b[n] + sum_g s[g, n] * (sum_{k in g} x[k] q[n, k] - z[g, n] sum_{k in g} x[k])``, ``G2``
-  (two rows) or ``G1`` (one row) blocks of 16 columns at once with separate accumulators for the
-  low nibbles and the bytes (8 independent FMA chains). Each 32-bit
+- ``m < MMIN`` (GEMV): four rows at a time (the codes unpacked and converted once for the four),
+  then a pair, then one row, the zero point folded out per group,
+  ``y[n] = b[n] + sum_g s[g, n] * (sum_{k in g} x[k] q[n, k] - z[g, n] sum_{k in g} x[k])``, 1 (four
+  rows), ``G2`` (two rows) or ``G1`` (one row) blocks of 16 columns at once with separate
+  accumulators for the low nibbles and the bytes (8 independent FMA chains). With four rows the
+  loop is FMA-bound, as fast per row as the GEMM path's tile. Each 32-bit
   lane holds 8 codes of one column (no byte shuffles to widen them). A byte ``d = lo + 16 hi``
   needs no shift for its high nibble: ``x_e lo + x_o hi = (x_e - x_o/16) lo + (x_o/16) d``
   (``x_o/16`` exact: a power of two). And the bytes need no shift either: the prefixes
@@ -47,8 +48,8 @@ KW = 8          # codes of one column per 32-bit lane
 GROUPS = (32, 64, 128)
 IMR, PNV = 6, 2     # GEMM register tile: 6 rows x 2 vectors of 16 columns (12 zmm accumulators)
 G1 = 4              # GEMV column tile: 4 blocks of 16 columns, 8 independent accumulator chains
-G2 = 2              # GEMV column tile for a pair of rows (8 chains as well)
-MMIN = 12           # rows from which dequantizing a panel once beats the GEMV (measured: even at 10-12)
+G2 = 2              # GEMV column tile for a pair of rows (8 chains as well; 4 rows: one block)
+MMIN = 32           # rows from which the GEMM path runs (measured: even with the 4-row GEMV at 32-64)
 
 
 def padded_n(n: int) -> int:
@@ -219,22 +220,26 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
         W32 = T.decl_buffer((nb, kw, LANES), "uint32", data=W.data)   # 8 codes of one column per lane
         # One workspace for every memory buffer (TVM's heap workspace, L2-resident): the GEMM path's
         # dequantized panel [K, 32], or the GEMV path's telescoped coefficient rows and group sums
-        # of x for two rows (gemv_rows). One buffer live through the whole kernel, because StorageRewrite
+        # of x for up to four rows (gemv_rows). One buffer live through the whole kernel, because StorageRewrite
         # otherwise merges the small register buffers into a larger heap buffer whose lifetime does
         # not overlap theirs, and LLVM can then no longer keep the accumulators in registers.
-        WS = T.decl_buffer((max(k * pw, 2 * rs),), "float32", scope="global")
+        WS = T.decl_buffer((max(k * pw, 4 * rs),), "float32", scope="global")
         if m >= mmin:
             for jo in range(nb // PNV):
                 panel(X, W32, S, Z, B, O, WS, m, jo * PNV, PNV)
             for _ in range(nb % PNV):     # an odd last block (PNV = 2): a panel of one vector
                 panel(X, W32, S, Z, B, O, WS, m, nb // PNV * PNV, 1)
         else:
-            for r2 in range(m // 2):     # pairs of rows: the unpacking shared by two rows
-                gemv_rows(X, WS, r2 * 2, 2)
+            for r4 in range(m // 4):     # quads of rows: the unpacking shared by four rows
+                gemv_rows(X, WS, r4 * 4, 4)
+                for jb in range(nb):
+                    gemv_tile(WS, W32, S, Z, B, O, r4 * 4, 4, jb, 1)
+            for _ in range(m % 4 // 2):     # a pair of rows
+                gemv_rows(X, WS, m // 4 * 4, 2)
                 for jo in range(nb // G2):
-                    gemv_tile(WS, W32, S, Z, B, O, r2 * 2, 2, jo * G2, G2)
+                    gemv_tile(WS, W32, S, Z, B, O, m // 4 * 4, 2, jo * G2, G2)
                 for jb in range(nb % G2):
-                    gemv_tile(WS, W32, S, Z, B, O, r2 * 2, 2, nb // G2 * G2 + jb, 1)
+                    gemv_tile(WS, W32, S, Z, B, O, m // 4 * 4, 2, nb // G2 * G2 + jb, 1)
             for _ in range(m % 2):
                 gemv_rows(X, WS, m - 1, 1)
                 for jo in range(nb // G1):
