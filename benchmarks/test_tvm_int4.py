@@ -2,7 +2,7 @@
 (qcompile/backends/tvm/int4.py, codes unpacked in registers) vs torch float ``F.linear`` on the
 dequantized fp32 weight vs onnxruntime ``com.microsoft::MatMulNBits`` (accuracy level 0, float
 activations: the like-for-like peer, a one-node model built with onnx.helper), at K=768 N=3072,
-M in {1, 128}, g in {64, 128}. The three are timed interleaved (round-robin) in
+M in {1, 128}, g in {32, 64, 128}. The three are timed interleaved (round-robin) in
 ``test_int4_interleaved``, whose ``extra_info`` holds the medians and the ratios
 (``vs_float`` = float median / TVM median, ``vs_ort`` = MatMulNBits median / TVM median: > 1 is faster)
 and the load average. Run::
@@ -73,7 +73,7 @@ def _setup(m, g):
     return impls
 
 
-@pytest.mark.parametrize("g", [64, 128])
+@pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("m", [1, 128])
 def test_int4_interleaved(benchmark, m, g):
     torch.set_num_threads(1)

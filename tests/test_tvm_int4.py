@@ -1,6 +1,8 @@
 """The TIR int4 weight-only kernel of the tvm backend (qcompile/backends/tvm/int4.py) against a
 float64 torch reference of ``x @ ((q - z) * s)^T + b``, for the GEMV (M=1) and M>1 cases, every
 built group size, and N/K that are not multiples of the tile; plus the packing and its refusals."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -26,13 +28,18 @@ def _reference(q, s, z, b, x, g):
     return (t(x) @ w.T + t(b)).numpy()
 
 
-def _run(q, s, z, b, x, g):
+@functools.lru_cache(maxsize=None)
+def _kernel(k, np_, g, mmin=int4.MMIN):
+    return kernels.compile_kernel(int4.int4_kernel(k, np_, g, mmin))
+
+
+def _run(q, s, z, b, x, g, mmin=int4.MMIN):
     n, k = q.shape
     packed, sp, zp = int4.pack_int4(q, s, z, g)
     np_ = int4.padded_n(n)
     bias = np.zeros(np_, np.float32)
     bias[:n] = b
-    f = kernels.compile_kernel(int4.int4_kernel(k, np_, g))
+    f = _kernel(k, np_, g, mmin)
     out = tvm.runtime.tensor(np.zeros((x.shape[0], np_), np.float32))
     f["main"](*(tvm.runtime.tensor(a) for a in (x, packed, sp, zp, bias)), out)
     return out.numpy()
@@ -41,23 +48,53 @@ def _run(q, s, z, b, x, g):
 def test_pack_round_trip_and_layout():
     q, s, z, _, _ = _case(1, 64, 20, 32)
     packed, sp, zp = int4.pack_int4(q, s, z, 32)
-    assert packed.shape == (2, 32, 16) and sp.shape == zp.shape == (2, 2, 16)   # N 20 -> 32
+    assert packed.shape == (2, 8, 64) and sp.shape == zp.shape == (2, 2, 16)   # N 20 -> 32
     assert np.array_equal(int4.unpack_int4(packed)[:20], q) and not int4.unpack_int4(packed)[20:].any()
-    # byte [block, j, column] holds k=2j in the low nibble and k=2j+1 in the high one
-    assert packed[1, 3, 2] == q[18, 6] | (q[18, 7] << 4)
+    # byte [block, i, 4 * column + j] holds k = 8i + 2j in the low nibble and k = 8i + 2j + 1 in the high one
+    assert packed[1, 3, 4 * 2 + 1] == q[18, 26] | (q[18, 27] << 4)
+    # as little-endian uint32 lanes: lane c holds the 8 codes k = 8i .. 8i+7 of column c, k = 8i at bits 0..3
+    lane = packed.view("<u4")[1, 3, 2]
+    assert [(lane >> (4 * h)) & 15 for h in range(8)] == list(q[18, 24:32])
     assert sp[1, 1, 3] == s[19, 1] and not sp[1, :, 4:].any()     # padding columns: zero scale
 
 
 @pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 17, 128])
 def test_kernel_matches_float64(m, g):
-    k, n = 384, 40        # N not a multiple of the 16-column block; K = 3 groups of 128
+    # m < MMIN: the GEMV path (quads of rows, a pair, the odd one: 7 = 4 + 2 + 1, 17 = 4 x 4 + 1);
+    # 128: the GEMM path, 21 tiles of 6 rows + 1 pair
+    k, n = 384, 40        # N not a multiple of the 16-column block (an odd last panel); K = 3 groups of 128
     q, s, z, b, x = _case(m, k, n, g, seed=m * g)
     ref = _reference(q, s, z, b, x, g)
     out = _run(q, s, z, b, x, g)
     assert out.shape == (m, 48)
     np.testing.assert_allclose(out[:, :n], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     assert not out[:, n:].any()       # padding columns: zero scale, zero bias
+
+
+@pytest.mark.parametrize("mmin, m", [(1, 1), (1, 3), (1, 9), (1, 17), (1000, 43)])
+def test_each_path_at_any_row_count(mmin, m):
+    """The dequantize-once GEMM path at 1..17 rows (17 = 2 tiles of 6 rows + 2 pairs + 1 row) and the
+    GEMV path at 43 (``mmin`` moves the switch)."""
+    k, n, g = 256, 72, 64
+    q, s, z, b, x = _case(m, k, n, g, seed=m)
+    ref = _reference(q, s, z, b, x, g)
+    np.testing.assert_allclose(_run(q, s, z, b, x, g, mmin)[:, :n], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_accumulators_stay_in_registers(g):
+    """The compiled kernel asks TVM's workspace for the one ``[K, 32]`` panel buffer only, and no
+    float buffer is left on the stack: every accumulator lives in registers. (TVM's StorageRewrite
+    once merged the GEMM tile's accumulators into the GEMV path's heap buffers at g=128, and the
+    tile stored all 12 of them after every FMA: 2.4x slower.)"""
+    import re
+
+    k = 768
+    ll = kernels.compile_kernel(int4.int4_kernel(k, 48, g)).mod.inspect_source("ll")
+    sizes = re.findall(r"call ptr %\d+\(i32 1, i32 %dev_id, i64 (\d+), i32 2, i32 32\)", ll)
+    assert sizes == [str(k * 32 * 4)]
+    assert not re.search(r"alloca \[\d+ x (float|<16 x float>)\]", ll)
 
 
 def test_k_not_a_multiple_of_128():
@@ -129,7 +166,8 @@ def test_int4_model_lowered_matches_reference(recipe):
     q, x = _mlp(k=256, recipe=recipe)
     art = qcompile.lower(q, backend="tvm")
     assert art.meta["fused"] == ["linear", "linear_1"]
-    assert verify(art, q, [(x,), (torch.randn(1, 256),)]).passed
+    # 3 and 1 rows: the GEMV path; 40 rows: the dequantize-once GEMM path
+    assert verify(art, q, [(x,), (torch.randn(1, 256),), (torch.randn(40, 256),)]).passed
 
 
 def test_int4_tiny_block_lowered_matches_reference():
