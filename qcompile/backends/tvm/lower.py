@@ -188,7 +188,7 @@ def _importer():
             # x[:, :s] of a constant buffer (BERT's position ids): TVM infers min(s, 512) for the
             # length, a shape later passes cannot handle; torch.export checked the bound already
             x = self.env[node.args[0]]
-            start = node.args[2] if len(node.args) > 2 else 0
+            start = (node.args[2] if len(node.args) > 2 else None) or 0   # x[:, :s] passes None
             end = node.args[3] if len(node.args) > 3 else None
             step = node.args[4] if len(node.args) > 4 else 1
             if isinstance(end, torch.fx.Node) and isinstance(start, int) and step == 1 and start == 0:
@@ -301,6 +301,26 @@ def import_relax(qmodel, family: str):
     except Exception as e:  # noqa: BLE001 - re-raised as a qcompile error
         raise BackendError(f"TVM could not import the graph: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
     return mod, fuse
+
+
+def input_bounds(mod) -> list:
+    """The upper bounds the compiled ``main`` assumes for its inputs' symbolic dims, as
+    ``[{"input": i, "name": param, "dim": d, "max": n}]``. They come from the ranges torch.export
+    recorded (``tir_var_upper_bound``; BERT's sequence is at most its 512 position ids), and TVM
+    plans memory to them: a larger input would overrun that memory, so the artifact checks these
+    before every call."""
+    from tvm import tirx
+
+    func = mod["main"]
+    attrs = func.attrs if func.attrs is not None else {}
+    upper = {str(k): int(v) for k, v in dict(attrs.get("tir_var_upper_bound", {}) or {}).items()}
+    bounds = []
+    for i, param in enumerate(func.params):
+        shape = getattr(param.ty, "shape", None)
+        for d, dim in enumerate(shape.values if shape is not None else ()):
+            if isinstance(dim, tirx.Var) and dim.name in upper:
+                bounds.append({"input": i, "name": param.name, "dim": d, "max": upper[dim.name]})
+    return bounds
 
 
 def build(mod, target):

@@ -277,8 +277,13 @@ def get_pipeline(target):
             legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                         fuse_producers_into_norms(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
                         relax.transform.FuseTIR()]
-            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [rewrite_attention(), rewrite_float_ops()]
-                                           + legalize
+            # the importer's reshape chains (reshape of a reshape, to the same shape) cost a VM
+            # make_shape + reshape call each per pass: collapse them, after the attention rewrite
+            # (it matches the importer's own chains) and before anything is lowered
+            tidy = [relax.transform.CanonicalizeBindings(), relax.transform.RemoveRedundantReshape(),
+                    relax.transform.DeadCodeElimination()]
+            seq = tvm.transform.Sequential([rewrite_attention()] + tidy + cpu.library_dispatch_passes(target)
+                                           + [rewrite_float_ops()] + legalize
                                            + [schedule_float_kernels()] + cpu.dataflow_lower_passes(target)
                                            + cpu.finalize_passes(target))
             return seq(mod)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
 from ...artifact import atomic_directory, read_manifest, write_manifest
 from ...capture import InputBinder
-from ...errors import ArtifactError
+from ...errors import ArtifactError, BackendError
 
 LIBRARY, METADATA = "model.so", "tvm.json"
 FORMAT_VERSION = 2  # 2: sizes and sha256 of every file in tvm.json
@@ -42,6 +41,8 @@ class TvmArtifact:
         self.skipped = meta.get("skipped", {})
         self._dev = tvm.cpu()
         self.vm = relax.VirtualMachine(executable, self._dev)
+        self._main = self.vm["main"]   # looked up once: a lookup per call costs microseconds
+        self._bounds = [(b["input"], b["dim"], b["max"], b["name"]) for b in meta.get("input_bounds", [])]
 
     def _flatten(self, args, kwargs) -> list:
         flat, got = pytree.tree_flatten((args, kwargs))
@@ -54,10 +55,17 @@ class TvmArtifact:
         import tvm
 
         args, kwargs = self._binder.call(args, dict(kwargs))
-        flat = [t for t in self._flatten(args, kwargs) if isinstance(t, torch.Tensor)]
-        feed = [tvm.runtime.tensor(np.ascontiguousarray(t.detach().cpu().numpy()), self._dev) for t in flat]
-        out = self.vm["main"](*feed)
-        outs = [torch.from_numpy(o.numpy()) for o in _leaves(out)]
+        flat = [_aligned(t) for t in self._flatten(args, kwargs) if isinstance(t, torch.Tensor)]
+        for i, dim, most, name in self._bounds:
+            if i < len(flat) and flat[i].dim() > dim and flat[i].shape[dim] > most:
+                raise BackendError(f"input '{name}' has size {flat[i].shape[dim]} in dim {dim}; this tvm artifact "
+                                   f"was compiled for at most {most} there (the range torch.export recorded, e.g. "
+                                   "a model's position table), and its memory is planned to that size")
+        # zero-copy both ways (DLPack): torch memory is read in place, and each output becomes a
+        # torch tensor that keeps the VM's buffer alive (outputs are never planned, so never reused)
+        out = self._main(*[tvm.runtime.from_dlpack(t) for t in flat])
+        starts = {t.data_ptr() for t in flat}
+        outs = [_own(torch.from_dlpack(o), starts) for o in _leaves(out)]
         return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else tuple(outs)
 
     def save(self, path: Union[str, Path]) -> Path:
@@ -71,6 +79,26 @@ class TvmArtifact:
                         out_spec=pytree.treespec_dumps(self._out_spec) if self._out_spec is not None else None)
             write_manifest(tmp, meta, [LIBRARY], name=METADATA)
         return path
+
+
+_ALIGN = 64   # TVM's from_dlpack requires 64-byte aligned, contiguous memory (its kernels assume it)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU, detached, contiguous and 64-byte aligned: itself when it already is
+    (torch's CPU allocator aligns to 64), else a copy (a view into the middle of a tensor)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous() or t.data_ptr() % _ALIGN:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _own(t: torch.Tensor, inputs: set) -> torch.Tensor:
+    """An output that is one of the inputs' buffers (a model returning an input as is) is copied,
+    so the caller never gets its own input back under another name."""
+    return t.clone() if t.data_ptr() in inputs else t
 
 
 def _leaves(out) -> list:
