@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from ...formats import get_format
-from ...ops import QUANTIZE
+from ...ops import CHOOSE_QPARAMS, QUANTIZE
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
 from .fuse import INT8_LINEAR, int8_linear
 
@@ -70,9 +70,18 @@ def _(a, a_scale, a_zero, w_packed, colsum, w_scale, bias, n, a_format, activati
 INT8_LINEAR_Q = torch.ops.qcompile_tvm.int8_linear_q.default
 
 
+_DYNAMIC = "the quantize is dynamic (its scale is computed at run time from this output): not fusable"
+
+
 def _only_user(node) -> Optional[torch.fx.Node]:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
+
+
+def _why_many(node, what: str) -> str:
+    if any(u.target == CHOOSE_QPARAMS for u in node.users):
+        return _DYNAMIC
+    return f"{what} has {len(node.users)} consumers"
 
 
 def _channel_vector(gm, node, n: int) -> Optional[torch.Tensor]:
@@ -107,14 +116,14 @@ class FuseEpiloguePass(Pass):
         act = mul = None
         cur = _only_user(lin)
         if cur is None:
-            return f"its output has {len(lin.users)} consumers"
+            return _why_many(lin, "its output")
         if cur.op == "call_function" and cur.target in _ACTIVATIONS:
             if cur.target == aten.gelu.default and (cur.kwargs.get("approximate", "none") != "none"
                                                     or len(cur.args) > 1 and cur.args[1] != "none"):
                 return "GELU with the tanh approximation is not fused"
             act, cur = cur, _only_user(cur)
             if cur is None:
-                return f"the {_ACTIVATIONS[act.target]} output has {len(act.users)} consumers"
+                return _why_many(act, f"the {_ACTIVATIONS[act.target]} output")
         cm = torch.ones(n)
         if cur.op == "call_function" and cur.target == aten.mul.Tensor:
             vec = _channel_vector(gm, cur, n)
@@ -122,7 +131,7 @@ class FuseEpiloguePass(Pass):
                 return f"'{cur.name}' is not a multiply by a constant per-column vector"
             mul, cm, cur = cur, vec, _only_user(cur)
             if cur is None:
-                return f"the multiply's output has {len(mul.users)} consumers"
+                return _why_many(mul, "the multiply's output")
         if cur.op != "call_function" or cur.target != QUANTIZE:
             return f"followed by '{cur.name}', not a quantize"
         if cur.args[0] is not (mul or act or lin):
@@ -130,7 +139,7 @@ class FuseEpiloguePass(Pass):
         scale, zp, fmt_name, group = cur.args[1], cur.args[2], cur.args[3], cur.args[4]
         s = get_attr_tensor(gm, scale)
         if s is None or s.numel() != 1:
-            return "the quantize is not static per tensor (dynamic or per-channel scale)"
+            return _DYNAMIC if s is None else "the quantize's scale is not one value (per channel)"
         z = get_attr_tensor(gm, zp) if zp is not None else torch.zeros(1, dtype=torch.int32)
         if z is None or z.numel() != 1 or z.is_floating_point():
             return "the quantize's zero point is not a constant integer"
