@@ -194,3 +194,21 @@ def test_built_module_has_no_gelu_kernel_and_verifies():
     x = torch.randn(2, 11, 32)
     with torch.no_grad():
         assert_matches_reference(art(x), q(x))
+
+
+def test_signed_activations_relu_without_smoothing_verify():
+    # int8 symmetric static activations (codes shifted by +128 for vpdpbusd downstream), no
+    # SmoothQuant multiply: the plain int8_linear → relu → quantize chain, int8 codes out
+    from qcompile.presets import INT8_WEIGHT
+    from qcompile.recipe import LayerConfig, Recipe
+    from qcompile.spec import QuantSpec
+
+    recipe = Recipe(name="w8a8-s8", default=LayerConfig(INT8_WEIGHT, QuantSpec("int8", "per_tensor", symmetric=True)))
+    q, batches = _mlp(recipe, act="relu")
+    gm, p, _ = _fused(q)
+    fused = [n for n in gm.graph.nodes if n.target == INT8_LINEAR_Q]
+    assert [(n.args[9], n.args[13]) for n in fused] == [("none", "int8"), ("relu", "int8")]
+    cm = getattr(gm, fused[1].args[10].target)
+    assert torch.equal(cm, torch.ones_like(cm))   # no multiply between the activation and the quantize
+    art = qcompile.lower(q, backend="tvm")
+    assert qcompile.verify(art, q, batches).passed
