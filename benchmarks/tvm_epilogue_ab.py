@@ -1,6 +1,6 @@
 """A/B of the fused GEMM epilogue (qcompile/backends/tvm/epilogue.py) on MiniLM w8a8, one thread,
-in one process: the same quantized model lowered twice, without the epilogue fusion (``old``) and
-with it (``new``), called in alternation; medians, the ratio, cosine vs the reference backend, and
+in one process: the same quantized model lowered twice, without the epilogue fusions (``old``: neither
+FuseEpiloguePass nor FuseNormQuantizePass) and with them (``new``), called in alternation; medians, the ratio, cosine vs the reference backend, and
 per-kernel times of both builds (the profile hook of tvm_minilm_profile.py). Run::
 
     TVM_NUM_THREADS=1 python benchmarks/tvm_epilogue_ab.py [--batch 1 32] [--rounds 30 6] [--out FILE.json]
@@ -39,12 +39,15 @@ def main():
     minilm = load_minilm()
     qmodel = _quantize(minilm, _calibration_batches(minilm))
     new = qcompile.lower(qmodel, backend="tvm")
-    fused_call = epilogue.FuseEpiloguePass.call
-    epilogue.FuseEpiloguePass.call = lambda self, gm: PassResult(gm, False)   # the build before this change
+    passes = (epilogue.FuseEpiloguePass, epilogue.FuseNormQuantizePass)
+    calls = [p.call for p in passes]
+    for p in passes:   # the build before this change: neither fusion
+        p.call = lambda self, gm: PassResult(gm, False)
     try:
         old = qcompile.lower(qmodel, backend="tvm")
     finally:
-        epilogue.FuseEpiloguePass.call = fused_call
+        for p, call in zip(passes, calls):
+            p.call = call
     arts = {"old": old, "new": new}
     results = {"epilogues": new.meta["epilogues"], "load_average": os.getloadavg(), "batches": {}}
     for batch, rounds in zip(args.batch, args.rounds + args.rounds[-1:] * len(args.batch)):

@@ -212,3 +212,80 @@ def test_signed_activations_relu_without_smoothing_verify():
     assert torch.equal(cm, torch.ones_like(cm))   # no multiply between the activation and the quantize
     art = qcompile.lower(q, backend="tvm")
     assert qcompile.verify(art, q, batches).passed
+
+
+@pytest.mark.parametrize("residual,ndim", [(True, 3), (False, 2)])
+def test_layer_norm_quantize_kernel_matches_torch(residual, ndim):
+    d, rows = 64, 35
+    mod = kernels.compile_kernel(kernels.layer_norm_quantize_kernel(d, residual, "uint8", 1e-12, ndim))
+    lead = (5, 7) if ndim == 3 else (rows,)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((rows, d)) * 3 + 1).astype(np.float32)
+    r = rng.standard_normal((rows, d)).astype(np.float32)
+    g, b = (rng.random(d) + 0.5).astype(np.float32), (rng.standard_normal(d) * 0.1).astype(np.float32)
+    cm = rng.uniform(0.5, 2, d).astype(np.float32)
+    qinv = np.float32(1) / np.float32(0.02)
+    args = [x, r if residual else x, g, b, cm, np.array([qinv]), np.array([120], np.int32),
+            np.zeros((rows, d), np.float32), np.zeros((rows, d), np.uint8)]
+    t = [tvm.runtime.tensor(a.reshape(*lead, d) if a.ndim == 2 else a, tvm.cpu()) for a in args]
+    mod["main"](*t)
+    y_out, q_out = t[7].numpy().reshape(rows, d), t[8].numpy().reshape(rows, d)
+    x64 = torch.from_numpy(x + r if residual else x).double()
+    y = torch.nn.functional.layer_norm(x64, (d,), torch.from_numpy(g).double(), torch.from_numpy(b).double(), 1e-12)
+    np.testing.assert_allclose(y_out, y.numpy(), rtol=1e-5, atol=1e-5)
+    pre = (y * torch.from_numpy(cm).double() * float(qinv)).numpy()
+    ref = np.clip(np.round(pre) + 120, 0, 255)
+    got = q_out.astype(np.int64)
+    diff = np.abs(got - ref)
+    ties = np.abs(np.abs(pre - np.floor(pre)) - 0.5) < TIE
+    assert diff.max() <= 1 and not diff[~ties].any()
+    assert (got == 255).any() and (got == 0).any() and len(np.unique(got)) > 100
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernels.layer_norm_quantize_kernel(48, True, "uint8", 1e-5)
+
+
+class NormMLP(torch.nn.Module):
+    """Linear, residual add → LayerNorm, whose output feeds a residual and the next Linear's quantize."""
+
+    def __init__(self, d=32, ff=64):
+        super().__init__()
+        self.inp, self.ln = torch.nn.Linear(d, d), torch.nn.LayerNorm(d)
+        self.up, self.down = torch.nn.Linear(d, ff), torch.nn.Linear(ff, d)
+
+    def forward(self, x):
+        y = self.ln(self.inp(x) + x)
+        return y + self.down(torch.nn.functional.gelu(self.up(y)))
+
+
+def _norm_mlp(recipe="w8a8"):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 7, 32, generator=g) * 2,) for _ in range(3)]
+    return _quantize(NormMLP().eval(), recipe, batches), batches
+
+
+def test_norm_pass_fuses_residual_layer_norm_and_quantize_and_verifies():
+    from qcompile.backends.tvm.epilogue import LAYER_NORM_Q, FuseNormQuantizePass
+
+    q, batches = _norm_mlp()
+    gm = copy.deepcopy(q.graph_module)
+    p = FuseNormQuantizePass()
+    assert p(gm).modified and len(p.fused) == 1
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert LAYER_NORM_Q in targets and torch.ops.aten.layer_norm.default not in targets
+    fused = next(n for n in gm.graph.nodes if n.target == LAYER_NORM_Q)
+    assert fused.args[1] is not None                                  # the residual add is inside
+    assert sorted(u.args[1] for u in fused.users) == [0, 1]           # float row and codes both read
+    with torch.no_grad():
+        for (x,) in batches:
+            assert_matches_reference(gm(x), q.graph_module(x))
+    mod, fuse = import_relax(q, HOST.family)
+    assert any(n.startswith("layer_norm_q_d32_res_uint8") for n in (gv.name_hint for gv in mod.get_global_vars()))
+    assert "R.nn.layer_norm" not in mod.script()
+    art = qcompile.lower(q, backend="tvm")
+    assert qcompile.verify(art, q, batches).passed
+    # negative: a dynamic quantizer reads the LayerNorm output
+    q, _ = _norm_mlp("w8a8-dynamic")
+    gm = copy.deepcopy(q.graph_module)
+    p = FuseNormQuantizePass()
+    assert not p(gm).modified and "the quantize is dynamic" in next(iter(p.skipped.values()))

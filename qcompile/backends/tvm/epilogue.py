@@ -27,6 +27,7 @@ polynomial (FMA contraction), which moves a code by one step only on an exact ro
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -179,3 +180,176 @@ class FuseEpiloguePass(Pass):
             self.fused.append(lin.name)
             modified = True
         return PassResult(gm, modified)
+
+
+# --- LayerNorm → quantize: one row kernel writing the float row (residual path) and the codes ---
+
+@torch.library.custom_op("qcompile_tvm::layer_norm_q", mutates_args=())
+def layer_norm_q(a: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                 eps: float, channel_mul: torch.Tensor, out_inv_scale: torch.Tensor, out_zero: torch.Tensor,
+                 out_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = layer_norm(a [+ residual])`` over the last dim and the codes of ``y * channel_mul``
+    (static per-tensor quantize, ``out_inv_scale = 1 / scale``): ``(y, codes)``."""
+    x = a if residual is None else a + residual
+    y = torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    fmt = get_format(out_format)
+    q = torch.round((y * channel_mul) * out_inv_scale) + out_zero.float()
+    return y, q.clamp(fmt.qmin, fmt.qmax).to(fmt.storage)
+
+
+@layer_norm_q.register_fake
+def _(a, residual, weight, bias, eps, channel_mul, out_inv_scale, out_zero, out_format):
+    return torch.empty_like(a), torch.empty_like(a, dtype=get_format(out_format).storage)
+
+
+LAYER_NORM_Q = torch.ops.qcompile_tvm.layer_norm_q.default
+
+
+def _static_quantize(gm, quant) -> "str | tuple":
+    """(1 / scale, zero point) of a static per-tensor 8-bit quantize node, or why it is not one."""
+    s = get_attr_tensor(gm, quant.args[1])
+    if s is None:
+        return _DYNAMIC
+    if s.numel() != 1:
+        return "the quantize's scale is not one value (per channel)"
+    zp = quant.args[2]
+    z = get_attr_tensor(gm, zp) if zp is not None else torch.zeros(1, dtype=torch.int32)
+    if z is None or z.numel() != 1 or z.is_floating_point():
+        return "the quantize's zero point is not a constant integer"
+    fmt_name, group = quant.args[3], quant.args[4]
+    if fmt_name not in ("uint8", "int8") or group:
+        return f"quantize format {fmt_name} (group {group}) is not an 8-bit per-tensor code"
+    fmt = get_format(fmt_name)
+    if (fmt.qmin, fmt.qmax) != ((0, 255) if fmt_name == "uint8" else (-128, 127)):
+        return f"quantize range [{fmt.qmin}, {fmt.qmax}] is not the full {fmt_name} range"
+    return 1.0 / s.float().reshape(1), z.reshape(1).to(torch.int32)   # 1/scale in float32, as the reference
+
+
+def _is_eval_dropout(node) -> bool:
+    return (node.op == "call_function" and node.target == aten.dropout.default
+            and (len(node.args) > 2 and node.args[2] is False or node.kwargs.get("train") is False))
+
+
+class FuseNormQuantizePass(Pass):
+    """``quantize(mul(layer_norm(a + r), c))`` next to other readers of the LayerNorm output ⇒
+    ``y, codes = layer_norm_q(a, r, ..., c, 1/scale, zp)``: the kernel
+    (:func:`~.kernels.layer_norm_quantize_kernel`) writes the float row for the residual path and
+    the codes for the next Linear in one pass. The residual ``add`` feeding only the LayerNorm, an
+    eval-mode dropout after it and the multiply (SmoothQuant's) are optional."""
+
+    name = "fuse_layer_norm_quantize"
+
+    def __init__(self):
+        self.skipped: dict[str, str] = {}   # layer_norm node name -> why it was not fused
+        self.fused: list[str] = []
+
+    def _match(self, gm, ln):
+        if len(ln.args) < 5 or len(ln.args[1]) != 1:
+            return "normalizes over more than the last dim"
+        d = ln.args[1][0]
+        if d % 32:
+            return f"the normalized dim {d} is not a multiple of 32"
+        w, b = (get_attr_tensor(gm, x) if x is not None else None for x in ln.args[2:4])
+        if ln.args[2] is not None and w is None or ln.args[3] is not None and b is None:
+            return "the weight or bias is not a constant"
+        out = ln
+        if len(ln.users) == 1 and _is_eval_dropout(next(iter(ln.users))):
+            out = next(iter(ln.users))
+        chains = []
+        for u in out.users:
+            if u.op == "call_function" and u.target == QUANTIZE and u.args[0] is out:
+                chains.append((None, u, torch.ones(d)))
+            elif u.op == "call_function" and u.target == aten.mul.Tensor and len(u.users) == 1:
+                q = next(iter(u.users))
+                vec = _channel_vector(gm, u, d)
+                if vec is not None and q.target == QUANTIZE and q.args[0] is u:
+                    chains.append((u, q, vec))
+        if len(chains) != 1:
+            return f"{len(chains)} quantize chains read the output (one is fused)"
+        mul, quant, cm = chains[0]
+        static = _static_quantize(gm, quant)
+        if isinstance(static, str):
+            return static
+        return out, mul, quant, cm, *static
+
+    def call(self, gm):
+        modified = False
+        for ln in list(gm.graph.nodes):
+            if ln.op != "call_function" or ln.target != aten.layer_norm.default:
+                continue
+            match = self._match(gm, ln)
+            if isinstance(match, str):
+                self.skipped[ln.name] = match
+                continue
+            out, mul, quant, cm, inv, zero = match
+            d = ln.args[1][0]
+            x, residual = ln.args[0], None
+            val = x.meta.get("val")
+            if (x.op == "call_function" and x.target == aten.add.Tensor and len(x.users) == 1 and len(x.args) == 2
+                    and not x.kwargs and all(isinstance(a, torch.fx.Node) for a in x.args)
+                    and all(isinstance(a.meta.get("val"), torch.Tensor) and val is not None
+                            and a.meta["val"].shape == val.shape and a.meta["val"].dtype == torch.float32
+                            for a in x.args)):
+                x, residual = x.args   # the residual add: same shapes, no broadcast
+            weight = add_tensor(gm, f"{ln.name}_w", get_attr_tensor(gm, ln.args[2]).float() if ln.args[2] is not None
+                                else torch.ones(d), ln)
+            bias = add_tensor(gm, f"{ln.name}_b", get_attr_tensor(gm, ln.args[3]).float() if ln.args[3] is not None
+                              else torch.zeros(d), ln)
+            args = (x, residual, weight, bias, float(ln.args[4]), add_tensor(gm, f"{ln.name}_cmul", cm, ln),
+                    add_tensor(gm, f"{ln.name}_qinv", inv, ln), add_tensor(gm, f"{ln.name}_qzero", zero, ln),
+                    quant.args[3])
+            with gm.graph.inserting_before(ln):
+                fused = gm.graph.call_function(LAYER_NORM_Q, args)
+                y = gm.graph.call_function(operator.getitem, (fused, 0))
+                codes = gm.graph.call_function(operator.getitem, (fused, 1))
+            y.meta, codes.meta = dict(out.meta), dict(quant.meta)
+            quant.replace_all_uses_with(codes)
+            for node in (quant, mul):
+                if node is not None:
+                    gm.graph.erase_node(node)
+            out.replace_all_uses_with(y)
+            for node in dict.fromkeys((out, ln, ln.args[0] if residual is not None else None)):
+                if node is not None:
+                    gm.graph.erase_node(node)
+            self.fused.append(ln.name)
+            modified = True
+        return PassResult(gm, modified)
+
+
+class LayerNormQuantizeConverter:
+    """Converter for ``qcompile_tvm::layer_norm_q``: a ``call_tir`` of
+    :func:`~.kernels.layer_norm_quantize_kernel` returning ``(y, codes)``."""
+
+    def __init__(self):
+        self.kernels: dict[tuple, object] = {}
+
+    def __call__(self, node, imp):
+        from tvm import relax, tirx
+
+        from . import kernels
+
+        op, bb = relax.op, imp.block_builder
+        a = imp.env[node.args[0]]
+        r = imp.env[node.args[1]] if node.args[1] is not None else None
+        weight, bias, cm, qinv, qzero = (imp.env[x] for x in (node.args[2], node.args[3], *node.args[5:8]))
+        eps, out_format = float(node.args[4]), node.args[8]
+        d = int(weight.ty.shape[0])
+        if a.ty.shape is None:   # the importer lost the shape: name its dims
+            dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(a.ty.ndim - 1)]
+            a = bb.match_cast(a, relax.TensorType([*dims, d], a.ty.dtype))
+        ndim = a.ty.ndim if a.ty.ndim in (2, 3) else 2   # other ranks go through a reshape to rows
+        lead = list(a.ty.shape.values[:-1])
+        a2 = a if a.ty.ndim == ndim else bb.emit(op.reshape(a, (-1, d)))
+        r2 = a2 if r is None else r if r.ty.ndim == ndim else bb.emit(op.reshape(r, (-1, d)))
+        key = (d, r is not None, out_format, eps, ndim)
+        if key not in self.kernels:
+            name = f"layer_norm_q_d{d}{'_res' if r is not None else ''}_{out_format}_{len(self.kernels)}"
+            func = kernels.layer_norm_quantize_kernel(d, r is not None, out_format, eps, ndim)
+            self.kernels[key] = bb.add_func(func.with_attr("global_symbol", name), name)
+        shape = list(a2.ty.shape.values)
+        out = bb.emit(relax.call_tir(self.kernels[key], [a2, r2, weight, bias, cm, qinv, qzero],
+                                     out_ty=[relax.TensorType(shape, "float32"), relax.TensorType(shape, out_format)]))
+        y, q = bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
+        if a.ty.ndim != ndim:
+            y, q = bb.emit(op.reshape(y, (*lead, d))), bb.emit(op.reshape(q, (*lead, d)))
+        return y, q
