@@ -14,6 +14,10 @@ micro-kernel step loads whole cache lines. The loop nest is the same for every f
 - the ``m % MR`` remaining rows (and ``m == 1``: the GEMV path) one row at a time with a wider
   column tile (``NR1`` blocks), since a single row has no reuse of the weights to exploit.
 
+With ``epilogue=`` the kernel goes on to an activation and a static quantize and stores ``uint8`` /
+``int8`` codes (:mod:`.epilogue` decides when); :func:`layer_norm_quantize_kernel` is the same
+idea for a LayerNorm whose output feeds both a residual and a quantize.
+
 Families (:data:`FAMILIES`): ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm) and ``generic`` (plain
 integer multiply-adds that LLVM vectorises for whatever the target has, AVX2 included). Both are
 bit-exact against an int32 reference (tests/test_tvm_kernels.py). An AMX family is not built (see
