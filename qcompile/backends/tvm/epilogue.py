@@ -237,6 +237,9 @@ class FuseNormQuantizePass(Pass):
         if len(ln.args) < 5 or len(ln.args[1]) != 1:
             return "normalizes over more than the last dim"
         d = ln.args[1][0]
+        val = ln.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
+            return "the LayerNorm output is not float32"
         if d % 32:
             return f"the normalized dim {d} is not a multiple of 32"
         w, b = (get_attr_tensor(gm, x) if x is not None else None for x in ln.args[2:4])
