@@ -50,7 +50,8 @@ class TvmBackend:
         gm = qmodel.graph_module
         meta = {"import_seconds": t1 - t0, "target": {"kind": "llvm", "mcpu": host.mcpu}, "family": family,
                 "requires_flags": ["avx512_vnni"] if family == "vnni" else [],
-                "fused": fuse.fused, "skipped": fuse.skipped, "input_bounds": input_bounds(mod)}
+                "fused": fuse.fused, "skipped": fuse.skipped, "epilogues": fuse.epilogues,
+                "input_bounds": input_bounds(mod)}
         art = TvmArtifact(ex, qmodel.binder, getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None), meta)
         # LLVM code generation finishes when the VM loads the executable: count it as compile time
         art.compile_seconds = art.meta["compile_seconds"] = time.perf_counter() - t1

@@ -14,6 +14,10 @@ micro-kernel step loads whole cache lines. The loop nest is the same for every f
 - the ``m % MR`` remaining rows (and ``m == 1``: the GEMV path) one row at a time with a wider
   column tile (``NR1`` blocks), since a single row has no reuse of the weights to exploit.
 
+With ``epilogue=`` the kernel goes on to an activation and a static quantize and stores ``uint8`` /
+``int8`` codes (:mod:`.epilogue` decides when); :func:`layer_norm_quantize_kernel` is the same
+idea for a LayerNorm whose output feeds both a residual and a quantize.
+
 Families (:data:`FAMILIES`): ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm) and ``generic`` (plain
 integer multiply-adds that LLVM vectorises for whatever the target has, AVX2 included). Both are
 bit-exact against an int32 reference (tests/test_tvm_kernels.py). An AMX family is not built (see
@@ -58,25 +62,94 @@ def unpack_weights(packed: np.ndarray) -> np.ndarray:
     return packed.reshape(nb, k4, 16, 4).transpose(0, 2, 1, 3).reshape(nb * 16, k4 * 4)
 
 
-def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni"):
+# TVM's fast_erf (topi, the polynomial pipeline.rewrite_float_ops gives GELU): erf(x) ~ x * P(x²) / Q(x²)
+# on x clamped to [-4, 4]; the coefficients as topi writes them, highest degree first
+_ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+              -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+             -1.42647390514189e-02)
+ACTIVATIONS = ("none", "relu", "gelu")
+
+
+def fast_erf_expr(x):
+    """``topi.fast_erf`` of one float32 ``PrimExpr``, the same operations in the same order, so a
+    kernel that inlines it rounds exactly as the ``fast_erf`` TE kernel does."""
+    from tvm import tirx
+
+    def c(v):
+        return tirx.const(v, "float32")
+
+    x = tirx.max(tirx.min(x, c(4.0)), c(-4.0))
+    x2 = x * x
+    p = x2 * c(_ERF_ALPHA[0]) + c(_ERF_ALPHA[1])
+    for a in _ERF_ALPHA[2:]:
+        p = x2 * p + c(a)
+    p = x * p
+    q = x2 * c(_ERF_BETA[0]) + c(_ERF_BETA[1])
+    for b in _ERF_BETA[2:]:
+        q = x2 * q + c(b)
+    return p / q
+
+
+def activation_expr(activation: str, y):
+    """``y`` through ``activation`` (:data:`ACTIVATIONS`); GELU is the erf form written as
+    pipeline._gelu_te writes it, ``y * (0.5 + erf(y * sqrt(1/2)) * 0.5)``."""
+    from tvm import tirx
+
+    if activation == "none":
+        return y
+    if activation == "relu":
+        return tirx.max(y, tirx.const(0.0, "float32"))
+    if activation == "gelu":
+        half = tirx.const(0.5, "float32")
+        return y * (half + fast_erf_expr(y * tirx.const(0.5 ** 0.5, "float32")) * half)
+    raise ValueError(f"unknown activation '{activation}' (built: {', '.join(ACTIVATIONS)})")
+
+
+def requantize_expr(y, cm, qinv, qz, out_dtype: str):
+    """Codes of ``y * cm`` as qcompile.ops.quantize computes them: ``clamp(round(x * (1 / scale)) + zp)``,
+    round half to even (``llvm.nearbyint``); ``qinv`` is ``1 / scale`` computed in float32 as the
+    reference computes it. The float → int32 → 8-bit cast keeps LLVM on vector instructions."""
+    from tvm import tirx
+
+    lo, hi = (0.0, 255.0) if out_dtype == "uint8" else (-128.0, 127.0)
+    q = tirx.round((y * cm) * qinv) + tirx.Cast("float32", qz)
+    q = tirx.min(tirx.max(q, tirx.const(lo, "float32")), tirx.const(hi, "float32"))
+    return tirx.Cast(out_dtype, tirx.Cast("int32", q))
+
+
+def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=None):
     """The TIR ``PrimFunc`` for one weight shape.
 
     Arguments, in order: ``a`` u8 ``[m, K]`` (``m`` symbolic), ``w`` packed int8 ``[Np/16, K/4, 64]``,
     ``colsum`` i32 ``[Np]``, ``sa`` f32 and ``za`` i32 (``[m]`` when ``per_row``, else ``[1]``),
-    ``sw`` f32 ``[Np]``, ``bias`` f32 ``[Np]``, ``out`` f32 ``[m, Np]``."""
+    ``sw`` f32 ``[Np]``, ``bias`` f32 ``[Np]``, ``out`` f32 ``[m, Np]``.
+
+    ``epilogue=(activation, out_dtype)`` (activation in :data:`ACTIVATIONS`, ``out_dtype``
+    ``"uint8"``/``"int8"``): the float result goes on, in registers, through the activation, a
+    per-column multiply and a static per-tensor quantize (:func:`requantize_expr`), and the kernel
+    stores codes. Three arguments come before ``out``: ``cm`` f32 ``[Np]`` (the per-column factor,
+    ones when there is none: SmoothQuant's inverse smoothing scale of the next Linear), ``qinv``
+    f32 ``[1]`` (``1 / scale``) and ``qz`` i32 ``[1]`` (the zero point); ``out`` is ``[m, Np]`` of
+    ``out_dtype``."""
     from tvm.script import tirx as T
 
     if family not in FAMILIES:
         raise ValueError(f"unknown kernel family '{family}' (built: {', '.join(FAMILIES)})")
     if k % 4 or np_ % (16 * NR):
         raise ValueError(f"K={k} must be a multiple of 4 and Np={np_} of {16 * NR}")
+    activation, out_dtype = epilogue if epilogue is not None else ("none", "float32")
+    if activation not in ACTIVATIONS or out_dtype not in ("float32", "uint8", "int8") or (
+            epilogue is not None and out_dtype == "float32"):
+        raise ValueError(f"unknown epilogue {epilogue!r} (activations {', '.join(ACTIVATIONS)}; codes uint8 or int8)")
+    quant = epilogue is not None
     k4, nb = k // 4, np_ // 16
     nr1 = 6 if nb % 6 == 0 else NR
     pr = 1 if per_row else 0
     vnni = family == "vnni"
 
     @T.macro
-    def tile(A, A4, B, CS, SA, ZA, SW, BIAS, O, row0, mr, jb0, nr):
+    def tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr):
         # stack-allocated accumulators (see the module docstring for why the scope is "global")
         acc = T.decl_buffer((mr * nr * 16,), "int32", scope="global")
         av = T.decl_buffer((mr * 16,), "int32", scope="global")
@@ -105,9 +178,15 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni"):
         for ii in range(mr):
             for jb in range(nr):
                 for j in T.vectorized(16):
-                    O[row0 + ii, (jb0 + jb) * 16 + j] = T.Cast(
-                        "float32", acc[(ii * nr + jb) * 16 + j] - ZA[(row0 + ii) * pr] * CS[(jb0 + jb) * 16 + j]
-                    ) * (SA[(row0 + ii) * pr] * SW[(jb0 + jb) * 16 + j]) + BIAS[(jb0 + jb) * 16 + j]
+                    if quant:
+                        O[row0 + ii, (jb0 + jb) * 16 + j] = requantize_expr(activation_expr(activation, T.Cast(
+                            "float32", acc[(ii * nr + jb) * 16 + j] - ZA[(row0 + ii) * pr] * CS[(jb0 + jb) * 16 + j]
+                        ) * (SA[(row0 + ii) * pr] * SW[(jb0 + jb) * 16 + j]) + BIAS[(jb0 + jb) * 16 + j]),
+                            CM[(jb0 + jb) * 16 + j], QI[0], QZ[0], out_dtype)
+                    else:
+                        O[row0 + ii, (jb0 + jb) * 16 + j] = T.Cast(
+                            "float32", acc[(ii * nr + jb) * 16 + j] - ZA[(row0 + ii) * pr] * CS[(jb0 + jb) * 16 + j]
+                        ) * (SA[(row0 + ii) * pr] * SW[(jb0 + jb) * 16 + j]) + BIAS[(jb0 + jb) * 16 + j]
 
     @T.prim_func
     def gemm(a: T.handle, w: T.handle, cs: T.handle, sa: T.handle, za: T.handle, sw: T.handle,
@@ -126,12 +205,37 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni"):
         A4 = T.decl_buffer((m * k4,), "int32", data=A.data)  # 4 codes of one row as one int32
         for jo in range(nb // NR):
             for io in range(m // MR):
-                tile(A, A4, B, CS, SA, ZA, SW, BIAS, O, io * MR, MR, jo * NR, NR)
+                tile(A, A4, B, CS, SA, ZA, SW, BIAS, SW, SW, CS, O, io * MR, MR, jo * NR, NR)
         for r in range(m % MR):
             for jo in range(nb // nr1):
-                tile(A, A4, B, CS, SA, ZA, SW, BIAS, O, m // MR * MR + r, 1, jo * nr1, nr1)
+                tile(A, A4, B, CS, SA, ZA, SW, BIAS, SW, SW, CS, O, m // MR * MR + r, 1, jo * nr1, nr1)
 
-    return gemm
+    @T.prim_func
+    def gemm_q(a: T.handle, w: T.handle, cs: T.handle, sa: T.handle, za: T.handle, sw: T.handle,
+               bias: T.handle, cm: T.handle, qi: T.handle, qz: T.handle, o: T.handle):
+        T.func_attr({"tir.noalias": True})
+        m = T.int64()
+        ms = T.int64()
+        A = T.match_buffer(a, (m, k), "uint8")
+        B = T.match_buffer(w, (nb, k4, 64), "int8")
+        CS = T.match_buffer(cs, (np_,), "int32")
+        SA = T.match_buffer(sa, (ms,), "float32")
+        ZA = T.match_buffer(za, (ms,), "int32")
+        SW = T.match_buffer(sw, (np_,), "float32")
+        BIAS = T.match_buffer(bias, (np_,), "float32")
+        CM = T.match_buffer(cm, (np_,), "float32")
+        QI = T.match_buffer(qi, (1,), "float32")
+        QZ = T.match_buffer(qz, (1,), "int32")
+        O = T.match_buffer(o, (m, np_), out_dtype)
+        A4 = T.decl_buffer((m * k4,), "int32", data=A.data)  # 4 codes of one row as one int32
+        for jo in range(nb // NR):
+            for io in range(m // MR):
+                tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, io * MR, MR, jo * NR, NR)
+        for r in range(m % MR):
+            for jo in range(nb // nr1):
+                tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, m // MR * MR + r, 1, jo * nr1, nr1)
+
+    return gemm_q if quant else gemm
 
 
 def vnni_peak_kernel(iters: int, accumulators: int = 12):
@@ -235,3 +339,84 @@ def batch_matmul_kernel():
                                                                + A[bi, i, kk] * B[bi, kk, nd // tile_n * tile_n + j])
 
     return bmm
+
+
+def _lane_sum(buf, n: int):
+    """``buf[0] + ... + buf[n-1]`` as a balanced tree of scalar loads (a short dependency chain)."""
+    terms = [buf[i] for i in range(n)]
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def layer_norm_quantize_kernel(d: int, residual: bool, out_dtype: str, eps: float, ndim: int = 2):
+    """The TIR ``PrimFunc`` of ``y = LayerNorm(x [+ r]) * gamma + beta`` over rows of ``d`` floats
+    (``d`` a multiple of 32) writing both ``y`` (float32, for the residual path) and the codes of
+    ``y * cm`` (:func:`requantize_expr`, for the next Linear), so the codes come from the row while
+    it is in L1 instead of a second pass over ``y``.
+
+    Arguments: ``x`` f32 ``[*lead, d]`` (``ndim - 1`` symbolic leading dims, so the caller needs no
+    reshape), ``r`` (same shape; read only when ``residual``, pass ``x`` again otherwise),
+    ``gamma``, ``beta``, ``cm`` f32 ``[d]``, ``qinv`` f32 ``[1]``, ``qz`` i32 ``[1]``, then the
+    outputs ``y`` f32 and ``q`` of ``out_dtype``, both ``[*lead, d]``. Mean and variance in two
+    passes over the row, each with two 16-lane partial sums (two independent add chains)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    if d % (2 * FLANES) or out_dtype not in ("uint8", "int8") or ndim not in (2, 3):
+        raise ValueError(f"layer_norm_quantize_kernel: d={d} must be a multiple of {2 * FLANES}, codes uint8 or "
+                         f"int8, rank 2 or 3 (got {ndim})")
+    nv2 = d // (2 * FLANES)
+    inv_d = 1.0 / d
+    lead = [tirx.Var(f"n{i}", "int64") for i in range(ndim - 1)]
+    rows = lead[0] if ndim == 2 else lead[0] * lead[1]
+
+    @T.prim_func
+    def ln_q(x: T.handle, r: T.handle, g: T.handle, b: T.handle, cm: T.handle, qi: T.handle, qz: T.handle,
+             y: T.handle, q: T.handle):
+        T.func_attr({"tir.noalias": True})
+        Xn = T.match_buffer(x, (*lead, d), "float32")
+        Rn = T.match_buffer(r, (*lead, d), "float32")
+        G = T.match_buffer(g, (d,), "float32")
+        B = T.match_buffer(b, (d,), "float32")
+        CM = T.match_buffer(cm, (d,), "float32")
+        QI = T.match_buffer(qi, (1,), "float32")
+        QZ = T.match_buffer(qz, (1,), "int32")
+        Yn = T.match_buffer(y, (*lead, d), "float32")
+        Qn = T.match_buffer(q, (*lead, d), out_dtype)
+        X = T.decl_buffer((rows * d,), "float32", data=Xn.data)
+        R = T.decl_buffer((rows * d,), "float32", data=Rn.data)
+        Y = T.decl_buffer((rows * d,), "float32", data=Yn.data)
+        Q = T.decl_buffer((rows * d,), out_dtype, data=Qn.data)
+        for i in range(rows):
+            part = T.decl_buffer((2 * FLANES,), "float32", scope="global")
+            stat = T.decl_buffer((2,), "float32", scope="global")   # mean, 1 / sqrt(var + eps)
+            part[T.ramp(0, 1, 2 * FLANES)] = T.broadcast(T.float32(0), 2 * FLANES)
+            for v in range(nv2):
+                for h in T.unroll(2):
+                    if residual:
+                        Y[T.ramp(i * d + (2 * v + h) * FLANES, 1, FLANES)] = (
+                            X.vload([i * d + (2 * v + h) * FLANES], "float32x16")
+                            + R.vload([i * d + (2 * v + h) * FLANES], "float32x16"))
+                    else:
+                        Y[T.ramp(i * d + (2 * v + h) * FLANES, 1, FLANES)] = X.vload(
+                            [i * d + (2 * v + h) * FLANES], "float32x16")
+                    part[T.ramp(h * FLANES, 1, FLANES)] = part.vload([h * FLANES], "float32x16") + Y.vload(
+                        [i * d + (2 * v + h) * FLANES], "float32x16")
+            stat[0] = _lane_sum(part, 2 * FLANES) * T.float32(inv_d)
+            part[T.ramp(0, 1, 2 * FLANES)] = T.broadcast(T.float32(0), 2 * FLANES)
+            for v in range(nv2):
+                for h in T.unroll(2):
+                    part[T.ramp(h * FLANES, 1, FLANES)] = part.vload([h * FLANES], "float32x16") + (
+                        Y.vload([i * d + (2 * v + h) * FLANES], "float32x16") - T.broadcast(stat[0], FLANES)) * (
+                        Y.vload([i * d + (2 * v + h) * FLANES], "float32x16") - T.broadcast(stat[0], FLANES))
+            stat[1] = T.float32(1) / T.sqrt(_lane_sum(part, 2 * FLANES) * T.float32(inv_d) + T.float32(eps))
+            for v in range(d // FLANES):
+                for j in T.vectorized(FLANES):
+                    Y[i * d + v * FLANES + j] = (Y[i * d + v * FLANES + j] - stat[0]) * stat[1] * G[v * FLANES + j] \
+                        + B[v * FLANES + j]
+                for j in T.vectorized(FLANES):
+                    Q[i * d + v * FLANES + j] = requantize_expr(Y[i * d + v * FLANES + j], CM[v * FLANES + j], QI[0],
+                                                                QZ[0], out_dtype)
+
+    return ln_q

@@ -1,7 +1,8 @@
 """Lower a converted qcompile model to a TVM Relax module and build it for the host CPU.
 
 Steps: copy the Q/DQ graph → :class:`~.int4.FuseInt4LinearPass` (int4 weight-only Linears) →
-:class:`~.fuse.FuseInt8LinearPass` (integer GEMMs with packed weights) → ``torch.export`` →
+:class:`~.fuse.FuseInt8LinearPass` (integer GEMMs with packed weights) → :mod:`.epilogue`'s passes
+(the static activation quantize after a GEMM or a LayerNorm fused into its kernel) → ``torch.export`` →
 core ATen decompositions → a check that every op has a converter (naming the node that has
 none) → ``relax.frontend.torch.from_exported_program`` with converters for qcompile's ops
 (below) → ``tvm.compile`` for an LLVM target detected from the host.
@@ -23,6 +24,7 @@ from ..base import check_formats
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
 from . import kernels
+from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
 from .fuse import FuseInt8LinearPass
 from .int4 import FuseInt4LinearPass, Int4LinearConverter
 
@@ -113,6 +115,16 @@ class _Int8Linear:
         self.kernels: dict[tuple, object] = {}
 
     def __call__(self, node, imp):
+        return self._emit(node, imp, None, [])
+
+    def requantized(self, node, imp):
+        """``qcompile_tvm::int8_linear_q`` (:mod:`.epilogue`): the same kernel with its epilogue
+        extended by an activation and a static quantize; it returns codes."""
+        activation, out_format = node.args[9], node.args[13]
+        extra = [imp.env[x] for x in node.args[10:13]]   # per-column factor, 1 / scale, zero point
+        return self._emit(node, imp, (activation, out_format), extra)
+
+    def _emit(self, node, imp, epilogue, extra):
         from tvm import relax
 
         op, bb = relax.op, imp.block_builder
@@ -138,14 +150,16 @@ class _Int8Linear:
         per_row = not (all(d is not None for d in sa_shape) and int(torch.tensor(sa_shape).prod()) == 1)
         sa1 = bb.emit(op.reshape(sa, (-1,)))
         za1 = bb.emit(op.reshape(bb.emit(op.broadcast_to(za, sa.ty.shape)), (-1,)))
-        key = (k, np_, per_row)
+        key = (k, np_, per_row, epilogue)
         if key not in self.kernels:
-            name = f"qgemm_{self.family}_k{k}_n{np_}{'_row' if per_row else ''}"
-            func = kernels.gemm_kernel(k, np_, per_row, self.family).with_attr("global_symbol", name)
+            tail = "" if epilogue is None else f"_{epilogue[0]}_{epilogue[1]}"
+            name = f"qgemm_{self.family}_k{k}_n{np_}{'_row' if per_row else ''}{tail}"
+            func = kernels.gemm_kernel(k, np_, per_row, self.family, epilogue).with_attr("global_symbol", name)
             self.kernels[key] = bb.add_func(func, name)
         m = a2.ty.shape[0]
-        out = bb.emit(relax.call_tir(self.kernels[key], [a2, packed, colsum, sa1, za1, sw, bias],
-                                     out_ty=relax.TensorType((m, np_), "float32")))
+        out_dtype = "float32" if epilogue is None else epilogue[1]
+        out = bb.emit(relax.call_tir(self.kernels[key], [a2, packed, colsum, sa1, za1, sw, bias, *extra],
+                                     out_ty=relax.TensorType((m, np_), out_dtype)))
         if np_ != n:
             out = bb.emit(op.strided_slice(out, axes=[1], begin=[0], end=[n]))
         return bb.emit(op.reshape(out, (*lead, n)))
@@ -282,15 +296,18 @@ def import_relax(qmodel, family: str):
     fuse4 = FuseInt4LinearPass()  # int4 weight-only Linears first: check_formats rejects what is left
     PassManager([fuse4])(gm)
     check_formats(gm, "'tvm'", {"int8", "uint8"}, group_wise=False, error=NotBuiltError)
-    fuse = FuseInt8LinearPass()
-    PassManager([fuse])(gm)
+    fuse, epilogue, norm = FuseInt8LinearPass(), FuseEpiloguePass(), FuseNormQuantizePass()
+    PassManager([fuse, epilogue, norm])(gm)
     fuse.fused, fuse.skipped = fuse4.fused + fuse.fused, {**fuse4.skipped, **fuse.skipped}
+    fuse.epilogues = epilogue.fused + norm.fused   # int8_linear / layer_norm nodes whose kernel also quantizes
     prune_unused_tensors(gm)
     args, kwargs, dynamic_shapes = qmodel._example
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
+    int8 = _Int8Linear(family)
     custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
-              "choose_qparams.default": _choose_qparams, "int8_linear.default": _Int8Linear(family),
+              "choose_qparams.default": _choose_qparams, "int8_linear.default": int8,
+              "int8_linear_q.default": int8.requantized, "layer_norm_q.default": LayerNormQuantizeConverter(),
               "int4_linear.default": Int4LinearConverter()}
     importer = _importer()
     _unsupported(ep, set(importer.convert_map) | set(custom))
