@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import qcompile
-from qcompile.eval.perplexity import PerplexityProtocol, calibration_windows, model_nbytes, perplexity
+from qcompile.eval.perplexity import PerplexityProtocol, calibration_windows, perplexity
 from qcompile.models.smollm2 import load_smollm2
 from qcompile.recipe import WeightAlgorithmConfig
 

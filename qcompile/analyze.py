@@ -42,7 +42,7 @@ from .errors import CalibrationError, RecipeError
 from .formats import get_format
 from .observers import weight_qparams
 from .ops import choose_qparams, dequantize, quantize
-from .recipe import LayerConfig, Recipe
+from .recipe import LayerConfig
 from .report import cosine, sqnr
 
 _KINDS = ((nn.Linear, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"), (nn.Conv3d, "conv"),

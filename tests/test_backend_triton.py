@@ -5,7 +5,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
 
-import dataclasses  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

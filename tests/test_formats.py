@@ -526,7 +526,6 @@ def test_nf4_double_quantization_sizes_and_numerics():
 
 
 def test_nf4_double_quant_end_to_end_is_smaller_and_close():
-    import qcompile
     from qcompile.recipe import LayerConfig, Recipe
     from qcompile.spec import QuantSpec
 

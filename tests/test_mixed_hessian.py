@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import qcompile
 from conftest import wide_tiny_block
