@@ -78,7 +78,7 @@ def _setup(m, g):
 def test_int4_interleaved(benchmark, m, g):
     torch.set_num_threads(1)
     impls = _setup(m, g)
-    rounds = 200 if m == 1 else 20
+    rounds = 200 if m == 1 else 60
     times = {k: [] for k in impls}
     for _ in range(rounds):
         for name, fn in impls.items():
