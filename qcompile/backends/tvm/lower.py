@@ -37,7 +37,8 @@ def _fmt(node, fmt_name: str):
     fmt = get_format(fmt_name)
     if fmt.kind != "int" or fmt.bits != 8:
         raise NotBuiltError(f"node '{node.name}': the tvm backend does not lower format '{fmt_name}' yet "
-                            "(int8/uint8 only; int4 weight-only with in-kernel unpacking is not yet built)")
+                            "(int8/uint8, and uint4 weight-only Linears with groups of 32/64/128 dividing K, which "
+                            "FuseInt4LinearPass takes; any other use of this format is not built)")
     return fmt
 
 
