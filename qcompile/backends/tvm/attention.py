@@ -311,6 +311,13 @@ def _scalar_const(expr, lookup):
     return None
 
 
+def _reshaped_matmul(expr, lookup):
+    """For ``reshape(matmul(a, b))`` bound to ``expr``: (the reshape, the matmul), else (None, None)."""
+    view = _call(expr, lookup, "relax.reshape")
+    mm = None if view is None else _call(view.args[0], lookup, "relax.matmul")
+    return (view, mm) if mm is not None else (None, None)
+
+
 def match_attention(root, lookup):
     """Match the importer's attention ending at ``root`` (the context ``reshape [B, S, H·D]``):
     a dict of the kernel's operands and parameters, or None when anything differs from the
@@ -324,8 +331,7 @@ def match_attention(root, lookup):
     perm = _call(call.args[0], lookup, "relax.permute_dims")
     if perm is None or perm.attrs.axes is None or [int(a) for a in perm.attrs.axes] != [0, 2, 1, 3]:
         return None
-    ctx4 = _call(perm.args[0], lookup, "relax.reshape")           # [B, H, S, D] of the P·V matmul
-    pv = None if ctx4 is None else _call(ctx4.args[0], lookup, "relax.matmul")
+    ctx4, pv = _reshaped_matmul(perm.args[0], lookup)             # [B, H, S, D] of the P·V matmul
     if pv is None:
         return None
     probs, v4 = _batched_operand(pv.args[0], lookup), _batched_operand(pv.args[1], lookup)
@@ -348,8 +354,7 @@ def match_attention(root, lookup):
     if c is None or c == 0 or not np.isfinite(c):
         return None
     scale = c if scale_call.op.name == "relax.multiply" else float(np.float32(1) / np.float32(c))
-    sc4 = _call(scale_call.args[0], lookup, "relax.reshape")     # [B, H, S, S] of the Q·Kᵀ matmul
-    qk = None if sc4 is None else _call(sc4.args[0], lookup, "relax.matmul")
+    sc4, qk = _reshaped_matmul(scale_call.args[0], lookup)       # [B, H, S, S] of the Q·Kᵀ matmul
     if qk is None:
         return None
     q4, kt4 = _batched_operand(qk.args[0], lookup), _batched_operand(qk.args[1], lookup)
