@@ -91,3 +91,29 @@ def test_unbuilt_format_and_family_raise_not_implemented():
     q, _ = _block("w8")
     with pytest.raises(NotBuiltError, match="'amx'"):
         qcompile.lower(q, backend="tvm", family="amx")
+
+
+class _InputNorm(torch.nn.Module):
+    """A LayerNorm straight on a graph input, its output returned in float (no quantize after it,
+    so it stays a Relax layer_norm rather than the fused LayerNorm + quantize kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(64)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+def test_layer_norm_on_a_graph_input_lowers():
+    # torch.export hands the static dim 64 over as a SymInt with a constant expression; TVM named
+    # a symbol "64", layer_norm could not match it against its weight, lost its output shape, and
+    # the build failed in VM codegen ("cannot emit R.nn.layer_norm")
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 64),) for _ in range(3)]
+    q = _quantize(_InputNorm().eval(), "w8a8", batches)
+    art = qcompile.lower(q, backend="tvm")
+    with torch.no_grad():
+        assert_matches_reference(art(*batches[1]), q(*batches[1]))
+        x7 = torch.randn(7, 64)   # another batch size: the batch dim stays symbolic
+        assert_matches_reference(art(x7), q(x7))

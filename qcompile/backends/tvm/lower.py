@@ -195,6 +195,14 @@ def _importer():
 
         def create_input_vars(self, exported_program):
             params, inputs, ranges = super().create_input_vars(exported_program)
+            # a dim torch.export specialized can still arrive as a SymInt whose expression is a
+            # number; TVM then names a *symbol* "64", and ops that check a static dim against it
+            # (layer_norm against its weight) lose their output shape and cannot be legalized
+            for name, v in list(inputs.items()):
+                dims = list(v.ty.shape.values) if v.ty.shape is not None else []
+                fixed = [int(d.name) if isinstance(d, tirx.Var) and d.name.isdigit() else d for d in dims]
+                if any(a is not b for a, b in zip(fixed, dims)):
+                    inputs[name] = relax.Var(name, relax.TensorType(fixed, v.ty.dtype))
             self.symbols = {d.name: d for v in inputs.values() for d in (v.ty.shape.values if v.ty.shape is not None else ())
                             if isinstance(d, tirx.Var)}
             return params, inputs, ranges
