@@ -96,14 +96,11 @@ def check_budget(budget: dict) -> dict:
 def host_id() -> str:
     """A short hash of the host CPU (model name and feature flags): timings from another processor
     are never reused (these machines change from day to day: see shared/README.md)."""
-    model, flags = "", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
+    from .cpu import cpu_info
+
+    info = cpu_info()
+    model, flags = info.model, " ".join(sorted(info.flags))
+    if not model and not flags:  # no /proc/cpuinfo
         import platform
 
         model = platform.processor() or platform.machine()

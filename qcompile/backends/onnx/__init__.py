@@ -6,7 +6,9 @@ faster: static int8 Linears as ``com.microsoft::MatMulIntegerToFloat`` (bias in 
 4-bit group-wise weight-only Linears as ``com.microsoft::MatMulNBits``. ``qdq`` emits standard
 ONNX QuantizeLinear/DequantizeLinear only (per-tensor, per-axis, per-token as explicit math), for
 other runtimes. Both gather int8 embedding rows before dequantizing, keep batch/sequence axes
-dynamic and pass ``onnx.checker``."""
+dynamic and pass ``onnx.checker``. On x86 hosts without VNNI, int8 weights on uint8 activations
+are written as uint8 with zero point + 128 (the same values), because onnxruntime's u8 x s8 kernels
+saturate there (:mod:`.weights`; ``lower(..., int8_weights=...)`` overrides)."""
 from __future__ import annotations
 
 from ..base import Capabilities
@@ -23,11 +25,14 @@ class OnnxBackend:
 
     def lower(self, qmodel, opset: int = OPSET, threads: int = 0, target: str = "onnxruntime",
               nbits_accuracy_level: int = 0, keep_metadata: bool = False,
-              concatenate_shared: bool = False) -> OnnxArtifact:
+              concatenate_shared: bool = False, int8_weights: str = "auto") -> OnnxArtifact:
         """``target``: ``"onnxruntime"`` (contrib kernels where faster) or ``"qdq"`` (standard
-        ONNX only); ``threads``: onnxruntime intra-op threads (0: its default); the other options:
-        see :func:`~qcompile.backends.onnx.lower.export_onnx`."""
-        data, names = export_onnx(qmodel, opset, target, nbits_accuracy_level, keep_metadata, concatenate_shared)
+        ONNX only); ``threads``: onnxruntime intra-op threads (0: its default); ``int8_weights``:
+        ``"auto"`` writes int8 weights as uint8 (+128) on x86 hosts without VNNI, where onnxruntime's
+        u8 x s8 kernels saturate (:mod:`.weights`); the other options: see
+        :func:`~qcompile.backends.onnx.lower.export_onnx`."""
+        data, names = export_onnx(qmodel, opset, target, nbits_accuracy_level, keep_metadata, concatenate_shared,
+                                  int8_weights)
         return OnnxArtifact(data, names, qmodel, threads)
 
 

@@ -17,8 +17,10 @@ from ..base import check_formats, check_integer_zero_points
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassManager, PassResult, add_tensor, constant_value, get_attr_tensor, prune_unused_tensors
 from ...passes.lowering import GatherBeforeDequantizePass, quantized_linears
+from ...cpu import cpu_info
 from . import contrib, translate
 from .contrib import MATMUL_INTEGER_TO_FLOAT, MATMUL_NBITS
+from .weights import Int8WeightsAsUint8Pass, resolve_int8_weights
 
 aten = torch.ops.aten
 OPSET = 21  # blocked Q/DQ and 4-bit types need 21; plain int8 Q/DQ runs on every opset >= 13
@@ -243,11 +245,13 @@ def _per_token_group_int8(x):
 
 
 TARGETS = ("onnxruntime", "qdq")
+# metadata_props of the written file: the int8 weight type chosen for this host, and why
+INT8_WEIGHTS_KEY, INT8_WEIGHTS_REASON_KEY = "qcompile.int8_weights", "qcompile.int8_weights_reason"
 
 
 def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
                 nbits_accuracy_level: int = 0, keep_metadata: bool = False,
-                concatenate_shared: bool = False) -> tuple[bytes, list[str]]:
+                concatenate_shared: bool = False, int8_weights: str = "auto") -> tuple[bytes, list[str]]:
     """(ONNX model bytes, input names) for a :class:`~qcompile.model.QuantizedModel`.
 
     ``target="onnxruntime"`` (default) emits onnxruntime's fused contrib kernels where they are
@@ -257,7 +261,12 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     reference's numerics); 4 lets onnxruntime quantize activations to int8 inside the kernel
     (faster, a different model: opt in). ``keep_metadata``: keep the exporter's per-node source
     metadata (stack traces, module scopes). ``concatenate_shared``: Linears reading the same
-    quantized codes (Q/K/V) run as one concatenated GEMM + Split instead of one GEMM each."""
+    quantized codes (Q/K/V) run as one concatenated GEMM + Split instead of one GEMM each.
+    ``int8_weights``: the type int8 weights of Linears/convs on uint8 activations take in the file:
+    ``"auto"`` (default) picks ``"uint8"`` (zero point + 128, the same values) on x86 hosts without
+    VNNI, where onnxruntime's u8 x s8 kernels saturate, else ``"int8"`` (see :mod:`.weights`); the
+    choice and its reason are in the file's ``metadata_props`` (``qcompile.int8_weights``,
+    ``qcompile.int8_weights_reason``), for both targets: the ``qdq`` file runs in onnxruntime too."""
     if target not in TARGETS:
         raise BackendError(f"unknown onnx target '{target}'; choose one of {', '.join(TARGETS)}")
     if qmodel._example is None:
@@ -265,9 +274,12 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
                            "with nested, non-tensor inputs): lower the model returned by quantize() instead")
     # before the MatMulNBits fusion, which packs zero points as integer codes
     check_integer_zero_points(qmodel.graph_module, f"'onnx' (target '{target}')")
+    weight_type, why = resolve_int8_weights(int8_weights, cpu_info())
     gm = copy.deepcopy(qmodel.graph_module)
     fuse = FuseOnnxruntimeKernelsPass(nbits_accuracy_level, concatenate_shared)
-    passes = [GatherBeforeDequantizePass()] + ([fuse] if target == "onnxruntime" else [])
+    as_uint8 = Int8WeightsAsUint8Pass()
+    passes = [GatherBeforeDequantizePass()] + ([as_uint8] if weight_type == "uint8" else []) + \
+        ([fuse] if target == "onnxruntime" else [])
     PassManager([*passes, TransposeLinearWeightsPass()])(gm)
     prune_unused_tensors(gm)
     _check_no_grouped_dynamic(gm, target, fuse.skipped)
@@ -299,6 +311,9 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
             del node.metadata_props[:]
     pack_low_bit_initializers(model)
     residual_adds_as_sum(model)
+    model.metadata_props.add(key=INT8_WEIGHTS_KEY, value=weight_type)
+    model.metadata_props.add(key=INT8_WEIGHTS_REASON_KEY, value=f"{why} ({len(as_uint8.converted)} weights converted)"
+                             if weight_type == "uint8" else why)
     onnx.checker.check_model(model)
     return model.SerializeToString(), [i.name for i in model.graph.input]
 

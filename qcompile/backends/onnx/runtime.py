@@ -68,6 +68,17 @@ class OnnxArtifact:
         flat = [t for t in flatten_inputs(self._gm, args, kwargs) if isinstance(t, torch.Tensor)]
         return {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, flat)}
 
+    @property
+    def metadata(self) -> dict:
+        """The file's ``metadata_props`` (e.g. ``qcompile.int8_weights``: the int8 weight type
+        chosen for the host it was lowered on, and ``qcompile.int8_weights_reason``)."""
+        if not hasattr(self, "_metadata"):
+            import onnx
+
+            model = onnx.load_from_string(self.model_bytes)
+            self._metadata = {p.key: p.value for p in model.metadata_props}
+        return self._metadata
+
     supports_forced_codes = True
 
     def quantized_activations(self, *args, forced=None, **kwargs) -> list:

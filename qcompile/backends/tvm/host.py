@@ -2,9 +2,10 @@
 kernel family (machines differ from day to day: never assume one processor)."""
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 from functools import lru_cache
+
+from ...cpu import cpu_info
 
 
 @dataclass(frozen=True)
@@ -37,23 +38,6 @@ class Host:
         return tvm.target.Target(spec)
 
 
-def _cpuinfo() -> tuple[str, frozenset]:
-    vendor, flags = "", frozenset()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "vendor_id" and not vendor:
-                    vendor = value.strip()
-                elif key == "flags":
-                    flags = frozenset(value.split())
-                    break
-    except OSError:
-        pass
-    return vendor, flags
-
-
 def choose_mcpu(vendor: str, flags: frozenset) -> str:
     """The LLVM CPU whose features match ``flags`` (a conservative named CPU, never ``native``,
     so a library compiled here says what it needs)."""
@@ -77,7 +61,7 @@ def choose_family(flags: frozenset) -> str:
 @lru_cache(maxsize=1)
 def detect() -> Host:
     """This machine's :class:`Host`."""
-    if platform.machine() not in ("x86_64", "AMD64"):
+    info = cpu_info()
+    if not info.x86:
         return Host("", frozenset(), "generic", "generic")
-    vendor, flags = _cpuinfo()
-    return Host(vendor, flags, choose_mcpu(vendor, flags), choose_family(flags))
+    return Host(info.vendor, info.flags, choose_mcpu(info.vendor, info.flags), choose_family(info.flags))
