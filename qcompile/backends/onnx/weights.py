@@ -19,7 +19,8 @@ with size 8"), which is every qcompile int8 conv and the ``qdq`` target's Linear
 
 Example::
 
-    >>> choose_int8_weights(cpu_info())
+    >>> from qcompile.cpu import cpu_info
+    >>> choose_int8_weights(cpu_info())          # on an AVX2-only x86 host
     ('uint8', 'host lacks avx512_vnni, avx_vnni and amx_int8: ...')
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ...cpu import CpuInfo
+from ...errors import BackendError
 from ...ops import DEQUANTIZE
 from ...passes.annotate import QUANTIZABLE_OPS
 from ...passes.infra import Pass, PassResult, add_tensor, constant_value, get_attr_tensor
@@ -51,8 +53,6 @@ def choose_int8_weights(cpu: CpuInfo) -> tuple[str, str]:
 def resolve_int8_weights(int8_weights: str, cpu: CpuInfo) -> tuple[str, str]:
     """``int8_weights`` (``"auto"``, ``"int8"`` or ``"uint8"``) → ``(type, why)``; ``auto`` asks
     :func:`choose_int8_weights` about ``cpu``."""
-    from ...errors import BackendError
-
     if int8_weights not in INT8_WEIGHTS:
         raise BackendError(f"unknown int8_weights '{int8_weights}'; choose one of {', '.join(INT8_WEIGHTS)}")
     if int8_weights == "auto":
@@ -73,6 +73,7 @@ class Int8WeightsAsUint8Pass(Pass):
         self.skipped: dict[str, str] = {}  # op node -> why its int8 weight stays
 
     def call(self, gm):
+        done: dict = {}  # int8 dequantize -> its uint8 twin (a tied weight is converted once)
         for node in list(gm.graph.nodes):
             info = QUANTIZABLE_OPS.get(node.target)
             if info is None or info.input_arg is None:
@@ -84,7 +85,9 @@ class Int8WeightsAsUint8Pass(Pass):
             if reason:
                 self.skipped[node.name] = reason
                 continue
-            node.replace_input_with(w, self._as_uint8(gm, w))
+            if w not in done:
+                done[w] = self._as_uint8(gm, w)
+            node.replace_input_with(w, done[w])
             if not w.users:
                 gm.graph.erase_node(w)
             self.converted.append(node.name)
@@ -96,6 +99,8 @@ class Int8WeightsAsUint8Pass(Pass):
             return "activation is not uint8 codes (onnxruntime's kernels for int8 or float activations do not saturate)"
         if get_attr_tensor(gm, w.args[0]) is None:
             return "weight codes are not a constant"
+        if w.args[2] is None and _shape(gm, w.args[1]) is None:
+            return "weight scale has no known shape (for the zero point 128 to take)"
         z = w.args[2]
         if z is not None:
             zv = constant_value(gm, z)
@@ -108,8 +113,7 @@ class Int8WeightsAsUint8Pass(Pass):
         codes = get_attr_tensor(gm, w.args[0])
         q = add_tensor(gm, f"{w.args[0].target}_u8", (codes.to(torch.int16) + 128).to(torch.uint8), w)
         if w.args[2] is None:  # symmetric: zero point 128, shaped like the scale
-            shape = w.args[1].meta["val"].shape if "val" in w.args[1].meta else constant_value(gm, w.args[1]).shape
-            zero = torch.full(tuple(shape), 128, dtype=torch.uint8)
+            zero = torch.full(_shape(gm, w.args[1]), 128, dtype=torch.uint8)
         else:
             zero = (constant_value(gm, w.args[2]).to(torch.int16) + 128).to(torch.uint8)
         z = add_tensor(gm, f"{w.args[0].target}_u8_zero_point", zero, w)
@@ -117,3 +121,11 @@ class Int8WeightsAsUint8Pass(Pass):
             new = gm.graph.call_function(DEQUANTIZE, (q, w.args[1], z, "uint8", *w.args[4:]))
         new.meta = dict(w.meta)
         return new
+
+
+def _shape(gm, node):
+    """The shape of a tensor node: from export's fake value, else from its constant value; None if neither."""
+    if "val" in node.meta:
+        return tuple(node.meta["val"].shape)
+    value = constant_value(gm, node)
+    return None if value is None else tuple(value.shape)
