@@ -24,6 +24,7 @@ from ..base import check_formats
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
 from . import kernels
+from .conv import FuseInt8ConvPass, Int8Conv2dConverter
 from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
 from .fuse import FuseInt8LinearPass
 from .int4 import FuseInt4LinearPass, Int4LinearConverter
@@ -305,9 +306,9 @@ def import_relax(qmodel, family: str):
     fuse4 = FuseInt4LinearPass()  # int4 weight-only Linears first: check_formats rejects what is left
     PassManager([fuse4])(gm)
     check_formats(gm, "'tvm'", {"int8", "uint8"}, group_wise=False, error=NotBuiltError)
-    fuse, epilogue, norm = FuseInt8LinearPass(), FuseEpiloguePass(), FuseNormQuantizePass()
-    PassManager([fuse, epilogue, norm])(gm)
-    fuse.fused, fuse.skipped = fuse4.fused + fuse.fused, {**fuse4.skipped, **fuse.skipped}
+    fuse, conv, epilogue, norm = FuseInt8LinearPass(), FuseInt8ConvPass(), FuseEpiloguePass(), FuseNormQuantizePass()
+    PassManager([fuse, conv, epilogue, norm])(gm)
+    fuse.fused, fuse.skipped = fuse4.fused + fuse.fused + conv.fused, {**fuse4.skipped, **fuse.skipped, **conv.skipped}
     fuse.epilogues = epilogue.fused + norm.fused   # int8_linear / layer_norm nodes whose kernel also quantizes
     prune_unused_tensors(gm)
     args, kwargs, dynamic_shapes = qmodel._example
@@ -317,7 +318,7 @@ def import_relax(qmodel, family: str):
     custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
               "choose_qparams.default": _choose_qparams, "int8_linear.default": int8,
               "int8_linear_q.default": int8.requantized, "layer_norm_q.default": LayerNormQuantizeConverter(),
-              "int4_linear.default": Int4LinearConverter()}
+              "int4_linear.default": Int4LinearConverter(), "int8_conv2d.default": Int8Conv2dConverter(family)}
     importer = _importer()
     _unsupported(ep, set(importer.convert_map) | set(custom))
     try:
