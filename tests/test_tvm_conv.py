@@ -4,7 +4,6 @@ im2col against the PyTorch one, lowered CNNs against the reference backend (padd
 dilation, odd and changing spatial sizes, Cin*KH*KW not a multiple of 4, int8 and uint8, static and
 dynamic activations), the digits CNN through qcompile.verify, and the convs that must not fuse."""
 import copy
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -32,12 +31,12 @@ import qat_digits  # noqa: E402
 aten = torch.ops.aten
 
 
-def _recipe(act: QuantSpec, weight: QuantSpec = INT8_WEIGHT) -> Recipe:
-    return Recipe(name="conv-test", default=LayerConfig(weight, act))
+def _recipe(name: str, act: QuantSpec, weight: QuantSpec = INT8_WEIGHT) -> Recipe:
+    return Recipe(name=name, default=LayerConfig(weight, act))
 
 
-STATIC_S8 = _recipe(QuantSpec("int8", "per_tensor", symmetric=True))                   # no zero point, +128 shift
-DYNAMIC_U8 = _recipe(QuantSpec("uint8", "per_tensor", symmetric=False, dynamic=True))   # run-time zero point
+STATIC_S8 = _recipe("s8-static", QuantSpec("int8", "per_tensor", symmetric=True))   # no zero point, +128 shift
+DYNAMIC_U8 = _recipe("u8-dynamic", QuantSpec("uint8", "per_tensor", symmetric=False, dynamic=True))  # run-time zp
 
 
 class OddCNN(nn.Module):
@@ -60,12 +59,17 @@ class OddCNN(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _odd_cnn(recipe):
-    torch.manual_seed(0)
-    model = randomise_bn(OddCNN()).eval()
-    g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(3, 3, 11, 9, generator=g),) for _ in range(3)]
-    return _quantize(model, recipe, batches), g
+_QUANTIZED: dict = {}   # recipe name -> quantized OddCNN, shared by the tests (they only read it)
+
+
+def _odd_cnn_and_inputs(recipe):
+    """(the quantized OddCNN, a generator for test inputs)."""
+    if recipe.name not in _QUANTIZED:
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(3)
+        batches = [(torch.randn(3, 3, 11, 9, generator=g),) for _ in range(3)]
+        _QUANTIZED[recipe.name] = _quantize(randomise_bn(OddCNN()).eval(), recipe, batches)
+    return _QUANTIZED[recipe.name], torch.Generator().manual_seed(4)
 
 
 def _conv_nodes(gm):
@@ -73,7 +77,7 @@ def _conv_nodes(gm):
 
 
 def test_pass_fuses_the_convs_and_keeps_the_reference_numerics():
-    q, g = _odd_cnn("w8a8")
+    q, g = _odd_cnn_and_inputs(STATIC_S8)
     gm = copy.deepcopy(q.graph_module)
     p = FuseInt8ConvPass()
     assert p(gm).modified
@@ -130,7 +134,7 @@ def test_im2col_kernel_is_bit_exact_against_pytorch():
 
 @pytest.mark.parametrize("recipe", [STATIC_S8, DYNAMIC_U8], ids=["static-int8", "dynamic-uint8"])
 def test_lowered_cnn_matches_reference(recipe):
-    q, g = _odd_cnn(recipe)
+    q, g = _odd_cnn_and_inputs(recipe)
     art = qcompile.lower(q, backend="tvm")
     assert {"conv2d", "conv2d_1", "conv2d_2"} <= set(art.meta["fused"])
     assert "depthwise" in art.meta["skipped"]["conv2d_3"]   # runs as a float conv on dequantized weights
@@ -147,10 +151,8 @@ def test_digits_cnn_lowered_with_integer_convs_passes_verify():
     pytest.importorskip("sklearn", reason="load_digits needs scikit-learn (the 'dev' extra)")
     torch.manual_seed(0)
     x_tr, y_tr, x_te, y_te = qat_digits.load_data()
-    model = qat_digits.train(qat_digits.DigitsCNN(), x_tr, y_tr, epochs=4, lr=3e-3)
-    calib = [(x_tr[i:i + 256],) for i in range(0, len(x_tr), 256)]
-    recipe = dataclasses.replace(qcompile.Recipe.preset("w8a8"), calibration=qcompile.CalibrationConfig(progress=False))
-    q = qcompile.quantize(model, recipe, (x_tr[:2],), calibration=calib)
+    model = qat_digits.train(qat_digits.DigitsCNN(), x_tr, y_tr, epochs=1, lr=3e-3)   # real weights, quickly
+    q = _quantize(model, "w8a8", [(x_tr[i:i + 256],) for i in range(0, 768, 256)])
     art = qcompile.lower(q, backend="tvm")
     assert art.meta["fused"] == ["linear", "conv2d", "conv2d_1"] and art.meta["skipped"] == {}
     parity = qcompile.verify(art, q, [(x_te[:128],), (x_te[128:],)])
@@ -174,7 +176,7 @@ class _Convs(nn.Module):
 
 @pytest.mark.parametrize("recipe,model,expected", [
     ("w8a8-dynamic", OddCNN, "activation scale is per_token: an im2col row mixes rows of the input"),
-    (_recipe(QuantSpec("uint8", "per_tensor", symmetric=False), QuantSpec("int8", "per_channel", symmetric=False)),
+    (_recipe("asym-w", QuantSpec("uint8", "per_tensor", symmetric=False), QuantSpec("int8", "per_channel", symmetric=False)),
      OddCNN, "asymmetric weights (a weight zero point) are not fused"),
     ("w8", OddCNN, "the input is not dequantized (weight-only or float layer)"),
     ("w8a8", _Convs, "conv1d has no integer kernel (only conv2d is built)"),
