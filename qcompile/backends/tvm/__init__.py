@@ -6,8 +6,10 @@ built into a shared library for an LLVM target detected from the host.
 Built: int8/uint8 per-tensor, per-channel and per-token dynamic Q/DQ; kernel families ``vnni``
 (AVX-512 VNNI) and ``generic`` (any LLVM target), a one-row path for M=1; dynamic batch and
 sequence; ``save``/``load`` of the library; int4 weight-only Linears (``w4-g32/64/128``) through a
-TIR kernel that unpacks the codes in registers (:mod:`.int4`). Not yet built (``NotBuiltError``): an
-AMX family, other group-wise formats (int4 on quantized activations), integer conv. See docs/tvm.md.
+TIR kernel that unpacks the codes in registers (:mod:`.int4`); integer conv2d (``groups=1``,
+per-tensor activations) as a TIR im2col of the codes + the integer GEMM (:mod:`.conv`). Not yet
+built (``NotBuiltError``): an AMX family, other group-wise formats (int4 on quantized activations);
+grouped/depthwise, 1-D/3-D and transposed convs run float on dequantized weights. See docs/tvm.md.
 
 Example::
 

@@ -93,7 +93,7 @@ def im2col_codes(a: torch.Tensor, a_zero: Optional[torch.Tensor], kernel: list[i
     x = a.to(torch.int32)
     if a_format == "int8":
         x, za = x + 128, za + 128
-    n, c = a.shape[:2]
+    c = a.shape[1]
     kp = k_padded(c, kh, kw)
     xp = torch.nn.functional.pad(x.float(), (padding[1], padding[1], padding[0], padding[0]), value=float(za))
     cols = torch.nn.functional.unfold(xp, (kh, kw), dilation=dilation, stride=stride)   # exact: codes < 2**24

@@ -1,7 +1,8 @@
 """Lower a converted qcompile model to a TVM Relax module and build it for the host CPU.
 
 Steps: copy the Q/DQ graph → :class:`~.int4.FuseInt4LinearPass` (int4 weight-only Linears) →
-:class:`~.fuse.FuseInt8LinearPass` (integer GEMMs with packed weights) → :mod:`.epilogue`'s passes
+:class:`~.fuse.FuseInt8LinearPass` (integer GEMMs with packed weights) → :class:`~.conv.FuseInt8ConvPass`
+(conv2d as im2col + the same GEMM) → :mod:`.epilogue`'s passes
 (the static activation quantize after a GEMM or a LayerNorm fused into its kernel) → ``torch.export`` →
 core ATen decompositions → a check that every op has a converter (naming the node that has
 none) → ``relax.frontend.torch.from_exported_program`` with converters for qcompile's ops
