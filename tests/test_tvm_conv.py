@@ -128,7 +128,7 @@ def test_im2col_kernel_is_bit_exact_against_pytorch():
     lib = compile_kernel(im2col_kernel(3, *kernel, stride, padding, dilation, "int8"))
     oh, ow = (10 + 4 - 2 * 2 - 1) // 2 + 1, (7 + 2 - 3 * 1 - 1) // 1 + 1
     out = tvm.runtime.tensor(np.zeros((2, oh, ow, 20), np.uint8))
-    lib["main"](tvm.runtime.tensor(a.numpy()), tvm.runtime.tensor(za.numpy()), out)
+    lib["main"](tvm.runtime.tensor(a.permute(0, 2, 3, 1).contiguous().numpy()), tvm.runtime.tensor(za.numpy()), out)
     assert torch.equal(torch.from_numpy(out.numpy()).reshape(-1, 20), ref)
 
 

@@ -3,15 +3,17 @@
 :class:`FuseInt8ConvPass` runs on a copy of the converted graph, next to
 :class:`~.fuse.FuseInt8LinearPass`. It replaces each matching ``aten.conv2d`` by
 ``qcompile_tvm::int8_conv2d``, whose weights ``[Cout, Cin, KH, KW]`` are flattened to
-``[Cout, Cin·KH·KW]`` (``k = (c·KH + ky)·KW + kx``), ``K`` padded to a multiple of 4 with zero
+``[Cout, KH·KW·Cin]`` (``k = (ky·KW + kx)·Cin + c``: a tap's channels together), ``K`` padded to a multiple of 4 with zero
 weights, and packed once for the GEMM kernels (:func:`~.kernels.pack_weights`), with their column
 sums for the activation zero point. The op has a PyTorch implementation (the same arithmetic:
 im2col of the codes, then :func:`~.fuse.int8_linear`), so the pass is tested without TVM.
 
 The kernels (:class:`Int8Conv2dConverter`), three steps:
 
-1. :func:`im2col_kernel`, a TIR ``PrimFunc``: the u8/s8 codes ``[N, C, H, W]`` to rows
-   ``[N, OH, OW, Kp]`` of uint8. Padding is filled with the activation *zero point*, so a padded
+1. :func:`im2col_kernel`, a TIR ``PrimFunc``: the u8/s8 codes, transposed to NHWC (``permute_dims``,
+   which TVM fuses into the kernel that quantizes them), to rows ``[N, OH, OW, Kp]`` of uint8: per
+   tap a copy of ``C`` contiguous bytes (reading NCHW, every byte is a scalar load and store: 2-3x
+   slower at 32 channels). Padding is filled with the activation *zero point*, so a padded
    tap contributes ``za·w`` to the product and the column-sum compensation ``- za·colsum`` removes
    it exactly, as it does for real taps; int8 codes get their +128 shift here (``vpdpbusd`` is
    u8 × s8), and the ``Kp - K`` padding columns meet zero weights. One TIR kernel rather than Relax
@@ -89,16 +91,17 @@ def im2col_codes(a: torch.Tensor, a_zero: Optional[torch.Tensor], kernel: list[i
     (uint8 rows ``[N·OH·OW, Kp]``, the uint8-domain zero point ``[1]`` int32). Padding holds the
     zero point; int8 codes and their zero point are shifted by +128."""
     kh, kw = kernel
+    n, c = a.shape[:2]
     za = 0 if a_zero is None else int(a_zero.reshape(-1)[0])
     x = a.to(torch.int32)
     if a_format == "int8":
         x, za = x + 128, za + 128
-    c = a.shape[1]
     kp = k_padded(c, kh, kw)
     xp = torch.nn.functional.pad(x.float(), (padding[1], padding[1], padding[0], padding[0]), value=float(za))
     cols = torch.nn.functional.unfold(xp, (kh, kw), dilation=dilation, stride=stride)   # exact: codes < 2**24
-    rows = torch.zeros(cols.shape[0] * cols.shape[2], kp, dtype=torch.uint8)
-    rows[:, :c * kh * kw] = cols.transpose(1, 2).reshape(-1, c * kh * kw).to(torch.uint8)
+    cols = cols.reshape(n, c, kh * kw, -1).transpose(1, 2)   # k = (ky·KW + kx)·C + c, as the weights
+    rows = torch.zeros(n * cols.shape[-1], kp, dtype=torch.uint8)
+    rows[:, :c * kh * kw] = cols.reshape(n, c * kh * kw, -1).transpose(1, 2).reshape(-1, c * kh * kw).to(torch.uint8)
     return rows, torch.tensor([za], dtype=torch.int32)
 
 
@@ -131,7 +134,7 @@ def pack_conv_weights(w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[tor
     ``Cout`` to ``Np`` (:func:`~.kernels.padded_n`) with zero weights, scales and bias."""
     cout, cin, kh, kw = w.shape
     wflat = np.zeros((cout, k_padded(cin, kh, kw)), np.int8)
-    wflat[:, :cin * kh * kw] = w.reshape(cout, -1).numpy()
+    wflat[:, :cin * kh * kw] = w.permute(0, 2, 3, 1).reshape(cout, -1).numpy()   # k = (ky·KW + kx)·Cin + c
     np_ = kernels.padded_n(cout)
     colsum = np.zeros(np_, np.int32)
     colsum[:cout] = wflat.astype(np.int32).sum(1)
@@ -215,11 +218,12 @@ class FuseInt8ConvPass(Pass):
 
 def im2col_kernel(c: int, kh: int, kw: int, stride: list[int], padding: list[int], dilation: list[int],
                   in_dtype: str):
-    """The TIR ``PrimFunc`` of the im2col: ``a`` ``[n, c, h, w]`` of ``in_dtype`` (``uint8``/``int8``;
-    ``n``, ``h``, ``w`` symbolic), ``za`` int32 ``[1]`` (the zero point, already in the uint8 domain),
-    ``out`` uint8 ``[n, oh, ow, Kp]`` with ``out[b, y, x, (ci·kh + ky)·kw + kx]`` the code under tap
-    ``(ky, kx)`` of output pixel ``(y, x)``, ``za`` where the tap falls in the padding, and 0 in the
-    ``Kp - c·kh·kw`` padding columns. The caller gives ``oh``/``ow`` (:func:`out_size`)."""
+    """The TIR ``PrimFunc`` of the im2col: ``a`` ``[n, h, w, c]`` (NHWC) of ``in_dtype``
+    (``uint8``/``int8``; ``n``, ``h``, ``w`` symbolic), ``za`` int32 ``[1]`` (the zero point, already
+    in the uint8 domain), ``out`` uint8 ``[n, oh, ow, Kp]`` with ``out[b, y, x, (ky·kw + kx)·c + ci]``
+    the code of channel ``ci`` under tap ``(ky, kx)`` of output pixel ``(y, x)``, ``za`` where the
+    tap falls in the padding, and 0 in the ``Kp - kh·kw·c`` padding columns. The caller gives
+    ``oh``/``ow`` (:func:`out_size`)."""
     from tvm.script import tirx as T
 
     kk, kp = c * kh * kw, k_padded(c, kh, kw)
@@ -234,17 +238,19 @@ def im2col_kernel(c: int, kh: int, kw: int, stride: list[int], padding: list[int
         w = T.int64()
         oh = T.int64()
         ow = T.int64()
-        A = T.match_buffer(a, (n, c, h, w), in_dtype)
+        A = T.match_buffer(a, (n, h, w, c), in_dtype)
         ZA = T.match_buffer(za, (1,), "int32")
         O = T.match_buffer(o, (n, oh, ow, kp), "uint8")
         for b, y, x in T.grid(n, oh, ow):
-            for ci, ky, kx in T.grid(c, kh, kw):
+            for ky, kx in T.grid(kh, kw):
                 if (y * sh + ky * dh >= ph and y * sh + ky * dh < h + ph
                         and x * sw + kx * dw >= pw and x * sw + kx * dw < w + pw):
-                    O[b, y, x, (ci * kh + ky) * kw + kx] = T.Cast(
-                        "uint8", T.Cast("int32", A[b, ci, y * sh + ky * dh - ph, x * sw + kx * dw - pw]) + shift)
+                    for ci in T.vectorized(c):   # contiguous on both sides: one vector copy per tap
+                        O[b, y, x, (ky * kw + kx) * c + ci] = T.Cast("uint8", T.Cast(
+                            "int32", A[b, y * sh + ky * dh - ph, x * sw + kx * dw - pw, ci]) + shift)
                 else:
-                    O[b, y, x, (ci * kh + ky) * kw + kx] = T.Cast("uint8", ZA[0])
+                    for ci in T.vectorized(c):
+                        O[b, y, x, (ky * kw + kx) * c + ci] = T.Cast("uint8", ZA[0])
             for j in range(kp - kk):
                 O[b, y, x, kk + j] = T.uint8(0)
 
@@ -291,7 +297,8 @@ class Int8Conv2dConverter:
         geometry = (cin, kh, kw, *stride, *padding, *dilation)
         im2col = self._func(bb, ("im2col", geometry, a_format), "qconv_im2col_" + "_".join(map(str, geometry))
                             + f"_{a_format}", lambda: im2col_kernel(cin, kh, kw, stride, padding, dilation, a_format))
-        rows = bb.emit(relax.call_tir(im2col, [a, za1], out_ty=relax.TensorType((batch, oh, ow, kp), "uint8")))
+        nhwc = bb.emit(op.permute_dims(a, [0, 2, 3, 1]))   # fused into the kernel that wrote the codes
+        rows = bb.emit(relax.call_tir(im2col, [nhwc, za1], out_ty=relax.TensorType((batch, oh, ow, kp), "uint8")))
         rows = bb.emit(op.reshape(rows, (-1, kp)))
         # named qgemm_* so the float-kernel scheduler leaves it alone; "conv" keeps it apart from a
         # Linear's kernel of the same shape (two functions may not share a global symbol)
@@ -303,3 +310,4 @@ class Int8Conv2dConverter:
             out = bb.emit(op.strided_slice(out, axes=[1], begin=[0], end=[n]))
         out = bb.emit(op.reshape(out, (batch, oh, ow, n)))
         return bb.emit(op.permute_dims(out, [0, 3, 1, 2]))
+
