@@ -143,7 +143,8 @@ def test_lowered_cnn_matches_reference(recipe):
             x = torch.randn(*shape, generator=g)
             # conv outputs are quantized again: a float-rounding tie can move a code by one step
             assert_matches_reference(art(x), q(x), rel=1e-2)
-    parity = qcompile.verify(art, q, [(torch.randn(2, 3, 11, 9, generator=g),), (torch.randn(4, 3, 9, 9, generator=g),)])
+    inputs = [(torch.randn(2, 3, 11, 9, generator=g),), (torch.randn(4, 3, 9, 9, generator=g),)]
+    parity = qcompile.verify(art, q, inputs)
     assert parity.passed, str(parity)
 
 
@@ -176,7 +177,8 @@ class _Convs(nn.Module):
 
 @pytest.mark.parametrize("recipe,model,expected", [
     ("w8a8-dynamic", OddCNN, "activation scale is per_token: an im2col row mixes rows of the input"),
-    (_recipe("asym-w", QuantSpec("uint8", "per_tensor", symmetric=False), QuantSpec("int8", "per_channel", symmetric=False)),
+    (_recipe("asym-w", QuantSpec("uint8", "per_tensor", symmetric=False),
+             QuantSpec("int8", "per_channel", symmetric=False)),
      OddCNN, "asymmetric weights (a weight zero point) are not fused"),
     ("w8", OddCNN, "the input is not dequantized (weight-only or float layer)"),
     ("w8a8", _Convs, "conv1d has no integer kernel (only conv2d is built)"),

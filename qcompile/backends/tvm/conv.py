@@ -3,17 +3,17 @@
 :class:`FuseInt8ConvPass` runs on a copy of the converted graph, next to
 :class:`~.fuse.FuseInt8LinearPass`. It replaces each matching ``aten.conv2d`` by
 ``qcompile_tvm::int8_conv2d``, whose weights ``[Cout, Cin, KH, KW]`` are flattened to
-``[Cout, KH·KW·Cin]`` (``k = (ky·KW + kx)·Cin + c``: a tap's channels together), ``K`` padded to a multiple of 4 with zero
-weights, and packed once for the GEMM kernels (:func:`~.kernels.pack_weights`), with their column
-sums for the activation zero point. The op has a PyTorch implementation (the same arithmetic:
+``[Cout, KH·KW·Cin]`` (``k = (ky·KW + kx)·Cin + c``: a tap's channels together), ``K`` padded to a
+multiple of 4 with zero weights, and packed once for the GEMM kernels (:func:`~.kernels.pack_weights`),
+with their column sums for the activation zero point. The op has a PyTorch implementation (the same arithmetic:
 im2col of the codes, then :func:`~.fuse.int8_linear`), so the pass is tested without TVM.
 
 The kernels (:class:`Int8Conv2dConverter`), three steps:
 
 1. :func:`im2col_kernel`, a TIR ``PrimFunc``: the u8/s8 codes, transposed to NHWC (``permute_dims``,
    which TVM fuses into the kernel that quantizes them), to rows ``[N, OH, OW, Kp]`` of uint8: per
-   tap a copy of ``C`` contiguous bytes (reading NCHW, every byte is a scalar load and store: 2-3x
-   slower at 32 channels). Padding is filled with the activation *zero point*, so a padded
+   tap one vector copy of ``C`` contiguous bytes (reading NCHW, every byte was a scalar load and
+   store: 7x slower at 32 channels). Padding is filled with the activation *zero point*, so a padded
    tap contributes ``za·w`` to the product and the column-sum compensation ``- za·colsum`` removes
    it exactly, as it does for real taps; int8 codes get their +128 shift here (``vpdpbusd`` is
    u8 × s8), and the ``Kp - K`` padding columns meet zero weights. One TIR kernel rather than Relax
@@ -23,7 +23,7 @@ The kernels (:class:`Int8Conv2dConverter`), three steps:
 2. :func:`~.kernels.gemm_kernel`, unchanged: ``[N·OH·OW, Kp] x [Kp, Np]`` with the float epilogue
    (``(acc - za·colsum)·sa·sw + bias``) in the kernel.
 3. Relax ``reshape`` + ``permute_dims`` back to NCHW; TVM fuses that transpose with what follows
-   (ReLU, the next quantize), so it costs no pass of its own.
+   (ReLU, the next quantize, the next conv's NHWC transpose), so it costs no pass of its own.
 
 What fuses: ``aten.conv2d`` with ``groups=1``, activations ``uint8``/``int8`` quantized per tensor
 (static, or dynamic per tensor), weights ``int8`` symmetric per channel or per tensor, constant
