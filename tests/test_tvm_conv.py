@@ -107,7 +107,9 @@ def test_op_matches_a_float64_conv_on_dequantized_values(a_format, zero, geometr
     w = torch.randint(-127, 128, (7, 5, *kernel), generator=g).to(torch.int8)
     sa, sw, bias = torch.tensor(0.02), torch.rand(7, 1, 1, 1, generator=g) * 0.01 + 1e-3, torch.randn(7, generator=g)
     za = None if zero is None else torch.tensor(zero, dtype=torch.uint8)
-    packed, colsum, swp, bp = pack_conv_weights(w, sw, bias)
+    packed, colsum, swp = pack_conv_weights(w, sw)
+    bp = torch.zeros(swp.shape)   # padded like fuse.padded_bias
+    bp[:7] = bias
     out = int8_conv2d(a, sa, za, packed, colsum, swp, bp, 7, list(kernel), list(stride), list(padding),
                       list(dilation), a_format)
     xa = (a.double() - (0 if zero is None else zero)) * sa.double()

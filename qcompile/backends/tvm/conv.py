@@ -43,7 +43,8 @@ import torch
 from ...ops import DEQUANTIZE
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
 from . import kernels
-from .fuse import _activation_granularity, int8_linear, replace_linear, variable_bias
+from .fuse import (_activation_granularity, int8_linear, pack_int8_weights, padded_bias, replace_linear,
+                   variable_bias)
 
 aten = torch.ops.aten
 
@@ -127,22 +128,15 @@ def _(a, a_scale, a_zero, w_packed, colsum, w_scale, bias, n, kernel, stride, pa
 INT8_CONV2D = torch.ops.qcompile_tvm.int8_conv2d.default
 
 
-def pack_conv_weights(w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]):
-    """int8 weights ``[Cout, Cin, KH, KW]`` (per-channel or per-tensor ``w_scale``, optional float
-    ``bias``) → the constants of :func:`int8_conv2d`: ``(packed [Np/16, Kp/4, 64], colsum i32 [Np],
-    w_scale f32 [Np], bias f32 [Np])``. ``K = Cin·KH·KW`` is padded to ``Kp`` with zero weights and
-    ``Cout`` to ``Np`` (:func:`~.kernels.padded_n`) with zero weights, scales and bias."""
+def pack_conv_weights(w: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 weights ``[Cout, Cin, KH, KW]`` and their per-channel or per-tensor scale → the constants
+    of :func:`int8_conv2d` (:func:`~.fuse.pack_int8_weights` of the flattened weights): ``(packed
+    [Np/16, Kp/4, 64], colsum i32 [Np], w_scale f32 [Np])``, ``K = KH·KW·Cin`` padded to ``Kp``
+    with zero weights."""
     cout, cin, kh, kw = w.shape
     wflat = np.zeros((cout, k_padded(cin, kh, kw)), np.int8)
     wflat[:, :cin * kh * kw] = w.permute(0, 2, 3, 1).reshape(cout, -1).numpy()   # k = (ky·KW + kx)·Cin + c
-    np_ = kernels.padded_n(cout)
-    colsum = np.zeros(np_, np.int32)
-    colsum[:cout] = wflat.astype(np.int32).sum(1)
-    sw, b = torch.zeros(np_), torch.zeros(np_)
-    sw[:cout] = w_scale.float().reshape(-1).expand(cout)
-    if bias is not None:
-        b[:cout] = bias.float()
-    return torch.from_numpy(kernels.pack_weights(wflat)), torch.from_numpy(colsum), sw, b
+    return pack_int8_weights(wflat, w_scale)
 
 
 class FuseInt8ConvPass(Pass):
@@ -204,8 +198,8 @@ class FuseInt8ConvPass(Pass):
             stride, padding, dilation, _ = conv_geometry(node)
             w = get_attr_tensor(gm, dqw.args[0])
             cout, _, kh, kw = w.shape
-            bias = get_attr_tensor(gm, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
-            packed, colsum, sw, bias = pack_conv_weights(w, get_attr_tensor(gm, dqw.args[1]), bias)
+            packed, colsum, sw = pack_conv_weights(w, get_attr_tensor(gm, dqw.args[1]))
+            bias = padded_bias(gm, node, cout, kernels.padded_n(cout))
             base = dqw.args[0].target
             args = [dqa.args[0], dqa.args[1], dqa.args[2],
                     add_tensor(gm, f"{base}_packed", packed, node), add_tensor(gm, f"{base}_colsum", colsum, node),

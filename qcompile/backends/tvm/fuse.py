@@ -77,6 +77,19 @@ def padded_bias(gm, node, n: int, padded: int) -> torch.Tensor:
     return bias
 
 
+def pack_int8_weights(w: np.ndarray, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 weights ``[N, K]`` (``K`` a multiple of 4) and their per-channel or per-tensor scale →
+    the GEMM kernels' constants: ``(packed [Np/16, K/4, 64], colsum i32 [Np], w_scale f32 [Np])``,
+    ``Np`` = :func:`~.kernels.padded_n`, the padding columns zero."""
+    n, k = w.shape
+    np_ = kernels.padded_n(n)
+    wfull = np.zeros((np_, k), np.int32)
+    wfull[:n] = w
+    sw = torch.zeros(np_)
+    sw[:n] = w_scale.float().reshape(-1).expand(n)
+    return torch.from_numpy(kernels.pack_weights(w)), torch.from_numpy(wfull.sum(1).astype(np.int32)), sw
+
+
 def _static_numel(gm, node) -> Optional[int]:
     t = get_attr_tensor(gm, node)
     if t is not None:
@@ -145,18 +158,13 @@ class FuseInt8LinearPass(Pass):
                 continue
             dqa, dqw = node.args[0], node.args[1]
             w = get_attr_tensor(gm, dqw.args[0])
-            n, k = w.shape
-            np_ = kernels.padded_n(n)
-            packed = kernels.pack_weights(w.numpy())
-            wfull = np.zeros((np_, k), np.int32)
-            wfull[:n] = w.numpy()
-            sw = torch.zeros(np_)
-            sw[:n] = get_attr_tensor(gm, dqw.args[1]).float().reshape(-1).expand(n)
-            bias = padded_bias(gm, node, n, np_)
+            n = w.shape[0]
+            packed, colsum, sw = pack_int8_weights(w.numpy(), get_attr_tensor(gm, dqw.args[1]))
+            bias = padded_bias(gm, node, n, kernels.padded_n(n))
             base = dqw.args[0].target
             args = [dqa.args[0], dqa.args[1], dqa.args[2],
-                    add_tensor(gm, f"{base}_packed", torch.from_numpy(packed), node),
-                    add_tensor(gm, f"{base}_colsum", torch.from_numpy(wfull.sum(1).astype(np.int32)), node),
+                    add_tensor(gm, f"{base}_packed", packed, node),
+                    add_tensor(gm, f"{base}_colsum", colsum, node),
                     add_tensor(gm, f"{base}_wscale", sw, node),
                     add_tensor(gm, f"{base}_bias", bias, node)]
             replace_linear(gm, node, INT8_LINEAR, (*args, n, dqa.args[3]))
