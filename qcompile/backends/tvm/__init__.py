@@ -21,8 +21,9 @@ import time
 
 import tvm  # noqa: F401  - a missing apache-tvm fails here, and get_backend names the extra
 
+from ...errors import BackendError
 from ..base import Capabilities
-from .host import detect
+from .host import FAMILY_FLAGS, detect, request_amx
 from .lower import NotBuiltError, build, import_relax, input_bounds
 from .runtime import TvmArtifact, load
 
@@ -34,22 +35,33 @@ class TvmBackend:
                                 ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True)
 
     def lower(self, qmodel, family: str = "auto", threads: int = 0) -> TvmArtifact:
-        """``family``: ``auto`` (the best the host runs), ``vnni`` or ``generic``. ``threads``: the
-        target's core count (0: TVM's default; set ``TVM_NUM_THREADS`` to limit the runtime)."""
+        """``family``: ``auto`` (the best the host runs), ``amx``, ``vnni`` or ``generic``
+        (``amx-emulated``: the AMX loop nest with scalar stand-ins for the tile instructions, to
+        test it on hosts without AMX; slow). ``threads``: the target's core count (0: TVM's
+        default; set ``TVM_NUM_THREADS`` to limit the runtime)."""
         host = detect()
+        asked = family
         if family == "auto":
             family = host.family
-        if family == "vnni" and not host.has_vnni:
-            raise NotBuiltError("kernel family 'vnni' needs AVX-512 VNNI (avx512_vnni), which this host lacks")
-        if family not in ("vnni", "generic"):
-            raise NotBuiltError(f"kernel family '{family}' is not built (built: vnni, generic; AMX is not yet built)")
+        if family not in FAMILY_FLAGS:
+            raise NotBuiltError(f"kernel family '{family}' is not built (built: {', '.join(FAMILY_FLAGS)})")
+        missing = [f for f in FAMILY_FLAGS[family] if f not in host.flags]
+        if missing:
+            raise NotBuiltError(f"kernel family '{family}' needs the CPU features {', '.join(missing)}, which this "
+                                "host lacks")
+        note = None
+        if family == "amx" and not request_amx():
+            note = "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+            if asked != "auto":
+                raise BackendError(f"kernel family 'amx': {note}; lower with family='vnni'")
+            family = "vnni"
         t0 = time.perf_counter()
         mod, fuse = import_relax(qmodel, family)
         t1 = time.perf_counter()
         ex, _ = build(mod, host.target(threads))
         gm = qmodel.graph_module
         meta = {"import_seconds": t1 - t0, "target": {"kind": "llvm", "mcpu": host.mcpu}, "family": family,
-                "requires_flags": ["avx512_vnni"] if family == "vnni" else [],
+                "requires_flags": list(FAMILY_FLAGS[family]), "family_note": note,
                 "fused": fuse.fused, "skipped": fuse.skipped, "epilogues": fuse.epilogues,
                 "input_bounds": input_bounds(mod)}
         art = TvmArtifact(ex, qmodel.binder, getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None), meta)

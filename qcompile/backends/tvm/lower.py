@@ -154,7 +154,7 @@ class _Int8Linear:
         key = (k, np_, per_row, epilogue)
         if key not in self.kernels:
             tail = "" if epilogue is None else f"_{epilogue[0]}_{epilogue[1]}"
-            name = f"qgemm_{self.family}_k{k}_n{np_}{'_row' if per_row else ''}{tail}"
+            name = f"qgemm_{self.family.replace('-', '_')}_k{k}_n{np_}{'_row' if per_row else ''}{tail}"
             func = kernels.gemm_kernel(k, np_, per_row, self.family, epilogue).with_attr("global_symbol", name)
             self.kernels[key] = bb.add_func(func, name)
         m = a2.ty.shape[0]
