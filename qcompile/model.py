@@ -118,12 +118,15 @@ class QuantizedModel(nn.Module):
 
 
 def load(path: Union[str, Path]) -> QuantizedModel:
-    """Load a model saved with :meth:`QuantizedModel.save`; outputs are bit-identical.
+    """Load a model saved with :meth:`QuantizedModel.save`; outputs are bit-identical, and it lowers
+    to a backend like the model ``quantize()`` returned (the saved input shapes, dtypes and
+    dynamic-dim ranges export it again: :meth:`QuantizedModel.export_example`).
 
     Example::
 
         >>> qmodel.save("out/minilm-w8a8")
         >>> same = qcompile.load("out/minilm-w8a8")
+        >>> art = qcompile.lower(same, backend="tvm")
     """
     from .artifact import load_program
 
