@@ -1,14 +1,14 @@
 """MiniLM w8a8 quantized once, saved, loaded back and lowered to tvm, side by side with lowering the
 model quantize() returned, in one process, one thread: the time each lowering takes, whether the
 two libraries give the same outputs (on real text at each batch, plus a padded batch of another
-shape), their input bounds, and their call times (medians, called in alternation). Run::
+shape), their input bounds, and their call times (medians, called in alternation: test_tvm_minilm's
+``_interleaved``). Run::
 
     TVM_NUM_THREADS=1 python benchmarks/tvm_loaded_minilm.py [--batch 1 32] [--rounds 30 5] [--out FILE.json]
 """
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +27,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     from test_minilm import _calibration_batches, _fixed_inputs, _quantize
+    from test_tvm_minilm import _interleaved
 
     import qcompile
     from qcompile.models import load_minilm
@@ -55,22 +56,18 @@ def main():
         print(f"padded batch {list(padded[0].shape)}: outputs identical {results['padded_identical']}")
     for batch, rounds in zip(args.batch, args.rounds + args.rounds[-1:] * len(args.batch)):
         ids, mask = _fixed_inputs(minilm, batch)
-        times = {k: [] for k in arts}
         with torch.inference_mode():
             ref = qmodel(ids, mask)
-            outs = {k: art(ids, mask) for k, art in arts.items()}   # warm-up
-            for _ in range(rounds):
-                for k, art in arts.items():
-                    t0 = time.perf_counter()
-                    art(ids, mask)
-                    times[k].append((time.perf_counter() - t0) * 1e3)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        res = {"median_ms": med, "loaded_vs_original": med["original"] / med["loaded"],
+            outs = {k: art(ids, mask) for k, art in arts.items()}   # also the warm-up
+        # _interleaved reports each model's ratio to the one keyed "tvm": here the loaded model's library
+        timing = _interleaved({"tvm": arts["loaded"], "original": arts["original"]}, ids, mask, rounds)
+        res = {"original_ms": timing["original_ms"], "loaded_ms": timing["tvm_ms"],
+               "original_over_loaded": timing["ratio_vs_original"],
                "identical": bool(torch.equal(outs["original"], outs["loaded"])),
                "cosine_vs_reference": {k: cosine(ref, o) for k, o in outs.items()}}
         results["batches"][batch] = res
-        print(f"batch {batch} x 128: original {med['original']:.2f} ms, loaded {med['loaded']:.2f} ms "
-              f"(original/loaded {res['loaded_vs_original']:.3f}); outputs identical {res['identical']}; "
+        print(f"batch {batch} x 128: original {res['original_ms']:.2f} ms, loaded {res['loaded_ms']:.2f} ms "
+              f"(original/loaded {res['original_over_loaded']:.3f}); outputs identical {res['identical']}; "
               f"cosine vs reference {res['cosine_vs_reference']}")
     results["load_average_end"] = os.getloadavg()
     print("load average", results["load_average"], "→", results["load_average_end"])
