@@ -6,8 +6,11 @@ built into a shared library for an LLVM target detected from the host.
 Built: int8/uint8 per-tensor, per-channel and per-token dynamic Q/DQ; kernel families ``vnni``
 (AVX-512 VNNI) and ``generic`` (any LLVM target), a one-row path for M=1; dynamic batch and
 sequence; ``save``/``load`` of the library; int4 weight-only Linears (``w4-g32/64/128``) through a
-TIR kernel that unpacks the codes in registers (:mod:`.int4`). Not yet built (``NotBuiltError``): an
-AMX family, other group-wise formats (int4 on quantized activations), integer conv. See docs/tvm.md.
+TIR kernel that unpacks the codes in registers (:mod:`.int4`); models loaded with ``qcompile.load``
+(re-exported from the saved shapes and dynamic-dim ranges, ``QuantizedModel.export_example``). Not
+yet built (``NotBuiltError``): an AMX family, other group-wise formats (int4 on quantized
+activations), integer conv. A save without capture examples (an older qcompile) cannot be
+re-exported: ``BackendError``. See docs/tvm.md.
 
 Example::
 

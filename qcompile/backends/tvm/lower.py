@@ -298,9 +298,7 @@ def _unsupported(ep, convert_map) -> None:
 
 def import_relax(qmodel, family: str):
     """(Relax IRModule, the fusion pass that ran): the converted graph of ``qmodel`` in Relax."""
-    if qmodel._example is None:
-        raise BackendError("this model has no capture examples (it was loaded from disk): lowering a loaded "
-                           "model to tvm is not yet built; lower the model returned by quantize()")
+    args, kwargs, dynamic_shapes = qmodel.export_example("the tvm backend")  # before the work: a clear error
     gm = copy.deepcopy(qmodel.graph_module)
     fuse4 = FuseInt4LinearPass()  # int4 weight-only Linears first: check_formats rejects what is left
     PassManager([fuse4])(gm)
@@ -310,7 +308,6 @@ def import_relax(qmodel, family: str):
     fuse.fused, fuse.skipped = fuse4.fused + fuse.fused, {**fuse4.skipped, **fuse.skipped}
     fuse.epilogues = epilogue.fused + norm.fused   # int8_linear / layer_norm nodes whose kernel also quantizes
     prune_unused_tensors(gm)
-    args, kwargs, dynamic_shapes = qmodel._example
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
     int8 = _Int8Linear(family)
