@@ -3,13 +3,14 @@ Linears on quantized activations fused into integer GEMM kernels written in TIR 
 weights packed at lowering time, zero-point compensation and float epilogue inside the kernel),
 built into a shared library for an LLVM target detected from the host.
 
-Built: int8/uint8 per-tensor, per-channel and per-token dynamic Q/DQ; kernel families ``vnni``
-(AVX-512 VNNI) and ``generic`` (any LLVM target), a one-row path for M=1; dynamic batch and
+Built: int8/uint8 per-tensor, per-channel and per-token dynamic Q/DQ; kernel families ``amx``
+(AMX-INT8 tiles), ``vnni`` (AVX-512 VNNI), ``avx2`` (exact 16-bit multiply-adds) and ``generic``
+(any LLVM target), chosen from the host's flags, a one-row path for M=1; dynamic batch and
 sequence; ``save``/``load`` of the library; int4 weight-only Linears (``w4-g32/64/128``) through a
 TIR kernel that unpacks the codes in registers (:mod:`.int4`); models loaded with ``qcompile.load``
 (re-exported from the saved shapes and dynamic-dim ranges, ``QuantizedModel.export_example``). Not
-yet built (``NotBuiltError``): an AMX family, other group-wise formats (int4 on quantized
-activations), integer conv. A save without capture examples (an older qcompile) cannot be
+yet built (``NotBuiltError``): other group-wise formats (int4 on quantized activations),
+integer conv. A save without capture examples (an older qcompile) cannot be
 re-exported: ``BackendError``. See docs/tvm.md.
 
 Example::

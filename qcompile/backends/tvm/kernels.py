@@ -18,10 +18,12 @@ With ``epilogue=`` the kernel goes on to an activation and a static quantize and
 ``int8`` codes (:mod:`.epilogue` decides when); :func:`layer_norm_quantize_kernel` is the same
 idea for a LayerNorm whose output feeds both a residual and a quantize.
 
-Families (:data:`FAMILIES`): ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm) and ``generic`` (plain
-integer multiply-adds that LLVM vectorises for whatever the target has, AVX2 included). Both are
-bit-exact against an int32 reference (tests/test_tvm_kernels.py). An AMX family is not built (see
-docs/tvm.md).
+Families (:data:`FAMILIES`): ``amx`` (AMX-INT8 ``tdpbusd`` on 32 x 32 blocks of tiles, the rows
+left over on ``vnni``; :func:`_amx_macros`), ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm), ``avx2``
+(``vpmaddwd`` on codes widened to 16 bits: exact, unlike ``vpmaddubsw``, whose 16-bit pair sums
+saturate) and ``generic`` (plain integer multiply-adds that LLVM vectorises for any target). All
+are bit-exact against an int64 reference (tests/test_tvm_kernels.py); the AMX loop nest is also
+checked with emulated tile instructions on hosts without AMX (``family="amx-emulated"``).
 
 Two facts of TVM 0.27 + LLVM 22 shape this code: ``llvm.x86.avx512.vpdpbusd.512`` takes its
 operands as ``<64 x i8>`` (TVM's built-in VNNI intrinsic passes ``<16 x i32>`` and fails to build),
