@@ -278,6 +278,26 @@ def _(x, w_packed, s, z, bias, n, group):
 INT4_LINEAR = torch.ops.qcompile_tvm.int4_linear.default
 
 
+def int4_weight_reason(gm, node) -> tuple[str | None, int]:
+    """(why the uint4 weight of Linear ``node`` has no int4 kernel, or None; its group size). A
+    group wider than K is one group of K (how convert writes it). Shared by the weight-only and
+    the int8-activation passes."""
+    dqw = node.args[1]
+    q, s = get_attr_tensor(gm, dqw.args[0]), get_attr_tensor(gm, dqw.args[1])
+    z = get_attr_tensor(gm, dqw.args[2]) if dqw.args[2] is not None else None
+    if q is None or s is None or z is None or q.dim() != 2:
+        return "int4 weight codes, scale or zero point are not constant 2-D tensors", 0
+    k = q.shape[1]
+    group = min(dqw.args[4], k)
+    if group not in GROUPS:
+        return f"int4 group size {group} has no TVM kernel (built: {GROUPS})", group
+    if k % group:
+        return f"int4 group size {group} does not divide K={k}", group
+    if s.shape != (q.shape[0], k // group) or z.shape != s.shape:
+        return f"int4 scale/zero point of shape {tuple(s.shape)} are not per group", group
+    return variable_bias(gm, node), group
+
+
 class FuseInt4LinearPass(Pass):
     """``linear(x_float, dequantize(W_uint4, s, z, "uint4", g), b)`` ⇒ ``int4_linear(x, packed W, ...)``.
     Linears on other weights are left alone; an int4 one it cannot take is named in :attr:`skipped`."""
@@ -289,22 +309,9 @@ class FuseInt4LinearPass(Pass):
         self.fused: list[str] = []
 
     def _why_not(self, gm, node) -> str | None:
-        dqa, dqw = node.args[0], node.args[1]
-        if getattr(dqa, "target", None) == DEQUANTIZE:
-            return "int4 weights with quantized activations have no TVM kernel"
-        q, s = get_attr_tensor(gm, dqw.args[0]), get_attr_tensor(gm, dqw.args[1])
-        z = get_attr_tensor(gm, dqw.args[2]) if dqw.args[2] is not None else None
-        if q is None or s is None or z is None or q.dim() != 2:
-            return "int4 weight codes, scale or zero point are not constant 2-D tensors"
-        k = q.shape[1]
-        group = min(dqw.args[4], k)  # a group wider than K is one group of K (how convert writes it)
-        if group not in GROUPS:
-            return f"int4 group size {group} has no TVM kernel (built: {GROUPS})"
-        if k % group:
-            return f"int4 group size {group} does not divide K={k}"
-        if s.shape != (q.shape[0], k // group) or z.shape != s.shape:
-            return f"int4 scale/zero point of shape {tuple(s.shape)} are not per group"
-        return variable_bias(gm, node)
+        if getattr(node.args[0], "target", None) == DEQUANTIZE:
+            return "int4 weights on quantized activations are FuseInt4A8LinearPass's (int4_a8.py)"
+        return int4_weight_reason(gm, node)[0]
 
     def call(self, gm):
         modified = False
