@@ -71,11 +71,29 @@ def _run(q, s, z, b, x, g, isa):
     return a.numpy(), sa.numpy(), asum.numpy(), out.numpy()
 
 
+def _tie_group(g):
+    """A group whose value v sits on a rounding tie as the reference computes it,
+    ``v * (1 / s) = n + 0.5`` in float32, while ``v / s`` is not a tie: a kernel that computed
+    ``v / s`` (LLVM's fast-math folds the reciprocal) would round it the other way."""
+    rng = np.random.default_rng(g)
+    f = np.float32
+    while True:
+        amax = f(rng.uniform(0.5, 4))
+        s = max(f(amax / f(127)), f(np.finfo(np.float32).eps))
+        r = f(f(1) / s)
+        v = f(f(rng.integers(1, 120) + 0.5) / r)
+        if f(v * r) == f(np.floor(v * r)) + f(0.5) and f(v / s) != f(v * r) and abs(v) < amax:
+            out = np.zeros(g, np.float32)
+            out[:2] = amax, v
+            return out
+
+
 @pytest.mark.skipif(not RUNNABLE, reason="this host has neither avx2 nor avx512_vnni")
 @pytest.mark.parametrize("g", [32, 64, 128])
 def test_quantize_kernel_codes_are_the_reference_codes(g):
     k = 384
     q, s, z, b, x = _case(5, k, 16, g, seed=g)
+    x[1, g: 2 * g] = _tie_group(g)
     a, sa, asum, _ = _run(q, s, z, b, x, g, RUNNABLE[0])
     codes, scales = _reference_codes(x, g)
     assert np.array_equal(a, codes[:, int4_a8.permute_codes(k)])   # bit-identical, in the kernel's order

@@ -103,7 +103,9 @@ def quantize_rows_kernel(k: int, group: int):
                 for kk in range(group):
                     st[0] = T.max(st[0], T.fabs(X[r, gi * group + kk]))
                 SA[r, gi] = T.max(st[0] / T.float32(127), T.float32(_EPS))
-                st[1] = T.float32(1) / SA[r, gi]
+                # the fence keeps LLVM's fast-math (reassoc) from folding x * (1 / s) into x / s,
+                # which rounds differently at a tie (x * (1 / s) = 64.5 exactly, x / s just above)
+                st[1] = T.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", T.float32(1) / SA[r, gi])
                 acc[0] = 0
                 for c in range(group // KW):
                     for d in range(KW):     # stored position d of the chunk reads k = ORD[d]
