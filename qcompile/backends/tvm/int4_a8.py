@@ -175,7 +175,7 @@ def int4_a8_kernel(k: int, np_: int, group: int, isa: str = "vnni"):
                                         nibbles(W32.vload([u0 + t, gi * gw + i, 0], wv), h),
                                         act(A32, r0 + ri, gi * gw + i, h)))
             else:
-                for c in T.unroll(gw // AVX2_LINES):
+                for c in range(gw // AVX2_LINES):
                     for u in T.unroll(mr * nut):
                         i16[T.ramp(u * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
                     for i in T.unroll(AVX2_LINES):
