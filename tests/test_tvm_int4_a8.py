@@ -92,7 +92,7 @@ def _tie_group(g):
 @pytest.mark.parametrize("g", [32, 64, 128])
 def test_quantize_kernel_codes_are_the_reference_codes(g):
     k = 384
-    q, s, z, b, x = _case(5, k, 16, g, seed=g)
+    q, s, z, b, x = _case(5, k, 40, g, seed=g)     # the shape of test_kernel_matches_float64: one build
     x[1, g: 2 * g] = _tie_group(g)
     a, sa, asum, _ = _run(q, s, z, b, x, g, RUNNABLE[0])
     codes, scales = _reference_codes(x, g)
@@ -198,7 +198,7 @@ def test_group_not_dividing_k_is_skipped_and_lowering_names_the_node():
 
 
 @pytest.mark.skipif(not RUNNABLE, reason="this host has neither avx2 nor avx512_vnni")
-@pytest.mark.parametrize("recipe", ["w4-g32-a8", "w4-g64-a8", "w4-g128-a8"])
+@pytest.mark.parametrize("recipe", ["w4-g32-a8", "w4-g128-a8"])   # g=64: the tiny block below
 def test_model_lowered_matches_reference(recipe):
     q, x = _mlp(recipe=recipe)
     art = qcompile.lower(q, backend="tvm")
