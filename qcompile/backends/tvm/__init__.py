@@ -6,8 +6,11 @@ built into a shared library for an LLVM target detected from the host.
 Built: int8/uint8 per-tensor, per-channel and per-token dynamic Q/DQ; kernel families ``vnni``
 (AVX-512 VNNI) and ``generic`` (any LLVM target), a one-row path for M=1; dynamic batch and
 sequence; ``save``/``load`` of the library; int4 weight-only Linears (``w4-g32/64/128``) through a
-TIR kernel that unpacks the codes in registers (:mod:`.int4`). Not yet built (``NotBuiltError``): an
-AMX family, other group-wise formats (int4 on quantized activations), integer conv. See docs/tvm.md.
+TIR kernel that unpacks the codes in registers (:mod:`.int4`); int4 weights on int8 activations
+quantized per token and group (``w4-g32/64/128-a8``) through integer kernels (:mod:`.int4_a8`:
+``vpdpbusd`` on VNNI hosts, ``vpmaddubsw`` on AVX2 ones). Not yet built (``NotBuiltError``): an AMX
+family, other group-wise formats (3-bit, nf4, a group that does not divide K), integer conv. See
+docs/tvm.md.
 
 Example::
 
