@@ -56,12 +56,17 @@ def _ort_session(q, s, z, g, m, accuracy_level=0):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _setup(m, g):
+def _layer(m, g):
+    """Random uint4 codes, scales, integer zero points and an input ``[m, K]``."""
     rng = np.random.default_rng(g + m)
     q = rng.integers(0, 16, (N, K)).astype(np.uint8)
     s = (rng.random((N, K // g)) * 0.01 + 1e-3).astype(np.float32)
     z = rng.integers(0, 16, (N, K // g)).astype(np.float32)
-    x = rng.standard_normal((m, K)).astype(np.float32)
+    return q, s, z, rng.standard_normal((m, K)).astype(np.float32)
+
+
+def _setup(m, g):
+    q, s, z, x = _layer(m, g)
     packed, sp, zp = int4.pack_int4(q, s, z, g)
     f = kernels.compile_kernel(int4.int4_kernel(K, N, g))["main"]
     targs = [tvm.runtime.tensor(a) for a in (x, packed, sp, zp, np.zeros(N, np.float32))]
@@ -80,29 +85,8 @@ def _setup(m, g):
     return impls
 
 
-@pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 128])
-def test_int4_interleaved(benchmark, m, g):
-    torch.set_num_threads(1)
-    impls = _setup(m, g)
-    rounds = 200 if m == 1 else 60
-    times = {k: [] for k in impls}
-    for _ in range(rounds):
-        for name, fn in impls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    info = {f"{k}_us": round(v * 1e6, 1) for k, v in med.items()}
-    info["vs_float"] = round(med["torch_float"] / med["tvm_int4"], 2)
-    info["vs_ort"] = round(med["ort_matmulnbits_l0"] / med["tvm_int4"], 2)
-    info["loadavg"] = os.getloadavg()[0]
-    benchmark.extra_info.update(info)
-    print(f"\nM={m} g={g}: {info}")
-    benchmark.pedantic(impls["tvm_int4"], rounds=5, iterations=1)
-
-
 def _interleave(impls, rounds):
+    """Median seconds of each callable, called round-robin ``rounds`` times."""
     times = {k: [] for k in impls}
     for _ in range(rounds):
         for name, fn in impls.items():
@@ -112,15 +96,26 @@ def _interleave(impls, rounds):
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 128])
+def test_int4_interleaved(benchmark, m, g):
+    torch.set_num_threads(1)
+    impls = _setup(m, g)
+    med = _interleave(impls, 200 if m == 1 else 60)
+    info = {f"{k}_us": round(v * 1e6, 1) for k, v in med.items()}
+    info["vs_float"] = round(med["torch_float"] / med["tvm_int4"], 2)
+    info["vs_ort"] = round(med["ort_matmulnbits_l0"] / med["tvm_int4"], 2)
+    info["loadavg"] = os.getloadavg()[0]
+    benchmark.extra_info.update(info)
+    print(f"\nM={m} g={g}: {info}")
+    benchmark.pedantic(impls["tvm_int4"], rounds=5, iterations=1)
+
+
 def _setup_a8(m, g):
     isa = int4_a8.isa_for(detect().family, detect().flags)
     if isa is None:
         pytest.skip("the int4 x int8 kernels need avx2 or avx512_vnni")
-    rng = np.random.default_rng(g + m)
-    q = rng.integers(0, 16, (N, K)).astype(np.uint8)
-    s = (rng.random((N, K // g)) * 0.01 + 1e-3).astype(np.float32)
-    z = rng.integers(0, 16, (N, K // g)).astype(np.float32)
-    x = rng.standard_normal((m, K)).astype(np.float32)
+    q, s, z, x = _layer(m, g)
     packed, sp, zp = (tvm.runtime.tensor(a) for a in int4.pack_int4(q, s, z, g))
     fq = kernels.compile_kernel(int4_a8.quantize_rows_kernel(K, g))["main"]
     fk = kernels.compile_kernel(int4_a8.int4_a8_kernel(K, N, g, isa))["main"]

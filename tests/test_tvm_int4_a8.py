@@ -23,6 +23,7 @@ from qcompile.verify import verify  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_backend_tvm import _block  # noqa: E402
+from test_tvm_int4 import _mlp as _int4_mlp  # noqa: E402
 
 FLAGS = detect().flags
 RUNNABLE = [isa for isa, flag in (("vnni", "avx512_vnni"), ("avx2", "avx2")) if flag in FLAGS]
@@ -155,11 +156,8 @@ def test_refusals():
 
 # ---- the fuse pass and the lowering ----------------------------------------------------------
 
-def _mlp(k=256, recipe="w4-g64-a8", hidden=128):
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(k, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 40)).eval()
-    x = torch.randn(3, k)
-    return qcompile.quantize(m, recipe, example_inputs=(x,), calibration=[(x,)]), x
+def _mlp(k=256, recipe="w4-g64-a8"):
+    return _int4_mlp(k, recipe)     # Linear(k, 64), ReLU, Linear(64, 40)
 
 
 def test_pass_fuses_and_keeps_numerics():

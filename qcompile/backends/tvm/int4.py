@@ -352,25 +352,42 @@ class Int4LinearConverter:
     def __call__(self, node, imp):
         from tvm import relax
 
-        op, bb = relax.op, imp.block_builder
-        x = imp.env[node.args[0]]
-        packed, s, z, bias = (imp.env[a] for a in node.args[1:5])
-        n, group = node.args[5], node.args[6]
-        k = int(packed.ty.shape[1]) * KW
-        np_ = int(packed.ty.shape[0]) * LANES
-        if x.ty.shape is None:  # the importer lost the shape: name its dims
-            from tvm import tirx
-
-            dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(x.ty.ndim - 1)]
-            x = bb.match_cast(x, relax.TensorType([*dims, k], x.ty.dtype))
-        lead = list(x.ty.shape.values[:-1])
-        x2 = bb.emit(op.reshape(bb.emit(op.astype(x, "float32")), (-1, k)))
+        bb = imp.block_builder
+        x2, lead, (packed, s, z, bias), n, group = call_operands(node, imp)
+        k, np_ = int(packed.ty.shape[1]) * KW, int(packed.ty.shape[0]) * LANES
         key = (k, np_, group)
         if key not in self.kernels:
             name = f"qgemm_int4_k{k}_n{np_}_g{group}"
             self.kernels[key] = bb.add_func(int4_kernel(k, np_, group).with_attr("global_symbol", name), name)
         out = bb.emit(relax.call_tir(self.kernels[key], [x2, packed, s, z, bias],
                                      out_ty=relax.TensorType((x2.ty.shape[0], np_), "float32")))
-        if np_ != n:
-            out = bb.emit(op.strided_slice(out, axes=[1], begin=[0], end=[n]))
-        return bb.emit(op.reshape(out, (*lead, n)))
+        return call_result(bb, out, n, lead)
+
+
+def call_operands(node, imp):
+    """For a converter of ``int4_linear`` / ``int4_a8_linear`` (args ``x, packed, s, z, bias, n,
+    group``): ``x`` as float32 rows ``[m, K]``, its leading dims, the four packed operands, ``n``
+    and ``group``."""
+    from tvm import relax
+
+    op, bb = relax.op, imp.block_builder
+    x = imp.env[node.args[0]]
+    packed = imp.env[node.args[1]]
+    k = int(packed.ty.shape[1]) * KW
+    if x.ty.shape is None:  # the importer lost the shape: name its dims
+        from tvm import tirx
+
+        dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(x.ty.ndim - 1)]
+        x = bb.match_cast(x, relax.TensorType([*dims, k], x.ty.dtype))
+    lead = list(x.ty.shape.values[:-1])
+    x2 = bb.emit(op.reshape(bb.emit(op.astype(x, "float32")), (-1, k)))
+    return x2, lead, [imp.env[a] for a in node.args[1:5]], node.args[5], node.args[6]
+
+
+def call_result(bb, out, n: int, lead):
+    """A kernel's ``[m, Np]`` output without its padding columns, reshaped to ``[*lead, n]``."""
+    from tvm import relax
+
+    if int(out.ty.shape[1]) != n:
+        out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
+    return bb.emit(relax.op.reshape(out, (*lead, n)))

@@ -52,7 +52,8 @@ from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
 from .epilogue import _OPAQUE_PATTERN as OPAQUE_PATTERN
 from .fuse import padded_bias, replace_linear
-from .int4 import GROUPS, KW, LANES, int4_linear, int4_weight_reason, pack_int4, padded_n
+from .int4 import (GROUPS, KW, LANES, call_operands, call_result, int4_linear, int4_weight_reason, pack_int4,
+                   padded_n)
 
 ISAS = ("vnni", "avx2")
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
@@ -369,19 +370,9 @@ class Int4A8LinearConverter:
         if isa is None:
             raise NotBuiltError(f"node '{node.name}': int4 x int8 kernels need AVX2 or AVX-512 VNNI (family "
                                 f"'{self.family}' on this host has neither)")
-        op, bb = relax.op, imp.block_builder
-        x = imp.env[node.args[0]]
-        packed, s, z, bias = (imp.env[a] for a in node.args[1:5])
-        n, group = node.args[5], node.args[6]
-        k = int(packed.ty.shape[1]) * KW
-        np_ = int(packed.ty.shape[0]) * LANES
-        if x.ty.shape is None:  # the importer lost the shape: name its dims
-            from tvm import tirx
-
-            dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(x.ty.ndim - 1)]
-            x = bb.match_cast(x, relax.TensorType([*dims, k], x.ty.dtype))
-        lead = list(x.ty.shape.values[:-1])
-        x2 = bb.emit(op.reshape(bb.emit(op.astype(x, "float32")), (-1, k)))
+        bb = imp.block_builder
+        x2, lead, (packed, s, z, bias), n, group = call_operands(node, imp)
+        k, np_ = int(packed.ty.shape[1]) * KW, int(packed.ty.shape[0]) * LANES
         m, ng = x2.ty.shape[0], k // group
         quant = self._func(bb, ("q", k, group), f"qgemm_int4_a8_quantize_k{k}_g{group}", lambda: quantize_rows_kernel(k, group))
         gemm = self._func(bb, (isa, k, np_, group), f"qgemm_int4_a8_{isa}_k{k}_n{np_}_g{group}",
@@ -392,6 +383,4 @@ class Int4A8LinearConverter:
                                                          relax.TensorType((m, ng), "float32")]))
         out = bb.emit(relax.call_tir(gemm, [bb.emit(relax.TupleGetItem(qa, i)) for i in range(3)] + [packed, s, z, bias],
                                      out_ty=relax.TensorType((m, np_), "float32")))
-        if np_ != n:
-            out = bb.emit(op.strided_slice(out, axes=[1], begin=[0], end=[n]))
-        return bb.emit(op.reshape(out, (*lead, n)))
+        return call_result(bb, out, n, lead)
