@@ -27,8 +27,8 @@ accumulators, see docs/tvm.md):
 
   - ``vnni`` (AVX-512 VNNI): ``vpdpbusd`` on zmm straight into int32;
   - ``avx2``: ``vpmaddubsw`` (u8 x s8 → pairs summed to int16) on ymm halves, summed in int16
-    over 4 lines (8 products of at most 2 * 15 * 128: |sum| <= 30,720, no saturation or overflow,
-    since the unsigned operand is a 4-bit code), then ``vpmaddwd`` by ones into int32.
+    over 4 lines (8 pair sums of at most 2 * 15 * 128 per lane: |sum| <= 30,720, no saturation or
+    overflow, since the unsigned operand is a 4-bit code), then ``vpmaddwd`` by ones into int32.
 
 Packing: the weight-only path's (:func:`~.int4.pack_int4`, one home): lane ``c`` of line ``i`` holds
 codes ``8i .. 8i+7`` of column ``c``, byte ``j`` = ``q[8i + 2j] | q[8i + 2j + 1] << 4``. So the low
@@ -61,7 +61,7 @@ PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
 PMADDWD = "llvm.x86.avx2.pmadd.wd"
 # register tiles of the M > 1 path (rows, units of 16 (vnni) / 8 (avx2) columns), and the units of one row
 TILES = {"vnni": (4, 2, 4), "avx2": (4, 1, 4)}
-AVX2_LINES = 4      # lines (8 k each) summed in int16 before widening: 8 products of <= 3,840 each
+AVX2_LINES = 4      # lines (8 k each) summed in int16 before widening: 8 pair sums of <= 3,840 each
 
 _EPS = float(torch.finfo(torch.float32).eps)    # choose_qparams' floor of a scale
 
