@@ -147,7 +147,7 @@ def test_refusals():
         int4_a8.int4_a8_kernel(96, 16, 64)
     with pytest.raises(ValueError, match="instruction set 'amx'"):
         int4_a8.int4_a8_kernel(128, 16, 64, "amx")
-    with pytest.raises(ValueError, match="multiple of the group"):
+    with pytest.raises(ValueError, match="K=100 and the group 32 must be multiples of 8"):
         int4_a8.quantize_rows_kernel(100, 32)
     assert int4_a8.isa_for("vnni", {"avx512_vnni", "avx2"}) == "vnni"
     assert int4_a8.isa_for("generic", {"avx512_vnni", "avx2"}) == "avx2"
@@ -185,14 +185,47 @@ def test_asymmetric_or_per_tensor_activations_are_skipped_with_the_reason():
     assert p.fused == ["linear_1"] and "asymmetric" in p.skipped["linear"]
 
 
-def test_group_not_dividing_k_is_skipped_and_lowering_names_the_node():
-    # K = 96 with groups of 64: the last group is 32 wide (the reference pads it); no kernel for it
-    q, x = _mlp(k=96)
+def test_k_not_a_multiple_of_8_is_skipped_and_lowering_names_the_node():
+    # K = 100 with groups of 64: a short last group of 36, which is not whole lines of 8 codes
+    q, x = _mlp(k=100)
     p = int4_a8.FuseInt4A8LinearPass()
     p(copy.deepcopy(q.graph_module))
-    assert p.fused == ["linear_1"] and p.skipped == {"linear": "int4 group size 64 does not divide K=96"}
+    assert p.fused == ["linear_1"]
+    assert p.skipped == {"linear": "int4 group size 64 does not divide K=100 and K is not a multiple of 8"}
     with pytest.raises(NotBuiltError, match="node 'dequantize_default'.*format 'uint4'"):
         qcompile.lower(q, backend="tvm")
+
+
+@pytest.mark.skipif(not RUNNABLE, reason="this host has neither avx2 nor avx512_vnni")
+def test_short_last_group_matches_float64_and_lowers():
+    """K = 96 with groups of 64 (SmolLM2's 576 with 128 alike): the reference quantizes the last 32
+    values as a group of their own; the kernels pad codes and weights to 128 with zeros."""
+    k, kp, n, g, m = 96, 128, 40, 64, 5
+    q, s, z, b, x = _case(m, k, n, g, seed=7)
+    s, z = s[:, :1].repeat(2, 1), z[:, :1].repeat(2, 1)      # ceil(96 / 64) = 2 groups
+    s[:, 1] *= 0.5
+    packed, sp, zp = int4.pack_int4(q, s, z, g, pad_k=True)
+    assert packed.shape == (3, kp // 8, 64) and not int4.unpack_int4(packed)[:, k:].any()
+    fq = kernels.compile_kernel(int4_a8.quantize_rows_kernel(k, g))
+    fk = kernels.compile_kernel(int4_a8.int4_a8_kernel(kp, 48, g, RUNNABLE[0]))
+    a, sa, asum = (tvm.runtime.tensor(np.zeros(shape, dt)) for shape, dt in
+                   (((m, kp), np.int8), ((m, 2), np.float32), ((m, 2), np.float32)))
+    fq["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(int4_a8.CODE_ORDER), a, sa, asum)
+    codes, scales = _reference_codes(x, g)
+    assert np.array_equal(a.numpy()[:, :k], codes[:, int4_a8.permute_codes(k)]) and not a.numpy()[:, k:].any()
+    assert np.array_equal(sa.numpy(), scales)
+    bias = np.zeros(48, np.float32)
+    bias[:n] = b
+    out = tvm.runtime.tensor(np.zeros((m, 48), np.float32))
+    fk["main"](a, sa, asum, *(tvm.runtime.tensor(v) for v in (packed, sp, zp, bias)), out)
+    t = lambda v: torch.from_numpy(np.asarray(v)).to(torch.float64)  # noqa: E731
+    w = (t(q) - t(z).repeat_interleave(g, 1)[:, :k]) * t(s).repeat_interleave(g, 1)[:, :k]
+    ref = (t(codes) * t(scales).repeat_interleave(g, 1)[:, :k] @ w.T + t(b)).numpy()
+    np.testing.assert_allclose(out.numpy()[:, :n], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    qm, xm = _mlp(k=96)
+    art = qcompile.lower(qm, backend="tvm")
+    assert art.meta["fused"] == ["linear", "linear_1"] and not art.meta["skipped"]
+    assert verify(art, qm, [(xm,), (torch.randn(1, 96),), (torch.randn(9, 96),)]).passed
 
 
 @pytest.mark.skipif(not RUNNABLE, reason="this host has neither avx2 nor avx512_vnni")

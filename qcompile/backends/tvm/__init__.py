@@ -9,8 +9,8 @@ sequence; ``save``/``load`` of the library; int4 weight-only Linears (``w4-g32/6
 TIR kernel that unpacks the codes in registers (:mod:`.int4`); int4 weights on int8 activations
 quantized per token and group (``w4-g32/64/128-a8``) through integer kernels (:mod:`.int4_a8`:
 ``vpdpbusd`` on VNNI hosts, ``vpmaddubsw`` on AVX2 ones). Not yet built (``NotBuiltError``): an AMX
-family, other group-wise formats (3-bit, nf4, a group that does not divide K), integer conv. See
-docs/tvm.md.
+family, other group-wise formats (3-bit, nf4; int4 weight-only with a group that does not divide
+K), integer conv. See docs/tvm.md.
 
 Example::
 

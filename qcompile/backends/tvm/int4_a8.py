@@ -79,13 +79,37 @@ def permute_codes(k: int) -> np.ndarray:
 def quantize_rows_kernel(k: int, group: int):
     """The TIR ``PrimFunc`` of the activation quantize: ``x`` f32 ``[m, K]`` and ``order`` i32
     ``[8]`` (:data:`CODE_ORDER`: the source ``k`` of each stored code in a chunk of 8) → codes i8
-    ``[m, K]``, scales f32 ``[m, K/g]``, group sums of the codes f32 ``[m, K/g]``. The reference's float steps in its order: ``amax / 127``, ``max(., eps)``,
+    ``[m, Kp]``, scales f32 ``[m, Kp/g]``, group sums of the codes f32 ``[m, Kp/g]``, where ``Kp``
+    is ``K`` rounded up to the group: a short last group (K = 576, g = 128) is quantized from its
+    own values, as the reference does, and its codes are followed by zeros. The reference's float steps in its order: ``amax / 127``, ``max(., eps)``,
     ``1 / scale``, ``round(x * (1 / scale))`` (half to even), clamp."""
     from tvm.script import tirx as T
 
-    if k % group or group % KW:
-        raise ValueError(f"K={k} must be a multiple of the group {group}, and the group of {KW}")
-    ng = k // group
+    if k % KW or group % KW:
+        raise ValueError(f"K={k} and the group {group} must be multiples of {KW}")
+    ng, tail = -(-k // group), k % group    # a short last group of `tail` values: zero codes after them
+    kp = ng * group
+
+    @T.macro
+    def quantize_group(X, ORD, A, SA, AS, r, gi, width):
+        st = T.decl_buffer((2,), "float32", scope="global")     # amax, then 1 / scale
+        acc = T.decl_buffer((1,), "int32", scope="global")
+        st[0] = T.float32(0)
+        for kk in range(width):
+            st[0] = T.max(st[0], T.fabs(X[r, gi * group + kk]))
+        SA[r, gi] = T.max(st[0] / T.float32(127), T.float32(_EPS))
+        # the fence keeps LLVM's fast-math (reassoc) from folding x * (1 / s) into x / s,
+        # which rounds differently at a tie (x * (1 / s) = 64.5 exactly, x / s just above)
+        st[1] = T.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", T.float32(1) / SA[r, gi])
+        acc[0] = 0
+        for c in range(width // KW):
+            for d in range(KW):     # stored position d of the chunk reads k = ORD[d]
+                A[r, gi * group + c * KW + d] = T.Cast("int8", T.Cast("int32", T.min(T.max(T.round(
+                    X[r, gi * group + c * KW + ORD[d]] * st[1]), T.float32(-128)), T.float32(127))))
+                acc[0] = acc[0] + T.Cast("int32", A[r, gi * group + c * KW + d])
+        for kk in range(group - width):
+            A[r, gi * group + width + kk] = T.int8(0)
+        AS[r, gi] = T.Cast("float32", acc[0])
 
     @T.prim_func
     def quantize_rows(x: T.handle, order: T.handle, a: T.handle, sa: T.handle, asum: T.handle):
@@ -93,27 +117,14 @@ def quantize_rows_kernel(k: int, group: int):
         m = T.int64()
         X = T.match_buffer(x, (m, k), "float32")
         ORD = T.match_buffer(order, (KW,), "int32")
-        A = T.match_buffer(a, (m, k), "int8")
+        A = T.match_buffer(a, (m, kp), "int8")
         SA = T.match_buffer(sa, (m, ng), "float32")
         AS = T.match_buffer(asum, (m, ng), "float32")
         for r in range(m):
-            for gi in range(ng):
-                st = T.decl_buffer((2,), "float32", scope="global")     # amax, then 1 / scale
-                acc = T.decl_buffer((1,), "int32", scope="global")
-                st[0] = T.float32(0)
-                for kk in range(group):
-                    st[0] = T.max(st[0], T.fabs(X[r, gi * group + kk]))
-                SA[r, gi] = T.max(st[0] / T.float32(127), T.float32(_EPS))
-                # the fence keeps LLVM's fast-math (reassoc) from folding x * (1 / s) into x / s,
-                # which rounds differently at a tie (x * (1 / s) = 64.5 exactly, x / s just above)
-                st[1] = T.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", T.float32(1) / SA[r, gi])
-                acc[0] = 0
-                for c in range(group // KW):
-                    for d in range(KW):     # stored position d of the chunk reads k = ORD[d]
-                        A[r, gi * group + c * KW + d] = T.Cast("int8", T.Cast("int32", T.min(T.max(T.round(
-                            X[r, gi * group + c * KW + ORD[d]] * st[1]), T.float32(-128)), T.float32(127))))
-                        acc[0] = acc[0] + T.Cast("int32", A[r, gi * group + c * KW + d])
-                AS[r, gi] = T.Cast("float32", acc[0])
+            for gi in range(k // group):
+                quantize_group(X, ORD, A, SA, AS, r, gi, group)
+            if tail > 0:
+                quantize_group(X, ORD, A, SA, AS, r, k // group, tail)
 
     return quantize_rows
 
@@ -322,7 +333,7 @@ class FuseInt4A8LinearPass(Pass):
             if getattr(dqw, "target", None) != DEQUANTIZE or dqw.args[3] != "uint4" \
                     or getattr(dqa, "target", None) != DEQUANTIZE:
                 continue
-            reason, group = int4_weight_reason(gm, node)
+            reason, group = int4_weight_reason(gm, node, short_last_group=True)
             x = None
             if not reason:
                 x, reason = _dynamic_int8_source(dqa, group)
@@ -332,7 +343,7 @@ class FuseInt4A8LinearPass(Pass):
             q = get_attr_tensor(gm, dqw.args[0])
             n = q.shape[0]
             packed, sp, zp = pack_int4(q.numpy(), get_attr_tensor(gm, dqw.args[1]).float().numpy(),
-                                       get_attr_tensor(gm, dqw.args[2]).float().numpy(), group)
+                                       get_attr_tensor(gm, dqw.args[2]).float().numpy(), group, pad_k=True)
             base = dqw.args[0].target
             args = [x, add_tensor(gm, f"{base}_int4", torch.from_numpy(packed), node),
                     add_tensor(gm, f"{base}_int4_s", torch.from_numpy(sp), node),
@@ -372,13 +383,14 @@ class Int4A8LinearConverter:
                                 f"'{self.family}' on this host has neither)")
         bb = imp.block_builder
         x2, lead, (packed, s, z, bias), n, group = call_operands(node, imp)
-        k, np_ = int(packed.ty.shape[1]) * KW, int(packed.ty.shape[0]) * LANES
-        m, ng = x2.ty.shape[0], k // group
+        k = int(x2.ty.shape[1])         # the input's K; the packed weights' kp is K rounded up to the group
+        kp, np_ = int(packed.ty.shape[1]) * KW, int(packed.ty.shape[0]) * LANES
+        m, ng = x2.ty.shape[0], kp // group
         quant = self._func(bb, ("q", k, group), f"qgemm_int4_a8_quantize_k{k}_g{group}", lambda: quantize_rows_kernel(k, group))
-        gemm = self._func(bb, (isa, k, np_, group), f"qgemm_int4_a8_{isa}_k{k}_n{np_}_g{group}",
-                          lambda: int4_a8_kernel(k, np_, group, isa))
+        gemm = self._func(bb, (isa, kp, np_, group), f"qgemm_int4_a8_{isa}_k{kp}_n{np_}_g{group}",
+                          lambda: int4_a8_kernel(kp, np_, group, isa))
         order = relax.const(CODE_ORDER, "int32")
-        qa = bb.emit(relax.call_tir(quant, [x2, order], out_ty=[relax.TensorType((m, k), "int8"),
+        qa = bb.emit(relax.call_tir(quant, [x2, order], out_ty=[relax.TensorType((m, kp), "int8"),
                                                          relax.TensorType((m, ng), "float32"),
                                                          relax.TensorType((m, ng), "float32")]))
         out = bb.emit(relax.call_tir(gemm, [bb.emit(relax.TupleGetItem(qa, i)) for i in range(3)] + [packed, s, z, bias],
