@@ -106,8 +106,8 @@ def test_generic_family_matches_reference():
 
 
 def test_unbuilt_format_and_family_raise_not_implemented():
-    q, _ = _block("w4-g64-a8")   # int4 weights on quantized activations: no kernel (w4-g64 lowers)
-    with pytest.raises(NotImplementedError, match="format 'uint4'"):
+    q, _ = _block("w3-g64")   # 3-bit group-wise weights: no kernel (w4-g64 and w4-g64-a8 lower)
+    with pytest.raises(NotImplementedError, match="format 'uint3'"):
         qcompile.lower(q, backend="tvm")
     q, _ = _block("w8")
     with pytest.raises(NotBuiltError, match="kernel family 'sme' is not built"):

@@ -7,11 +7,13 @@ Built: int8/uint8 per-tensor, per-channel and per-token dynamic Q/DQ; kernel fam
 (AMX-INT8 tiles), ``vnni`` (AVX-512 VNNI), ``avx2`` (exact 16-bit multiply-adds) and ``generic``
 (any LLVM target), chosen from the host's flags, a one-row path for M=1; dynamic batch and
 sequence; ``save``/``load`` of the library; int4 weight-only Linears (``w4-g32/64/128``) through a
-TIR kernel that unpacks the codes in registers (:mod:`.int4`); models loaded with ``qcompile.load``
+TIR kernel that unpacks the codes in registers (:mod:`.int4`); int4 weights on int8 activations
+quantized per token and group (``w4-g32/64/128-a8``) through integer kernels (:mod:`.int4_a8`:
+``vpdpbusd`` on VNNI hosts, ``vpmaddubsw`` on AVX2 ones); models loaded with ``qcompile.load``
 (re-exported from the saved shapes and dynamic-dim ranges, ``QuantizedModel.export_example``). Not
-yet built (``NotBuiltError``): other group-wise formats (int4 on quantized activations),
-integer conv. A save without capture examples (an older qcompile) cannot be
-re-exported: ``BackendError``. See docs/tvm.md.
+yet built (``NotBuiltError``): other group-wise formats (3-bit, nf4; int4 weight-only with a group
+that does not divide K), integer conv. A save without capture examples (an older qcompile) cannot
+be re-exported: ``BackendError``. See docs/tvm.md.
 
 Example::
 

@@ -1,6 +1,7 @@
 """Lower a converted qcompile model to a TVM Relax module and build it for the host CPU.
 
-Steps: copy the Q/DQ graph → :class:`~.int4.FuseInt4LinearPass` (int4 weight-only Linears) →
+Steps: copy the Q/DQ graph → :class:`~.int4_a8.FuseInt4A8LinearPass` (int4 weights on int8
+activations quantized per token and group) → :class:`~.int4.FuseInt4LinearPass` (int4 weight-only Linears) →
 :class:`~.fuse.FuseInt8LinearPass` (integer GEMMs with packed weights) → :mod:`.epilogue`'s passes
 (the static activation quantize after a GEMM or a LayerNorm fused into its kernel) → ``torch.export`` →
 core ATen decompositions → a check that every op has a converter (naming the node that has
@@ -27,6 +28,7 @@ from . import kernels
 from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
 from .fuse import FuseInt8LinearPass
 from .int4 import FuseInt4LinearPass, Int4LinearConverter
+from .int4_a8 import FuseInt4A8LinearPass, Int4A8LinearConverter
 
 
 class NotBuiltError(BackendError, NotImplementedError):
@@ -37,8 +39,9 @@ def _fmt(node, fmt_name: str):
     fmt = get_format(fmt_name)
     if fmt.kind != "int" or fmt.bits != 8:
         raise NotBuiltError(f"node '{node.name}': the tvm backend does not lower format '{fmt_name}' yet "
-                            "(int8/uint8, and uint4 weight-only Linears with groups of 32/64/128 dividing K, which "
-                            "FuseInt4LinearPass takes; any other use of this format is not built)")
+                            "(int8/uint8, and uint4 Linears with groups of 32/64/128 dividing K, weight-only or on int8 "
+                            "activations quantized per token and group, which FuseInt4LinearPass / "
+                            "FuseInt4A8LinearPass take; any other use of this format is not built)")
     return fmt
 
 
@@ -300,12 +303,14 @@ def import_relax(qmodel, family: str):
     """(Relax IRModule, the fusion pass that ran): the converted graph of ``qmodel`` in Relax."""
     args, kwargs, dynamic_shapes = qmodel.export_example("the tvm backend")  # before the work: a clear error
     gm = copy.deepcopy(qmodel.graph_module)
-    fuse4 = FuseInt4LinearPass()  # int4 weight-only Linears first: check_formats rejects what is left
-    PassManager([fuse4])(gm)
+    # int4 Linears first (on int8 activations, then weight-only): check_formats rejects what is left
+    fuse4a8, fuse4 = FuseInt4A8LinearPass(), FuseInt4LinearPass()
+    PassManager([fuse4a8, fuse4])(gm)
     check_formats(gm, "'tvm'", {"int8", "uint8"}, group_wise=False, error=NotBuiltError)
     fuse, epilogue, norm = FuseInt8LinearPass(), FuseEpiloguePass(), FuseNormQuantizePass()
     PassManager([fuse, epilogue, norm])(gm)
-    fuse.fused, fuse.skipped = fuse4.fused + fuse.fused, {**fuse4.skipped, **fuse.skipped}
+    fuse.fused = fuse4a8.fused + fuse4.fused + fuse.fused
+    fuse.skipped = {**fuse4.skipped, **fuse4a8.skipped, **fuse.skipped}   # an a8 Linear: the a8 pass's reason
     fuse.epilogues = epilogue.fused + norm.fused   # int8_linear / layer_norm nodes whose kernel also quantizes
     prune_unused_tensors(gm)
     with torch.no_grad():
@@ -314,7 +319,7 @@ def import_relax(qmodel, family: str):
     custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
               "choose_qparams.default": _choose_qparams, "int8_linear.default": int8,
               "int8_linear_q.default": int8.requantized, "layer_norm_q.default": LayerNormQuantizeConverter(),
-              "int4_linear.default": Int4LinearConverter()}
+              "int4_linear.default": Int4LinearConverter(), "int4_a8_linear.default": Int4A8LinearConverter(family)}
     importer = _importer()
     _unsupported(ep, set(importer.convert_map) | set(custom))
     try:
