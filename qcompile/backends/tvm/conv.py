@@ -296,7 +296,7 @@ class Int8Conv2dConverter:
         rows = bb.emit(op.reshape(rows, (-1, kp)))
         # named qgemm_* so the float-kernel scheduler leaves it alone; "conv" keeps it apart from a
         # Linear's kernel of the same shape (two functions may not share a global symbol)
-        gemm = self._func(bb, ("gemm", kp, np_), f"qgemm_conv_{self.family}_k{kp}_n{np_}",
+        gemm = self._func(bb, ("gemm", kp, np_), f"qgemm_conv_{self.family.replace('-', '_')}_k{kp}_n{np_}",
                           lambda: kernels.gemm_kernel(kp, np_, False, self.family))
         out = bb.emit(relax.call_tir(gemm, [rows, packed, colsum, sa1, za1, sw, bias],
                                      out_ty=relax.TensorType((rows.ty.shape[0], np_), "float32")))
