@@ -40,11 +40,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ...ops import DEQUANTIZE
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
 from . import kernels
-from .fuse import (_activation_granularity, int8_linear, pack_int8_weights, padded_bias, replace_linear,
-                   variable_bias)
+from .fuse import int8_linear, int8_operands_reason, pack_int8_weights, padded_bias, replace_linear, variable_bias
 
 aten = torch.ops.aten
 
@@ -162,28 +160,9 @@ class FuseInt8ConvPass(Pass):
         groups = conv_geometry(node)[3]
         if groups != 1:
             return f"groups={groups} (grouped or depthwise conv) has no integer kernel (only groups=1)"
-        dqa, dqw = node.args[0], node.args[1]
-        if getattr(dqa, "target", None) != DEQUANTIZE:
-            return "the input is not dequantized (weight-only or float layer)"
-        if getattr(dqw, "target", None) != DEQUANTIZE:
-            return "the weight is not dequantized"
-        if dqa.args[3] not in ("uint8", "int8") or dqa.args[4] != 0:
-            return f"activation format {dqa.args[3]} (group {dqa.args[4]}) has no integer kernel"
-        granularity = _activation_granularity(gm, dqa)
-        if granularity != "per_tensor":
-            return (f"activation scale is {granularity or 'neither per tensor nor per token'}: an im2col row mixes "
-                    "rows of the input, so only per-tensor activations fuse")
-        w = get_attr_tensor(gm, dqw.args[0])
-        sw = get_attr_tensor(gm, dqw.args[1])
-        if w is None or sw is None or w.dim() != 4:
-            return "weight codes or scale are not constant 4-D tensors"
-        if dqw.args[3] != "int8" or dqw.args[4] != 0:
-            return f"weight format {dqw.args[3]} (group {dqw.args[4]}) has no integer kernel"
-        if dqw.args[2] is not None:
-            return "asymmetric weights (a weight zero point) are not fused"
-        if sw.numel() not in (1, w.shape[0]):
-            return f"weight scale of shape {tuple(sw.shape)} is not per channel"
-        return variable_bias(gm, node)
+        return int8_operands_reason(gm, node, weight_dim=4, per_token=(
+            "activation scale is per_token: an im2col row mixes rows of the input, so only per-tensor "
+            "activations fuse")) or variable_bias(gm, node)
 
     def call(self, gm):
         modified = False

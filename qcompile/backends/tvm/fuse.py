@@ -112,6 +112,36 @@ def _activation_granularity(gm, dq) -> Optional[str]:
     return None
 
 
+def int8_operands_reason(gm, node, weight_dim: int, per_token: Optional[str] = None) -> Optional[str]:
+    """Why the operands ``(dequantize(a), dequantize(W), ...)`` of ``node`` (a Linear or a conv) do
+    not fit the int8 GEMM kernels, or None: u8/s8 activations per tensor or per token, constant s8
+    symmetric weights of ``weight_dim`` dims, per channel or per tensor. ``per_token``: the reason
+    per-token activation scales do not fit (None: they do)."""
+    dqa, dqw = node.args[0], node.args[1]
+    if getattr(dqa, "target", None) != DEQUANTIZE:
+        return "the input is not dequantized (weight-only or float layer)"
+    if getattr(dqw, "target", None) != DEQUANTIZE:
+        return "the weight is not dequantized"
+    if dqa.args[3] not in ("uint8", "int8") or dqa.args[4] != 0:
+        return f"activation format {dqa.args[3]} (group {dqa.args[4]}) has no integer kernel"
+    granularity = _activation_granularity(gm, dqa)
+    if granularity is None:
+        return "activation scale is neither per tensor nor per token"
+    if granularity == "per_token" and per_token:
+        return per_token
+    w = get_attr_tensor(gm, dqw.args[0])
+    sw = get_attr_tensor(gm, dqw.args[1])
+    if w is None or sw is None or w.dim() != weight_dim:
+        return f"weight codes or scale are not constant {weight_dim}-D tensors"
+    if dqw.args[3] != "int8" or dqw.args[4] != 0:
+        return f"weight format {dqw.args[3]} (group {dqw.args[4]}) has no integer kernel"
+    if dqw.args[2] is not None:
+        return "asymmetric weights (a weight zero point) are not fused"
+    if sw.numel() not in (1, w.shape[0]):
+        return f"weight scale of shape {tuple(sw.shape)} is not per channel"
+    return None
+
+
 class FuseInt8LinearPass(Pass):
     """``linear(dequantize(a), dequantize(Wq), b)`` ⇒ ``int8_linear(a, ..., packed Wq, ...)``."""
 
@@ -124,27 +154,12 @@ class FuseInt8LinearPass(Pass):
     def _why_not(self, gm, node) -> Optional[str]:
         if len(node.args) < 2:
             return "linear without a weight argument"
-        dqa, dqw = node.args[0], node.args[1]
-        if getattr(dqa, "target", None) != DEQUANTIZE:
-            return "the input is not dequantized (weight-only or float layer)"
-        if getattr(dqw, "target", None) != DEQUANTIZE:
-            return "the weight is not dequantized"
-        if dqa.args[3] not in ("uint8", "int8") or dqa.args[4] != 0:
-            return f"activation format {dqa.args[3]} (group {dqa.args[4]}) has no integer kernel"
-        if _activation_granularity(gm, dqa) is None:
-            return "activation scale is neither per tensor nor per token"
-        w = get_attr_tensor(gm, dqw.args[0])
-        sw = get_attr_tensor(gm, dqw.args[1])
-        if w is None or sw is None or w.dim() != 2:
-            return "weight codes or scale are not constant 2-D tensors"
-        if dqw.args[3] != "int8" or dqw.args[4] != 0:
-            return f"weight format {dqw.args[3]} (group {dqw.args[4]}) has no integer kernel"
-        if dqw.args[2] is not None:
-            return "asymmetric weights (a weight zero point) are not fused"
-        if sw.numel() not in (1, w.shape[0]):
-            return f"weight scale of shape {tuple(sw.shape)} is not per channel"
-        if w.shape[1] % 4:
-            return f"K={w.shape[1]} is not a multiple of 4"
+        reason = int8_operands_reason(gm, node, weight_dim=2)
+        if reason:
+            return reason
+        k = get_attr_tensor(gm, node.args[1].args[0]).shape[1]
+        if k % 4:
+            return f"K={k} is not a multiple of 4"
         return variable_bias(gm, node)
 
     def call(self, gm):
