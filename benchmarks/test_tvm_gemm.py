@@ -1,10 +1,12 @@
 """Integer GEMM kernels side by side, one thread, one process: qcompile's TVM kernel (the family
 the host selects, fused float epilogue included) vs onnxruntime ``MatMulInteger`` (u8 x s8 → s32,
-a one-node model) vs ``torch._int_mm`` (s8 x s8 → s32), at M=128 K=768 N=3072 and M=1; and a
-register-only ``vpdpbusd`` loop, the host's measured VNNI peak.
+a one-node model) vs ``torch._int_mm`` (s8 x s8 → s32), at M=128 K=768 N=3072 and M=1; on AMX
+hosts also the ``vnni`` family's kernel (row ``tvm_vnni``); and register-only loops of
+``vpdpbusd`` and ``tdpbusd``, the host's measured VNNI and AMX peaks.
 
 ``extra_info`` holds ``gops`` (2*M*K*N / median), ``ratio_vs_ort`` (onnxruntime median / this
-median: > 1 is faster) and, for the TVM row, ``pct_of_vnni_peak``. Run::
+median: > 1 is faster) and, for the TVM rows, ``pct_of_peak`` (of the peak of the family the row
+ran). Run::
 
     TVM_NUM_THREADS=1 python -m pytest benchmarks/test_tvm_gemm.py --benchmark-only
 """
@@ -18,7 +20,7 @@ import torch  # noqa: E402
 
 tvm = pytest.importorskip("tvm")
 from qcompile.backends.tvm import kernels  # noqa: E402
-from qcompile.backends.tvm.host import detect  # noqa: E402
+from qcompile.backends.tvm.host import detect, request_amx  # noqa: E402
 
 K, N = 768, 3072
 PEAK_ITERS, PEAK_ACC = 20000, 12
@@ -30,10 +32,12 @@ def _data(m):
     return rng.integers(0, 256, (m, K)).astype(np.uint8), rng.integers(-128, 128, (N, K)).astype(np.int8)
 
 
-def _tvm_gemm(m):
+def _tvm_gemm(m, family=HOST.family):
     a, w = _data(m)
     np_ = kernels.padded_n(N)
-    mod = kernels.compile_kernel(kernels.gemm_kernel(K, np_, False, HOST.family))
+    if family == "amx":
+        request_amx()
+    mod = kernels.compile_kernel(kernels.gemm_kernel(K, np_, False, family))
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(x, dev) for x in (
         a, kernels.pack_weights(w), np.zeros(np_, np.int32), np.ones(1, np.float32), np.zeros(1, np.int32),
@@ -75,8 +79,10 @@ def _torch_int_mm(m):
     return lambda: torch._int_mm(at, bt), None
 
 
-IMPLS = {"tvm": _tvm_gemm, "onnxruntime": _ort_matmul_integer, "torch_int_mm": _torch_int_mm}
-CASES = [(m, impl) for m in (128, 1) for impl in ("onnxruntime", "tvm", "torch_int_mm")]
+IMPLS = {"tvm": _tvm_gemm, "tvm_vnni": lambda m: _tvm_gemm(m, "vnni"), "onnxruntime": _ort_matmul_integer,
+         "torch_int_mm": _torch_int_mm}
+ROWS = ("onnxruntime", "tvm", *(("tvm_vnni",) if HOST.family == "amx" else ()), "torch_int_mm")
+CASES = [(m, impl) for m in (128, 1) for impl in ROWS]
 
 
 @pytest.mark.parametrize("m,impl", CASES, ids=[f"m{m}-{i}" for m, i in CASES])
@@ -97,43 +103,64 @@ def test_gemm(benchmark, session_cache, m, impl):
     ort = session_cache.get(("gemm", m, "onnxruntime"))
     if ort and impl != "onnxruntime":
         info["ratio_vs_ort"] = round(ort / median, 3)
-    peak = session_cache.get("vnni_peak_gops")
-    if impl == "tvm" and peak:
-        info["pct_of_vnni_peak"] = round(100 * info["gops"] / peak, 1)
+    family = "vnni" if impl == "tvm_vnni" else HOST.family
+    peak = session_cache.get(f"{family}_peak_gops")
+    if impl.startswith("tvm") and peak:
+        info["pct_of_peak"] = round(100 * info["gops"] / peak, 1)
+        info["family"] = family
     benchmark.extra_info.update(info)
-    if impl == "tvm" and ("gemm-out", m, "onnxruntime") in session_cache:
+    if impl.startswith("tvm") and ("gemm-out", m, "onnxruntime") in session_cache and HOST.has_vnni:
+        # (only where onnxruntime is exact: on AVX2 hosts its u8 x s8 kernel saturates 16-bit pair sums)
         # identity epilogue: the float output is the int32 product, and both must agree exactly
-        assert np.array_equal(session_cache[("gemm-out", m, "tvm")][:, :N],
+        assert np.array_equal(session_cache[("gemm-out", m, impl)][:, :N],
                               session_cache[("gemm-out", m, "onnxruntime")].astype(np.float32))
 
 
+AMX_PEAK_ITERS = 20000
+
+
+def _amx_peak():
+    request_amx()
+    mod = kernels.compile_kernel(kernels.amx_peak_kernel(AMX_PEAK_ITERS))
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ones(1024, np.uint8), dev), tvm.runtime.tensor(np.ones(1024, np.int8), dev),
+            tvm.runtime.tensor(np.zeros(1024, np.int32), dev)]
+    return mod, args, AMX_PEAK_ITERS * 4 * 16 * 16 * 64 * 2
+
+
+def _vnni_peak():
+    mod = kernels.compile_kernel(kernels.vnni_peak_kernel(PEAK_ITERS, PEAK_ACC))
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ones(16, np.int32), dev), tvm.runtime.tensor(np.ones(64, np.int8), dev),
+            tvm.runtime.tensor(np.zeros(PEAK_ACC * 16, np.int32), dev)]
+    return mod, args, PEAK_ITERS * PEAK_ACC * 128
+
+
+PEAKS = {"vnni": _vnni_peak, "amx": _amx_peak}
+
+
 @pytest.fixture(scope="module", autouse=True)
-def vnni_peak(session_cache):
-    """The register-only vpdpbusd loop, timed before the GEMMs so their rows can cite it."""
-    if not HOST.has_vnni:
-        return
-    mod = kernels.compile_kernel(kernels.vnni_peak_kernel(PEAK_ITERS, PEAK_ACC))
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.ones(16, np.int32), dev), tvm.runtime.tensor(np.ones(64, np.int8), dev),
-            tvm.runtime.tensor(np.zeros(PEAK_ACC * 16, np.int32), dev)]
-    t = min(mod.mod.time_evaluator("main", dev, number=5, repeat=5)(*args).results)
-    session_cache["vnni_peak_gops"] = PEAK_ITERS * PEAK_ACC * 128 / t / 1e9
+def family_peaks(session_cache):
+    """The register-only loops, timed before the GEMMs so their rows can cite them."""
+    for family in [f for f, ok in (("vnni", HOST.has_vnni), ("amx", HOST.family == "amx")) if ok]:
+        mod, args, ops = PEAKS[family]()
+        t = min(mod.mod.time_evaluator("main", tvm.cpu(), number=5, repeat=5)(*args).results)
+        session_cache[f"{family}_peak_gops"] = ops / t / 1e9
 
 
-def test_vnni_peak(benchmark, session_cache):
-    """The peak loop itself as a row: ``gops`` is the host's int8 VNNI ceiling on one core."""
-    if not HOST.has_vnni:
-        pytest.skip("this host has no avx512_vnni")
-    mod = kernels.compile_kernel(kernels.vnni_peak_kernel(PEAK_ITERS, PEAK_ACC))
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.ones(16, np.int32), dev), tvm.runtime.tensor(np.ones(64, np.int8), dev),
-            tvm.runtime.tensor(np.zeros(PEAK_ACC * 16, np.int32), dev)]
+@pytest.mark.parametrize("family", ["vnni", "amx"])
+def test_peak(benchmark, family):
+    """The peak loop itself as a row: ``gops`` is the host's int8 ceiling on one core for the family."""
+    if family == "vnni" and not HOST.has_vnni or family == "amx" and HOST.family != "amx":
+        pytest.skip(f"this host has no {'avx512_vnni' if family == 'vnni' else 'AMX-INT8 tiles'}")
+    mod, args, ops = PEAKS[family]()
     f = mod["main"]
-    benchmark.group = "vnni-peak"
+    benchmark.group = f"{family}-peak"
     benchmark.pedantic(lambda: f(*args), rounds=30, warmup_rounds=3, iterations=1)
     f(*args)
-    assert (args[2].numpy() == PEAK_ITERS).all()  # u8 (1,0,0,0) . s8 (1,1,1,1) = 1 per step, every lane
-    benchmark.extra_info["gops"] = round(PEAK_ITERS * PEAK_ACC * 128 / benchmark.stats.stats.median / 1e9, 1)
+    # vnni: u8 (1,0,0,0) . s8 (1,1,1,1) = 1 per step; amx: 64 ones . 64 ones = 64 per step, every lane
+    assert (args[2].numpy() == (PEAK_ITERS if family == "vnni" else 64 * AMX_PEAK_ITERS)).all()
+    benchmark.extra_info["gops"] = round(ops / benchmark.stats.stats.median / 1e9, 1)
 
 
 # Float batch matmul of attention at MiniLM batch 32, sequence 128 (12 heads x 32): Q·Kᵀ and P·V.

@@ -280,14 +280,20 @@ def call_checked(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, error: typ
         raise error(f"{got}; the model was captured with the shape relation {guard}, which it breaks") from e
 
 
-def example_to_dict(example, binder: InputBinder) -> Optional[dict]:
-    """The capture examples ``(args, kwargs, dynamic_shapes)`` as JSON data (shape, dtype and
-    dynamic dims of each input), so a loaded model can be exported again (lowered to a backend).
+def example_to_dict(example, binder: InputBinder,
+                    exported: Optional[torch.export.ExportedProgram] = None) -> Optional[dict]:
+    """The capture examples ``(args, kwargs, dynamic_shapes)`` as JSON data, so a loaded model can
+    be exported again (lowered to a backend): each input's shape and dtype (not its values) and its
+    dynamic dims. With ``exported`` (the program these examples exported), each dynamic dim also
+    gets the symbol and range torch.export gave it (``dims``: ``{dim: {"symbol", "min", "max"}}``,
+    ``max`` ``None`` when unbounded), so a user's ``Dim(max=...)`` and a bound torch.export found
+    in the graph (BERT's 512 positions) survive, and inputs sharing a symbol stay equal.
     ``None`` when an input is not a plain tensor or the dynamic-shape spec is not keyed by name."""
     args, kwargs, dynamic_shapes = example
     if dynamic_shapes is not None and not isinstance(dynamic_shapes, dict):
         return None
     named = {**dict(zip(binder.positional, args)), **{k: kwargs[k] for k in binder.keywords}}
+    exported_dims = _exported_dims(exported) if exported is not None and dynamic_shapes is not None else {}
     inputs = {}
     for name, t in named.items():
         dyn = (dynamic_shapes or {}).get(name)
@@ -295,17 +301,58 @@ def example_to_dict(example, binder: InputBinder) -> Optional[dict]:
             return None
         inputs[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                         "dynamic": sorted(int(i) for i in (dyn or {}))}
+        if name in exported_dims:
+            inputs[name]["dims"] = exported_dims[name]
     return {"inputs": inputs, "dynamic": dynamic_shapes is not None}
+
+
+def _exported_dims(ep: torch.export.ExportedProgram) -> dict[str, dict]:
+    """Input name → ``{dim: {"symbol", "min", "max"}}`` for the dynamic dims of ``ep``'s user
+    inputs. A dim that is an expression of symbols (``2*s0``) gets ``{"auto": True}``: torch.export
+    derives it again from the graph."""
+    user_inputs = set(ep.graph_signature.user_inputs)
+    out = {}
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or node.name not in user_inputs or not isinstance(val, torch.Tensor):
+            continue
+        dims = {}
+        for i, d in enumerate(val.shape):
+            if not isinstance(d, torch.SymInt):
+                continue
+            expr = d.node.expr
+            if not getattr(expr, "is_Symbol", False) or expr not in ep.range_constraints:
+                dims[str(i)] = {"auto": True}
+                continue
+            vr = ep.range_constraints[expr]   # the upper end is torch's int_oo when unbounded
+            dims[str(i)] = {"symbol": str(expr), "min": int(vr.lower),
+                            "max": int(vr.upper) if vr.upper.is_Integer else None}
+        out[str(node.target)] = dims
+    return out
 
 
 def example_from_dict(data: dict, binder: InputBinder) -> tuple:
     """Inverse of :func:`example_to_dict`: zero tensors of the saved shapes (values do not matter
-    to ``torch.export``; sizes do) and a ``Dim.AUTO`` spec on the saved dynamic dims."""
+    to ``torch.export``; sizes do; zeros are valid token ids) and a dynamic-shape spec: one
+    ``Dim(symbol, min=, max=)`` per saved symbol, shared by the inputs that shared it; a saved
+    record without ``dims`` (written before the ranges were saved) gets ``Dim.AUTO`` on its
+    dynamic dims, which loses a user's bounds but not torch.export's own."""
     tensors = {n: torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for n, s in data["inputs"].items()}
     args = tuple(tensors[n] for n in binder.positional)
     kwargs = {**{k: tensors[k] for k in binder.keywords}, **binder.constants}
     dynamic = None
     if data["dynamic"]:
-        dynamic = {n: {i: Dim.AUTO for i in s["dynamic"]} for n, s in data["inputs"].items()}
+        symbols: dict[str, Dim] = {}
+
+        def dim(saved: dict):
+            if saved.get("auto"):
+                return Dim.AUTO
+            name = saved["symbol"]
+            if name not in symbols:
+                symbols[name] = Dim(name, min=saved["min"], max=saved["max"])
+            return symbols[name]
+
+        dynamic = {n: {int(i): dim(d) for i, d in s["dims"].items()} if "dims" in s
+                   else {i: Dim.AUTO for i in s["dynamic"]} for n, s in data["inputs"].items()}
         dynamic.update({k: None for k in binder.constants})
     return args, kwargs, dynamic

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .capture import Captured, InputBinder, call_checked
-from .errors import CalibrationError, InputError
+from .errors import BackendError, CalibrationError, InputError
 from .recipe import Recipe
 from .report import Report
 
@@ -77,9 +77,28 @@ class QuantizedModel(nn.Module):
     def exported_program(self) -> torch.export.ExportedProgram:
         """The converted graph as a ``torch.export.ExportedProgram`` (what backends import)."""
         if self._exported is None:
-            args, kwargs, dynamic_shapes = self._example
+            args, kwargs, dynamic_shapes = self.export_example("torch.export")
             self._exported = torch.export.export(self.graph_module, args, kwargs, dynamic_shapes=dynamic_shapes)
         return self._exported
+
+    def export_example(self, target: str) -> tuple:
+        """``(args, kwargs, dynamic_shapes)`` that export this model's graph again, e.g. a backend's
+        rewritten copy of it. A quantized model has its capture examples; a loaded one has zero
+        tensors of the saved shapes and dtypes with the saved dynamic dims and their ranges
+        (:func:`~qcompile.capture.example_from_dict`). ``target`` names what needs them in the
+        error raised when there are none (a save by a qcompile before the examples were saved, or a
+        model whose inputs are not plain tensors keyed by name).
+
+        Example::
+
+            >>> args, kwargs, dynamic_shapes = qcompile.load("out/m").export_example("the tvm backend")
+        """
+        if self._example is None:
+            raise BackendError(f"this model has no capture examples (shapes, dtypes and dynamic dims of its inputs) "
+                               f"to export it again for {target}: it was saved by an older qcompile, or its "
+                               f"inputs are not plain tensors; lower the model returned by quantize(), or quantize "
+                               f"and save it again with this qcompile")
+        return self._example
 
     def save(self, path: Union[str, Path], extra_files: Optional[dict] = None) -> Path:
         """Write the model to the directory ``path``: atomic, versioned and checksummed, no pickle
@@ -90,7 +109,8 @@ class QuantizedModel(nn.Module):
         from .capture import example_to_dict
 
         meta = {"recipe": self.recipe.to_dict(), "binder": self.binder.to_dict(), "report": self.report.to_dict(),
-                "example": example_to_dict(self._example, self.binder) if self._example is not None else None}
+                "example": example_to_dict(self._example, self.binder, self.exported_program())
+                if self._example is not None else None}
         return save_program(self.exported_program(), code_tensors(self.graph_module), meta, path, extra_files)
 
     def extra_repr(self) -> str:
@@ -98,12 +118,15 @@ class QuantizedModel(nn.Module):
 
 
 def load(path: Union[str, Path]) -> QuantizedModel:
-    """Load a model saved with :meth:`QuantizedModel.save`; outputs are bit-identical.
+    """Load a model saved with :meth:`QuantizedModel.save`; outputs are bit-identical, and it lowers
+    to a backend like the model ``quantize()`` returned (the saved input shapes, dtypes and
+    dynamic-dim ranges export it again: :meth:`QuantizedModel.export_example`).
 
     Example::
 
         >>> qmodel.save("out/minilm-w8a8")
         >>> same = qcompile.load("out/minilm-w8a8")
+        >>> art = qcompile.lower(same, backend="tvm")
     """
     from .artifact import load_program
 

@@ -7,18 +7,19 @@ import pytest
 tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 
 from qcompile.backends.tvm import kernels  # noqa: E402
-from qcompile.backends.tvm.host import choose_family, choose_mcpu, detect  # noqa: E402
+from qcompile.backends.tvm.host import FAMILY_FLAGS, choose_family, choose_mcpu, detect, request_amx  # noqa: E402
 
 HOST = detect()
-NEEDS = {"vnni": "avx512_vnni", "generic": None}
 # (M, K, N): full 5-row tiles, remainder rows, M=1 (the one-row path), N padded to 48, N%96 == 0
 SHAPES = [(10, 64, 48), (7, 32, 40), (1, 128, 96), (13, 256, 100), (2, 768, 192)]
 
 
 def _family(name):
-    flag = NEEDS[name]
-    if flag and flag not in HOST.flags:
-        pytest.skip(f"kernel family '{name}' needs the CPU feature {flag}, which this host lacks")
+    missing = [f for f in FAMILY_FLAGS[name] if f not in HOST.flags]
+    if missing:
+        pytest.skip(f"kernel family '{name}' needs the CPU features {', '.join(missing)}, which this host lacks")
+    if name == "amx":
+        assert request_amx(), "Linux refused the AMX tile state"
     return name
 
 
@@ -69,8 +70,11 @@ def test_gemm_is_bit_exact(family, m, k, n, per_row):
 
 
 def test_kernel_family_and_target_follow_cpu_flags():
-    assert choose_family(frozenset({"avx2"})) == "generic"
+    assert choose_family(frozenset({"avx2"})) == "avx2"
+    assert choose_family(frozenset({"sse4_2"})) == "generic"
     assert choose_family(frozenset({"avx2", "avx512f", "avx512_vnni"})) == "vnni"
+    assert choose_family(frozenset({"avx512_vnni", "amx_int8", "amx_tile"})) == "amx"
+    assert choose_family(frozenset({"amx_int8", "amx_tile"})) == "generic"   # amx's leftover rows need vnni
     assert choose_mcpu("AuthenticAMD", frozenset({"avx512f", "avx512_vnni"})) == "znver4"
     assert choose_mcpu("GenuineIntel", frozenset({"avx512_vnni", "amx_int8", "amx_tile"})) == "sapphirerapids"
     assert choose_mcpu("GenuineIntel", frozenset({"avx2"})) == "x86-64-v3"
@@ -78,10 +82,75 @@ def test_kernel_family_and_target_follow_cpu_flags():
 
 
 def test_unknown_family_and_bad_shapes_are_rejected():
-    with pytest.raises(ValueError, match="unknown kernel family 'amx'"):
-        kernels.gemm_kernel(64, 48, False, "amx")
+    with pytest.raises(ValueError, match="unknown kernel family 'sme'"):
+        kernels.gemm_kernel(64, 48, False, "sme")
     with pytest.raises(ValueError, match="multiple of 4"):
         kernels.gemm_kernel(30, 48, False, "generic")
+
+
+# (M, K, N, check the requantizing epilogue too): two 32-row blocks, a pair of column blocks and an
+# odd one (N=48 → 3 blocks of 16), 13 leftover rows; M=300 → 9 blocks, so two chunks of AMX_CHUNK;
+# K=96 is not a multiple of 64 (the vnni/generic kernel throughout)
+AMX_SHAPES = [(77, 192, 48, True), (300, 64, 48, False), (40, 96, 48, False)]
+
+
+def _gemm_inputs(m, k, n, per_row, seed):
+    rng = np.random.default_rng(seed)
+    np_ = kernels.padded_n(n)
+    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    a[0, :] = 255
+    w = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    w[0, :] = -128
+    wfull = np.zeros((np_, k), np.int64)
+    wfull[:n] = w
+    rows = m if per_row else 1
+    return a, w, wfull, [rng.random(rows).astype(np.float32), rng.integers(0, 256, rows).astype(np.int32),
+                         rng.random(np_).astype(np.float32), rng.standard_normal(np_).astype(np.float32)]
+
+
+@pytest.mark.parametrize("family", [kernels.AMX_EMULATED, "amx"])
+@pytest.mark.parametrize("m,k,n,requantize", AMX_SHAPES)
+def test_amx_family_is_bit_exact(family, m, k, n, requantize):
+    """The AMX family's loop nest (blocks of 32 rows, tile loads at the right offsets and strides,
+    the 4 KiB scratch the epilogue reads, chunks, odd column blocks, leftover rows): on AMX hosts
+    with the tile instructions, on every host with scalar stand-ins for them. The integer product
+    is exact and the requantizing epilogue gives the codes the generic kernel gives."""
+    _family(family)
+    per_row = m % 2 == 1
+    a, w, wfull, (sa, za, sw, bias) = _gemm_inputs(m, k, n, per_row, m + k + n)
+    np_ = wfull.shape[0]
+    dev = tvm.cpu()
+    one = [np.ones_like(sa), np.zeros_like(za), np.ones_like(sw), np.zeros_like(bias)]
+    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, family))
+    t = [tvm.runtime.tensor(x, dev) for x in (a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), *one,
+                                               np.full((m, np_), np.nan, np.float32))]
+    mod["main"](*t)
+    assert np.array_equal(t[-1].numpy(), (a.astype(np.int64) @ wfull.T).astype(np.float32))
+    if not requantize:
+        return
+    codes = {}
+    for fam in (family, "generic"):
+        mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, fam, ("gelu", "uint8")))
+        t = [tvm.runtime.tensor(x, dev) for x in (
+            a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.ones(np_, np.float32),
+            np.array([4.0], np.float32), np.array([7], np.int32), np.zeros((m, np_), np.uint8))]
+        mod["main"](*t)
+        codes[fam] = t[-1].numpy()
+    assert codes["generic"].std() > 10    # the codes spread over the range: the comparison can fail
+    assert np.array_equal(codes[family], codes["generic"])
+
+
+def test_amx_kernel_is_tile_code():
+    """The real AMX kernel, compiled for a Sapphire Rapids target on any host (and never run
+    here): tile loads, ``tdpbusd`` and tile stores in the code, the tile configuration loaded once
+    per call (outside every loop), the tiles released; a K that is not a multiple of 64 has none."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+    asm = kernels.compile_kernel(kernels.gemm_kernel(768, 3072, False, "amx"), target).mod.inspect_source("asm")
+    for insn in ("tdpbusd", "tileloadd", "tilestored", "tilezero", "tilerelease", "vpdpbusd"):
+        assert insn in asm, insn
+    assert asm.count("ldtilecfg") == 1
+    asm = kernels.compile_kernel(kernels.gemm_kernel(96, 48, False, "amx"), target).mod.inspect_source("asm")
+    assert "tdpbusd" not in asm and "vpdpbusd" in asm
 
 
 @pytest.mark.parametrize("b,m,k,n", [(2, 8, 32, 64), (3, 13, 32, 37), (2, 9, 7, 32), (1, 1, 5, 3)])

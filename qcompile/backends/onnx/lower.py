@@ -269,9 +269,7 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     ``qcompile.int8_weights_reason``), for both targets: the ``qdq`` file runs in onnxruntime too."""
     if target not in TARGETS:
         raise BackendError(f"unknown onnx target '{target}'; choose one of {', '.join(TARGETS)}")
-    if qmodel._example is None:
-        raise BackendError("this model carries no capture examples to export it again (it was saved from a model "
-                           "with nested, non-tensor inputs): lower the model returned by quantize() instead")
+    args, kwargs, dynamic_shapes = qmodel.export_example(f"the onnx backend (target '{target}')")
     # before the MatMulNBits fusion, which packs zero points as integer codes
     check_integer_zero_points(qmodel.graph_module, f"'onnx' (target '{target}')")
     weight_type, why = resolve_int8_weights(int8_weights, cpu_info())
@@ -285,7 +283,6 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     _check_no_grouped_dynamic(gm, target, fuse.skipped)
     # what is left after the contrib fusions must be standard Q/DQ; name the first node that is not
     check_formats(gm, f"'onnx' (target '{target}')", translate.STANDARD_FORMATS)
-    args, kwargs, dynamic_shapes = qmodel._example
     ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
     table = {QUANTIZE: translate.quantize, DEQUANTIZE: translate.dequantize, CHOOSE_QPARAMS: translate.choose_qparams,
              MATMUL_INTEGER_TO_FLOAT: translate.matmul_integer_to_float, MATMUL_NBITS: translate.matmul_nbits}

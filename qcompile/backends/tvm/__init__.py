@@ -3,11 +3,19 @@ Linears on quantized activations fused into integer GEMM kernels written in TIR 
 weights packed at lowering time, zero-point compensation and float epilogue inside the kernel),
 built into a shared library for an LLVM target detected from the host.
 
-Built: int8/uint8 per-tensor, per-channel and per-token dynamic Q/DQ; kernel families ``vnni``
-(AVX-512 VNNI) and ``generic`` (any LLVM target), a one-row path for M=1; dynamic batch and
+Built: int8/uint8 per-tensor, per-channel and per-token dynamic Q/DQ; kernel families ``amx``
+(AMX-INT8 tiles), ``vnni`` (AVX-512 VNNI), ``avx2`` (exact 16-bit multiply-adds) and ``generic``
+(any LLVM target), chosen from the host's flags, a one-row path for M=1; dynamic batch and
 sequence; ``save``/``load`` of the library; int4 weight-only Linears (``w4-g32/64/128``) through a
-TIR kernel that unpacks the codes in registers (:mod:`.int4`). Not yet built (``NotBuiltError``): an
-AMX family, other group-wise formats (int4 on quantized activations), integer conv. See docs/tvm.md.
+TIR kernel that unpacks the codes in registers (:mod:`.int4`); int4 weights on int8 activations
+quantized per token and group (``w4-g32/64/128-a8``) through integer kernels (:mod:`.int4_a8`:
+``vpdpbusd`` on VNNI hosts, ``vpmaddubsw`` on AVX2 ones); integer conv2d (``groups=1``, per-tensor
+activations) as a TIR im2col of the codes + the integer GEMM (:mod:`.conv`); models loaded with
+``qcompile.load`` (re-exported from the saved shapes and dynamic-dim ranges,
+``QuantizedModel.export_example``). Not yet built (``NotBuiltError``): other group-wise formats
+(3-bit, nf4; int4 weight-only with a group that does not divide K); grouped/depthwise, 1-D/3-D and
+transposed convs run float on dequantized weights. A save without capture examples (an older
+qcompile) cannot be re-exported: ``BackendError``. See docs/tvm.md.
 
 Example::
 
@@ -21,8 +29,9 @@ import time
 
 import tvm  # noqa: F401  - a missing apache-tvm fails here, and get_backend names the extra
 
+from ...errors import BackendError
 from ..base import Capabilities
-from .host import detect
+from .host import FAMILY_FLAGS, detect, request_amx
 from .lower import NotBuiltError, build, import_relax, input_bounds
 from .runtime import TvmArtifact, load
 
@@ -34,22 +43,33 @@ class TvmBackend:
                                 ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True)
 
     def lower(self, qmodel, family: str = "auto", threads: int = 0) -> TvmArtifact:
-        """``family``: ``auto`` (the best the host runs), ``vnni`` or ``generic``. ``threads``: the
-        target's core count (0: TVM's default; set ``TVM_NUM_THREADS`` to limit the runtime)."""
+        """``family``: ``auto`` (the best the host runs), ``amx``, ``vnni`` or ``generic``
+        (``amx-emulated``: the AMX loop nest with scalar stand-ins for the tile instructions, to
+        test it on hosts without AMX; slow). ``threads``: the target's core count (0: TVM's
+        default; set ``TVM_NUM_THREADS`` to limit the runtime)."""
         host = detect()
+        asked = family
         if family == "auto":
             family = host.family
-        if family == "vnni" and not host.has_vnni:
-            raise NotBuiltError("kernel family 'vnni' needs AVX-512 VNNI (avx512_vnni), which this host lacks")
-        if family not in ("vnni", "generic"):
-            raise NotBuiltError(f"kernel family '{family}' is not built (built: vnni, generic; AMX is not yet built)")
+        if family not in FAMILY_FLAGS:
+            raise NotBuiltError(f"kernel family '{family}' is not built (built: {', '.join(FAMILY_FLAGS)})")
+        missing = [f for f in FAMILY_FLAGS[family] if f not in host.flags]
+        if missing:
+            raise NotBuiltError(f"kernel family '{family}' needs the CPU features {', '.join(missing)}, which this "
+                                "host lacks")
+        note = None
+        if family == "amx" and not request_amx():
+            note = "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+            if asked != "auto":
+                raise BackendError(f"kernel family 'amx': {note}; lower with family='vnni'")
+            family = "vnni"
         t0 = time.perf_counter()
         mod, fuse = import_relax(qmodel, family)
         t1 = time.perf_counter()
         ex, _ = build(mod, host.target(threads))
         gm = qmodel.graph_module
         meta = {"import_seconds": t1 - t0, "target": {"kind": "llvm", "mcpu": host.mcpu}, "family": family,
-                "requires_flags": ["avx512_vnni"] if family == "vnni" else [],
+                "requires_flags": list(FAMILY_FLAGS[family]), "family_note": note,
                 "fused": fuse.fused, "skipped": fuse.skipped, "epilogues": fuse.epilogues,
                 "input_bounds": input_bounds(mod)}
         art = TvmArtifact(ex, qmodel.binder, getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None), meta)

@@ -77,6 +77,19 @@ def padded_bias(gm, node, n: int, padded: int) -> torch.Tensor:
     return bias
 
 
+def pack_int8_weights(w: np.ndarray, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 weights ``[N, K]`` (``K`` a multiple of 4) and their per-channel or per-tensor scale →
+    the GEMM kernels' constants: ``(packed [Np/16, K/4, 64], colsum i32 [Np], w_scale f32 [Np])``,
+    ``Np`` = :func:`~.kernels.padded_n`, the padding columns zero."""
+    n, k = w.shape
+    np_ = kernels.padded_n(n)
+    wfull = np.zeros((np_, k), np.int32)
+    wfull[:n] = w
+    sw = torch.zeros(np_)
+    sw[:n] = w_scale.float().reshape(-1).expand(n)
+    return torch.from_numpy(kernels.pack_weights(w)), torch.from_numpy(wfull.sum(1).astype(np.int32)), sw
+
+
 def _static_numel(gm, node) -> Optional[int]:
     t = get_attr_tensor(gm, node)
     if t is not None:
@@ -99,6 +112,36 @@ def _activation_granularity(gm, dq) -> Optional[str]:
     return None
 
 
+def int8_operands_reason(gm, node, weight_dim: int, per_token: Optional[str] = None) -> Optional[str]:
+    """Why the operands ``(dequantize(a), dequantize(W), ...)`` of ``node`` (a Linear or a conv) do
+    not fit the int8 GEMM kernels, or None: u8/s8 activations per tensor or per token, constant s8
+    symmetric weights of ``weight_dim`` dims, per channel or per tensor. ``per_token``: the reason
+    per-token activation scales do not fit (None: they do)."""
+    dqa, dqw = node.args[0], node.args[1]
+    if getattr(dqa, "target", None) != DEQUANTIZE:
+        return "the input is not dequantized (weight-only or float layer)"
+    if getattr(dqw, "target", None) != DEQUANTIZE:
+        return "the weight is not dequantized"
+    if dqa.args[3] not in ("uint8", "int8") or dqa.args[4] != 0:
+        return f"activation format {dqa.args[3]} (group {dqa.args[4]}) has no integer kernel"
+    granularity = _activation_granularity(gm, dqa)
+    if granularity is None:
+        return "activation scale is neither per tensor nor per token"
+    if granularity == "per_token" and per_token:
+        return per_token
+    w = get_attr_tensor(gm, dqw.args[0])
+    sw = get_attr_tensor(gm, dqw.args[1])
+    if w is None or sw is None or w.dim() != weight_dim:
+        return f"weight codes or scale are not constant {weight_dim}-D tensors"
+    if dqw.args[3] != "int8" or dqw.args[4] != 0:
+        return f"weight format {dqw.args[3]} (group {dqw.args[4]}) has no integer kernel"
+    if dqw.args[2] is not None:
+        return "asymmetric weights (a weight zero point) are not fused"
+    if sw.numel() not in (1, w.shape[0]):
+        return f"weight scale of shape {tuple(sw.shape)} is not per channel"
+    return None
+
+
 class FuseInt8LinearPass(Pass):
     """``linear(dequantize(a), dequantize(Wq), b)`` ⇒ ``int8_linear(a, ..., packed Wq, ...)``."""
 
@@ -111,27 +154,12 @@ class FuseInt8LinearPass(Pass):
     def _why_not(self, gm, node) -> Optional[str]:
         if len(node.args) < 2:
             return "linear without a weight argument"
-        dqa, dqw = node.args[0], node.args[1]
-        if getattr(dqa, "target", None) != DEQUANTIZE:
-            return "the input is not dequantized (weight-only or float layer)"
-        if getattr(dqw, "target", None) != DEQUANTIZE:
-            return "the weight is not dequantized"
-        if dqa.args[3] not in ("uint8", "int8") or dqa.args[4] != 0:
-            return f"activation format {dqa.args[3]} (group {dqa.args[4]}) has no integer kernel"
-        if _activation_granularity(gm, dqa) is None:
-            return "activation scale is neither per tensor nor per token"
-        w = get_attr_tensor(gm, dqw.args[0])
-        sw = get_attr_tensor(gm, dqw.args[1])
-        if w is None or sw is None or w.dim() != 2:
-            return "weight codes or scale are not constant 2-D tensors"
-        if dqw.args[3] != "int8" or dqw.args[4] != 0:
-            return f"weight format {dqw.args[3]} (group {dqw.args[4]}) has no integer kernel"
-        if dqw.args[2] is not None:
-            return "asymmetric weights (a weight zero point) are not fused"
-        if sw.numel() not in (1, w.shape[0]):
-            return f"weight scale of shape {tuple(sw.shape)} is not per channel"
-        if w.shape[1] % 4:
-            return f"K={w.shape[1]} is not a multiple of 4"
+        reason = int8_operands_reason(gm, node, weight_dim=2)
+        if reason:
+            return reason
+        k = get_attr_tensor(gm, node.args[1].args[0]).shape[1]
+        if k % 4:
+            return f"K={k} is not a multiple of 4"
         return variable_bias(gm, node)
 
     def call(self, gm):
@@ -145,18 +173,13 @@ class FuseInt8LinearPass(Pass):
                 continue
             dqa, dqw = node.args[0], node.args[1]
             w = get_attr_tensor(gm, dqw.args[0])
-            n, k = w.shape
-            np_ = kernels.padded_n(n)
-            packed = kernels.pack_weights(w.numpy())
-            wfull = np.zeros((np_, k), np.int32)
-            wfull[:n] = w.numpy()
-            sw = torch.zeros(np_)
-            sw[:n] = get_attr_tensor(gm, dqw.args[1]).float().reshape(-1).expand(n)
-            bias = padded_bias(gm, node, n, np_)
+            n = w.shape[0]
+            packed, colsum, sw = pack_int8_weights(w.numpy(), get_attr_tensor(gm, dqw.args[1]))
+            bias = padded_bias(gm, node, n, kernels.padded_n(n))
             base = dqw.args[0].target
             args = [dqa.args[0], dqa.args[1], dqa.args[2],
-                    add_tensor(gm, f"{base}_packed", torch.from_numpy(packed), node),
-                    add_tensor(gm, f"{base}_colsum", torch.from_numpy(wfull.sum(1).astype(np.int32)), node),
+                    add_tensor(gm, f"{base}_packed", packed, node),
+                    add_tensor(gm, f"{base}_colsum", colsum, node),
                     add_tensor(gm, f"{base}_wscale", sw, node),
                     add_tensor(gm, f"{base}_bias", bias, node)]
             replace_linear(gm, node, INT8_LINEAR, (*args, n, dqa.args[3]))

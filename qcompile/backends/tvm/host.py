@@ -52,10 +52,32 @@ def choose_mcpu(vendor: str, flags: frozenset) -> str:
     return "x86-64"
 
 
+# the CPU flags each kernel family's instructions need (the amx family runs its leftover rows on vnni)
+FAMILY_FLAGS = {"amx": ("amx_tile", "amx_int8", "avx512_vnni"), "vnni": ("avx512_vnni",), "avx2": ("avx2",), "generic": (),
+                "amx-emulated": ()}
+
+
 def choose_family(flags: frozenset) -> str:
-    """The fastest built kernel family the flags allow. AMX hosts get ``vnni`` too: the AMX family
-    is not built yet (docs/tvm.md)."""
-    return "vnni" if "avx512_vnni" in flags else "generic"
+    """The fastest built kernel family the flags allow."""
+    return next(f for f in ("amx", "vnni", "avx2", "generic") if all(x in flags for x in FAMILY_FLAGS[f]))
+
+
+_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
+
+
+@lru_cache(maxsize=1)
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state for this process (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)``), once; True when granted. Without it the first tile instruction kills
+    the process with SIGILL, and TVM's runtime does not ask. Only for x86-64 Linux hosts with AMX."""
+    import ctypes
+
+    if platform.system() != "Linux" or "amx_tile" not in detect().flags:
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 @lru_cache(maxsize=1)

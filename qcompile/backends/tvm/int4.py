@@ -57,21 +57,25 @@ def padded_n(n: int) -> int:
     return (n + LANES - 1) // LANES * LANES
 
 
-def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int):
-    """(packed codes ``[Np/16, K/8, 64]`` uint8, scales, zeros ``[Np/16, K/g, 16]`` float32).
+def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int, pad_k: bool = False):
+    """(packed codes ``[Np/16, Kp/8, 64]`` uint8, scales, zeros ``[Np/16, Kp/g, 16]`` float32).
 
-    ``q``: uint4 codes ``[N, K]`` in 0..15; ``scale``/``zero``: ``[N, K/g]``. ``group`` must divide
-    ``K`` (every built group is a multiple of 8, so ``K`` is too)."""
+    ``q``: uint4 codes ``[N, K]`` in 0..15; ``scale``/``zero``: ``[N, ceil(K/g)]``. ``group`` must
+    divide ``K`` (``Kp = K``; every built group is a multiple of 8, so ``K`` is too), unless
+    ``pad_k``: then ``K`` (a multiple of 8) is padded with zero codes to ``Kp``, a multiple of the
+    group (a short last group, as the reference quantizes it; the int8-activation kernels pad the
+    activations with zero codes too, so the padding adds nothing)."""
     n, k = q.shape
     if group not in GROUPS:
         raise ValueError(f"group size {group} has no int4 kernel (built: {GROUPS})")
-    if k % group:
+    if k % group and not (pad_k and k % KW == 0):
         raise ValueError(f"group size {group} does not divide K={k}")
     if q.min() < 0 or q.max() > 15:
         raise ValueError("uint4 codes must lie in 0..15")
-    np_, ng = padded_n(n), k // group
+    np_, ng = padded_n(n), -(-k // group)
+    k = ng * group
     qp = np.zeros((np_, k), np.uint8)
-    qp[:n] = q
+    qp[:n, :q.shape[1]] = q
     byte = (qp[:, 0::2] | (qp[:, 1::2] << 4)).astype(np.uint8)              # [Np, K/2]
     packed = np.ascontiguousarray(byte.reshape(np_ // LANES, LANES, k // KW, 4).transpose(0, 2, 1, 3)
                                   .reshape(np_ // LANES, k // KW, 4 * LANES))
@@ -267,7 +271,7 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, s: torch.Tensor, z: tor
     q = torch.from_numpy(unpack_int4(w_packed.numpy())).float()                       # [Np, K]
     lay = lambda t: t.permute(0, 2, 1).reshape(q.shape[0], -1).repeat_interleave(group, 1)  # noqa: E731
     w = (q - lay(z)) * lay(s)
-    return torch.nn.functional.linear(x.float(), w[:n], bias[:n])
+    return torch.nn.functional.linear(x.float(), w[:n, :x.shape[-1]], bias[:n])   # K may be padded
 
 
 @int4_linear.register_fake
@@ -276,6 +280,28 @@ def _(x, w_packed, s, z, bias, n, group):
 
 
 INT4_LINEAR = torch.ops.qcompile_tvm.int4_linear.default
+
+
+def int4_weight_reason(gm, node, short_last_group: bool = False) -> tuple[str | None, int]:
+    """(why the uint4 weight of Linear ``node`` has no int4 kernel, or None; its group size). A
+    group wider than K is one group of K (how convert writes it). Shared by the weight-only and
+    the int8-activation passes; ``short_last_group``: a group that does not divide K is taken
+    when K is a multiple of 8 (``pack_int4(..., pad_k=True)``)."""
+    dqw = node.args[1]
+    q, s = get_attr_tensor(gm, dqw.args[0]), get_attr_tensor(gm, dqw.args[1])
+    z = get_attr_tensor(gm, dqw.args[2]) if dqw.args[2] is not None else None
+    if q is None or s is None or z is None or q.dim() != 2:
+        return "int4 weight codes, scale or zero point are not constant 2-D tensors", 0
+    k = q.shape[1]
+    group = min(dqw.args[4], k)
+    if group not in GROUPS:
+        return f"int4 group size {group} has no TVM kernel (built: {GROUPS})", group
+    if k % group and not (short_last_group and k % KW == 0):
+        return f"int4 group size {group} does not divide K={k}" + (
+            f" and K is not a multiple of {KW}" if short_last_group else ""), group
+    if s.shape != (q.shape[0], -(-k // group)) or z.shape != s.shape:
+        return f"int4 scale/zero point of shape {tuple(s.shape)} are not per group", group
+    return variable_bias(gm, node), group
 
 
 class FuseInt4LinearPass(Pass):
@@ -289,22 +315,9 @@ class FuseInt4LinearPass(Pass):
         self.fused: list[str] = []
 
     def _why_not(self, gm, node) -> str | None:
-        dqa, dqw = node.args[0], node.args[1]
-        if getattr(dqa, "target", None) == DEQUANTIZE:
-            return "int4 weights with quantized activations have no TVM kernel"
-        q, s = get_attr_tensor(gm, dqw.args[0]), get_attr_tensor(gm, dqw.args[1])
-        z = get_attr_tensor(gm, dqw.args[2]) if dqw.args[2] is not None else None
-        if q is None or s is None or z is None or q.dim() != 2:
-            return "int4 weight codes, scale or zero point are not constant 2-D tensors"
-        k = q.shape[1]
-        group = min(dqw.args[4], k)  # a group wider than K is one group of K (how convert writes it)
-        if group not in GROUPS:
-            return f"int4 group size {group} has no TVM kernel (built: {GROUPS})"
-        if k % group:
-            return f"int4 group size {group} does not divide K={k}"
-        if s.shape != (q.shape[0], k // group) or z.shape != s.shape:
-            return f"int4 scale/zero point of shape {tuple(s.shape)} are not per group"
-        return variable_bias(gm, node)
+        if getattr(node.args[0], "target", None) == DEQUANTIZE:
+            return "int4 weights on quantized activations are FuseInt4A8LinearPass's (int4_a8.py)"
+        return int4_weight_reason(gm, node)[0]
 
     def call(self, gm):
         modified = False
@@ -345,25 +358,43 @@ class Int4LinearConverter:
     def __call__(self, node, imp):
         from tvm import relax
 
-        op, bb = relax.op, imp.block_builder
-        x = imp.env[node.args[0]]
-        packed, s, z, bias = (imp.env[a] for a in node.args[1:5])
-        n, group = node.args[5], node.args[6]
-        k = int(packed.ty.shape[1]) * KW
-        np_ = int(packed.ty.shape[0]) * LANES
-        if x.ty.shape is None:  # the importer lost the shape: name its dims
-            from tvm import tirx
-
-            dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(x.ty.ndim - 1)]
-            x = bb.match_cast(x, relax.TensorType([*dims, k], x.ty.dtype))
-        lead = list(x.ty.shape.values[:-1])
-        x2 = bb.emit(op.reshape(bb.emit(op.astype(x, "float32")), (-1, k)))
+        bb = imp.block_builder
+        x2, lead, (packed, s, z, bias), n, group = call_operands(node, imp)
+        k, np_ = int(packed.ty.shape[1]) * KW, int(packed.ty.shape[0]) * LANES
         key = (k, np_, group)
         if key not in self.kernels:
             name = f"qgemm_int4_k{k}_n{np_}_g{group}"
             self.kernels[key] = bb.add_func(int4_kernel(k, np_, group).with_attr("global_symbol", name), name)
         out = bb.emit(relax.call_tir(self.kernels[key], [x2, packed, s, z, bias],
                                      out_ty=relax.TensorType((x2.ty.shape[0], np_), "float32")))
-        if np_ != n:
-            out = bb.emit(op.strided_slice(out, axes=[1], begin=[0], end=[n]))
-        return bb.emit(op.reshape(out, (*lead, n)))
+        return call_result(bb, out, n, lead)
+
+
+def call_operands(node, imp):
+    """For a converter of ``int4_linear`` / ``int4_a8_linear`` (args ``x, packed, s, z, bias, n,
+    group``): ``x`` as float32 rows ``[m, K]`` (``K`` its own, which a padded weight exceeds), its
+    leading dims, the four packed operands, ``n`` and ``group``."""
+    from tvm import relax
+
+    op, bb = relax.op, imp.block_builder
+    x = imp.env[node.args[0]]
+    packed = imp.env[node.args[1]]
+    val = node.args[0].meta.get("val")
+    k = int(val.shape[-1]) if isinstance(val, torch.Tensor) else int(packed.ty.shape[1]) * KW
+    if x.ty.shape is None:  # the importer lost the shape: name its dims
+        from tvm import tirx
+
+        dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(x.ty.ndim - 1)]
+        x = bb.match_cast(x, relax.TensorType([*dims, k], x.ty.dtype))
+    lead = list(x.ty.shape.values[:-1])
+    x2 = bb.emit(op.reshape(bb.emit(op.astype(x, "float32")), (-1, k)))
+    return x2, lead, [imp.env[a] for a in node.args[1:5]], node.args[5], node.args[6]
+
+
+def call_result(bb, out, n: int, lead):
+    """A kernel's ``[m, Np]`` output without its padding columns, reshaped to ``[*lead, n]``."""
+    from tvm import relax
+
+    if int(out.ty.shape[1]) != n:
+        out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
+    return bb.emit(relax.op.reshape(out, (*lead, n)))

@@ -18,10 +18,12 @@ With ``epilogue=`` the kernel goes on to an activation and a static quantize and
 ``int8`` codes (:mod:`.epilogue` decides when); :func:`layer_norm_quantize_kernel` is the same
 idea for a LayerNorm whose output feeds both a residual and a quantize.
 
-Families (:data:`FAMILIES`): ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm) and ``generic`` (plain
-integer multiply-adds that LLVM vectorises for whatever the target has, AVX2 included). Both are
-bit-exact against an int32 reference (tests/test_tvm_kernels.py). An AMX family is not built (see
-docs/tvm.md).
+Families (:data:`FAMILIES`): ``amx`` (AMX-INT8 ``tdpbusd`` on 32 x 32 blocks of tiles, the rows
+left over on ``vnni``; :func:`_amx_macros`), ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm), ``avx2``
+(``vpmaddwd`` on codes widened to 16 bits: exact, unlike ``vpmaddubsw``, whose 16-bit pair sums
+saturate) and ``generic`` (plain integer multiply-adds that LLVM vectorises for any target). All
+are bit-exact against an int64 reference (tests/test_tvm_kernels.py); the AMX loop nest is also
+checked with emulated tile instructions on hosts without AMX (``family="amx-emulated"``).
 
 Two facts of TVM 0.27 + LLVM 22 shape this code: ``llvm.x86.avx512.vpdpbusd.512`` takes its
 operands as ``<64 x i8>`` (TVM's built-in VNNI intrinsic passes ``<16 x i32>`` and fails to build),
@@ -34,8 +36,11 @@ from __future__ import annotations
 import numpy as np
 
 MR, NR = 5, 3          # register tile: 5 rows x 3 blocks of 16 columns (15 accumulators, 960 bytes)
-FAMILIES = ("vnni", "generic")
+FAMILIES = ("amx", "vnni", "avx2", "generic")
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+# avx2: 16 ymm registers; a row x block of 16 columns takes 4 accumulators (two partial sums per column)
+AVX2_MR, AVX2_NR = 3, 1
+PMADDWD = "llvm.x86.avx2.pmadd.wd"
 
 
 def padded_n(n: int) -> int:
@@ -131,10 +136,16 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
     stores codes. Three arguments come before ``out``: ``cm`` f32 ``[Np]`` (the per-column factor,
     ones when there is none: SmoothQuant's inverse smoothing scale of the next Linear), ``qinv``
     f32 ``[1]`` (``1 / scale``) and ``qz`` i32 ``[1]`` (the zero point); ``out`` is ``[m, Np]`` of
-    ``out_dtype``."""
+    ``out_dtype``.
+
+    ``family="amx"``: blocks of 32 rows on AMX tiles (:func:`_amx_macros`), the rows left over on
+    the ``vnni`` tiles; a ``K`` that is not a multiple of :data:`AMX_K` gets the ``vnni`` kernel.
+    ``family="amx-emulated"``: the same loop nest with each tile instruction replaced by a scalar
+    TIR loop of the same meaning, and the leftover rows on ``generic`` tiles, so the AMX family's
+    addressing, tiling and epilogue are tested on any host (slow: for tests only)."""
     from tvm.script import tirx as T
 
-    if family not in FAMILIES:
+    if family not in FAMILIES + (AMX_EMULATED,):
         raise ValueError(f"unknown kernel family '{family}' (built: {', '.join(FAMILIES)})")
     if k % 4 or np_ % (16 * NR):
         raise ValueError(f"K={k} must be a multiple of 4 and Np={np_} of {16 * NR}")
@@ -144,37 +155,16 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
         raise ValueError(f"unknown epilogue {epilogue!r} (activations {', '.join(ACTIVATIONS)}; codes uint8 or int8)")
     quant = epilogue is not None
     k4, nb = k // 4, np_ // 16
-    nr1 = 6 if nb % 6 == 0 else NR
+    avx2 = family == "avx2"
+    mr_t, nr_t = (AVX2_MR, AVX2_NR) if avx2 else (MR, NR)
+    nr1 = 6 if nb % 6 == 0 and not avx2 else NR
     pr = 1 if per_row else 0
-    vnni = family == "vnni"
+    amx = family in ("amx", AMX_EMULATED) and k % AMX_K == 0
+    vnni = family in ("vnni", "amx")   # the emulated AMX family runs its leftover rows on generic tiles
 
     @T.macro
-    def tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr):
-        # stack-allocated accumulators (see the module docstring for why the scope is "global")
-        acc = T.decl_buffer((mr * nr * 16,), "int32", scope="global")
-        av = T.decl_buffer((mr * 16,), "int32", scope="global")
-        bv = T.decl_buffer((nr * 64,), "int8", scope="global")
-        for t in T.unroll(mr * nr):
-            acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
-        for kk in range(k4):
-            if vnni:
-                for jb in T.unroll(nr):
-                    bv[T.ramp(jb * 64, 1, 64)] = B.vload([jb0 + jb, kk, 0], "int8x64")
-                for ii in T.unroll(mr):
-                    av[T.ramp(ii * 16, 1, 16)] = T.broadcast(A4[(row0 + ii) * k4 + kk], 16)
-                for ii in T.unroll(mr):
-                    for jb in T.unroll(nr):
-                        acc[T.ramp((ii * nr + jb) * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                            "int32x16", VPDPBUSD, acc.vload([(ii * nr + jb) * 16], "int32x16"),
-                            T.reinterpret("uint8x64", av.vload([ii * 16], "int32x16")),
-                            bv.vload([jb * 64], "int8x64"))
-            else:
-                for ii in T.unroll(mr):
-                    for jb in T.unroll(nr):
-                        for q in T.unroll(4):
-                            for j in T.vectorized(16):
-                                acc[(ii * nr + jb) * 16 + j] = acc[(ii * nr + jb) * 16 + j] + T.Cast(
-                                    "int32", A[row0 + ii, kk * 4 + q]) * T.Cast("int32", B[jb0 + jb, kk, j * 4 + q])
+    def finish(acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr):
+        # the epilogue of an mr x (nr blocks of 16) tile whose int32 sums are acc[(ii * nr + jb) * 16 + j]
         for ii in range(mr):
             for jb in range(nr):
                 for j in T.vectorized(16):
@@ -187,6 +177,85 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
                         O[row0 + ii, (jb0 + jb) * 16 + j] = T.Cast(
                             "float32", acc[(ii * nr + jb) * 16 + j] - ZA[(row0 + ii) * pr] * CS[(jb0 + jb) * 16 + j]
                         ) * (SA[(row0 + ii) * pr] * SW[(jb0 + jb) * 16 + j]) + BIAS[(jb0 + jb) * 16 + j]
+
+    @T.macro
+    def tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr):
+        # stack-allocated accumulators (see the module docstring for why the scope is "global")
+        acc = T.decl_buffer((mr * nr * 16,), "int32", scope="global")
+        av = T.decl_buffer((mr * 16,), "int32", scope="global")
+        bv = T.decl_buffer((nr * 64,), "int8", scope="global")
+        acc2 = T.decl_buffer((mr * nr * 32 if avx2 else 1,), "int32", scope="global")
+        aw = T.decl_buffer((mr * 16 if avx2 else 1,), "int16", scope="global")
+        wv = T.decl_buffer((nr * 64 if avx2 else 1,), "int16", scope="global")
+        for t in T.unroll(mr * nr):
+            acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+            if avx2:
+                acc2[T.ramp(t * 32, 1, 32)] = T.broadcast(T.int32(0), 32)
+        for kk in range(k4):
+            if vnni:
+                for jb in T.unroll(nr):
+                    bv[T.ramp(jb * 64, 1, 64)] = B.vload([jb0 + jb, kk, 0], "int8x64")
+                for ii in T.unroll(mr):
+                    av[T.ramp(ii * 16, 1, 16)] = T.broadcast(A4[(row0 + ii) * k4 + kk], 16)
+                for ii in T.unroll(mr):
+                    for jb in T.unroll(nr):
+                        acc[T.ramp((ii * nr + jb) * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                            "int32x16", VPDPBUSD, acc.vload([(ii * nr + jb) * 16], "int32x16"),
+                            T.reinterpret("uint8x64", av.vload([ii * 16], "int32x16")),
+                            bv.vload([jb * 64], "int8x64"))
+            elif avx2:
+                # exact u8 x s8 without VNNI: both sides widened to 16 bits, vpmaddwd adds a pair of
+                # products into each int32 lane (vpmaddubsw would saturate 16-bit pair sums). 16 bytes
+                # of a packed group are 4 columns x 4 k: lane 2c + p holds column c's k-pair p, so the
+                # activation vector is the 4 codes widened and repeated; the pair lanes add up after the loop.
+                # (Widening A and B to int16 copies once, outside the loop, measured no faster.)
+                for jb in T.unroll(nr):
+                    for h in T.unroll(4):
+                        wv[T.ramp((jb * 4 + h) * 16, 1, 16)] = T.Cast(
+                            "int16x16", B.vload([jb0 + jb, kk, h * 16], "int8x16"))
+                for ii in T.unroll(mr):
+                    aw[T.ramp(ii * 16, 1, 16)] = T.reinterpret("int16x16", T.broadcast(T.reinterpret(
+                        "int64", T.Cast("int16x4", A.vload([row0 + ii, kk * 4], "uint8x4"))), 4))
+                for ii in T.unroll(mr):
+                    for jb in T.unroll(nr):
+                        for h in T.unroll(4):
+                            acc2[T.ramp(((ii * nr + jb) * 4 + h) * 8, 1, 8)] = acc2.vload(
+                                [((ii * nr + jb) * 4 + h) * 8], "int32x8") + T.call_llvm_pure_intrin(
+                                "int32x8", PMADDWD, aw.vload([ii * 16], "int16x16"),
+                                wv.vload([(jb * 4 + h) * 16], "int16x16"))
+            else:
+                for ii in T.unroll(mr):
+                    for jb in T.unroll(nr):
+                        for q in T.unroll(4):
+                            for j in T.vectorized(16):
+                                acc[(ii * nr + jb) * 16 + j] = acc[(ii * nr + jb) * 16 + j] + T.Cast(
+                                    "int32", A[row0 + ii, kk * 4 + q]) * T.Cast("int32", B[jb0 + jb, kk, j * 4 + q])
+        if avx2:
+            for t in T.unroll(mr * nr):
+                for j in T.vectorized(16):
+                    acc[t * 16 + j] = acc2[t * 32 + j * 2] + acc2[t * 32 + j * 2 + 1]
+        finish(acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr)
+
+    @T.macro
+    def rows(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row_start, m):
+        # rows row_start .. m on the vector tiles: MR-row tiles, then one row at a time
+        for jo in range(nb // nr_t):
+            for io in range((m - row_start) // mr_t):
+                tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row_start + io * mr_t, mr_t, jo * nr_t, nr_t)
+        for r in range((m - row_start) % mr_t):
+            for jo in range(nb // nr1):
+                tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row_start + (m - row_start) // mr_t * mr_t + r, 1,
+                     jo * nr1, nr1)
+
+    amx_rows = _amx_macros(k, nb, family == AMX_EMULATED, finish) if amx else None
+
+    @T.macro
+    def body(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, m):
+        if amx:
+            amx_rows(A, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, m)
+            rows(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, m // AMX_M * AMX_M, m)
+        else:
+            rows(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, 0, m)
 
     @T.prim_func
     def gemm(a: T.handle, w: T.handle, cs: T.handle, sa: T.handle, za: T.handle, sw: T.handle,
@@ -203,12 +272,7 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
         BIAS = T.match_buffer(bias, (np_,), "float32")
         O = T.match_buffer(o, (m, np_), "float32")
         A4 = T.decl_buffer((m * k4,), "int32", data=A.data)  # 4 codes of one row as one int32
-        for jo in range(nb // NR):
-            for io in range(m // MR):
-                tile(A, A4, B, CS, SA, ZA, SW, BIAS, SW, SW, CS, O, io * MR, MR, jo * NR, NR)
-        for r in range(m % MR):
-            for jo in range(nb // nr1):
-                tile(A, A4, B, CS, SA, ZA, SW, BIAS, SW, SW, CS, O, m // MR * MR + r, 1, jo * nr1, nr1)
+        body(A, A4, B, CS, SA, ZA, SW, BIAS, SW, SW, CS, O, m)
 
     @T.prim_func
     def gemm_q(a: T.handle, w: T.handle, cs: T.handle, sa: T.handle, za: T.handle, sw: T.handle,
@@ -228,14 +292,140 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
         QZ = T.match_buffer(qz, (1,), "int32")
         O = T.match_buffer(o, (m, np_), out_dtype)
         A4 = T.decl_buffer((m * k4,), "int32", data=A.data)  # 4 codes of one row as one int32
-        for jo in range(nb // NR):
-            for io in range(m // MR):
-                tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, io * MR, MR, jo * NR, NR)
-        for r in range(m % MR):
-            for jo in range(nb // nr1):
-                tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, m // MR * MR + r, 1, jo * nr1, nr1)
+        body(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, m)
 
     return gemm_q if quant else gemm
+
+
+# AMX (Sapphire Rapids and later): eight tile registers of 16 rows x 64 bytes. ``tdpbusd`` adds
+# to a 16 x 16 int32 tile the products of a 16 x 64 u8 tile (16 rows of A, 64 consecutive k) and a
+# 16 x 64 s8 tile in VNNI order (16 groups of 4 k, each 16 columns x 4 bytes): exactly 16
+# consecutive rows of pack_weights' [Np/16, K/4, 64] layout, 1 KiB contiguous.
+AMX_M, AMX_K = 32, 64      # 2 x 2 accumulator tiles cover 32 rows x 32 columns; one tile row is 64 k
+AMX_CHUNK = 8              # blocks of 32 rows per pass over the weights: 256 rows of A stay in L2
+AMX_EMULATED = "amx-emulated"
+
+
+def _amx_macros(k: int, nb: int, emulate: bool, finish):
+    """The AMX part of :func:`gemm_kernel`: a macro over the rows ``0 .. m // 32 * 32``.
+
+    Loop nest: chunks of :data:`AMX_CHUNK` row blocks (A's chunk stays in L2), then pairs of column
+    blocks (B's 32-column panel, ``K * 32`` bytes, stays in L1/L2), then the row blocks of the
+    chunk; for each 32 x 32 block, tiles tmm0..3 accumulate over ``K / 64`` steps of two A tiles
+    (tmm4, tmm5) and two B tiles (tmm6, tmm7), are stored to a 4 KiB int32 scratch in the layout
+    ``finish`` reads, and ``finish`` (the shared float/requantize epilogue) writes the block.
+
+    The tile configuration is loaded once per call (``ldtilecfg`` costs ~580 cycles) and only when
+    there is a full block, so the GEMV path never touches the tiles. Linux must have granted the
+    process the tile state first (:func:`~.host.request_amx`), else the first tile instruction
+    raises SIGILL. With ``emulate``, each tile instruction is a scalar loop over a byte array of
+    eight 1 KiB tiles with the same operands (row stride in bytes, tile ids), so everything but the
+    instructions themselves is checked on any host."""
+    from tvm.script import tirx as T
+
+    k4, nk = k // 4, k // AMX_K
+
+    @T.macro
+    def t_config():
+        cfg = T.decl_buffer((64,), "uint8", scope="global")
+        for i in range(64):
+            cfg[i] = T.uint8(0)
+        cfg[0] = T.uint8(1)                     # palette 1
+        for t in T.unroll(8):
+            cfg[16 + 2 * t] = T.uint8(64)       # colsb[t]: 64 bytes per row (u16, little endian)
+            cfg[48 + t] = T.uint8(16)           # rows[t]
+        if not emulate:
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+
+    @T.macro
+    def t_zero(treg32, t):
+        if emulate:
+            for i in range(256):
+                treg32[t * 256 + i] = 0
+        else:
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.uint8(t)))
+
+    @T.macro
+    def t_load(treg, t, src, offset, stride):
+        # 16 rows of 64 bytes from the flat byte buffer src, row r at offset + r * stride
+        if emulate:
+            for r, c in T.grid(16, 64):
+                treg[t * 1024 + r * 64 + c] = T.Cast("int8", src[offset + r * stride + c])
+        else:
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.uint8(t), T.address_of(src[offset]),
+                                          T.int64(stride)))
+
+    @T.macro
+    def t_dpbusd(treg, treg32, d, a, b):
+        if emulate:
+            for mm, nn, kq, i in T.grid(16, 16, 16, 4):
+                treg32[d * 256 + mm * 16 + nn] = treg32[d * 256 + mm * 16 + nn] + T.Cast(
+                    "int32", T.Cast("uint8", treg[a * 1024 + mm * 64 + kq * 4 + i])) * T.Cast(
+                    "int32", treg[b * 1024 + kq * 64 + nn * 4 + i])
+        else:
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.uint8(d), T.uint8(a), T.uint8(b)))
+
+    @T.macro
+    def t_store(treg32, t, dst, offset, stride):
+        # 16 rows of 16 int32 to dst, row r at offset + r * stride (in int32 elements)
+        if emulate:
+            for r, c in T.grid(16, 16):
+                dst[offset + r * stride + c] = treg32[t * 256 + r * 16 + c]
+        else:
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.uint8(t), T.address_of(dst[offset]),
+                                          T.int64(stride * 4)))
+
+    @T.macro
+    def block(A1, B1, treg, treg32, acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, jb0, nr):
+        # a 32 x (16 * nr) block: tile 2 * mi + ni accumulates rows 16 mi.., column block jb0 + ni
+        t_zero(treg32, 0)
+        t_zero(treg32, 2)
+        if nr == 2:
+            t_zero(treg32, 1)
+            t_zero(treg32, 3)
+        for kc in range(nk):
+            t_load(treg, 4, A1, row0 * k + kc * AMX_K, k)
+            t_load(treg, 5, A1, (row0 + 16) * k + kc * AMX_K, k)
+            t_load(treg, 6, B1, (jb0 * k4 + kc * 16) * 64, 64)
+            if nr == 2:
+                t_load(treg, 7, B1, ((jb0 + 1) * k4 + kc * 16) * 64, 64)
+            t_dpbusd(treg, treg32, 0, 4, 6)
+            t_dpbusd(treg, treg32, 2, 5, 6)
+            if nr == 2:
+                t_dpbusd(treg, treg32, 1, 4, 7)
+                t_dpbusd(treg, treg32, 3, 5, 7)
+        t_store(treg32, 0, acc, 0, nr * 16)
+        t_store(treg32, 2, acc, 16 * nr * 16, nr * 16)
+        if nr == 2:
+            t_store(treg32, 1, acc, 16, nr * 16)
+            t_store(treg32, 3, acc, 16 * nr * 16 + 16, nr * 16)
+        finish(acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, AMX_M, jb0, nr)
+
+    @T.macro
+    def amx_rows(A, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, m):
+        A1 = T.decl_buffer((m * k,), "uint8", data=A.data)
+        B1 = T.decl_buffer((nb * k4 * 64,), "int8", data=B.data)
+        acc = T.decl_buffer((AMX_M * 32,), "int32", scope="global")   # 4 KiB, once per call
+        # emulation only: the eight tiles' bytes, and the accumulator tiles 0..3 as int32
+        treg = T.decl_buffer((8 * 1024 if emulate else 1,), "int8", scope="global")
+        treg32 = T.decl_buffer((4 * 256 if emulate else 1,), "int32", scope="global")
+        nblk = m // AMX_M
+        if nblk > 0:
+            t_config()
+            for mc in range((nblk + AMX_CHUNK - 1) // AMX_CHUNK):
+                for jo in range(nb // 2):
+                    for io in range(T.min(AMX_CHUNK, nblk - mc * AMX_CHUNK)):
+                        block(A1, B1, treg, treg32, acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O,
+                              (mc * AMX_CHUNK + io) * AMX_M, jo * 2, 2)
+                if nb % 2 == 1:
+                    for io in range(T.min(AMX_CHUNK, nblk - mc * AMX_CHUNK)):
+                        block(A1, B1, treg, treg32, acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O,
+                              (mc * AMX_CHUNK + io) * AMX_M, nb - 1, 1)
+            if not emulate:
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+
+    return amx_rows
+
 
 
 def vnni_peak_kernel(iters: int, accumulators: int = 12):
@@ -265,6 +455,49 @@ def vnni_peak_kernel(iters: int, accumulators: int = 12):
                     T.reinterpret("uint8x64", av.vload([0], "int32x16")), bv.vload([0], "int8x64"))
         for t in T.unroll(nacc):
             O[T.ramp(t * 16, 1, 16)] = acc.vload([t * 16], "int32x16")
+
+    return peak
+
+
+def amx_peak_kernel(iters: int):
+    """A loop of ``tdpbusd`` on tile registers only (tiles loaded once): the host's AMX-INT8 peak.
+    Arguments: ``a`` u8 ``[16 * 64]``, ``b`` s8 ``[16 * 64]``, ``out`` i32 ``[4 * 256]`` (the four
+    accumulator tiles). One call does ``iters * 4 * 16 * 16 * 64 * 2`` int8 operations. Needs
+    :func:`~.host.request_amx` before the call, and an AMX host: never run it elsewhere."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def intrin(name, *args):
+        T.evaluate(T.call_llvm_intrin("void", name, *args))
+
+    @T.prim_func
+    def peak(a: T.handle, b: T.handle, o: T.handle):
+        T.func_attr({"tir.noalias": True})
+        A = T.match_buffer(a, (1024,), "uint8")
+        B = T.match_buffer(b, (1024,), "int8")
+        O = T.match_buffer(o, (1024,), "int32")
+        cfg = T.decl_buffer((64,), "uint8", scope="global")
+        for i in range(64):
+            cfg[i] = T.uint8(0)
+        cfg[0] = T.uint8(1)
+        for t in T.unroll(8):
+            cfg[16 + 2 * t] = T.uint8(64)
+            cfg[48 + t] = T.uint8(16)
+        intrin("llvm.x86.ldtilecfg", T.address_of(cfg[0]))
+        for t in T.unroll(4):
+            intrin("llvm.x86.tilezero", T.uint8(t))
+        intrin("llvm.x86.tileloadd64", T.uint8(4), T.address_of(A[0]), T.int64(64))
+        intrin("llvm.x86.tileloadd64", T.uint8(5), T.address_of(A[0]), T.int64(64))
+        intrin("llvm.x86.tileloadd64", T.uint8(6), T.address_of(B[0]), T.int64(64))
+        intrin("llvm.x86.tileloadd64", T.uint8(7), T.address_of(B[0]), T.int64(64))
+        for it in range(iters):
+            intrin("llvm.x86.tdpbusd", T.uint8(0), T.uint8(4), T.uint8(6))
+            intrin("llvm.x86.tdpbusd", T.uint8(1), T.uint8(4), T.uint8(7))
+            intrin("llvm.x86.tdpbusd", T.uint8(2), T.uint8(5), T.uint8(6))
+            intrin("llvm.x86.tdpbusd", T.uint8(3), T.uint8(5), T.uint8(7))
+        for t in T.unroll(4):
+            intrin("llvm.x86.tilestored64", T.uint8(t), T.address_of(O[t * 256]), T.int64(64))
+        intrin("llvm.x86.tilerelease")
 
     return peak
 

@@ -1,7 +1,9 @@
 """Lower a converted qcompile model to a TVM Relax module and build it for the host CPU.
 
-Steps: copy the Q/DQ graph → :class:`~.int4.FuseInt4LinearPass` (int4 weight-only Linears) →
-:class:`~.fuse.FuseInt8LinearPass` (integer GEMMs with packed weights) → :mod:`.epilogue`'s passes
+Steps: copy the Q/DQ graph → :class:`~.int4_a8.FuseInt4A8LinearPass` (int4 weights on int8
+activations quantized per token and group) → :class:`~.int4.FuseInt4LinearPass` (int4 weight-only Linears) →
+:class:`~.fuse.FuseInt8LinearPass` (integer GEMMs with packed weights) → :class:`~.conv.FuseInt8ConvPass`
+(conv2d as im2col + the same GEMM) → :mod:`.epilogue`'s passes
 (the static activation quantize after a GEMM or a LayerNorm fused into its kernel) → ``torch.export`` →
 core ATen decompositions → a check that every op has a converter (naming the node that has
 none) → ``relax.frontend.torch.from_exported_program`` with converters for qcompile's ops
@@ -24,9 +26,11 @@ from ..base import check_formats
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
 from . import kernels
+from .conv import FuseInt8ConvPass, Int8Conv2dConverter
 from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
 from .fuse import FuseInt8LinearPass
 from .int4 import FuseInt4LinearPass, Int4LinearConverter
+from .int4_a8 import FuseInt4A8LinearPass, Int4A8LinearConverter
 
 
 class NotBuiltError(BackendError, NotImplementedError):
@@ -37,8 +41,9 @@ def _fmt(node, fmt_name: str):
     fmt = get_format(fmt_name)
     if fmt.kind != "int" or fmt.bits != 8:
         raise NotBuiltError(f"node '{node.name}': the tvm backend does not lower format '{fmt_name}' yet "
-                            "(int8/uint8, and uint4 weight-only Linears with groups of 32/64/128 dividing K, which "
-                            "FuseInt4LinearPass takes; any other use of this format is not built)")
+                            "(int8/uint8, and uint4 Linears with groups of 32/64/128 dividing K, weight-only or on int8 "
+                            "activations quantized per token and group, which FuseInt4LinearPass / "
+                            "FuseInt4A8LinearPass take; any other use of this format is not built)")
     return fmt
 
 
@@ -154,7 +159,7 @@ class _Int8Linear:
         key = (k, np_, per_row, epilogue)
         if key not in self.kernels:
             tail = "" if epilogue is None else f"_{epilogue[0]}_{epilogue[1]}"
-            name = f"qgemm_{self.family}_k{k}_n{np_}{'_row' if per_row else ''}{tail}"
+            name = f"qgemm_{self.family.replace('-', '_')}_k{k}_n{np_}{'_row' if per_row else ''}{tail}"
             func = kernels.gemm_kernel(k, np_, per_row, self.family, epilogue).with_attr("global_symbol", name)
             self.kernels[key] = bb.add_func(func, name)
         m = a2.ty.shape[0]
@@ -298,26 +303,26 @@ def _unsupported(ep, convert_map) -> None:
 
 def import_relax(qmodel, family: str):
     """(Relax IRModule, the fusion pass that ran): the converted graph of ``qmodel`` in Relax."""
-    if qmodel._example is None:
-        raise BackendError("this model has no capture examples (it was loaded from disk): lowering a loaded "
-                           "model to tvm is not yet built; lower the model returned by quantize()")
+    args, kwargs, dynamic_shapes = qmodel.export_example("the tvm backend")  # before the work: a clear error
     gm = copy.deepcopy(qmodel.graph_module)
-    fuse4 = FuseInt4LinearPass()  # int4 weight-only Linears first: check_formats rejects what is left
-    PassManager([fuse4])(gm)
+    # int4 Linears first (on int8 activations, then weight-only): check_formats rejects what is left
+    fuse4a8, fuse4 = FuseInt4A8LinearPass(), FuseInt4LinearPass()
+    PassManager([fuse4a8, fuse4])(gm)
     check_formats(gm, "'tvm'", {"int8", "uint8"}, group_wise=False, error=NotBuiltError)
-    fuse, epilogue, norm = FuseInt8LinearPass(), FuseEpiloguePass(), FuseNormQuantizePass()
-    PassManager([fuse, epilogue, norm])(gm)
-    fuse.fused, fuse.skipped = fuse4.fused + fuse.fused, {**fuse4.skipped, **fuse.skipped}
+    fuse, conv, epilogue, norm = FuseInt8LinearPass(), FuseInt8ConvPass(), FuseEpiloguePass(), FuseNormQuantizePass()
+    PassManager([fuse, conv, epilogue, norm])(gm)
+    fuse.fused = fuse4a8.fused + fuse4.fused + fuse.fused + conv.fused
+    fuse.skipped = {**fuse4.skipped, **fuse4a8.skipped, **fuse.skipped, **conv.skipped}   # an a8 Linear: the a8 pass's reason
     fuse.epilogues = epilogue.fused + norm.fused   # int8_linear / layer_norm nodes whose kernel also quantizes
     prune_unused_tensors(gm)
-    args, kwargs, dynamic_shapes = qmodel._example
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
     int8 = _Int8Linear(family)
     custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
               "choose_qparams.default": _choose_qparams, "int8_linear.default": int8,
               "int8_linear_q.default": int8.requantized, "layer_norm_q.default": LayerNormQuantizeConverter(),
-              "int4_linear.default": Int4LinearConverter()}
+              "int4_linear.default": Int4LinearConverter(), "int4_a8_linear.default": Int4A8LinearConverter(family),
+              "int8_conv2d.default": Int8Conv2dConverter(family)}
     importer = _importer()
     _unsupported(ep, set(importer.convert_map) | set(custom))
     try:

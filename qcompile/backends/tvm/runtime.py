@@ -39,6 +39,12 @@ class TvmArtifact:
         self.family = meta.get("family")
         self.fused = meta.get("fused", [])
         self.skipped = meta.get("skipped", {})
+        if self.family == "amx":
+            from .host import request_amx
+
+            if not request_amx():   # else the first tile instruction kills the process (SIGILL)
+                raise ArtifactError("this tvm artifact uses AMX tiles, and Linux refused this process the AMX tile "
+                                    "state (arch_prctl ARCH_REQ_XCOMP_PERM); lower the model again with family='vnni'")
         self._dev = tvm.cpu()
         self.vm = relax.VirtualMachine(executable, self._dev)
         self._main = self.vm["main"]   # looked up once: a lookup per call costs microseconds
