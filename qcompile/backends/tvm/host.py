@@ -2,6 +2,7 @@
 kernel family (machines differ from day to day: never assume one processor)."""
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from functools import lru_cache
 
