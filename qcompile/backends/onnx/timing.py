@@ -21,10 +21,15 @@ ID = "onnx"
 
 
 def version() -> str:
-    """What the cache key records about the runtime (a new onnxruntime may pick other kernels)."""
+    """What the cache key records about the runtime (a new onnxruntime may pick other kernels) and
+    the int8 weight type lowering picks on this host (u8 x u8 kernels time differently; timings
+    cached before that choice existed were of the saturating u8 x s8 kernels)."""
     import onnxruntime
 
-    return f"onnxruntime-{onnxruntime.__version__}"
+    from ...cpu import cpu_info
+    from .weights import choose_int8_weights
+
+    return f"onnxruntime-{onnxruntime.__version__}-weights-{choose_int8_weights(cpu_info())[0]}"
 
 
 def lower(qmodel, target: str):
