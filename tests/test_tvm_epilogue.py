@@ -18,7 +18,7 @@ tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: 
 from qcompile.backends.tvm import kernels  # noqa: E402
 from qcompile.backends.tvm.epilogue import INT8_LINEAR_Q, FuseEpiloguePass  # noqa: E402
 from qcompile.backends.tvm.fuse import INT8_LINEAR, FuseInt8LinearPass  # noqa: E402
-from qcompile.backends.tvm.host import detect  # noqa: E402
+from qcompile.backends.tvm.host import detect, runnable_families  # noqa: E402
 from qcompile.backends.tvm.lower import import_relax  # noqa: E402
 from qcompile.ops import QUANTIZE  # noqa: E402
 
@@ -29,7 +29,7 @@ TIE = 2e-3
 
 
 def _families():
-    return [f for f in kernels.FAMILIES if f != "vnni" or HOST.has_vnni]
+    return [f for f in runnable_families() if f in kernels.FAMILIES]
 
 
 def _reference_codes(acc, za, cs, sa, sw, bias, cm, scale, zp, activation, out_dtype):

@@ -58,6 +58,14 @@ FAMILY_FLAGS = {"amx": ("amx_tile", "amx_int8", "avx512_vnni"), "vnni": ("avx512
                 "amx-emulated": ()}
 
 
+def runnable_families() -> list:
+    """The built integer kernel families this host can run (its flags, and for ``amx`` the tile
+    state granted): compiling a family's instructions for a host without them aborts the process."""
+    flags = detect().flags
+    return [f for f, need in FAMILY_FLAGS.items()
+            if all(x in flags for x in need) and (f != "amx" or request_amx())]
+
+
 def choose_family(flags: frozenset) -> str:
     """The fastest built kernel family the flags allow."""
     return next(f for f in ("amx", "vnni", "avx2", "generic") if all(x in flags for x in FAMILY_FLAGS[f]))
