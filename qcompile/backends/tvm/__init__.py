@@ -43,7 +43,7 @@ class TvmBackend:
                                 ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True)
 
     def lower(self, qmodel, family: str = "auto", threads: int = 0) -> TvmArtifact:
-        """``family``: ``auto`` (the best the host runs), ``amx``, ``vnni`` or ``generic``
+        """``family``: ``auto`` (the best the host runs), ``amx``, ``vnni``, ``avx2`` or ``generic``
         (``amx-emulated``: the AMX loop nest with scalar stand-ins for the tile instructions, to
         test it on hosts without AMX; slow). ``threads``: the target's core count (0: TVM's
         default; set ``TVM_NUM_THREADS`` to limit the runtime)."""

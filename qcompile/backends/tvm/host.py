@@ -68,7 +68,9 @@ def runnable_families() -> list:
 
 def choose_family(flags: frozenset) -> str:
     """The fastest built kernel family the flags allow."""
-    return next(f for f in ("amx", "vnni", "avx2", "generic") if all(x in flags for x in FAMILY_FLAGS[f]))
+    from .kernels import FAMILIES   # fastest first
+
+    return next(f for f in FAMILIES if all(x in flags for x in FAMILY_FLAGS[f]))
 
 
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158

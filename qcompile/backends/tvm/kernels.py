@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 MR, NR = 5, 3          # register tile: 5 rows x 3 blocks of 16 columns (15 accumulators, 960 bytes)
-FAMILIES = ("amx", "vnni", "avx2", "generic")
+FAMILIES = ("amx", "vnni", "avx2", "generic")   # fastest first: host.choose_family takes the first the host runs
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 # avx2: 16 ymm registers; a row x block of 16 columns takes 4 accumulators (two partial sums per column)
 AVX2_MR, AVX2_NR = 3, 1
