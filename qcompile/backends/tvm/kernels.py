@@ -162,21 +162,35 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
     amx = family in ("amx", AMX_EMULATED) and k % AMX_K == 0
     vnni = family in ("vnni", "amx")   # the emulated AMX family runs its leftover rows on generic tiles
 
+    def value(acc_sum, zc, sc, bias, cm, QI_, QZ_):
+        # what the epilogue stores for one int32 sum: y = (sum - za * colsum) * (sa * sw) + bias,
+        # or y's codes through the activation, the per-column factor cm and the static quantize
+        y = T.Cast("float32", acc_sum - zc) * sc + bias
+        return requantize_expr(activation_expr(activation, y), cm, QI_, QZ_, out_dtype) if quant else y
+
     @T.macro
-    def finish(acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr):
-        # the epilogue of an mr x (nr blocks of 16) tile whose int32 sums are acc[(ii * nr + jb) * 16 + j]
-        for ii in range(mr):
-            for jb in range(nr):
+    def finish(acc, off, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr):
+        # the epilogue of an mr x (nr blocks of 16) tile whose int32 sums are acc[off + (ii * nr + jb) * 16 + j].
+        # Column block by column block: with per-tensor activation parameters, za * colsum and
+        # sa * sw are the same for every row, so they are computed once per block (LLVM does not
+        # hoist them past the stores to O), in the same arithmetic, so the results do not change.
+        for jb in range(nr):
+            zc = T.decl_buffer((16,), "int32", scope="global")
+            sc = T.decl_buffer((16,), "float32", scope="global")
+            bc = T.decl_buffer((16,), "float32", scope="global")
+            for j in T.vectorized(16):
+                zc[j] = ZA[0] * CS[(jb0 + jb) * 16 + j]
+                sc[j] = SA[0] * SW[(jb0 + jb) * 16 + j]
+                bc[j] = BIAS[(jb0 + jb) * 16 + j]
+            for ii in range(mr):
                 for j in T.vectorized(16):
-                    if quant:
-                        O[row0 + ii, (jb0 + jb) * 16 + j] = requantize_expr(activation_expr(activation, T.Cast(
-                            "float32", acc[(ii * nr + jb) * 16 + j] - ZA[(row0 + ii) * pr] * CS[(jb0 + jb) * 16 + j]
-                        ) * (SA[(row0 + ii) * pr] * SW[(jb0 + jb) * 16 + j]) + BIAS[(jb0 + jb) * 16 + j]),
-                            CM[(jb0 + jb) * 16 + j], QI[0], QZ[0], out_dtype)
+                    if per_row:
+                        O[row0 + ii, (jb0 + jb) * 16 + j] = value(
+                            acc[off + (ii * nr + jb) * 16 + j], ZA[row0 + ii] * CS[(jb0 + jb) * 16 + j],
+                            SA[row0 + ii] * SW[(jb0 + jb) * 16 + j], bc[j], CM[(jb0 + jb) * 16 + j], QI[0], QZ[0])
                     else:
-                        O[row0 + ii, (jb0 + jb) * 16 + j] = T.Cast(
-                            "float32", acc[(ii * nr + jb) * 16 + j] - ZA[(row0 + ii) * pr] * CS[(jb0 + jb) * 16 + j]
-                        ) * (SA[(row0 + ii) * pr] * SW[(jb0 + jb) * 16 + j]) + BIAS[(jb0 + jb) * 16 + j]
+                        O[row0 + ii, (jb0 + jb) * 16 + j] = value(
+                            acc[off + (ii * nr + jb) * 16 + j], zc[j], sc[j], bc[j], CM[(jb0 + jb) * 16 + j], QI[0], QZ[0])
 
     @T.macro
     def tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr):
@@ -234,7 +248,7 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
             for t in T.unroll(mr * nr):
                 for j in T.vectorized(16):
                     acc[t * 16 + j] = acc2[t * 32 + j * 2] + acc2[t * 32 + j * 2 + 1]
-        finish(acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr)
+        finish(acc, 0, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr)
 
     @T.macro
     def rows(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row_start, m):
@@ -304,6 +318,7 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
 AMX_M, AMX_K = 32, 64      # 2 x 2 accumulator tiles cover 32 rows x 32 columns; one tile row is 64 k
 AMX_CHUNK = 8              # blocks of 32 rows per pass over the weights: 256 rows of A stay in L2
 AMX_EMULATED = "amx-emulated"
+AMX_BLOCK = AMX_M * 32     # int32 sums of one 32 x 32 block: one half of the scratch
 
 
 def _amx_macros(k: int, nb: int, emulate: bool, finish):
@@ -312,8 +327,9 @@ def _amx_macros(k: int, nb: int, emulate: bool, finish):
     Loop nest: chunks of :data:`AMX_CHUNK` row blocks (A's chunk stays in L2), then pairs of column
     blocks (B's 32-column panel, ``K * 32`` bytes, stays in L1/L2), then the row blocks of the
     chunk; for each 32 x 32 block, tiles tmm0..3 accumulate over ``K / 64`` steps of two A tiles
-    (tmm4, tmm5) and two B tiles (tmm6, tmm7), are stored to a 4 KiB int32 scratch in the layout
-    ``finish`` reads, and ``finish`` (the shared float/requantize epilogue) writes the block.
+    (tmm4, tmm5) and two B tiles (tmm6, tmm7), and are stored to one half of an 8 KiB int32
+    scratch in the layout ``finish`` reads; ``finish`` (the shared float/requantize epilogue)
+    writes the block from there while the tiles compute the next block (see ``block``).
 
     The tile configuration is loaded once per call (``ldtilecfg`` costs ~580 cycles) and only when
     there is a full block, so the GEMV path never touches the tiles. Linux must have granted the
@@ -324,6 +340,7 @@ def _amx_macros(k: int, nb: int, emulate: bool, finish):
     from tvm.script import tirx as T
 
     k4, nk = k // 4, k // AMX_K
+    rps = (AMX_M + nk - 1) // nk   # epilogue rows per k step: the previous block is done when this one is
 
     @T.macro
     def t_config():
@@ -376,8 +393,22 @@ def _amx_macros(k: int, nb: int, emulate: bool, finish):
                                           T.int64(stride * 4)))
 
     @T.macro
-    def block(A1, B1, treg, treg32, acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, jb0, nr):
-        # a 32 x (16 * nr) block: tile 2 * mi + ni accumulates rows 16 mi.., column block jb0 + ni
+    def finish_pending(acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, r0, r1):
+        # rows r0 .. r1 of the pending block's epilogue (in the scratch half other than pend[3]'s), if any
+        if pend[2] == 2:
+            finish(acc, (1 - pend[3]) * AMX_BLOCK + r0 * 32, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, pend[0] + r0, r1 - r0,
+                   pend[1], 2)
+        elif pend[2] == 1:
+            finish(acc, (1 - pend[3]) * AMX_BLOCK + r0 * 16, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, pend[0] + r0, r1 - r0,
+                   pend[1], 1)
+
+    @T.macro
+    def block(A1, B1, treg, treg32, acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, jb0, nr):
+        # a 32 x (16 * nr) block: tile 2 * mi + ni accumulates rows 16 mi.., column block jb0 + ni.
+        # Software-pipelined: the epilogue of the previous block (pend: its first row, column block,
+        # width (0: none) and scratch half) runs a few rows per k step, between this block's tile
+        # instructions. Run after the k loop (measured: 287 vs 263 us on 128x768x3072), its stores
+        # to O, which miss the cache, fill the store buffer and hold up the next block's tiles.
         t_zero(treg32, 0)
         t_zero(treg32, 2)
         if nr == 2:
@@ -394,35 +425,46 @@ def _amx_macros(k: int, nb: int, emulate: bool, finish):
             if nr == 2:
                 t_dpbusd(treg, treg32, 1, 4, 7)
                 t_dpbusd(treg, treg32, 3, 5, 7)
-        t_store(treg32, 0, acc, 0, nr * 16)
-        t_store(treg32, 2, acc, 16 * nr * 16, nr * 16)
+            # rows kc * rps .. of the previous block's epilogue, between this block's tile instructions
+            finish_pending(acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, T.min(kc * rps, AMX_M),
+                           T.min(kc * rps + rps, AMX_M))
+        half = pend[3] * AMX_BLOCK
+        t_store(treg32, 0, acc, half, nr * 16)
+        t_store(treg32, 2, acc, half + 16 * nr * 16, nr * 16)
         if nr == 2:
-            t_store(treg32, 1, acc, 16, nr * 16)
-            t_store(treg32, 3, acc, 16 * nr * 16 + 16, nr * 16)
-        finish(acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, AMX_M, jb0, nr)
+            t_store(treg32, 1, acc, half + 16, nr * 16)
+            t_store(treg32, 3, acc, half + 16 * nr * 16 + 16, nr * 16)
+        pend[0] = T.Cast("int32", row0)
+        pend[1] = T.Cast("int32", jb0)
+        pend[2] = nr
+        pend[3] = 1 - pend[3]
 
     @T.macro
     def amx_rows(A, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, m):
         A1 = T.decl_buffer((m * k,), "uint8", data=A.data)
         B1 = T.decl_buffer((nb * k4 * 64,), "int8", data=B.data)
-        acc = T.decl_buffer((AMX_M * 32,), "int32", scope="global")   # 4 KiB, once per call
+        acc = T.decl_buffer((2 * AMX_BLOCK,), "int32", scope="global")   # two 4 KiB halves, once per call
+        pend = T.decl_buffer((4,), "int32", scope="global")
         # emulation only: the eight tiles' bytes, and the accumulator tiles 0..3 as int32
         treg = T.decl_buffer((8 * 1024 if emulate else 1,), "int8", scope="global")
         treg32 = T.decl_buffer((4 * 256 if emulate else 1,), "int32", scope="global")
         nblk = m // AMX_M
         if nblk > 0:
             t_config()
+            pend[2] = 0
+            pend[3] = 0
             for mc in range((nblk + AMX_CHUNK - 1) // AMX_CHUNK):
                 for jo in range(nb // 2):
                     for io in range(T.min(AMX_CHUNK, nblk - mc * AMX_CHUNK)):
-                        block(A1, B1, treg, treg32, acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O,
+                        block(A1, B1, treg, treg32, acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O,
                               (mc * AMX_CHUNK + io) * AMX_M, jo * 2, 2)
                 if nb % 2 == 1:
                     for io in range(T.min(AMX_CHUNK, nblk - mc * AMX_CHUNK)):
-                        block(A1, B1, treg, treg32, acc, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O,
+                        block(A1, B1, treg, treg32, acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O,
                               (mc * AMX_CHUNK + io) * AMX_M, nb - 1, 1)
             if not emulate:
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+            finish_pending(acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, 0, AMX_M)
 
     return amx_rows
 
