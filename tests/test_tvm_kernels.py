@@ -91,7 +91,9 @@ def test_unknown_family_and_bad_shapes_are_rejected():
 # (M, K, N, check the requantizing epilogue too): two 32-row blocks, a pair of column blocks and an
 # odd one (N=48 → 3 blocks of 16), 13 leftover rows; M=300 → 9 blocks, so two chunks of AMX_CHUNK;
 # K=96 is not a multiple of 64 (the vnni/generic kernel throughout)
-AMX_SHAPES = [(77, 192, 48, True), (300, 64, 48, False), (40, 96, 48, False)]
+# K = 768 and up: the epilogue of each block runs interleaved with the next block's tiles
+# (kernels.AMX_INTERLEAVE_MIN_STEPS); below, after its own block
+AMX_SHAPES = [(77, 768, 112, True), (300, 768, 48, False), (77, 192, 48, True), (40, 96, 48, False)]
 
 
 def _gemm_inputs(m, k, n, per_row, seed):
@@ -112,7 +114,8 @@ def _gemm_inputs(m, k, n, per_row, seed):
 @pytest.mark.parametrize("m,k,n,requantize", AMX_SHAPES)
 def test_amx_family_is_bit_exact(family, m, k, n, requantize):
     """The AMX family's loop nest (blocks of 32 rows, tile loads at the right offsets and strides,
-    the 4 KiB scratch the epilogue reads, chunks, odd column blocks, leftover rows): on AMX hosts
+    the scratch the epilogue reads, the epilogue run after its block or spread over the next one,
+    chunks, odd column blocks, leftover rows): on AMX hosts
     with the tile instructions, on every host with scalar stand-ins for them. The integer product
     is exact and the requantizing epilogue gives the codes the generic kernel gives."""
     _family(family)
