@@ -322,6 +322,26 @@ AMX_BLOCK = AMX_M * 32     # int32 sums of one 32 x 32 block: one half of the sc
 AMX_INTERLEAVE_MIN_STEPS = 12   # K >= 768: the epilogue is spread over the next block (see block())
 
 
+def _tile_config(emulate: bool):
+    """The macro that loads the one tile configuration of every AMX kernel here (``ldtilecfg``):
+    palette 1, all eight tiles 16 rows x 64 bytes. With ``emulate`` it only fills the 64 bytes."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def t_config():
+        cfg = T.decl_buffer((64,), "uint8", scope="global")
+        for i in range(64):
+            cfg[i] = T.uint8(0)
+        cfg[0] = T.uint8(1)                     # palette 1
+        for t in T.unroll(8):
+            cfg[16 + 2 * t] = T.uint8(64)       # colsb[t]: 64 bytes per row (u16, little endian)
+            cfg[48 + t] = T.uint8(16)           # rows[t]
+        if not emulate:
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+
+    return t_config
+
+
 def _amx_macros(k: int, nb: int, emulate: bool, finish):
     """The AMX part of :func:`gemm_kernel`: a macro over the rows ``0 .. m // 32 * 32``.
 
@@ -347,17 +367,7 @@ def _amx_macros(k: int, nb: int, emulate: bool, finish):
     # interleaved, its K = 1536 ones 15-20 % faster, and 128 x 768 x 3072 8 % faster.
     interleave = nk >= AMX_INTERLEAVE_MIN_STEPS
 
-    @T.macro
-    def t_config():
-        cfg = T.decl_buffer((64,), "uint8", scope="global")
-        for i in range(64):
-            cfg[i] = T.uint8(0)
-        cfg[0] = T.uint8(1)                     # palette 1
-        for t in T.unroll(8):
-            cfg[16 + 2 * t] = T.uint8(64)       # colsb[t]: 64 bytes per row (u16, little endian)
-            cfg[48 + t] = T.uint8(16)           # rows[t]
-        if not emulate:
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+    t_config = _tile_config(emulate)
 
     @T.macro
     def t_zero(treg32, t):
@@ -517,6 +527,8 @@ def amx_peak_kernel(iters: int):
     :func:`~.host.request_amx` before the call, and an AMX host: never run it elsewhere."""
     from tvm.script import tirx as T
 
+    t_config = _tile_config(False)
+
     @T.macro
     def intrin(name, *args):
         T.evaluate(T.call_llvm_intrin("void", name, *args))
@@ -527,14 +539,7 @@ def amx_peak_kernel(iters: int):
         A = T.match_buffer(a, (1024,), "uint8")
         B = T.match_buffer(b, (1024,), "int8")
         O = T.match_buffer(o, (1024,), "int32")
-        cfg = T.decl_buffer((64,), "uint8", scope="global")
-        for i in range(64):
-            cfg[i] = T.uint8(0)
-        cfg[0] = T.uint8(1)
-        for t in T.unroll(8):
-            cfg[16 + 2 * t] = T.uint8(64)
-            cfg[48 + t] = T.uint8(16)
-        intrin("llvm.x86.ldtilecfg", T.address_of(cfg[0]))
+        t_config()
         for t in T.unroll(4):
             intrin("llvm.x86.tilezero", T.uint8(t))
         intrin("llvm.x86.tileloadd64", T.uint8(4), T.address_of(A[0]), T.int64(64))
