@@ -377,7 +377,13 @@ def test_int4_per_channel_weights_with_int8_activations_export():
     assert blocks == {64, 128}  # K = 48 and 96, one zero-padded block per row
     ids, mask = _batches()[1]
     with torch.no_grad():
-        assert_matches_reference(art(ids, mask), q(ids, mask))
+        out, ref = art(ids, mask), q(ids, mask)
+    # MatMulNBits sums in float32 in its own order, which differs between hosts: on an Intel AMX
+    # host one row's next activation code flipped at a rounding boundary (7 of 24 outputs, 0.3 %
+    # of the range). So end to end: float rounding for most outputs, a code flip's size at most;
+    # verify below holds every int8 layer to one quantization step.
+    assert (out - ref).abs().median().item() <= 1e-6
+    assert_matches_reference(out, ref, rel=1e-2)
     assert qcompile.verify(art, q, _batches()).passed
 
 
