@@ -12,7 +12,7 @@ from conftest import TinyBlock
 pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 
 from qcompile.backends.tvm import NotBuiltError, kernels, load  # noqa: E402
-from qcompile.backends.tvm.host import detect  # noqa: E402
+from qcompile.backends.tvm.host import FAMILY_FLAGS, detect  # noqa: E402
 from qcompile.backends.tvm.fuse import INT8_LINEAR, FuseInt8LinearPass  # noqa: E402
 from qcompile.ops import DEQUANTIZE  # noqa: E402
 
@@ -98,9 +98,15 @@ def test_artifact_reports_kernels_and_reloads_with_tvm_runtime_only(tmp_path):
         load(corrupt)
 
 
-def test_generic_family_matches_reference():
+@pytest.mark.parametrize("family", ["generic", "avx-vnni"])
+def test_other_family_matches_reference(family):
+    """A whole model on a family the host would not pick first (where the host runs it)."""
+    missing = [f for f in FAMILY_FLAGS[family] if f not in detect().flags]
+    if missing:
+        pytest.skip(f"kernel family '{family}' needs {', '.join(missing)}")
     q, batches = _block("w8a8-dynamic")
-    art = qcompile.lower(q, backend="tvm", family="generic")
+    art = qcompile.lower(q, backend="tvm", family=family)
+    assert art.family == family
     with torch.no_grad():
         assert_matches_reference(art(*batches[0]), q(*batches[0]))
 

@@ -7,7 +7,8 @@ import pytest
 tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 
 from qcompile.backends.tvm import kernels  # noqa: E402
-from qcompile.backends.tvm.host import FAMILY_FLAGS, choose_family, choose_mcpu, detect, request_amx  # noqa: E402
+from qcompile.backends.tvm.host import (FAMILY_FLAGS, choose_family, choose_mattr, choose_mcpu, detect,  # noqa: E402
+                                        request_amx)
 
 HOST = detect()
 # (M, K, N): full 5-row tiles, remainder rows, M=1 (the one-row path), N padded to 48, N%96 == 0
@@ -78,7 +79,35 @@ def test_kernel_family_and_target_follow_cpu_flags():
     assert choose_mcpu("AuthenticAMD", frozenset({"avx512f", "avx512_vnni"})) == "znver4"
     assert choose_mcpu("GenuineIntel", frozenset({"avx512_vnni", "amx_int8", "amx_tile"})) == "sapphirerapids"
     assert choose_mcpu("GenuineIntel", frozenset({"avx2"})) == "x86-64-v3"
+    # an Alder Lake-class host: AVX2 and AVX-VNNI, no AVX-512
+    assert choose_family(frozenset({"avx2", "avx_vnni"})) == "avx-vnni"
+    assert choose_mattr("x86-64-v3", frozenset({"avx2", "avx_vnni"})) == ("+avxvnni",)
+    assert choose_mattr("x86-64-v3", frozenset({"avx2"})) == ()
+    assert choose_mattr("sapphirerapids", frozenset({"avx2", "avx_vnni", "avx512_vnni"})) == ()
     assert HOST.family in kernels.FAMILIES
+
+
+def test_avx_vnni_family_is_vex_ymm_code_for_an_avx2_target():
+    """The code an AVX2 + AVX-VNNI host without AVX-512 compiles (``x86-64-v3`` + ``avxvnni``):
+    the VEX-encoded ``vpdpbusd`` on ymm, no zmm register anywhere; run bit-exact where the host
+    has AVX-VNNI (this target's code runs on any such host, AVX-512 or not)."""
+    m, k, n = 13, 256, 100
+    np_ = kernels.padded_n(n)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "mattr": ["+avxvnni"]})
+    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, False, "avx-vnni"), target)
+    asm = mod.mod.inspect_source("asm")
+    assert "{vex}\tvpdpbusd" in asm and "%ymm" in asm and "%zmm" not in asm
+    _family("avx-vnni")
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    w = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    wfull = np.zeros((np_, k), np.int64)
+    wfull[:n] = w
+    t = [tvm.runtime.tensor(x, tvm.cpu()) for x in (
+        a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), np.ones(1, np.float32), np.zeros(1, np.int32),
+        np.ones(np_, np.float32), np.zeros(np_, np.float32), np.zeros((m, np_), np.float32))]
+    mod["main"](*t)
+    assert np.array_equal(t[-1].numpy(), (a.astype(np.int64) @ wfull.T).astype(np.float32))
 
 
 def test_unknown_family_and_bad_shapes_are_rejected():

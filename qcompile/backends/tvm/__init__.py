@@ -43,7 +43,7 @@ class TvmBackend:
                                 ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True)
 
     def lower(self, qmodel, family: str = "auto", threads: int = 0) -> TvmArtifact:
-        """``family``: ``auto`` (the best the host runs), ``amx``, ``vnni``, ``avx2`` or ``generic``
+        """``family``: ``auto`` (the best the host runs), ``amx``, ``vnni``, ``avx-vnni``, ``avx2`` or ``generic``
         (``amx-emulated``: the AMX loop nest with scalar stand-ins for the tile instructions, to
         test it on hosts without AMX; slow). ``threads``: the target's core count (0: TVM's
         default; set ``TVM_NUM_THREADS`` to limit the runtime)."""
@@ -68,7 +68,8 @@ class TvmBackend:
         t1 = time.perf_counter()
         ex, _ = build(mod, host.target(threads))
         gm = qmodel.graph_module
-        meta = {"import_seconds": t1 - t0, "target": {"kind": "llvm", "mcpu": host.mcpu}, "family": family,
+        meta = {"import_seconds": t1 - t0, "target": {"kind": "llvm", "mcpu": host.mcpu, "mattr": list(host.mattr)},
+                "family": family,
                 "requires_flags": list(FAMILY_FLAGS[family]), "family_note": note,
                 "fused": fuse.fused, "skipped": fuse.skipped, "epilogues": fuse.epilogues,
                 "input_bounds": input_bounds(mod)}

@@ -11,12 +11,14 @@ from ...cpu import cpu_info
 
 @dataclass(frozen=True)
 class Host:
-    """``flags``: /proc/cpuinfo flags; ``mcpu``: LLVM CPU name; ``family``: integer kernel family."""
+    """``flags``: /proc/cpuinfo flags; ``mcpu``: LLVM CPU name; ``family``: integer kernel family;
+    ``mattr``: LLVM features added to ``mcpu`` (``+avxvnni`` on AVX2 hosts that have AVX-VNNI)."""
 
     vendor: str
     flags: frozenset
     mcpu: str
     family: str
+    mattr: tuple = ()
 
     @property
     def has_vnni(self) -> bool:
@@ -34,6 +36,8 @@ class Host:
         from .pipeline import FAST_MATH_FLAGS
 
         spec = {"kind": "llvm", "mcpu": self.mcpu, **(FAST_MATH_FLAGS if fast_math else {})}
+        if self.mattr:
+            spec["mattr"] = list(self.mattr)
         if threads:
             spec["num-cores"] = threads
         return tvm.target.Target(spec)
@@ -53,9 +57,15 @@ def choose_mcpu(vendor: str, flags: frozenset) -> str:
     return "x86-64"
 
 
+def choose_mattr(mcpu: str, flags: frozenset) -> tuple:
+    """Features ``mcpu`` lacks that the flags have and a kernel family uses: AVX-VNNI on AVX2
+    hosts (Intel client cores from Alder Lake, no AVX-512), for the ``avx-vnni`` family."""
+    return ("+avxvnni",) if mcpu == "x86-64-v3" and "avx_vnni" in flags else ()
+
+
 # the CPU flags each kernel family's instructions need (the amx family runs its leftover rows on vnni)
-FAMILY_FLAGS = {"amx": ("amx_tile", "amx_int8", "avx512_vnni"), "vnni": ("avx512_vnni",), "avx2": ("avx2",), "generic": (),
-                "amx-emulated": ()}
+FAMILY_FLAGS = {"amx": ("amx_tile", "amx_int8", "avx512_vnni"), "vnni": ("avx512_vnni",), "avx-vnni": ("avx_vnni", "avx2"),
+                "avx2": ("avx2",), "generic": (), "amx-emulated": ()}
 
 
 def runnable_families() -> list:
@@ -97,4 +107,5 @@ def detect() -> Host:
     info = cpu_info()
     if not info.x86:
         return Host("", frozenset(), "generic", "generic")
-    return Host(info.vendor, info.flags, choose_mcpu(info.vendor, info.flags), choose_family(info.flags))
+    mcpu = choose_mcpu(info.vendor, info.flags)
+    return Host(info.vendor, info.flags, mcpu, choose_family(info.flags), choose_mattr(mcpu, info.flags))

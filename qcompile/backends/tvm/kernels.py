@@ -19,7 +19,8 @@ With ``epilogue=`` the kernel goes on to an activation and a static quantize and
 idea for a LayerNorm whose output feeds both a residual and a quantize.
 
 Families (:data:`FAMILIES`): ``amx`` (AMX-INT8 ``tdpbusd`` on 32 x 32 blocks of tiles, the rows
-left over on ``vnni``; :func:`_amx_macros`), ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm), ``avx2``
+left over on ``vnni``; :func:`_amx_macros`), ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm),
+``avx-vnni`` (the VEX-encoded ``vpdpbusd`` on ymm of AVX2 hosts with AVX-VNNI), ``avx2``
 (``vpmaddwd`` on codes widened to 16 bits: exact, unlike ``vpmaddubsw``, whose 16-bit pair sums
 saturate) and ``generic`` (plain integer multiply-adds that LLVM vectorises for any target). All
 are bit-exact against an int64 reference (tests/test_tvm_kernels.py); the AMX loop nest is also
@@ -36,10 +37,13 @@ from __future__ import annotations
 import numpy as np
 
 MR, NR = 5, 3          # register tile: 5 rows x 3 blocks of 16 columns (15 accumulators, 960 bytes)
-FAMILIES = ("amx", "vnni", "avx2", "generic")   # fastest first: host.choose_family takes the first the host runs
+FAMILIES = ("amx", "vnni", "avx-vnni", "avx2", "generic")   # fastest first: host.choose_family takes the first the host runs
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
-# avx2: 16 ymm registers; a row x block of 16 columns takes 4 accumulators (two partial sums per column)
-AVX2_MR, AVX2_NR = 3, 1
+VPDPBUSD_YMM = "llvm.x86.avx512.vpdpbusd.256"   # VEX-encoded (AVX-VNNI) on targets with +avxvnni
+# register tiles (rows, blocks of 16 columns) of the vector families; the others take MR x NR.
+# 16 ymm registers: avx2 holds 4 accumulators per row x block (two partial sums per column),
+# avx-vnni 2 (a block of 16 int32 is two ymm): 12 accumulators either way
+TILES = {"avx2": (3, 1), "avx-vnni": (6, 1)}
 PMADDWD = "llvm.x86.avx2.pmadd.wd"
 
 
@@ -156,9 +160,9 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
     quant = epilogue is not None
     k4, nb = k // 4, np_ // 16
     avx2 = family == "avx2"
-    mr_t, nr_t = (AVX2_MR, AVX2_NR) if avx2 else (MR, NR)
+    avx_vnni = family == "avx-vnni"
+    mr_t, nr_t = TILES.get(family, (MR, NR))
     nr1 = 6 if nb % 6 == 0 and not avx2 else NR
-    pr = 1 if per_row else 0
     amx = family in ("amx", AMX_EMULATED) and k % AMX_K == 0
     vnni = family in ("vnni", "amx")   # the emulated AMX family runs its leftover rows on generic tiles
 
@@ -217,6 +221,20 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
                             "int32x16", VPDPBUSD, acc.vload([(ii * nr + jb) * 16], "int32x16"),
                             T.reinterpret("uint8x64", av.vload([ii * 16], "int32x16")),
                             bv.vload([jb * 64], "int8x64"))
+            elif avx_vnni:
+                # vpdpbusd on ymm: a packed group of 16 columns x 4 k is two halves of 8 columns,
+                # each one vpdpbusd into the block's int32 sums j = 8h .. 8h + 7
+                for jb in T.unroll(nr):
+                    bv[T.ramp(jb * 64, 1, 64)] = B.vload([jb0 + jb, kk, 0], "int8x64")
+                for ii in T.unroll(mr):
+                    av[T.ramp(ii * 16, 1, 8)] = T.broadcast(A4[(row0 + ii) * k4 + kk], 8)
+                for ii in T.unroll(mr):
+                    for jb in T.unroll(nr):
+                        for h in T.unroll(2):
+                            acc[T.ramp((ii * nr + jb) * 16 + h * 8, 1, 8)] = T.call_llvm_pure_intrin(
+                                "int32x8", VPDPBUSD_YMM, acc.vload([(ii * nr + jb) * 16 + h * 8], "int32x8"),
+                                T.reinterpret("uint8x32", av.vload([ii * 16], "int32x8")),
+                                bv.vload([jb * 64 + h * 32], "int8x32"))
             elif avx2:
                 # exact u8 x s8 without VNNI: both sides widened to 16 bits, vpmaddwd adds a pair of
                 # products into each int32 lane (vpmaddubsw would saturate 16-bit pair sums). 16 bytes
