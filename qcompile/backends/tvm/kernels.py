@@ -161,6 +161,9 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
     k4, nb = k // 4, np_ // 16
     avx2 = family == "avx2"
     avx_vnni = family == "avx-vnni"
+    dot_lanes = 8 if avx_vnni else 16     # int32 lanes of one vpdpbusd: ymm or zmm
+    dot_intrin = VPDPBUSD_YMM if avx_vnni else VPDPBUSD
+    dot_i32, dot_u8, dot_s8 = f"int32x{dot_lanes}", f"uint8x{4 * dot_lanes}", f"int8x{4 * dot_lanes}"
     mr_t, nr_t = TILES.get(family, (MR, NR))
     nr1 = 6 if nb % 6 == 0 and not avx2 else NR
     amx = family in ("amx", AMX_EMULATED) and k % AMX_K == 0
@@ -210,31 +213,20 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
             if avx2:
                 acc2[T.ramp(t * 32, 1, 32)] = T.broadcast(T.int32(0), 32)
         for kk in range(k4):
-            if vnni:
+            if vnni or avx_vnni:
+                # vpdpbusd: on zmm one instruction takes a whole packed group (16 columns x 4 k);
+                # on ymm (AVX-VNNI) each half of it, 8 columns, into the block's sums j = 8h .. 8h + 7
                 for jb in T.unroll(nr):
                     bv[T.ramp(jb * 64, 1, 64)] = B.vload([jb0 + jb, kk, 0], "int8x64")
                 for ii in T.unroll(mr):
-                    av[T.ramp(ii * 16, 1, 16)] = T.broadcast(A4[(row0 + ii) * k4 + kk], 16)
+                    av[T.ramp(ii * 16, 1, dot_lanes)] = T.broadcast(A4[(row0 + ii) * k4 + kk], dot_lanes)
                 for ii in T.unroll(mr):
                     for jb in T.unroll(nr):
-                        acc[T.ramp((ii * nr + jb) * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                            "int32x16", VPDPBUSD, acc.vload([(ii * nr + jb) * 16], "int32x16"),
-                            T.reinterpret("uint8x64", av.vload([ii * 16], "int32x16")),
-                            bv.vload([jb * 64], "int8x64"))
-            elif avx_vnni:
-                # vpdpbusd on ymm: a packed group of 16 columns x 4 k is two halves of 8 columns,
-                # each one vpdpbusd into the block's int32 sums j = 8h .. 8h + 7
-                for jb in T.unroll(nr):
-                    bv[T.ramp(jb * 64, 1, 64)] = B.vload([jb0 + jb, kk, 0], "int8x64")
-                for ii in T.unroll(mr):
-                    av[T.ramp(ii * 16, 1, 8)] = T.broadcast(A4[(row0 + ii) * k4 + kk], 8)
-                for ii in T.unroll(mr):
-                    for jb in T.unroll(nr):
-                        for h in T.unroll(2):
-                            acc[T.ramp((ii * nr + jb) * 16 + h * 8, 1, 8)] = T.call_llvm_pure_intrin(
-                                "int32x8", VPDPBUSD_YMM, acc.vload([(ii * nr + jb) * 16 + h * 8], "int32x8"),
-                                T.reinterpret("uint8x32", av.vload([ii * 16], "int32x8")),
-                                bv.vload([jb * 64 + h * 32], "int8x32"))
+                        for h in T.unroll(16 // dot_lanes):
+                            acc[T.ramp((ii * nr + jb) * 16 + h * dot_lanes, 1, dot_lanes)] = T.call_llvm_pure_intrin(
+                                dot_i32, dot_intrin, acc.vload([(ii * nr + jb) * 16 + h * dot_lanes], dot_i32),
+                                T.reinterpret(dot_u8, av.vload([ii * 16], dot_i32)),
+                                bv.vload([jb * 64 + h * 4 * dot_lanes], dot_s8))
             elif avx2:
                 # exact u8 x s8 without VNNI: both sides widened to 16 bits, vpmaddwd adds a pair of
                 # products into each int32 lane (vpmaddubsw would saturate 16-bit pair sums). 16 bytes
