@@ -186,8 +186,9 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
             sc = T.decl_buffer((16,), "float32", scope="global")
             bc = T.decl_buffer((16,), "float32", scope="global")
             for j in T.vectorized(16):
-                zc[j] = ZA[0] * CS[(jb0 + jb) * 16 + j]
-                sc[j] = SA[0] * SW[(jb0 + jb) * 16 + j]
+                if not per_row:
+                    zc[j] = ZA[0] * CS[(jb0 + jb) * 16 + j]
+                    sc[j] = SA[0] * SW[(jb0 + jb) * 16 + j]
                 bc[j] = BIAS[(jb0 + jb) * 16 + j]
             for ii in range(mr):
                 for j in T.vectorized(16):
@@ -430,10 +431,11 @@ def _amx_macros(k: int, nb: int, emulate: bool, finish):
     @T.macro
     def block(A1, B1, treg, treg32, acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, jb0, nr):
         # a 32 x (16 * nr) block: tile 2 * mi + ni accumulates rows 16 mi.., column block jb0 + ni.
-        # Software-pipelined: the epilogue of the previous block (pend: its first row, column block,
-        # width (0: none) and scratch half) runs a few rows per k step, between this block's tile
-        # instructions. Run after the k loop (measured: 287 vs 263 us on 128x768x3072), its stores
-        # to O, which miss the cache, fill the store buffer and hold up the next block's tiles.
+        # With `interleave`, software-pipelined: the epilogue of the previous block (pend: its first
+        # row, column block, width (0: none) and scratch half) runs a few rows per k step, between
+        # this block's tile instructions. Run after the k loop (measured: 287 vs 263 us on
+        # 128x768x3072), its stores to O, which miss the cache, fill the store buffer and hold up
+        # the next block's tiles. Without, the block's own epilogue follows its tile stores.
         t_zero(treg32, 0)
         t_zero(treg32, 2)
         if nr == 2:
