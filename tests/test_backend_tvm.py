@@ -111,6 +111,17 @@ def test_other_family_matches_reference(family):
         assert_matches_reference(art(*batches[0]), q(*batches[0]))
 
 
+def test_threads_choose_serial_or_parallel_kernels_with_the_same_outputs():
+    """Built for one thread the kernels launch no thread-pool tasks; for two they do (GEMM column
+    panels, attention heads), and the outputs are the same bit for bit."""
+    q, batches = _block("w8a8")
+    serial, parallel = (qcompile.lower(q, backend="tvm", threads=t) for t in (1, 2))
+    assert serial.meta["parallel"] is False and parallel.meta["parallel"] is True
+    with torch.no_grad():
+        for b in batches[:2]:
+            assert torch.equal(serial(*b), parallel(*b))
+
+
 def test_unbuilt_format_and_family_raise_not_implemented():
     q, _ = _block("w3-g64")   # 3-bit group-wise weights: no kernel (w4-g64 and w4-g64-a8 lower)
     with pytest.raises(NotImplementedError, match="format 'uint3'"):

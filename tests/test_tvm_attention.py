@@ -25,13 +25,14 @@ def _reference(q, k, v, mask, heads, scale):
     return (p @ split[2]).transpose(1, 2).reshape(b, s, hd)
 
 
-@pytest.mark.parametrize("batch, seq, heads, head_dim, mask_rows", [
-    (2, 37, 3, 32, True),    # S not a multiple of the 4-row or 32-key tiles
-    (1, 1, 2, 32, True),     # one token
-    (3, 17, 2, 64, False),   # head size 64, a [B, 1, 1, S] mask
-    (2, 33, 1, 16, True),
+@pytest.mark.parametrize("batch, seq, heads, head_dim, mask_rows, parallel", [
+    (2, 37, 3, 32, True, False),    # S not a multiple of the 4-row or 32-key tiles
+    (2, 37, 3, 32, True, True),     # the same, one thread-pool task per (sequence, head)
+    (1, 1, 2, 32, True, False),     # one token
+    (3, 17, 2, 64, False, True),    # head size 64, a [B, 1, 1, S] mask
+    (2, 33, 1, 16, True, False),
 ])
-def test_kernel_matches_float64_attention(batch, seq, heads, head_dim, mask_rows):
+def test_kernel_matches_float64_attention(batch, seq, heads, head_dim, mask_rows, parallel):
     g = torch.Generator().manual_seed(seq)
     q, k, v = (torch.randn(batch, seq, heads * head_dim, generator=g) * 2 for _ in range(3))
     mask = torch.zeros(batch, 1, seq if mask_rows else 1, seq)
@@ -39,7 +40,7 @@ def test_kernel_matches_float64_attention(batch, seq, heads, head_dim, mask_rows
     if seq > 2:
         mask[-1, ..., 1] = float("-inf")
     scale = 1 / head_dim ** 0.5
-    ex = kernels.compile_kernel(attention.attention_kernel(heads, head_dim, scale, mask_rows))
+    ex = kernels.compile_kernel(attention.attention_kernel(heads, head_dim, scale, mask_rows, parallel))
     out = tvm.runtime.tensor(np.zeros((batch, seq, heads * head_dim), np.float32))
     ex["main"](*[tvm.runtime.tensor(t.numpy()) for t in (mask, q.reshape(-1, heads * head_dim),
                                                           k.reshape(-1, heads * head_dim), v.reshape(-1, heads * head_dim))], out)

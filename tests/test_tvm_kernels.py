@@ -172,6 +172,26 @@ def test_amx_family_is_bit_exact(family, m, k, n, requantize):
     assert np.array_equal(codes[family], codes["generic"])
 
 
+@pytest.mark.parametrize("m,k,n", [(77, 768, 112), (300, 192, 48), (13, 256, 100)])
+def test_parallel_build_gives_the_serial_build_s_outputs(m, k, n):
+    """The column panels (AMX: groups of column pairs, each task with its own tile configuration,
+    scratch and epilogue pipeline) as thread-pool tasks: the host family's outputs, bit for bit,
+    for AMX blocks with an odd column block and leftover rows, two chunks, vector tiles only."""
+    family = _family(HOST.family)
+    per_row = m % 2 == 1
+    a, w, wfull, (sa, za, sw, bias) = _gemm_inputs(m, k, n, per_row, 7 * m + k)
+    np_ = wfull.shape[0]
+    outs = []
+    for parallel in (False, True):
+        mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, family, ("gelu", "uint8"), parallel))
+        t = [tvm.runtime.tensor(x, tvm.cpu()) for x in (
+            a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.ones(np_, np.float32),
+            np.array([4.0], np.float32), np.array([7], np.int32), np.zeros((m, np_), np.uint8))]
+        mod["main"](*t)
+        outs.append(t[-1].numpy())
+    assert outs[0].std() > 10 and np.array_equal(outs[0], outs[1])
+
+
 def test_amx_kernel_is_tile_code():
     """The real AMX kernel, compiled for a Sapphire Rapids target on any host (and never run
     here): tile loads, ``tdpbusd`` and tile stores in the code, the tile configuration loaded once

@@ -31,7 +31,7 @@ import tvm  # noqa: F401  - a missing apache-tvm fails here, and get_backend nam
 
 from ...errors import BackendError
 from ..base import Capabilities
-from .host import FAMILY_FLAGS, detect, request_amx
+from .host import FAMILY_FLAGS, build_threads, detect, request_amx
 from .lower import NotBuiltError, build, import_relax, input_bounds
 from .runtime import TvmArtifact, load
 
@@ -45,8 +45,10 @@ class TvmBackend:
     def lower(self, qmodel, family: str = "auto", threads: int = 0) -> TvmArtifact:
         """``family``: ``auto`` (the best the host runs), ``amx``, ``vnni``, ``avx-vnni``, ``avx2`` or ``generic``
         (``amx-emulated``: the AMX loop nest with scalar stand-ins for the tile instructions, to
-        test it on hosts without AMX; slow). ``threads``: the target's core count (0: TVM's
-        default; set ``TVM_NUM_THREADS`` to limit the runtime)."""
+        test it on hosts without AMX; slow). ``threads``: the thread count the artifact is built
+        for (0: ``TVM_NUM_THREADS`` when set, else the host's cores). Above 1, the integer GEMMs
+        and the fused attention run as tasks on TVM's thread pool (``TVM_NUM_THREADS`` limits it
+        at run time); at 1 they launch no tasks, which is faster on one thread."""
         host = detect()
         asked = family
         if family == "auto":
@@ -64,12 +66,13 @@ class TvmBackend:
                 raise BackendError(f"kernel family 'amx': {note}; lower with family='vnni'")
             family = "vnni"
         t0 = time.perf_counter()
-        mod, fuse = import_relax(qmodel, family)
+        parallel = build_threads(threads) > 1
+        mod, fuse = import_relax(qmodel, family, parallel)
         t1 = time.perf_counter()
-        ex, _ = build(mod, host.target(threads))
+        ex, _ = build(mod, host.target(threads), parallel)
         gm = qmodel.graph_module
         meta = {"import_seconds": t1 - t0, "target": {"kind": "llvm", "mcpu": host.mcpu, "mattr": list(host.mattr)},
-                "family": family,
+                "family": family, "parallel": parallel,
                 "requires_flags": list(FAMILY_FLAGS[family]), "family_note": note,
                 "fused": fuse.fused, "skipped": fuse.skipped, "epilogues": fuse.epilogues,
                 "input_bounds": input_bounds(mod)}

@@ -73,7 +73,7 @@ def fast_exp(x):
     return tirx.max(tirx.reinterpret("float32", bits) * y, x)
 
 
-def attention_kernel(heads: int, head_dim: int, scale: float, mask_rows: bool):
+def attention_kernel(heads: int, head_dim: int, scale: float, mask_rows: bool, parallel: bool = False):
     """The TIR ``PrimFunc`` of one attention, every tensor float32, batch ``b`` and sequence
     ``s`` symbolic. Arguments: ``mask [b, 1, s, s]`` (``[b, 1, 1, s]`` when not ``mask_rows``),
     ``Q``, ``K``, ``V`` ``[b·s, heads·head_dim]``, output ``[b, s, heads·head_dim]``::
@@ -81,7 +81,9 @@ def attention_kernel(heads: int, head_dim: int, scale: float, mask_rows: bool):
         out[b, i, h·D + d] = sum_j softmax_j(Q[b·s+i, h·D:] · K[b·s+j, h·D:] * scale
                                              + mask[b, 0, i, j]) · V[b·s+j, h·D + d]
 
-    ``head_dim`` must be a multiple of 16."""
+    ``head_dim`` must be a multiple of 16. ``parallel``: one task per (sequence, head) on TVM's
+    thread pool; without it no tasks are launched (at batch 1, one thread, the launches and the
+    per-head buffers cost about 9 %, measured)."""
     from tvm.script import tirx as T
 
     if head_dim % ALANES:
@@ -169,6 +171,8 @@ def attention_kernel(heads: int, head_dim: int, scale: float, mask_rows: bool):
                 for l in T.vectorized(ALANES):
                     O[bi, i0 + ii, h * dn + v * ALANES + l] = pacc[(ii * dv + v) * ALANES + l] * inv[ii]
 
+    heads_loop = T.parallel if parallel else T.serial
+
     @T.prim_func
     def attention(m: T.handle, q: T.handle, k: T.handle, v: T.handle, o: T.handle):
         T.func_attr({"tir.noalias": True})
@@ -179,23 +183,25 @@ def attention_kernel(heads: int, head_dim: int, scale: float, mask_rows: bool):
         K = T.match_buffer(k, (b * s, hd), "float32")
         V = T.match_buffer(v, (b * s, hd), "float32")
         O = T.match_buffer(o, (b, s, hd), "float32")
-        # sized by the symbolic sequence: allocated once per call, on TVM's workspace
-        KT = T.decl_buffer((dn * s,), "float32", scope="global")
-        SC = T.decl_buffer((AMR * s,), "float32", scope="global")
-        VH = T.decl_buffer((s * dn,), "float32", scope="global")
-        for bi in range(b):
-            for h in range(hn):
-                # 1. one head of K transposed to [D, s]
-                for j in range(s):
-                    for d in range(dn):
-                        KT[d * s + j] = K[bi * s + j, h * dn + d]
-                for j in range(s):
-                    for d in T.vectorized(dn):
-                        VH[j * dn + d] = V[bi * s + j, h * dn + d]
-                for io in range(s // AMR):
-                    rows(Q, VH, M, O, KT, SC, bi, h, s, io * AMR, AMR)
-                for r in range(s % AMR):
-                    rows(Q, VH, M, O, KT, SC, bi, h, s, s // AMR * AMR + r, 1)
+        # per (sequence, head), a task on TVM's thread pool when parallel; each with its own
+        # buffers sized by the symbolic sequence, on TVM's workspace
+        for bh in heads_loop(b * hn):
+            bi = bh // hn
+            h = bh % hn
+            KT = T.decl_buffer((dn * s,), "float32", scope="global")
+            SC = T.decl_buffer((AMR * s,), "float32", scope="global")
+            VH = T.decl_buffer((s * dn,), "float32", scope="global")
+            # 1. one head of K transposed to [D, s]
+            for j in range(s):
+                for d in range(dn):
+                    KT[d * s + j] = K[bi * s + j, h * dn + d]
+            for j in range(s):
+                for d in T.vectorized(dn):
+                    VH[j * dn + d] = V[bi * s + j, h * dn + d]
+            for io in range(s // AMR):
+                rows(Q, VH, M, O, KT, SC, bi, h, s, io * AMR, AMR)
+            for r in range(s % AMR):
+                rows(Q, VH, M, O, KT, SC, bi, h, s, s // AMR * AMR + r, 1)
 
     return attention
 
@@ -389,7 +395,7 @@ def match_attention(root, lookup):
             "scale": float(np.float32(scale)), "mask_rows": mask_rows}
 
 
-def rewrite_attention():
+def rewrite_attention(parallel: bool = False):
     """A Relax pass, before legalization: every attention that :func:`match_attention` matches
     becomes one ``call_tir`` of :func:`attention_kernel` (one kernel per head count, head size,
     scale and mask shape), and the transposes, matmuls and softmax it replaces are dropped
@@ -412,7 +418,7 @@ def rewrite_attention():
             key = (m["heads"], m["head_dim"], m["scale"], m["mask_rows"])
             if key not in self.kernels:
                 name = f"{ATTENTION}_h{key[0]}_d{key[1]}_{len(self.kernels)}"
-                func = attention_kernel(*key).with_attr("global_symbol", name)
+                func = attention_kernel(*key, parallel).with_attr("global_symbol", name)
                 self.kernels[key] = self.builder_.add_func(func, name)
             bs, hd = m["batch"] * m["seq"], m["heads"] * m["head_dim"]
             ops = []

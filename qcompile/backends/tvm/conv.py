@@ -235,8 +235,8 @@ class Int8Conv2dConverter:
     of :func:`~.kernels.gemm_kernel` (one ``PrimFunc`` per geometry and per weight shape), then the
     layout back to NCHW."""
 
-    def __init__(self, family: str):
-        self.family = family
+    def __init__(self, family: str, parallel: bool = False):
+        self.family, self.parallel = family, parallel
         self.kernels: dict[tuple, object] = {}
 
     def _func(self, bb, key, name, make):
@@ -276,7 +276,7 @@ class Int8Conv2dConverter:
         # named qgemm_* so the float-kernel scheduler leaves it alone; "conv" keeps it apart from a
         # Linear's kernel of the same shape (two functions may not share a global symbol)
         gemm = self._func(bb, ("gemm", kp, np_), f"qgemm_conv_{self.family.replace('-', '_')}_k{kp}_n{np_}",
-                          lambda: kernels.gemm_kernel(kp, np_, False, self.family))
+                          lambda: kernels.gemm_kernel(kp, np_, False, self.family, None, self.parallel))
         out = bb.emit(relax.call_tir(gemm, [rows, packed, colsum, sa1, za1, sw, bias],
                                      out_ty=relax.TensorType((rows.ty.shape[0], np_), "float32")))
         if np_ != n:

@@ -2,6 +2,7 @@
 kernel family (machines differ from day to day: never assume one processor)."""
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
@@ -81,6 +82,17 @@ def choose_family(flags: frozenset) -> str:
     from .kernels import FAMILIES   # fastest first
 
     return next(f for f in FAMILIES if all(x in flags for x in FAMILY_FLAGS[f]))
+
+
+def build_threads(threads: int = 0) -> int:
+    """The thread count an artifact is built for: ``threads`` when given, else ``TVM_NUM_THREADS``
+    when set (the limit TVM's thread pool takes at run time), else the cores this process may use."""
+    if threads > 0:
+        return threads
+    env = os.environ.get("TVM_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158

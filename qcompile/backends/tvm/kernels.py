@@ -127,7 +127,7 @@ def requantize_expr(y, cm, qinv, qz, out_dtype: str):
     return tirx.Cast(out_dtype, tirx.Cast("int32", q))
 
 
-def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=None):
+def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=None, parallel: bool = False):
     """The TIR ``PrimFunc`` for one weight shape.
 
     Arguments, in order: ``a`` u8 ``[m, K]`` (``m`` symbolic), ``w`` packed int8 ``[Np/16, K/4, 64]``,
@@ -144,6 +144,10 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
 
     ``family="amx"``: blocks of 32 rows on AMX tiles (:func:`_amx_macros`), the rows left over on
     the ``vnni`` tiles; a ``K`` that is not a multiple of :data:`AMX_K` gets the ``vnni`` kernel.
+    ``parallel``: the column panels (AMX: up to :data:`AMX_GROUPS` groups of column pairs) are
+    tasks on TVM's thread pool (``TVM_NUM_THREADS``); without it the kernel launches no tasks,
+    which costs nothing on one thread (the launches cost 4-12 % there, measured).
+
     ``family="amx-emulated"``: the same loop nest with each tile instruction replaced by a scalar
     TIR loop of the same meaning, and the leftover rows on ``generic`` tiles, so the AMX family's
     addressing, tiling and epilogue are tested on any host (slow: for tests only)."""
@@ -165,6 +169,7 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
     dot_intrin = VPDPBUSD_YMM if avx_vnni else VPDPBUSD
     dot_i32, dot_u8, dot_s8 = f"int32x{dot_lanes}", f"uint8x{4 * dot_lanes}", f"int8x{4 * dot_lanes}"
     mr_t, nr_t = TILES.get(family, (MR, NR))
+    panels = T.parallel if parallel else T.serial   # the column-panel loops
     nr1 = 6 if nb % 6 == 0 and not avx2 else NR
     amx = family in ("amx", AMX_EMULATED) and k % AMX_K == 0
     vnni = family in ("vnni", "amx")   # the emulated AMX family runs its leftover rows on generic tiles
@@ -263,16 +268,17 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
 
     @T.macro
     def rows(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row_start, m):
-        # rows row_start .. m on the vector tiles: MR-row tiles, then one row at a time
-        for jo in range(nb // nr_t):
+        # rows row_start .. m on the vector tiles: MR-row tiles, then one row at a time; the column
+        # panels are tasks on TVM's thread pool (TVM_NUM_THREADS)
+        for jo in panels(nb // nr_t):
             for io in range((m - row_start) // mr_t):
                 tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row_start + io * mr_t, mr_t, jo * nr_t, nr_t)
         for r in range((m - row_start) % mr_t):
-            for jo in range(nb // nr1):
+            for jo in panels(nb // nr1):
                 tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row_start + (m - row_start) // mr_t * mr_t + r, 1,
                      jo * nr1, nr1)
 
-    amx_rows = _amx_macros(k, nb, family == AMX_EMULATED, finish) if amx else None
+    amx_rows = _amx_macros(k, nb, family == AMX_EMULATED, finish, parallel) if amx else None
 
     @T.macro
     def body(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, m):
@@ -331,6 +337,7 @@ AMX_CHUNK = 8              # blocks of 32 rows per pass over the weights: 256 ro
 AMX_EMULATED = "amx-emulated"
 AMX_BLOCK = AMX_M * 32     # int32 sums of one 32 x 32 block: one half of the scratch
 AMX_INTERLEAVE_MIN_STEPS = 12   # K >= 768: the epilogue is spread over the next block (see block())
+AMX_GROUPS = 16            # tasks per chunk on the thread pool: each loads the tile configuration (~580 cycles)
 
 
 def _tile_config(emulate: bool):
@@ -353,7 +360,7 @@ def _tile_config(emulate: bool):
     return t_config
 
 
-def _amx_macros(k: int, nb: int, emulate: bool, finish):
+def _amx_macros(k: int, nb: int, emulate: bool, finish, parallel: bool):
     """The AMX part of :func:`gemm_kernel`: a macro over the rows ``0 .. m // 32 * 32``.
 
     Loop nest: chunks of :data:`AMX_CHUNK` row blocks (A's chunk stays in L2), then pairs of column
@@ -377,6 +384,10 @@ def _amx_macros(k: int, nb: int, emulate: bool, finish):
     # loads wait behind: MiniLM's K = 384 GEMMs (6 steps, 6 rows each) ran 10-20 % slower
     # interleaved, its K = 1536 ones 15-20 % faster, and 128 x 768 x 3072 8 % faster.
     interleave = nk >= AMX_INTERLEAVE_MIN_STEPS
+    npairs = nb // 2
+    groups = max(1, min(AMX_GROUPS, npairs)) if parallel else 1
+    per_group = (npairs + groups - 1) // groups
+    group_loop = T.parallel if parallel else T.serial
 
     t_config = _tile_config(emulate)
 
@@ -474,28 +485,32 @@ def _amx_macros(k: int, nb: int, emulate: bool, finish):
     def amx_rows(A, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, m):
         A1 = T.decl_buffer((m * k,), "uint8", data=A.data)
         B1 = T.decl_buffer((nb * k4 * 64,), "int8", data=B.data)
-        acc = T.decl_buffer((2 * AMX_BLOCK,), "int32", scope="global")   # two 4 KiB halves, once per call
-        pend = T.decl_buffer((4,), "int32", scope="global")
-        # emulation only: the eight tiles' bytes, and the accumulator tiles 0..3 as int32
-        treg = T.decl_buffer((8 * 1024 if emulate else 1,), "int8", scope="global")
-        treg32 = T.decl_buffer((4 * 256 if emulate else 1,), "int32", scope="global")
         nblk = m // AMX_M
         if nblk > 0:
-            t_config()
-            pend[2] = 0
-            pend[3] = 0
             for mc in range((nblk + AMX_CHUNK - 1) // AMX_CHUNK):
-                for jo in range(nb // 2):
-                    for io in range(T.min(AMX_CHUNK, nblk - mc * AMX_CHUNK)):
-                        block(A1, B1, treg, treg32, acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O,
-                              (mc * AMX_CHUNK + io) * AMX_M, jo * 2, 2)
-                if nb % 2 == 1:
-                    for io in range(T.min(AMX_CHUNK, nblk - mc * AMX_CHUNK)):
-                        block(A1, B1, treg, treg32, acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O,
-                              (mc * AMX_CHUNK + io) * AMX_M, nb - 1, 1)
-            if not emulate:
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
-            finish_pending(acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, 0, AMX_M)
+                # the column pairs (and the odd last block) in groups, one task each on TVM's thread
+                # pool: tiles, their configuration and the epilogue pipeline are per thread
+                for g in group_loop(groups):
+                    acc = T.decl_buffer((2 * AMX_BLOCK,), "int32", scope="global")   # two 4 KiB halves
+                    pend = T.decl_buffer((4,), "int32", scope="global")
+                    # emulation only: the eight tiles' bytes, and the accumulator tiles 0..3 as int32
+                    treg = T.decl_buffer((8 * 1024 if emulate else 1,), "int8", scope="global")
+                    treg32 = T.decl_buffer((4 * 256 if emulate else 1,), "int32", scope="global")
+                    t_config()
+                    pend[2] = 0
+                    pend[3] = 0
+                    for jo in range(g * per_group, T.min(g * per_group + per_group, npairs)):
+                        for io in range(T.min(AMX_CHUNK, nblk - mc * AMX_CHUNK)):
+                            block(A1, B1, treg, treg32, acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O,
+                                  (mc * AMX_CHUNK + io) * AMX_M, jo * 2, 2)
+                    if nb % 2 == 1:
+                        if g == groups - 1:
+                            for io in range(T.min(AMX_CHUNK, nblk - mc * AMX_CHUNK)):
+                                block(A1, B1, treg, treg32, acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O,
+                                      (mc * AMX_CHUNK + io) * AMX_M, nb - 1, 1)
+                    finish_pending(acc, pend, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, 0, AMX_M)
+                    if not emulate:
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
     return amx_rows
 

@@ -116,8 +116,8 @@ def _choose_qparams(node, imp):
 class _Int8Linear:
     """Converter for ``qcompile_tvm::int8_linear``: one kernel ``PrimFunc`` per (K, Np, per-row)."""
 
-    def __init__(self, family: str):
-        self.family = family
+    def __init__(self, family: str, parallel: bool = False):
+        self.family, self.parallel = family, parallel
         self.kernels: dict[tuple, object] = {}
 
     def __call__(self, node, imp):
@@ -160,7 +160,7 @@ class _Int8Linear:
         if key not in self.kernels:
             tail = "" if epilogue is None else f"_{epilogue[0]}_{epilogue[1]}"
             name = f"qgemm_{self.family.replace('-', '_')}_k{k}_n{np_}{'_row' if per_row else ''}{tail}"
-            func = kernels.gemm_kernel(k, np_, per_row, self.family, epilogue).with_attr("global_symbol", name)
+            func = kernels.gemm_kernel(k, np_, per_row, self.family, epilogue, self.parallel).with_attr("global_symbol", name)
             self.kernels[key] = bb.add_func(func, name)
         m = a2.ty.shape[0]
         out_dtype = "float32" if epilogue is None else epilogue[1]
@@ -301,8 +301,9 @@ def _unsupported(ep, convert_map) -> None:
                                f"'{node.target.__name__}'")
 
 
-def import_relax(qmodel, family: str):
-    """(Relax IRModule, the fusion pass that ran): the converted graph of ``qmodel`` in Relax."""
+def import_relax(qmodel, family: str, parallel: bool = False):
+    """(Relax IRModule, the fusion pass that ran): the converted graph of ``qmodel`` in Relax.
+    ``parallel``: the integer GEMM kernels run their column panels as thread-pool tasks."""
     args, kwargs, dynamic_shapes = qmodel.export_example("the tvm backend")  # before the work: a clear error
     gm = copy.deepcopy(qmodel.graph_module)
     # int4 Linears first (on int8 activations, then weight-only): check_formats rejects what is left
@@ -317,12 +318,12 @@ def import_relax(qmodel, family: str):
     prune_unused_tensors(gm)
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
-    int8 = _Int8Linear(family)
+    int8 = _Int8Linear(family, parallel)
     custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
               "choose_qparams.default": _choose_qparams, "int8_linear.default": int8,
               "int8_linear_q.default": int8.requantized, "layer_norm_q.default": LayerNormQuantizeConverter(),
               "int4_linear.default": Int4LinearConverter(), "int4_a8_linear.default": Int4A8LinearConverter(family),
-              "int8_conv2d.default": Int8Conv2dConverter(family)}
+              "int8_conv2d.default": Int8Conv2dConverter(family, parallel)}
     importer = _importer()
     _unsupported(ep, set(importer.convert_map) | set(custom))
     try:
@@ -354,12 +355,12 @@ def input_bounds(mod) -> list:
     return bounds
 
 
-def build(mod, target):
-    """Compile a Relax module: (executable, seconds)."""
+def build(mod, target, parallel: bool = False):
+    """Compile a Relax module: (executable, seconds); ``parallel`` as for :func:`import_relax`."""
     import tvm
 
     from .pipeline import get_pipeline
 
     t0 = time.perf_counter()
-    ex = tvm.compile(mod, target=target, relax_pipeline=get_pipeline(target))
+    ex = tvm.compile(mod, target=target, relax_pipeline=get_pipeline(target, parallel))
     return ex, time.perf_counter() - t0

@@ -261,9 +261,10 @@ def fuse_producers_into_norms():
     return run
 
 
-def get_pipeline(target):
+def get_pipeline(target, parallel: bool = False):
     """TVM's CPU phases with :func:`rewrite_float_ops` before legalization,
-    :func:`fuse_producers_into_norms` before fusion and :func:`schedule_float_kernels` after it."""
+    :func:`fuse_producers_into_norms` before fusion and :func:`schedule_float_kernels` after it;
+    ``parallel``: the fused attention kernels run their heads as thread-pool tasks."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -282,7 +283,7 @@ def get_pipeline(target):
             # (it matches the importer's own chains) and before anything is lowered
             tidy = [relax.transform.CanonicalizeBindings(), relax.transform.RemoveRedundantReshape(),
                     relax.transform.DeadCodeElimination()]
-            seq = tvm.transform.Sequential([rewrite_attention()] + tidy + cpu.library_dispatch_passes(target)
+            seq = tvm.transform.Sequential([rewrite_attention(parallel)] + tidy + cpu.library_dispatch_passes(target)
                                            + [rewrite_float_ops()] + legalize
                                            + [schedule_float_kernels()] + cpu.dataflow_lower_passes(target)
                                            + cpu.finalize_passes(target))
