@@ -27,8 +27,8 @@ contiguous floats of a row) and writing the context where the output projection 
    output element (``fast_softmax`` divides each probability: the two agree
    to float rounding).
 
-The three buffers whose size depends on the symbolic sequence length are allocated once per call
-(TVM puts a non-constant allocation on its workspace); the accumulators are ``global``-scope
+The three buffers whose size depends on the symbolic sequence length are allocated per (sequence,
+head), so each thread-pool task has its own (TVM puts a non-constant allocation on its workspace); the accumulators are ``global``-scope
 stack buffers under 1 KiB, promoted to registers by LLVM (see :mod:`.kernels`).
 
 :func:`rewrite_attention` is a Relax pass (before legalization, before
