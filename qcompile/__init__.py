@@ -13,7 +13,7 @@ Example::
 """
 from . import ops  # noqa: F401  - registers torch.ops.qcompile.*
 from .analyze import SensitivityTable, analyze
-from .api import convert, prepare, quantize, resolve_recipe
+from .api import convert, prepare, quantize
 from .doctor import CalibrationCheck, check_calibration
 from .mixed import Quality
 from .backends import lower
@@ -23,7 +23,7 @@ from .formats import FORMATS, Format, get_format
 from .model import PreparedModel, QuantizedModel, load
 from .presets import recipes
 from .qat import QATModel, prepare_qat
-from .recipe import CalibrationConfig, LayerConfig, QATConfig, Recipe, SmoothingConfig
+from .recipe import CalibrationConfig, LayerConfig, QATConfig, Recipe, SmoothingConfig, resolve_recipe
 from .report import Report
 from .spec import QuantSpec
 from .verify import ParityReport, verify

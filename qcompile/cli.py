@@ -123,9 +123,8 @@ def _auto_recipe(args, chosen: dict):
     def choose(model, batches, example_kwargs):
         import dataclasses
 
-        from .api import resolve_recipe
         from .mixed import allocate
-        from .recipe import WeightAlgorithmConfig
+        from .recipe import WeightAlgorithmConfig, resolve_recipe
 
         table, candidates = _sensitivity(model, batches, example_kwargs, args)
         alloc = allocate(table, {"bits_per_weight": args.bits}, cost=args.cost)

@@ -30,9 +30,12 @@ from typing import Iterable, Optional
 import torch
 from torch.utils import _pytree as pytree
 
+from . import pipeline
+from .backends.base import placement
 from .calibration import iterate
 from .errors import CalibrationError
 from .observers import Observer
+from .recipe import resolve_recipe
 from .report import sqnr
 from .spec import ROLE
 
@@ -99,8 +102,6 @@ def check_calibration(model, recipe, calibration: Iterable, example_inputs: Opti
     """Check ``calibration`` (an iterable of positional tuples or kwargs dicts, as for
     :func:`qcompile.quantize`) for ``recipe`` on ``model`` (see the module docstring). ``model`` is
     not modified."""
-    from .api import prepare, resolve_recipe
-
     recipe = resolve_recipe(recipe)
     items = list(iterate(calibration, max_items))
     if not items:
@@ -110,8 +111,8 @@ def check_calibration(model, recipe, calibration: Iterable, example_inputs: Opti
     check = CalibrationCheck(items=len(items), tolerance=tolerance)
 
     def fresh(data):
-        return prepare(model, recipe, tuple(ex_args) if not isinstance(ex_args, tuple) else ex_args,
-                       example_kwargs=ex_kwargs, calibration=data)
+        return pipeline.prepare(model, recipe, tuple(ex_args) if not isinstance(ex_args, tuple) else ex_args,
+                                placement=placement(recipe.backend), example_kwargs=ex_kwargs, calibration=data)
 
     prepared = fresh(items)
     observers = _observers(prepared)
@@ -167,8 +168,6 @@ def check_calibration(model, recipe, calibration: Iterable, example_inputs: Opti
 
 
 def _check_halves(check, model, fresh, items, halves_db):
-    from .api import convert
-
     def flat(out):
         return torch.cat([t.detach().float().flatten() for t in pytree.tree_leaves(out)
                           if isinstance(t, torch.Tensor) and t.is_floating_point()])
@@ -178,7 +177,7 @@ def _check_halves(check, model, fresh, items, halves_db):
     for part in (items[0::2], items[1::2]):
         p = fresh(part)
         p.calibrate(part, progress=False)
-        q = convert(p, report_inputs=part[:1])
+        q = pipeline.convert(p, report_inputs=part[:1])
         binder = q.binder
         with torch.no_grad():
             quality.append(sqnr(torch.cat([flat(binder.apply(model, it)) for it in items]),

@@ -8,23 +8,30 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .capture import Captured, InputBinder, call_checked
+from .artifact import code_tensors, load_program, save_program
+from .calibration import run_calibration
+from .capture import Captured, InputBinder, call_checked, example_from_dict, example_to_dict
 from .errors import BackendError, CalibrationError, InputError
+from .passes.infra import PassManager
 from .recipe import Recipe
 from .report import Report
+from .verify import reference_activations
 
 
 class PreparedModel(nn.Module):
     """A captured model with observers inserted. Call it on calibration data, then
-    ``qcompile.convert(prepared)``. ``.calibrate(data)`` does the calling for you."""
+    ``qcompile.convert(prepared)``. ``.calibrate(data)`` does the calling for you.
+
+    ``pipeline``: the :class:`~qcompile.passes.infra.PassManager` of this model's quantization run,
+    with the stages still to run (conversion) and the log of those that ran."""
 
     def __init__(self, graph_module: torch.fx.GraphModule, captured: Captured, recipe: Recipe,
-                 float_model: nn.Module, info: dict):
+                 float_model: nn.Module, pipeline: PassManager):
         super().__init__()
         self.graph_module = graph_module
         self.recipe = recipe
         self._captured = captured
-        self._info = info
+        self.pipeline = pipeline
         self._float_model = [float_model]   # a list: keep a reference without registering it as a submodule
         self.calibrated_batches = 0
 
@@ -34,10 +41,12 @@ class PreparedModel(nn.Module):
         self.calibrated_batches += 1
         return out
 
+    def to_prepared(self, dump_dir: Optional[str] = None) -> "PreparedModel":
+        """The model ``convert`` takes: this one (a QAT model returns a frozen copy)."""
+        return self
+
     def calibrate(self, data, max_samples: Optional[int] = None, progress: Optional[bool] = None) -> int:
         """Run every item of ``data`` (tuples or kwargs dicts) through the model."""
-        from .calibration import run_calibration
-
         cfg = self.recipe.calibration
         return run_calibration(lambda item: self._captured.binder.apply(self, item), data,
                                max_samples or cfg.max_samples, cfg.progress if progress is None else progress)
@@ -70,8 +79,6 @@ class QuantizedModel(nn.Module):
     def quantized_activations(self, *args, **kwargs) -> list:
         """``[(scale, codes)]`` at every static activation quantizer, in graph order: the
         reference side of :func:`qcompile.verify`."""
-        from .verify import reference_activations
-
         return [(s, c) for s, c, _ in reference_activations(self, args, kwargs)]
 
     def exported_program(self) -> torch.export.ExportedProgram:
@@ -104,10 +111,6 @@ class QuantizedModel(nn.Module):
         """Write the model to the directory ``path``: atomic, versioned and checksummed, no pickle
         (see :mod:`qcompile.artifact`). ``extra_files``: file name → bytes or text saved (and
         checksummed) in the same directory, e.g. ``{"report.html": ...}``."""
-        from .artifact import code_tensors, save_program
-
-        from .capture import example_to_dict
-
         meta = {"recipe": self.recipe.to_dict(), "binder": self.binder.to_dict(), "report": self.report.to_dict(),
                 "example": example_to_dict(self._example, self.binder, self.exported_program())
                 if self._example is not None else None}
@@ -128,13 +131,9 @@ def load(path: Union[str, Path]) -> QuantizedModel:
         >>> same = qcompile.load("out/minilm-w8a8")
         >>> art = qcompile.lower(same, backend="tvm")
     """
-    from .artifact import load_program
-
     ep, meta = load_program(path)
     b = meta["binder"]
     binder = InputBinder(b["positional"], b["keywords"], b.get("constants", {}))
-    from .capture import example_from_dict
-
     example = example_from_dict(meta["example"], binder) if meta.get("example") else None
     return QuantizedModel(ep.module(), binder, Recipe.from_dict(meta["recipe"]), Report.from_dict(meta["report"]),
                           example=example, exported=ep)

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .recipe import LayerConfig, Recipe, SmoothingConfig, WeightAlgorithmConfig
+from .recipe import PRESETS, LayerConfig, Recipe, SmoothingConfig, WeightAlgorithmConfig
 from .spec import QuantSpec
 
 INT8_WEIGHT = QuantSpec("int8", "per_channel", symmetric=True)
@@ -137,7 +137,7 @@ def _q4_k_m(algorithm: Optional[str] = None, zero_point_dtype: str = "code") -> 
     return make
 
 
-PRESETS: dict[str, Callable[[], Recipe]] = {
+PRESETS.update({
     "float": lambda: Recipe(name="float"),
     "w8a8": _w8a8,
     "w8a8-dynamic": _w8a8_dynamic,
@@ -173,7 +173,7 @@ PRESETS: dict[str, Callable[[], Recipe]] = {
     "w5-g64-dq-gptq": _weight_only("w5-g64-dq-gptq", QuantSpec("uint5", "per_group", symmetric=False, group_size=64,
                                                                scale_dtype="int8"), "gptq"),
     "fp8-e4m3": _weight_only("fp8-e4m3", QuantSpec("fp8_e4m3", "per_channel", symmetric=True)),
-}
+})
 
 
 def recipes() -> list[str]:

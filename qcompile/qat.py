@@ -20,16 +20,15 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from .api import RecipeLike, resolve_recipe
 from .calibration import run_calibration
 from .capture import capture
 from .fake_quant import FakeQuantize, GraphAttention
 from .model import PreparedModel
 from .observers import make_observer
-from .passes import AnnotatePass, FreezeQATPass, InsertFakeQuantPass, NormalizeLinearPass, PassManager, \
-    TrainEvalOpsPass
-from .passes.infra import tensor_owner
-from .recipe import QATConfig
+from .passes import AnnotatePass, FreezeQATPass, InsertFakeQuantPass, NormalizeLinearPass, TrainEvalOpsPass
+from .passes.infra import PassManager, PassResult, Stage, tensor_owner
+from .pipeline import CALIBRATE, CAPTURE, convert_stages
+from .recipe import QATConfig, RecipeLike, resolve_recipe
 
 
 class QATModel(PreparedModel):
@@ -61,12 +60,16 @@ class QATModel(PreparedModel):
         return {n: m for n, m in self.graph_module.named_modules() if isinstance(m, FakeQuantize)}
 
     def to_prepared(self, dump_dir: Optional[str] = None) -> PreparedModel:
-        """A :class:`PreparedModel` holding a frozen copy: the graph PTQ's convert takes."""
+        """A :class:`PreparedModel` holding a frozen copy: the graph PTQ's convert takes. Its
+        pipeline continues this model's (the log so far, one dump numbering) with the freeze and
+        conversion stages; this model's own pipeline is left as it is, so training can go on."""
         gm = copy.deepcopy(self.graph_module)
         gm.eval()
-        PassManager([FreezeQATPass()], dump_dir)(gm)
+        run = PassManager([Stage(FreezeQATPass(), "freeze"), *convert_stages()], dump_dir or self.pipeline.dump_dir)
+        run.records = list(self.pipeline.records)
+        run.run(gm, until=convert_stages()[0].phase)
         steps = max((int(m.steps) for m in self.fake_quantizers().values()), default=0)
-        prepared = PreparedModel(gm, self._captured, self.recipe, self._float_model[0], copy.deepcopy(self._info))
+        prepared = PreparedModel(gm, self._captured, self.recipe, self._float_model[0], run)
         prepared.calibrated_batches = steps
         return prepared
 
@@ -91,15 +94,17 @@ def prepare_qat(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, cal
     cap = capture(model, example_inputs, example_kwargs, dynamic_shapes, training=True)
     gm = cap.graph_module
     _own_trainable(gm)
-    annotate, insert = AnnotatePass(recipe), InsertFakeQuantPass(config)
-    PassManager([NormalizeLinearPass(), annotate, insert, TrainEvalOpsPass(config.sync_observers)], dump_dir)(gm)
-    info = {"kept_float": dict(annotate.skipped), "folded": list(insert.fused), "smoothing": [],
-            "timings_s": {"capture": time.perf_counter() - t0}}
-    qat = QATModel(gm, cap, recipe, float_ref, info)
+    run = PassManager([Stage(p, CAPTURE) for p in (NormalizeLinearPass(), AnnotatePass(recipe),
+                                                    InsertFakeQuantPass(config), TrainEvalOpsPass(config.sync_observers))],
+                      dump_dir)
+    run.record("capture", CAPTURE, time.perf_counter() - t0, PassResult(gm, False))
+    run.run(gm)
+    qat = QATModel(gm, cap, recipe, float_ref, run)
     if calibration is not None:
         t1 = time.perf_counter()
         calibrate_qat(qat, calibration)
-        info["timings_s"]["calibrate"] = time.perf_counter() - t1
+        # not a CalibrationResult: a QAT model's report counts training steps, not these items
+        run.record("calibrate_qat", CALIBRATE, time.perf_counter() - t1, PassResult(gm, False))
     return qat.train()
 
 

@@ -20,8 +20,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
+from .artifact import atomic_file
+from .backends.base import ALIASES, BACKENDS
 from .errors import RecipeError, closest
 from .spec import QuantSpec
 
@@ -145,8 +147,6 @@ class Recipe:
     @staticmethod
     def preset(name: str) -> "Recipe":
         """A named preset (``qcompile.recipes()`` lists them)."""
-        from .presets import PRESETS
-
         if name not in PRESETS:
             raise RecipeError("name", f"unknown preset '{name}'; {closest(name, PRESETS)}")
         return PRESETS[name]()
@@ -186,8 +186,6 @@ class Recipe:
     def save(self, path: Union[str, Path]) -> None:
         """Write the recipe as YAML or JSON (by suffix), atomically (a temporary file renamed
         into place: an interrupted save leaves the previous file)."""
-        from .artifact import atomic_file
-
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -285,8 +283,6 @@ class Recipe:
                 if a is not None and (not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= a <= 1.0):
                     raise RecipeError(where, f"must be a number in [0, 1], got {a!r}")
         if self.backend is not None:
-            from .backends.base import ALIASES, BACKENDS
-
             _typed(self.backend, str, "backend")
             if ALIASES.get(self.backend, self.backend) not in BACKENDS:
                 raise RecipeError("backend", f"unknown backend '{self.backend}'; {closest(self.backend, BACKENDS)}")
@@ -313,6 +309,37 @@ class Recipe:
         if ms is not None and (not isinstance(ms, int) or isinstance(ms, bool) or ms <= 0):
             raise RecipeError("calibration.max_samples", f"must be a positive integer or null, got {ms!r}")
         return self
+
+
+# name -> a function returning a fresh preset Recipe; filled by :mod:`qcompile.presets` (which the
+# package imports), so that this module does not import the presets built from it.
+PRESETS: dict[str, Callable[[], Recipe]] = {}
+
+RecipeLike = Union[Recipe, str, Path, dict]
+
+
+def resolve_recipe(recipe: RecipeLike) -> Recipe:
+    """A :class:`Recipe` from a Recipe, a preset name, a path to a YAML/JSON file, or a dict.
+
+    Example::
+
+        >>> qcompile.resolve_recipe("w8a8").default.activation.format
+        'uint8'
+    """
+    if isinstance(recipe, Recipe):
+        return recipe.validate()
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, Path)):
+        s = str(recipe)
+        if s in PRESETS:
+            return Recipe.preset(s)
+        if s.endswith((".yaml", ".yml", ".json")) or Path(s).exists():
+            if not Path(s).exists():
+                raise RecipeError("recipe", f"file '{s}' does not exist")
+            return Recipe.load(s)
+        raise RecipeError("recipe", f"'{s}' is neither a preset nor a recipe file; {closest(s, PRESETS)}")
+    raise RecipeError("recipe", f"expected a Recipe, preset name, path or dict, got {type(recipe).__name__}")
 
 
 def _validate_qat(q: QATConfig) -> None:

@@ -13,9 +13,8 @@ W4 = QuantSpec("int4", "per_group", group_size=16)
 
 def _annotate(model, batch, recipe):
     gm = capture(model, batch).graph_module
-    p = AnnotatePass(recipe)
-    p(gm)
-    return {ann.layer: ann for _, ann in annotated_nodes(gm)}, p, gm
+    result = AnnotatePass(recipe)(gm)
+    return {ann.layer: ann for _, ann in annotated_nodes(gm)}, result, gm
 
 
 def test_default_and_embedding(tiny_block):

@@ -23,12 +23,12 @@ def test_smoothing_keeps_float_numerics_and_inserts_muls(tiny_block):
     gm = _stats(model, batches)
     stats = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("qstats")]
     assert len(stats) == 4  # h -> q/k/v (shared), x -> up, u -> down, x -> head
-    p = ApplySmoothingPass(alpha=0.5)
-    assert p(gm).modified
+    p = ApplySmoothingPass(alpha=0.5)(gm)
+    assert p.modified
     assert not [n for n in gm.graph.nodes if n.op == "call_module" and "qstats" in n.target]
     muls = [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
-    assert [a["how"] for a in p.applied].count("folded into ln") == 1  # ln feeds only q/k/v
-    assert len(muls) == 3 and len(p.applied) == 4
+    assert [a["how"] for a in p.records].count("folded into ln") == 1  # ln feeds only q/k/v
+    assert len(muls) == 3 and len(p.records) == 4
     with torch.no_grad():
         for b in batches:
             torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)
@@ -50,9 +50,8 @@ def test_layer_norm_fold_when_it_feeds_only_the_linears():
         model.ln.weight.mul_(torch.linspace(0.5, 20, 16))  # channel outliers after the norm
     batches = [(torch.randn(2, 5, 16),) for _ in range(3)]
     gm = _stats(model, batches)
-    p = ApplySmoothingPass(alpha=0.5)
-    p(gm)
-    assert p.applied[0]["how"] == "folded into ln"
+    p = ApplySmoothingPass(alpha=0.5)(gm)
+    assert p.records[0]["how"] == "folded into ln"
     assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
     for b in batches:
         torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)
@@ -73,18 +72,16 @@ def test_search_picks_no_smoothing_when_it_only_hurts():
     AnnotatePass(Recipe(default=LayerConfig(QuantSpec("int2", "per_channel"), A8)))(gm)
     InsertChannelStatsPass()(gm)
     run_calibration(lambda b: gm(*b), batches, progress=False)
-    p = ApplySmoothingPass(alpha=None)
-    p(gm)
-    assert p.applied[0]["alpha"] is None and p.applied[0]["how"].startswith("not smoothed")
+    p = ApplySmoothingPass(alpha=None)(gm)
+    assert p.records[0]["alpha"] is None and p.records[0]["how"].startswith("not smoothed")
     assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
 
 
 def test_fold_only_leaves_unfoldable_layers(tiny_block):
     model, batches = tiny_block
     gm = _stats(model, batches)
-    p = ApplySmoothingPass(alpha=0.5, fold_only=True)
-    p(gm)
-    assert [a["how"] for a in p.applied] == ["folded into ln"]  # the others would need a mul
+    p = ApplySmoothingPass(alpha=0.5, fold_only=True)(gm)
+    assert [a["how"] for a in p.records] == ["folded into ln"]  # the others would need a mul
     assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
     for b in batches:
         torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)
@@ -124,9 +121,8 @@ def test_attention_output_smoothing_folds_into_the_value_projection():
     for sdpa in (False, True):
         model, batches = _outlier_attention(sdpa=sdpa)
         gm = _stats(model, batches)
-        p = ApplySmoothingPass(alpha=0.5)
-        p(gm)
-        how = {a["layers"][0]: a["how"] for a in p.applied}
+        p = ApplySmoothingPass(alpha=0.5)(gm)
+        how = {a["layers"][0]: a["how"] for a in p.records}
         assert how["o"] == "folded into the output channels of v", how
         assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
         for b in batches:
@@ -139,9 +135,8 @@ def test_value_fold_refused_when_heads_merge_in_another_order():
     so scaling V's rows in order would scale the wrong channels: a mul is inserted instead."""
     model, batches = _outlier_attention(mix_heads=True)
     gm = _stats(model, batches)
-    p = ApplySmoothingPass(alpha=0.5)
-    p(gm)
-    how = {a["layers"][0]: a["how"] for a in p.applied}
+    p = ApplySmoothingPass(alpha=0.5)(gm)
+    how = {a["layers"][0]: a["how"] for a in p.records}
     assert how["o"] == "mul inserted"
     for b in batches:
         torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)
@@ -165,9 +160,8 @@ def test_gated_mlp_smoothing_folds_into_the_up_projection():
         model.up.weight.mul_(torch.linspace(0.2, 15, 48)[:, None])
     batches = [(torch.randn(2, 5, 16),) for _ in range(3)]
     gm = _stats(model, batches)
-    p = ApplySmoothingPass(alpha=0.5)
-    p(gm)
-    how = {a["layers"][0]: a["how"] for a in p.applied}
+    p = ApplySmoothingPass(alpha=0.5)(gm)
+    how = {a["layers"][0]: a["how"] for a in p.records}
     assert how["down"] == "folded into the output channels of up", how
     for b in batches:
         torch.testing.assert_close(gm(*b), model(*b), atol=1e-4, rtol=1e-4)

@@ -63,6 +63,12 @@ def get_backend(name: str) -> Backend:
     return getattr(mod, cls)()
 
 
+def placement(backend: "str | None") -> Capabilities:
+    """What the pipeline places quantize/dequantize by: the capabilities of ``backend`` (a recipe's
+    ``backend`` field), or the defaults when it names none."""
+    return get_backend(backend).capabilities if backend else Capabilities()
+
+
 def lower(qmodel, backend: str = "reference", **options) -> Artifact:
     """Lower a quantized model to ``backend``. ``reference`` returns the PyTorch Q/DQ model itself:
     the numerical ground truth other backends are checked against.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -49,6 +49,14 @@ def match_pattern(pattern: str, path: str, layer_type: str) -> bool:
     return pattern == path
 
 
+@dataclass
+class AnnotateResult(PassResult):
+    """``skipped``: layer -> why it stays float; ``tied``: a layer whose weight is an embedding's ->
+    whether the two share one quantized tensor."""
+
+    tied: dict = field(default_factory=dict)
+
+
 class AnnotatePass(Pass):
     """Resolve the recipe for every quantizable node. An override or ``keep_float`` pattern that
     matches no quantizable layer is a :class:`RecipeError`."""
@@ -57,10 +65,9 @@ class AnnotatePass(Pass):
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.skipped: dict[str, str] = {}   # layer -> why it stays float
-        self.tied: dict[str, str] = {}      # layer whose weight is an embedding's -> what was done
 
     def call(self, gm):
+        result = AnnotateResult(gm, False)
         rules = list(self.recipe.overrides.items()) + [(p, None) for p in self.recipe.keep_float]
         for pattern, _ in rules:
             if pattern.startswith("re:"):
@@ -76,7 +83,7 @@ class AnnotatePass(Pass):
                 continue
             layer = node.meta.get(LAYER, node.name)
             if get_attr_tensor(gm, node.args[info.weight_arg]) is None:
-                self.skipped[layer] = "its weight is computed in the graph, not a parameter"
+                result.skipped[layer] = "its weight is computed in the graph, not a parameter"
                 continue
             candidates.append((node, info, layer))
         layers = [layer for _, _, layer in candidates]
@@ -84,7 +91,6 @@ class AnnotatePass(Pass):
         # a Linear reading an embedding's weight is a tied head (lm_head = embed_tokens)
         emb_weight = {node.args[info.weight_arg].target: layer for node, info, layer in candidates
                       if info.kind == "embedding"}
-        modified = False
         weighted = [c for c in candidates if c[1].kind != "embedding"]
         first = weighted[0][0] if weighted else None
         last = weighted[-1][0] if weighted else None
@@ -97,7 +103,7 @@ class AnnotatePass(Pass):
             if (self.recipe.keep_first and node is first) or (self.recipe.keep_last and node is last):
                 cfg, source = None, "keep_first" if node is first and self.recipe.keep_first else "keep_last"
             if cfg is None or (cfg.weight is None and cfg.activation is None):
-                self.skipped[layer] = f"kept float by {source}"
+                result.skipped[layer] = f"kept float by {source}"
                 continue
             act = cfg.activation if info.input_arg is not None else None
             if info.kind == "embedding" and cfg.activation is not None:
@@ -109,10 +115,11 @@ class AnnotatePass(Pass):
                                       f"layer '{layer}' has a {w.dim()}-D weight; per_group needs a 2-D (Linear) weight")
             node.meta[ANNOTATION] = NodeAnnotation(layer, info.kind, cfg.weight, act, info.input_arg,
                                                    info.weight_arg, info.channel_axis)
-            modified = True
+            result.modified = True
+            result.changed.append(layer)
             if tied_to is not None:
                 emb = self.recipe.embedding.weight if self.recipe.embedding is not None else None
-                self.tied[layer] = (f"weight tied to {tied_to}: one shared quantized tensor" if emb == cfg.weight
+                result.tied[layer] = (f"weight tied to {tied_to}: one shared quantized tensor" if emb == cfg.weight
                                     else f"weight tied to {tied_to} but its spec differs ({source}): untied, "
                                          f"each quantized separately")
         for pattern, _ in rules:
@@ -122,7 +129,7 @@ class AnnotatePass(Pass):
                 raise RecipeError(field, f"pattern '{pattern}' matches no quantizable layer (or only layers an "
                                          f"earlier pattern already claims); "
                                          f"{closest(pattern, layers) if layers else 'the model has none'}")
-        return PassResult(gm, modified)
+        return result
 
     def _resolve(self, layer, ltype, info, rules, used):
         """(config, where it came from). Exact paths win over patterns; patterns go in order."""
@@ -153,4 +160,4 @@ def annotated_nodes(gm):
     return [(n, n.meta[ANNOTATION]) for n in gm.graph.nodes if ANNOTATION in n.meta]
 
 
-__all__ = ["AnnotatePass", "QUANTIZABLE_OPS", "OpInfo", "match_pattern", "annotated_nodes", "LayerConfig"]
+__all__ = ["AnnotatePass", "AnnotateResult", "QUANTIZABLE_OPS", "OpInfo", "match_pattern", "annotated_nodes", "LayerConfig"]

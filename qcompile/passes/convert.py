@@ -9,6 +9,7 @@ The op's output stays float: backends pattern-match ``dequantize → op`` into i
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,11 +31,16 @@ def _tag(node, role, layer, spec):
     return node
 
 
+@dataclass
+class ConvertResult(PassResult):
+    """``float_weights``: op node name -> the float weight its codes replaced (what the report
+    measures the weight error against; GPTQ/AWQ record their own reference)."""
+
+    float_weights: dict = field(default_factory=dict)
+
+
 class ConvertPass(Pass):
     name = "convert"
-
-    def __init__(self):
-        self.float_weights: dict[str, torch.Tensor] = {}  # op node name -> float weight (for the report)
 
     def requires(self, gm):
         for node in gm.graph.nodes:
@@ -45,13 +51,14 @@ class ConvertPass(Pass):
                                            "calibrate (call the prepared model on data) before convert")
 
     def call(self, gm):
+        float_weights: dict = {}
         weights: dict = {}   # weight target -> dequantize node (a shared weight is quantized once)
         acts: dict = {}      # (input node, spec) -> dequantize node
         for node, ann in annotated_nodes(gm):
             if ann.weight is not None:
                 w_node = node.args[ann.weight_arg]
                 solved = node.meta.get(WEIGHT_QPARAMS)
-                self.float_weights[node.name] = solved.reference if solved is not None else get_attr_tensor(gm, w_node)
+                float_weights[node.name] = solved.reference if solved is not None else get_attr_tensor(gm, w_node)
                 key = (w_node.target, ann.weight)
                 if key not in weights:
                     weights[key] = self._weight(gm, node, w_node, ann)
@@ -70,7 +77,7 @@ class ConvertPass(Pass):
                 modified = True
         for target in observers:  # an observer may be called on several edges (a reused output grid)
             gm.delete_submodule(target)
-        return PassResult(gm, modified)
+        return ConvertResult(gm, modified, float_weights=float_weights)
 
     def _weight(self, gm, op_node, w_node, ann):
         spec = ann.weight

@@ -36,12 +36,10 @@ class FoldBatchNormPass(Pass):
 
     name = "fold_batch_norm"
 
-    def __init__(self):
-        self.folded: list[str] = []   # layers folded, for the report
-        self.skipped: dict[str, str] = {}  # batch-norm node -> reason it was not folded
-
     def call(self, gm):
-        modified = False
+        """``changed``: the conv layers folded (the report's ``folded_batch_norms``); ``skipped``:
+        batch-norm node -> why it was not folded."""
+        result = PassResult(gm, False)
         for node in list(gm.graph.nodes):
             parts = _bn_parts(node)
             if parts is None:
@@ -49,7 +47,7 @@ class FoldBatchNormPass(Pass):
             out, conv, gamma, beta, mean, var, eps = parts
             reason = self._why_not(gm, conv, (gamma, beta, mean, var))
             if reason:
-                self.skipped[node.name] = reason
+                result.skipped[node.name] = reason
                 continue
             w = get_attr_tensor(gm, conv.args[1])
             b = get_attr_tensor(gm, conv.args[2]) if len(conv.args) > 2 and conv.args[2] is not None else None
@@ -68,9 +66,9 @@ class FoldBatchNormPass(Pass):
             args[1], args[2] = w_node, b_node
             conv.args = tuple(args)
             out.replace_all_uses_with(conv)
-            self.folded.append(conv.meta.get(LAYER, conv.name))
-            modified = True
-        return PassResult(gm, modified)
+            result.changed.append(conv.meta.get(LAYER, conv.name))
+            result.modified = True
+        return result
 
     @staticmethod
     def _why_not(gm, conv, bn_tensors):
@@ -87,5 +85,5 @@ class FoldBatchNormPass(Pass):
     def ensures(self, gm):
         for node in gm.graph.nodes:
             parts = _bn_parts(node)
-            if parts and parts[1].target in CONVS and node.name not in self.skipped:
+            if parts and parts[1].target in CONVS and self._why_not(gm, parts[1], parts[2:6]) is None:
                 raise AssertionError(f"batch-norm {node.name} after a conv was left unfolded")

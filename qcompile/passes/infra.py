@@ -1,6 +1,8 @@
 """Pass infrastructure: a pass is a small callable over a GraphModule with ``requires / call /
-ensures``; the manager runs a list, recompiles, names the failing pass and those before it, and
-can dump the graph after each pass.
+ensures`` that returns a typed :class:`PassResult` (what it changed, what it skipped and why); the
+:class:`PassManager` runs an ordered list of stages — graph passes and calibration steps alike — as
+one run: one dump numbering, one log of every stage's result and time (grouped by *phase*), and a
+failure that names the failing stage and every stage before it, across ``prepare`` and ``convert``.
 
 Example::
 
@@ -8,14 +10,17 @@ Example::
     ...     name = "drop_dropout"
     ...     def call(self, gm):
     ...         ...  # edit gm.graph
-    ...         return PassResult(gm, modified=True)
-    >>> PassManager([DropDropoutPass()], dump_dir="graphs")(gm)
+    ...         return PassResult(gm, modified=True, changed=["dropout"])
+    >>> pm = PassManager([DropDropoutPass()], dump_dir="graphs")
+    >>> pm(gm); pm.log
+    [('drop_dropout', True)]
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -24,13 +29,22 @@ from ..errors import PassError, QCompileError
 
 @dataclass
 class PassResult:
+    """What one stage did. Passes with more to say subclass it with typed fields (e.g.
+    :class:`~qcompile.passes.annotate.AnnotateResult`); the pipeline reads those from the log."""
+
     graph_module: torch.fx.GraphModule
     modified: bool
+    changed: list = field(default_factory=list)    # layers or nodes it changed
+    skipped: dict = field(default_factory=dict)    # layer or node -> why it was left alone
+
+
+R = TypeVar("R", bound=PassResult)
 
 
 class Pass:
     """Base class. Passes mutate the GraphModule they get (it is qcompile's own captured copy,
-    never the user's model) and say whether they changed it."""
+    never the user's model), keep no state from one call to the next, and describe what they did
+    in the :class:`PassResult` they return."""
 
     name: str = "pass"
 
@@ -54,32 +68,104 @@ class Pass:
         return result
 
 
-class PassManager:
-    """Runs passes in order. ``dump_dir``: write ``NN_<pass>.txt`` (the graph) after each pass."""
+@dataclass(frozen=True)
+class Stage:
+    """One entry of a pipeline: a pass (or a calibration step, which is a pass that leaves the graph
+    alone), the phase it belongs to (timings and dumps are grouped by it), and an optional
+    condition read from the graph when the stage's turn comes (e.g. "some activation is quantized")."""
 
-    def __init__(self, passes: Sequence[Pass], dump_dir: Optional[str] = None):
-        self.passes = list(passes)
+    step: Pass
+    phase: str = ""
+    when: Optional[Callable[[torch.fx.GraphModule], bool]] = None
+
+    @property
+    def name(self) -> str:
+        return self.step.name
+
+
+@dataclass
+class StageRecord:
+    """The log entry of one stage that ran (or was skipped by its condition: ``result`` None)."""
+
+    index: int
+    name: str
+    phase: str
+    seconds: float
+    result: Optional[PassResult]
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.result is not None and self.result.modified)
+
+
+class PassManager:
+    """Runs stages in order over one GraphModule and keeps the log. ``passes``: :class:`Pass` or
+    :class:`Stage` objects; more can be added with :meth:`extend`, and :meth:`run` may stop before a
+    phase and continue later (``prepare`` stops before calibration, ``convert`` continues), with one
+    dump numbering. ``dump_dir``: write ``NN_<stage>.txt`` (the graph) after each stage."""
+
+    def __init__(self, passes: Sequence = (), dump_dir: Optional[str] = None):
+        self.pending: list[Stage] = []
+        self.records: list[StageRecord] = []
         self.dump_dir = Path(dump_dir) if dump_dir else None
-        self.log: list[tuple[str, bool]] = []
+        self.extend(passes)
+
+    def extend(self, passes: Sequence) -> "PassManager":
+        self.pending.extend(p if isinstance(p, Stage) else Stage(p, p.name) for p in passes)
+        return self
+
+    def record(self, name: str, phase: str, seconds: float, result: Optional[PassResult] = None) -> None:
+        """Log a step (one that ran outside the manager too: capture, a caller's own calibration)
+        and dump the graph it left when it ran (``result`` not None)."""
+        self.records.append(StageRecord(len(self.records), name, phase, seconds, result))
+        if self.dump_dir and result is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            (self.dump_dir / f"{len(self.records) - 1:02d}_{name}.txt").write_text(str(result.graph_module.graph))
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        return self.run(gm)
+
+    def run(self, gm: torch.fx.GraphModule, until: Optional[str] = None) -> PassResult:
+        """Run the pending stages, stopping before the first one of phase ``until`` (None: all)."""
         modified = False
-        for i, p in enumerate(self.passes):
+        while self.pending and (until is None or self.pending[0].phase != until):
+            stage = self.pending.pop(0)
+            t0 = time.perf_counter()
+            if stage.when is not None and not stage.when(gm):
+                self.record(stage.name, stage.phase, 0.0)
+                continue
             try:
-                result = p(gm)
+                result = stage.step(gm)
             except QCompileError:
                 raise
-            except Exception as e:  # noqa: BLE001 - re-raised naming the pass
-                before = ", ".join(q.name for q in self.passes[:i]) or "none"
-                raise PassError(f"pass '{p.name}' failed: {type(e).__name__}: {e} "
+            except Exception as e:  # noqa: BLE001 - re-raised naming the stage
+                before = ", ".join(r.name for r in self.records) or "none"
+                raise PassError(f"pass '{stage.name}' failed: {type(e).__name__}: {e} "
                                 f"(passes run before it: {before})") from e
             gm = result.graph_module
             modified |= result.modified
-            self.log.append((p.name, result.modified))
-            if self.dump_dir:
-                self.dump_dir.mkdir(parents=True, exist_ok=True)
-                (self.dump_dir / f"{i:02d}_{p.name}.txt").write_text(str(gm.graph))
+            self.record(stage.name, stage.phase, time.perf_counter() - t0, result)
         return PassResult(gm, modified)
+
+    def drop(self, phase: str) -> None:
+        """Remove the pending stages of ``phase`` (a step the caller did itself)."""
+        self.pending = [s for s in self.pending if s.phase != phase]
+
+    @property
+    def log(self) -> list[tuple[str, bool]]:
+        """``(stage name, modified)`` for every stage run so far, in order."""
+        return [(r.name, r.modified) for r in self.records if r.result is not None]
+
+    def results(self, kind: type[R]) -> list[R]:
+        """The results of type ``kind`` in run order (e.g. every smoothing record)."""
+        return [r.result for r in self.records if isinstance(r.result, kind)]
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase, in the order the phases first ran."""
+        out: dict[str, float] = {}
+        for r in self.records:
+            out[r.phase] = out.get(r.phase, 0.0) + r.seconds
+        return out
 
 
 def get_attr_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[torch.Tensor]:

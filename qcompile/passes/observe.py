@@ -60,7 +60,6 @@ class InsertObserversPass(Pass):
 
     def __init__(self, quantize_outputs: frozenset = frozenset()):
         self.quantize_outputs = frozenset(quantize_outputs)
-        self.outputs: list[str] = []  # layers whose outputs were observed
 
     def call(self, gm):
         shared: dict = {}
@@ -78,7 +77,6 @@ class InsertObserversPass(Pass):
                 first = insert_on_edge(gm, user, i, make_observer(spec, [f"{ann.layer}:output"]), "qobs", shared,
                                        (out, spec))
             outputs[out] = (first, spec)
-            self.outputs.append(ann.layer)
         for node, ann in annotated_nodes(gm):
             spec = ann.activation
             if spec is None or spec.dynamic:

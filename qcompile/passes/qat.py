@@ -80,15 +80,16 @@ def _erase_bn_inputs(gm, nodes):
 
 
 class InsertFakeQuantPass(Pass):
-    """See the module docstring. ``fused`` lists the conv layers trained with simulated folding."""
+    """See the module docstring."""
 
     name = "insert_fake_quant"
 
     def __init__(self, config: QATConfig):
         self.config = config
-        self.fused: list[str] = []
 
     def call(self, gm):
+        """``changed``: the conv layers trained with simulated batch-norm folding."""
+        folded: list[str] = []
         acts: dict = {}
         weights: dict = {}
         modified = False
@@ -97,7 +98,7 @@ class InsertFakeQuantPass(Pass):
             bn = self._bn_after(gm, node) if ann.op == "conv" and self.config.fold_bn else None
             if bn is not None:
                 target = self._fuse(gm, node, ann, bn)
-                self.fused.append(ann.layer)
+                folded.append(ann.layer)
             elif ann.weight is not None:
                 w_node = node.args[ann.weight_arg]
                 key = (w_node.target, ann.weight)
@@ -115,7 +116,7 @@ class InsertFakeQuantPass(Pass):
                 insert_on_edge(gm, target, ann.input_arg, FakeQuantize(ann.activation, [ann.layer], self.config),
                                "qfq", acts, (src, ann.activation))
             modified = True
-        return PassResult(gm, modified)
+        return PassResult(gm, modified, changed=folded)
 
     @staticmethod
     def _bn_after(gm, conv):

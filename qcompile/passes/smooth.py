@@ -10,6 +10,8 @@ channels scales its channels); otherwise a ``mul`` by ``1/s`` is inserted before
 LayerNorms also feed residual adds, so they cannot take it). Two passes: :class:`InsertChannelStatsPass` (then calibrate), :class:`ApplySmoothingPass`."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from typing import Optional, Sequence
@@ -25,6 +27,14 @@ aten = torch.ops.aten
 STATS = "qstats"
 
 
+@dataclass
+class SmoothingResult(PassResult):
+    """``records``: one entry per tensor considered for smoothing (its layers, ``how``: folded
+    where, a multiply, or why not; ``alpha``), in graph order: the report's ``smoothing``."""
+
+    records: list = field(default_factory=list)
+
+
 class InsertChannelStatsPass(Pass):
     """Channel statistics on the inputs of activation-quantized Linears (what smoothing needs).
     ``quantized_outputs``: op kinds whose outputs the backend quantizes; a Linear reading such an
@@ -35,20 +45,20 @@ class InsertChannelStatsPass(Pass):
 
     def __init__(self, quantized_outputs: frozenset = frozenset()):
         self.quantized_outputs = frozenset(quantized_outputs)
-        self.skipped: list[dict] = []
 
     def call(self, gm):
         shared: dict = {}
+        records: list[dict] = []
         for node, ann in annotated_nodes(gm):
             if ann.op == "linear" and ann.activation is not None:
                 src = node.args[ann.input_arg]
                 producer = quantized_output_source(src, self.quantized_outputs)
                 if producer is not None:
-                    self.skipped.append({"layers": [ann.layer], "alpha": None, "how": "not smoothed (reads the "
+                    records.append({"layers": [ann.layer], "alpha": None, "how": "not smoothed (reads the "
                                          f"quantized output of '{producer.meta[ANNOTATION].layer}' as is)"})
                     continue
                 insert_on_edge(gm, node, ann.input_arg, ChannelAbsMaxObserver([ann.layer]), STATS, shared, src)
-        return PassResult(gm, bool(shared))
+        return SmoothingResult(gm, bool(shared), records=records)
 
 
 class ApplySmoothingPass(Pass):
@@ -61,23 +71,23 @@ class ApplySmoothingPass(Pass):
         self.alphas = tuple(alphas)
         self.candidates = (None,) + tuple(f"outliers@{q:g}" for q in outlier_quantiles) + self.alphas
         self.fold_only = fold_only
-        self.applied: list[dict] = []  # one entry per smoothed tensor, for the report
 
     def call(self, gm):
         modified = False
+        records: list[dict] = []
         for obs_node in [n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get(ROLE) == STATS]:
             obs = gm.get_submodule(obs_node.target)
             x = obs_node.args[0]
             consumers = [u for u in obs_node.users if ANNOTATION in u.meta]
-            folded = self._smooth(gm, obs, x, obs_node, consumers) if obs.absmax is not None else None
+            folded = self._smooth(gm, obs, x, obs_node, consumers, records) if obs.absmax is not None else None
             if folded is None:
                 obs_node.replace_all_uses_with(x)
             gm.graph.erase_node(obs_node)
             gm.delete_submodule(obs_node.target)
             modified = True
-        return PassResult(gm, modified)
+        return SmoothingResult(gm, modified, records=records)
 
-    def _smooth(self, gm, obs, x, obs_node, consumers):
+    def _smooth(self, gm, obs, x, obs_node, consumers, records):
         weights = [get_attr_tensor(gm, c.args[c.meta[ANNOTATION].weight_arg]) for c in consumers]
         if not consumers or len(consumers) != len(obs_node.users):
             return None
@@ -88,8 +98,8 @@ class ApplySmoothingPass(Pass):
         else:
             alpha, errors = self._search(obs, w_absmax, weights, anns)
         if alpha is None:
-            self.applied.append({"layers": [a.layer for a in anns], "how": "not smoothed (measured worse)",
-                                 "alpha": None})
+            records.append({"layers": [a.layer for a in anns], "how": "not smoothed (measured worse)",
+                            "alpha": None})
             return None
         s = candidate_scale(alpha, obs.absmax, w_absmax)
         fold = self._layer_norm(gm, x)
@@ -125,8 +135,8 @@ class ApplySmoothingPass(Pass):
             mul.meta[LAYER] = consumers[0].meta.get(LAYER)
             obs_node.replace_all_uses_with(mul)
             how = "mul inserted"
-        self.applied.append({"layers": [c.meta[ANNOTATION].layer for c in consumers], "how": how, "alpha": alpha,
-                             "max_scale": float(s.max()), "min_scale": float(s.min())})
+        records.append({"layers": [c.meta[ANNOTATION].layer for c in consumers], "how": how, "alpha": alpha,
+                        "max_scale": float(s.max()), "min_scale": float(s.min())})
         return True
 
     def _search(self, obs, w_absmax, weights, anns):

@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
@@ -346,6 +346,14 @@ class _Lockstep:
             it.env[node] = v
 
 
+@dataclass
+class WeightAlgorithmResult(PassResult):
+    """``records``: per layer (per input tensor for AWQ's scales), how its weight was solved: the
+    report's ``weight_algorithm``."""
+
+    records: list = field(default_factory=list)
+
+
 class ApplyWeightAlgorithmPass(Pass):
     """GPTQ or AWQ over every annotated Linear (see the module docstring). ``data``: calibration
     items, bound with ``binder`` (the captured model's :class:`~qcompile.capture.InputBinder`)."""
@@ -356,9 +364,9 @@ class ApplyWeightAlgorithmPass(Pass):
                  progress: bool = True):
         self.config, self.data, self.binder = config, data, binder
         self.max_samples, self.progress = max_samples, progress
-        self.applied: list[dict] = []   # one entry per layer (or per input tensor for AWQ scales)
 
     def call(self, gm):
+        records: list[dict] = []   # one entry per layer (or per input tensor for AWQ scales)
         annotated = [n for n in gm.graph.nodes if n.meta.get(ANNOTATION) is not None]
         readers: dict = {}
         for n in annotated:
@@ -378,9 +386,9 @@ class ApplyWeightAlgorithmPass(Pass):
             else:
                 todo.append(n)
                 continue
-            self.applied.append({"layer": ann.layer, "method": "rtn", "why": why})
+            records.append({"layer": ann.layer, "method": "rtn", "why": why})
         if not todo:
-            return PassResult(gm, False)
+            return WeightAlgorithmResult(gm, False, records=records)
         items = list(iterate(self.data, self.max_samples))
         if not items:
             raise CalibrationError(f"{self.config.method} needs calibration data: it is empty")
@@ -404,15 +412,15 @@ class ApplyWeightAlgorithmPass(Pass):
                         h = self._stats(run, node).hessian()
                         prep = GPTQHessian.of(h, self.config.damping, self.config.act_order)
                         for op in group:
-                            self._gptq(gm, run, op, h, prep)
+                            records.append(self._gptq(gm, run, op, h, prep))
                     else:
-                        self._awq(gm, run, node, group)
+                        records.append(self._awq(gm, run, node, group))
                     pending -= set(group)
                     bar.update(len(group))
                     run.refresh()
                 run.run(node)
         bar.close()
-        return PassResult(gm, True)
+        return WeightAlgorithmResult(gm, True, records=records)
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -460,8 +468,8 @@ class ApplyWeightAlgorithmPass(Pass):
         d = torch.stack([w[rows] - fake_quantize(w, ann.weight, scale, zp)[rows], w[rows] - w_q[rows]])
         err_rtn, err_gptq = ((d @ h.float()) * d).sum((1, 2)).tolist()
         self._set_weight(gm, run, op, w_q, scale, zp, w.detach().float())
-        self.applied.append({"layer": ann.layer, "method": "gptq", "damping": damp,
-                             "output_error_vs_rtn": err_gptq / err_rtn if err_rtn > 0 else 1.0})
+        return {"layer": ann.layer, "method": "gptq", "damping": damp,
+                "output_error_vs_rtn": err_gptq / err_rtn if err_rtn > 0 else 1.0}
 
     def _awq(self, gm, run, src_user, group):
         cfg = self.config
@@ -481,8 +489,8 @@ class ApplyWeightAlgorithmPass(Pass):
             scale, zp = clip_search(ws, x_s, spec, cfg.clip_grid, cfg.max_shrink)
             w_q = fake_quantize(ws, spec, scale, zp)
             self._set_weight(gm, run, op, w_q, scale, zp, ws)
-        self.applied.append({"layers": [op.meta[ANNOTATION].layer for op in group], "method": "awq",
-                             "alpha": alpha, "scale_error_vs_rtn": ratio, "inverse_scale": how})
+        return {"layers": [op.meta[ANNOTATION].layer for op in group], "method": "awq",
+                "alpha": alpha, "scale_error_vs_rtn": ratio, "inverse_scale": how}
 
     def _divide_input(self, gm, run, src, group, s) -> str:
         """Make the consumers read ``src / s``: fold into a norm's weight when ``src`` is
