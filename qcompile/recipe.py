@@ -186,7 +186,7 @@ class Recipe:
     def save(self, path: Union[str, Path]) -> None:
         """Write the recipe as YAML or JSON (by suffix), atomically (a temporary file renamed
         into place: an interrupted save leaves the previous file)."""
-        from .artifact import atomic_file
+        from .atomic import atomic_file
 
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
