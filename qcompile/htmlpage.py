@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from .atomic import atomic_file
+
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
@@ -188,8 +190,6 @@ def page(title: str, body: str) -> str:
 
 def write(path: Union[str, Path], document: str) -> Path:
     """Write ``document`` to ``path`` (UTF-8, atomically) and return the path."""
-    from .artifact import atomic_file
-
     path = Path(path)
     with atomic_file(path) as tmp:
         tmp.write_text(document, encoding="utf-8")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .artifact import atomic_file
+from .atomic import atomic_file
 from .backends.base import ALIASES, BACKENDS
 from .errors import RecipeError, closest
 from .spec import QuantSpec

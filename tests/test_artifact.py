@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import qcompile
-from qcompile.artifact import (MAX_HEADER_BYTES, atomic_directory, read_manifest, read_safetensors,
-                               remove_stale_temporaries, write_manifest)
+from qcompile.atomic import atomic_directory, read_manifest, remove_stale_temporaries, write_manifest
 from qcompile.errors import ArtifactError
+from qcompile.safetensors_io import MAX_HEADER_BYTES, read_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +217,7 @@ def test_atomic_directory_replaces_only_artifacts(tmp_path):
     assert body["files"]["data"]["bytes"] == 2
     # a manifest that points outside its directory is refused even with a valid self-checksum
     body["files"]["../home/notes.txt"] = {"bytes": 4, "sha256": "0" * 64}
-    body["manifest_sha256"] = qcompile.artifact._digest(body)
+    body["manifest_sha256"] = qcompile.atomic._digest(body)
     (target / "tvm.json").write_text(json.dumps(body))
     with pytest.raises(ArtifactError, match=r"unreadable file entry '../home/notes.txt' \(outside the artifact"):
         read_manifest(target, version_key="format_version", version=1, kind="test", name="tvm.json")
@@ -241,7 +241,7 @@ CHILD = textwrap.dedent("""
     import os, sys, time
     import safetensors.torch
     import qcompile
-    from qcompile import artifact
+    from qcompile import artifact, atomic
 
     source, target, where = sys.argv[1], sys.argv[2], sys.argv[3]
     model = qcompile.load(source)
@@ -262,7 +262,7 @@ CHILD = textwrap.dedent("""
 
     real_write_manifest = artifact.write_manifest
 
-    def before_manifest(directory, body, files, name=artifact.MANIFEST):
+    def before_manifest(directory, body, files, name=atomic.MANIFEST):
         pause("manifest")
 
     if where == "tensors":

@@ -10,7 +10,7 @@ import torch
 from torch.export import Dim
 
 import qcompile
-from qcompile.artifact import MANIFEST, write_manifest
+from qcompile.atomic import MANIFEST, write_manifest
 
 pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 

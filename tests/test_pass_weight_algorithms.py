@@ -1,6 +1,7 @@
-"""GPTQ and AWQ (qcompile/passes/weight_algorithms.py): the layer-level solvers reduce a layer's
-output error vs round-to-nearest, the pass rewrites the graph (weights on their solved grid, AWQ's
-1/s folded into a norm weight), tied heads are explicit, and the failure cases raise."""
+"""GPTQ and AWQ (the math in qcompile/algorithms/, the pass in qcompile/passes/weight_algorithms.py):
+the layer-level solvers reduce a layer's output error vs round-to-nearest, the pass rewrites the
+graph (weights on their solved grid, AWQ's 1/s folded into a norm weight), tied heads are explicit,
+and the failure cases raise."""
 import dataclasses
 
 import pytest
@@ -8,12 +9,13 @@ import torch
 from torch import nn
 
 import qcompile
+from qcompile.algorithms.awq import awq_scale_search, clip_search
+from qcompile.algorithms.common import InputStats, fake_quantize
+from qcompile.algorithms.gptq import GPTQHessian, gptq_quantize
 from qcompile.errors import CalibrationError, RecipeError
 from qcompile.formats import scale_grid
 from qcompile.ops import DEQUANTIZE
 from qcompile.observers import weight_qparams
-from qcompile.passes.weight_algorithms import (GPTQHessian, InputStats, awq_scale_search, clip_search, fake_quantize,
-                                               gptq_quantize)
 from qcompile.recipe import LayerConfig, Recipe, WeightAlgorithmConfig
 from qcompile.spec import QuantSpec
 

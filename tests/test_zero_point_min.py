@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 import qcompile
+from qcompile.algorithms.common import fake_quantize
+from qcompile.algorithms.gptq import gptq_quantize
 from qcompile.errors import BackendError, RecipeError
 from qcompile.formats import get_format
 from qcompile.observers import weight_qparams
 from qcompile.ops import DEQUANTIZE
-from qcompile.passes.weight_algorithms import fake_quantize, gptq_quantize
 from qcompile.recipe import LayerConfig, Recipe, WeightAlgorithmConfig
 from qcompile.spec import QuantSpec
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/ for conftest's models
 from conftest import TinyBlock, TinyCNN, randomise_bn  # noqa: E402
 
 import qcompile  # noqa: E402
-from qcompile.artifact import read_safetensors  # noqa: E402
+from qcompile.safetensors_io import read_safetensors  # noqa: E402
 
 
 def block_case(d=32, ff=64):

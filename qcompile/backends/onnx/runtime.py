@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from ...artifact import atomic_file
+from ...atomic import atomic_file
 from ...capture import flatten_inputs
 from ...errors import ArtifactError
 

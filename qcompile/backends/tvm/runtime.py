@@ -8,7 +8,7 @@ from typing import Union
 import torch
 from torch.utils import _pytree as pytree
 
-from ...artifact import atomic_directory, read_manifest, write_manifest
+from ...atomic import atomic_directory, read_manifest, write_manifest
 from ...capture import InputBinder
 from ...errors import ArtifactError, BackendError
 

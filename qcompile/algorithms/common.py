@@ -1,0 +1,81 @@
+"""What GPTQ and AWQ share: the statistics of a Linear's input (:class:`InputStats`), quantizing a
+weight onto the grid convert will store (:func:`fake_quantize`) and which weight specs they can
+solve (:func:`unsupported`).
+
+Imports only :mod:`~qcompile.formats`, :mod:`~qcompile.ops` and :mod:`~qcompile.spec`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..formats import get_format, scale_grid, zero_point_grid
+from ..ops import DEQUANTIZE, QUANTIZE
+from ..spec import QuantSpec
+
+
+def op_group_size(spec: QuantSpec) -> int:
+    """The ``group_size`` argument of the canonical ops for ``spec`` (0 unless per group)."""
+    return spec.group_size if spec.granularity == "per_group" else 0
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec, scale, zero_point) -> torch.Tensor:
+    """``dequantize(quantize(w))`` with the canonical ops (the numerics the graph will run): with
+    double-quantized scales or zero points (``scale_dtype``/``zero_point_dtype: int8``) on the grid
+    of the values as convert stores them."""
+    g = op_group_size(spec)
+    scale = scale_grid(scale, spec.scale_dtype)
+    zero_point = zero_point_grid(zero_point, spec.zero_point_dtype)
+    q = QUANTIZE(w, scale, zero_point, spec.format, g)
+    return DEQUANTIZE(q, scale, zero_point, spec.format, g, torch.float32)
+
+
+def unsupported(spec: Optional[QuantSpec]) -> Optional[str]:
+    """Why GPTQ/AWQ cannot solve this weight spec (None when they can): they handle integer and
+    code-book weights per channel or per group (double-quantized scales included: they solve against
+    the grid of the scales as stored, :func:`~qcompile.formats.scale_grid`)."""
+    if spec is None or get_format(spec.format).kind not in ("int", "codebook") \
+            or spec.granularity not in ("per_channel", "per_group"):
+        return "needs an int or code-book weight per channel/group"
+    return None
+
+
+@dataclass
+class InputStats:
+    """Running sums over the rows ``x [T, K]`` of one Linear input, added item by item: the Gram
+    matrix ``XᵀX`` (float32 products, float64 sum) and ``Σ|x|`` per channel. GPTQ's Hessian is
+    ``2 XᵀX / T``; AWQ's searches measure output errors as ``tr(D XᵀX Dᵀ)``, so neither needs the
+    rows themselves, and the calibration rows are never concatenated."""
+
+    gram: torch.Tensor
+    abs_sum: torch.Tensor
+    rows: int = 0
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> InputStats:
+        """Statistics of the rows of ``x [..., K]``."""
+        k = x.shape[-1]
+        st = cls(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
+        st.add(x)
+        return st
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x [..., K]``."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.gram += (x.t() @ x).double()
+        self.abs_sum += x.abs().sum(0).double()
+        self.rows += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's ``H = 2 XᵀX / T`` (float64)."""
+        return self.gram * (2.0 / self.rows)
+
+    def mean_gram(self) -> torch.Tensor:
+        """``XᵀX / T`` (float32)."""
+        return (self.gram / self.rows).float()
+
+    def mean_abs(self) -> torch.Tensor:
+        """``mean_t |x_t|`` per channel (float32)."""
+        return (self.abs_sum / self.rows).float()

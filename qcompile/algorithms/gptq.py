@@ -1,0 +1,135 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, feeding each column's rounding
+error back into the columns not yet quantized through the inverse Hessian of the layer input.
+
+Imports only :mod:`~qcompile.errors`, :mod:`~qcompile.formats`, :mod:`~qcompile.observers` and
+:mod:`~qcompile.spec`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import CalibrationError
+from ..formats import get_format, scale_grid, zero_point_grid
+from ..observers import weight_qparams
+from ..spec import QuantSpec
+
+
+def _column_qparams(spec: QuantSpec, scale: torch.Tensor, zp: Optional[torch.Tensor], k: int):
+    """Per-column views ``[N, K]`` of per-channel or per-group qparams."""
+    if spec.granularity == "per_channel":
+        return scale.expand(-1, k), None if zp is None else zp.expand(-1, k)
+    idx = torch.arange(k) // spec.group_size
+    return scale[:, idx], None if zp is None else zp[:, idx]
+
+
+def _inverse_hessian_chol(h: torch.Tensor, damping: float):
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``) with damping raised ×10 until ``H`` is
+    positive definite (a Hessian from few tokens or collinear channels is often only semi-definite).
+
+    One factorisation and one triangular inverse, in float64: with ``J`` the reversal permutation
+    and ``JHJ = LLᵀ``, ``U = J L⁻¹ J`` is upper triangular and ``UᵀU = H⁻¹``. (The textbook route,
+    Cholesky of ``H``, ``cholesky_inverse``, Cholesky again, costs twice as much.)"""
+    if not torch.isfinite(h).all():
+        raise CalibrationError("GPTQ: the Hessian has NaN or Inf entries (the layer's calibration inputs do)")
+    h = h.double()
+    mean_diag = abs(float(torch.diag(h).mean())) or 1.0
+    damp = damping
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    flipped = h.flip(0, 1)
+    for _ in range(8):
+        chol, info = torch.linalg.cholesky_ex(flipped + damp * mean_diag * eye)
+        if int(info) == 0:
+            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            if torch.isfinite(u).all():
+                return u, damp
+        damp *= 10
+    raise CalibrationError(f"GPTQ: the Hessian is not positive definite even with damping {damp / 10:g}")
+
+
+@dataclass
+class GPTQHessian:
+    """What GPTQ needs from one input Hessian, computed once and shared by every Linear reading
+    that input (q/k/v, gate/up): the column order, the dead channels and the upper Cholesky factor
+    of the damped inverse (float32, in that order). Build it with :meth:`of`."""
+
+    perm: torch.Tensor
+    dead: torch.Tensor
+    hinv: torch.Tensor
+    damping: float
+
+    @classmethod
+    def of(cls, h: torch.Tensor, damping: float = 0.01, act_order: bool = True) -> GPTQHessian:
+        """Prepare ``h [K, K]`` (dead input channels, ``H_jj = 0``, get a unit diagonal)."""
+        h = h.detach().double().clone()
+        k = h.shape[0]
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1
+        perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+        u, damp = _inverse_hessian_chol(h[perm][:, perm], damping)
+        return cls(perm, dead, u.float(), damp)
+
+
+def gptq_quantize(w: torch.Tensor, h, spec: QuantSpec, damping: float = 0.01,
+                  act_order: bool = True, block_size: int = 128):
+    """GPTQ on one weight ``w [N, K]`` with input Hessian ``h [K, K]`` (or a :class:`GPTQHessian`
+    prepared from it, to share one factorisation between the Linears that read the same input).
+
+    Returns ``(w_q, scale, zero_point, damping_used)``: ``w_q`` is float and lies on the grid of
+    ``scale``/``zero_point`` (computed from ``w`` before the error feedback, so groups stay
+    contiguous under ``act_order``). Dead input channels (``H_jj = 0``) are zeroed first. With
+    double-quantized scales (``scale_dtype: int8``) ``scale`` is the float scale before double
+    quantization and ``w_q`` lies on the grid of its double-quantized values
+    (:func:`~qcompile.formats.scale_grid`, what convert stores): the grid is fixed before the column
+    loop, so GPTQ solves against exactly the scales the converted layer holds.
+
+    The GPTQ paper's lazy batch updates: columns are solved one at a time inside blocks of
+    ``block_size`` (a rank-1 update of the block only), and the rest of the weight gets the block's
+    error in one matrix product. The error feedback runs in float32 on ``Wᵀ`` (a column is a
+    contiguous row); the factorisation of the damped Hessian is done in float64.
+    """
+    prep = h if isinstance(h, GPTQHessian) else GPTQHessian.of(h, damping, act_order)
+    fmt = get_format(spec.format)
+    w = w.detach().float()
+    k = w.shape[1]
+    scale, zp = weight_qparams(w, spec, 0)
+    s_col, z_col = _column_qparams(spec, scale_grid(scale, spec.scale_dtype), zero_point_grid(zp, spec.zero_point_dtype), k)
+    perm = prep.perm
+    # [K, N] in solve order: column j of W is row j here; per-column qparams precomputed once
+    wt = w.t()[perm].contiguous()
+    wt[prep.dead[perm]] = 0
+    st = s_col.float().t()[perm].contiguous()
+    zt = None if z_col is None else z_col.float().t()[perm].contiguous()
+    fast = fmt.kind == "int"
+    float_zp = spec.float_zero_point   # round(x/s + z): a float zero point shifts the grid by a fraction of a step
+    inv_st = 1.0 / st if fast else None
+    zf = torch.zeros_like(st) if (fast and zt is None) else zt
+    qt = torch.empty_like(wt)
+    hinv = prep.hinv
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = wt[i1:i2]                  # a view: updated in place
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        diag = torch.diagonal(hinv1).tolist()
+        for i in range(i2 - i1):
+            j = i1 + i
+            col = w1[i]
+            if fast and float_zp:   # Format.quantize's float zero point formula
+                q = torch.round(col * inv_st[j] + zf[j]).clamp_(fmt.qmin, fmt.qmax).sub_(zf[j]).mul_(st[j])
+            elif fast:   # torchao's quantize_affine formula, inlined: this runs once per column
+                q = torch.round(col * inv_st[j]).add_(zf[j]).clamp_(fmt.qmin, fmt.qmax).sub_(zf[j]).mul_(st[j])
+            else:
+                s1, z1 = st[j].unsqueeze(1), None if zt is None else zt[j].unsqueeze(1)
+                q = fmt.dequantize(fmt.quantize(col.unsqueeze(1), s1, z1), s1, z1).squeeze(1)
+            qt[j] = q
+            e = err1[i]
+            torch.sub(col, q, out=e).div_(diag[i])
+            if i + 1 < i2 - i1:
+                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+        if i2 < k:
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
+    inv = torch.argsort(perm)
+    return qt[inv].t().contiguous(), scale, zp, prep.damping
