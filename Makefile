@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   quantize the bundled real model (all-MiniLM-L6-v2) with w8a8, lower it to ONNX, print the report
-#   make test   run the test suite (installs Debian's chromium for the HTML report test, and
-#               builds the docs with warnings as errors)
+#   make test   check the import layers (lint-imports), run the test suite (installs Debian's
+#               chromium for the HTML report test, and builds the docs with warnings as errors)
 #   make docs   build the documentation site (mkdocs, API reference from the docstrings) into site/
 # Both create .venv and install what they need; torch is installed first, pinned (CPU wheel).
 PY ?= python3
@@ -33,6 +33,7 @@ docs: venv
 	$(BIN)/mkdocs build --strict  # not --quiet: it hides the warnings strict mode counts
 
 test: venv chromium docs
+	$(BIN)/lint-imports  # the layer contract in pyproject.toml: an upward import fails here
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
