@@ -45,6 +45,7 @@ import torch
 
 from .errors import RecipeError
 from .recipe import Recipe
+from .scope import resolve_layer_config
 
 # backend id -> module with the timing protocol: ID, version(), lower(qmodel, target),
 # time_artifact(artifact, args, kwargs, runs), time_branches(artifact, args, runs)
@@ -140,18 +141,20 @@ class LatencyCache:
 FLOAT = "float"
 
 
-def _layer_config(recipe, kind: str):
-    cfg = recipe.embedding if kind == "embedding" else recipe.default
+def _layer_config(recipe, layer: str, site: dict):
+    """The config ``recipe`` gives ``layer`` (:func:`~qcompile.scope.resolve_layer_config`; ``site``:
+    its keyword arguments), ``None`` when the layer's weight stays float."""
+    cfg = resolve_layer_config(recipe, layer, **site)[0]
     return None if cfg is None or cfg.weight is None else cfg
 
 
-def _candidate_id(recipe, kind: str) -> str:
-    """What of a candidate decides the kernels of one layer: its layer config, and whether a
-    smoothing multiply precedes an activation-quantized input."""
-    cfg = _layer_config(recipe, kind)
+def _candidate_id(recipe, layer: str, site: dict) -> str:
+    """What of a candidate decides the kernels of one layer: the config it gives that layer, and
+    whether a smoothing multiply precedes an activation-quantized input."""
+    cfg = _layer_config(recipe, layer, site)
     if cfg is None:
         return FLOAT
-    smooth = cfg.activation is not None and kind != "embedding" and recipe.smoothing is not None
+    smooth = cfg.activation is not None and site["kind"] != "embedding" and recipe.smoothing is not None
     return json.dumps({"config": dataclasses.asdict(cfg), "smoothing": smooth}, sort_keys=True, default=str)
 
 
@@ -206,9 +209,10 @@ def _layer_inputs(model, layers: dict, example_inputs: tuple, example_kwargs: Op
 
 def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, example_kwargs: Optional[dict],
                    budget: dict, cache: Optional[LatencyCache] = None) -> LayerLatency:
-    """Kernel time of every layer under every candidate (``layers``: name -> (module, kind);
-    ``recipes``: candidate name -> Recipe), measured on ``budget["backend"]`` or read from the cache,
-    on ``budget["clock"]``."""
+    """Kernel time of every layer under every candidate (``layers``: name -> (module, site), the site
+    as in :func:`qcompile.analyze.layer_sites`; ``recipes``: candidate name -> Recipe), measured on
+    ``budget["backend"]`` or read from the cache, on ``budget["clock"]``. Each layer is timed with
+    the config its candidate gives it (overrides and ``keep_float`` included)."""
     from .api import quantize
 
     timer = importlib.import_module(TIMERS[budget["backend"]])
@@ -218,11 +222,11 @@ def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, ex
     plain = {FLOAT: Recipe.preset(FLOAT), **recipes}
 
     def key(name, cand):
-        mod, kind = layers[name]
+        mod, site = layers[name]
         x = inputs[name]
         return json.dumps([timer.ID, budget["target"], runtime, host, repr(mod), mod.bias is not None
                            if hasattr(mod, "bias") else None, list(x.shape), str(x.dtype),
-                           _candidate_id(plain[cand], kind)])
+                           _candidate_id(plain[cand], name, site)])
 
     out = LayerLatency({}, {}, host=host, runtime=runtime, cache=str(cache.path),
                        shapes={n: list(x.shape) for n, x in inputs.items()})
@@ -237,9 +241,12 @@ def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, ex
             reps = list(todo.values())
             branches = _Branches([layers[n][0] for n in reps]).eval()
             xs = tuple(inputs[n] for n in reps)
-            # the candidate's per-layer configs only: its overrides name the user's layers, not these
-            one = dataclasses.replace(recipe, overrides={}, keep_float=(), keep_first=False, keep_last=False,
-                                      tied_head="default", backend=budget["backend"],
+            # branch i is layer reps[i] with the config the candidate gives that layer in the user's
+            # model (its own patterns name the user's layers, not these branches)
+            one = dataclasses.replace(recipe, keep_float=(), keep_first=False, keep_last=False, tied_head="default",
+                                      overrides={f"layers.{i}": _layer_config(recipe, n, layers[n][1])
+                                                 for i, n in enumerate(reps)},
+                                      backend=budget["backend"],
                                       calibration=dataclasses.replace(recipe.calibration, progress=False))
             qmodel = quantize(branches, one, xs, calibration=[xs], report_samples=0, backend=budget["backend"])
             times = timer.time_branches(timer.lower(qmodel, budget["target"]), xs, runs=5)
@@ -260,13 +267,14 @@ def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, ex
 
 def search(auto, model, example_inputs, calibration, example_kwargs, quantize_with):
     """:meth:`qcompile.mixed.AutoRecipe.search` for a latency budget (see the module docstring)."""
-    from .analyze import quantizable_layers
+    from .analyze import layer_sites, quantizable_layers
     from .mixed import allocate
 
     budget = check_budget(auto.budget)
     timer = importlib.import_module(TIMERS[budget["backend"]])
     table, recipes = auto._measure(model, example_inputs, calibration, example_kwargs)
-    layers = {name: (mod, kind) for name, mod, kind in quantizable_layers(model) if name in set(table.layers)}
+    sites = table.sites or layer_sites(model)
+    layers = {name: (mod, sites[name]) for name, mod, _ in quantizable_layers(model) if name in set(table.layers)}
     lat = measure_layers(model, layers, recipes, example_inputs, example_kwargs, budget)
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
 

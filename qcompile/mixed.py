@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 from .errors import RecipeError
 from .recipe import Recipe
+from .scope import match_pattern, resolve_layer_config
 
 EXACT_LIMIT = 20_000  # binary variables the exact solver takes before falling back to greedy
 
@@ -37,6 +38,7 @@ class Allocation:
     budget_bytes: float
     options: dict = field(default_factory=dict, repr=False)  # layer -> [(candidate, noise, bytes, op, cost)]
     total_cost: Optional[float] = None  # the sum of the chosen ``costs`` when allocate() was given some
+    sites: dict = field(default_factory=dict, repr=False)  # the table's: every quantizable layer -> where it sits
 
     @property
     def bits_per_weight(self) -> float:
@@ -47,19 +49,33 @@ class Allocation:
         return math.inf if self.predicted_noise == 0 else -10 * math.log10(self.predicted_noise)
 
     def recipe(self, recipes: dict, name: str = "auto") -> Recipe:
-        """A concrete recipe: every layer overridden with its chosen candidate's config (the
-        embedding config for embeddings); everything else from the first candidate."""
+        """A concrete recipe (the first candidate's, renamed): every allocated layer overridden, by its
+        exact path, with the config its chosen candidate gives it (:func:`~qcompile.scope.resolve_layer_config`:
+        that candidate's overrides and ``keep_float`` included, ``None`` where it keeps the layer float).
+        The layers not allocated (tied, or left out of the analysis) keep what the first candidate
+        gives them: of its patterns and ``keep_first``/``keep_last``, those that still reach one of them."""
         base = next(iter(recipes.values()))
-        overrides = {}
-        for layer, cand in self.choice.items():
-            r = recipes[cand]
-            kind = self.options[layer][0][3]
-            overrides[layer] = r.embedding if kind == "embedding" else r.default
+        overrides = {layer: resolve_layer_config(recipes[cand], layer, **self._site(layer))[0]
+                     for layer, cand in self.choice.items()}
+        rest = [(layer, site) for layer, site in self.sites.items() if layer not in self.choice]
+
+        def reaches_rest(pattern):
+            return any(match_pattern(pattern, layer, site["layer_type"]) for layer, site in rest)
+
+        overrides.update({p: cfg for p, cfg in base.overrides.items() if p not in overrides and reaches_rest(p)})
         # smoothing only touches activation-quantized layers: a weight-only or float candidate beside
         # w8a8 must not switch it off for the w8a8 layers
         act = [r for r in recipes.values() if r.default is not None and r.default.activation is not None]
         smoothing = act[0].smoothing if act and all(r.smoothing for r in act) else None
-        return replace(base, name=name, overrides=overrides, smoothing=smoothing).validate()
+        return replace(base, name=name, overrides=overrides, smoothing=smoothing,
+                       keep_float=tuple(p for p in base.keep_float if reaches_rest(p)),
+                       keep_first=base.keep_first and any(site["first"] for _, site in rest),
+                       keep_last=base.keep_last and any(site["last"] for _, site in rest)).validate()
+
+    def _site(self, layer: str) -> dict:
+        """Where ``layer`` sits (the resolver's keyword arguments); from the layer's kind alone for a
+        table saved before tables recorded it (``type:`` patterns then match nothing)."""
+        return self.sites.get(layer) or {"layer_type": "", "kind": self.options[layer][0][3]}
 
     def to_dict(self) -> dict:
         return {"choice": dict(self.choice), "total_bytes": self.total_bytes, "bits_per_weight": self.bits_per_weight,
@@ -115,26 +131,27 @@ def allocate(table, budget: dict, solver: Optional[str] = None, cost: Optional[s
         spent = r.weight_bytes if costs is None else costs[(r.layer, r.candidate)]
         options.setdefault(r.layer, []).append((r.candidate, noise, r.weight_bytes, r.op, spent))
     params = sum({r.layer: r.params for r in table.rows}.values())
+    sites = dict(getattr(table, "sites", {}))
     limit = budget_bytes(budget, params) if costs is None else float(next(iter(budget.values())))
     smallest = {layer: min(opts, key=lambda o: (o[4], o[1])) for layer, opts in options.items()}
     if sum(o[4] for o in smallest.values()) > limit:
-        return _result({k: v[0] for k, v in smallest.items()}, options, params, False, "greedy", limit)
+        return _result({k: v[0] for k, v in smallest.items()}, options, params, False, "greedy", limit, sites)
     n_vars = sum(len(v) for v in options.values())
     if solver in (None, "milp") and n_vars <= EXACT_LIMIT:
         try:
             choice = _milp(options, limit)
-            return _result(choice, options, params, True, "milp", limit)
+            return _result(choice, options, params, True, "milp", limit, sites)
         except ImportError:
             if solver == "milp":
                 raise
-    return _result(_greedy(options, limit, smallest), options, params, True, "greedy", limit)
+    return _result(_greedy(options, limit, smallest), options, params, True, "greedy", limit, sites)
 
 
-def _result(choice, options, params, feasible, solver, limit) -> Allocation:
+def _result(choice, options, params, feasible, solver, limit, sites) -> Allocation:
     rows = {layer: next(o for o in options[layer] if o[0] == c) for layer, c in choice.items()}
     return Allocation(choice=choice, total_bytes=int(sum(o[2] for o in rows.values())), params=params,
                       predicted_noise=sum(o[1] for o in rows.values()), feasible=feasible, solver=solver,
-                      budget_bytes=limit, options=options, total_cost=sum(o[4] for o in rows.values()))
+                      budget_bytes=limit, options=options, total_cost=sum(o[4] for o in rows.values()), sites=sites)
 
 
 def _milp(options, limit) -> dict:

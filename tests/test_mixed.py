@@ -41,6 +41,32 @@ def test_searched_recipe_beats_uniform_at_the_same_size(table_and_data):
     assert set(auto.overrides) == set(table.layers)
 
 
+def test_a_candidates_overrides_reach_analysis_and_allocation():
+    """A candidate's overrides and keep_float decide its rows and its allocated configs
+    (qcompile.scope.resolve_layer_config), as they decide what quantize does with it."""
+    model, batches = wide_tiny_block(2)
+    w8, w4 = qcompile.Recipe.preset("w8"), qcompile.Recipe.preset("w4-g64")
+    mixed = dataclasses.replace(w4, name="w4-v8", overrides={"v": w8.default}, keep_float=("type:Embedding", "up"))
+    table = qcompile.analyze(model, [w8, mixed], batches[0], batches, max_samples=1)
+    assert table.get("v", "w4-v8").weight_bytes == table.get("v", "w8").weight_bytes       # int8, not int4
+    assert table.get("q", "w4-v8").weight_bytes < table.get("q", "w8").weight_bytes        # the default: int4
+    up = table.get("up", "w4-v8")                                                          # kept float
+    assert up.hessian_proxy == 0.0 and up.weight_bytes == 4 * up.params
+    assert table.get("emb", "w4-v8").bits_per_weight == 32.0                                # keep_float by type
+    alloc = allocate(table, {"bits_per_weight": 32.0})
+    alloc.choice.update(v="w4-v8", up="w4-v8", q="w4-v8", emb="w8")
+    recipe = alloc.recipe({"w4-v8": mixed, "w8": w8})      # the first candidate is the base
+    assert recipe.overrides["v"] == w8.default and recipe.overrides["q"] == w4.default and recipe.overrides["up"] is None
+    assert recipe.overrides["emb"] == w8.embedding
+    assert recipe.keep_float == ()                          # its patterns reach no layer left unallocated
+    q = qcompile.quantize(model, recipe, batches[0], calibration=batches, report_samples=1)
+    assert q.report.kept_float["up"] == "kept float by overrides['up']"
+    # a layer left out of the analysis keeps what the first candidate gives it
+    part = qcompile.analyze(model, [mixed, w8], batches[0], batches, max_samples=1, layers=["q", "v"], model_output=False)
+    recipe = allocate(part, {"bits_per_weight": 32.0}).recipe({"w4-v8": mixed, "w8": w8})
+    assert set(recipe.overrides) == {"q", "v"} and recipe.keep_float == ("type:Embedding", "up")
+
+
 def test_impossible_budget_returns_the_smallest_marked_infeasible(table_and_data):
     _, _, table = table_and_data
     a = allocate(table, {"bits_per_weight": 1.0})
