@@ -181,19 +181,16 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
         >>> print(qmodel.report)
         >>> qmodel.save("out/model-w8a8")
     """
-    from .mixed import AutoRecipe
+    from .auto_recipe import AutoRecipe
 
-    auto_info = None
     if isinstance(recipe, AutoRecipe):
+        from .search import quantize_auto
+
         data = reiterable(calibration, 4)
-        if data is None:
-            raise CalibrationError("Recipe.auto measures each layer's sensitivity: pass calibration=")
-        if recipe.searches:
-            return recipe.search(model, example_inputs, data, example_kwargs, lambda concrete: quantize(
-                model, concrete, example_inputs, data, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-                report_samples=report_samples, backend=backend))
-        recipe, auto_info = recipe.resolve(model, example_inputs, data, example_kwargs)
-        calibration = data
+        dump = None if recipe.searches else dump_dir  # a search quantizes many times: no dumps
+        return quantize_auto(recipe, model, example_inputs, data, example_kwargs, lambda concrete: quantize(
+            model, concrete, example_inputs, data, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
+            report_samples=report_samples, backend=backend, dump_dir=dump))
     recipe = resolve_recipe(recipe)
     if backend is not None:
         recipe = dataclasses.replace(recipe, backend=backend).validate()
@@ -214,7 +211,4 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
         from .calibration import iterate
 
         report_items = list(iterate(data, report_samples))
-    qmodel = convert(prepared, report_inputs=report_items, dump_dir=dump_dir)
-    if auto_info is not None:
-        qmodel.report.mixed_precision = auto_info
-    return qmodel
+    return convert(prepared, report_inputs=report_items, dump_dir=dump_dir)
