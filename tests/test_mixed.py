@@ -126,3 +126,27 @@ def test_quality_contract_returns_the_smallest_model_meeting_it_or_says_none_did
     assert len(c["tried"]) >= 2 and c["pareto"] and c["chosen"]["drop"] == min(t["drop"] for t in c["tried"])
     with pytest.raises(qcompile.RecipeError, match="budget"):
         qcompile.Recipe.auto(["w8"])
+
+
+def test_one_search_loop_keeps_the_first_that_meets_else_the_best():
+    """qcompile.search.search_loop, the loop the quality contract and the latency budget share."""
+    from types import SimpleNamespace
+
+    from qcompile.search import Trial, search_loop
+
+    choices = {1.0: "a", 2.0: "a", 3.0: "b", 4.0: "c"}          # limit -> the allocation it gives
+    scores = {"a": 5.0, "b": 3.0, "c": 1.0}
+
+    def run(target, repeat):
+        def evaluate(alloc, limit):
+            s = scores[alloc.choice["x"]]
+            return Trial(alloc, None, limit, s, met=s <= target, stop=s <= target, record={"limit": limit})
+        return search_loop(4, lambda step, last: float(step + 1),
+                           lambda limit: SimpleNamespace(choice={"x": choices[limit]}), evaluate, repeat)
+
+    best, trials = run(3.0, "skip")       # the repeated "a" is skipped, "b" meets the target
+    assert [t.limit for t in trials] == [1.0, 3.0] and best.limit == 3.0
+    best, trials = run(0.5, "skip")       # none meets it: the lowest score
+    assert [t.limit for t in trials] == [1.0, 3.0, 4.0] and best.limit == 4.0 and not best.met
+    best, trials = run(0.5, "stop")       # a repeated choice ends the search
+    assert [t.limit for t in trials] == [1.0] and best.limit == 1.0
