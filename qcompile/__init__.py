@@ -15,7 +15,7 @@ from . import ops  # noqa: F401  - registers torch.ops.qcompile.*
 from .analyze import SensitivityTable, analyze
 from .api import convert, prepare, quantize
 from .doctor import CalibrationCheck, check_calibration
-from .mixed import Quality
+from .auto_recipe import Quality
 from .backends import lower
 from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, PassError, QCompileError,
                      InputError, QuantizationError, RecipeError)

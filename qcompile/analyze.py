@@ -13,6 +13,11 @@ layer (Linear, Conv, Embedding) and every candidate (a preset name or a :class:`
 * ``bits_per_weight`` and ``weight_bytes``: what the candidate costs for that layer, scales and zero
   points included.
 
+The config a candidate gives a layer is :func:`qcompile.scope.resolve_layer_config`'s, as quantize
+would apply it: overrides, ``keep_float``, ``tied_head`` and ``keep_first``/``keep_last`` included (a
+layer the candidate keeps float is a float row: no noise, float bytes). ``table.sites`` records
+where each quantizable layer sits (type, kind, tied, first/last) so the allocator resolves the same.
+
 It runs the user's float model eagerly with hooks, one layer perturbed at a time and restored bit
 for bit afterwards: ``layers x candidates`` forward passes over ``max_samples`` calibration items.
 The result is the table mixed precision chooses from.
@@ -42,8 +47,9 @@ from .errors import CalibrationError, RecipeError
 from .formats import get_format
 from .observers import weight_qparams
 from .ops import choose_qparams, dequantize, quantize
-from .recipe import LayerConfig
+from .recipe import LayerConfig, resolve_recipe
 from .report import cosine, sqnr
+from .scope import check_patterns, resolve_layer_config
 
 _KINDS = ((nn.Linear, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"), (nn.Conv3d, "conv"),
           (nn.Embedding, "embedding"))
@@ -72,6 +78,9 @@ class SensitivityTable:
     samples: int = 0
     model_output: bool = True   # False: output_sqnr_db/output_cosine not measured (NaN); see analyze()
     excluded: dict = field(default_factory=dict)   # layer path -> why it has no rows (see analyze())
+    # every quantizable layer of the model, analysed or not -> the keyword arguments of
+    # scope.resolve_layer_config that place it (layer_sites()); empty in tables saved before it existed
+    sites: dict = field(default_factory=dict)
 
     def get(self, layer: str, candidate: str) -> Sensitivity:
         for r in self.rows:
@@ -95,7 +104,8 @@ class SensitivityTable:
             return None if isinstance(v, float) and not math.isfinite(v) else v
 
         return {"candidates": list(self.candidates), "samples": self.samples, "model_output": self.model_output,
-                "excluded": dict(self.excluded), "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
+                "excluded": dict(self.excluded), "sites": {k: dict(v) for k, v in self.sites.items()},
+                "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
 
     @staticmethod
     def from_dict(data: dict) -> "SensitivityTable":
@@ -105,7 +115,7 @@ class SensitivityTable:
 
         rows = [Sensitivity(**{k: num(v) for k, v in r.items()}) for r in data["rows"]]
         return SensitivityTable(list(data["candidates"]), rows, data.get("samples", 0), data.get("model_output", True),
-                                dict(data.get("excluded", {})))
+                                dict(data.get("excluded", {})), {k: dict(v) for k, v in data.get("sites", {}).items()})
 
     def cost_db(self, row: Sensitivity) -> float:
         """The damage shown in the HTML/PNG views, in dB (higher is better): the model-output SQNR,
@@ -198,6 +208,21 @@ def tied_layers(model: nn.Module) -> dict[str, str]:
                   "tied_head decide it" for names in owners.values() if len(names) > 1 for name in names}
 
 
+def layer_sites(model: nn.Module) -> dict[str, dict]:
+    """``{path: site}`` for every quantizable layer, where ``site`` holds the keyword arguments of
+    :func:`qcompile.scope.resolve_layer_config` that place it: ``layer_type`` (class name), ``kind``,
+    ``tied_to`` (the embedding whose weight a Linear/Conv reads), ``first``/``last`` (the first/last
+    non-embedding layer, in module order: the order the captured graph runs them in for the usual
+    models, where annotate decides ``keep_first``/``keep_last``)."""
+    layers = quantizable_layers(model)
+    emb_weight = {id(mod.weight): name for name, mod, kind in layers if kind == "embedding"}
+    weighted = [name for name, _, kind in layers if kind != "embedding"]
+    return {name: {"layer_type": type(mod).__name__, "kind": kind,
+                   "tied_to": emb_weight.get(id(mod.weight)) if kind != "embedding" else None,
+                   "first": bool(weighted) and name == weighted[0], "last": bool(weighted) and name == weighted[-1]}
+            for name, mod, kind in layers}
+
+
 def fake_quant_weight(w: torch.Tensor, spec) -> tuple[torch.Tensor, int]:
     """(dequantized weight, bytes its codes + scales + zero points take)."""
     scale, zp = weight_qparams(w, spec, 0)
@@ -228,19 +253,20 @@ def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calib
             progress: bool = False) -> SensitivityTable:
     """Per-layer, per-candidate sensitivity of ``model`` (see the module docstring).
 
-    ``candidates``: preset names or :class:`Recipe` objects (``default`` applies to Linear/Conv
-    layers, ``embedding`` to embeddings). ``layers``: restrict to these module paths; by default every
-    Linear/Conv/Embedding except those whose weight is tied to another module's (a tied embedding
-    and ``lm_head``: the recipe decides them together), which are named in ``table.excluded``. The
-    model's parameters are restored bit for bit, and its train/eval mode too.
+    ``candidates``: preset names or :class:`Recipe` objects; each layer is measured with the config
+    the candidate gives it when quantizing (:func:`qcompile.scope.resolve_layer_config`).
+    ``layers``: restrict to these module paths; by default every Linear/Conv/Embedding except those
+    whose weight is tied to another module's (a tied embedding and ``lm_head``: the recipe decides
+    them together), which are named in ``table.excluded``. The model's parameters are restored bit
+    for bit, and its train/eval mode too.
 
     ``model_output=False`` skips the ``layers x candidates`` forward passes of the whole model (the
     expensive part: 840 passes for SmolLM2's 210 Linears and 4 candidates) and measures only the
     layer-local columns (``layer_sqnr_db``, ``hessian_proxy``); ``output_sqnr_db`` and
     ``output_cosine`` are then NaN. ``progress``: a progress bar over the layers on stderr."""
-    from .api import resolve_recipe
-
     recipes = [resolve_recipe(c) for c in candidates]
+    for recipe in recipes:
+        check_patterns(recipe)
     names = [c if isinstance(c, str) else r.name for c, r in zip(candidates, recipes)]
     binder = input_binder(model, tuple(example_inputs), example_kwargs)
     items = [binder.bind(it) for it in iterate(calibration, max_samples)]
@@ -260,8 +286,9 @@ def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calib
     model.eval()
     try:
         with torch.no_grad():
-            table = _analyze(model, targets, recipes, names, items, model_output, progress)
-            table.excluded = excluded
+            sites = layer_sites(model)
+            table = _analyze(model, targets, sites, recipes, names, items, model_output, progress)
+            table.excluded, table.sites = excluded, sites
             return table
     finally:
         model.train(was_training)
@@ -289,7 +316,7 @@ class _LayerStats:
         self.x2 = e if self.x2 is None else self.x2 + e
 
 
-def _analyze(model, targets, recipes, names, items, model_output=True, progress=False) -> SensitivityTable:
+def _analyze(model, targets, sites, recipes, names, items, model_output=True, progress=False) -> SensitivityTable:
     from tqdm.auto import tqdm
 
     stats = {name: _LayerStats(kind) for name, _, kind in targets}
@@ -302,7 +329,7 @@ def _analyze(model, targets, recipes, names, items, model_output=True, progress=
     table = SensitivityTable(candidates=names, samples=len(items), model_output=model_output)
     for name, mod, kind in tqdm(targets, desc="sensitivity", unit="layer", disable=not progress):
         for cand, recipe in zip(names, recipes):
-            cfg: Optional[LayerConfig] = recipe.embedding if kind == "embedding" else recipe.default
+            cfg: Optional[LayerConfig] = resolve_layer_config(recipe, name, **sites[name])[0]
             row = _measure_layer(model, mod, kind, cfg, stats[name], items, ref if model_output else None)
             table.rows.append(Sensitivity(name, kind, cand, **row))
         stats[name].inputs.clear()

@@ -73,17 +73,16 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
         >>> print(qmodel.report)
         >>> qmodel.save("out/model-w8a8")
     """
-    def quantize_with(concrete: Recipe, data: Optional[Iterable]) -> QuantizedModel:
+    def quantize_with(concrete: Recipe, data: Optional[Iterable], dump: Optional[str]) -> QuantizedModel:
         if backend is not None:
             concrete = dataclasses.replace(concrete, backend=backend).validate()
         return pipeline.quantize(model, concrete, example_inputs, data, placement=placement(concrete.backend),
                                  example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-                                 report_samples=report_samples, dump_dir=dump_dir)
+                                 report_samples=report_samples, dump_dir=dump)
 
     if isinstance(recipe, AutoRecipe):
         data = reiterable(calibration, 4)
-        if data is None:
-            raise CalibrationError("Recipe.auto measures each layer's sensitivity: pass calibration=")
+        dump = None if recipe.searches else dump_dir  # a search quantizes many times: no dumps
         return search.quantize_auto(recipe, model, example_inputs, data, example_kwargs,
-                                    lambda concrete: quantize_with(resolve_recipe(concrete), data))
-    return quantize_with(resolve_recipe(recipe), calibration)
+                                    lambda concrete: quantize_with(resolve_recipe(concrete), data, dump))
+    return quantize_with(resolve_recipe(recipe), calibration, dump_dir)

@@ -1,34 +1,26 @@
-"""Latency budgets measured on a real backend (issue 9): ``Recipe.auto(candidates,
-budget={"latency_ms": 20, "backend": "onnx"})``.
+"""Per-layer kernel times for latency budgets (issue 9): ``Recipe.auto(candidates,
+budget={"latency_ms": 20, "backend": "onnx"})``; the search that allocates against them and checks
+the result end to end is :mod:`qcompile.search`'s.
 
-1. **Per-layer kernel times, measured.** For every quantizable layer and every candidate, the time
-   of the kernels the backend's real lowering emits for that layer, on the input shape the layer
-   sees when the model runs on ``example_inputs``. All layer shapes of one candidate are quantized
-   and lowered together as independent branches of one model (one export per candidate), then each
-   branch is cut out of the lowered file and timed alone (:mod:`qcompile.backends.onnx.timing`).
-   Times are cached on disk (``$QCOMPILE_CACHE_DIR/latency.json``, default ``~/.cache/qcompile``)
-   keyed by backend, target, runtime version, host CPU (model and feature flags), layer
-   (type and shape), input shape and the candidate's layer config: a second search measures nothing.
-2. **Allocation.** The float model is lowered and timed end to end; the *float remainder* (what is
-   not a candidate layer: attention, norms, the session itself) is that time minus the float
-   layers' times. :func:`qcompile.mixed.allocate` then minimises the predicted output noise subject
-   to ``sum(layer times) <= budget - remainder`` (the same solvers as for bytes).
-3. **Verification.** The chosen recipe is quantized, lowered and timed end to end (median of
-   ``runs``, one thread). Over budget: the limit is tightened by the overshoot and the search runs
-   again (at most ``attempts`` times). The report's ``mixed_precision.latency`` records predicted vs
-   measured for every attempt and whether the budget was met; when no attempt met it, the fastest
-   one measured is returned with ``met: false``.
+For every quantizable layer and every candidate, the time of the kernels the backend's real lowering
+emits for that layer (with the config that candidate gives it: :mod:`qcompile.scope`), on the input
+shape the layer sees when the model runs on ``example_inputs``. All layer shapes of one candidate are
+quantized and lowered together as independent branches of one model (one export per candidate),
+then each branch is cut out of the lowered file and timed alone (:mod:`qcompile.backends.onnx.timing`).
+Times are cached on disk (``$QCOMPILE_CACHE_DIR/latency.json``, default ``~/.cache/qcompile``) keyed by
+backend, target, runtime version, host CPU (model and feature flags), layer (type and shape), input
+shape and the candidate's layer config: a second search measures nothing.
 
-Budget keys: ``latency_ms`` (required), ``backend`` (required; ``"onnx"``), ``target`` (the backend's
-lowering target, default ``"onnxruntime"``), ``runs`` (end-to-end timing runs, default 10),
-``attempts`` (default 3), ``margin`` (the fraction of the budget the first allocation leaves free for
-timing noise, default 0.05), ``clock``: ``"wall"`` (default: the time a caller waits) or ``"cpu"`` (the CPU
-time of the one thread that runs every kernel: on a host shared with other jobs, wall time grows with
-their load and CPU time much less). Both clocks are measured and reported either way.
+The budget's keys are documented in :mod:`qcompile.auto_recipe`; :func:`check_budget` adds the checks
+that need a backend (which exist, their targets).
 
 What a per-layer time does not see (the end-to-end check does): kernels the lowering fuses across
 layers (Q/K/V reading one quantized input become one GEMM), and a smoothing multiply that folds into
 the LayerNorm before a layer (alone, a layer's smoothing is an explicit ``Mul``).
+
+Imports: ``errors``, ``recipe``, ``scope``, ``auto_recipe``, ``cpu``, and a backend's timing module by
+name (:data:`TIMERS`); never ``api`` or the allocator: quantizing the branch models is the caller's
+``quantize`` argument.
 """
 from __future__ import annotations
 
@@ -39,12 +31,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from .auto_recipe import latency_budget
 from .errors import RecipeError
 from .recipe import Recipe
+from .scope import resolve_layer_config
 
 # backend id -> module with the timing protocol: ID, version(), lower(qmodel, target),
 # time_artifact(artifact, args, kwargs, runs), time_branches(artifact, args, runs)
@@ -56,40 +50,25 @@ NOT_BUILT = {
     "reference": "latency budgets on the reference backend: it is the PyTorch Q/DQ ground truth, not a "
                  "deployment runtime; use backend='onnx'",
 }
-DEFAULTS = {"target": "onnxruntime", "runs": 10, "attempts": 3, "clock": "wall", "margin": 0.05}
-CLOCKS = ("wall", "cpu")
-KEYS = ("latency_ms", "backend", *DEFAULTS)
 
 
 def check_budget(budget: dict) -> dict:
     """The latency budget with defaults filled in; :class:`RecipeError` naming the field otherwise
-    (``NotImplementedError`` for a backend that exists but has no latency timing yet)."""
-    unknown = sorted(set(budget) - set(KEYS))
-    if unknown:
-        raise RecipeError(f"budget.{unknown[0]}", f"unknown latency budget key; use {', '.join(KEYS)}")
-    ms = budget.get("latency_ms")
-    if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not ms > 0:
-        raise RecipeError("budget.latency_ms", f"expected a positive number of milliseconds, got {ms!r}")
-    backend = budget.get("backend")
+    (``NotImplementedError`` for a backend that exists but has no latency timing yet). The shape is
+    :func:`qcompile.auto_recipe.latency_budget`'s (checked by ``Recipe.auto`` already); the backend
+    and its target are checked here, when the search starts."""
+    out = latency_budget(budget)
+    backend = out.get("backend")
     if backend in NOT_BUILT:
         raise NotImplementedError(NOT_BUILT[backend])
     if backend not in TIMERS:
         raise RecipeError("budget.backend", f"latency is measured on a backend: got {backend!r}, "
                                             f"use one of {sorted(TIMERS)}")
-    out = {**DEFAULTS, **budget}
     if backend == "onnx":
         from .backends.onnx.lower import TARGETS
 
         if out["target"] not in TARGETS:
             raise RecipeError("budget.target", f"unknown onnx target {out['target']!r}; use one of {TARGETS}")
-    if out["clock"] not in CLOCKS:
-        raise RecipeError("budget.clock", f"unknown clock {out['clock']!r}; use one of {CLOCKS}")
-    m = out["margin"]
-    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
-        raise RecipeError("budget.margin", f"expected a fraction in [0, 1), got {m!r}")
-    for key in ("runs", "attempts"):
-        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
-            raise RecipeError(f"budget.{key}", f"expected a positive integer, got {out[key]!r}")
     return out
 
 
@@ -140,18 +119,20 @@ class LatencyCache:
 FLOAT = "float"
 
 
-def _layer_config(recipe, kind: str):
-    cfg = recipe.embedding if kind == "embedding" else recipe.default
+def _layer_config(recipe, layer: str, site: dict):
+    """The config ``recipe`` gives ``layer`` (:func:`~qcompile.scope.resolve_layer_config`; ``site``:
+    its keyword arguments), ``None`` when the layer's weight stays float."""
+    cfg = resolve_layer_config(recipe, layer, **site)[0]
     return None if cfg is None or cfg.weight is None else cfg
 
 
-def _candidate_id(recipe, kind: str) -> str:
-    """What of a candidate decides the kernels of one layer: its layer config, and whether a
-    smoothing multiply precedes an activation-quantized input."""
-    cfg = _layer_config(recipe, kind)
+def _candidate_id(recipe, layer: str, site: dict) -> str:
+    """What of a candidate decides the kernels of one layer: the config it gives that layer, and
+    whether a smoothing multiply precedes an activation-quantized input."""
+    cfg = _layer_config(recipe, layer, site)
     if cfg is None:
         return FLOAT
-    smooth = cfg.activation is not None and kind != "embedding" and recipe.smoothing is not None
+    smooth = cfg.activation is not None and site["kind"] != "embedding" and recipe.smoothing is not None
     return json.dumps({"config": dataclasses.asdict(cfg), "smoothing": smooth}, sort_keys=True, default=str)
 
 
@@ -205,12 +186,12 @@ def _layer_inputs(model, layers: dict, example_inputs: tuple, example_kwargs: Op
 
 
 def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, example_kwargs: Optional[dict],
-                   budget: dict, cache: Optional[LatencyCache] = None) -> LayerLatency:
-    """Kernel time of every layer under every candidate (``layers``: name -> (module, kind);
-    ``recipes``: candidate name -> Recipe), measured on ``budget["backend"]`` or read from the cache,
-    on ``budget["clock"]``."""
-    from .api import quantize
-
+                   budget: dict, quantize: Callable, cache: Optional[LatencyCache] = None) -> LayerLatency:
+    """Kernel time of every layer under every candidate (``layers``: name -> (module, site), the site
+    as in :func:`qcompile.analyze.layer_sites`; ``recipes``: candidate name -> Recipe), measured on
+    ``budget["backend"]`` or read from the cache, on ``budget["clock"]``. Each layer is timed with
+    the config its candidate gives it (overrides and ``keep_float`` included). ``quantize``:
+    :func:`qcompile.quantize` (it quantizes the branch models, on ``budget["backend"]``)."""
     timer = importlib.import_module(TIMERS[budget["backend"]])
     cache = cache or LatencyCache()
     host, runtime = host_id(), timer.version()
@@ -218,11 +199,11 @@ def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, ex
     plain = {FLOAT: Recipe.preset(FLOAT), **recipes}
 
     def key(name, cand):
-        mod, kind = layers[name]
+        mod, site = layers[name]
         x = inputs[name]
         return json.dumps([timer.ID, budget["target"], runtime, host, repr(mod), mod.bias is not None
                            if hasattr(mod, "bias") else None, list(x.shape), str(x.dtype),
-                           _candidate_id(plain[cand], kind)])
+                           _candidate_id(plain[cand], name, site)])
 
     out = LayerLatency({}, {}, host=host, runtime=runtime, cache=str(cache.path),
                        shapes={n: list(x.shape) for n, x in inputs.items()})
@@ -237,9 +218,12 @@ def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, ex
             reps = list(todo.values())
             branches = _Branches([layers[n][0] for n in reps]).eval()
             xs = tuple(inputs[n] for n in reps)
-            # the candidate's per-layer configs only: its overrides name the user's layers, not these
-            one = dataclasses.replace(recipe, overrides={}, keep_float=(), keep_first=False, keep_last=False,
-                                      tied_head="default", backend=budget["backend"],
+            # branch i is layer reps[i] with the config the candidate gives that layer in the user's
+            # model (its own patterns name the user's layers, not these branches)
+            one = dataclasses.replace(recipe, keep_float=(), keep_first=False, keep_last=False, tied_head="default",
+                                      overrides={f"layers.{i}": _layer_config(recipe, n, layers[n][1])
+                                                 for i, n in enumerate(reps)},
+                                      backend=budget["backend"],
                                       calibration=dataclasses.replace(recipe.calibration, progress=False))
             qmodel = quantize(branches, one, xs, calibration=[xs], report_samples=0, backend=budget["backend"])
             times = timer.time_branches(timer.lower(qmodel, budget["target"]), xs, runs=5)
@@ -258,67 +242,4 @@ def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, ex
     return out
 
 
-def search(auto, model, example_inputs, calibration, example_kwargs, quantize_with):
-    """:meth:`qcompile.mixed.AutoRecipe.search` for a latency budget (see the module docstring)."""
-    from .analyze import quantizable_layers
-    from .mixed import allocate
-
-    budget = check_budget(auto.budget)
-    timer = importlib.import_module(TIMERS[budget["backend"]])
-    table, recipes = auto._measure(model, example_inputs, calibration, example_kwargs)
-    layers = {name: (mod, kind) for name, mod, kind in quantizable_layers(model) if name in set(table.layers)}
-    lat = measure_layers(model, layers, recipes, example_inputs, example_kwargs, budget)
-    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
-
-    clock = budget["clock"]
-
-    def run(recipe):
-        qmodel = quantize_with(dataclasses.replace(recipe, backend=budget["backend"]))
-        art = timer.lower(qmodel, budget["target"])
-        return qmodel, timer.time_artifact(art, args, kwargs, budget["runs"])
-
-    _, float_times = run(Recipe.preset(FLOAT))
-    float_ms = float_times[clock]
-    remainder = float_ms - sum(lat.float_ms.values())
-    target_ms = float(budget["latency_ms"])
-    # an allocation fills its limit to the brim, and a repeated timing varies by a few percent:
-    # aim a little below the budget so that the first measurement usually lands under it
-    limit = target_ms * (1 - budget["margin"]) - remainder
-    attempts, seen, best = [], set(), None
-    for _ in range(budget["attempts"]):
-        alloc = allocate(table, {"latency_ms": limit}, costs=lat.ms)
-        choice = tuple(sorted(alloc.choice.items()))
-        if choice in seen:  # tightening did not change the choice: nothing new to measure
-            break
-        seen.add(choice)
-        predicted = remainder + alloc.total_cost
-        qmodel, times = run(alloc.recipe(recipes, auto.name))
-        measured = times[clock]
-        attempts.append({"limit_ms": limit, "predicted_ms": predicted, "measured_ms": measured,
-                         "measured_ms_both_clocks": times, "met": measured <= target_ms, "feasible": alloc.feasible,
-                         "layers_per_candidate": {c: list(alloc.choice.values()).count(c) for c in recipes}})
-        if best is None or measured < best[2] or measured <= target_ms:
-            best = (qmodel, alloc, measured, predicted)
-        if measured <= target_ms or not alloc.feasible:
-            break
-        limit -= measured - target_ms  # the prediction was optimistic by this much: ask for less
-    qmodel, alloc, measured, predicted = best
-    met = measured <= target_ms
-    qmodel.report.mixed_precision = {
-        **alloc.to_dict(), "budget": dict(auto.budget),
-        "latency": {"backend": budget["backend"], "target": budget["target"], "budget_ms": target_ms,
-                    "clock": clock, "predicted_ms": predicted, "measured_ms": measured, "met": met,
-                    "float_ms": float_ms, "float_ms_both_clocks": float_times, "float_remainder_ms": remainder,
-                    "runs": budget["runs"], "margin": budget["margin"], "threads": 1, "attempts": attempts,
-                    "layer_table": {"measured": lat.measured, "cached": lat.cached, "host": lat.host,
-                                    "runtime": lat.runtime, "cache": lat.cache}},
-        "most_sensitive": [{"layer": r.layer, "candidate": r.candidate, "output_sqnr_db": r.output_sqnr_db}
-                           for r in table.most_sensitive(5)],
-        "note": "budget met (measured end to end)" if met else
-                ("no choice of candidates is predicted to fit the budget: this is the fastest per layer, measured"
-                 if not alloc.feasible else "no attempt met the budget when measured: this is the fastest one measured"),
-    }
-    return qmodel
-
-
-__all__ = ["check_budget", "measure_layers", "LayerLatency", "LatencyCache", "search", "host_id"]
+__all__ = ["check_budget", "measure_layers", "LayerLatency", "LatencyCache", "host_id", "TIMERS", "FLOAT"]

@@ -1,5 +1,8 @@
-"""Mixed precision chosen by measurement: pick one candidate per layer from a
-:class:`~qcompile.analyze.SensitivityTable` under a size budget.
+"""The mixed-precision allocator: pick one candidate per layer from a
+:class:`~qcompile.analyze.SensitivityTable` under a size budget (or under measured per-layer costs).
+Pure: it reads a table and returns an :class:`Allocation`; measuring, quantizing and searching are
+:mod:`qcompile.search`'s. Imports: ``errors``, ``recipe``, ``scope``, ``auto_recipe`` (the budget's
+shape); scipy when installed.
 
 The damage of a choice is the sum over layers of the output noise each causes alone,
 ``10^(-SQNR/10)`` (noise-to-signal ratios add when layer errors are independent), and its cost is
@@ -18,10 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Optional
 
+from .auto_recipe import size_budget
 from .errors import RecipeError
 from .recipe import Recipe
+from .scope import match_pattern, resolve_layer_config
 
 EXACT_LIMIT = 20_000  # binary variables the exact solver takes before falling back to greedy
 
@@ -37,6 +42,7 @@ class Allocation:
     budget_bytes: float
     options: dict = field(default_factory=dict, repr=False)  # layer -> [(candidate, noise, bytes, op, cost)]
     total_cost: Optional[float] = None  # the sum of the chosen ``costs`` when allocate() was given some
+    sites: dict = field(default_factory=dict, repr=False)  # the table's: every quantizable layer -> where it sits
 
     @property
     def bits_per_weight(self) -> float:
@@ -47,19 +53,33 @@ class Allocation:
         return math.inf if self.predicted_noise == 0 else -10 * math.log10(self.predicted_noise)
 
     def recipe(self, recipes: dict, name: str = "auto") -> Recipe:
-        """A concrete recipe: every layer overridden with its chosen candidate's config (the
-        embedding config for embeddings); everything else from the first candidate."""
+        """A concrete recipe (the first candidate's, renamed): every allocated layer overridden, by its
+        exact path, with the config its chosen candidate gives it (:func:`~qcompile.scope.resolve_layer_config`:
+        that candidate's overrides and ``keep_float`` included, ``None`` where it keeps the layer float).
+        The layers not allocated (tied, or left out of the analysis) keep what the first candidate
+        gives them: of its patterns and ``keep_first``/``keep_last``, those that still reach one of them."""
         base = next(iter(recipes.values()))
-        overrides = {}
-        for layer, cand in self.choice.items():
-            r = recipes[cand]
-            kind = self.options[layer][0][3]
-            overrides[layer] = r.embedding if kind == "embedding" else r.default
+        overrides = {layer: resolve_layer_config(recipes[cand], layer, **self._site(layer))[0]
+                     for layer, cand in self.choice.items()}
+        rest = [(layer, site) for layer, site in self.sites.items() if layer not in self.choice]
+
+        def reaches_rest(pattern):
+            return any(match_pattern(pattern, layer, site["layer_type"]) for layer, site in rest)
+
+        overrides.update({p: cfg for p, cfg in base.overrides.items() if p not in overrides and reaches_rest(p)})
         # smoothing only touches activation-quantized layers: a weight-only or float candidate beside
         # w8a8 must not switch it off for the w8a8 layers
         act = [r for r in recipes.values() if r.default is not None and r.default.activation is not None]
         smoothing = act[0].smoothing if act and all(r.smoothing for r in act) else None
-        return replace(base, name=name, overrides=overrides, smoothing=smoothing).validate()
+        return replace(base, name=name, overrides=overrides, smoothing=smoothing,
+                       keep_float=tuple(p for p in base.keep_float if reaches_rest(p)),
+                       keep_first=base.keep_first and any(site["first"] for _, site in rest),
+                       keep_last=base.keep_last and any(site["last"] for _, site in rest)).validate()
+
+    def _site(self, layer: str) -> dict:
+        """Where ``layer`` sits (the resolver's keyword arguments); from the layer's kind alone for a
+        table saved before tables recorded it (``type:`` patterns then match nothing)."""
+        return self.sites.get(layer) or {"layer_type": "", "kind": self.options[layer][0][3]}
 
     def to_dict(self) -> dict:
         return {"choice": dict(self.choice), "total_bytes": self.total_bytes, "bits_per_weight": self.bits_per_weight,
@@ -69,17 +89,8 @@ class Allocation:
 
 def budget_bytes(budget: dict, params: int) -> float:
     """Bytes allowed by ``{"bits_per_weight": b}`` or ``{"bytes": n}``."""
-    if not isinstance(budget, dict) or len(budget) != 1:
-        raise RecipeError("budget", f"expected one of {{'bits_per_weight': b}} or {{'bytes': n}}, got {budget!r}")
-    (key, value), = budget.items()
-    if key == "bits_per_weight":
-        return float(value) * params / 8.0
-    if key == "bytes":
-        return float(value)
-    if key == "latency_ms":
-        raise RecipeError("budget.latency_ms", "a latency budget has no byte limit: allocate(..., costs=) takes "
-                                               "measured per-layer times (qcompile.latency)")
-    raise RecipeError(f"budget.{key}", "unknown budget; use bits_per_weight, bytes, or latency_ms with backend")
+    key, value = size_budget(budget)
+    return value * params / 8.0 if key == "bits_per_weight" else value
 
 
 COSTS = ("output", "hessian")
@@ -115,26 +126,27 @@ def allocate(table, budget: dict, solver: Optional[str] = None, cost: Optional[s
         spent = r.weight_bytes if costs is None else costs[(r.layer, r.candidate)]
         options.setdefault(r.layer, []).append((r.candidate, noise, r.weight_bytes, r.op, spent))
     params = sum({r.layer: r.params for r in table.rows}.values())
+    sites = dict(getattr(table, "sites", {}))
     limit = budget_bytes(budget, params) if costs is None else float(next(iter(budget.values())))
     smallest = {layer: min(opts, key=lambda o: (o[4], o[1])) for layer, opts in options.items()}
     if sum(o[4] for o in smallest.values()) > limit:
-        return _result({k: v[0] for k, v in smallest.items()}, options, params, False, "greedy", limit)
+        return _result({k: v[0] for k, v in smallest.items()}, options, params, False, "greedy", limit, sites)
     n_vars = sum(len(v) for v in options.values())
     if solver in (None, "milp") and n_vars <= EXACT_LIMIT:
         try:
             choice = _milp(options, limit)
-            return _result(choice, options, params, True, "milp", limit)
+            return _result(choice, options, params, True, "milp", limit, sites)
         except ImportError:
             if solver == "milp":
                 raise
-    return _result(_greedy(options, limit, smallest), options, params, True, "greedy", limit)
+    return _result(_greedy(options, limit, smallest), options, params, True, "greedy", limit, sites)
 
 
-def _result(choice, options, params, feasible, solver, limit) -> Allocation:
+def _result(choice, options, params, feasible, solver, limit, sites) -> Allocation:
     rows = {layer: next(o for o in options[layer] if o[0] == c) for layer, c in choice.items()}
     return Allocation(choice=choice, total_bytes=int(sum(o[2] for o in rows.values())), params=params,
                       predicted_noise=sum(o[1] for o in rows.values()), feasible=feasible, solver=solver,
-                      budget_bytes=limit, options=options, total_cost=sum(o[4] for o in rows.values()))
+                      budget_bytes=limit, options=options, total_cost=sum(o[4] for o in rows.values()), sites=sites)
 
 
 def _milp(options, limit) -> dict:
@@ -175,114 +187,3 @@ def _greedy(options, limit, smallest) -> dict:
         layer, o = best
         spent += o[4] - choice[layer][4]
         choice[layer] = o
-
-
-@dataclass(frozen=True)
-class Quality:
-    """A quality contract for :meth:`Recipe.auto`: ``metric(model) -> float`` on the user's own
-    evaluation data (higher is better unless ``higher_is_better=False``); the search returns the
-    smallest configuration whose metric is within ``max_drop`` of the float model's, or, when none
-    is, the best one found with the report saying so. ``steps``: budgets tried, smallest first."""
-
-    metric: Callable
-    max_drop: float
-    higher_is_better: bool = True
-    steps: int = 6
-
-
-@dataclass(frozen=True)
-class AutoRecipe:
-    """A recipe to be chosen by measurement when :func:`qcompile.quantize` runs: analyze the model
-    with every candidate on the calibration data, allocate under ``budget``, quantize with the
-    result. ``Recipe.auto(candidates=["w8", "w4-g64"], budget={"bits_per_weight": 4.5})``."""
-
-    candidates: tuple
-    budget: dict = field(hash=False, default_factory=dict)
-    max_samples: int = 8
-    name: str = "auto"
-    quality: Optional[Quality] = field(default=None, hash=False, compare=False)
-
-    def __post_init__(self):
-        if len(self.candidates) < 1:
-            raise RecipeError("candidates", "give at least one candidate recipe")
-        if isinstance(self.budget, dict) and "latency_ms" in self.budget:
-            from .latency import check_budget
-
-            check_budget(self.budget)
-        elif self.quality is None or self.budget:
-            budget_bytes(self.budget, 1)  # validates the budget's shape early
-
-    @property
-    def searches(self) -> bool:
-        """True when choosing means quantizing and measuring candidates (:meth:`search`): a quality
-        contract or a latency budget."""
-        return self.quality is not None or "latency_ms" in self.budget
-
-    def _measure(self, model, example_inputs, calibration, example_kwargs):
-        from .analyze import analyze
-        from .api import resolve_recipe
-
-        table = analyze(model, list(self.candidates), example_inputs, calibration, example_kwargs=example_kwargs,
-                        max_samples=self.max_samples)
-        recipes = {c if isinstance(c, str) else resolve_recipe(c).name: resolve_recipe(c) for c in self.candidates}
-        return table, recipes
-
-    def search(self, model, example_inputs, calibration, example_kwargs, quantize_with):
-        """Quality-contract search (see :class:`Quality`), or a latency budget's (:func:`qcompile.latency.search`):
-        ``quantize_with(recipe)`` quantizes the model.
-        Returns the chosen quantized model; its report's ``mixed_precision`` lists every
-        configuration tried (bytes, bits per weight, metric) and whether the contract was met."""
-        if "latency_ms" in self.budget:
-            from . import latency
-
-            return latency.search(self, model, example_inputs, calibration, example_kwargs, quantize_with)
-        q = self.quality
-        table, recipes = self._measure(model, example_inputs, calibration, example_kwargs)
-        sign = 1.0 if q.higher_is_better else -1.0
-        base = float(q.metric(model))
-        options = {}
-        for r in table.rows:
-            options.setdefault(r.layer, []).append(r.weight_bytes)
-        lo, hi = sum(min(v) for v in options.values()), sum(max(v) for v in options.values())
-        sizes = [lo + (hi - lo) * i / max(q.steps - 1, 1) for i in range(q.steps)]
-        tried, seen, best = [], set(), None
-        for size in sizes:
-            alloc = allocate(table, {"bytes": size})
-            key = tuple(sorted(alloc.choice.items()))
-            if key in seen:
-                continue
-            seen.add(key)
-            qmodel = quantize_with(alloc.recipe(recipes, self.name))
-            score = float(q.metric(qmodel))
-            drop = sign * (base - score)
-            row = {"bytes": alloc.total_bytes, "bits_per_weight": alloc.bits_per_weight, "metric": score,
-                   "drop": drop, "layers_per_candidate": {c: list(alloc.choice.values()).count(c) for c in recipes}}
-            tried.append(row)
-            if best is None or drop < best[0]["drop"]:
-                best = (row, qmodel, alloc)
-            if drop <= q.max_drop:
-                best = (row, qmodel, alloc)
-                break
-        row, qmodel, alloc = best
-        met = row["drop"] <= q.max_drop
-        qmodel.report.mixed_precision = {
-            **alloc.to_dict(), "contract": {"max_drop": q.max_drop, "metric_float": base, "met": met,
-                                            "chosen": row, "tried": tried, "pareto": _pareto(tried)},
-            "note": "contract met by the smallest configuration tried" if met else
-                    "no configuration met the contract: this is the best one found"}
-        return qmodel
-
-    def resolve(self, model, example_inputs, calibration, example_kwargs=None) -> tuple[Recipe, dict]:
-        """(the concrete recipe, what was measured and chosen, for the report)."""
-        table, recipes = self._measure(model, example_inputs, calibration, example_kwargs)
-        alloc = allocate(table, self.budget)
-        info = {**alloc.to_dict(), "budget": dict(self.budget),
-                "most_sensitive": [{"layer": r.layer, "candidate": r.candidate, "output_sqnr_db": r.output_sqnr_db}
-                                   for r in table.most_sensitive(5)]}
-        return alloc.recipe(recipes, self.name), info
-
-
-def _pareto(rows: list) -> list:
-    """The rows no other row beats on both size and metric drop."""
-    return [r for r in rows if not any(o["bytes"] <= r["bytes"] and o["drop"] < r["drop"] or
-                                       o["bytes"] < r["bytes"] and o["drop"] <= r["drop"] for o in rows)]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from .atomic import atomic_file
+from .auto_recipe import AutoRecipe
 from .backends.base import ALIASES, BACKENDS
 from .errors import RecipeError, closest
 from .spec import QuantSpec
@@ -156,8 +157,7 @@ class Recipe:
         """Mixed precision chosen by measurement (see :mod:`qcompile.mixed`): pass the result to
         :func:`qcompile.quantize` like any recipe. Give a ``budget`` (bits per weight, bytes, or
         ``{"latency_ms": ms, "backend": "onnx"}`` measured on that backend: :mod:`qcompile.latency`),
-        or a ``quality`` contract (:class:`qcompile.mixed.Quality`) to get the smallest model meeting it."""
-        from .mixed import AutoRecipe
+        or a ``quality`` contract (:class:`qcompile.auto_recipe.Quality`) to get the smallest model meeting it."""
 
         if budget is None and quality is None:
             raise RecipeError("budget", "Recipe.auto needs a budget or a quality contract")

@@ -139,24 +139,31 @@ def test_allocate_with_costs_respects_the_limit_and_solvers_agree():
 
 
 def test_bad_latency_budgets_name_their_field():
-    with pytest.raises(qcompile.RecipeError, match="budget.backend"):
-        qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5, "backend": "onnxx"})
-    with pytest.raises(qcompile.RecipeError, match="budget.backend"):
-        qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5})
+    # the budget's shape is checked by Recipe.auto (qcompile.auto_recipe)
     with pytest.raises(qcompile.RecipeError, match="budget.latency_ms"):
         qcompile.Recipe.auto(CANDIDATES, {"latency_ms": -1, "backend": "onnx"})
     with pytest.raises(qcompile.RecipeError, match="budget.clock"):
         qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5, "backend": "onnx", "clock": "gpu"})
     with pytest.raises(qcompile.RecipeError, match="budget.margin"):
         qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5, "backend": "onnx", "margin": 1.5})
-    with pytest.raises(qcompile.RecipeError, match="budget.target"):
-        qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5, "backend": "onnx", "target": "tensorrt"})
     with pytest.raises(qcompile.RecipeError, match="budget.latency"):
         qcompile.Recipe.auto(CANDIDATES, {"latency": 5})
     with pytest.raises(qcompile.RecipeError, match="budget.bytes"):
         qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5, "backend": "onnx", "bytes": 9})
+    # the backend and its target when the search starts (qcompile.latency.check_budget), before any measuring
+    with pytest.raises(qcompile.RecipeError, match="budget.backend"):
+        check_budget({"latency_ms": 5, "backend": "onnxx"})
+    with pytest.raises(qcompile.RecipeError, match="budget.backend"):
+        check_budget({"latency_ms": 5})
+    with pytest.raises(qcompile.RecipeError, match="budget.target"):
+        check_budget({"latency_ms": 5, "backend": "onnx", "target": "tensorrt"})
     with pytest.raises(NotImplementedError, match="tvm"):
-        qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5, "backend": "tvm"})
+        check_budget({"latency_ms": 5, "backend": "tvm"})
+    tiny = nn.Linear(4, 4)
+    x = (torch.randn(2, 4),)
+    with pytest.raises(qcompile.RecipeError, match="budget.backend"):
+        qcompile.quantize(tiny, qcompile.Recipe.auto(CANDIDATES, {"latency_ms": 5, "backend": "onnxx"}), x,
+                          calibration=[x])
     assert check_budget({"latency_ms": 5, "backend": "onnx"})["clock"] == "wall"
 
 

@@ -41,6 +41,32 @@ def test_searched_recipe_beats_uniform_at_the_same_size(table_and_data):
     assert set(auto.overrides) == set(table.layers)
 
 
+def test_a_candidates_overrides_reach_analysis_and_allocation():
+    """A candidate's overrides and keep_float decide its rows and its allocated configs
+    (qcompile.scope.resolve_layer_config), as they decide what quantize does with it."""
+    model, batches = wide_tiny_block(2)
+    w8, w4 = qcompile.Recipe.preset("w8"), qcompile.Recipe.preset("w4-g64")
+    mixed = dataclasses.replace(w4, name="w4-v8", overrides={"v": w8.default}, keep_float=("type:Embedding", "up"))
+    table = qcompile.analyze(model, [w8, mixed], batches[0], batches, max_samples=1)
+    assert table.get("v", "w4-v8").weight_bytes == table.get("v", "w8").weight_bytes       # int8, not int4
+    assert table.get("q", "w4-v8").weight_bytes < table.get("q", "w8").weight_bytes        # the default: int4
+    up = table.get("up", "w4-v8")                                                          # kept float
+    assert up.hessian_proxy == 0.0 and up.weight_bytes == 4 * up.params
+    assert table.get("emb", "w4-v8").bits_per_weight == 32.0                                # keep_float by type
+    alloc = allocate(table, {"bits_per_weight": 32.0})
+    alloc.choice.update(v="w4-v8", up="w4-v8", q="w4-v8", emb="w8")
+    recipe = alloc.recipe({"w4-v8": mixed, "w8": w8})      # the first candidate is the base
+    assert recipe.overrides["v"] == w8.default and recipe.overrides["q"] == w4.default and recipe.overrides["up"] is None
+    assert recipe.overrides["emb"] == w8.embedding
+    assert recipe.keep_float == ()                          # its patterns reach no layer left unallocated
+    q = qcompile.quantize(model, recipe, batches[0], calibration=batches, report_samples=1)
+    assert q.report.kept_float["up"] == "kept float by overrides['up']"
+    # a layer left out of the analysis keeps what the first candidate gives it
+    part = qcompile.analyze(model, [mixed, w8], batches[0], batches, max_samples=1, layers=["q", "v"], model_output=False)
+    recipe = allocate(part, {"bits_per_weight": 32.0}).recipe({"w4-v8": mixed, "w8": w8})
+    assert set(recipe.overrides) == {"q", "v"} and recipe.keep_float == ("type:Embedding", "up")
+
+
 def test_impossible_budget_returns_the_smallest_marked_infeasible(table_and_data):
     _, _, table = table_and_data
     a = allocate(table, {"bits_per_weight": 1.0})
@@ -100,3 +126,27 @@ def test_quality_contract_returns_the_smallest_model_meeting_it_or_says_none_did
     assert len(c["tried"]) >= 2 and c["pareto"] and c["chosen"]["drop"] == min(t["drop"] for t in c["tried"])
     with pytest.raises(qcompile.RecipeError, match="budget"):
         qcompile.Recipe.auto(["w8"])
+
+
+def test_one_search_loop_keeps_the_first_that_meets_else_the_best():
+    """qcompile.search.search_loop, the loop the quality contract and the latency budget share."""
+    from types import SimpleNamespace
+
+    from qcompile.search import Trial, search_loop
+
+    choices = {1.0: "a", 2.0: "a", 3.0: "b", 4.0: "c"}          # limit -> the allocation it gives
+    scores = {"a": 5.0, "b": 3.0, "c": 1.0}
+
+    def run(target, repeat):
+        def evaluate(alloc, limit):
+            s = scores[alloc.choice["x"]]
+            return Trial(alloc, None, limit, s, met=s <= target, stop=s <= target, record={"limit": limit})
+        return search_loop(4, lambda step, last: float(step + 1),
+                           lambda limit: SimpleNamespace(choice={"x": choices[limit]}), evaluate, repeat)
+
+    best, trials = run(3.0, "skip")       # the repeated "a" is skipped, "b" meets the target
+    assert [t.limit for t in trials] == [1.0, 3.0] and best.limit == 3.0
+    best, trials = run(0.5, "skip")       # none meets it: the lowest score
+    assert [t.limit for t in trials] == [1.0, 3.0, 4.0] and best.limit == 4.0 and not best.met
+    best, trials = run(0.5, "stop")       # a repeated choice ends the search
+    assert [t.limit for t in trials] == [1.0] and best.limit == 1.0

@@ -78,3 +78,26 @@ def test_embedding_activation_and_group_on_conv_are_errors(tiny_block, tiny_cnn)
     with pytest.raises(RecipeError) as e:
         _annotate(cnn, cbatches[0], Recipe(default=LayerConfig(W4)))
     assert "conv1" in str(e.value) and "per_group" in str(e.value)
+
+
+def test_one_resolver_decides_every_layer_config():
+    """qcompile.scope.resolve_layer_config is the rule annotate, analyze, latency and the allocator read."""
+    from qcompile.scope import check_patterns, check_patterns_used, resolve_layer_config
+
+    emb = LayerConfig(W8)
+    recipe = Recipe(default=LayerConfig(W8, A8), embedding=emb, overrides={"re:(q|k)": LayerConfig(W4), "k": None},
+                    keep_float=("type:Conv2d",), keep_last=True, tied_head="embedding")
+    used = set()
+    assert resolve_layer_config(recipe, "q", "Linear", "linear", used=used) == (LayerConfig(W4), "overrides['re:(q|k)']")
+    assert resolve_layer_config(recipe, "k", "Linear", "linear", used=used) == (None, "overrides['k']")
+    assert resolve_layer_config(recipe, "c", "Conv2d", "conv", used=used) == (None, "keep_float")
+    assert resolve_layer_config(recipe, "emb", "Embedding", "embedding") == (emb, "embedding")
+    assert resolve_layer_config(recipe, "up", "Linear", "linear") == (LayerConfig(W8, A8), "default")
+    assert resolve_layer_config(recipe, "head", "Linear", "linear", tied_to="emb") == (emb, "tied_head")
+    assert resolve_layer_config(recipe, "head", "Linear", "linear", tied_to="emb", last=True) == (None, "keep_last")
+    check_patterns_used(recipe, used, ["q", "k", "c"])
+    with pytest.raises(RecipeError) as e:
+        check_patterns_used(recipe, {"k", "type:Conv2d"}, ["q", "k"])
+    assert e.value.field == "overrides['re:(q|k)']"
+    with pytest.raises(RecipeError, match="invalid regex"):
+        check_patterns(Recipe(default=LayerConfig(W8), keep_float=("re:(",)))

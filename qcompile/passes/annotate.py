@@ -1,20 +1,20 @@
 """Annotate quantizable op nodes from a recipe: writes a :class:`~qcompile.spec.NodeAnnotation`
 into ``node.meta[ANNOTATION]``; changes nothing else. Which ops are quantizable, and where their
-activation and weight arguments sit, is the table :data:`QUANTIZABLE_OPS`.
+activation and weight arguments sit, is the table :data:`QUANTIZABLE_OPS`; which config a layer gets
+is :func:`qcompile.scope.resolve_layer_config` (the rule analysis and mixed precision read too).
 
 Only the inputs of weight-carrying ops are ever quantized: the attention-mask add, softmax and
 LayerNorm stay float by construction (quantizing them destroys transformers)."""
 from __future__ import annotations
 
-import fnmatch
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from ..errors import RecipeError, closest
+from ..errors import RecipeError
 from ..recipe import LayerConfig, Recipe
+from ..scope import check_patterns, check_patterns_used, resolve_layer_config
 from ..spec import ANNOTATION, LAYER, LAYER_TYPE, NodeAnnotation
 from .infra import Pass, PassResult, get_attr_tensor
 
@@ -38,17 +38,6 @@ QUANTIZABLE_OPS = {
 }
 
 
-def match_pattern(pattern: str, path: str, layer_type: str) -> bool:
-    """Exact path, ``re:<regex>`` (full match), ``type:<ClassName>`` or a glob."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], path) is not None
-    if pattern.startswith("type:"):
-        return layer_type == pattern[5:]
-    if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(path, pattern)
-    return pattern == path
-
-
 @dataclass
 class AnnotateResult(PassResult):
     """``skipped``: layer -> why it stays float; ``tied``: a layer whose weight is an embedding's ->
@@ -68,13 +57,7 @@ class AnnotatePass(Pass):
 
     def call(self, gm):
         result = AnnotateResult(gm, False)
-        rules = list(self.recipe.overrides.items()) + [(p, None) for p in self.recipe.keep_float]
-        for pattern, _ in rules:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as e:
-                    raise RecipeError(f"overrides['{pattern}']", f"invalid regex: {e}") from None
+        check_patterns(self.recipe)
         used: set[str] = set()
         candidates = []
         for node in gm.graph.nodes:
@@ -96,12 +79,9 @@ class AnnotatePass(Pass):
         last = weighted[-1][0] if weighted else None
         for node, info, layer in candidates:
             ltype = node.meta.get(LAYER_TYPE, "")
-            cfg, source = self._resolve(layer, ltype, info, rules, used)
             tied_to = emb_weight.get(node.args[info.weight_arg].target) if info.kind != "embedding" else None
-            if tied_to is not None and source == "default" and self.recipe.tied_head == "embedding":
-                cfg, source = self.recipe.embedding, "tied_head"
-            if (self.recipe.keep_first and node is first) or (self.recipe.keep_last and node is last):
-                cfg, source = None, "keep_first" if node is first and self.recipe.keep_first else "keep_last"
+            cfg, source = resolve_layer_config(self.recipe, layer, ltype, info.kind, tied_to=tied_to,
+                                               first=node is first, last=node is last, used=used)
             if cfg is None or (cfg.weight is None and cfg.activation is None):
                 result.skipped[layer] = f"kept float by {source}"
                 continue
@@ -122,31 +102,8 @@ class AnnotatePass(Pass):
                 result.tied[layer] = (f"weight tied to {tied_to}: one shared quantized tensor" if emb == cfg.weight
                                     else f"weight tied to {tied_to} but its spec differs ({source}): untied, "
                                          f"each quantized separately")
-        for pattern, _ in rules:
-            if pattern not in used:
-                field = "keep_float" if pattern in self.recipe.keep_float and pattern not in self.recipe.overrides \
-                    else f"overrides['{pattern}']"
-                raise RecipeError(field, f"pattern '{pattern}' matches no quantizable layer (or only layers an "
-                                         f"earlier pattern already claims); "
-                                         f"{closest(pattern, layers) if layers else 'the model has none'}")
+        check_patterns_used(self.recipe, used, layers)
         return result
-
-    def _resolve(self, layer, ltype, info, rules, used):
-        """(config, where it came from). Exact paths win over patterns; patterns go in order."""
-        def source(pattern):
-            return f"overrides['{pattern}']" if pattern in self.recipe.overrides else "keep_float"
-
-        for pattern, cfg in rules:
-            if pattern == layer:
-                used.add(pattern)
-                return cfg, source(pattern)
-        for pattern, cfg in rules:
-            if pattern != layer and match_pattern(pattern, layer, ltype):
-                used.add(pattern)
-                return cfg, source(pattern)
-        if info.kind == "embedding":
-            return self.recipe.embedding, "embedding"
-        return self.recipe.default, "default"
 
     def ensures(self, gm):
         for node in gm.graph.nodes:
@@ -160,4 +117,4 @@ def annotated_nodes(gm):
     return [(n, n.meta[ANNOTATION]) for n in gm.graph.nodes if ANNOTATION in n.meta]
 
 
-__all__ = ["AnnotatePass", "AnnotateResult", "QUANTIZABLE_OPS", "OpInfo", "match_pattern", "annotated_nodes", "LayerConfig"]
+__all__ = ["AnnotatePass", "AnnotateResult", "QUANTIZABLE_OPS", "OpInfo", "annotated_nodes", "LayerConfig"]
