@@ -14,7 +14,6 @@ from . import pipeline, search
 from .auto_recipe import AutoRecipe
 from .backends.base import placement
 from .calibration import reiterable
-from .errors import CalibrationError
 from .model import PreparedModel, QuantizedModel
 from .recipe import Recipe, RecipeLike, resolve_recipe
 

@@ -42,7 +42,7 @@ from .passes.convert import ConvertResult
 from .passes.infra import Pass, PassManager, PassResult, Stage, prune_unused_tensors, tensor_owner
 from .passes.smooth import SmoothingResult
 from .passes.weight_algorithms import WeightAlgorithmResult
-from .recipe import Recipe
+from .recipe import CalibrationConfig, Recipe
 from .report import Report
 
 CAPTURE, SMOOTHING, OBSERVE, CALIBRATE, CONVERT, REPORT = \
@@ -72,9 +72,9 @@ class CalibratePass(Pass):
 
     name = "calibrate"
 
-    def __init__(self, data: Optional[Iterable], binder, recipe: Recipe, desc: str, missing: str,
+    def __init__(self, data: Optional[Iterable], binder, config: CalibrationConfig, desc: str, missing: str,
                  observers: bool = True):
-        self.data, self.binder, self.recipe, self.desc, self.missing = data, binder, recipe, desc, missing
+        self.data, self.binder, self.config, self.desc, self.missing = data, binder, config, desc, missing
         self.observers = observers
 
     def requires(self, gm):
@@ -86,8 +86,7 @@ class CalibratePass(Pass):
             args, kwargs = self.binder.bind(item)
             return call_checked(gm, args, kwargs, CalibrationError)
 
-        cfg = self.recipe.calibration
-        n = run_calibration(feed, self.data, cfg.max_samples, cfg.progress, desc=self.desc)
+        n = run_calibration(feed, self.data, self.config.max_samples, self.config.progress, desc=self.desc)
         return CalibrationResult(gm, False, samples=n, calibrates_observers=self.observers)
 
 
@@ -120,13 +119,12 @@ def ptq_stages(recipe: Recipe, placement: Capabilities, captured: Captured, cali
     stages = [Stage(FoldBatchNormPass(), CAPTURE), Stage(NormalizeLinearPass(), CAPTURE),
               Stage(AnnotatePass(recipe), CAPTURE)]
     if recipe.smoothing is not None:
-        sm = recipe.smoothing
         missing = (f"recipe '{recipe.name}' uses smoothing, whose scales are measured on data: pass calibration= "
                    "to prepare (or quantize), or set smoothing to null")
         stages += [Stage(InsertChannelStatsPass(placement.quantized_outputs), SMOOTHING, quantizes_activations),
-                   Stage(CalibratePass(calibration, binder, recipe, "smoothing statistics", missing, observers=False), SMOOTHING,
-                         quantizes_activations),
-                   Stage(ApplySmoothingPass(sm.alpha, sm.fold_only, sm.alphas, sm.outlier_quantiles), SMOOTHING,
+                   Stage(CalibratePass(calibration, binder, recipe.calibration, "smoothing statistics", missing,
+                                       observers=False), SMOOTHING, quantizes_activations),
+                   Stage(ApplySmoothingPass(recipe.smoothing), SMOOTHING,
                          quantizes_activations)]
     wa = recipe.weight_algorithm
     if wa is not None:
@@ -135,14 +133,13 @@ def ptq_stages(recipe: Recipe, placement: Capabilities, captured: Captured, cali
                 f"recipe '{recipe.name}' uses {wa.method}, which solves the weights on data: pass calibration= to "
                 "prepare (or quantize)")), wa.method))
         else:
-            stages.append(Stage(ApplyWeightAlgorithmPass(wa, calibration, binder, recipe.calibration.max_samples,
-                                                         recipe.calibration.progress), wa.method))
+            stages.append(Stage(ApplyWeightAlgorithmPass(wa, calibration, binder, recipe.calibration), wa.method))
     stages.append(Stage(InsertObserversPass(placement.quantized_outputs), OBSERVE))
     if calibrate:
         missing = (f"recipe '{recipe.name}' has static activation scales: pass calibration=<iterable of inputs> "
                    "(e.g. a few hundred representative samples)")
-        stages.append(Stage(CalibratePass(calibration, binder, recipe, "calibrating", missing), CALIBRATE,
-                            needs_static_calibration))
+        stages.append(Stage(CalibratePass(calibration, binder, recipe.calibration, "calibrating", missing),
+                            CALIBRATE, needs_static_calibration))
     return stages + convert_stages()
 
 

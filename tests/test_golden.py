@@ -7,7 +7,6 @@ elsewhere torch's float kernels may sum in another order, so floats are compared
 and integer codes may differ by one step in a few places (a value on a rounding boundary)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 import torch
 
-from qcompile import LayerConfig, QuantSpec, Recipe
+from qcompile import LayerConfig, QuantSpec, Recipe, SmoothingConfig
 from qcompile.calibration import run_calibration
 from qcompile.capture import capture
 from qcompile.passes import AnnotatePass, ApplySmoothingPass, InsertChannelStatsPass
@@ -23,7 +23,7 @@ def test_smoothing_keeps_float_numerics_and_inserts_muls(tiny_block):
     gm = _stats(model, batches)
     stats = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("qstats")]
     assert len(stats) == 4  # h -> q/k/v (shared), x -> up, u -> down, x -> head
-    p = ApplySmoothingPass(alpha=0.5)(gm)
+    p = ApplySmoothingPass(SmoothingConfig(alpha=0.5))(gm)
     assert p.modified
     assert not [n for n in gm.graph.nodes if n.op == "call_module" and "qstats" in n.target]
     muls = [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
@@ -50,7 +50,7 @@ def test_layer_norm_fold_when_it_feeds_only_the_linears():
         model.ln.weight.mul_(torch.linspace(0.5, 20, 16))  # channel outliers after the norm
     batches = [(torch.randn(2, 5, 16),) for _ in range(3)]
     gm = _stats(model, batches)
-    p = ApplySmoothingPass(alpha=0.5)(gm)
+    p = ApplySmoothingPass(SmoothingConfig(alpha=0.5))(gm)
     assert p.records[0]["how"] == "folded into ln"
     assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
     for b in batches:
@@ -72,7 +72,7 @@ def test_search_picks_no_smoothing_when_it_only_hurts():
     AnnotatePass(Recipe(default=LayerConfig(QuantSpec("int2", "per_channel"), A8)))(gm)
     InsertChannelStatsPass()(gm)
     run_calibration(lambda b: gm(*b), batches, progress=False)
-    p = ApplySmoothingPass(alpha=None)(gm)
+    p = ApplySmoothingPass(SmoothingConfig(alpha=None))(gm)
     assert p.records[0]["alpha"] is None and p.records[0]["how"].startswith("not smoothed")
     assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
 
@@ -80,7 +80,7 @@ def test_search_picks_no_smoothing_when_it_only_hurts():
 def test_fold_only_leaves_unfoldable_layers(tiny_block):
     model, batches = tiny_block
     gm = _stats(model, batches)
-    p = ApplySmoothingPass(alpha=0.5, fold_only=True)(gm)
+    p = ApplySmoothingPass(SmoothingConfig(alpha=0.5, fold_only=True))(gm)
     assert [a["how"] for a in p.records] == ["folded into ln"]  # the others would need a mul
     assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
     for b in batches:
@@ -121,7 +121,7 @@ def test_attention_output_smoothing_folds_into_the_value_projection():
     for sdpa in (False, True):
         model, batches = _outlier_attention(sdpa=sdpa)
         gm = _stats(model, batches)
-        p = ApplySmoothingPass(alpha=0.5)(gm)
+        p = ApplySmoothingPass(SmoothingConfig(alpha=0.5))(gm)
         how = {a["layers"][0]: a["how"] for a in p.records}
         assert how["o"] == "folded into the output channels of v", how
         assert not [n for n in gm.graph.nodes if n.meta.get("qcompile.role") == "smoothing"]
@@ -135,7 +135,7 @@ def test_value_fold_refused_when_heads_merge_in_another_order():
     so scaling V's rows in order would scale the wrong channels: a mul is inserted instead."""
     model, batches = _outlier_attention(mix_heads=True)
     gm = _stats(model, batches)
-    p = ApplySmoothingPass(alpha=0.5)(gm)
+    p = ApplySmoothingPass(SmoothingConfig(alpha=0.5))(gm)
     how = {a["layers"][0]: a["how"] for a in p.records}
     assert how["o"] == "mul inserted"
     for b in batches:
@@ -160,7 +160,7 @@ def test_gated_mlp_smoothing_folds_into_the_up_projection():
         model.up.weight.mul_(torch.linspace(0.2, 15, 48)[:, None])
     batches = [(torch.randn(2, 5, 16),) for _ in range(3)]
     gm = _stats(model, batches)
-    p = ApplySmoothingPass(alpha=0.5)(gm)
+    p = ApplySmoothingPass(SmoothingConfig(alpha=0.5))(gm)
     how = {a["layers"][0]: a["how"] for a in p.records}
     assert how["down"] == "folded into the output channels of up", how
     for b in batches:

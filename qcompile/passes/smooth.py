@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from typing import Optional, Sequence
+from typing import Optional
 
 from ..observers import ChannelAbsMaxObserver, make_observer, weight_qparams
 from ..ops import DEQUANTIZE, QUANTIZE
+from ..recipe import SmoothingConfig
 from ..spec import ANNOTATION, LAYER, ROLE
 from .annotate import annotated_nodes
 from .infra import Pass, PassResult, add_tensor, get_attr_tensor
@@ -64,13 +65,10 @@ class InsertChannelStatsPass(Pass):
 class ApplySmoothingPass(Pass):
     name = "apply_smoothing"
 
-    def __init__(self, alpha: Optional[float] = None, fold_only: bool = False,
-                 alphas: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-                 outlier_quantiles: Sequence[float] = (0.25, 0.5, 0.75, 0.9)):
-        self.alpha = alpha
-        self.alphas = tuple(alphas)
-        self.candidates = (None,) + tuple(f"outliers@{q:g}" for q in outlier_quantiles) + self.alphas
-        self.fold_only = fold_only
+    def __init__(self, config: SmoothingConfig = SmoothingConfig()):
+        self.config = config
+        # what the per-tensor search tries: no smoothing, outlier-only migration, each alpha
+        self.candidates = (None,) + tuple(f"outliers@{q:g}" for q in config.outlier_quantiles) + tuple(config.alphas)
 
     def call(self, gm):
         modified = False
@@ -93,8 +91,8 @@ class ApplySmoothingPass(Pass):
             return None
         w_absmax = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0).float()
         anns = [c.meta[ANNOTATION] for c in consumers]
-        if self.alpha is not None:
-            alpha = self.alpha
+        if self.config.alpha is not None:
+            alpha = self.config.alpha
         else:
             alpha, errors = self._search(obs, w_absmax, weights, anns)
         if alpha is None:
@@ -104,7 +102,7 @@ class ApplySmoothingPass(Pass):
         s = candidate_scale(alpha, obs.absmax, w_absmax)
         fold = self._layer_norm(gm, x)
         upstream = None if fold is not None else channel_source(gm, x)
-        if fold is None and upstream is None and self.fold_only:
+        if fold is None and upstream is None and self.config.fold_only:
             return None
         for c, w in zip(consumers, weights):
             ann = c.meta[ANNOTATION]

@@ -38,7 +38,7 @@ from ..algorithms.gptq import GPTQHessian, gptq_quantize
 from ..calibration import iterate
 from ..capture import check_inputs
 from ..errors import CalibrationError
-from ..recipe import WeightAlgorithmConfig
+from ..recipe import CalibrationConfig, WeightAlgorithmConfig
 from ..spec import ANNOTATION, LAYER, ROLE, WEIGHT_QPARAMS, WeightQParams
 from .infra import Pass, PassResult, add_tensor, get_attr_tensor
 
@@ -96,10 +96,9 @@ class ApplyWeightAlgorithmPass(Pass):
 
     name = "apply_weight_algorithm"
 
-    def __init__(self, config: WeightAlgorithmConfig, data: Iterable, binder, max_samples: Optional[int] = None,
-                 progress: bool = True):
-        self.config, self.data, self.binder = config, data, binder
-        self.max_samples, self.progress = max_samples, progress
+    def __init__(self, config: WeightAlgorithmConfig, data: Iterable, binder,
+                 calibration: CalibrationConfig = CalibrationConfig()):
+        self.config, self.data, self.binder, self.calibration = config, data, binder, calibration
 
     def call(self, gm):
         records: list[dict] = []   # one entry per layer (or per input tensor for AWQ scales)
@@ -125,7 +124,7 @@ class ApplyWeightAlgorithmPass(Pass):
             records.append({"layer": ann.layer, "method": "rtn", "why": why})
         if not todo:
             return WeightAlgorithmResult(gm, False, records=records)
-        items = list(iterate(self.data, self.max_samples))
+        items = list(iterate(self.data, self.calibration.max_samples))
         if not items:
             raise CalibrationError(f"{self.config.method} needs calibration data: it is empty")
         flat = []
@@ -136,7 +135,7 @@ class ApplyWeightAlgorithmPass(Pass):
 
         run = _Lockstep(gm, flat)
         pending = set(todo)
-        bar = tqdm(total=len(todo), desc=self.config.method, disable=not self.progress, leave=False, unit="layer")
+        bar = tqdm(total=len(todo), desc=self.config.method, disable=not self.calibration.progress, leave=False, unit="layer")
         with torch.no_grad():
             for node in list(gm.graph.nodes):
                 if not pending:
