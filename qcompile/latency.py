@@ -18,15 +18,14 @@ What a per-layer time does not see (the end-to-end check does): kernels the lowe
 layers (Q/K/V reading one quantized input become one GEMM), and a smoothing multiply that folds into
 the LayerNorm before a layer (alone, a layer's smoothing is an explicit ``Mul``).
 
-Imports: ``errors``, ``recipe``, ``scope``, ``auto_recipe``, ``cpu``, and a backend's timing module by
-name (:data:`TIMERS`); never ``api`` or the allocator: quantizing the branch models is the caller's
-``quantize`` argument.
+Imports: ``errors``, ``recipe``, ``scope``, ``auto_recipe``, ``cpu``, and a backend's timing module
+through the backend contract (:func:`qcompile.backends.base.timing_module`); never ``api`` or the
+allocator: quantizing the branch models is the caller's ``quantize`` argument.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,20 +35,11 @@ from typing import Callable, Optional
 import torch
 
 from .auto_recipe import latency_budget
-from .errors import RecipeError
+from .backends.base import timing_module
+from .errors import BackendError, RecipeError
 from .recipe import Recipe
 from .scope import resolve_layer_config
 
-# backend id -> module with the timing protocol: ID, version(), lower(qmodel, target),
-# time_artifact(artifact, args, kwargs, runs), time_branches(artifact, args, runs)
-TIMERS = {"onnx": "qcompile.backends.onnx.timing"}
-NOT_BUILT = {
-    "tvm": "latency budgets on tvm: per-layer kernel timing of the TVM lowering (time_evaluator per fused "
-           "kernel) is not built; use backend='onnx'",
-    "triton-cuda": "latency budgets on triton-cuda: per-layer kernel timing on a GPU is not built; use backend='onnx'",
-    "reference": "latency budgets on the reference backend: it is the PyTorch Q/DQ ground truth, not a "
-                 "deployment runtime; use backend='onnx'",
-}
 
 
 def check_budget(budget: dict) -> dict:
@@ -59,16 +49,15 @@ def check_budget(budget: dict) -> dict:
     and its target are checked here, when the search starts."""
     out = latency_budget(budget)
     backend = out.get("backend")
-    if backend in NOT_BUILT:
-        raise NotImplementedError(NOT_BUILT[backend])
-    if backend not in TIMERS:
-        raise RecipeError("budget.backend", f"latency is measured on a backend: got {backend!r}, "
-                                            f"use one of {sorted(TIMERS)}")
-    if backend == "onnx":
-        from .backends.onnx.lower import TARGETS
-
-        if out["target"] not in TARGETS:
-            raise RecipeError("budget.target", f"unknown onnx target {out['target']!r}; use one of {TARGETS}")
+    if backend is None:
+        raise RecipeError("budget.backend", "latency is measured on a backend: give backend='onnx'")
+    try:
+        timer = timing_module(backend)   # NotImplementedError (why) for a backend without timing
+    except BackendError as e:
+        raise RecipeError("budget.backend", str(e)) from None
+    targets = getattr(timer, "TARGETS", None)
+    if targets is not None and out["target"] not in targets:
+        raise RecipeError("budget.target", f"unknown {backend} target {out['target']!r}; use one of {targets}")
     return out
 
 
@@ -192,7 +181,7 @@ def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, ex
     ``budget["backend"]`` or read from the cache, on ``budget["clock"]``. Each layer is timed with
     the config its candidate gives it (overrides and ``keep_float`` included). ``quantize``:
     :func:`qcompile.quantize` (it quantizes the branch models, on ``budget["backend"]``)."""
-    timer = importlib.import_module(TIMERS[budget["backend"]])
+    timer = timing_module(budget["backend"])
     cache = cache or LatencyCache()
     host, runtime = host_id(), timer.version()
     inputs = _layer_inputs(model, layers, example_inputs, example_kwargs)
@@ -242,4 +231,4 @@ def measure_layers(model, layers: dict, recipes: dict, example_inputs: tuple, ex
     return out
 
 
-__all__ = ["check_budget", "measure_layers", "LayerLatency", "LatencyCache", "host_id", "TIMERS", "FLOAT"]
+__all__ = ["check_budget", "measure_layers", "LayerLatency", "LatencyCache", "host_id", "FLOAT"]

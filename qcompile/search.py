@@ -30,17 +30,16 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .analyze import SensitivityTable, analyze, layer_sites, quantizable_layers
 from .auto_recipe import AutoRecipe
 from .errors import CalibrationError
-from .latency import FLOAT, TIMERS, check_budget, measure_layers
+from .latency import FLOAT, check_budget, measure_layers
 from .mixed import Allocation, allocate
 from . import pipeline
-from .backends.base import placement
+from .backends.base import placement, timing_module
 from .model import QuantizedModel
 from .recipe import Recipe, resolve_recipe
 
@@ -154,7 +153,7 @@ def _quality_contract(auto, model, example_inputs, calibration, example_kwargs, 
 
 def _latency_budget(auto, model, example_inputs, calibration, example_kwargs, quantize_with):
     budget = check_budget(auto.budget)
-    timer = importlib.import_module(TIMERS[budget["backend"]])
+    timer = timing_module(budget["backend"])
     table, recipes = measure_candidates(auto, model, example_inputs, calibration, example_kwargs)
     sites = table.sites or layer_sites(model)
     layers = {name: (mod, sites[name]) for name, mod, _ in quantizable_layers(model) if name in set(table.layers)}

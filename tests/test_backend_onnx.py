@@ -129,23 +129,33 @@ def test_w4_a8_lowers_to_matmulnbits_level4_and_matches_the_reference():
     assert qcompile.verify(art, q, batches[:2]).passed
 
 
-@pytest.mark.parametrize("act, match", [
-    ({"format": "int8", "granularity": "per_token_group", "group_size": 16, "dynamic": True}, "differ from the weight's 32"),
-    ({"format": "uint8", "granularity": "per_token_group", "group_size": 32, "symmetric": False, "dynamic": True},
-     "not symmetric int8"),
-])
-def test_per_token_group_activations_without_kernel_are_not_built(act, match):
-    """Negative: activation blocks that are not MatMulNBits' own (another block size, asymmetric
-    uint8) have no ONNX form: NotImplementedError naming the layer and why it did not fuse."""
+def test_per_token_group_activations_without_kernel_are_not_built():
+    """Negative: int8 activation blocks that are not MatMulNBits' own (another block size) have no
+    ONNX form: NotImplementedError naming the layer and why it did not fuse."""
     torch.manual_seed(0)
     preset = qcompile.Recipe.preset("w4-g32-a8")
-    recipe = dataclasses.replace(preset, default=qcompile.LayerConfig(preset.default.weight, qcompile.QuantSpec(**act)))
+    act = qcompile.QuantSpec("int8", "per_token_group", group_size=16, dynamic=True)
+    recipe = dataclasses.replace(preset, default=qcompile.LayerConfig(preset.default.weight, act))
     q = _quantize(TinyBlock(d=64, ff=128).eval(), recipe, _batches())
-    with pytest.raises(NotImplementedError, match=match) as e:
+    with pytest.raises(NotImplementedError, match="differ from the weight's 32") as e:
         qcompile.lower(q, backend="onnx")
     assert "module '" in str(e.value) and "MatMulNBits" in str(e.value)
     with pytest.raises(NotImplementedError, match="per token and per group"):
         qcompile.lower(q, backend="onnx", target="qdq")
+
+
+def test_per_token_group_uint8_activations_are_refused_by_the_contract():
+    """Asymmetric uint8 blocks are no format MatMulNBits takes: the backend contract refuses them
+    by name before any lowering (BackendError; the onnx backend declares int8 blocks only)."""
+    torch.manual_seed(0)
+    preset = qcompile.Recipe.preset("w4-g32-a8")
+    act = qcompile.QuantSpec("uint8", "per_token_group", group_size=32, symmetric=False, dynamic=True)
+    recipe = dataclasses.replace(preset, default=qcompile.LayerConfig(preset.default.weight, act))
+    q = _quantize(TinyBlock(d=64, ff=128).eval(), recipe, _batches())
+    for target in ("onnxruntime", "qdq"):
+        with pytest.raises(qcompile.BackendError, match=r"node '.*' of module '.*' \(Linear\): backend 'onnx' does not lower format "
+                                               r"'uint8' as dynamic per_token_group activations"):
+            qcompile.lower(q, backend="onnx", target=target)
 
 
 def test_int4_group_without_kernel_is_blocked_dequantize_linear():

@@ -11,17 +11,27 @@ are written as uint8 with zero point + 128 (the same values), because onnxruntim
 saturate there (:mod:`.weights`; ``lower(..., int8_weights=...)`` overrides)."""
 from __future__ import annotations
 
-from ..base import Capabilities
+from ..base import STATIC_DYNAMIC, WEIGHT_GRANULARITIES, Capabilities
 from .lower import OPSET, export_onnx
+from .translate import DYNAMIC_FORMATS, STANDARD_FORMATS
 from .runtime import OnnxArtifact, read_onnx
 
 
 class OnnxBackend:
     id = "onnx"
-    capabilities = Capabilities(formats=frozenset({"int8", "uint8", "int4", "uint4"}),
-                                granularities=frozenset({"per_tensor", "per_channel", "per_token", "per_group", "per_token_group"}),
-                                ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True,
-                                quantized_outputs=frozenset({"conv"}))
+    # from translate.py's tables: weights in every standard Q/DQ format (sub-byte ones as
+    # INT4/UINT4), per tensor, axis or block; activations quantized at run time only in formats
+    # with an ONNX integer type (4-/2-bit ones per tensor, static); int8 per token and group only
+    # inside MatMulNBits (accuracy level 4, target onnxruntime: lower.py's _check_no_grouped_dynamic
+    # names what did not fuse, with the target)
+    capabilities = Capabilities(
+        weights={fmt: WEIGHT_GRANULARITIES for fmt in STANDARD_FORMATS},
+        activations={**{fmt: {"static per_tensor"} for fmt in STANDARD_FORMATS},
+                     **{fmt: STATIC_DYNAMIC for fmt in DYNAMIC_FORMATS},
+                     "int8": STATIC_DYNAMIC | {"dynamic per_token_group"}},
+        kernel_only={("activation", "int8", "dynamic per_token_group")},
+        ops={"linear", "conv", "embedding"}, quantized_outputs={"conv"},
+        timing="qcompile.backends.onnx.timing")
 
     def lower(self, qmodel, opset: int = OPSET, threads: int = 0, target: str = "onnxruntime",
               nbits_accuracy_level: int = 0, keep_metadata: bool = False,

@@ -13,7 +13,7 @@ import operator
 import torch
 
 from ...errors import BackendError
-from ..base import check_formats, check_integer_zero_points
+from ..base import node_module
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassManager, PassResult, add_tensor, constant_value, get_attr_tensor, prune_unused_tensors
 from ...passes.lowering import GatherBeforeDequantizePass, quantized_linears
@@ -200,8 +200,6 @@ class FuseOnnxruntimeKernelsPass(Pass):
 def _check_no_grouped_dynamic(gm, target: str, skipped: dict) -> None:
     """Per-token-group activations (``w4-g*-a8``) exist in ONNX only inside MatMulNBits: name the
     first one left over and why its Linear did not fuse."""
-    from ..base import node_module
-
     for node in gm.graph.nodes:
         if node.target == CHOOSE_QPARAMS and len(node.args) > 4 and node.args[4]:
             users = [u for u in node.users for u in u.users for u in u.users if u.target == aten.linear.default]
@@ -270,8 +268,6 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     if target not in TARGETS:
         raise BackendError(f"unknown onnx target '{target}'; choose one of {', '.join(TARGETS)}")
     args, kwargs, dynamic_shapes = qmodel.export_example(f"the onnx backend (target '{target}')")
-    # before the MatMulNBits fusion, which packs zero points as integer codes
-    check_integer_zero_points(qmodel.graph_module, f"'onnx' (target '{target}')")
     weight_type, why = resolve_int8_weights(int8_weights, cpu_info())
     gm = copy.deepcopy(qmodel.graph_module)
     fuse = FuseOnnxruntimeKernelsPass(nbits_accuracy_level, concatenate_shared)
@@ -281,8 +277,6 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     PassManager([*passes, TransposeLinearWeightsPass()])(gm)
     prune_unused_tensors(gm)
     _check_no_grouped_dynamic(gm, target, fuse.skipped)
-    # what is left after the contrib fusions must be standard Q/DQ; name the first node that is not
-    check_formats(gm, f"'onnx' (target '{target}')", translate.STANDARD_FORMATS)
     ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
     table = {QUANTIZE: translate.quantize, DEQUANTIZE: translate.dequantize, CHOOSE_QPARAMS: translate.choose_qparams,
              MATMUL_INTEGER_TO_FLOAT: translate.matmul_integer_to_float, MATMUL_NBITS: translate.matmul_nbits}

@@ -17,6 +17,8 @@ from __future__ import annotations
 import statistics
 import time
 
+from .lower import TARGETS  # noqa: F401  - the lowering targets a latency budget may name
+
 ID = "onnx"
 
 

@@ -30,6 +30,8 @@ _STORAGE_TYPES = {"int4": ir.DataType.INT8, "uint4": ir.DataType.UINT8,
                   "int2": ir.DataType.INT8, "uint2": ir.DataType.UINT8}
 # formats standard QuantizeLinear/DequantizeLinear carry (sub-byte ones as INT4/UINT4)
 STANDARD_FORMATS = frozenset(_ONNX_TYPES) | frozenset(_LOW_BIT_TYPES)
+# formats choose_qparams / per-token QuantizeLinear produce at run time (an ONNX integer type each)
+DYNAMIC_FORMATS = frozenset(_ONNX_TYPES)
 
 
 def _onnx_type(format: str):
@@ -69,7 +71,9 @@ def _scalar_shape():
 
 def _zero(format: str, like_scale):
     # ONNX takes the quantized type from the zero point: a symmetric spec still needs a typed zero
-    return op.Cast(op.Mul(op.Cast(like_scale, to=ir.DataType.INT32), op.Constant(value_int=0)), to=_onnx_type(format))
+    # (an int32 zero: value_int is int64, and Mul needs both operands of one type)
+    zero = op.Constant(value=ir.tensor(np.zeros((), dtype=np.int32)))
+    return op.Cast(op.Mul(op.Cast(like_scale, to=ir.DataType.INT32), zero), to=_onnx_type(format))
 
 
 def _bounds(format: str):

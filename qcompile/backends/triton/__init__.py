@@ -11,17 +11,29 @@ from __future__ import annotations
 import torch
 
 from ...errors import BackendError
-from ..base import Capabilities
+from ..base import WEIGHT_GRANULARITIES, Capabilities
 from . import graph_ops
+from .activation_quant import ACTIVATION_FORMATS
+from .fp8 import FP8_FORMATS
 from .lower import FuseTritonKernelsPass, QuantizeActivationsPass, lower_graph
 from .runtime import TritonArtifact
+from .weight_only import WEIGHT_FORMATS
 
 
 class TritonBackend:
     id = "triton-cuda"
-    capabilities = Capabilities(formats=frozenset({"int8", "uint8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2"}),
-                                granularities=frozenset({"per_tensor", "per_channel", "per_token", "per_group"}),
-                                ops=frozenset({"linear"}), dynamic_activations=True)
+    # what its kernel tables take; everything else stays PyTorch, named in the artifact's skipped.
+    # Weights: the weight-only GEMM's formats (W8A8 and the FP8 GEMM take subsets of them).
+    # Activations: the quantize kernels' formats (static per tensor, dynamic per token; W8A8 reads
+    # their codes) and FP8 static per tensor (the FP8 GEMM, on per-channel fp8 weights, compute
+    # capability 8.9+; a dynamic scale comes with choose_qparams' zero point, which it does not take).
+    capabilities = Capabilities(
+        weights={fmt: WEIGHT_GRANULARITIES for fmt in WEIGHT_FORMATS},
+        activations={**{fmt: {"static per_tensor", "dynamic per_token"} for fmt in ACTIVATION_FORMATS},
+                     **{fmt: {"static per_tensor"} for fmt in FP8_FORMATS}},
+        ops={"linear"}, fallback="pytorch",
+        timing_missing="latency budgets on triton-cuda: per-layer kernel timing on a GPU is not built; "
+                       "use backend='onnx'")
 
     def lower(self, qmodel, device=None, autotune: bool = False) -> TritonArtifact:
         """``device``: where the artifact's buffers go (default: ``cuda`` on a GPU, ``cpu`` under

@@ -30,7 +30,7 @@ import time
 import tvm  # noqa: F401  - a missing apache-tvm fails here, and get_backend names the extra
 
 from ...errors import BackendError
-from ..base import Capabilities
+from ..base import STATIC_DYNAMIC, Capabilities
 from .host import FAMILY_FLAGS, build_threads, detect, request_amx
 from .lower import NotBuiltError, build, import_relax, input_bounds
 from .runtime import TvmArtifact, load
@@ -38,9 +38,17 @@ from .runtime import TvmArtifact, load
 
 class TvmBackend:
     id = "tvm"
-    capabilities = Capabilities(formats=frozenset({"int8", "uint8"}),
-                                granularities=frozenset({"per_tensor", "per_channel", "per_token"}),
-                                ops=frozenset({"linear", "conv", "embedding"}), dynamic_activations=True)
+    # int8/uint8 Q/DQ import as Relax ops (the GEMMs fuse them); uint4 weights per group and int8
+    # activations per token and group exist only inside the int4 kernels (FuseInt4LinearPass,
+    # FuseInt4A8LinearPass: groups of int4.GROUPS dividing K), checked after those passes
+    capabilities = Capabilities(
+        weights={"int8": {"per_tensor", "per_channel"}, "uint8": {"per_tensor", "per_channel"},
+                 "uint4": {"per_group"}},
+        activations={"int8": STATIC_DYNAMIC | {"dynamic per_token_group"}, "uint8": STATIC_DYNAMIC},
+        kernel_only={("weight", "uint4", "per_group"), ("activation", "int8", "dynamic per_token_group")},
+        ops={"linear", "conv", "embedding"}, error=NotBuiltError,
+        timing_missing="latency budgets on tvm: per-layer kernel timing of the TVM lowering (time_evaluator per "
+                       "fused kernel) is not built; use backend='onnx'")
 
     def lower(self, qmodel, family: str = "auto", threads: int = 0) -> TvmArtifact:
         """``family``: ``auto`` (the best the host runs), ``amx``, ``vnni``, ``avx-vnni``, ``avx2`` or ``generic``
