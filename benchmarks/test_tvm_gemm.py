@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 tvm = pytest.importorskip("tvm")
 from qcompile.backends.tvm import kernels  # noqa: E402
-from qcompile.backends.tvm.host import detect, request_amx  # noqa: E402
+from qcompile.backends.tvm.host import compile_kernel, detect, request_amx  # noqa: E402
 
 K, N = 768, 3072
 PEAK_ITERS, PEAK_ACC = 20000, 12
@@ -37,7 +37,7 @@ def _tvm_gemm(m, family=HOST.family):
     np_ = kernels.padded_n(N)
     if family == "amx":
         request_amx()
-    mod = kernels.compile_kernel(kernels.gemm_kernel(K, np_, False, family))
+    mod = compile_kernel(kernels.gemm_kernel(K, np_, False, family))
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(x, dev) for x in (
         a, kernels.pack_weights(w), np.zeros(np_, np.int32), np.ones(1, np.float32), np.zeros(1, np.int32),
@@ -121,7 +121,7 @@ AMX_PEAK_ITERS = 20000
 
 def _amx_peak():
     request_amx()
-    mod = kernels.compile_kernel(kernels.amx_peak_kernel(AMX_PEAK_ITERS))
+    mod = compile_kernel(kernels.amx_peak_kernel(AMX_PEAK_ITERS))
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(np.ones(1024, np.uint8), dev), tvm.runtime.tensor(np.ones(1024, np.int8), dev),
             tvm.runtime.tensor(np.zeros(1024, np.int32), dev)]
@@ -129,7 +129,7 @@ def _amx_peak():
 
 
 def _vnni_peak():
-    mod = kernels.compile_kernel(kernels.vnni_peak_kernel(PEAK_ITERS, PEAK_ACC))
+    mod = compile_kernel(kernels.vnni_peak_kernel(PEAK_ITERS, PEAK_ACC))
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(np.ones(16, np.int32), dev), tvm.runtime.tensor(np.ones(64, np.int8), dev),
             tvm.runtime.tensor(np.zeros(PEAK_ACC * 16, np.int32), dev)]
@@ -193,7 +193,7 @@ def _bmm_tvm(shape, kernel):
         sch.reorder(loops[-1], loops[-2])
         sch.decompose_reduction(blk, loops[-1])
         func = sch.mod["main"]
-    mod = kernels.compile_kernel(func, target=HOST.target(fast_math=kernel == "fbmm"))
+    mod = compile_kernel(func, target=HOST.target(fast_math=kernel == "fbmm"))
     args = [tvm.runtime.tensor(v) for v in (x, y, np.zeros((shape[0], shape[1], shape[3]), np.float32))]
     f = mod["main"]
     return lambda: f(*args), lambda: args[-1].numpy()

@@ -18,7 +18,7 @@ tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: 
 from qcompile.backends.tvm import kernels  # noqa: E402
 from qcompile.backends.tvm.epilogue import INT8_LINEAR_Q, FuseEpiloguePass  # noqa: E402
 from qcompile.backends.tvm.fuse import INT8_LINEAR, FuseInt8LinearPass  # noqa: E402
-from qcompile.backends.tvm.host import detect, runnable_families  # noqa: E402
+from qcompile.backends.tvm.host import FAMILIES, compile_kernel, detect, runnable_families  # noqa: E402
 from qcompile.backends.tvm.lower import import_relax  # noqa: E402
 from qcompile.ops import QUANTIZE  # noqa: E402
 
@@ -29,7 +29,7 @@ TIE = 2e-3
 
 
 def _families():
-    return [f for f in runnable_families() if f in kernels.FAMILIES]
+    return [f for f in runnable_families() if f in FAMILIES]
 
 
 def _reference_codes(acc, za, cs, sa, sw, bias, cm, scale, zp, activation, out_dtype):
@@ -51,7 +51,7 @@ def test_requantizing_kernel_matches_float64_reference(family, m, k, n, epilogue
     activation, out_dtype = epilogue
     rng = np.random.default_rng(m * 100 + k + n)
     np_ = kernels.padded_n(n)
-    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, False, family, epilogue))
+    mod = compile_kernel(kernels.gemm_kernel(k, np_, False, family, epilogue))
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     w = rng.integers(-128, 128, (n, k)).astype(np.int8)
     wfull = np.zeros((np_, k), np.int64)
@@ -91,7 +91,7 @@ def test_requantizing_kernel_matches_float64_reference(family, m, k, n, epilogue
 def test_requantizing_kernel_rounds_half_to_even_and_rejects_bad_epilogues():
     family = _families()[0]
     k, np_ = 4, 48
-    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, False, family, ("none", "uint8")))
+    mod = compile_kernel(kernels.gemm_kernel(k, np_, False, family, ("none", "uint8")))
     # row i: acc = i, y = i * 0.5: every half step 0, 0.5, 1, 1.5, ... (ties at the odd rows)
     a = np.zeros((12, 4), np.uint8)
     a[:, 0] = np.arange(12)
@@ -217,7 +217,7 @@ def test_signed_activations_relu_without_smoothing_verify():
 @pytest.mark.parametrize("residual,ndim", [(True, 3), (False, 2)])
 def test_layer_norm_quantize_kernel_matches_torch(residual, ndim):
     d, rows = 64, 35
-    mod = kernels.compile_kernel(kernels.layer_norm_quantize_kernel(d, residual, "uint8", 1e-12, ndim))
+    mod = compile_kernel(kernels.layer_norm_quantize_kernel(d, residual, "uint8", 1e-12, ndim))
     lead = (5, 7) if ndim == 3 else (rows,)
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((rows, d)) * 3 + 1).astype(np.float32)

@@ -7,8 +7,8 @@ import pytest
 tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 
 from qcompile.backends.tvm import kernels  # noqa: E402
-from qcompile.backends.tvm.host import (FAMILY_FLAGS, choose_family, choose_mattr, choose_mcpu, detect,  # noqa: E402
-                                        request_amx)
+from qcompile.backends.tvm.host import (FAMILIES, FAMILY_FLAGS, choose_family, choose_mattr, choose_mcpu,  # noqa: E402
+                                        compile_kernel, detect, request_amx)
 
 HOST = detect()
 # (M, K, N): full 5-row tiles, remainder rows, M=1 (the one-row path), N padded to 48, N%96 == 0
@@ -35,14 +35,14 @@ def test_pack_round_trip_and_layout():
         kernels.pack_weights(w[:, :10])
 
 
-@pytest.mark.parametrize("family", kernels.FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("per_row", [False, True])
 def test_gemm_is_bit_exact(family, m, k, n, per_row):
     _family(family)
     rng = np.random.default_rng(m * 1000 + k + n)
     np_ = kernels.padded_n(n)
-    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, family))
+    mod = compile_kernel(kernels.gemm_kernel(k, np_, per_row, family))
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     a[0, :] = 255                                   # the full u8 range (a saturating kernel fails here)
     w = rng.integers(-128, 128, (n, k)).astype(np.int8)
@@ -84,7 +84,7 @@ def test_kernel_family_and_target_follow_cpu_flags():
     assert choose_mattr("x86-64-v3", frozenset({"avx2", "avx_vnni"})) == ("+avxvnni",)
     assert choose_mattr("x86-64-v3", frozenset({"avx2"})) == ()
     assert choose_mattr("sapphirerapids", frozenset({"avx2", "avx_vnni", "avx512_vnni"})) == ()
-    assert HOST.family in kernels.FAMILIES
+    assert HOST.family in FAMILIES
 
 
 def test_avx_vnni_family_is_vex_ymm_code_for_an_avx2_target():
@@ -94,7 +94,7 @@ def test_avx_vnni_family_is_vex_ymm_code_for_an_avx2_target():
     m, k, n = 13, 256, 100
     np_ = kernels.padded_n(n)
     target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "mattr": ["+avxvnni"]})
-    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, False, "avx-vnni"), target)
+    mod = compile_kernel(kernels.gemm_kernel(k, np_, False, "avx-vnni"), target)
     asm = mod.mod.inspect_source("asm")
     assert "{vex}\tvpdpbusd" in asm and "%ymm" in asm and "%zmm" not in asm
     _family("avx-vnni")
@@ -153,7 +153,7 @@ def test_amx_family_is_bit_exact(family, m, k, n, requantize):
     np_ = wfull.shape[0]
     dev = tvm.cpu()
     one = [np.ones_like(sa), np.zeros_like(za), np.ones_like(sw), np.zeros_like(bias)]
-    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, family))
+    mod = compile_kernel(kernels.gemm_kernel(k, np_, per_row, family))
     t = [tvm.runtime.tensor(x, dev) for x in (a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), *one,
                                                np.full((m, np_), np.nan, np.float32))]
     mod["main"](*t)
@@ -162,7 +162,7 @@ def test_amx_family_is_bit_exact(family, m, k, n, requantize):
         return
     codes = {}
     for fam in (family, "generic"):
-        mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, fam, ("gelu", "uint8")))
+        mod = compile_kernel(kernels.gemm_kernel(k, np_, per_row, fam, ("gelu", "uint8")))
         t = [tvm.runtime.tensor(x, dev) for x in (
             a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.ones(np_, np.float32),
             np.array([4.0], np.float32), np.array([7], np.int32), np.zeros((m, np_), np.uint8))]
@@ -183,7 +183,7 @@ def test_parallel_build_gives_the_serial_build_s_outputs(m, k, n):
     np_ = wfull.shape[0]
     outs = []
     for parallel in (False, True):
-        mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, family, ("gelu", "uint8"), parallel))
+        mod = compile_kernel(kernels.gemm_kernel(k, np_, per_row, family, ("gelu", "uint8"), parallel))
         t = [tvm.runtime.tensor(x, tvm.cpu()) for x in (
             a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.ones(np_, np.float32),
             np.array([4.0], np.float32), np.array([7], np.int32), np.zeros((m, np_), np.uint8))]
@@ -197,11 +197,11 @@ def test_amx_kernel_is_tile_code():
     here): tile loads, ``tdpbusd`` and tile stores in the code, the tile configuration loaded once
     per call (outside every loop), the tiles released; a K that is not a multiple of 64 has none."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
-    asm = kernels.compile_kernel(kernels.gemm_kernel(768, 3072, False, "amx"), target).mod.inspect_source("asm")
+    asm = compile_kernel(kernels.gemm_kernel(768, 3072, False, "amx"), target).mod.inspect_source("asm")
     for insn in ("tdpbusd", "tileloadd", "tilestored", "tilezero", "tilerelease", "vpdpbusd"):
         assert insn in asm, insn
     assert asm.count("ldtilecfg") == 1
-    asm = kernels.compile_kernel(kernels.gemm_kernel(96, 48, False, "amx"), target).mod.inspect_source("asm")
+    asm = compile_kernel(kernels.gemm_kernel(96, 48, False, "amx"), target).mod.inspect_source("asm")
     assert "tdpbusd" not in asm and "vpdpbusd" in asm
 
 
@@ -210,7 +210,7 @@ def test_float_batch_matmul_matches_numpy(b, m, k, n):
     """Full 4-row x 32-column tiles, remainder rows (13 = 3 tiles + 1), remainder columns (37 =
     one tile + 5 scalars; 3 = scalars only), K not a multiple of anything."""
     rng = np.random.default_rng(b * 100 + m + k + n)
-    mod = kernels.compile_kernel(kernels.batch_matmul_kernel())
+    mod = compile_kernel(kernels.batch_matmul_kernel())
     x, y = rng.standard_normal((b, m, k)).astype(np.float32), rng.standard_normal((b, k, n)).astype(np.float32)
     out = tvm.runtime.tensor(np.full((b, m, n), np.nan, np.float32))
     mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), out)
@@ -218,7 +218,7 @@ def test_float_batch_matmul_matches_numpy(b, m, k, n):
 
 
 def test_float_batch_matmul_rejects_mismatched_shapes():
-    mod = kernels.compile_kernel(kernels.batch_matmul_kernel())
+    mod = compile_kernel(kernels.batch_matmul_kernel())
     x, y = np.zeros((2, 4, 8), np.float32), np.zeros((2, 7, 32), np.float32)
     with pytest.raises(Exception, match="(?i)shape|mismatch|match"):
         mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), tvm.runtime.tensor(np.zeros((2, 4, 32), np.float32)))

@@ -51,7 +51,9 @@ import torch
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
 from .epilogue import _OPAQUE_PATTERN as OPAQUE_PATTERN
+from .errors import NotBuiltError
 from .fuse import padded_bias, replace_linear
+from .host import detect
 from .int4 import (GROUPS, KW, LANES, call_operands, call_result, int4_linear, int4_weight_reason, pack_int4,
                    padded_n)
 
@@ -358,7 +360,7 @@ class FuseInt4A8LinearPass(Pass):
 class Int4A8LinearConverter:
     """Relax converter for ``qcompile_tvm::int4_a8_linear``: a ``call_tir`` of
     :func:`quantize_rows_kernel` (one per K, group) and one of :func:`int4_a8_kernel` (one per
-    K, Np, group). ``family``: the backend's integer kernel family (:data:`~.kernels.FAMILIES`)."""
+    K, Np, group). ``family``: the backend's integer kernel family (:data:`~.host.FAMILIES`)."""
 
     def __init__(self, family: str):
         self.family = family
@@ -373,9 +375,6 @@ class Int4A8LinearConverter:
 
     def __call__(self, node, imp):
         from tvm import relax
-
-        from .host import detect
-        from .lower import NotBuiltError
 
         isa = isa_for(self.family, detect().flags)
         if isa is None:

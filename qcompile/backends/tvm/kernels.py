@@ -18,7 +18,7 @@ With ``epilogue=`` the kernel goes on to an activation and a static quantize and
 ``int8`` codes (:mod:`.epilogue` decides when); :func:`layer_norm_quantize_kernel` is the same
 idea for a LayerNorm whose output feeds both a residual and a quantize.
 
-Families (:data:`FAMILIES`): ``amx`` (AMX-INT8 ``tdpbusd`` on 32 x 32 blocks of tiles, the rows
+Families (:data:`~.host.FAMILIES`): ``amx`` (AMX-INT8 ``tdpbusd`` on 32 x 32 blocks of tiles, the rows
 left over on ``vnni``; :func:`_amx_macros`), ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm),
 ``avx-vnni`` (the VEX-encoded ``vpdpbusd`` on ymm of AVX2 hosts with AVX-VNNI), ``avx2``
 (``vpmaddwd`` on codes widened to 16 bits: exact, unlike ``vpmaddubsw``, whose 16-bit pair sums
@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .host import FAMILIES
+
 MR, NR = 5, 3          # register tile: 5 rows x 3 blocks of 16 columns (15 accumulators, 960 bytes)
-FAMILIES = ("amx", "vnni", "avx-vnni", "avx2", "generic")   # fastest first: host.choose_family takes the first the host runs
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 VPDPBUSD_YMM = "llvm.x86.avx512.vpdpbusd.256"   # VEX-encoded (AVX-VNNI) on targets with +avxvnni
 # register tiles (rows, blocks of 16 columns) of the vector families; the others take MR x NR.
@@ -588,16 +589,6 @@ def amx_peak_kernel(iters: int):
         intrin("llvm.x86.tilerelease")
 
     return peak
-
-
-def compile_kernel(func, target=None):
-    """Build one kernel ``PrimFunc`` on its own (tests, benchmarks): a module whose ``main``
-    takes ``tvm.runtime.tensor`` arguments. ``target``: the host's by default."""
-    import tvm
-
-    from .host import detect
-
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target or detect().target())
 
 
 # Float batch matmul (attention's Q·Kᵀ and P·V, which stay float in w8a8): register tiles of

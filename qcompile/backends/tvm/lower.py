@@ -28,13 +28,10 @@ from ...passes.infra import PassManager, prune_unused_tensors
 from . import kernels
 from .conv import FuseInt8ConvPass, Int8Conv2dConverter
 from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
+from .errors import NotBuiltError
 from .fuse import FuseInt8LinearPass
 from .int4 import FuseInt4LinearPass, Int4LinearConverter
 from .int4_a8 import FuseInt4A8LinearPass, Int4A8LinearConverter
-
-
-class NotBuiltError(BackendError, NotImplementedError):
-    """A capability the TVM backend does not have yet; the message names it and the node."""
 
 
 def _fmt(node, fmt_name: str):

@@ -25,7 +25,7 @@ a float matmul reads ``B`` with a stride in its innermost loop. Ours:
   innermost loops are left to LLVM's loop vectorizer: it handles symbolic extents (batch,
   sequence) with a remainder loop, and an explicit ``vectorize`` of a rounding cast to uint8 came
   out slower (scalarized ``vcvttps2dq``).
-- :data:`FAST_MATH_FLAGS` on the target: LLVM may reassociate float adds (so it vectorizes
+- :data:`~.host.FAST_MATH_FLAGS` on the target: LLVM may reassociate float adds (so it vectorizes
   reductions: a LayerNorm row sum in 16 lanes) and contract ``a * b + c`` into FMA. No ``nnan`` /
   ``ninf``: an attention mask may hold large negative values and the results must keep NaN/inf.
 
@@ -33,8 +33,6 @@ The hand-written kernels (``qgemm_*``, :data:`FLOAT_BMM`, :data:`ATTENTION`) are
 """
 from __future__ import annotations
 
-# LLVM fast-math flags the tvm backend's target carries (see the module docstring for why these)
-FAST_MATH_FLAGS = {"fast-math-reassoc": True, "fast-math-contract": True, "fast-math-nsz": True}
 VECTOR_LANES = 16   # float32 lanes of a zmm register
 FLOAT_BMM = "fbmm_f32"   # the name of the float batch-matmul kernel in the module
 ATTENTION = "attention_f32"   # name prefix of the fused attention kernels (attention.py)
