@@ -56,11 +56,10 @@ from .fuse import padded_bias, replace_linear
 from .host import detect
 from .int4 import (GROUPS, KW, LANES, call_operands, call_result, int4_linear, int4_weight_reason, pack_int4,
                    padded_n)
+from .int8_gemm import PMADDWD, VPDPBUSD
 
 ISAS = ("vnni", "avx2")
-VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
-PMADDWD = "llvm.x86.avx2.pmadd.wd"
 # register tiles of the M > 1 path (rows, units of 16 (vnni) / 8 (avx2) columns), and the units of one row
 TILES = {"vnni": (4, 2, 4), "avx2": (4, 1, 4)}
 AVX2_LINES = 4      # lines (8 k each) summed in int16 before widening: 8 pair sums of <= 3,840 each
@@ -167,7 +166,7 @@ def int4_a8_kernel(k: int, np_: int, group: int, isa: str = "vnni"):
     @T.macro
     def tile(A32, SA, AS, W32, S, Z, B, O, r0, mr, u0, nut):
         # mr rows x nut units of vl columns. Stack buffers under 1 KiB that LLVM keeps in registers
-        # ("global" scope: see kernels.py); unit u is lanes (u * vl) % 16 .. of block (u * vl) // 16
+        # ("global" scope: see int8_gemm.py); unit u is lanes (u * vl) % 16 .. of block (u * vl) // 16
         fac = T.decl_buffer((mr * nut * vl,), "float32", scope="global")
         iac = T.decl_buffer((halves(mr) * mr * nut * vl,), "int32", scope="global")     # the group's sums
         i16 = T.decl_buffer((1 if vnni else mr * nut * 16,), "int16", scope="global")   # avx2: 4 lines' sums
