@@ -19,8 +19,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 tvm = pytest.importorskip("tvm")
-from qcompile.backends.tvm import kernels  # noqa: E402
-from qcompile.backends.tvm.host import detect, request_amx  # noqa: E402
+from qcompile.backends.tvm import int8_gemm, pipeline  # noqa: E402
+from qcompile.backends.tvm.host import compile_kernel, detect, request_amx  # noqa: E402
+from qcompile.backends.tvm.peak import amx_peak_kernel, vnni_peak_kernel  # noqa: E402
 
 K, N = 768, 3072
 PEAK_ITERS, PEAK_ACC = 20000, 12
@@ -34,13 +35,13 @@ def _data(m):
 
 def _tvm_gemm(m, family=HOST.family):
     a, w = _data(m)
-    np_ = kernels.padded_n(N)
+    np_ = int8_gemm.padded_n(N)
     if family == "amx":
         request_amx()
-    mod = kernels.compile_kernel(kernels.gemm_kernel(K, np_, False, family))
+    mod = compile_kernel(int8_gemm.gemm_kernel(K, np_, False, family))
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(x, dev) for x in (
-        a, kernels.pack_weights(w), np.zeros(np_, np.int32), np.ones(1, np.float32), np.zeros(1, np.int32),
+        a, int8_gemm.pack_weights(w), np.zeros(np_, np.int32), np.ones(1, np.float32), np.zeros(1, np.int32),
         np.ones(np_, np.float32), np.zeros(np_, np.float32), np.zeros((m, np_), np.float32))]
     f = mod["main"]
     return lambda: f(*args), lambda: args[-1].numpy()
@@ -121,7 +122,7 @@ AMX_PEAK_ITERS = 20000
 
 def _amx_peak():
     request_amx()
-    mod = kernels.compile_kernel(kernels.amx_peak_kernel(AMX_PEAK_ITERS))
+    mod = compile_kernel(amx_peak_kernel(AMX_PEAK_ITERS))
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(np.ones(1024, np.uint8), dev), tvm.runtime.tensor(np.ones(1024, np.int8), dev),
             tvm.runtime.tensor(np.zeros(1024, np.int32), dev)]
@@ -129,7 +130,7 @@ def _amx_peak():
 
 
 def _vnni_peak():
-    mod = kernels.compile_kernel(kernels.vnni_peak_kernel(PEAK_ITERS, PEAK_ACC))
+    mod = compile_kernel(vnni_peak_kernel(PEAK_ITERS, PEAK_ACC))
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(np.ones(16, np.int32), dev), tvm.runtime.tensor(np.ones(64, np.int8), dev),
             tvm.runtime.tensor(np.zeros(PEAK_ACC * 16, np.int32), dev)]
@@ -181,7 +182,7 @@ def _bmm_tvm(shape, kernel):
 
     x, y = _bmm_data(shape)
     if kernel == "fbmm":
-        func = kernels.batch_matmul_kernel()
+        func = pipeline.batch_matmul_kernel()
     else:  # TVM's te matmul with the reduction moved outside the last spatial loop
         b, m, k, n = (te.var(v, "int64") for v in "bmkn")
         A, B = te.placeholder((b, m, k), name="A"), te.placeholder((b, k, n), name="B")
@@ -193,7 +194,7 @@ def _bmm_tvm(shape, kernel):
         sch.reorder(loops[-1], loops[-2])
         sch.decompose_reduction(blk, loops[-1])
         func = sch.mod["main"]
-    mod = kernels.compile_kernel(func, target=HOST.target(fast_math=kernel == "fbmm"))
+    mod = compile_kernel(func, target=HOST.target(fast_math=kernel == "fbmm"))
     args = [tvm.runtime.tensor(v) for v in (x, y, np.zeros((shape[0], shape[1], shape[3]), np.float32))]
     f = mod["main"]
     return lambda: f(*args), lambda: args[-1].numpy()

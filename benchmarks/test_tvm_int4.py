@@ -30,8 +30,8 @@ ort = pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
-from qcompile.backends.tvm import int4, int4_a8, kernels  # noqa: E402
-from qcompile.backends.tvm.host import detect  # noqa: E402
+from qcompile.backends.tvm import int4, int4_a8  # noqa: E402
+from qcompile.backends.tvm.host import compile_kernel, detect  # noqa: E402
 
 K, N = 768, 3072
 
@@ -68,7 +68,7 @@ def _layer(m, g):
 def _setup(m, g):
     q, s, z, x = _layer(m, g)
     packed, sp, zp = int4.pack_int4(q, s, z, g)
-    f = kernels.compile_kernel(int4.int4_kernel(K, N, g))["main"]
+    f = compile_kernel(int4.int4_kernel(K, N, g))["main"]
     targs = [tvm.runtime.tensor(a) for a in (x, packed, sp, zp, np.zeros(N, np.float32))]
     tout = tvm.runtime.tensor(np.zeros((m, N), np.float32))
     w = torch.from_numpy((q.astype(np.float32) - np.repeat(z, g, 1)) * np.repeat(s, g, 1))
@@ -117,9 +117,9 @@ def _setup_a8(m, g):
         pytest.skip("the int4 x int8 kernels need avx2 or avx512_vnni")
     q, s, z, x = _layer(m, g)
     packed, sp, zp = (tvm.runtime.tensor(a) for a in int4.pack_int4(q, s, z, g))
-    fq = kernels.compile_kernel(int4_a8.quantize_rows_kernel(K, g))["main"]
-    fk = kernels.compile_kernel(int4_a8.int4_a8_kernel(K, N, g, isa))["main"]
-    f4 = kernels.compile_kernel(int4.int4_kernel(K, N, g))["main"]
+    fq = compile_kernel(int4_a8.quantize_rows_kernel(K, g))["main"]
+    fk = compile_kernel(int4_a8.int4_a8_kernel(K, N, g, isa))["main"]
+    f4 = compile_kernel(int4.int4_kernel(K, N, g))["main"]
     tx, order, bias = tvm.runtime.tensor(x), tvm.runtime.tensor(int4_a8.CODE_ORDER), tvm.runtime.tensor(np.zeros(N, np.float32))
     a, sa, asum = (tvm.runtime.tensor(np.zeros(shape, dt)) for shape, dt in
                    (((m, K), np.int8), ((m, K // g), np.float32), ((m, K // g), np.float32)))

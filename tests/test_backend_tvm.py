@@ -11,8 +11,8 @@ from conftest import TinyBlock
 
 pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 
-from qcompile.backends.tvm import NotBuiltError, kernels, load  # noqa: E402
-from qcompile.backends.tvm.host import FAMILY_FLAGS, detect  # noqa: E402
+from qcompile.backends.tvm import NotBuiltError, load  # noqa: E402
+from qcompile.backends.tvm.host import FAMILIES, FAMILY_FLAGS, detect  # noqa: E402
 from qcompile.backends.tvm.fuse import INT8_LINEAR, FuseInt8LinearPass  # noqa: E402
 from qcompile.ops import DEQUANTIZE  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_fuse_pass_leaves_weight_only_linears_and_says_why():
 def test_artifact_reports_kernels_and_reloads_with_tvm_runtime_only(tmp_path):
     q, batches = _block("w8a8")
     art = qcompile.lower(q, backend="tvm-llvm")
-    assert art.compile_seconds > 0 and art.family in kernels.FAMILIES and len(art.fused) == 6
+    assert art.compile_seconds > 0 and art.family in FAMILIES and len(art.fused) == 6
     path = art.save(tmp_path / "m")
     assert (path / "model.so").stat().st_size > 0 and (path / "tvm.json").exists()
     again = load(path)

@@ -10,8 +10,8 @@ tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: 
 
 from tvm import relax
 
-from qcompile.backends.tvm import attention, kernels, pipeline
-from qcompile.backends.tvm.host import detect
+from qcompile.backends.tvm import attention, pipeline
+from qcompile.backends.tvm.host import compile_kernel, detect
 
 TARGET = detect().target()
 NEG = torch.finfo(torch.float32).min
@@ -40,7 +40,7 @@ def test_kernel_matches_float64_attention(batch, seq, heads, head_dim, mask_rows
     if seq > 2:
         mask[-1, ..., 1] = float("-inf")
     scale = 1 / head_dim ** 0.5
-    ex = kernels.compile_kernel(attention.attention_kernel(heads, head_dim, scale, mask_rows, parallel))
+    ex = compile_kernel(attention.attention_kernel(heads, head_dim, scale, mask_rows, parallel))
     out = tvm.runtime.tensor(np.zeros((batch, seq, heads * head_dim), np.float32))
     ex["main"](*[tvm.runtime.tensor(t.numpy()) for t in (mask, q.reshape(-1, heads * head_dim),
                                                           k.reshape(-1, heads * head_dim), v.reshape(-1, heads * head_dim))], out)
@@ -61,12 +61,12 @@ def test_fast_exp_is_topi_fast_exp():
     x = np.concatenate([np.linspace(-100, 90, 4001), [0.0, -1e30, 1e-8]]).astype(np.float32)
     n = x.size
     xp = te.placeholder((n,), "float32", name="x")
-    ref_f = kernels.compile_kernel(te.create_prim_func([xp, topi.fast_exp(xp)]))
+    ref_f = compile_kernel(te.create_prim_func([xp, topi.fast_exp(xp)]))
     xb = tirx.decl_buffer((n,), "float32", name="xb")
     yb = tirx.decl_buffer((n,), "float32", name="yb")
     i = tirx.Var("i", "int32")
     body = tirx.For(i, 0, n, tirx.ForKind.SERIAL, tirx.BufferStore(yb, attention.fast_exp(tirx.BufferLoad(xb, [i])), [i]))
-    ours = kernels.compile_kernel(tirx.PrimFunc([xb, yb], body).with_attr("tir.noalias", True))
+    ours = compile_kernel(tirx.PrimFunc([xb, yb], body).with_attr("tir.noalias", True))
     got, want = (tvm.runtime.tensor(np.zeros(n, np.float32)) for _ in range(2))
     ref_f["main"](tvm.runtime.tensor(x), want)
     ours["main"](tvm.runtime.tensor(x), got)

@@ -23,7 +23,7 @@ pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip in
 
 from qcompile.backends.tvm.conv import (INT8_CONV2D, FuseInt8ConvPass, im2col_codes, im2col_kernel,  # noqa: E402
                                         int8_conv2d, pack_conv_weights)
-from qcompile.backends.tvm.kernels import compile_kernel  # noqa: E402
+from qcompile.backends.tvm.host import compile_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import qat_digits  # noqa: E402

@@ -1,4 +1,4 @@
-"""The integer GEMM's requantizing epilogue (kernels.gemm_kernel(epilogue=...)) and the pass that
+"""The integer GEMM's requantizing epilogue (int8_gemm.gemm_kernel(epilogue=...)) and the pass that
 uses it (qcompile/backends/tvm/epilogue.py): kernel codes against a float64 reference (equal but
 for one step on exact rounding ties, counted and bounded), graph structure, negative cases (a
 second consumer, a dynamic quantizer, a non-constant multiply), and end to end ``qcompile.verify``."""
@@ -15,10 +15,10 @@ from conftest import TinyBlock
 
 tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 
-from qcompile.backends.tvm import kernels  # noqa: E402
-from qcompile.backends.tvm.epilogue import INT8_LINEAR_Q, FuseEpiloguePass  # noqa: E402
+from qcompile.backends.tvm import int8_gemm  # noqa: E402
+from qcompile.backends.tvm.epilogue import INT8_LINEAR_Q, FuseEpiloguePass, layer_norm_quantize_kernel  # noqa: E402
 from qcompile.backends.tvm.fuse import INT8_LINEAR, FuseInt8LinearPass  # noqa: E402
-from qcompile.backends.tvm.host import detect, runnable_families  # noqa: E402
+from qcompile.backends.tvm.host import FAMILIES, compile_kernel, detect, runnable_families  # noqa: E402
 from qcompile.backends.tvm.lower import import_relax  # noqa: E402
 from qcompile.ops import QUANTIZE  # noqa: E402
 
@@ -29,7 +29,7 @@ TIE = 2e-3
 
 
 def _families():
-    return [f for f in runnable_families() if f in kernels.FAMILIES]
+    return [f for f in runnable_families() if f in FAMILIES]
 
 
 def _reference_codes(acc, za, cs, sa, sw, bias, cm, scale, zp, activation, out_dtype):
@@ -50,8 +50,8 @@ def _reference_codes(acc, za, cs, sa, sw, bias, cm, scale, zp, activation, out_d
 def test_requantizing_kernel_matches_float64_reference(family, m, k, n, epilogue):
     activation, out_dtype = epilogue
     rng = np.random.default_rng(m * 100 + k + n)
-    np_ = kernels.padded_n(n)
-    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, False, family, epilogue))
+    np_ = int8_gemm.padded_n(n)
+    mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, False, family, epilogue))
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     w = rng.integers(-128, 128, (n, k)).astype(np.int8)
     wfull = np.zeros((np_, k), np.int64)
@@ -71,7 +71,7 @@ def test_requantizing_kernel_matches_float64_reference(family, m, k, n, epilogue
     scale = np.float32(np.abs(unscaled).max() / 150)
     qinv = np.float32(1.0) / scale
     out = np.zeros((m, np_), out_dtype)
-    args = [a, kernels.pack_weights(w), cs, sa, za, sw, bias, cm, np.array([qinv]), np.array([zp], np.int32), out]
+    args = [a, int8_gemm.pack_weights(w), cs, sa, za, sw, bias, cm, np.array([qinv]), np.array([zp], np.int32), out]
     t = [tvm.runtime.tensor(x, tvm.cpu()) for x in args]
     mod["main"](*t)
     got = t[-1].numpy()[:, :n].astype(np.int64)
@@ -91,13 +91,13 @@ def test_requantizing_kernel_matches_float64_reference(family, m, k, n, epilogue
 def test_requantizing_kernel_rounds_half_to_even_and_rejects_bad_epilogues():
     family = _families()[0]
     k, np_ = 4, 48
-    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, False, family, ("none", "uint8")))
+    mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, False, family, ("none", "uint8")))
     # row i: acc = i, y = i * 0.5: every half step 0, 0.5, 1, 1.5, ... (ties at the odd rows)
     a = np.zeros((12, 4), np.uint8)
     a[:, 0] = np.arange(12)
     w = np.ones((np_, k), np.int8)
     acc = a.astype(np.int64).sum(1, keepdims=True) * np.ones((1, np_), np.int64)
-    args = [a, kernels.pack_weights(w), np.full(np_, 4, np.int32), np.array([0.5], np.float32),
+    args = [a, int8_gemm.pack_weights(w), np.full(np_, 4, np.int32), np.array([0.5], np.float32),
             np.array([0], np.int32), np.ones(np_, np.float32), np.zeros(np_, np.float32), np.ones(np_, np.float32),
             np.array([1.0], np.float32), np.array([0], np.int32), np.zeros((12, np_), np.uint8)]
     t = [tvm.runtime.tensor(x, tvm.cpu()) for x in args]
@@ -106,9 +106,9 @@ def test_requantizing_kernel_rounds_half_to_even_and_rejects_bad_epilogues():
     assert np.array_equal(t[-1].numpy(), expect.astype(np.uint8))
     assert (acc * 0.5 % 1 == 0.5).any()
     with pytest.raises(ValueError, match="unknown epilogue"):
-        kernels.gemm_kernel(64, 48, False, family, ("swish", "uint8"))
+        int8_gemm.gemm_kernel(64, 48, False, family, ("swish", "uint8"))
     with pytest.raises(ValueError, match="unknown epilogue"):
-        kernels.gemm_kernel(64, 48, False, family, ("gelu", "float32"))
+        int8_gemm.gemm_kernel(64, 48, False, family, ("gelu", "float32"))
 
 
 class MLP(torch.nn.Module):
@@ -217,7 +217,7 @@ def test_signed_activations_relu_without_smoothing_verify():
 @pytest.mark.parametrize("residual,ndim", [(True, 3), (False, 2)])
 def test_layer_norm_quantize_kernel_matches_torch(residual, ndim):
     d, rows = 64, 35
-    mod = kernels.compile_kernel(kernels.layer_norm_quantize_kernel(d, residual, "uint8", 1e-12, ndim))
+    mod = compile_kernel(layer_norm_quantize_kernel(d, residual, "uint8", 1e-12, ndim))
     lead = (5, 7) if ndim == 3 else (rows,)
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((rows, d)) * 3 + 1).astype(np.float32)
@@ -241,7 +241,7 @@ def test_layer_norm_quantize_kernel_matches_torch(residual, ndim):
     assert diff.max() <= 1 and not diff[~ties].any()
     assert (got == 255).any() and (got == 0).any() and len(np.unique(got)) > 100
     with pytest.raises(ValueError, match="multiple of 32"):
-        kernels.layer_norm_quantize_kernel(48, True, "uint8", 1e-5)
+        layer_norm_quantize_kernel(48, True, "uint8", 1e-5)
 
 
 class NormMLP(torch.nn.Module):

@@ -9,7 +9,8 @@ import torch
 
 tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 
-from qcompile.backends.tvm import int4, kernels  # noqa: E402
+from qcompile.backends.tvm import int4  # noqa: E402
+from qcompile.backends.tvm.host import compile_kernel  # noqa: E402
 
 
 def _case(m, k, n, g, seed=0):
@@ -30,7 +31,7 @@ def _reference(q, s, z, b, x, g):
 
 @functools.lru_cache(maxsize=None)
 def _kernel(k, np_, g, mmin=int4.MMIN):
-    return kernels.compile_kernel(int4.int4_kernel(k, np_, g, mmin))
+    return compile_kernel(int4.int4_kernel(k, np_, g, mmin))
 
 
 def _run(q, s, z, b, x, g, mmin=int4.MMIN):
@@ -91,7 +92,7 @@ def test_accumulators_stay_in_registers(g):
     import re
 
     k = 768
-    ll = kernels.compile_kernel(int4.int4_kernel(k, 48, g)).mod.inspect_source("ll")
+    ll = compile_kernel(int4.int4_kernel(k, 48, g)).mod.inspect_source("ll")
     sizes = re.findall(r"call ptr %\d+\(i32 1, i32 %dev_id, i64 (\d+), i32 2, i32 32\)", ll)
     assert sizes == [str(k * 32 * 4)]
     assert not re.search(r"alloca \[\d+ x (float|<16 x float>)\]", ll)

@@ -16,8 +16,8 @@ import torch
 tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 
 import qcompile  # noqa: E402
-from qcompile.backends.tvm import NotBuiltError, int4, int4_a8, kernels  # noqa: E402
-from qcompile.backends.tvm.host import detect  # noqa: E402
+from qcompile.backends.tvm import NotBuiltError, int4, int4_a8  # noqa: E402
+from qcompile.backends.tvm.host import compile_kernel, detect  # noqa: E402
 from qcompile.ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE  # noqa: E402
 from qcompile.verify import verify  # noqa: E402
 
@@ -53,8 +53,8 @@ def _reference_codes(x, g):
 
 @functools.lru_cache(maxsize=None)
 def _kernels(k, np_, g, isa):
-    return (kernels.compile_kernel(int4_a8.quantize_rows_kernel(k, g)),
-            kernels.compile_kernel(int4_a8.int4_a8_kernel(k, np_, g, isa)))
+    return (compile_kernel(int4_a8.quantize_rows_kernel(k, g)),
+            compile_kernel(int4_a8.int4_a8_kernel(k, np_, g, isa)))
 
 
 def _run(q, s, z, b, x, g, isa):
@@ -136,7 +136,7 @@ def test_vnni_kernel_code_where_the_host_cannot_run_it():
     """The vnni kernel compiles for an AVX-512 VNNI CPU (znver4) on any host, and its inner loop is
     vpdpbusd on zmm with no int16 step; the avx2 one is vpmaddubsw + vpmaddwd."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
-    asm = {isa: kernels.compile_kernel(int4_a8.int4_a8_kernel(256, 48, 64, isa), target).mod.inspect_source("asm")
+    asm = {isa: compile_kernel(int4_a8.int4_a8_kernel(256, 48, 64, isa), target).mod.inspect_source("asm")
            for isa in int4_a8.ISAS}
     assert re.search(r"vpdpbusd\s+%zmm", asm["vnni"]) and "vpmaddubsw" not in asm["vnni"]
     assert "vpmaddubsw" in asm["avx2"] and "vpmaddwd" in asm["avx2"] and "vpdpbusd" not in asm["avx2"]
@@ -206,8 +206,8 @@ def test_short_last_group_matches_float64_and_lowers():
     s[:, 1] *= 0.5
     packed, sp, zp = int4.pack_int4(q, s, z, g, pad_k=True)
     assert packed.shape == (3, kp // 8, 64) and not int4.unpack_int4(packed)[:, k:].any()
-    fq = kernels.compile_kernel(int4_a8.quantize_rows_kernel(k, g))
-    fk = kernels.compile_kernel(int4_a8.int4_a8_kernel(kp, 48, g, RUNNABLE[0]))
+    fq = compile_kernel(int4_a8.quantize_rows_kernel(k, g))
+    fk = compile_kernel(int4_a8.int4_a8_kernel(kp, 48, g, RUNNABLE[0]))
     a, sa, asum = (tvm.runtime.tensor(np.zeros(shape, dt)) for shape, dt in
                    (((m, kp), np.int8), ((m, 2), np.float32), ((m, 2), np.float32)))
     fq["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(int4_a8.CODE_ORDER), a, sa, asum)

@@ -10,8 +10,8 @@ tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: 
 
 from tvm import relax, s_tir, tirx  # noqa: E402
 
-from qcompile.backends.tvm import pipeline  # noqa: E402
-from qcompile.backends.tvm.host import detect  # noqa: E402
+from qcompile.backends.tvm import int8_gemm, pipeline  # noqa: E402
+from qcompile.backends.tvm.host import compile_kernel, detect  # noqa: E402
 
 TARGET = detect().target()
 
@@ -180,9 +180,7 @@ def test_residual_add_fuses_into_layer_norm():
 
 
 def test_integer_gemm_kernels_are_not_rescheduled():
-    from qcompile.backends.tvm import kernels
-
-    func = kernels.gemm_kernel(64, 48, False, "generic")
+    func = int8_gemm.gemm_kernel(64, 48, False, "generic")
     mod = tvm.IRModule({"qgemm_generic_k64_n48": func.with_attr("global_symbol", "qgemm_generic_k64_n48")})
     out = pipeline.schedule_float_kernels()(mod)
     assert out["qgemm_generic_k64_n48"].same_as(mod["qgemm_generic_k64_n48"])
@@ -202,3 +200,22 @@ def test_a_function_the_schedules_do_not_fit_is_returned_unchanged():
                 o[0] = o[0] + a[vk]
 
     assert pipeline.schedule_primfunc(one_loop) is one_loop
+
+
+@pytest.mark.parametrize("b,m,k,n", [(2, 8, 32, 64), (3, 13, 32, 37), (2, 9, 7, 32), (1, 1, 5, 3)])
+def test_float_batch_matmul_matches_numpy(b, m, k, n):
+    """Full 4-row x 32-column tiles, remainder rows (13 = 3 tiles + 1), remainder columns (37 =
+    one tile + 5 scalars; 3 = scalars only), K not a multiple of anything."""
+    rng = np.random.default_rng(b * 100 + m + k + n)
+    mod = compile_kernel(pipeline.batch_matmul_kernel())
+    x, y = rng.standard_normal((b, m, k)).astype(np.float32), rng.standard_normal((b, k, n)).astype(np.float32)
+    out = tvm.runtime.tensor(np.full((b, m, n), np.nan, np.float32))
+    mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), out)
+    np.testing.assert_allclose(out.numpy(), x.astype(np.float64) @ y.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_float_batch_matmul_rejects_mismatched_shapes():
+    mod = compile_kernel(pipeline.batch_matmul_kernel())
+    x, y = np.zeros((2, 4, 8), np.float32), np.zeros((2, 7, 32), np.float32)
+    with pytest.raises(Exception, match="(?i)shape|mismatch|match"):
+        mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), tvm.runtime.tensor(np.zeros((2, 4, 32), np.float32)))

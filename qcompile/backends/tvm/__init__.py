@@ -31,8 +31,9 @@ import tvm  # noqa: F401  - a missing apache-tvm fails here, and get_backend nam
 
 from ...errors import BackendError
 from ..base import STATIC_DYNAMIC, Capabilities
+from .errors import NotBuiltError
 from .host import FAMILY_FLAGS, build_threads, detect, request_amx
-from .lower import NotBuiltError, build, import_relax, input_bounds
+from .lower import build, import_relax, input_bounds
 from .runtime import TvmArtifact, load
 
 

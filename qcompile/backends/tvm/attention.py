@@ -29,7 +29,7 @@ contiguous floats of a row) and writing the context where the output projection 
 
 The three buffers whose size depends on the symbolic sequence length are allocated per (sequence,
 head), so each thread-pool task has its own (TVM puts a non-constant allocation on its workspace); the accumulators are ``global``-scope
-stack buffers under 1 KiB, promoted to registers by LLVM (see :mod:`.kernels`).
+stack buffers under 1 KiB, promoted to registers by LLVM (see :mod:`.int8_gemm`).
 
 :func:`rewrite_attention` is a Relax pass (before legalization, before
 :func:`~.pipeline.rewrite_float_ops`): it matches the pattern above exactly — float32, one mask

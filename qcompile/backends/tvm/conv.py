@@ -4,7 +4,7 @@
 :class:`~.fuse.FuseInt8LinearPass`. It replaces each matching ``aten.conv2d`` by
 ``qcompile_tvm::int8_conv2d``, whose weights ``[Cout, Cin, KH, KW]`` are flattened to
 ``[Cout, KH·KW·Cin]`` (``k = (ky·KW + kx)·Cin + c``: a tap's channels together), ``K`` padded to a
-multiple of 4 with zero weights, and packed once for the GEMM kernels (:func:`~.kernels.pack_weights`),
+multiple of 4 with zero weights, and packed once for the GEMM kernels (:func:`~.int8_gemm.pack_weights`),
 with their column sums for the activation zero point. The op has a PyTorch implementation (the same arithmetic:
 im2col of the codes, then :func:`~.fuse.int8_linear`), so the pass is tested without TVM.
 
@@ -20,7 +20,7 @@ The kernels (:class:`Int8Conv2dConverter`), three steps:
    ops because Relax would spell it as a pad (whose value, the zero point, is a run-time tensor
    for dynamic activations), ``KH·KW`` strided slices, a concat and a transpose: several kernels and
    temporaries where TIR writes each row once, with the shift and the zero-point padding fused in.
-2. :func:`~.kernels.gemm_kernel`, unchanged: ``[N·OH·OW, Kp] x [Kp, Np]`` with the float epilogue
+2. :func:`~.int8_gemm.gemm_kernel`, unchanged: ``[N·OH·OW, Kp] x [Kp, Np]`` with the float epilogue
    (``(acc - za·colsum)·sa·sw + bias``) in the kernel.
 3. Relax ``reshape`` + ``permute_dims`` back to NCHW; TVM fuses that transpose with what follows
    (ReLU, the next quantize, the next conv's NHWC transpose), so it costs no pass of its own.
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
-from . import kernels
+from . import int8_gemm
 from .fuse import int8_linear, int8_operands_reason, pack_int8_weights, padded_bias, replace_linear, variable_bias
 
 aten = torch.ops.aten
@@ -110,7 +110,7 @@ def int8_conv2d(a: torch.Tensor, a_scale: torch.Tensor, a_zero: Optional[torch.T
                 stride: list[int], padding: list[int], dilation: list[int], a_format: str) -> torch.Tensor:
     """``conv2d(dequantize(a), dequantize(W), bias)`` on integer codes: ``a`` u8/s8 ``[N, C, H, W]``
     with a per-tensor ``a_scale``/``a_zero``, ``w_packed`` the ``[n, Kp]`` flattened weights from
-    :func:`~.kernels.pack_weights`. Returns float32 ``[N, n, OH, OW]``."""
+    :func:`~.int8_gemm.pack_weights`. Returns float32 ``[N, n, OH, OW]``."""
     rows, za = im2col_codes(a, a_zero, kernel, stride, padding, dilation, a_format)
     out = int8_linear(rows, a_scale.reshape(-1)[:1], za, w_packed, colsum, w_scale, bias, n, "uint8")
     oh, ow = (out_size(a.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i]) for i in range(2))
@@ -178,7 +178,7 @@ class FuseInt8ConvPass(Pass):
             w = get_attr_tensor(gm, dqw.args[0])
             cout, _, kh, kw = w.shape
             packed, colsum, sw = pack_conv_weights(w, get_attr_tensor(gm, dqw.args[1]))
-            bias = padded_bias(gm, node, cout, kernels.padded_n(cout))
+            bias = padded_bias(gm, node, cout, int8_gemm.padded_n(cout))
             base = dqw.args[0].target
             args = [dqa.args[0], dqa.args[1], dqa.args[2],
                     add_tensor(gm, f"{base}_packed", packed, node), add_tensor(gm, f"{base}_colsum", colsum, node),
@@ -232,7 +232,7 @@ def im2col_kernel(c: int, kh: int, kw: int, stride: list[int], padding: list[int
 
 class Int8Conv2dConverter:
     """Relax converter for ``qcompile_tvm::int8_conv2d``: ``call_tir`` of :func:`im2col_kernel`, then
-    of :func:`~.kernels.gemm_kernel` (one ``PrimFunc`` per geometry and per weight shape), then the
+    of :func:`~.int8_gemm.gemm_kernel` (one ``PrimFunc`` per geometry and per weight shape), then the
     layout back to NCHW."""
 
     def __init__(self, family: str, parallel: bool = False):
@@ -276,7 +276,7 @@ class Int8Conv2dConverter:
         # named qgemm_* so the float-kernel scheduler leaves it alone; "conv" keeps it apart from a
         # Linear's kernel of the same shape (two functions may not share a global symbol)
         gemm = self._func(bb, ("gemm", kp, np_), f"qgemm_conv_{self.family.replace('-', '_')}_k{kp}_n{np_}",
-                          lambda: kernels.gemm_kernel(kp, np_, False, self.family, None, self.parallel))
+                          lambda: int8_gemm.gemm_kernel(kp, np_, False, self.family, None, self.parallel))
         out = bb.emit(relax.call_tir(gemm, [rows, packed, colsum, sa1, za1, sw, bias],
                                      out_ty=relax.TensorType((rows.ty.shape[0], np_), "float32")))
         if np_ != n:

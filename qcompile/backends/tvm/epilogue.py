@@ -8,7 +8,7 @@ replaces the chain
 
     ``int8_linear → [gelu | relu] → [mul by a constant per-column vector] → quantize``
 
-by one ``qcompile_tvm::int8_linear_q`` whose kernel (:func:`~.kernels.gemm_kernel` with an
+by one ``qcompile_tvm::int8_linear_q`` whose kernel (:func:`~.int8_gemm.gemm_kernel` with an
 ``epilogue``) does all of it in registers and writes a quarter of the bytes. The pass runs on the
 FX graph rather than in Relax because the chain is plainest there (no reshapes, slices or fused
 TIR to look through), ``int8_linear``'s constants are at hand, and the fused op has a PyTorch
@@ -36,6 +36,7 @@ from ...formats import get_format
 from ...ops import CHOOSE_QPARAMS, QUANTIZE
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
 from .fuse import INT8_LINEAR, int8_linear
+from .int8_gemm import requantize_expr
 
 aten = torch.ops.aten
 
@@ -223,7 +224,7 @@ def _is_eval_dropout(node) -> bool:
 class FuseNormQuantizePass(Pass):
     """``quantize(mul(layer_norm(a + r), c))`` next to other readers of the LayerNorm output ⇒
     ``y, codes = layer_norm_q(a, r, ..., c, 1/scale, zp)``: the kernel
-    (:func:`~.kernels.layer_norm_quantize_kernel`) writes the float row for the residual path and
+    (:func:`layer_norm_quantize_kernel`) writes the float row for the residual path and
     the codes for the next Linear in one pass. The residual ``add`` feeding only the LayerNorm, an
     eval-mode dropout after it and the multiply (SmoothQuant's) are optional."""
 
@@ -309,17 +310,99 @@ class FuseNormQuantizePass(Pass):
         return PassResult(gm, modified)
 
 
+FLANES = 16   # float32 lanes of a zmm register
+
+
+def _lane_sum(buf, n: int):
+    """``buf[0] + ... + buf[n-1]`` as a balanced tree of scalar loads (a short dependency chain)."""
+    terms = [buf[i] for i in range(n)]
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def layer_norm_quantize_kernel(d: int, residual: bool, out_dtype: str, eps: float, ndim: int = 2):
+    """The TIR ``PrimFunc`` of ``y = LayerNorm(x [+ r]) * gamma + beta`` over rows of ``d`` floats
+    (``d`` a multiple of 32) writing both ``y`` (float32, for the residual path) and the codes of
+    ``y * cm`` (:func:`requantize_expr`, for the next Linear), so the codes come from the row while
+    it is in L1 instead of a second pass over ``y``.
+
+    Arguments: ``x`` f32 ``[*lead, d]`` (``ndim - 1`` symbolic leading dims, so the caller needs no
+    reshape), ``r`` (same shape; read only when ``residual``, pass ``x`` again otherwise),
+    ``gamma``, ``beta``, ``cm`` f32 ``[d]``, ``qinv`` f32 ``[1]``, ``qz`` i32 ``[1]``, then the
+    outputs ``y`` f32 and ``q`` of ``out_dtype``, both ``[*lead, d]``. Mean and variance in two
+    passes over the row, each with two 16-lane partial sums (two independent add chains)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    if d % (2 * FLANES) or out_dtype not in ("uint8", "int8") or ndim not in (2, 3):
+        raise ValueError(f"layer_norm_quantize_kernel: d={d} must be a multiple of {2 * FLANES}, codes uint8 or "
+                         f"int8, rank 2 or 3 (got {ndim})")
+    nv2 = d // (2 * FLANES)
+    inv_d = 1.0 / d
+    lead = [tirx.Var(f"n{i}", "int64") for i in range(ndim - 1)]
+    rows = lead[0] if ndim == 2 else lead[0] * lead[1]
+
+    @T.prim_func
+    def ln_q(x: T.handle, r: T.handle, g: T.handle, b: T.handle, cm: T.handle, qi: T.handle, qz: T.handle,
+             y: T.handle, q: T.handle):
+        T.func_attr({"tir.noalias": True})
+        Xn = T.match_buffer(x, (*lead, d), "float32")
+        Rn = T.match_buffer(r, (*lead, d), "float32")
+        G = T.match_buffer(g, (d,), "float32")
+        B = T.match_buffer(b, (d,), "float32")
+        CM = T.match_buffer(cm, (d,), "float32")
+        QI = T.match_buffer(qi, (1,), "float32")
+        QZ = T.match_buffer(qz, (1,), "int32")
+        Yn = T.match_buffer(y, (*lead, d), "float32")
+        Qn = T.match_buffer(q, (*lead, d), out_dtype)
+        X = T.decl_buffer((rows * d,), "float32", data=Xn.data)
+        R = T.decl_buffer((rows * d,), "float32", data=Rn.data)
+        Y = T.decl_buffer((rows * d,), "float32", data=Yn.data)
+        Q = T.decl_buffer((rows * d,), out_dtype, data=Qn.data)
+        for i in range(rows):
+            part = T.decl_buffer((2 * FLANES,), "float32", scope="global")
+            stat = T.decl_buffer((2,), "float32", scope="global")   # mean, 1 / sqrt(var + eps)
+            part[T.ramp(0, 1, 2 * FLANES)] = T.broadcast(T.float32(0), 2 * FLANES)
+            for v in range(nv2):
+                for h in T.unroll(2):
+                    if residual:
+                        Y[T.ramp(i * d + (2 * v + h) * FLANES, 1, FLANES)] = (
+                            X.vload([i * d + (2 * v + h) * FLANES], "float32x16")
+                            + R.vload([i * d + (2 * v + h) * FLANES], "float32x16"))
+                    else:
+                        Y[T.ramp(i * d + (2 * v + h) * FLANES, 1, FLANES)] = X.vload(
+                            [i * d + (2 * v + h) * FLANES], "float32x16")
+                    part[T.ramp(h * FLANES, 1, FLANES)] = part.vload([h * FLANES], "float32x16") + Y.vload(
+                        [i * d + (2 * v + h) * FLANES], "float32x16")
+            stat[0] = _lane_sum(part, 2 * FLANES) * T.float32(inv_d)
+            part[T.ramp(0, 1, 2 * FLANES)] = T.broadcast(T.float32(0), 2 * FLANES)
+            for v in range(nv2):
+                for h in T.unroll(2):
+                    part[T.ramp(h * FLANES, 1, FLANES)] = part.vload([h * FLANES], "float32x16") + (
+                        Y.vload([i * d + (2 * v + h) * FLANES], "float32x16") - T.broadcast(stat[0], FLANES)) * (
+                        Y.vload([i * d + (2 * v + h) * FLANES], "float32x16") - T.broadcast(stat[0], FLANES))
+            stat[1] = T.float32(1) / T.sqrt(_lane_sum(part, 2 * FLANES) * T.float32(inv_d) + T.float32(eps))
+            for v in range(d // FLANES):
+                for j in T.vectorized(FLANES):
+                    Y[i * d + v * FLANES + j] = (Y[i * d + v * FLANES + j] - stat[0]) * stat[1] * G[v * FLANES + j] \
+                        + B[v * FLANES + j]
+                for j in T.vectorized(FLANES):
+                    Q[i * d + v * FLANES + j] = requantize_expr(Y[i * d + v * FLANES + j], CM[v * FLANES + j], QI[0],
+                                                                QZ[0], out_dtype)
+
+    return ln_q
+
+
 class LayerNormQuantizeConverter:
     """Converter for ``qcompile_tvm::layer_norm_q``: a ``call_tir`` of
-    :func:`~.kernels.layer_norm_quantize_kernel` returning ``(y, codes)``."""
+    :func:`layer_norm_quantize_kernel` returning ``(y, codes)``."""
 
     def __init__(self):
         self.kernels: dict[tuple, object] = {}
 
     def __call__(self, node, imp):
         from tvm import relax, tirx
-
-        from . import kernels
 
         op, bb = relax.op, imp.block_builder
         a = imp.env[node.args[0]]
@@ -339,7 +422,7 @@ class LayerNormQuantizeConverter:
             # not named layer_norm*: pipeline.fuse_producers_into_norms would let FuseOps fuse producers
             # into this hand-written kernel; opaque, so FuseOps leaves it alone
             name = f"lnq_d{d}{'_res' if r is not None else ''}_{out_format}_{len(self.kernels)}"
-            func = kernels.layer_norm_quantize_kernel(d, r is not None, out_format, eps, ndim)
+            func = layer_norm_quantize_kernel(d, r is not None, out_format, eps, ndim)
             func = func.with_attr("global_symbol", name).with_attr("op_pattern", _OPAQUE_PATTERN)
             self.kernels[key] = bb.add_func(func, name)
         shape = list(a2.ty.shape.values)

@@ -2,7 +2,7 @@
 
 :class:`FuseInt8LinearPass` runs on a copy of the converted graph before it is imported into
 Relax. It replaces each matching Linear by ``qcompile_tvm::int8_linear`` whose weights are packed
-here, once, for the kernels (:func:`~.kernels.pack_weights`), with their column sums (for the
+here, once, for the kernels (:func:`~.int8_gemm.pack_weights`), with their column sums (for the
 activation zero point) and the per-channel scales and bias padded alongside. The op has a PyTorch
 implementation (the same arithmetic with an exact int32 product), so the pass is tested on its
 own; the TVM importer turns it into a call to the TIR kernel.
@@ -20,7 +20,7 @@ import torch
 
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
-from . import kernels
+from . import int8_gemm
 
 aten = torch.ops.aten
 
@@ -30,10 +30,10 @@ def int8_linear(a: torch.Tensor, a_scale: torch.Tensor, a_zero: Optional[torch.T
                 colsum: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, n: int,
                 a_format: str) -> torch.Tensor:
     """``linear(dequantize(a), dequantize(W), bias)`` on integer codes: ``a`` u8/s8 ``[..., K]``,
-    ``w_packed`` from :func:`~.kernels.pack_weights`, per-tensor or per-row ``a_scale``/``a_zero``.
+    ``w_packed`` from :func:`~.int8_gemm.pack_weights`, per-tensor or per-row ``a_scale``/``a_zero``.
     Returns float32 ``[..., n]``. s8 activations are shifted to u8 (+128, and the zero point too)."""
     k = a.shape[-1]
-    w = torch.from_numpy(kernels.unpack_weights(w_packed.numpy())).to(torch.float64)
+    w = torch.from_numpy(int8_gemm.unpack_weights(w_packed.numpy())).to(torch.float64)
     a2 = a.reshape(-1, k).to(torch.int32)
     za = torch.zeros(1, dtype=torch.int32) if a_zero is None else a_zero.reshape(-1).to(torch.int32)
     if a_format == "int8":
@@ -80,14 +80,14 @@ def padded_bias(gm, node, n: int, padded: int) -> torch.Tensor:
 def pack_int8_weights(w: np.ndarray, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """int8 weights ``[N, K]`` (``K`` a multiple of 4) and their per-channel or per-tensor scale →
     the GEMM kernels' constants: ``(packed [Np/16, K/4, 64], colsum i32 [Np], w_scale f32 [Np])``,
-    ``Np`` = :func:`~.kernels.padded_n`, the padding columns zero."""
+    ``Np`` = :func:`~.int8_gemm.padded_n`, the padding columns zero."""
     n, k = w.shape
-    np_ = kernels.padded_n(n)
+    np_ = int8_gemm.padded_n(n)
     wfull = np.zeros((np_, k), np.int32)
     wfull[:n] = w
     sw = torch.zeros(np_)
     sw[:n] = w_scale.float().reshape(-1).expand(n)
-    return torch.from_numpy(kernels.pack_weights(w)), torch.from_numpy(wfull.sum(1).astype(np.int32)), sw
+    return torch.from_numpy(int8_gemm.pack_weights(w)), torch.from_numpy(wfull.sum(1).astype(np.int32)), sw
 
 
 def _static_numel(gm, node) -> Optional[int]:
@@ -175,7 +175,7 @@ class FuseInt8LinearPass(Pass):
             w = get_attr_tensor(gm, dqw.args[0])
             n = w.shape[0]
             packed, colsum, sw = pack_int8_weights(w.numpy(), get_attr_tensor(gm, dqw.args[1]))
-            bias = padded_bias(gm, node, n, kernels.padded_n(n))
+            bias = padded_bias(gm, node, n, int8_gemm.padded_n(n))
             base = dqw.args[0].target
             args = [dqa.args[0], dqa.args[1], dqa.args[2],
                     add_tensor(gm, f"{base}_packed", packed, node),

@@ -1,13 +1,20 @@
-"""What the host CPU can run: its flags, the LLVM ``mcpu`` to compile for, and the best integer
-kernel family (machines differ from day to day: never assume one processor)."""
+"""What the host CPU can run: its flags, the LLVM ``mcpu`` to compile for, the integer kernel
+families it runs and the best of them (machines differ from day to day: never assume one
+processor), and the LLVM target every kernel and model of the backend is compiled for."""
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
 
+import tvm
+
 from ...cpu import cpu_info
+
+# LLVM fast-math flags the tvm backend's target carries (why these: pipeline.py's docstring)
+FAST_MATH_FLAGS = {"fast-math-reassoc": True, "fast-math-contract": True, "fast-math-nsz": True}
 
 
 @dataclass(frozen=True)
@@ -31,11 +38,7 @@ class Host:
 
     def target(self, threads: int = 0, fast_math: bool = True):
         """The TVM LLVM target for this host (dict form: TVM 0.27 rejects target strings);
-        ``fast_math``: with :data:`~.pipeline.FAST_MATH_FLAGS` (float reassociation, FMA)."""
-        import tvm
-
-        from .pipeline import FAST_MATH_FLAGS
-
+        ``fast_math``: with :data:`FAST_MATH_FLAGS` (float reassociation, FMA)."""
         spec = {"kind": "llvm", "mcpu": self.mcpu, **(FAST_MATH_FLAGS if fast_math else {})}
         if self.mattr:
             spec["mattr"] = list(self.mattr)
@@ -64,6 +67,8 @@ def choose_mattr(mcpu: str, flags: frozenset) -> tuple:
     return ("+avxvnni",) if mcpu == "x86-64-v3" and "avx_vnni" in flags else ()
 
 
+# the built integer kernel families (int8_gemm.gemm_kernel), fastest first: choose_family takes the first the host runs
+FAMILIES = ("amx", "vnni", "avx-vnni", "avx2", "generic")
 # the CPU flags each kernel family's instructions need (the amx family runs its leftover rows on vnni)
 FAMILY_FLAGS = {"amx": ("amx_tile", "amx_int8", "avx512_vnni"), "vnni": ("avx512_vnni",), "avx-vnni": ("avx_vnni", "avx2"),
                 "avx2": ("avx2",), "generic": (), "amx-emulated": ()}
@@ -79,8 +84,6 @@ def runnable_families() -> list:
 
 def choose_family(flags: frozenset) -> str:
     """The fastest built kernel family the flags allow."""
-    from .kernels import FAMILIES   # fastest first
-
     return next(f for f in FAMILIES if all(x in flags for x in FAMILY_FLAGS[f]))
 
 
@@ -103,8 +106,6 @@ def request_amx() -> bool:
     """Ask Linux for the AMX tile state for this process (``arch_prctl(ARCH_REQ_XCOMP_PERM,
     XFEATURE_XTILEDATA)``), once; True when granted. Without it the first tile instruction kills
     the process with SIGILL, and TVM's runtime does not ask. Only for x86-64 Linux hosts with AMX."""
-    import ctypes
-
     if platform.system() != "Linux" or "amx_tile" not in detect().flags:
         return False
     try:
@@ -121,3 +122,15 @@ def detect() -> Host:
         return Host("", frozenset(), "generic", "generic")
     mcpu = choose_mcpu(info.vendor, info.flags)
     return Host(info.vendor, info.flags, mcpu, choose_family(info.flags), choose_mattr(mcpu, info.flags))
+
+
+def compile_kernel(func, target=None):
+    """Build one kernel ``PrimFunc`` on its own (tests, benchmarks): a module whose ``main``
+    takes ``tvm.runtime.tensor`` arguments. ``target``: the host's by default.
+
+    Example::
+
+        >>> mod = compile_kernel(int8_gemm.gemm_kernel(64, 48, False, "generic"))
+        >>> mod["main"](a, w, colsum, sa, za, sw, bias, out)   # tvm.runtime.tensor arguments
+    """
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target or detect().target())

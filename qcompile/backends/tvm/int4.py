@@ -6,7 +6,7 @@ matrix never exists in memory. Two paths in one kernel, chosen on the row count 
 
 - ``m >= MMIN`` (GEMM): per panel of 32 columns, the codes are dequantized once into a float32
   ``[K, 32]`` buffer (L2-resident), then an ``IMR``-row x 2-vector FMA register tile runs over every
-  row tile (like ``kernels.batch_matmul_kernel``): the unpacking cost is paid once per panel, not
+  row tile (like ``pipeline.batch_matmul_kernel``): the unpacking cost is paid once per panel, not
   once per row, and the FMA tile runs near the host's fp32 peak.
 - ``m < MMIN`` (GEMV): four rows at a time (the codes unpacked and converted once for the four),
   then a pair, then one row, the zero point folded out per group,
@@ -141,7 +141,7 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
     @T.macro
     def gemv_tile(WS, W32, S, Z, B, O, r0, rr, jb0, nbt):
         # rr rows x nbt blocks; the codes are unpacked and converted once for the rr rows.
-        # stack buffers under 1 KiB ("global" scope, see kernels.py why) that LLVM keeps in registers
+        # stack buffers under 1 KiB ("global" scope, see int8_gemm.py why) that LLVM keeps in registers
         acc = T.decl_buffer((rr * nbt * LANES,), "float32", scope="global")
         ga = T.decl_buffer((2 * rr * nbt * LANES,), "float32", scope="global")
         for ri in T.unroll(rr):

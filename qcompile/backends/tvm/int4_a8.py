@@ -51,14 +51,15 @@ import torch
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
 from .epilogue import _OPAQUE_PATTERN as OPAQUE_PATTERN
+from .errors import NotBuiltError
 from .fuse import padded_bias, replace_linear
+from .host import detect
 from .int4 import (GROUPS, KW, LANES, call_operands, call_result, int4_linear, int4_weight_reason, pack_int4,
                    padded_n)
+from .int8_gemm import PMADDWD, VPDPBUSD
 
 ISAS = ("vnni", "avx2")
-VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
-PMADDWD = "llvm.x86.avx2.pmadd.wd"
 # register tiles of the M > 1 path (rows, units of 16 (vnni) / 8 (avx2) columns), and the units of one row
 TILES = {"vnni": (4, 2, 4), "avx2": (4, 1, 4)}
 AVX2_LINES = 4      # lines (8 k each) summed in int16 before widening: 8 pair sums of <= 3,840 each
@@ -165,7 +166,7 @@ def int4_a8_kernel(k: int, np_: int, group: int, isa: str = "vnni"):
     @T.macro
     def tile(A32, SA, AS, W32, S, Z, B, O, r0, mr, u0, nut):
         # mr rows x nut units of vl columns. Stack buffers under 1 KiB that LLVM keeps in registers
-        # ("global" scope: see kernels.py); unit u is lanes (u * vl) % 16 .. of block (u * vl) // 16
+        # ("global" scope: see int8_gemm.py); unit u is lanes (u * vl) % 16 .. of block (u * vl) // 16
         fac = T.decl_buffer((mr * nut * vl,), "float32", scope="global")
         iac = T.decl_buffer((halves(mr) * mr * nut * vl,), "int32", scope="global")     # the group's sums
         i16 = T.decl_buffer((1 if vnni else mr * nut * 16,), "int16", scope="global")   # avx2: 4 lines' sums
@@ -358,7 +359,7 @@ class FuseInt4A8LinearPass(Pass):
 class Int4A8LinearConverter:
     """Relax converter for ``qcompile_tvm::int4_a8_linear``: a ``call_tir`` of
     :func:`quantize_rows_kernel` (one per K, group) and one of :func:`int4_a8_kernel` (one per
-    K, Np, group). ``family``: the backend's integer kernel family (:data:`~.kernels.FAMILIES`)."""
+    K, Np, group). ``family``: the backend's integer kernel family (:data:`~.host.FAMILIES`)."""
 
     def __init__(self, family: str):
         self.family = family
@@ -373,9 +374,6 @@ class Int4A8LinearConverter:
 
     def __call__(self, node, imp):
         from tvm import relax
-
-        from .host import detect
-        from .lower import NotBuiltError
 
         isa = isa_for(self.family, detect().flags)
         if isa is None:

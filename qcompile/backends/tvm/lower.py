@@ -11,7 +11,7 @@ none) → ``relax.frontend.torch.from_exported_program`` with converters for qco
 
 The converters mirror the reference numerics (:mod:`qcompile.ops`, torchao's affine primitives)
 op for op — ``round(x * (1 / scale)) + zero_point``, clamped — so codes match the reference
-backend's; ``int8_linear`` becomes a ``call_tir`` of the kernel from :mod:`.kernels` for the
+backend's; ``int8_linear`` becomes a ``call_tir`` of the kernel from :mod:`.int8_gemm` for the
 weight's shape, its float epilogue fused inside the kernel.
 """
 from __future__ import annotations
@@ -25,16 +25,13 @@ from ...errors import BackendError
 from ..base import check_kernels_took
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
-from . import kernels
+from . import int8_gemm
 from .conv import FuseInt8ConvPass, Int8Conv2dConverter
 from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
+from .errors import NotBuiltError
 from .fuse import FuseInt8LinearPass
 from .int4 import FuseInt4LinearPass, Int4LinearConverter
 from .int4_a8 import FuseInt4A8LinearPass, Int4A8LinearConverter
-
-
-class NotBuiltError(BackendError, NotImplementedError):
-    """A capability the TVM backend does not have yet; the message names it and the node."""
 
 
 def _fmt(node, fmt_name: str):
@@ -160,7 +157,7 @@ class _Int8Linear:
         if key not in self.kernels:
             tail = "" if epilogue is None else f"_{epilogue[0]}_{epilogue[1]}"
             name = f"qgemm_{self.family.replace('-', '_')}_k{k}_n{np_}{'_row' if per_row else ''}{tail}"
-            func = kernels.gemm_kernel(k, np_, per_row, self.family, epilogue, self.parallel).with_attr("global_symbol", name)
+            func = int8_gemm.gemm_kernel(k, np_, per_row, self.family, epilogue, self.parallel).with_attr("global_symbol", name)
             self.kernels[key] = bb.add_func(func, name)
         m = a2.ty.shape[0]
         out_dtype = "float32" if epilogue is None else epilogue[1]

@@ -12,7 +12,7 @@ a float matmul reads ``B`` with a stride in its innermost loop. Ours:
   Measured against float64: ``fast_erf`` within 3.7e-7 absolute, ``fast_exp`` within 2.5e-7
   relative (torch's float32 ``erf``: 3.2e-8) — far below the int8 step of any activation. Float
   batch matmuls of rank 3 (attention's Q·Kᵀ and P·V after the importer's reshapes) become calls of
-  the register-tiled :func:`~.kernels.batch_matmul_kernel` (FMA on zmm, 8 accumulators).
+  the register-tiled :func:`batch_matmul_kernel` (FMA on zmm, 8 accumulators).
 - :func:`fuse_producers_into_norms` (before fusion): the attention scale and mask fuse into the
   softmax kernel, the residual add into the LayerNorm kernel.
 - :func:`schedule_primfunc` (after fusion), for every PrimFunc but the hand-written kernels:
@@ -25,7 +25,7 @@ a float matmul reads ``B`` with a stride in its innermost loop. Ours:
   innermost loops are left to LLVM's loop vectorizer: it handles symbolic extents (batch,
   sequence) with a remainder loop, and an explicit ``vectorize`` of a rounding cast to uint8 came
   out slower (scalarized ``vcvttps2dq``).
-- :data:`FAST_MATH_FLAGS` on the target: LLVM may reassociate float adds (so it vectorizes
+- :data:`~.host.FAST_MATH_FLAGS` on the target: LLVM may reassociate float adds (so it vectorizes
   reductions: a LayerNorm row sum in 16 lanes) and contract ``a * b + c`` into FMA. No ``nnan`` /
   ``ninf``: an attention mask may hold large negative values and the results must keep NaN/inf.
 
@@ -33,8 +33,6 @@ The hand-written kernels (``qgemm_*``, :data:`FLOAT_BMM`, :data:`ATTENTION`) are
 """
 from __future__ import annotations
 
-# LLVM fast-math flags the tvm backend's target carries (see the module docstring for why these)
-FAST_MATH_FLAGS = {"fast-math-reassoc": True, "fast-math-contract": True, "fast-math-nsz": True}
 VECTOR_LANES = 16   # float32 lanes of a zmm register
 FLOAT_BMM = "fbmm_f32"   # the name of the float batch-matmul kernel in the module
 ATTENTION = "attention_f32"   # name prefix of the fused attention kernels (attention.py)
@@ -173,13 +171,72 @@ def _gelu_te(x):
     return topi.multiply(x, topi.add(half, topi.multiply(erf, half)))
 
 
+# Float batch matmul (attention's Q·Kᵀ and P·V, which stay float in w8a8): register tiles of
+# FMR rows x 2 vectors of 16 columns (8 zmm accumulators), the k loop inside the tile, B read
+# along its rows (contiguous 16-float vectors), A broadcast one element at a time.
+FMR, FNV = 4, 2
+
+
+def batch_matmul_kernel():
+    """The TIR ``PrimFunc`` ``C[b, i, j] = sum_k A[b, i, k] * B[b, k, j]`` in float32, for
+    ``A [batch, m, K]``, ``B [batch, K, N]``, ``C [batch, m, N]``, every dim symbolic (one kernel
+    serves Q·Kᵀ and P·V at any batch and sequence). Rows outside the ``FMR``-row tiles run one at
+    a time; columns outside the 32-column tiles run as scalars."""
+    from tvm.script import tirx as T
+
+    tile_n = FNV * VECTOR_LANES
+
+    @T.macro
+    def tile(A, B, C, bi, row0, mr, col0, kk_n, m, nd):
+        acc = T.decl_buffer((mr * FNV * VECTOR_LANES,), "float32", scope="global")
+        bv = T.decl_buffer((FNV * VECTOR_LANES,), "float32", scope="global")
+        for t in T.unroll(mr * FNV):
+            acc[T.ramp(t * VECTOR_LANES, 1, VECTOR_LANES)] = T.broadcast(T.float32(0), VECTOR_LANES)
+        for kk in range(kk_n):
+            for v in T.unroll(FNV):
+                bv[T.ramp(v * VECTOR_LANES, 1, VECTOR_LANES)] = B.vload([bi, kk, col0 + v * VECTOR_LANES], "float32x16")
+            for ii in T.unroll(mr):
+                for v in T.unroll(FNV):
+                    acc[T.ramp((ii * FNV + v) * VECTOR_LANES, 1, VECTOR_LANES)] = (
+                        acc.vload([(ii * FNV + v) * VECTOR_LANES], "float32x16")
+                        + T.broadcast(A[bi, row0 + ii, kk], VECTOR_LANES) * bv.vload([v * VECTOR_LANES], "float32x16"))
+        for ii in T.unroll(mr):
+            for v in T.unroll(FNV):
+                C[T.ramp((bi * m + row0 + ii) * nd + col0 + v * VECTOR_LANES, 1, VECTOR_LANES)] = acc.vload(
+                    [(ii * FNV + v) * VECTOR_LANES], "float32x16")
+
+    @T.prim_func
+    def bmm(a: T.handle, b: T.handle, c: T.handle):
+        T.func_attr({"tir.noalias": True})
+        nb = T.int64()
+        m = T.int64()
+        kd = T.int64()
+        nd = T.int64()
+        A = T.match_buffer(a, (nb, m, kd), "float32")
+        B = T.match_buffer(b, (nb, kd, nd), "float32")
+        C = T.match_buffer(c, (nb, m, nd), "float32")
+        C1 = T.decl_buffer((nb * m * nd,), "float32", data=C.data)
+        for bi in range(nb):
+            for jo in range(nd // tile_n):
+                for io in range(m // FMR):
+                    tile(A, B, C1, bi, io * FMR, FMR, jo * tile_n, kd, m, nd)
+                for r in range(m % FMR):
+                    tile(A, B, C1, bi, m // FMR * FMR + r, 1, jo * tile_n, kd, m, nd)
+            for i in range(m):
+                for j in range(nd % tile_n):
+                    C[bi, i, nd // tile_n * tile_n + j] = T.float32(0)
+                    for kk in range(kd):
+                        C[bi, i, nd // tile_n * tile_n + j] = (C[bi, i, nd // tile_n * tile_n + j]
+                                                               + A[bi, i, kk] * B[bi, kk, nd // tile_n * tile_n + j])
+
+    return bmm
+
+
 def _batch_matmul(bb, call, kernels_added: dict):
     """``matmul(a, b)`` of two float32 rank-3 tensors with the same batch: a ``call_tir`` of the
-    register-tiled kernel (:func:`~.kernels.batch_matmul_kernel`); None for any other matmul."""
+    register-tiled kernel (:func:`batch_matmul_kernel`); None for any other matmul."""
     import tvm_ffi
     from tvm import relax
-
-    from . import kernels
 
     a, b = call.args
     ta, tb = a.ty, b.ty
@@ -190,15 +247,14 @@ def _batch_matmul(bb, call, kernels_added: dict):
     if not (tvm_ffi.structural_equal(ba, bb_) and tvm_ffi.structural_equal(ka, kb)):
         return None
     if "gv" not in kernels_added:
-        kernels_added["gv"] = bb.add_func(kernels.batch_matmul_kernel().with_attr("global_symbol", FLOAT_BMM),
-                                          FLOAT_BMM)
+        kernels_added["gv"] = bb.add_func(batch_matmul_kernel().with_attr("global_symbol", FLOAT_BMM), FLOAT_BMM)
     return relax.call_tir(kernels_added["gv"], [a, b], out_ty=relax.TensorType([ba, m, n], "float32"))
 
 
 def rewrite_float_ops():
     """A Relax pass, before legalization: ``nn.gelu`` (the erf form), ``nn.softmax``, ``erf`` and
     ``exp`` on float32 through TVM's ``fast_erf`` / ``fast_exp`` / ``fast_softmax``, and float32
-    batch matmuls through :func:`~.kernels.batch_matmul_kernel` (see the module docstring)."""
+    batch matmuls through :func:`batch_matmul_kernel` (see the module docstring)."""
     import tvm
     from tvm import relax, topi
     from tvm.relax.expr_functor import PyExprMutator, mutator

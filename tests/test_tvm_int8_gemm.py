@@ -6,9 +6,9 @@ import pytest
 
 tvm = pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip install 'qcompile[tvm]'")
 
-from qcompile.backends.tvm import kernels  # noqa: E402
-from qcompile.backends.tvm.host import (FAMILY_FLAGS, choose_family, choose_mattr, choose_mcpu, detect,  # noqa: E402
-                                        request_amx)
+from qcompile.backends.tvm import amx, int8_gemm  # noqa: E402
+from qcompile.backends.tvm.host import (FAMILIES, FAMILY_FLAGS, choose_family, choose_mattr, choose_mcpu,  # noqa: E402
+                                        compile_kernel, detect, request_amx)
 
 HOST = detect()
 # (M, K, N): full 5-row tiles, remainder rows, M=1 (the one-row path), N padded to 48, N%96 == 0
@@ -26,23 +26,23 @@ def _family(name):
 
 def test_pack_round_trip_and_layout():
     w = np.random.default_rng(0).integers(-128, 128, (40, 12)).astype(np.int8)
-    p = kernels.pack_weights(w)
+    p = int8_gemm.pack_weights(w)
     assert p.shape == (3, 3, 64)                    # N padded to 48 → 3 blocks of 16; K/4 = 3
-    assert np.array_equal(kernels.unpack_weights(p)[:40], w) and not kernels.unpack_weights(p)[40:].any()
+    assert np.array_equal(int8_gemm.unpack_weights(p)[:40], w) and not int8_gemm.unpack_weights(p)[40:].any()
     # one vpdpbusd operand: 16 columns x 4 consecutive k, column-major inside the group
     assert np.array_equal(p[1, 2].reshape(16, 4), w[16:32, 8:12])
     with pytest.raises(ValueError, match="multiple of 4"):
-        kernels.pack_weights(w[:, :10])
+        int8_gemm.pack_weights(w[:, :10])
 
 
-@pytest.mark.parametrize("family", kernels.FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("per_row", [False, True])
 def test_gemm_is_bit_exact(family, m, k, n, per_row):
     _family(family)
     rng = np.random.default_rng(m * 1000 + k + n)
-    np_ = kernels.padded_n(n)
-    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, family))
+    np_ = int8_gemm.padded_n(n)
+    mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, per_row, family))
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     a[0, :] = 255                                   # the full u8 range (a saturating kernel fails here)
     w = rng.integers(-128, 128, (n, k)).astype(np.int8)
@@ -54,7 +54,7 @@ def test_gemm_is_bit_exact(family, m, k, n, per_row):
     dev = tvm.cpu()
 
     def run(sa, za, sw, bias):
-        args = [a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.zeros((m, np_), np.float32)]
+        args = [a, int8_gemm.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.zeros((m, np_), np.float32)]
         t = [tvm.runtime.tensor(x, dev) for x in args]
         mod["main"](*t)
         return t[-1].numpy()
@@ -84,7 +84,7 @@ def test_kernel_family_and_target_follow_cpu_flags():
     assert choose_mattr("x86-64-v3", frozenset({"avx2", "avx_vnni"})) == ("+avxvnni",)
     assert choose_mattr("x86-64-v3", frozenset({"avx2"})) == ()
     assert choose_mattr("sapphirerapids", frozenset({"avx2", "avx_vnni", "avx512_vnni"})) == ()
-    assert HOST.family in kernels.FAMILIES
+    assert HOST.family in FAMILIES
 
 
 def test_avx_vnni_family_is_vex_ymm_code_for_an_avx2_target():
@@ -92,9 +92,9 @@ def test_avx_vnni_family_is_vex_ymm_code_for_an_avx2_target():
     the VEX-encoded ``vpdpbusd`` on ymm, no zmm register anywhere; run bit-exact where the host
     has AVX-VNNI (this target's code runs on any such host, AVX-512 or not)."""
     m, k, n = 13, 256, 100
-    np_ = kernels.padded_n(n)
+    np_ = int8_gemm.padded_n(n)
     target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "mattr": ["+avxvnni"]})
-    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, False, "avx-vnni"), target)
+    mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, False, "avx-vnni"), target)
     asm = mod.mod.inspect_source("asm")
     assert "{vex}\tvpdpbusd" in asm and "%ymm" in asm and "%zmm" not in asm
     _family("avx-vnni")
@@ -104,7 +104,7 @@ def test_avx_vnni_family_is_vex_ymm_code_for_an_avx2_target():
     wfull = np.zeros((np_, k), np.int64)
     wfull[:n] = w
     t = [tvm.runtime.tensor(x, tvm.cpu()) for x in (
-        a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), np.ones(1, np.float32), np.zeros(1, np.int32),
+        a, int8_gemm.pack_weights(w), wfull.sum(1).astype(np.int32), np.ones(1, np.float32), np.zeros(1, np.int32),
         np.ones(np_, np.float32), np.zeros(np_, np.float32), np.zeros((m, np_), np.float32))]
     mod["main"](*t)
     assert np.array_equal(t[-1].numpy(), (a.astype(np.int64) @ wfull.T).astype(np.float32))
@@ -112,22 +112,22 @@ def test_avx_vnni_family_is_vex_ymm_code_for_an_avx2_target():
 
 def test_unknown_family_and_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="unknown kernel family 'sme'"):
-        kernels.gemm_kernel(64, 48, False, "sme")
+        int8_gemm.gemm_kernel(64, 48, False, "sme")
     with pytest.raises(ValueError, match="multiple of 4"):
-        kernels.gemm_kernel(30, 48, False, "generic")
+        int8_gemm.gemm_kernel(30, 48, False, "generic")
 
 
 # (M, K, N, check the requantizing epilogue too): two 32-row blocks, a pair of column blocks and an
 # odd one (N=48 → 3 blocks of 16), 13 leftover rows; M=300 → 9 blocks, so two chunks of AMX_CHUNK;
 # K=96 is not a multiple of 64 (the vnni/generic kernel throughout)
 # K = 768 and up: the epilogue of each block runs interleaved with the next block's tiles
-# (kernels.AMX_INTERLEAVE_MIN_STEPS); below, after its own block
+# (amx.AMX_INTERLEAVE_MIN_STEPS); below, after its own block
 AMX_SHAPES = [(77, 768, 112, True), (300, 768, 48, False), (77, 192, 48, True), (40, 96, 48, False)]
 
 
 def _gemm_inputs(m, k, n, per_row, seed):
     rng = np.random.default_rng(seed)
-    np_ = kernels.padded_n(n)
+    np_ = int8_gemm.padded_n(n)
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     a[0, :] = 255
     w = rng.integers(-128, 128, (n, k)).astype(np.int8)
@@ -139,7 +139,7 @@ def _gemm_inputs(m, k, n, per_row, seed):
                          rng.random(np_).astype(np.float32), rng.standard_normal(np_).astype(np.float32)]
 
 
-@pytest.mark.parametrize("family", [kernels.AMX_EMULATED, "amx"])
+@pytest.mark.parametrize("family", [amx.AMX_EMULATED, "amx"])
 @pytest.mark.parametrize("m,k,n,requantize", AMX_SHAPES)
 def test_amx_family_is_bit_exact(family, m, k, n, requantize):
     """The AMX family's loop nest (blocks of 32 rows, tile loads at the right offsets and strides,
@@ -153,8 +153,8 @@ def test_amx_family_is_bit_exact(family, m, k, n, requantize):
     np_ = wfull.shape[0]
     dev = tvm.cpu()
     one = [np.ones_like(sa), np.zeros_like(za), np.ones_like(sw), np.zeros_like(bias)]
-    mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, family))
-    t = [tvm.runtime.tensor(x, dev) for x in (a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), *one,
+    mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, per_row, family))
+    t = [tvm.runtime.tensor(x, dev) for x in (a, int8_gemm.pack_weights(w), wfull.sum(1).astype(np.int32), *one,
                                                np.full((m, np_), np.nan, np.float32))]
     mod["main"](*t)
     assert np.array_equal(t[-1].numpy(), (a.astype(np.int64) @ wfull.T).astype(np.float32))
@@ -162,9 +162,9 @@ def test_amx_family_is_bit_exact(family, m, k, n, requantize):
         return
     codes = {}
     for fam in (family, "generic"):
-        mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, fam, ("gelu", "uint8")))
+        mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, per_row, fam, ("gelu", "uint8")))
         t = [tvm.runtime.tensor(x, dev) for x in (
-            a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.ones(np_, np.float32),
+            a, int8_gemm.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.ones(np_, np.float32),
             np.array([4.0], np.float32), np.array([7], np.int32), np.zeros((m, np_), np.uint8))]
         mod["main"](*t)
         codes[fam] = t[-1].numpy()
@@ -183,9 +183,9 @@ def test_parallel_build_gives_the_serial_build_s_outputs(m, k, n):
     np_ = wfull.shape[0]
     outs = []
     for parallel in (False, True):
-        mod = kernels.compile_kernel(kernels.gemm_kernel(k, np_, per_row, family, ("gelu", "uint8"), parallel))
+        mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, per_row, family, ("gelu", "uint8"), parallel))
         t = [tvm.runtime.tensor(x, tvm.cpu()) for x in (
-            a, kernels.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.ones(np_, np.float32),
+            a, int8_gemm.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.ones(np_, np.float32),
             np.array([4.0], np.float32), np.array([7], np.int32), np.zeros((m, np_), np.uint8))]
         mod["main"](*t)
         outs.append(t[-1].numpy())
@@ -197,28 +197,9 @@ def test_amx_kernel_is_tile_code():
     here): tile loads, ``tdpbusd`` and tile stores in the code, the tile configuration loaded once
     per call (outside every loop), the tiles released; a K that is not a multiple of 64 has none."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
-    asm = kernels.compile_kernel(kernels.gemm_kernel(768, 3072, False, "amx"), target).mod.inspect_source("asm")
+    asm = compile_kernel(int8_gemm.gemm_kernel(768, 3072, False, "amx"), target).mod.inspect_source("asm")
     for insn in ("tdpbusd", "tileloadd", "tilestored", "tilezero", "tilerelease", "vpdpbusd"):
         assert insn in asm, insn
     assert asm.count("ldtilecfg") == 1
-    asm = kernels.compile_kernel(kernels.gemm_kernel(96, 48, False, "amx"), target).mod.inspect_source("asm")
+    asm = compile_kernel(int8_gemm.gemm_kernel(96, 48, False, "amx"), target).mod.inspect_source("asm")
     assert "tdpbusd" not in asm and "vpdpbusd" in asm
-
-
-@pytest.mark.parametrize("b,m,k,n", [(2, 8, 32, 64), (3, 13, 32, 37), (2, 9, 7, 32), (1, 1, 5, 3)])
-def test_float_batch_matmul_matches_numpy(b, m, k, n):
-    """Full 4-row x 32-column tiles, remainder rows (13 = 3 tiles + 1), remainder columns (37 =
-    one tile + 5 scalars; 3 = scalars only), K not a multiple of anything."""
-    rng = np.random.default_rng(b * 100 + m + k + n)
-    mod = kernels.compile_kernel(kernels.batch_matmul_kernel())
-    x, y = rng.standard_normal((b, m, k)).astype(np.float32), rng.standard_normal((b, k, n)).astype(np.float32)
-    out = tvm.runtime.tensor(np.full((b, m, n), np.nan, np.float32))
-    mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), out)
-    np.testing.assert_allclose(out.numpy(), x.astype(np.float64) @ y.astype(np.float64), rtol=1e-5, atol=1e-5)
-
-
-def test_float_batch_matmul_rejects_mismatched_shapes():
-    mod = kernels.compile_kernel(kernels.batch_matmul_kernel())
-    x, y = np.zeros((2, 4, 8), np.float32), np.zeros((2, 7, 32), np.float32)
-    with pytest.raises(Exception, match="(?i)shape|mismatch|match"):
-        mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), tvm.runtime.tensor(np.zeros((2, 4, 32), np.float32)))
