@@ -121,7 +121,8 @@ def ptq_stages(recipe: Recipe, placement: Capabilities, captured: Captured, cali
     if recipe.smoothing is not None:
         missing = (f"recipe '{recipe.name}' uses smoothing, whose scales are measured on data: pass calibration= "
                    "to prepare (or quantize), or set smoothing to null")
-        stages += [Stage(InsertChannelStatsPass(placement.quantized_outputs), SMOOTHING, quantizes_activations),
+        stages += [Stage(InsertChannelStatsPass(recipe.smoothing, placement.quantized_outputs), SMOOTHING,
+                         quantizes_activations),
                    Stage(CalibratePass(calibration, binder, recipe.calibration, "smoothing statistics", missing,
                                        observers=False), SMOOTHING, quantizes_activations),
                    Stage(ApplySmoothingPass(recipe.smoothing), SMOOTHING,

@@ -44,7 +44,8 @@ class InsertChannelStatsPass(Pass):
 
     name = "insert_channel_stats"
 
-    def __init__(self, quantized_outputs: frozenset = frozenset()):
+    def __init__(self, config: SmoothingConfig = SmoothingConfig(), quantized_outputs: frozenset = frozenset()):
+        self.config = config
         self.quantized_outputs = frozenset(quantized_outputs)
 
     def call(self, gm):
