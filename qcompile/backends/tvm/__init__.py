@@ -22,6 +22,26 @@ Example::
     >>> art = qcompile.lower(qmodel, backend="tvm")
     >>> out = art(input_ids, attention_mask)
     >>> art.save("out/minilm-tvm"); same = qcompile.backends.tvm.load("out/minilm-tvm")
+
+Modules, lowest first; each imports only modules above it (``tvm`` itself at module level: the
+backend registry imports this package only when the tvm backend is asked for):
+
+1. ``errors`` — :class:`NotBuiltError`.
+2. ``host`` — the CPU's flags, the kernel families it runs, the LLVM target, ``compile_kernel``.
+3. ``amx`` — the AMX tile configuration and loop nest (TIR macros) of the int8 GEMM.
+4. ``int8_gemm`` — the int8 GEMM kernel families, weight packing, the epilogue expressions (amx, host).
+5. ``peak`` — register-only peak loops, for benchmarks (amx, int8_gemm).
+6. ``fuse`` — ``int8_linear`` and the pass that fuses int8 Linears (int8_gemm).
+7. ``epilogue`` — GEMM epilogue and LayerNorm+quantize fusion, their kernel (fuse, int8_gemm).
+8. ``conv`` — int8 conv2d as im2col + the GEMM (fuse, int8_gemm).
+9. ``int4`` — int4 weight-only kernel, op, pass, converter (fuse).
+10. ``int4_a8`` — int4 weights on int8 activations (errors, host, int8_gemm, fuse, epilogue, int4).
+11. ``attention`` — the fused float attention kernel and its Relax rewrite.
+12. ``pipeline`` — the Relax pipeline and the float batch-matmul kernel (attention).
+13. ``lower`` — the graph to Relax and the build (errors, int8_gemm, fuse, epilogue, conv, int4,
+    int4_a8, pipeline).
+14. ``runtime`` — :class:`TvmArtifact`, ``load`` (host).
+15. this ``__init__`` — :class:`TvmBackend` (errors, host, lower, runtime).
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ consecutive rows of pack_weights' [Np/16, K/4, 64] layout, 1 KiB contiguous.
 """
 from __future__ import annotations
 
+from tvm.script import tirx as T
+
 AMX_M, AMX_K = 32, 64      # 2 x 2 accumulator tiles cover 32 rows x 32 columns; one tile row is 64 k
 AMX_CHUNK = 8              # blocks of 32 rows per pass over the weights: 256 rows of A stay in L2
 AMX_EMULATED = "amx-emulated"
@@ -20,8 +22,6 @@ def tile_config(emulate: bool):
     """The macro that loads the one tile configuration of every AMX kernel (the GEMM's, :mod:`.peak`'s)
     (``ldtilecfg``): palette 1, all eight tiles 16 rows x 64 bytes. With ``emulate`` it only fills
     the 64 bytes."""
-    from tvm.script import tirx as T
-
     @T.macro
     def t_config():
         cfg = T.decl_buffer((64,), "uint8", scope="global")
@@ -58,8 +58,6 @@ def amx_macros(k: int, nb: int, emulate: bool, finish, parallel: bool):
     raises SIGILL. With ``emulate``, each tile instruction is a scalar loop over a byte array of
     eight 1 KiB tiles with the same operands (row stride in bytes, tile ids), so everything but the
     instructions themselves is checked on any host."""
-    from tvm.script import tirx as T
-
     k4, nk = k // 4, k // AMX_K
     rps = (AMX_M + nk - 1) // nk   # epilogue rows per k step: the previous block is done when this one is
     # With few k steps, each carries many rows of epilogue stores, which the next step's tile

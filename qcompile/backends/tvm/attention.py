@@ -40,6 +40,14 @@ the mask, other dtypes).
 """
 from __future__ import annotations
 
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import ir, relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.script import tirx as T
+from tvm.sym.analyzer import Analyzer
+
 AMR = 4          # query rows per tile
 ANV = 2          # 16-float vectors of keys per Q·Kᵀ register tile (AMR x ANV accumulators)
 ALANES = 16
@@ -57,8 +65,6 @@ def fast_exp(x):
     term: ``x`` clamped, ``n = floor(x log2 e + 1/2)``, ``f = x - n ln 2``, a degree-6 polynomial
     in ``f`` times ``2^n`` built from the exponent bits, and ``max(·, x)``. (Inside a
     ``T.vectorized`` loop it becomes vector code.)"""
-    from tvm import tirx
-
     def c(v):
         return tirx.const(v, "float32")
 
@@ -84,8 +90,6 @@ def attention_kernel(heads: int, head_dim: int, scale: float, mask_rows: bool, p
     ``head_dim`` must be a multiple of 16. ``parallel``: one task per (sequence, head) on TVM's
     thread pool; without it no tasks are launched (at batch 1, one thread, the launches and the
     per-head buffers cost about 9 %, measured)."""
-    from tvm.script import tirx as T
-
     if head_dim % ALANES:
         raise ValueError(f"head_dim={head_dim} is not a multiple of {ALANES}")
     hn, dn = heads, head_dim
@@ -208,8 +212,6 @@ def attention_kernel(heads: int, head_dim: int, scale: float, mask_rows: bool, p
 
 def _call(expr, lookup, op: str):
     """The call of ``op`` bound to ``expr`` (a Var resolved through its binding), else None."""
-    from tvm import ir, relax
-
     if isinstance(expr, relax.Var):
         expr = lookup(expr)
     if isinstance(expr, relax.Call) and isinstance(expr.op, ir.Op) and expr.op.name == op:
@@ -219,8 +221,6 @@ def _call(expr, lookup, op: str):
 
 def _shape(expr):
     """The static-rank shape (a list of PrimExprs) of a float32 tensor, else None."""
-    from tvm import relax
-
     ty = expr.ty
     if not (isinstance(ty, relax.TensorType) and ty.dtype == "float32" and ty.shape is not None):
         return None
@@ -230,9 +230,6 @@ def _shape(expr):
 
 def _same(a, b) -> bool:
     """Two shapes are equal, dim by dim (structurally, or provably for symbolic products)."""
-    import tvm_ffi
-    from tvm.sym.analyzer import Analyzer
-
     if a is None or b is None or len(a) != len(b):
         return False
     ana = Analyzer()
@@ -241,8 +238,6 @@ def _same(a, b) -> bool:
 
 def _int(x):
     """A static dim as an int, else None."""
-    from tvm import tirx
-
     return int(x) if isinstance(x, tirx.IntImm) else None
 
 
@@ -304,9 +299,6 @@ def _head_source(expr, lookup, perm):
 
 def _scalar_const(expr, lookup):
     """The float value of a scalar (or one-element) float32 constant, else None."""
-    import tvm
-    from tvm import relax
-
     if isinstance(expr, relax.Var):
         bound = lookup(expr)
         expr = bound if bound is not None else expr
@@ -328,8 +320,6 @@ def match_attention(root, lookup):
     """Match the importer's attention ending at ``root`` (the context ``reshape [B, S, H·D]``):
     a dict of the kernel's operands and parameters, or None when anything differs from the
     pattern in the module docstring."""
-    import numpy as np
-
     out_shape = _shape(root)
     call = _call(root, lookup, "relax.reshape")
     if call is None or out_shape is None or len(out_shape) != 3:
@@ -395,44 +385,46 @@ def match_attention(root, lookup):
             "scale": float(np.float32(scale)), "mask_rows": mask_rows}
 
 
+@mutator
+class _RewriteAttention(PyExprMutator):
+    """The mutator of :func:`rewrite_attention`."""
+
+    kernels: dict  # (heads, head_dim, scale, mask_rows) -> GlobalVar, set per module by run()
+    parallel: bool  # the kernels' heads as thread-pool tasks, set by run()
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.reshape"):
+            return call
+        m = match_attention(call, self.lookup_binding)
+        if m is None:
+            return call
+        key = (m["heads"], m["head_dim"], m["scale"], m["mask_rows"])
+        if key not in self.kernels:
+            name = f"{ATTENTION}_h{key[0]}_d{key[1]}_{len(self.kernels)}"
+            func = attention_kernel(*key, self.parallel).with_attr("global_symbol", name)
+            self.kernels[key] = self.builder_.add_func(func, name)
+        bs, hd = m["batch"] * m["seq"], m["heads"] * m["head_dim"]
+        ops = []
+        for x in (m["q"], m["k"], m["v"]):
+            if not _same(_shape(x), [bs, hd]):
+                x = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([bs, hd])))
+            ops.append(x)
+        return relax.call_tir(self.kernels[key], [m["mask"], *ops],
+                              out_ty=relax.TensorType([m["batch"], m["seq"], hd], "float32"))
+
+
 def rewrite_attention(parallel: bool = False):
     """A Relax pass, before legalization: every attention that :func:`match_attention` matches
     becomes one ``call_tir`` of :func:`attention_kernel` (one kernel per head count, head size,
     scale and mask shape), and the transposes, matmuls and softmax it replaces are dropped
     (dead-code elimination) unless something else reads them."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    @mutator
-    class Rewrite(PyExprMutator):
-        kernels: dict  # (heads, head_dim, scale, mask_rows) -> GlobalVar, set per module by run()
-
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.reshape"):
-                return call
-            m = match_attention(call, self.lookup_binding)
-            if m is None:
-                return call
-            key = (m["heads"], m["head_dim"], m["scale"], m["mask_rows"])
-            if key not in self.kernels:
-                name = f"{ATTENTION}_h{key[0]}_d{key[1]}_{len(self.kernels)}"
-                func = attention_kernel(*key, parallel).with_attr("global_symbol", name)
-                self.kernels[key] = self.builder_.add_func(func, name)
-            bs, hd = m["batch"] * m["seq"], m["heads"] * m["head_dim"]
-            ops = []
-            for x in (m["q"], m["k"], m["v"]):
-                if not _same(_shape(x), [bs, hd]):
-                    x = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([bs, hd])))
-                ops.append(x)
-            return relax.call_tir(self.kernels[key], [m["mask"], *ops],
-                                  out_ty=relax.TensorType([m["batch"], m["seq"], hd], "float32"))
 
     @tvm.transform.module_pass(opt_level=0, name="QcompileRewriteAttention")
     def run(mod, _ctx):
-        rw = Rewrite(mod)
+        rw = _RewriteAttention(mod)
         rw.kernels = {}
+        rw.parallel = parallel
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rw.builder_.update_func(gv, rw.visit_expr(func))

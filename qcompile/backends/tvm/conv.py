@@ -39,6 +39,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tvm import relax, sym, tirx
+from tvm.script import tirx as T
 
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
 from . import int8_gemm
@@ -197,8 +199,6 @@ def im2col_kernel(c: int, kh: int, kw: int, stride: list[int], padding: list[int
     the code of channel ``ci`` under tap ``(ky, kx)`` of output pixel ``(y, x)``, ``za`` where the
     tap falls in the padding, and 0 in the ``Kp - kh·kw·c`` padding columns. The caller gives
     ``oh``/``ow`` (:func:`out_size`)."""
-    from tvm.script import tirx as T
-
     kk, kp = c * kh * kw, k_padded(c, kh, kw)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     shift = 128 if in_dtype == "int8" else 0
@@ -245,8 +245,6 @@ class Int8Conv2dConverter:
         return self.kernels[key]
 
     def __call__(self, node, imp):
-        from tvm import relax, sym, tirx
-
         op, bb = relax.op, imp.block_builder
         a, sa = imp.env[node.args[0]], imp.env[node.args[1]]
         za = imp.env[node.args[2]] if node.args[2] is not None else None

@@ -31,6 +31,8 @@ import operator
 from typing import Optional
 
 import torch
+from tvm import relax, tirx
+from tvm.script import tirx as T
 
 from ...formats import get_format
 from ...ops import CHOOSE_QPARAMS, QUANTIZE
@@ -332,9 +334,6 @@ def layer_norm_quantize_kernel(d: int, residual: bool, out_dtype: str, eps: floa
     ``gamma``, ``beta``, ``cm`` f32 ``[d]``, ``qinv`` f32 ``[1]``, ``qz`` i32 ``[1]``, then the
     outputs ``y`` f32 and ``q`` of ``out_dtype``, both ``[*lead, d]``. Mean and variance in two
     passes over the row, each with two 16-lane partial sums (two independent add chains)."""
-    from tvm import tirx
-    from tvm.script import tirx as T
-
     if d % (2 * FLANES) or out_dtype not in ("uint8", "int8") or ndim not in (2, 3):
         raise ValueError(f"layer_norm_quantize_kernel: d={d} must be a multiple of {2 * FLANES}, codes uint8 or "
                          f"int8, rank 2 or 3 (got {ndim})")
@@ -402,8 +401,6 @@ class LayerNormQuantizeConverter:
         self.kernels: dict[tuple, object] = {}
 
     def __call__(self, node, imp):
-        from tvm import relax, tirx
-
         op, bb = relax.op, imp.block_builder
         a = imp.env[node.args[0]]
         r = imp.env[node.args[1]] if node.args[1] is not None else None

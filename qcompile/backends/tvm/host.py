@@ -67,7 +67,8 @@ def choose_mattr(mcpu: str, flags: frozenset) -> tuple:
     return ("+avxvnni",) if mcpu == "x86-64-v3" and "avx_vnni" in flags else ()
 
 
-# the built integer kernel families (int8_gemm.gemm_kernel), fastest first: choose_family takes the first the host runs
+# the built integer kernel families (int8_gemm.gemm_kernel), fastest first: choose_family takes the first
+# one the host runs
 FAMILIES = ("amx", "vnni", "avx-vnni", "avx2", "generic")
 # the CPU flags each kernel family's instructions need (the amx family runs its leftover rows on vnni)
 FAMILY_FLAGS = {"amx": ("amx_tile", "amx_int8", "avx512_vnni"), "vnni": ("avx512_vnni",), "avx-vnni": ("avx_vnni", "avx2"),

@@ -42,6 +42,13 @@ check then raises ``NotBuiltError`` naming it, since the Relax dequantize has no
 from __future__ import annotations
 
 import numpy as np
+import torch
+from tvm import relax, tirx
+from tvm.script import tirx as T
+
+from ...ops import DEQUANTIZE
+from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
+from .fuse import padded_bias, replace_linear, variable_bias
 
 LANES = 16      # columns per block: one zmm of float32
 KW = 8          # codes of one column per 32-bit lane
@@ -100,8 +107,6 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
     ``w`` u8 ``[Np/16, K/8, 64]``, ``s``, ``z`` f32 ``[Np/16, K/g, 16]``, ``bias`` f32 ``[Np]``,
     ``out`` f32 ``[m, Np]``. The GEMM path for ``m >= MMIN`` rows, the GEMV path below (module
     docstring)."""
-    from tvm.script import tirx as T
-
     if group not in GROUPS or k % group or np_ % LANES:
         raise ValueError(f"K={k} must be a multiple of the group {group} (one of {GROUPS}) and Np={np_} of {LANES}")
     nb, ng, gw, kw, k2 = np_ // LANES, k // group, group // KW, k // KW, k // 2
@@ -256,12 +261,6 @@ def int4_kernel(k: int, np_: int, group: int, mmin: int = MMIN):
 
 # ---- the fused op, the pass that creates it, and its Relax converter --------------------------
 
-import torch  # noqa: E402
-
-from ...ops import DEQUANTIZE  # noqa: E402
-from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor  # noqa: E402
-from .fuse import padded_bias, replace_linear, variable_bias  # noqa: E402
-
 
 @torch.library.custom_op("qcompile_tvm::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bias: torch.Tensor,
@@ -356,8 +355,6 @@ class Int4LinearConverter:
         self.kernels: dict[tuple, object] = {}
 
     def __call__(self, node, imp):
-        from tvm import relax
-
         bb = imp.block_builder
         x2, lead, (packed, s, z, bias), n, group = call_operands(node, imp)
         k, np_ = int(packed.ty.shape[1]) * KW, int(packed.ty.shape[0]) * LANES
@@ -374,16 +371,12 @@ def call_operands(node, imp):
     """For a converter of ``int4_linear`` / ``int4_a8_linear`` (args ``x, packed, s, z, bias, n,
     group``): ``x`` as float32 rows ``[m, K]`` (``K`` its own, which a padded weight exceeds), its
     leading dims, the four packed operands, ``n`` and ``group``."""
-    from tvm import relax
-
     op, bb = relax.op, imp.block_builder
     x = imp.env[node.args[0]]
     packed = imp.env[node.args[1]]
     val = node.args[0].meta.get("val")
     k = int(val.shape[-1]) if isinstance(val, torch.Tensor) else int(packed.ty.shape[1]) * KW
     if x.ty.shape is None:  # the importer lost the shape: name its dims
-        from tvm import tirx
-
         dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(x.ty.ndim - 1)]
         x = bb.match_cast(x, relax.TensorType([*dims, k], x.ty.dtype))
     lead = list(x.ty.shape.values[:-1])
@@ -393,8 +386,6 @@ def call_operands(node, imp):
 
 def call_result(bb, out, n: int, lead):
     """A kernel's ``[m, Np]`` output without its padding columns, reshaped to ``[*lead, n]``."""
-    from tvm import relax
-
     if int(out.ty.shape[1]) != n:
         out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
     return bb.emit(relax.op.reshape(out, (*lead, n)))

@@ -43,10 +43,13 @@ Lowering: :class:`FuseInt4A8LinearPass` turns ``linear(dequantize(quantize(x, ch
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import numpy as np
 import torch
+from tvm import relax
+from tvm.script import tirx as T
 
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
@@ -84,8 +87,6 @@ def quantize_rows_kernel(k: int, group: int):
     is ``K`` rounded up to the group: a short last group (K = 576, g = 128) is quantized from its
     own values, as the reference does, and its codes are followed by zeros. The reference's float steps in its order: ``amax / 127``, ``max(., eps)``,
     ``1 / scale``, ``round(x * (1 / scale))`` (half to even), clamp."""
-    from tvm.script import tirx as T
-
     if k % KW or group % KW:
         raise ValueError(f"K={k} and the group {group} must be multiples of {KW}")
     ng, tail = -(-k // group), k % group    # a short last group of `tail` values: zero codes after them
@@ -135,8 +136,6 @@ def int4_a8_kernel(k: int, np_: int, group: int, isa: str = "vnni"):
     ``[m, K]``, ``sa``, ``asum`` f32 ``[m, K/g]`` (from :func:`quantize_rows_kernel`), ``w`` u8
     ``[Np/16, K/8, 64]``, ``s``, ``z`` f32 ``[Np/16, K/g, 16]`` (:func:`~.int4.pack_int4`), ``bias``
     f32 ``[Np]``, ``out`` f32 ``[m, Np]``. ``isa``: :data:`ISAS` (module docstring)."""
-    from tvm.script import tirx as T
-
     if isa not in ISAS:
         raise ValueError(f"unknown instruction set '{isa}' (built: {', '.join(ISAS)})")
     if group not in GROUPS or k % group or np_ % LANES:
@@ -290,8 +289,6 @@ def _dynamic_int8_source(dqa, group: int):
     """``(x, None)`` when ``dqa`` is ``dequantize(quantize(x, s, z, "int8", g), s, z, "int8", g)``
     with ``(s, z) = choose_qparams(x, "int8", symmetric, per token, g)`` and ``g`` the weight's
     group; else ``(None, why not)``."""
-    import operator
-
     q = dqa.args[0]
     if getattr(q, "target", None) != QUANTIZE or dqa.args[3] != "int8" or q.args[3] != "int8":
         return None, f"activation format {dqa.args[3]} is not int8 codes of a quantize"
@@ -373,8 +370,6 @@ class Int4A8LinearConverter:
         return self.kernels[key]
 
     def __call__(self, node, imp):
-        from tvm import relax
-
         isa = isa_for(self.family, detect().flags)
         if isa is None:
             raise NotBuiltError(f"node '{node.name}': int4 x int8 kernels need AVX2 or AVX-512 VNNI (family "

@@ -36,6 +36,8 @@ LLVM's SROA promotes them to registers.
 from __future__ import annotations
 
 import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
 
 from .amx import AMX_EMULATED, AMX_K, AMX_M, amx_macros
 from .host import FAMILIES
@@ -86,8 +88,6 @@ ACTIVATIONS = ("none", "relu", "gelu")
 def fast_erf_expr(x):
     """``topi.fast_erf`` of one float32 ``PrimExpr``, the same operations in the same order, so a
     kernel that inlines it rounds exactly as the ``fast_erf`` TE kernel does."""
-    from tvm import tirx
-
     def c(v):
         return tirx.const(v, "float32")
 
@@ -106,8 +106,6 @@ def fast_erf_expr(x):
 def activation_expr(activation: str, y):
     """``y`` through ``activation`` (:data:`ACTIVATIONS`); GELU is the erf form written as
     pipeline._gelu_te writes it, ``y * (0.5 + erf(y * sqrt(1/2)) * 0.5)``."""
-    from tvm import tirx
-
     if activation == "none":
         return y
     if activation == "relu":
@@ -122,8 +120,6 @@ def requantize_expr(y, cm, qinv, qz, out_dtype: str):
     """Codes of ``y * cm`` as qcompile.ops.quantize computes them: ``clamp(round(x * (1 / scale)) + zp)``,
     round half to even (``llvm.nearbyint``); ``qinv`` is ``1 / scale`` computed in float32 as the
     reference computes it. The float → int32 → 8-bit cast keeps LLVM on vector instructions."""
-    from tvm import tirx
-
     lo, hi = (0.0, 255.0) if out_dtype == "uint8" else (-128.0, 127.0)
     q = tirx.round((y * cm) * qinv) + tirx.Cast("float32", qz)
     q = tirx.min(tirx.max(q, tirx.const(lo, "float32")), tirx.const(hi, "float32"))
@@ -154,8 +150,6 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
     ``family="amx-emulated"``: the same loop nest with each tile instruction replaced by a scalar
     TIR loop of the same meaning, and the leftover rows on ``generic`` tiles, so the AMX family's
     addressing, tiling and epilogue are tested on any host (slow: for tests only)."""
-    from tvm.script import tirx as T
-
     if family not in FAMILIES + (AMX_EMULATED,):
         raise ValueError(f"unknown kernel family '{family}' (built: {', '.join(FAMILIES)})")
     if k % 4 or np_ % (16 * NR):

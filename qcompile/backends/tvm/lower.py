@@ -20,6 +20,10 @@ import copy
 import time
 
 import torch
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ...errors import BackendError
 from ..base import check_kernels_took
@@ -32,6 +36,7 @@ from .errors import NotBuiltError
 from .fuse import FuseInt8LinearPass
 from .int4 import FuseInt4LinearPass, Int4LinearConverter
 from .int4_a8 import FuseInt4A8LinearPass, Int4A8LinearConverter
+from .pipeline import get_pipeline
 
 
 def _fmt(node, fmt_name: str):
@@ -45,14 +50,10 @@ def _fmt(node, fmt_name: str):
 
 
 def _f32(v: float):
-    from tvm import relax
-
     return relax.const(v, "float32")
 
 
 def _quantize(node, imp):
-    from tvm import relax
-
     x, s = imp.env[node.args[0]], imp.env[node.args[1]]
     z = imp.env[node.args[2]] if node.args[2] is not None else None
     fmt = _fmt(node, node.args[3])
@@ -67,8 +68,6 @@ def _quantize(node, imp):
 
 
 def _dequantize(node, imp):
-    from tvm import relax
-
     q, s = imp.env[node.args[0]], imp.env[node.args[1]]
     z = imp.env[node.args[2]] if node.args[2] is not None else None
     _fmt(node, node.args[3])
@@ -83,8 +82,6 @@ def _dequantize(node, imp):
 
 
 def _choose_qparams(node, imp):
-    from tvm import relax
-
     x = imp.env[node.args[0]]
     fmt_name, symmetric, per_token = node.args[1], node.args[2], node.args[3]
     fmt = _fmt(node, fmt_name)
@@ -128,8 +125,6 @@ class _Int8Linear:
         return self._emit(node, imp, (activation, out_format), extra)
 
     def _emit(self, node, imp, epilogue, extra):
-        from tvm import relax
-
         op, bb = relax.op, imp.block_builder
         a, sa = imp.env[node.args[0]], imp.env[node.args[1]]
         za = imp.env[node.args[2]] if node.args[2] is not None else None
@@ -138,8 +133,6 @@ class _Int8Linear:
         k = int(packed.ty.shape[1]) * 4
         np_ = int(packed.ty.shape[0]) * 16
         if a.ty.shape is None:  # the importer lost the shape (e.g. after flatten): name its dims
-            from tvm import tirx
-
             dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(a.ty.ndim - 1)]
             a = bb.match_cast(a, relax.TensorType([*dims, k], a.ty.dtype))
         lead = list(a.ty.shape.values[:-1])
@@ -175,9 +168,6 @@ _BROADCASTING = {"add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "maximu
 def _pick(dim, chosen):
     """The dim an operand is cast to before a broadcasting op: ``chosen`` unless the operand's dim
     is a broadcast 1, already the same, or nothing was chosen."""
-    import tvm_ffi
-    from tvm import tirx
-
     if chosen is None or (isinstance(dim, tirx.IntImm) and int(dim) == 1):
         return dim
     if isinstance(chosen, int):
@@ -185,108 +175,103 @@ def _pick(dim, chosen):
     return dim if tvm_ffi.structural_equal(dim, chosen) else chosen
 
 
-def _importer():
+class _Importer(ExportedProgramImporter):
     """TVM's ExportedProgram importer, made to keep shapes it would lose: when a converted op's
     result has no shape (a broadcast against a reshaped symbolic dim), it is cast to the shape
     torch.export recorded for the node, so every later op can still be legalized."""
-    from tvm import relax, tirx
-    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    class Importer(ExportedProgramImporter):
-        symbols: dict = {}
+    symbols: dict = {}
 
-        def create_input_vars(self, exported_program):
-            params, inputs, ranges = super().create_input_vars(exported_program)
-            # a dim torch.export specialized can still arrive as a SymInt whose expression is a
-            # number; TVM then names a *symbol* "64", and ops that check a static dim against it
-            # (layer_norm against its weight) lose their output shape and cannot be legalized
-            for name, v in list(inputs.items()):
-                dims = list(v.ty.shape.values) if v.ty.shape is not None else []
-                fixed = [int(d.name) if isinstance(d, tirx.Var) and d.name.isdigit() else d for d in dims]
-                if any(a is not b for a, b in zip(fixed, dims)):
-                    inputs[name] = relax.Var(name, relax.TensorType(fixed, v.ty.dtype))
-            self.symbols = {d.name: d for v in inputs.values() for d in (v.ty.shape.values if v.ty.shape is not None else ())
-                            if isinstance(d, tirx.Var)}
-            return params, inputs, ranges
+    def create_input_vars(self, exported_program):
+        params, inputs, ranges = super().create_input_vars(exported_program)
+        # a dim torch.export specialized can still arrive as a SymInt whose expression is a
+        # number; TVM then names a *symbol* "64", and ops that check a static dim against it
+        # (layer_norm against its weight) lose their output shape and cannot be legalized
+        for name, v in list(inputs.items()):
+            dims = list(v.ty.shape.values) if v.ty.shape is not None else []
+            fixed = [int(d.name) if isinstance(d, tirx.Var) and d.name.isdigit() else d for d in dims]
+            if any(a is not b for a, b in zip(fixed, dims)):
+                inputs[name] = relax.Var(name, relax.TensorType(fixed, v.ty.dtype))
+        self.symbols = {d.name: d for v in inputs.values() for d in (v.ty.shape.values if v.ty.shape is not None else ())
+                        if isinstance(d, tirx.Var)}
+        return params, inputs, ranges
 
-        def _slice(self, node):
-            # x[:, :s] of a constant buffer (BERT's position ids): TVM infers min(s, 512) for the
-            # length, a shape later passes cannot handle; torch.export checked the bound already
-            x = self.env[node.args[0]]
-            start = (node.args[2] if len(node.args) > 2 else None) or 0   # x[:, :s] passes None
-            end = node.args[3] if len(node.args) > 3 else None
-            step = node.args[4] if len(node.args) > 4 else 1
-            if isinstance(end, torch.fx.Node) and isinstance(start, int) and step == 1 and start == 0:
-                return self.block_builder.emit(relax.op.strided_slice(
-                    x, [node.args[1]], [start], [self.env[end]], [1], assume_inbound=True))
-            return super()._slice(node)
+    def _slice(self, node):
+        # x[:, :s] of a constant buffer (BERT's position ids): TVM infers min(s, 512) for the
+        # length, a shape later passes cannot handle; torch.export checked the bound already
+        x = self.env[node.args[0]]
+        start = (node.args[2] if len(node.args) > 2 else None) or 0   # x[:, :s] passes None
+        end = node.args[3] if len(node.args) > 3 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        if isinstance(end, torch.fx.Node) and isinstance(start, int) and step == 1 and start == 0:
+            return self.block_builder.emit(relax.op.strided_slice(
+                x, [node.args[1]], [start], [self.env[end]], [1], assume_inbound=True))
+        return super()._slice(node)
 
-        def create_convert_map(self):
-            return {name: self._keep_shape(f) for name, f in super().create_convert_map().items()}
+    def create_convert_map(self):
+        return {name: self._keep_shape(f) for name, f in super().create_convert_map().items()}
 
-        def _keep_shape(self, convert):
-            def run(node):
-                dims = self._broadcast_dims(node)
-                if dims:  # cast operands to the static dims first, so the op itself legalizes
-                    for a in node.args:
-                        v = self.env.get(a) if isinstance(a, torch.fx.Node) else None
-                        if v is None or not isinstance(getattr(v, "ty", None), relax.TensorType):
-                            continue
-                        old = list(v.ty.shape.values)
-                        new = [_pick(d, dims[len(dims) - len(old) + i]) for i, d in enumerate(old)]
-                        if any(x is not y for x, y in zip(new, old)):
-                            self.env[a] = self.block_builder.match_cast(v, relax.TensorType(new, v.ty.dtype))
-                out = convert(node)
-                ty = getattr(out, "ty", None)
-                if not isinstance(ty, relax.TensorType):
-                    return out
-                if ty.shape is not None and all(isinstance(d, (tirx.IntImm, tirx.Var)) for d in ty.shape.values):
-                    return out
-                # no shape, or one like min(s53, 512): use the plain symbols torch.export recorded
-                dims = self._recorded_dims(node)
-                return self.block_builder.match_cast(out, relax.TensorType(dims, ty.dtype)) if dims else out
-            return run
+    def _keep_shape(self, convert):
+        def run(node):
+            dims = self._broadcast_dims(node)
+            if dims:  # cast operands to the static dims first, so the op itself legalizes
+                for a in node.args:
+                    v = self.env.get(a) if isinstance(a, torch.fx.Node) else None
+                    if v is None or not isinstance(getattr(v, "ty", None), relax.TensorType):
+                        continue
+                    old = list(v.ty.shape.values)
+                    new = [_pick(d, dims[len(dims) - len(old) + i]) for i, d in enumerate(old)]
+                    if any(x is not y for x, y in zip(new, old)):
+                        self.env[a] = self.block_builder.match_cast(v, relax.TensorType(new, v.ty.dtype))
+            out = convert(node)
+            ty = getattr(out, "ty", None)
+            if not isinstance(ty, relax.TensorType):
+                return out
+            if ty.shape is not None and all(isinstance(d, (tirx.IntImm, tirx.Var)) for d in ty.shape.values):
+                return out
+            # no shape, or one like min(s53, 512): use the plain symbols torch.export recorded
+            dims = self._recorded_dims(node)
+            return self.block_builder.match_cast(out, relax.TensorType(dims, ty.dtype)) if dims else out
+        return run
 
-        def _broadcast_dims(self, node):
-            # an elementwise op: torch checks at run time that the dims agree, so a static dim
-            # other than 1 on either side is the result's (match_cast checks it again at run time)
-            if node.op != "call_function" or node.target.__name__ not in _BROADCASTING:
+    def _broadcast_dims(self, node):
+        # an elementwise op: torch checks at run time that the dims agree, so a static dim
+        # other than 1 on either side is the result's (match_cast checks it again at run time)
+        if node.op != "call_function" or node.target.__name__ not in _BROADCASTING:
+            return None
+        shapes = []
+        for a in node.args:
+            v = self.env.get(a) if isinstance(a, torch.fx.Node) else None
+            if v is None:
+                continue
+            if not isinstance(getattr(v, "ty", None), relax.TensorType) or v.ty.shape is None:
                 return None
-            shapes = []
-            for a in node.args:
-                v = self.env.get(a) if isinstance(a, torch.fx.Node) else None
-                if v is None:
-                    continue
-                if not isinstance(getattr(v, "ty", None), relax.TensorType) or v.ty.shape is None:
-                    return None
-                shapes.append(list(v.ty.shape.values))
-            if len(shapes) < 2:
-                return None
-            rank = max(len(s) for s in shapes)
-            dims = []
-            for i in range(rank):
-                cands = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
-                static = [int(d) for d in cands if isinstance(d, tirx.IntImm) and int(d) != 1]
-                named = [d for d in cands if isinstance(d, tirx.Var)]
-                # a static dim, else a plain symbol (s53 rather than min(s53, 512))
-                dims.append(static[0] if static else named[0] if named else None)
-            return dims
+            shapes.append(list(v.ty.shape.values))
+        if len(shapes) < 2:
+            return None
+        rank = max(len(s) for s in shapes)
+        dims = []
+        for i in range(rank):
+            cands = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+            static = [int(d) for d in cands if isinstance(d, tirx.IntImm) and int(d) != 1]
+            named = [d for d in cands if isinstance(d, tirx.Var)]
+            # a static dim, else a plain symbol (s53 rather than min(s53, 512))
+            dims.append(static[0] if static else named[0] if named else None)
+        return dims
 
-        def _recorded_dims(self, node):
-            val = node.meta.get("val")
-            if not isinstance(val, torch.Tensor):
+    def _recorded_dims(self, node):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        dims = []
+        for d in val.shape:
+            if isinstance(d, int):
+                dims.append(d)
+            elif str(d) in self.symbols:
+                dims.append(self.symbols[str(d)])
+            else:
                 return None
-            dims = []
-            for d in val.shape:
-                if isinstance(d, int):
-                    dims.append(d)
-                elif str(d) in self.symbols:
-                    dims.append(self.symbols[str(d)])
-                else:
-                    return None
-            return dims
-
-    return Importer()
+        return dims
 
 
 def _unsupported(ep, convert_map) -> None:
@@ -321,7 +306,7 @@ def import_relax(qmodel, family: str, parallel: bool = False):
               "int8_linear_q.default": int8.requantized, "layer_norm_q.default": LayerNormQuantizeConverter(),
               "int4_linear.default": Int4LinearConverter(), "int4_a8_linear.default": Int4A8LinearConverter(family),
               "int8_conv2d.default": Int8Conv2dConverter(family, parallel)}
-    importer = _importer()
+    importer = _Importer()
     _unsupported(ep, set(importer.convert_map) | set(custom))
     try:
         mod = importer.from_exported_program(ep, False, False, False, custom)
@@ -338,8 +323,6 @@ def input_bounds(mod) -> list:
     recorded (``tir_var_upper_bound``; BERT's sequence is at most its 512 position ids), and TVM
     plans memory to them: a larger input would overrun that memory, so the artifact checks these
     before every call."""
-    from tvm import tirx
-
     func = mod["main"]
     attrs = func.attrs if func.attrs is not None else {}
     upper = {str(k): int(v) for k, v in dict(attrs.get("tir_var_upper_bound", {}) or {}).items()}
@@ -354,10 +337,6 @@ def input_bounds(mod) -> list:
 
 def build(mod, target, parallel: bool = False):
     """Compile a Relax module: (executable, seconds); ``parallel`` as for :func:`import_relax`."""
-    import tvm
-
-    from .pipeline import get_pipeline
-
     t0 = time.perf_counter()
     ex = tvm.compile(mod, target=target, relax_pipeline=get_pipeline(target, parallel))
     return ex, time.perf_counter() - t0

@@ -2,6 +2,8 @@
 the ceiling benchmarks/test_tvm_gemm.py reports each GEMM against (never part of a model)."""
 from __future__ import annotations
 
+from tvm.script import tirx as T
+
 from .amx import tile_config
 from .int8_gemm import VPDPBUSD
 
@@ -9,8 +11,6 @@ from .int8_gemm import VPDPBUSD
 def vnni_peak_kernel(iters: int, accumulators: int = 12):
     """A loop of ``vpdpbusd`` on registers only (no memory traffic): the host's int8 VNNI peak.
     One call does ``iters * accumulators * 128`` int8 operations."""
-    from tvm.script import tirx as T
-
     nacc = accumulators
 
     @T.prim_func
@@ -42,8 +42,6 @@ def amx_peak_kernel(iters: int):
     Arguments: ``a`` u8 ``[16 * 64]``, ``b`` s8 ``[16 * 64]``, ``out`` i32 ``[4 * 256]`` (the four
     accumulator tiles). One call does ``iters * 4 * 16 * 16 * 64 * 2`` int8 operations. Needs
     :func:`~.host.request_amx` before the call, and an AMX host: never run it elsewhere."""
-    from tvm.script import tirx as T
-
     t_config = tile_config(False)
 
     @T.macro

@@ -29,13 +29,22 @@ a float matmul reads ``B`` with a stride in its innermost loop. Ours:
   reductions: a LayerNorm row sum in 16 lanes) and contract ``a * b + c`` into FMA. No ``nnan`` /
   ``ninf``: an attention mask may hold large negative values and the results must keep NaN/inf.
 
-The hand-written kernels (``qgemm_*``, :data:`FLOAT_BMM`, :data:`ATTENTION`) are left alone.
+The hand-written kernels (``qgemm_*``, :data:`FLOAT_BMM`, :data:`~.attention.ATTENTION`) are left alone.
 """
 from __future__ import annotations
 
+import tvm
+import tvm_ffi
+from tvm import relax, s_tir, tirx, topi
+from tvm.relax.backend.cpu_generic import pipeline as cpu
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.script import tirx as T
+
+from .attention import ATTENTION, rewrite_attention
+
 VECTOR_LANES = 16   # float32 lanes of a zmm register
 FLOAT_BMM = "fbmm_f32"   # the name of the float batch-matmul kernel in the module
-ATTENTION = "attention_f32"   # name prefix of the fused attention kernels (attention.py)
 
 
 def _blocks(sch):
@@ -53,8 +62,6 @@ def _schedule_matmul(sch, blk) -> bool:
     """Reduction loop outside the last spatial loop; a static last extent (P·V's head size) is
     split into :data:`VECTOR_LANES` and vectorized explicitly: with float reassociation allowed,
     LLVM would otherwise vectorize the reduction with gathers (13x slower, measured)."""
-    from tvm import tirx
-
     loops = sch.get_loops(blk)
     if len(loops) < 2:
         return False
@@ -73,8 +80,6 @@ def _inline_elementwise(sch, has_reduction: bool) -> None:
     """Inline every spatial block into its consumer (or its producer), as far as it goes. In a
     kernel with reductions, a block read by more than one consumer is kept (inlining would
     compute it once per consumer)."""
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-
     while True:
         infos = normalize_prim_func(sch)
         if not infos:
@@ -107,8 +112,6 @@ def _inline_elementwise(sch, has_reduction: bool) -> None:
 
 def _schedule_fused(sch) -> bool:
     """Inline, then compute every block per row under the last block's leading spatial loops."""
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-
     infos = normalize_prim_func(sch)
     if not infos:
         return False
@@ -130,8 +133,6 @@ def _schedule_fused(sch) -> bool:
 def schedule_primfunc(func):
     """``func`` scheduled as the module docstring says; ``func`` itself when nothing applies or
     a schedule step fails (the function then keeps TVM's default loop nest)."""
-    from tvm import s_tir
-
     sch = s_tir.Schedule(func)
     try:
         matmuls = [b for b in _blocks(sch) if sch.get(b).name_hint.startswith("matmul")]
@@ -148,9 +149,6 @@ def schedule_primfunc(func):
 
 def schedule_float_kernels():
     """A module pass applying :func:`schedule_primfunc` to every PrimFunc but ours."""
-    import tvm
-    from tvm import tirx
-
     @tvm.transform.module_pass(opt_level=0, name="QcompileScheduleFloatKernels")
     def run(mod, _ctx):
         for gv, func in list(mod.functions.items()):
@@ -164,8 +162,6 @@ def schedule_float_kernels():
 
 
 def _gelu_te(x):
-    from tvm import tirx, topi
-
     half = tirx.const(0.5, x.dtype)
     erf = topi.fast_erf(topi.multiply(x, tirx.const(0.5 ** 0.5, x.dtype)))
     return topi.multiply(x, topi.add(half, topi.multiply(erf, half)))
@@ -182,8 +178,6 @@ def batch_matmul_kernel():
     ``A [batch, m, K]``, ``B [batch, K, N]``, ``C [batch, m, N]``, every dim symbolic (one kernel
     serves Q·Kᵀ and P·V at any batch and sequence). Rows outside the ``FMR``-row tiles run one at
     a time; columns outside the 32-column tiles run as scalars."""
-    from tvm.script import tirx as T
-
     tile_n = FNV * VECTOR_LANES
 
     @T.macro
@@ -235,9 +229,6 @@ def batch_matmul_kernel():
 def _batch_matmul(bb, call, kernels_added: dict):
     """``matmul(a, b)`` of two float32 rank-3 tensors with the same batch: a ``call_tir`` of the
     register-tiled kernel (:func:`batch_matmul_kernel`); None for any other matmul."""
-    import tvm_ffi
-    from tvm import relax
-
     a, b = call.args
     ta, tb = a.ty, b.ty
     if not all(isinstance(t, relax.TensorType) and t.dtype == "float32" and t.ndim == 3 and t.shape is not None
@@ -251,40 +242,42 @@ def _batch_matmul(bb, call, kernels_added: dict):
     return relax.call_tir(kernels_added["gv"], [a, b], out_ty=relax.TensorType([ba, m, n], "float32"))
 
 
+# float32 ops rewritten through TVM's polynomial approximations: op name -> (block builder, call) -> new call
+_FLOAT_REWRITES = {"relax.nn.gelu": lambda bb, c: bb.call_te(_gelu_te, c.args[0], primfunc_name_hint="gelu"),
+                   "relax.nn.softmax": lambda bb, c: bb.call_te(topi.nn.fast_softmax, c.args[0], c.attrs.axis,
+                                                                primfunc_name_hint="softmax"),
+                   "relax.erf": lambda bb, c: bb.call_te(topi.fast_erf, c.args[0], primfunc_name_hint="erf"),
+                   "relax.exp": lambda bb, c: bb.call_te(topi.fast_exp, c.args[0], primfunc_name_hint="exp")}
+
+
+@mutator
+class _RewriteFloatOps(PyExprMutator):
+    """The mutator of :func:`rewrite_float_ops`."""
+
+    added: dict  # the kernel GlobalVar once added, set per module by run()
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op):
+            return call
+        if call.op.name == "relax.matmul":
+            new = _batch_matmul(self.builder_, call, self.added)
+            return call if new is None else new
+        if call.op.name in _FLOAT_REWRITES:
+            ty = call.args[0].ty
+            if isinstance(ty, relax.TensorType) and ty.dtype == "float32":
+                return _FLOAT_REWRITES[call.op.name](self.builder_, call)
+        return call
+
+
 def rewrite_float_ops():
     """A Relax pass, before legalization: ``nn.gelu`` (the erf form), ``nn.softmax``, ``erf`` and
     ``exp`` on float32 through TVM's ``fast_erf`` / ``fast_exp`` / ``fast_softmax``, and float32
     batch matmuls through :func:`batch_matmul_kernel` (see the module docstring)."""
-    import tvm
-    from tvm import relax, topi
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    rewrites = {"relax.nn.gelu": lambda bb, c: bb.call_te(_gelu_te, c.args[0], primfunc_name_hint="gelu"),
-                "relax.nn.softmax": lambda bb, c: bb.call_te(topi.nn.fast_softmax, c.args[0], c.attrs.axis,
-                                                             primfunc_name_hint="softmax"),
-                "relax.erf": lambda bb, c: bb.call_te(topi.fast_erf, c.args[0], primfunc_name_hint="erf"),
-                "relax.exp": lambda bb, c: bb.call_te(topi.fast_exp, c.args[0], primfunc_name_hint="exp")}
-
-    @mutator
-    class Rewrite(PyExprMutator):
-        added: dict  # the kernel GlobalVar once added, set per module by run()
-
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if not isinstance(call.op, tvm.ir.Op):
-                return call
-            if call.op.name == "relax.matmul":
-                new = _batch_matmul(self.builder_, call, self.added)
-                return call if new is None else new
-            if call.op.name in rewrites:
-                ty = call.args[0].ty
-                if isinstance(ty, relax.TensorType) and ty.dtype == "float32":
-                    return rewrites[call.op.name](self.builder_, call)
-            return call
 
     @tvm.transform.module_pass(opt_level=0, name="QcompileRewriteFloatOps")
     def run(mod, _ctx):
-        rw = Rewrite(mod)
+        rw = _RewriteFloatOps(mod)
         rw.added = {}
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
@@ -304,9 +297,6 @@ def fuse_producers_into_norms():
     """A module pass between ``AnnotateTIROpPattern`` and ``FuseOps``: softmax and LayerNorm
     kernels marked as reductions, so the attention scale and mask (``x * c + mask``) fuse into
     the softmax and the residual ``add`` into the LayerNorm, one pass over the rows instead of two."""
-    import tvm
-    from tvm import tirx
-
     @tvm.transform.module_pass(opt_level=0, name="QcompileFuseProducersIntoNorms")
     def run(mod, _ctx):
         for gv, func in list(mod.functions.items()):
@@ -321,12 +311,6 @@ def get_pipeline(target, parallel: bool = False):
     """TVM's CPU phases with :func:`rewrite_float_ops` before legalization,
     :func:`fuse_producers_into_norms` before fusion and :func:`schedule_float_kernels` after it;
     ``parallel``: the fused attention kernels run their heads as thread-pool tasks."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    from .attention import rewrite_attention
-
     @tvm.transform.module_pass(opt_level=0, name="QcompileCPUPipeline")
     def run(mod, _ctx):
         with target:

@@ -6,11 +6,14 @@ from pathlib import Path
 from typing import Union
 
 import torch
+import tvm
 from torch.utils import _pytree as pytree
+from tvm import relax
 
 from ...atomic import atomic_directory, read_manifest, write_manifest
 from ...capture import InputBinder
 from ...errors import ArtifactError, BackendError
+from .host import detect, request_amx
 
 LIBRARY, METADATA = "model.so", "tvm.json"
 FORMAT_VERSION = 2  # 2: sizes and sha256 of every file in tvm.json
@@ -26,9 +29,6 @@ class TvmArtifact:
     backend = "tvm"
 
     def __init__(self, executable, binder: InputBinder, in_spec, out_spec, meta: dict):
-        import tvm
-        from tvm import relax
-
         self.executable = executable
         self._binder = binder
         self._in_spec = in_spec
@@ -40,8 +40,6 @@ class TvmArtifact:
         self.fused = meta.get("fused", [])
         self.skipped = meta.get("skipped", {})
         if self.family == "amx":
-            from .host import request_amx
-
             if not request_amx():   # else the first tile instruction kills the process (SIGILL)
                 raise ArtifactError("this tvm artifact uses AMX tiles, and Linux refused this process the AMX tile "
                                     "state (arch_prctl ARCH_REQ_XCOMP_PERM); lower the model again with family='vnni'")
@@ -58,8 +56,6 @@ class TvmArtifact:
         return flat
 
     def __call__(self, *args, **kwargs):
-        import tvm
-
         args, kwargs = self._binder.call(args, dict(kwargs))
         flat = [_aligned(t) for t in self._flatten(args, kwargs) if isinstance(t, torch.Tensor)]
         for i, dim, most, name in self._bounds:
@@ -108,8 +104,6 @@ def _own(t: torch.Tensor, inputs: set) -> torch.Tensor:
 
 
 def _leaves(out) -> list:
-    import tvm
-
     if isinstance(out, (tvm.runtime.Tensor,)):
         return [out]
     return [x for o in out for x in _leaves(o)]
@@ -117,13 +111,11 @@ def _leaves(out) -> list:
 
 def load(path: Union[str, Path]) -> TvmArtifact:
     """Load what :meth:`TvmArtifact.save` wrote; needs TVM's runtime, not the original model."""
-    import tvm
-
     path = Path(path)
     # sizes and checksums before dlopen: loading a corrupted shared library can crash the process
     meta = read_manifest(path, version_key="format_version", version=FORMAT_VERSION, kind="tvm artifact",
                          name=METADATA, required=[LIBRARY])
-    host_flags = _host_flags()
+    host_flags = detect().flags
     missing = [f for f in meta.get("requires_flags", []) if f not in host_flags]
     if missing:
         raise ArtifactError(f"'{path}' was compiled for a CPU with {', '.join(missing)}, which this host lacks")
@@ -132,9 +124,3 @@ def load(path: Union[str, Path]) -> TvmArtifact:
     in_spec = pytree.treespec_loads(meta["in_spec"]) if meta.get("in_spec") else None
     out_spec = pytree.treespec_loads(meta["out_spec"]) if meta.get("out_spec") else None
     return TvmArtifact(tvm.runtime.load_module(str(path / LIBRARY)), binder, in_spec, out_spec, meta)
-
-
-def _host_flags() -> frozenset:
-    from .host import detect
-
-    return detect().flags
