@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import torch
 import tvm
@@ -29,6 +30,7 @@ from ...errors import BackendError
 from ..base import check_kernels_took
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
+from ...passes.lowering import FuseResult
 from . import int8_gemm
 from .conv import FuseInt8ConvPass, Int8Conv2dConverter
 from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
@@ -283,20 +285,31 @@ def _unsupported(ep, convert_map) -> None:
                                f"'{node.target.__name__}'")
 
 
-def import_relax(qmodel, family: str, parallel: bool = False):
-    """(Relax IRModule, the fusion pass that ran): the converted graph of ``qmodel`` in Relax.
+@dataclass(frozen=True)
+class Fusions:
+    """What :func:`import_relax`'s fusion passes did, as the artifact records it."""
+
+    fused: list[str]           # Linear / conv nodes that run as qcompile kernels
+    skipped: dict[str, str]    # the others the passes looked at -> why
+    epilogues: list[str]       # int8_linear / layer_norm nodes whose kernel also quantizes
+
+
+def import_relax(qmodel, family: str, parallel: bool = False) -> tuple:
+    """(Relax IRModule, :class:`Fusions`): the converted graph of ``qmodel`` in Relax.
     ``parallel``: the integer GEMM kernels run their column panels as thread-pool tasks."""
     args, kwargs, dynamic_shapes = qmodel.export_example("the tvm backend")  # before the work: a clear error
     gm = copy.deepcopy(qmodel.graph_module)
     # int4 Linears first (on int8 activations, then weight-only): check_kernels_took names what is left
-    fuse4a8, fuse4 = FuseInt4A8LinearPass(), FuseInt4LinearPass()
-    PassManager([fuse4a8, fuse4])(gm)
-    check_kernels_took(gm, "tvm", {**fuse4.skipped, **fuse4a8.skipped})
-    fuse, conv, epilogue, norm = FuseInt8LinearPass(), FuseInt8ConvPass(), FuseEpiloguePass(), FuseNormQuantizePass()
-    PassManager([fuse, conv, epilogue, norm])(gm)
-    fuse.fused = fuse4a8.fused + fuse4.fused + fuse.fused + conv.fused
-    fuse.skipped = {**fuse4.skipped, **fuse4a8.skipped, **fuse.skipped, **conv.skipped}   # an a8 Linear: the a8 pass's reason
-    fuse.epilogues = epilogue.fused + norm.fused   # int8_linear / layer_norm nodes whose kernel also quantizes
+    pm = PassManager([FuseInt4A8LinearPass(), FuseInt4LinearPass()])
+    pm(gm)
+    a8, w4 = pm.results(FuseResult)
+    check_kernels_took(gm, "tvm", {**w4.skipped, **a8.skipped})
+    pm = PassManager([FuseInt8LinearPass(), FuseInt8ConvPass(), FuseEpiloguePass(), FuseNormQuantizePass()])
+    pm(gm)
+    gemm, conv, epilogue, norm = pm.results(FuseResult)
+    fusions = Fusions(fused=[*a8.fused, *w4.fused, *gemm.fused, *conv.fused],
+                      skipped={**w4.skipped, **a8.skipped, **gemm.skipped, **conv.skipped},  # an a8 Linear: the a8 pass's reason
+                      epilogues=[*epilogue.fused, *norm.fused])
     prune_unused_tensors(gm)
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
@@ -314,7 +327,7 @@ def import_relax(qmodel, family: str, parallel: bool = False):
         raise
     except Exception as e:  # noqa: BLE001 - re-raised as a qcompile error
         raise BackendError(f"TVM could not import the graph: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
-    return mod, fuse
+    return mod, fusions
 
 
 def input_bounds(mod) -> list:
