@@ -34,21 +34,17 @@ from ...passes.lowering import FuseResult
 from . import int8_gemm
 from .conv import FuseInt8ConvPass, Int8Conv2dConverter
 from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
-from .errors import NotBuiltError
 from .fuse import FuseInt8LinearPass
 from .int4 import FuseInt4LinearPass, Int4LinearConverter
 from .int4_a8 import FuseInt4A8LinearPass, Int4A8LinearConverter
 from .pipeline import get_pipeline
 
 
-def _fmt(node, fmt_name: str):
-    fmt = get_format(fmt_name)
-    if fmt.kind != "int" or fmt.bits != 8:
-        raise NotBuiltError(f"node '{node.name}': the tvm backend does not lower format '{fmt_name}' yet "
-                            "(int8/uint8, and uint4 Linears with groups of 32/64/128 dividing K, weight-only or on int8 "
-                            "activations quantized per token and group, which FuseInt4LinearPass / "
-                            "FuseInt4A8LinearPass take; any other use of this format is not built)")
-    return fmt
+# The Q/DQ converters below see int8/uint8 tensors without groups only: qcompile.lower refuses
+# every format and granularity tvm does not declare before backend code runs
+# (base.check_capabilities; TvmBackend.lower and import_relax assume it ran, as the Backend
+# protocol says), and import_relax refuses the declared kernel-only ones (uint4 per group, int8 per
+# token and group) that no int4 kernel took (base.check_kernels_took).
 
 
 def _f32(v: float):
@@ -58,9 +54,7 @@ def _f32(v: float):
 def _quantize(node, imp):
     x, s = imp.env[node.args[0]], imp.env[node.args[1]]
     z = imp.env[node.args[2]] if node.args[2] is not None else None
-    fmt = _fmt(node, node.args[3])
-    if node.args[4]:
-        raise NotBuiltError(f"node '{node.name}': group-wise quantize (group_size={node.args[4]}) is not yet built")
+    fmt = get_format(node.args[3])
     bb, op = imp.block_builder, relax.op
     q = op.round(op.multiply(x, op.divide(_f32(1.0), s)))
     if z is not None:
@@ -72,9 +66,6 @@ def _quantize(node, imp):
 def _dequantize(node, imp):
     q, s = imp.env[node.args[0]], imp.env[node.args[1]]
     z = imp.env[node.args[2]] if node.args[2] is not None else None
-    _fmt(node, node.args[3])
-    if node.args[4]:
-        raise NotBuiltError(f"node '{node.name}': group-wise dequantize (group_size={node.args[4]}) is not yet built")
     op = relax.op
     if z is not None:
         x = op.astype(op.subtract(op.astype(q, "int32"), op.astype(z, "int32")), "float32")
@@ -86,7 +77,7 @@ def _dequantize(node, imp):
 def _choose_qparams(node, imp):
     x = imp.env[node.args[0]]
     fmt_name, symmetric, per_token = node.args[1], node.args[2], node.args[3]
-    fmt = _fmt(node, fmt_name)
+    fmt = get_format(fmt_name)
     op, bb = relax.op, imp.block_builder
     axis = [-1] if per_token else None
     lo = op.minimum(op.min(x, axis=axis, keepdims=per_token), _f32(0.0))
