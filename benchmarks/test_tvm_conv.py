@@ -64,10 +64,10 @@ def _images(name: str) -> torch.Tensor:
 def _lower_without_integer_conv(qmodel):
     """The tvm build before conv.py: FuseInt8ConvPass fuses nothing, convs stay float."""
     from qcompile.backends.tvm.conv import FuseInt8ConvPass
-    from qcompile.passes.infra import PassResult
+    from qcompile.passes.lowering import FuseResult
 
     call = FuseInt8ConvPass.call
-    FuseInt8ConvPass.call = lambda self, gm: PassResult(gm, False)
+    FuseInt8ConvPass.call = lambda self, gm: FuseResult.of(gm, {}, {})
     try:
         return qcompile.lower(qmodel, backend="tvm")
     finally:

@@ -77,11 +77,10 @@ def test_per_token_dynamic_linears_keep_the_standard_form():
 
     torch.manual_seed(0)
     q = _quantize(TinyBlock().eval(), "w8a8-dynamic", _batches())
-    p = FuseOnnxruntimeKernelsPass()
-    gm = copy.deepcopy(q.graph_module)
-    assert not p(gm).modified
-    assert set(p.skipped.values()) == {"activation scale is not a static per-tensor constant "
-                                       "(MatMulIntegerToFloat needs one)"}
+    result = FuseOnnxruntimeKernelsPass()(copy.deepcopy(q.graph_module))
+    assert not result.modified
+    assert set(result.skipped.values()) == {"activation scale is not a static per-tensor constant "
+                                            "(MatMulIntegerToFloat needs one)"}
 
 
 def test_int4_weight_only_exports_matmulnbits_matching_reference():
@@ -328,9 +327,8 @@ def test_linears_sharing_an_input_share_its_codes_or_one_gemm():
     ids, mask = batches[1]
     for concatenate, label in ((False, "MatMulIntegerToFloat"), (True, "MatMulIntegerToFloat (x3 concatenated)")):
         gm = copy.deepcopy(q.graph_module)
-        p = FuseOnnxruntimeKernelsPass(concatenate_shared=concatenate)
-        p(gm)
-        assert sorted(v for k, v in p.fused.items() if k in ("linear", "linear_1", "linear_2")) == [label] * 3
+        result = FuseOnnxruntimeKernelsPass(concatenate_shared=concatenate)(gm)
+        assert sorted(v for k, v in result.fused.items() if k in ("linear", "linear_1", "linear_2")) == [label] * 3
         splits = [n for n in gm.graph.nodes if n.target == torch.ops.aten.split_with_sizes.default]
         assert len(splits) == (1 if concatenate else 0)
         readers = collections.Counter(n.args[0] for n in gm.graph.nodes if "matmul_integer_to_float" in str(n.target))

@@ -34,8 +34,8 @@ def test_fuse_pass_replaces_every_quantized_linear(recipe):
 
     q, batches = _block(recipe)
     gm = copy.deepcopy(q.graph_module)
-    p = FuseInt8LinearPass()
-    assert p(gm).modified
+    result = FuseInt8LinearPass()(gm)
+    assert result.modified and set(result.fused.values()) == {"qcompile_tvm::int8_linear"}
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(INT8_LINEAR) == 6 and torch.ops.aten.linear.default not in targets
     # only the embedding's weight dequantize is left (the fused weights are packed integer codes)
@@ -44,7 +44,7 @@ def test_fuse_pass_replaces_every_quantized_linear(recipe):
     assert all(w.dtype == torch.int8 and w.dim() == 3 and w.shape[-1] == 64 for w in packed)
     with torch.no_grad():  # the fused op's PyTorch implementation computes the same thing
         for ids, mask in batches:
-            _assert_fused_linears_match(gm, q.graph_module, p.fused, (ids, mask))
+            _assert_fused_linears_match(gm, q.graph_module, list(result.fused), (ids, mask))
 
 
 def _assert_fused_linears_match(fused_gm, reference_gm, linear_names, inputs):
@@ -72,9 +72,9 @@ def test_fuse_pass_leaves_weight_only_linears_and_says_why():
 
     q, _ = _block("w8")
     gm = copy.deepcopy(q.graph_module)
-    p = FuseInt8LinearPass()
-    assert not p(gm).modified
-    assert set(p.skipped.values()) == {"the input is not dequantized (weight-only or float layer)"}
+    result = FuseInt8LinearPass()(gm)
+    assert not result.modified and not result.fused
+    assert set(result.skipped.values()) == {"the input is not dequantized (weight-only or float layer)"}
 
 
 def test_artifact_reports_kernels_and_reloads_with_tvm_runtime_only(tmp_path):
@@ -124,7 +124,7 @@ def test_threads_choose_serial_or_parallel_kernels_with_the_same_outputs():
 
 def test_unbuilt_format_and_family_raise_not_implemented():
     q, _ = _block("w3-g64")   # 3-bit group-wise weights: no kernel (w4-g64 and w4-g64-a8 lower)
-    with pytest.raises(NotImplementedError, match="format 'uint3'"):
+    with pytest.raises(NotBuiltError, match="backend 'tvm' does not lower format 'uint3' as per_group weights"):
         qcompile.lower(q, backend="tvm")
     q, _ = _block("w8")
     with pytest.raises(NotBuiltError, match="kernel family 'sme' is not built"):

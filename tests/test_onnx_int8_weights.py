@@ -115,9 +115,9 @@ def test_weights_on_float_activations_stay_int8_with_the_reason():
     recipe = dataclasses.replace(qcompile.Recipe.preset("w8"), calibration=qcompile.CalibrationConfig(progress=False))
     q = qcompile.quantize(model, recipe, (torch.randn(4, 16),), calibration=[(torch.randn(4, 16),)], report_samples=1)
     gm = copy.deepcopy(q.graph_module)
-    pass_ = Int8WeightsAsUint8Pass()
-    assert not pass_(gm).modified
-    assert not pass_.converted and "not uint8 codes" in next(iter(pass_.skipped.values()))
+    result = Int8WeightsAsUint8Pass()(gm)
+    assert not result.modified
+    assert not result.changed and "not uint8 codes" in next(iter(result.skipped.values()))
 
 
 def test_unknown_weight_type_is_an_error():

@@ -60,6 +60,8 @@ def test_stage_condition_skips_and_is_logged(tiny_cnn):
     pm(gm)
     assert [(r.name, r.result is None) for r in pm.records] == [("boom", True), ("noop", False)]
     assert pm.log == [("noop", False)] and set(pm.timings()) == {"never", "noop"}
+    # a stage skipped by its condition has no result; one that ran is found by name
+    assert pm.result("boom") is None and pm.result("noop") is pm.records[1].result and pm.result("other") is None
 
 
 def test_quantize_dumps_every_stage_with_one_numbering(tiny_block, tmp_path):

@@ -79,12 +79,12 @@ def _conv_nodes(gm):
 def test_pass_fuses_the_convs_and_keeps_the_reference_numerics():
     q, g = _odd_cnn_and_inputs(STATIC_S8)
     gm = copy.deepcopy(q.graph_module)
-    p = FuseInt8ConvPass()
-    assert p(gm).modified
+    result = FuseInt8ConvPass()(gm)
+    assert result.modified
     targets = [n.target for n in _conv_nodes(gm)]
     assert targets == [INT8_CONV2D] * 3 + [aten.conv2d.default], targets
-    assert p.fused == ["conv2d", "conv2d_1", "conv2d_2"]
-    assert p.skipped == {"conv2d_3": "groups=10 (grouped or depthwise conv) has no integer kernel (only groups=1)"}
+    assert result.fused == dict.fromkeys(["conv2d", "conv2d_1", "conv2d_2"], "qcompile_tvm::int8_conv2d")
+    assert result.skipped == {"conv2d_3": "groups=10 (grouped or depthwise conv) has no integer kernel (only groups=1)"}
     fused = [n for n in gm.graph.nodes if n.target == INT8_CONV2D]
     packed = [getattr(gm, n.args[3].target) for n in fused]
     # K = 27, 120, 108 padded to multiples of 4 (28, 120, 108); Cout padded to 48
@@ -190,11 +190,10 @@ def test_convs_that_do_not_fuse_say_why(recipe, model, expected):
     shape = (2, 3, 11, 9) if model is OddCNN else (2, 4, 6, 6)
     q = _quantize(model().eval(), recipe, [(torch.randn(*shape),) for _ in range(2)])
     gm = copy.deepcopy(q.graph_module)
-    p = FuseInt8ConvPass()
-    p(gm)
-    assert any(reason.startswith(expected) for reason in p.skipped.values()), p.skipped
+    result = FuseInt8ConvPass()(gm)
+    assert any(reason.startswith(expected) for reason in result.skipped.values()), result.skipped
     if model is _Convs:
-        assert p.fused == ["conv2d"], p.skipped
-        assert any("transposed" in reason for reason in p.skipped.values()), p.skipped
+        assert list(result.fused) == ["conv2d"], result.skipped
+        assert any("transposed" in reason for reason in result.skipped.values()), result.skipped
     else:
-        assert p.fused == []
+        assert not result.fused

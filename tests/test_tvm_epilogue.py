@@ -137,16 +137,14 @@ def _mlp(recipe="w8a8", **kw):
 def _fused(q):
     gm = copy.deepcopy(q.graph_module)
     FuseInt8LinearPass()(gm)
-    p = FuseEpiloguePass()
-    result = p(gm)
-    return gm, p, result
+    return gm, FuseEpiloguePass()(gm)
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_pass_fuses_activation_multiply_and_quantize(act):
     q, batches = _mlp(act=act)
-    gm, p, result = _fused(q)
-    assert result.modified
+    gm, result = _fused(q)
+    assert result.modified and set(result.fused.values()) == {"qcompile_tvm::int8_linear_q"}
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     # inp → quantize (plain) and up → act → mul(smooth) → quantize fuse; down's output stays float
     assert targets.count(INT8_LINEAR_Q) == 2 and targets.count(INT8_LINEAR) == 1
@@ -155,7 +153,7 @@ def test_pass_fuses_activation_multiply_and_quantize(act):
     up = next(n for n in gm.graph.nodes if n.target == INT8_LINEAR_Q and n.args[9] != "none")
     assert up.args[9] == act and up.args[13] == "uint8"
     assert not torch.equal(getattr(gm, up.args[10].target), torch.ones_like(getattr(gm, up.args[10].target)))
-    assert list(p.skipped.values()) == ["followed by 'add', not a quantize"]   # down: a float output
+    assert list(result.skipped.values()) == ["followed by 'add', not a quantize"]   # down: a float output
     with torch.no_grad():   # the fused op's PyTorch implementation: the reference's codes
         for (x,) in batches:
             assert_matches_reference(gm(x), q.graph_module(x))
@@ -163,33 +161,33 @@ def test_pass_fuses_activation_multiply_and_quantize(act):
 
 def test_second_consumer_dynamic_quantizer_and_variable_multiply_are_not_fused():
     q, _ = _mlp(share=True)
-    gm, p, _ = _fused(q)
+    gm, result = _fused(q)
     assert [n.args[9] for n in gm.graph.nodes if n.target == INT8_LINEAR_Q] == ["none"]   # inp → quantize only
-    assert "the gelu output has 2 consumers" in p.skipped.values()
+    assert "the gelu output has 2 consumers" in result.skipped.values()
     q, _ = _mlp("w8a8-dynamic")
-    gm, p, result = _fused(q)
+    gm, result = _fused(q)
     assert not result.modified and INT8_LINEAR_Q not in [n.target for n in gm.graph.nodes]
-    assert any("the quantize is dynamic" in r for r in p.skipped.values()), p.skipped
+    assert any("the quantize is dynamic" in r for r in result.skipped.values()), result.skipped
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
     batches = [(torch.randint(0, 50, (3, 7), generator=g), torch.ones(3, 7, dtype=torch.long)) for _ in range(3)]
     q = _quantize(TinyBlock().eval(), "w8a8", batches)   # gelu → mul by a computed linspace → quantize
-    gm, p, _ = _fused(q)
+    gm, result = _fused(q)
     assert torch.ops.aten.gelu.default in [n.target for n in gm.graph.nodes]
-    assert any("not a multiply by a constant per-column vector" in r for r in p.skipped.values()), p.skipped
+    assert any("not a multiply by a constant per-column vector" in r for r in result.skipped.values()), result.skipped
 
 
 def test_built_module_has_no_gelu_kernel_and_verifies():
     q, batches = _mlp()
-    mod, fuse = import_relax(q, HOST.family)
-    assert len(fuse.epilogues) == 2
+    mod, fusions = import_relax(q, HOST.family)
+    assert len(fusions.epilogues) == 2
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert any(n.endswith("_gelu_uint8") for n in names) and any(n.endswith("_none_uint8") for n in names)
     script = mod.script()
     assert "R.nn.gelu" not in script
     assert script.count("R.round(") == 1   # the model input's quantize; the two others are in the kernels
     art = qcompile.lower(q, backend="tvm")
-    assert art.meta["epilogues"] == fuse.epilogues
+    assert art.meta["epilogues"] == fusions.epilogues
     assert qcompile.verify(art, q, batches).passed
     x = torch.randn(2, 11, 32)
     with torch.no_grad():
@@ -269,8 +267,8 @@ def test_norm_pass_fuses_residual_layer_norm_and_quantize_and_verifies():
 
     q, batches = _norm_mlp()
     gm = copy.deepcopy(q.graph_module)
-    p = FuseNormQuantizePass()
-    assert p(gm).modified and len(p.fused) == 1
+    result = FuseNormQuantizePass()(gm)
+    assert result.modified and list(result.fused.values()) == ["qcompile_tvm::layer_norm_q"]
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert LAYER_NORM_Q in targets and torch.ops.aten.layer_norm.default not in targets
     fused = next(n for n in gm.graph.nodes if n.target == LAYER_NORM_Q)
@@ -287,5 +285,5 @@ def test_norm_pass_fuses_residual_layer_norm_and_quantize_and_verifies():
     # negative: a dynamic quantizer reads the LayerNorm output
     q, _ = _norm_mlp("w8a8-dynamic")
     gm = copy.deepcopy(q.graph_module)
-    p = FuseNormQuantizePass()
-    assert not p(gm).modified and "the quantize is dynamic" in next(iter(p.skipped.values()))
+    result = FuseNormQuantizePass()(gm)
+    assert not result.modified and "the quantize is dynamic" in next(iter(result.skipped.values()))

@@ -139,8 +139,9 @@ def _mlp(k=128, recipe="w4-g64"):
 def test_pass_fuses_int4_linears_and_keeps_numerics():
     q, x = _mlp()
     gm = copy.deepcopy(q.graph_module)
-    p = int4.FuseInt4LinearPass()
-    assert p(gm).modified and p.fused == ["linear", "linear_1"] and not p.skipped
+    result = int4.FuseInt4LinearPass()(gm)
+    assert result.modified and not result.skipped
+    assert result.fused == dict.fromkeys(["linear", "linear_1"], "qcompile_tvm::int4_linear")
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(int4.INT4_LINEAR) == 2 and torch.ops.aten.linear.default not in targets
     gm.graph.eliminate_dead_code()
@@ -156,9 +157,8 @@ def test_group_not_dividing_k_stays_float_and_is_named():
     gm = copy.deepcopy(q.graph_module)
     dq = next(n for n in gm.graph.nodes if n.target == DEQUANTIZE)
     dq.args = (*dq.args[:4], 48, *dq.args[5:])      # a group size that does not divide K=128
-    p = int4.FuseInt4LinearPass()
-    p(gm)
-    assert p.fused == ["linear_1"] and "group size 48" in p.skipped["linear"]
+    result = int4.FuseInt4LinearPass()(gm)
+    assert list(result.fused) == ["linear_1"] and "group size 48" in result.skipped["linear"]
     assert [n.target for n in gm.graph.nodes].count(torch.ops.aten.linear.default) == 1
 
 

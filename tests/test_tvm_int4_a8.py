@@ -163,8 +163,9 @@ def _mlp(k=256, recipe="w4-g64-a8"):
 def test_pass_fuses_and_keeps_numerics():
     q, x = _mlp()
     gm = copy.deepcopy(q.graph_module)
-    p = int4_a8.FuseInt4A8LinearPass()
-    assert p(gm).modified and p.fused == ["linear", "linear_1"] and not p.skipped
+    result = int4_a8.FuseInt4A8LinearPass()(gm)
+    assert result.modified and not result.skipped
+    assert result.fused == dict.fromkeys(["linear", "linear_1"], "qcompile_tvm::int4_a8_linear")
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(int4_a8.INT4_A8_LINEAR) == 2 and torch.ops.aten.linear.default not in targets
     # the activation choose_qparams/quantize/dequantize and the weight dequantize are gone
@@ -180,19 +181,19 @@ def test_asymmetric_or_per_tensor_activations_are_skipped_with_the_reason():
     gm = copy.deepcopy(q.graph_module)
     cq = next(n for n in gm.graph.nodes if n.target == CHOOSE_QPARAMS)
     cq.args = (cq.args[0], "int8", False, *cq.args[3:])       # asymmetric activations
-    p = int4_a8.FuseInt4A8LinearPass()
-    p(gm)
-    assert p.fused == ["linear_1"] and "asymmetric" in p.skipped["linear"]
+    result = int4_a8.FuseInt4A8LinearPass()(gm)
+    assert list(result.fused) == ["linear_1"] and "asymmetric" in result.skipped["linear"]
 
 
 def test_k_not_a_multiple_of_8_is_skipped_and_lowering_names_the_node():
     # K = 100 with groups of 64: a short last group of 36, which is not whole lines of 8 codes
     q, x = _mlp(k=100)
-    p = int4_a8.FuseInt4A8LinearPass()
-    p(copy.deepcopy(q.graph_module))
-    assert p.fused == ["linear_1"]
-    assert p.skipped == {"linear": "int4 group size 64 does not divide K=100 and K is not a multiple of 8"}
-    with pytest.raises(NotBuiltError, match="node 'dequantize_default'.*format 'uint4'"):
+    result = int4_a8.FuseInt4A8LinearPass()(copy.deepcopy(q.graph_module))
+    assert list(result.fused) == ["linear_1"]
+    assert result.skipped == {"linear": "int4 group size 64 does not divide K=100 and K is not a multiple of 8"}
+    # the contract's kernel-only check (base.check_kernels_took), with the fusion pass's reason
+    with pytest.raises(NotBuiltError, match="node 'dequantize_default'.*format 'uint4' as per_group weights only "
+                                            "inside a fused kernel.*linear: int4 group size 64 does not divide K=100"):
         qcompile.lower(q, backend="tvm")
 
 

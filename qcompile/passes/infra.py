@@ -160,6 +160,11 @@ class PassManager:
         """The results of type ``kind`` in run order (e.g. every smoothing record)."""
         return [r.result for r in self.records if isinstance(r.result, kind)]
 
+    def result(self, name: str) -> Optional[PassResult]:
+        """The result of the last stage named ``name`` that ran; None when none ran (not in this
+        manager, not reached yet, or skipped by its condition)."""
+        return next((r.result for r in reversed(self.records) if r.name == name and r.result is not None), None)
+
     def timings(self) -> dict[str, float]:
         """Seconds per phase, in the order the phases first ran."""
         out: dict[str, float] = {}

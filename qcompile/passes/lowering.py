@@ -1,5 +1,6 @@
 """Rewrites of the converted Q/DQ graph that every lowering backend may apply: exact (bit-identical
-to the reference backend) and faster to run.
+to the reference backend) and faster to run, and :class:`FuseResult`, what every backend's fusion
+pass returns.
 
 * :class:`GatherBeforeDequantizePass`: ``embedding(dequantize(W_q, s, z), ids)`` ⇒
   ``dequantize(embedding(W_q, ids), embedding(s, ids), embedding(z, ids))``. The converted graph
@@ -8,12 +9,34 @@ to the reference backend) and faster to run.
   ``(q - z) * s`` with the same operands, so the result is unchanged bit for bit."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..ops import DEQUANTIZE
 from .infra import Pass, PassResult, get_attr_tensor
 
 aten = torch.ops.aten
+
+
+@dataclass
+class FuseResult(PassResult):
+    """What a backend's fusion pass did: ``fused`` maps each node it replaced to the kernel or op
+    that now computes it, in the order it fused them (``changed`` lists the same nodes);
+    ``skipped`` maps each candidate it left alone to why (the negative cases tests pin).
+
+    Example::
+
+        >>> r = FuseOnnxruntimeKernelsPass()(gm)
+        >>> r.fused, r.skipped      # {'linear': 'MatMulIntegerToFloat'}, {'linear_1': 'float weight'}
+    """
+
+    fused: dict = field(default_factory=dict)   # node -> kernel or op
+
+    @classmethod
+    def of(cls, gm: torch.fx.GraphModule, fused: dict, skipped: dict) -> "FuseResult":
+        """The result of a pass that changed the graph exactly where it fused something."""
+        return cls(gm, bool(fused), list(fused), skipped, fused)
 
 
 class GatherBeforeDequantizePass(Pass):

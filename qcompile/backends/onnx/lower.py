@@ -16,7 +16,7 @@ from ...errors import BackendError
 from ..base import node_module
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassManager, PassResult, add_tensor, constant_value, get_attr_tensor, prune_unused_tensors
-from ...passes.lowering import GatherBeforeDequantizePass, quantized_linears
+from ...passes.lowering import FuseResult, GatherBeforeDequantizePass, quantized_linears
 from ...cpu import cpu_info
 from . import contrib, translate
 from .contrib import MATMUL_INTEGER_TO_FLOAT, MATMUL_NBITS
@@ -67,20 +67,21 @@ class FuseOnnxruntimeKernelsPass(Pass):
     * ``linear(x, dequantize(W_q 4-bit, s_w, z_w), b)`` ⇒ ``MatMulNBits`` (per group of a power of two
       >= 16, or per channel as one zero-padded block per row); ``x`` may itself be a Q/DQ pair (w4a8).
 
-    Anything else keeps the standard Q/DQ form. ``skipped`` says why each other Linear did not
-    fire (the negative cases tests pin)."""
+    Anything else keeps the standard Q/DQ form. Returns a :class:`FuseResult`: ``fused`` maps each
+    rewritten Linear to its contrib op, ``skipped`` each other Linear to why it did not fire (the
+    negative cases tests pin)."""
 
     name = "fuse_onnxruntime_kernels"
 
     def __init__(self, nbits_accuracy_level: int = 0, concatenate_shared: bool = False):
         self.nbits_accuracy_level = nbits_accuracy_level
         self.concatenate_shared = concatenate_shared
-        self.fused: dict[str, str] = {}    # linear node -> contrib op
-        self.skipped: dict[str, str] = {}  # linear node -> reason
 
     def call(self, gm):
+        fused: dict[str, str] = {}    # linear node -> contrib op
+        skipped: dict[str, str] = {}  # linear node -> reason
         shared: dict = {}  # quantize node -> int8 Linears reading its codes (Q/K/V share one)
-        for node, x, w_dq, bias in quantized_linears(gm, self.skipped):
+        for node, x, w_dq, bias in quantized_linears(gm, skipped):
             w_fmt = w_dq.args[3]
             if w_fmt in ("int8", "uint8"):
                 reason = self._integer_matmul_operands(gm, node, x, w_dq, bias)
@@ -89,13 +90,15 @@ class FuseOnnxruntimeKernelsPass(Pass):
                     reason = None
             elif w_fmt in ("int4", "uint4"):
                 reason = self._nbits(gm, node, x, w_dq, bias)
+                if reason is None:
+                    fused[node.name] = "MatMulNBits"
             else:
                 reason = f"weight format '{w_fmt}' has no onnxruntime kernel"
             if reason:
-                self.skipped[node.name] = reason
+                skipped[node.name] = reason
         for q, linears in shared.items():
-            self._integer_matmul(gm, q, linears)
-        return PassResult(gm, bool(self.fused))
+            fused.update(self._integer_matmul(gm, q, linears))
+        return FuseResult.of(gm, fused, skipped)
 
     def _integer_matmul_operands(self, gm, node, x, w_dq, bias):
         """(node, activation dq, W_q, s_w, z_w, bias tensor) or the reason it cannot fuse."""
@@ -117,12 +120,13 @@ class FuseOnnxruntimeKernelsPass(Pass):
         n = wq.shape[0]
         return (node, x, wq, sw.reshape(-1).expand(n).float(), None if zw is None else zw.reshape(-1).expand(n), b)
 
-    def _integer_matmul(self, gm, q, linears):
+    def _integer_matmul(self, gm, q, linears) -> dict[str, str]:
         """One MatMulIntegerToFloat per Linear, all reading the same quantized codes; with
         ``concatenate_shared``, one for all of them (Q/K/V: one GEMM with N = 3 x hidden; the
         integer math per output column is unchanged) followed by a Split. Off by default: on
         MiniLM the Split's strided copy cost more than the two GEMM calls it saves (see
-        docs/onnx.md). Weights with and without zero points do not mix."""
+        docs/onnx.md). Weights with and without zero points do not mix. Returns linear node -> op."""
+        fused = {}
         same_kind = len({z is None for *_, z, _ in linears}) == 1
         groups = [linears] if self.concatenate_shared and same_kind else [[lin] for lin in linears]
         for group in groups:
@@ -149,7 +153,8 @@ class FuseOnnxruntimeKernelsPass(Pass):
             for (node, *_), o in zip(group, outs):
                 node.replace_all_uses_with(o)
                 gm.graph.erase_node(node)
-                self.fused[node.name] = "MatMulIntegerToFloat" + (f" (x{len(group)} concatenated)" if len(group) > 1 else "")
+                fused[node.name] = "MatMulIntegerToFloat" + (f" (x{len(group)} concatenated)" if len(group) > 1 else "")
+        return fused
 
     def _nbits(self, gm, node, x, w_dq, bias):
         wq, sw, zw = get_attr_tensor(gm, w_dq.args[0]), *(constant_value(gm, a) for a in w_dq.args[1:3])
@@ -187,14 +192,10 @@ class FuseOnnxruntimeKernelsPass(Pass):
             out = gm.graph.call_function(MATMUL_NBITS, (x, b, s, z, k, n, 4, group, level))
             if bias is not None:
                 out = gm.graph.call_function(aten.add.Tensor, (out, bias))
-        self._finish(gm, node, out, "MatMulNBits")
-        return None
-
-    def _finish(self, gm, node, out, op_name):
         out.meta = dict(node.meta)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        self.fused[node.name] = op_name
+        return None
 
 
 def _check_no_grouped_dynamic(gm, target: str, skipped: dict) -> None:
@@ -270,13 +271,13 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     args, kwargs, dynamic_shapes = qmodel.export_example(f"the onnx backend (target '{target}')")
     weight_type, why = resolve_int8_weights(int8_weights, cpu_info())
     gm = copy.deepcopy(qmodel.graph_module)
-    fuse = FuseOnnxruntimeKernelsPass(nbits_accuracy_level, concatenate_shared)
-    as_uint8 = Int8WeightsAsUint8Pass()
-    passes = [GatherBeforeDequantizePass()] + ([as_uint8] if weight_type == "uint8" else []) + \
-        ([fuse] if target == "onnxruntime" else [])
-    PassManager([*passes, TransposeLinearWeightsPass()])(gm)
+    passes = [GatherBeforeDequantizePass()] + ([Int8WeightsAsUint8Pass()] if weight_type == "uint8" else []) + \
+        ([FuseOnnxruntimeKernelsPass(nbits_accuracy_level, concatenate_shared)] if target == "onnxruntime" else [])
+    pm = PassManager([*passes, TransposeLinearWeightsPass()])
+    pm(gm)
     prune_unused_tensors(gm)
-    _check_no_grouped_dynamic(gm, target, fuse.skipped)
+    fuse = pm.result(FuseOnnxruntimeKernelsPass.name)
+    _check_no_grouped_dynamic(gm, target, fuse.skipped if fuse is not None else {})
     ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
     table = {QUANTIZE: translate.quantize, DEQUANTIZE: translate.dequantize, CHOOSE_QPARAMS: translate.choose_qparams,
              MATMUL_INTEGER_TO_FLOAT: translate.matmul_integer_to_float, MATMUL_NBITS: translate.matmul_nbits}
@@ -303,8 +304,9 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     pack_low_bit_initializers(model)
     residual_adds_as_sum(model)
     model.metadata_props.add(key=INT8_WEIGHTS_KEY, value=weight_type)
-    model.metadata_props.add(key=INT8_WEIGHTS_REASON_KEY, value=f"{why} ({len(as_uint8.converted)} weights converted)"
-                             if weight_type == "uint8" else why)
+    if weight_type == "uint8":
+        why = f"{why} ({len(pm.result(Int8WeightsAsUint8Pass.name).changed)} weights converted)"
+    model.metadata_props.add(key=INT8_WEIGHTS_REASON_KEY, value=why)
     onnx.checker.check_model(model)
     return model.SerializeToString(), [i.name for i in model.graph.input]
 

@@ -63,16 +63,15 @@ def resolve_int8_weights(int8_weights: str, cpu: CpuInfo) -> tuple[str, str]:
 class Int8WeightsAsUint8Pass(Pass):
     """``op(dequantize(x_q uint8), dequantize(W_q int8, s, z))`` ⇒ ``op(..., dequantize(W_q + 128
     as uint8, s, z + 128))`` for the Linears and convs onnxruntime runs as u8-activation integer
-    kernels. Exact: each weight dequantizes to the same value. ``skipped`` says why an int8 weight
-    stays int8 (the negative cases tests pin)."""
+    kernels. Exact: each weight dequantizes to the same value. Its result's ``changed`` lists the op
+    nodes whose weight is now uint8, ``skipped`` says why an int8 weight stays int8 (the negative
+    cases tests pin)."""
 
     name = "int8_weights_as_uint8"
 
-    def __init__(self):
-        self.converted: list[str] = []     # op nodes whose weight is now uint8
-        self.skipped: dict[str, str] = {}  # op node -> why its int8 weight stays
-
     def call(self, gm):
+        converted: list[str] = []     # op nodes whose weight is now uint8
+        skipped: dict[str, str] = {}  # op node -> why its int8 weight stays
         done: dict = {}  # int8 dequantize -> its uint8 twin (a tied weight is converted once)
         for node in list(gm.graph.nodes):
             info = QUANTIZABLE_OPS.get(node.target)
@@ -83,15 +82,15 @@ class Int8WeightsAsUint8Pass(Pass):
                 continue
             reason = self._why_not(gm, node.args[info.input_arg], w)
             if reason:
-                self.skipped[node.name] = reason
+                skipped[node.name] = reason
                 continue
             if w not in done:
                 done[w] = self._as_uint8(gm, w)
             node.replace_input_with(w, done[w])
             if not w.users:
                 gm.graph.erase_node(w)
-            self.converted.append(node.name)
-        return PassResult(gm, bool(self.converted))
+            converted.append(node.name)
+        return PassResult(gm, bool(converted), converted, skipped)
 
     @staticmethod
     def _why_not(gm, x, w):

@@ -96,14 +96,14 @@ class TvmBackend:
             family = "vnni"
         t0 = time.perf_counter()
         parallel = build_threads(threads) > 1
-        mod, fuse = import_relax(qmodel, family, parallel)
+        mod, fusions = import_relax(qmodel, family, parallel)
         t1 = time.perf_counter()
         ex, _ = build(mod, host.target(threads), parallel)
         gm = qmodel.graph_module
         meta = {"import_seconds": t1 - t0, "target": {"kind": "llvm", "mcpu": host.mcpu, "mattr": list(host.mattr)},
                 "family": family, "parallel": parallel,
                 "requires_flags": list(FAMILY_FLAGS[family]), "family_note": note,
-                "fused": fuse.fused, "skipped": fuse.skipped, "epilogues": fuse.epilogues,
+                "fused": fusions.fused, "skipped": fusions.skipped, "epilogues": fusions.epilogues,
                 "input_bounds": input_bounds(mod)}
         art = TvmArtifact(ex, qmodel.binder, getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None), meta)
         # LLVM code generation finishes when the VM loads the executable: count it as compile time

@@ -28,7 +28,7 @@ The kernels (:class:`Int8Conv2dConverter`), three steps:
 What fuses: ``aten.conv2d`` with ``groups=1``, activations ``uint8``/``int8`` quantized per tensor
 (static, or dynamic per tensor), weights ``int8`` symmetric per channel or per tensor, constant
 weights and bias; any stride, padding, dilation, spatial size (symbolic too) and ``Cin·KH·KW``.
-Everything else stays a float conv on dequantized values, and :attr:`FuseInt8ConvPass.skipped`
+Everything else stays a float conv on dequantized values, and the pass result's ``skipped``
 says why: grouped/depthwise convs, conv1d/conv3d, transposed convs, string padding, per-token
 activation scales (one scale per row of the last dim: an im2col row mixes rows), asymmetric or
 non-constant weights.
@@ -42,7 +42,8 @@ import torch
 from tvm import relax, sym, tirx
 from tvm.script import tirx as T
 
-from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
+from ...passes.infra import Pass, add_tensor, get_attr_tensor
+from ...passes.lowering import FuseResult
 from . import int8_gemm
 from .fuse import int8_linear, int8_operands_reason, pack_int8_weights, padded_bias, replace_linear, variable_bias
 
@@ -144,15 +145,11 @@ class FuseInt8ConvPass(Pass):
 
     Example::
 
-        >>> p = FuseInt8ConvPass(); p(gm)        # gm: a copy of a converted graph
-        >>> p.fused, p.skipped                   # ['conv2d', ...], {'conv2d_2': 'groups=8 ...'}
+        >>> r = FuseInt8ConvPass()(gm)           # gm: a copy of a converted graph
+        >>> r.fused, r.skipped                   # {'conv2d': 'qcompile_tvm::int8_conv2d', ...}, {'conv2d_2': 'groups=8 ...'}
     """
 
     name = "fuse_int8_conv"
-
-    def __init__(self):
-        self.skipped: dict[str, str] = {}   # node name -> why it was not fused
-        self.fused: list[str] = []
 
     def _why_not(self, gm, node) -> Optional[str]:
         if node.target in _OTHER_CONVS:
@@ -167,13 +164,14 @@ class FuseInt8ConvPass(Pass):
             "activations fuse")) or variable_bias(gm, node)
 
     def call(self, gm):
-        modified = False
+        fused: dict[str, str] = {}     # conv node -> the op that replaced it
+        skipped: dict[str, str] = {}   # conv node -> why it was not fused
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or (node.target != aten.conv2d.default and node.target not in _OTHER_CONVS):
                 continue
             reason = self._why_not(gm, node)
             if reason:
-                self.skipped[node.name] = reason
+                skipped[node.name] = reason
                 continue
             dqa, dqw = node.args[0], node.args[1]
             stride, padding, dilation, _ = conv_geometry(node)
@@ -186,9 +184,8 @@ class FuseInt8ConvPass(Pass):
                     add_tensor(gm, f"{base}_packed", packed, node), add_tensor(gm, f"{base}_colsum", colsum, node),
                     add_tensor(gm, f"{base}_wscale", sw, node), add_tensor(gm, f"{base}_bias", bias, node)]
             replace_linear(gm, node, INT8_CONV2D, (*args, cout, [kh, kw], stride, padding, dilation, dqa.args[3]))
-            self.fused.append(node.name)
-            modified = True
-        return PassResult(gm, modified)
+            fused[node.name] = INT8_CONV2D.name()
+        return FuseResult.of(gm, fused, skipped)
 
 
 def im2col_kernel(c: int, kh: int, kw: int, stride: list[int], padding: list[int], dilation: list[int],

@@ -17,7 +17,7 @@ implementation, so the pass is tested without TVM.
 What fuses: a quantize with a constant per-tensor scale and integer zero point (static), format
 ``uint8``/``int8``, of an ``int8_linear`` output that nothing else reads (each intermediate has
 that one consumer). Dynamic (per-token) quantizers compute their scale from the very tensor the
-GEMM writes, so they cannot be fused this way and are left alone; :attr:`FuseEpiloguePass.skipped`
+GEMM writes, so they cannot be fused this way and are left alone; the pass result's ``skipped``
 says why for each ``int8_linear`` left as it was.
 
 Numerics: the kernel repeats the unfused graph's steps in order — GELU as
@@ -36,7 +36,8 @@ from tvm.script import tirx as T
 
 from ...formats import get_format
 from ...ops import CHOOSE_QPARAMS, QUANTIZE
-from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
+from ...passes.infra import Pass, add_tensor, get_attr_tensor
+from ...passes.lowering import FuseResult
 from .fuse import INT8_LINEAR, int8_linear
 from .int8_gemm import requantize_expr
 
@@ -130,10 +131,6 @@ class FuseEpiloguePass(Pass):
 
     name = "fuse_int8_epilogue"
 
-    def __init__(self):
-        self.skipped: dict[str, str] = {}   # int8_linear node name -> why its epilogue was not fused
-        self.fused: list[str] = []          # int8_linear node names whose epilogue was fused
-
     def _match(self, gm, lin):
         """(activation node, mul node, quantize node, per-column vector, 1 / scale, zero point) or why not."""
         n = lin.args[7]
@@ -166,13 +163,14 @@ class FuseEpiloguePass(Pass):
         return act, mul, cur, cm, *static
 
     def call(self, gm):
-        modified = False
+        fused: dict[str, str] = {}     # int8_linear node whose epilogue was fused -> the op that replaced it
+        skipped: dict[str, str] = {}   # int8_linear node -> why its epilogue was not fused
         for lin in list(gm.graph.nodes):
             if lin.op != "call_function" or lin.target != INT8_LINEAR:
                 continue
             match = self._match(gm, lin)
             if isinstance(match, str):
-                self.skipped[lin.name] = match
+                skipped[lin.name] = match
                 continue
             act, mul, quant, cm, inv, z = match
             n, np_ = lin.args[7], get_attr_tensor(gm, lin.args[6]).shape[0]   # the padded bias: [Np]
@@ -183,15 +181,14 @@ class FuseEpiloguePass(Pass):
                     add_tensor(gm, f"{lin.name}_qinv", inv, quant),
                     add_tensor(gm, f"{lin.name}_qzero", z, quant), quant.args[3])
             with gm.graph.inserting_before(quant):
-                fused = gm.graph.call_function(INT8_LINEAR_Q, args)
-            fused.meta = dict(quant.meta)
-            quant.replace_all_uses_with(fused)
+                new = gm.graph.call_function(INT8_LINEAR_Q, args)
+            new.meta = dict(quant.meta)
+            quant.replace_all_uses_with(new)
             for node in (quant, mul, act, lin):
                 if node is not None:
                     gm.graph.erase_node(node)
-            self.fused.append(lin.name)
-            modified = True
-        return PassResult(gm, modified)
+            fused[lin.name] = INT8_LINEAR_Q.name()
+        return FuseResult.of(gm, fused, skipped)
 
 
 # --- LayerNorm → quantize: one row kernel writing the float row (residual path) and the codes ---
@@ -232,10 +229,6 @@ class FuseNormQuantizePass(Pass):
 
     name = "fuse_layer_norm_quantize"
 
-    def __init__(self):
-        self.skipped: dict[str, str] = {}   # layer_norm node name -> why it was not fused
-        self.fused: list[str] = []
-
     def _match(self, gm, ln):
         if len(ln.args) < 5 or len(ln.args[1]) != 1:
             return "normalizes over more than the last dim"
@@ -269,13 +262,14 @@ class FuseNormQuantizePass(Pass):
         return out, mul, quant, cm, *static
 
     def call(self, gm):
-        modified = False
+        fused: dict[str, str] = {}     # layer_norm node -> the op that replaced it
+        skipped: dict[str, str] = {}   # layer_norm node -> why it was not fused
         for ln in list(gm.graph.nodes):
             if ln.op != "call_function" or ln.target != aten.layer_norm.default:
                 continue
             match = self._match(gm, ln)
             if isinstance(match, str):
-                self.skipped[ln.name] = match
+                skipped[ln.name] = match
                 continue
             out, mul, quant, cm, inv, zero = match
             d = ln.args[1][0]
@@ -295,9 +289,9 @@ class FuseNormQuantizePass(Pass):
                     add_tensor(gm, f"{ln.name}_qinv", inv, ln), add_tensor(gm, f"{ln.name}_qzero", zero, ln),
                     quant.args[3])
             with gm.graph.inserting_before(ln):
-                fused = gm.graph.call_function(LAYER_NORM_Q, args)
-                y = gm.graph.call_function(operator.getitem, (fused, 0))
-                codes = gm.graph.call_function(operator.getitem, (fused, 1))
+                new = gm.graph.call_function(LAYER_NORM_Q, args)
+                y = gm.graph.call_function(operator.getitem, (new, 0))
+                codes = gm.graph.call_function(operator.getitem, (new, 1))
             y.meta, codes.meta = dict(out.meta), dict(quant.meta)
             quant.replace_all_uses_with(codes)
             for node in (quant, mul):
@@ -307,9 +301,8 @@ class FuseNormQuantizePass(Pass):
             for node in dict.fromkeys((out, ln, ln.args[0] if residual is not None else None)):
                 if node is not None:
                     gm.graph.erase_node(node)
-            self.fused.append(ln.name)
-            modified = True
-        return PassResult(gm, modified)
+            fused[ln.name] = LAYER_NORM_Q.name()
+        return FuseResult.of(gm, fused, skipped)
 
 
 FLANES = 16   # float32 lanes of a zmm register

@@ -9,7 +9,8 @@ own; the TVM importer turns it into a call to the TIR kernel.
 
 What fuses: activations ``uint8``/``int8`` quantized per tensor or per token (dynamic), weights
 ``int8`` per channel or per tensor, symmetric, ``K`` a multiple of 4. Anything else stays a float
-Linear on dequantized values; :attr:`FuseInt8LinearPass.skipped` says why for each node.
+Linear on dequantized values; the pass's :class:`~qcompile.passes.lowering.FuseResult` says why for
+each node (``skipped``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE
-from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
+from ...passes.infra import Pass, add_tensor, get_attr_tensor
+from ...passes.lowering import FuseResult
 from . import int8_gemm
 
 aten = torch.ops.aten
@@ -147,10 +149,6 @@ class FuseInt8LinearPass(Pass):
 
     name = "fuse_int8_linear"
 
-    def __init__(self):
-        self.skipped: dict[str, str] = {}   # node name -> why it was not fused
-        self.fused: list[str] = []
-
     def _why_not(self, gm, node) -> Optional[str]:
         if len(node.args) < 2:
             return "linear without a weight argument"
@@ -163,13 +161,14 @@ class FuseInt8LinearPass(Pass):
         return variable_bias(gm, node)
 
     def call(self, gm):
-        modified = False
+        fused: dict[str, str] = {}     # linear node -> the op that replaced it
+        skipped: dict[str, str] = {}   # linear node -> why it was not fused
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target != aten.linear.default:
                 continue
             reason = self._why_not(gm, node)
             if reason:
-                self.skipped[node.name] = reason
+                skipped[node.name] = reason
                 continue
             dqa, dqw = node.args[0], node.args[1]
             w = get_attr_tensor(gm, dqw.args[0])
@@ -183,6 +182,5 @@ class FuseInt8LinearPass(Pass):
                     add_tensor(gm, f"{base}_wscale", sw, node),
                     add_tensor(gm, f"{base}_bias", bias, node)]
             replace_linear(gm, node, INT8_LINEAR, (*args, n, dqa.args[3]))
-            self.fused.append(node.name)
-            modified = True
-        return PassResult(gm, modified)
+            fused[node.name] = INT8_LINEAR.name()
+        return FuseResult.of(gm, fused, skipped)

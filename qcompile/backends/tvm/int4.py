@@ -36,8 +36,9 @@ Padding columns have zero scale.
 Lowering: :class:`FuseInt4LinearPass` turns ``linear(x_float, dequantize(W_uint4 per group), b)``
 into ``qcompile_tvm::int4_linear`` (PyTorch implementation included, so the pass is tested on its
 own) with the weights packed here; :class:`Int4LinearConverter` makes it a ``call_tir`` of the kernel.
-An int4 Linear the pass cannot take is named in ``skipped`` and left as it was (the backend's format
-check then raises ``NotBuiltError`` naming it, since the Relax dequantize has no uint4 path).
+An int4 Linear the pass cannot take is named in its result's ``skipped`` and left as it was
+(``check_kernels_took`` then raises ``NotBuiltError`` naming it and that reason: uint4 per group is
+declared for the kernels only, and the Relax dequantize has no uint4 path).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from ...ops import DEQUANTIZE
-from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
+from ...passes.infra import Pass, add_tensor, get_attr_tensor
+from ...passes.lowering import FuseResult
 from .fuse import padded_bias, replace_linear, variable_bias
 
 LANES = 16      # columns per block: one zmm of float32
@@ -305,13 +307,9 @@ def int4_weight_reason(gm, node, short_last_group: bool = False) -> tuple[str | 
 
 class FuseInt4LinearPass(Pass):
     """``linear(x_float, dequantize(W_uint4, s, z, "uint4", g), b)`` ⇒ ``int4_linear(x, packed W, ...)``.
-    Linears on other weights are left alone; an int4 one it cannot take is named in :attr:`skipped`."""
+    Linears on other weights are left alone; an int4 one it cannot take is named in its result's ``skipped``."""
 
     name = "fuse_int4_linear"
-
-    def __init__(self):
-        self.skipped: dict[str, str] = {}
-        self.fused: list[str] = []
 
     def _why_not(self, gm, node) -> str | None:
         if getattr(node.args[0], "target", None) == DEQUANTIZE:
@@ -319,7 +317,8 @@ class FuseInt4LinearPass(Pass):
         return int4_weight_reason(gm, node)[0]
 
     def call(self, gm):
-        modified = False
+        fused: dict[str, str] = {}     # linear node -> the op that replaced it
+        skipped: dict[str, str] = {}   # int4 linear node -> why it was not fused
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target != torch.ops.aten.linear.default or len(node.args) < 2:
                 continue
@@ -328,7 +327,7 @@ class FuseInt4LinearPass(Pass):
                 continue
             reason = self._why_not(gm, node)
             if reason:
-                self.skipped[node.name] = reason
+                skipped[node.name] = reason
                 continue
             q = get_attr_tensor(gm, dqw.args[0])
             n = q.shape[0]
@@ -342,9 +341,8 @@ class FuseInt4LinearPass(Pass):
                     add_tensor(gm, f"{base}_int4_z", torch.from_numpy(zp), node),
                     add_tensor(gm, f"{base}_int4_bias", bias, node)]
             replace_linear(gm, node, INT4_LINEAR, (*args, n, group))
-            self.fused.append(node.name)
-            modified = True
-        return PassResult(gm, modified)
+            fused[node.name] = INT4_LINEAR.name()
+        return FuseResult.of(gm, fused, skipped)
 
 
 class Int4LinearConverter:

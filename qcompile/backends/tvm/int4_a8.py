@@ -52,7 +52,8 @@ from tvm import relax
 from tvm.script import tirx as T
 
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
-from ...passes.infra import Pass, PassResult, add_tensor, get_attr_tensor
+from ...passes.infra import Pass, add_tensor, get_attr_tensor
+from ...passes.lowering import FuseResult
 from .epilogue import _OPAQUE_PATTERN as OPAQUE_PATTERN
 from .errors import NotBuiltError
 from .fuse import padded_bias, replace_linear
@@ -313,17 +314,14 @@ def _dynamic_int8_source(dqa, group: int):
 class FuseInt4A8LinearPass(Pass):
     """``linear(dequantize(quantize(x, choose_qparams(x, int8, symmetric, per token, g))),
     dequantize(W_uint4, s, z, "uint4", g), b)`` ⇒ ``int4_a8_linear(x, packed W, ...)``. Other
-    Linears are left alone; an int4 one on quantized activations it cannot take is named in
-    :attr:`skipped`."""
+    Linears are left alone; an int4 one on quantized activations it cannot take is named in its
+    result's ``skipped``."""
 
     name = "fuse_int4_a8_linear"
 
-    def __init__(self):
-        self.skipped: dict[str, str] = {}
-        self.fused: list[str] = []
-
     def call(self, gm):
-        modified = False
+        fused: dict[str, str] = {}     # linear node -> the op that replaced it
+        skipped: dict[str, str] = {}   # int4 linear node -> why it was not fused
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target != torch.ops.aten.linear.default or len(node.args) < 2:
                 continue
@@ -336,7 +334,7 @@ class FuseInt4A8LinearPass(Pass):
             if not reason:
                 x, reason = _dynamic_int8_source(dqa, group)
             if reason:
-                self.skipped[node.name] = reason
+                skipped[node.name] = reason
                 continue
             q = get_attr_tensor(gm, dqw.args[0])
             n = q.shape[0]
@@ -348,9 +346,8 @@ class FuseInt4A8LinearPass(Pass):
                     add_tensor(gm, f"{base}_int4_z", torch.from_numpy(zp), node),
                     add_tensor(gm, f"{base}_int4_bias", padded_bias(gm, node, n, padded_n(n)), node)]
             replace_linear(gm, node, INT4_A8_LINEAR, (*args, n, group))
-            self.fused.append(node.name)
-            modified = True
-        return PassResult(gm, modified)
+            fused[node.name] = INT4_A8_LINEAR.name()
+        return FuseResult.of(gm, fused, skipped)
 
 
 class Int4A8LinearConverter:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import torch
 import tvm
@@ -29,24 +30,21 @@ from ...errors import BackendError
 from ..base import check_kernels_took
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
+from ...passes.lowering import FuseResult
 from . import int8_gemm
 from .conv import FuseInt8ConvPass, Int8Conv2dConverter
 from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
-from .errors import NotBuiltError
 from .fuse import FuseInt8LinearPass
 from .int4 import FuseInt4LinearPass, Int4LinearConverter
 from .int4_a8 import FuseInt4A8LinearPass, Int4A8LinearConverter
 from .pipeline import get_pipeline
 
 
-def _fmt(node, fmt_name: str):
-    fmt = get_format(fmt_name)
-    if fmt.kind != "int" or fmt.bits != 8:
-        raise NotBuiltError(f"node '{node.name}': the tvm backend does not lower format '{fmt_name}' yet "
-                            "(int8/uint8, and uint4 Linears with groups of 32/64/128 dividing K, weight-only or on int8 "
-                            "activations quantized per token and group, which FuseInt4LinearPass / "
-                            "FuseInt4A8LinearPass take; any other use of this format is not built)")
-    return fmt
+# The Q/DQ converters below see int8/uint8 tensors without groups only: qcompile.lower refuses
+# every format and granularity tvm does not declare before backend code runs
+# (base.check_capabilities; TvmBackend.lower and import_relax assume it ran, as the Backend
+# protocol says), and import_relax refuses the declared kernel-only ones (uint4 per group, int8 per
+# token and group) that no int4 kernel took (base.check_kernels_took).
 
 
 def _f32(v: float):
@@ -56,9 +54,7 @@ def _f32(v: float):
 def _quantize(node, imp):
     x, s = imp.env[node.args[0]], imp.env[node.args[1]]
     z = imp.env[node.args[2]] if node.args[2] is not None else None
-    fmt = _fmt(node, node.args[3])
-    if node.args[4]:
-        raise NotBuiltError(f"node '{node.name}': group-wise quantize (group_size={node.args[4]}) is not yet built")
+    fmt = get_format(node.args[3])
     bb, op = imp.block_builder, relax.op
     q = op.round(op.multiply(x, op.divide(_f32(1.0), s)))
     if z is not None:
@@ -70,9 +66,6 @@ def _quantize(node, imp):
 def _dequantize(node, imp):
     q, s = imp.env[node.args[0]], imp.env[node.args[1]]
     z = imp.env[node.args[2]] if node.args[2] is not None else None
-    _fmt(node, node.args[3])
-    if node.args[4]:
-        raise NotBuiltError(f"node '{node.name}': group-wise dequantize (group_size={node.args[4]}) is not yet built")
     op = relax.op
     if z is not None:
         x = op.astype(op.subtract(op.astype(q, "int32"), op.astype(z, "int32")), "float32")
@@ -84,7 +77,7 @@ def _dequantize(node, imp):
 def _choose_qparams(node, imp):
     x = imp.env[node.args[0]]
     fmt_name, symmetric, per_token = node.args[1], node.args[2], node.args[3]
-    fmt = _fmt(node, fmt_name)
+    fmt = get_format(fmt_name)
     op, bb = relax.op, imp.block_builder
     axis = [-1] if per_token else None
     lo = op.minimum(op.min(x, axis=axis, keepdims=per_token), _f32(0.0))
@@ -283,20 +276,31 @@ def _unsupported(ep, convert_map) -> None:
                                f"'{node.target.__name__}'")
 
 
-def import_relax(qmodel, family: str, parallel: bool = False):
-    """(Relax IRModule, the fusion pass that ran): the converted graph of ``qmodel`` in Relax.
+@dataclass(frozen=True)
+class Fusions:
+    """What :func:`import_relax`'s fusion passes did, as the artifact records it."""
+
+    fused: list[str]           # Linear / conv nodes that run as qcompile kernels
+    skipped: dict[str, str]    # the others the passes looked at -> why
+    epilogues: list[str]       # int8_linear / layer_norm nodes whose kernel also quantizes
+
+
+def import_relax(qmodel, family: str, parallel: bool = False) -> tuple:
+    """(Relax IRModule, :class:`Fusions`): the converted graph of ``qmodel`` in Relax.
     ``parallel``: the integer GEMM kernels run their column panels as thread-pool tasks."""
     args, kwargs, dynamic_shapes = qmodel.export_example("the tvm backend")  # before the work: a clear error
     gm = copy.deepcopy(qmodel.graph_module)
     # int4 Linears first (on int8 activations, then weight-only): check_kernels_took names what is left
-    fuse4a8, fuse4 = FuseInt4A8LinearPass(), FuseInt4LinearPass()
-    PassManager([fuse4a8, fuse4])(gm)
-    check_kernels_took(gm, "tvm", {**fuse4.skipped, **fuse4a8.skipped})
-    fuse, conv, epilogue, norm = FuseInt8LinearPass(), FuseInt8ConvPass(), FuseEpiloguePass(), FuseNormQuantizePass()
-    PassManager([fuse, conv, epilogue, norm])(gm)
-    fuse.fused = fuse4a8.fused + fuse4.fused + fuse.fused + conv.fused
-    fuse.skipped = {**fuse4.skipped, **fuse4a8.skipped, **fuse.skipped, **conv.skipped}   # an a8 Linear: the a8 pass's reason
-    fuse.epilogues = epilogue.fused + norm.fused   # int8_linear / layer_norm nodes whose kernel also quantizes
+    pm = PassManager([FuseInt4A8LinearPass(), FuseInt4LinearPass()])
+    pm(gm)
+    a8, w4 = pm.results(FuseResult)
+    check_kernels_took(gm, "tvm", {**w4.skipped, **a8.skipped})
+    pm = PassManager([FuseInt8LinearPass(), FuseInt8ConvPass(), FuseEpiloguePass(), FuseNormQuantizePass()])
+    pm(gm)
+    gemm, conv, epilogue, norm = pm.results(FuseResult)
+    fusions = Fusions(fused=[*a8.fused, *w4.fused, *gemm.fused, *conv.fused],
+                      skipped={**w4.skipped, **a8.skipped, **gemm.skipped, **conv.skipped},  # an a8 Linear: the a8 pass's reason
+                      epilogues=[*epilogue.fused, *norm.fused])
     prune_unused_tensors(gm)
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
@@ -314,7 +318,7 @@ def import_relax(qmodel, family: str, parallel: bool = False):
         raise
     except Exception as e:  # noqa: BLE001 - re-raised as a qcompile error
         raise BackendError(f"TVM could not import the graph: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
-    return mod, fuse
+    return mod, fusions
 
 
 def input_bounds(mod) -> list:
