@@ -53,10 +53,11 @@ def randomise_bn(model, seed=1):
     return model
 
 
-@pytest.fixture
-def tiny_block():
+def tiny_block_case(d=32, ff=64):
+    """(TinyBlock in eval mode, seeded; six (ids, mask) batches of 3 x 7 tokens, the first row of
+    each padded after 5 tokens)."""
     torch.manual_seed(0)
-    model = TinyBlock().eval()
+    model = TinyBlock(d=d, ff=ff).eval()
     g = torch.Generator().manual_seed(2)
     batches = []
     for _ in range(6):
@@ -65,6 +66,11 @@ def tiny_block():
         mask[0, 5:] = 0
         batches.append((ids, mask))
     return model, batches
+
+
+@pytest.fixture
+def tiny_block():
+    return tiny_block_case()
 
 
 def wide_tiny_block(n_batches=4):

@@ -24,22 +24,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/ for conftest's models
 
-from conftest import TinyBlock, TinyCNN, randomise_bn  # noqa: E402
+from conftest import TinyCNN, randomise_bn, tiny_block_case  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile.safetensors_io import read_safetensors  # noqa: E402
 
 
 def block_case(d=32, ff=64):
-    torch.manual_seed(0)
-    model = TinyBlock(d=d, ff=ff).eval()
-    g = torch.Generator().manual_seed(2)
-    batches = []
-    for _ in range(6):
-        ids = torch.randint(0, 50, (3, 7), generator=g)
-        mask = torch.ones(3, 7, dtype=torch.long)
-        mask[0, 5:] = 0
-        batches.append((ids, mask))
+    model, batches = tiny_block_case(d, ff)
     return model, batches[:4], batches[4:]
 
 
