@@ -138,6 +138,8 @@ def float_parameters(gm, quantized: set, listed: set) -> dict[str, str]:
         # read by a quantizable op: quantized, or already listed with the recipe's reason
         if any(u.op == "call_function" and u.target in QUANTIZABLE_OPS for u in node.users) or _reaches_quantizable(node):
             continue
+        if all(_batch_norm_after_conv(u) for u in node.users):
+            continue   # QAT's training graph: folded into the conv at convert (report.folded_batch_norms)
         owner, _, attr = node.target.rpartition(".")
         found.setdefault(owner, {}).setdefault(attr, set()).update(_op_name(u) for u in node.users)
         for u in node.users:
@@ -179,6 +181,12 @@ def _reaches_quantizable(node, depth: int = 6) -> bool:
             return False
         frontier = nxt
     return False
+
+
+def _batch_norm_after_conv(node) -> bool:
+    x = node.args[0] if node.args else None
+    return ("batch_norm" in _op_name(node) and isinstance(x, torch.fx.Node) and x.op == "call_function"
+            and getattr(QUANTIZABLE_OPS.get(x.target), "kind", None) == "conv")
 
 
 def _constant(node) -> bool:
