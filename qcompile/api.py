@@ -63,7 +63,10 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
     needs more than one pass over it (smoothing, GPTQ/AWQ): pass a DataLoader for calibration sets
     larger than memory. ``backend``: the backend you will lower to (sets ``recipe.backend``):
     quantize/dequantize go where that backend runs them natively (``"onnx"``: conv outputs quantized
-    too, so onnxruntime runs conv chains as QLinearConv).
+    too, so onnxruntime runs conv chains as QLinearConv). ``dynamic_shapes``: ``"auto"`` keeps the
+    batch free, and the sequence of token and sequence inputs, but the channel and spatial dims of
+    image inputs static (:func:`qcompile.capture.auto_dims`); ``None`` for static shapes, or a
+    ``torch.export`` spec such as ``{"pixel_values": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}}``.
 
     Example::
 

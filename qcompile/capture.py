@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import inspect
 import re
+import signal
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from .errors import CalibrationError, CaptureError
+from .errors import CalibrationError, CaptureError, summarize
 from .spec import LAYER, LAYER_TYPE
 
 
@@ -85,21 +89,126 @@ class Captured:
     layer_types: dict[str, str]   # module path -> class name, for "type:" overrides
 
 
+def auto_dims(value: torch.Tensor) -> list[int]:
+    """The dims ``dynamic_shapes="auto"`` leaves free on one tensor input, chosen as a user would:
+
+    * a float tensor of rank 4 or 5 (an image or a video, ``[B, C, H, W]``): the batch only. Free
+      channel and spatial dims turn window or patch arithmetic (Swin's padding to a multiple of
+      the window) into symbolic expressions torch.export and the ONNX exporter may take minutes
+      to bound; a user who needs other image sizes passes ``dynamic_shapes=`` (see ``capture``);
+    * any other tensor (token ids, masks, positions ``[B, S]``; sequence features ``[B, S, F]``,
+      audio ``[B, T]``, ``[B, C, T]``): every dim, as ``Dim.AUTO``, so batch and sequence stay free
+      and a dim a weight fixes (features, channels) is specialised by torch.export without error.
+    """
+    if value.is_floating_point() and value.dim() in (4, 5):
+        return [0]
+    return list(range(value.dim()))
+
+
 def _auto_dynamic(value):
     if isinstance(value, torch.Tensor):
-        return {i: Dim.AUTO for i in range(value.dim())}
-    return pytree.tree_map(lambda v: {i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None, value)
+        return {i: Dim.AUTO for i in auto_dims(value)}
+    return pytree.tree_map(lambda v: {i: Dim.AUTO for i in auto_dims(v)} if isinstance(v, torch.Tensor) else None,
+                           value)
+
+
+CAPTURE_BUDGET_S = 300.0   # seconds torch.export may take in capture() before a CaptureError (None: no limit)
+
+
+class BudgetExceeded(BaseException):
+    """Raised inside a :func:`time_budget` block that ran out of time. A ``BaseException``, so the
+    ``except Exception`` clauses inside torch.export and sympy do not swallow it."""
+
+
+@contextmanager
+def time_budget(seconds: Optional[float]):
+    """Raise :class:`BudgetExceeded` inside the block after ``seconds`` of wall-clock time.
+
+    ``torch.export`` cannot be stopped safely from another thread, so this is a ``SIGALRM`` timer
+    whose handler raises in the main thread at the next Python instruction (the sympy work that
+    makes a capture hang is Python), unwinding the export through its own ``finally`` blocks. It is
+    installed only in the main thread of a platform with ``setitimer``; elsewhere the block runs
+    without a budget. An outer timer (``pytest-timeout``, a user's alarm) due first is left alone;
+    one due later gets its handler back and is re-armed with its remaining time.
+
+    Example::
+
+        >>> with time_budget(60):
+        ...     ep = torch.export.export(model, args)
+    """
+    if not seconds or seconds <= 0 or not hasattr(signal, "setitimer") or \
+            threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
+    if outer_left and outer_left <= seconds:
+        yield
+        return
+    active = [True]
+
+    def _raise(signum, frame):
+        if not active[0]:
+            return
+        if _importing(frame):   # an import cut halfway leaves a broken module in sys.modules: wait for it
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        raise BudgetExceeded(seconds)
+
+    start = time.monotonic()
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        active[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if outer_left:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3))
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` or a caller runs inside an import (torch.export imports lazily on first use)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def describe_dynamic(dynamic_shapes) -> str:
+    """Which inputs and dims a ``dynamic_shapes`` spec leaves free, for error messages:
+    ``input 'pixel_values' dims 0, 1, 2, 3``; ``none`` for a static spec."""
+    if dynamic_shapes is None:
+        return "none (static shapes)"
+    if not isinstance(dynamic_shapes, dict):
+        return str(dynamic_shapes)
+    parts = [f"input '{name}' dim{'s' if len(dims) > 1 else ''} {', '.join(str(d) for d in sorted(dims))}"
+             for name, dims in dynamic_shapes.items() if isinstance(dims, dict) and dims]
+    return "; ".join(parts) or "none (static shapes)"
+
+
+def batch_only(dynamic_shapes) -> str:
+    """The same spec with only dim 0 of each input free, written as the user would pass it."""
+    if not isinstance(dynamic_shapes, dict):
+        return "{'<input>': {0: Dim.AUTO}}"
+    items = [f"'{name}': {{0: Dim.AUTO}}" for name, dims in dynamic_shapes.items() if isinstance(dims, dict) and dims]
+    return "{" + ", ".join(items) + "}"
 
 
 def capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None,
-            dynamic_shapes: Any = "auto", training: bool = False) -> Captured:
+            dynamic_shapes: Any = "auto", training: bool = False, budget_s: Optional[float] = None) -> Captured:
     """Export ``model`` on ``example_inputs``.
 
-    ``dynamic_shapes="auto"`` lets every dim of every tensor input be dynamic unless the model
-    forces it static (batch, sequence, image size stay free); pass ``None`` for fully static shapes
-    or a ``torch.export`` spec of your own. ``training=True`` captures the training graph (batch-norm
-    with batch statistics, live dropout) for QAT. Sizes 0/1 in the examples are specialised by
-    ``torch.export``: give examples with batch and sequence ≥ 2.
+    ``dynamic_shapes="auto"`` (see :func:`auto_dims`) keeps the batch of every input free, and the
+    sequence of token inputs and sequence features; the channel and spatial dims of image-like
+    inputs (float, 4-D or 5-D) stay static. Pass ``None`` for fully static shapes or a
+    ``torch.export`` spec of your own, e.g. ``{"pixel_values": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}}``
+    for images of any size. ``training=True`` captures the training graph (batch-norm with batch
+    statistics, live dropout) for QAT. Sizes 0/1 in the examples are specialised by
+    ``torch.export``: give examples with batch and sequence ≥ 2. ``budget_s`` (default
+    :data:`CAPTURE_BUDGET_S`): a capture still running after it stops with a :class:`CaptureError`
+    naming the dynamic inputs and dims (symbolic shapes torch.export cannot bound quickly).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
@@ -120,7 +229,8 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[di
     was_training = model.training
     model.train(training)
     try:
-        ep = _export(model, example_inputs, example_kwargs, dynamic_shapes)
+        ep = _export(model, example_inputs, example_kwargs, dynamic_shapes,
+                     CAPTURE_BUDGET_S if budget_s is None else budget_s)
     finally:
         model.train(was_training)
     gm = ep.module()
@@ -147,7 +257,7 @@ def _has_tensor(v) -> bool:
     return any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))
 
 
-def _export(model, args, kwargs, dynamic_shapes):
+def _export(model, args, kwargs, dynamic_shapes, budget_s=None):
     stack: list[str] = []
     names = {m: n for n, m in model.named_modules()}
     handles = []
@@ -162,13 +272,25 @@ def _export(model, args, kwargs, dynamic_shapes):
     for m in names:
         handles.append(m.register_forward_pre_hook(enter))
         handles.append(m.register_forward_hook(leave))
-    try:
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
+    def where():
         module = stack[-1] if stack else "<root> (its inputs or outputs)"
         mtype = type(model.get_submodule(module)).__name__ if stack and module != "<root>" else type(model).__name__
-        reason = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
-        raise CaptureError(f"torch.export could not capture module '{module}' ({mtype}): {reason}\n"
+        return f"module '{module}' ({mtype})"
+
+    t0 = time.monotonic()
+    try:
+        with time_budget(budget_s):
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+    except BudgetExceeded:
+        raise CaptureError(
+            f"torch.export did not finish capturing {type(model).__name__} within its budget of {budget_s:g} s "
+            f"(stopped after {time.monotonic() - t0:.1f} s in {where()}); dynamic: {describe_dynamic(dynamic_shapes)}\n"
+            f"hint: symbolic shapes on these dims (window or patch padding arithmetic) can take torch.export "
+            f"minutes to bound: keep them static with dynamic_shapes= (e.g. dynamic_shapes={batch_only(dynamic_shapes)} "
+            f"keeps only the batch free), or raise qcompile.capture.CAPTURE_BUDGET_S") from None
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        reason = summarize(str(e)) if str(e).strip() else type(e).__name__
+        raise CaptureError(f"torch.export could not capture {where()}: {reason}\n"
                            f"hint: {_hint(str(e))}") from e
     finally:
         for h in handles:
@@ -191,7 +313,9 @@ def _hint(msg: str) -> str:
     for pattern, hint in _HINTS:
         if re.search(pattern, msg, flags=re.IGNORECASE):
             return hint
-    return "see the torch.export error above; examples with batch and sequence >= 2 avoid 0/1 specialisation"
+    return ("the error above was raised in that module's forward while torch.export traced it: make it traceable "
+            "(tensor ops, no Python logic on tensor values) or capture a model without it; examples with batch "
+            "and sequence >= 2 avoid 0/1 specialisation")
 
 
 def _tag_layers(gm: torch.fx.GraphModule) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable
 
 
@@ -55,3 +56,34 @@ def closest(value: str, choices: Iterable[str]) -> str:
     if match:
         return f"did you mean '{match[0]}'?"
     return "valid values: " + ", ".join(repr(c) for c in choices)
+
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
+_NOISE = re.compile(r"^(Traceback \(most recent call last\)|File \".*\", line \d+|[\W_]+$|"
+                    r"(For (more|extended)|If you suspect|Set TORCH_LOGS|To execute this test|You can suppress|"
+                    r"For C\+\+ stack trace|\(Refer to the full stack trace|consider using data-dependent friendly|"
+                    r"Caused by: \(|Developer debug context)).*")
+
+
+def summarize(message: str, max_lines: int = 6, max_chars: int = 800) -> str:
+    """The first meaningful lines of an underlying error's message, to quote inside a qcompile error:
+    terminal escape codes (``\\x1b[...m`` colours) removed, blank and separator lines, traceback
+    frames and logging advice dropped, at most ``max_lines`` lines and ``max_chars`` characters
+    (``...`` marks a cut). Lines after the first are indented by two spaces.
+
+    Example::
+
+        >>> summarize("\\x1b[31mFailed to decompose\\x1b[0m\\n\\n=====\\nCannot guard on s0 // 7")
+        'Failed to decompose\\n  Cannot guard on s0 // 7'
+    """
+    lines = []
+    for line in _ANSI.sub("", str(message)).replace("\r", "").splitlines():
+        line = line.rstrip()
+        if not line.strip() or _NOISE.match(line.strip()):
+            continue
+        lines.append(line.strip())
+    cut = len(lines) > max_lines
+    text = "\n  ".join(lines[:max_lines])
+    if len(text) > max_chars:
+        text, cut = text[:max_chars].rstrip(), True
+    return (text + (" ..." if cut else "")) or "(no message)"

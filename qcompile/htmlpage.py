@@ -73,13 +73,13 @@ def db_cell(db: Optional[float], colour: bool = True) -> Cell:
     """A dB value, ``-`` when missing, ``inf`` when exact; coloured with :func:`sqnr_colour`."""
     if db is None:
         return Cell("-", "")
-    text = "inf" if db == math.inf else f"{db:.1f}"
-    return Cell(text, 1e9 if db == math.inf else db, sqnr_colour(db) if colour else None)
+    text = f"{db:.1f}" if math.isfinite(db) else ("inf" if db > 0 else "-inf")
+    return Cell(text, db if math.isfinite(db) else math.copysign(1e9, db), sqnr_colour(db) if colour else None)
 
 
 def sqnr_colour(db: float) -> str:
     """Red at 10 dB or less, green at 40 dB or more (40 dB ≈ 1 % relative error)."""
-    t = 1.0 if not math.isfinite(db) else min(max((db - 10) / 30, 0.0), 1.0)
+    t = (1.0 if db > 0 else 0.0) if not math.isfinite(db) else min(max((db - 10) / 30, 0.0), 1.0)
     return f"hsl({int(120 * t)}, 70%, 80%)"
 
 
@@ -113,7 +113,8 @@ _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 def svg_lines(labels: Sequence[str], series: dict[str, Sequence[Optional[float]]], *, y_label: str,
               title: str, width: int = 900, height: int = 280) -> str:
     """A line plot with one point per label (in order) for each series; ``None`` values are left
-    out, ``inf`` is drawn at the top edge and marked. Each point has a hover tooltip."""
+    out, ``inf`` is drawn at the top edge and ``-inf`` at the bottom edge, both marked. Each point has
+    a hover tooltip."""
     finite = [v for vals in series.values() for v in vals if v is not None and math.isfinite(v)]
     if not labels or not finite:
         return f"<p>{html.escape(title)}: no values to plot.</p>"
@@ -128,7 +129,7 @@ def svg_lines(labels: Sequence[str], series: dict[str, Sequence[Optional[float]]
         return left + (w * (i + 0.5) / n)
 
     def y(v):
-        v = hi if v == math.inf else v
+        v = (hi if v > 0 else lo) if not math.isfinite(v) else v
         return top + h - (v - lo) / (hi - lo) * h
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -148,9 +149,9 @@ def svg_lines(labels: Sequence[str], series: dict[str, Sequence[Optional[float]]
             parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="'
                          + " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in pts) + '"/>')
         for i, v in pts:
-            shown = "inf" if v == math.inf else f"{v:.1f}"
-            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="{4 if v == math.inf else 2.5}" '
-                         f'fill="{"none" if v == math.inf else colour}" stroke="{colour}">'
+            shown = f"{v:.1f}" if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="{2.5 if math.isfinite(v) else 4}" '
+                         f'fill="{colour if math.isfinite(v) else "none"}" stroke="{colour}">'
                          f"<title>{html.escape(labels[i])}: {html.escape(name)} {shown}</title></circle>")
         parts.append(f'<rect x="{left + 150 * j}" y="22" width="10" height="10" fill="{colour}"/>'
                      f'<text x="{left + 14 + 150 * j}" y="31">{html.escape(name)}</text>')

@@ -15,7 +15,7 @@ from .formats import get_format
 from .ops import DEQUANTIZE, QUANTIZE
 from .passes.annotate import annotated_nodes
 from .passes.infra import get_attr_tensor
-from .report import LayerReport, Report, cosine, sqnr
+from .report import LayerReport, Report, cosine, sqnr, sqnr_from_energy
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -77,6 +77,31 @@ def const_value(gm, node):
     return node.target(*args, **node.kwargs)
 
 
+MASK_NAMES = ("attention_mask", "mask", "input_mask")
+
+
+def padding_mask(binder, args: tuple, kwargs: dict):
+    """``(name, mask)``: the model's attention-mask input when it has one (named like
+    ``attention_mask``/``mask``, an integer ``[batch, seq]`` tensor of 0s and 1s, 1 for a real
+    token), else ``(None, None)``. Cumulative SQNR leaves out the positions it marks 0: the model
+    masks them, so their error never reaches what it returns."""
+    named = {**dict(zip(binder.positional, args)), **{k: kwargs[k] for k in binder.keywords if k in kwargs}}
+    for name, t in named.items():
+        if not (name in MASK_NAMES or name.endswith("attention_mask")) or not isinstance(t, torch.Tensor):
+            continue
+        if t.dim() == 2 and not t.is_floating_point() and t.dtype != torch.bool and bool(((t == 0) | (t == 1)).all()):
+            return name, t.bool()
+    return None, None
+
+
+def _real_positions(mask, ref, test):
+    """``(ref, test)`` at the positions ``mask`` keeps, when both are ``[batch, seq, ...]`` with the
+    mask's shape in front; else unchanged."""
+    if mask is None or ref.dim() < 2 or tuple(ref.shape[:2]) != tuple(mask.shape):
+        return ref, test
+    return ref[mask], test.reshape(ref.shape)[mask]
+
+
 def measure(report: Report, gm, float_weights: dict, model, binder, inputs, folded=()) -> Report:
     """Fill ``report`` from ``inputs`` (calibration-like items) — see the module docstring."""
     ops = annotated_nodes(gm)
@@ -98,6 +123,9 @@ def measure(report: Report, gm, float_weights: dict, model, binder, inputs, fold
                 pass
     for item in inputs:
         args, kwargs = binder.bind(item)
+        mask_name, mask = padding_mask(binder, args, kwargs)
+        if mask_name is not None:
+            report.cumulative_sqnr_mask = mask_name
         rec = _Recorder(gm, keep)
         with torch.no_grad():
             q_out = rec.run(*flatten_inputs(gm, args, kwargs))
@@ -124,7 +152,7 @@ def measure(report: Report, gm, float_weights: dict, model, binder, inputs, fold
                 _acc(energy[("own", node.name)], y_f, y_q)
                 fo = float_outs.get(ann.layer)
                 if fo is not None and fo.numel() == y_q.numel():  # GPT-2's Conv1D: module [B,S,N], op [B*S,N]
-                    _acc(energy[("cum", ann.layer)], fo.reshape(y_q.shape), y_q)
+                    _acc(energy[("cum", ann.layer)], *_real_positions(mask, fo, y_q.reshape(fo.shape)))
         f_leaves = [t for t in pytree.tree_leaves(f_out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         q_leaves = [t for t in pytree.tree_leaves(q_out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if f_leaves and len(f_leaves) == len(q_leaves):
@@ -168,9 +196,7 @@ def _acc(acc, ref, test):
 
 
 def _db(acc) -> float:
-    import math
-
-    return math.inf if acc[1] == 0 else 10 * math.log10(max(acc[0], 1e-30) / acc[1])
+    return sqnr_from_energy(acc[0], acc[1])
 
 
 def _unique_tensors(model):

@@ -16,12 +16,29 @@ import torch
 
 
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (``inf`` when identical)."""
+    """Signal-to-quantization-noise ratio in dB: ``inf`` only when identical, ``-inf`` when the
+    reference is all zeros and the test is not.
+
+    Example::
+
+        >>> sqnr(torch.ones(4), torch.ones(4) * 1.01)    # 40.0: 1 % relative error
+    """
     ref, test = ref.detach().double().flatten(), test.detach().double().flatten()
-    noise = (ref - test).pow(2).sum()
+    signal, noise = ref.pow(2).sum(), (ref - test).pow(2).sum()
+    if noise == 0 or signal == 0:
+        return sqnr_from_energy(float(signal), float(noise))
+    return float(10 * torch.log10(signal / noise))
+
+
+def sqnr_from_energy(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` for summed energies: ``inf`` when there is no noise, ``-inf``
+    when there is noise and no signal. Neither side is clamped: clamping only the signal turned a
+    near-zero output quantized to all zeros into ~156 dB."""
     if noise == 0:
         return math.inf
-    return float(10 * torch.log10(ref.pow(2).sum().clamp(min=1e-30) / noise))
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
 
 
 def cosine(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -63,6 +80,7 @@ class Report:
     timings_s: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)        # task metrics on held-out data (set by the caller)
     mixed_precision: dict = field(default_factory=dict)  # what Recipe.auto measured and chose
+    cumulative_sqnr_mask: Optional[str] = None          # the mask input whose 0 positions cumulative SQNR skips
 
     @property
     def compression(self) -> float:
@@ -71,6 +89,18 @@ class Report:
     @property
     def linear_weight_compression(self) -> float:
         return self.linear_weight_bytes_before / max(self.linear_weight_bytes_after, 1)
+
+    def summary(self) -> str:
+        """One line: how many layers are quantized and how many modules stay float, with the
+        reasons counted, e.g. ``7 layers quantized, 2 kept float (1 no quantized kernel for LSTM,
+        1 no quantized kernel for LayerNorm)``. The CLI prints it after the table."""
+        n = len(dict.fromkeys(r.layer for r in self.layers))
+        line = f"{n} layer{'s' if n != 1 else ''} quantized, {len(self.kept_float)} kept float"
+        if not self.kept_float:
+            return line
+        short = [why.split(" (kept float")[0].split(":")[0] for why in self.kept_float.values()]
+        counts = {k: short.count(k) for k in dict.fromkeys(short)}
+        return line + " (" + ", ".join(f"{c} {k}" for k, c in counts.items()) + ")"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -99,6 +129,7 @@ class Report:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        lines.append(self.summary())
         if self.kept_float:
             lines.append(f"kept float: {len(self.kept_float)} layer(s): " +
                          "; ".join(f"{k} ({v})" for k, v in list(self.kept_float.items())[:8]) +

@@ -12,9 +12,9 @@ from conftest import TinyBlock, TinyCNN, randomise_bn
 RECIPES = ["w8a8", "w8a8-dynamic", "w8"]
 
 
-def _quantize(model, recipe, batches):
+def _quantize(model, recipe, batches, dynamic_shapes="auto"):
     r = dataclasses.replace(qcompile.resolve_recipe(recipe), calibration=qcompile.CalibrationConfig(progress=False))
-    return qcompile.quantize(model, r, batches[0], calibration=batches, report_samples=1)
+    return qcompile.quantize(model, r, batches[0], calibration=batches, report_samples=1, dynamic_shapes=dynamic_shapes)
 
 
 def assert_matches_reference(out, ref, rel=1e-4):

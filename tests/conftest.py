@@ -1,6 +1,7 @@
 """Small models shared by the pass and API tests (real modules, random weights, seeded)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -39,6 +40,63 @@ class TinyCNN(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
         return self.fc(x.flatten(1))
+
+
+class ToySwinBlock(nn.Module):
+    """Swin-style window attention: pad H and W up to a multiple of the window, (shift,) partition,
+    attend per window, merge, crop. On a dynamic H/W the padding arithmetic makes torch.export's
+    symbolic shapes explode (minutes, where static shapes take seconds)."""
+
+    def __init__(self, c, ws, shift):
+        super().__init__()
+        self.ws, self.shift = ws, shift
+        self.norm, self.qkv, self.proj = nn.LayerNorm(c), nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x):                      # [B, H, W, C]
+        b, h, w, c = x.shape
+        ws = self.ws
+        y = self.norm(x)
+        pad_h, pad_w = (ws - h % ws) % ws, (ws - w % ws) % ws
+        y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+        hp, wp = h + pad_h, w + pad_w
+        if self.shift:
+            y = torch.roll(y, (-self.shift, -self.shift), (1, 2))
+        y = y.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+        q, k, v = self.qkv(y).chunk(3, -1)
+        y = self.proj(torch.softmax(q @ k.transpose(1, 2) / c ** 0.5, -1) @ v)
+        y = y.view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+        if self.shift:
+            y = torch.roll(y, (self.shift, self.shift), (1, 2))
+        x = x + y[:, :h, :w, :].contiguous()
+        return x + self.mlp(x)
+
+class ToySwinMerge(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.red = nn.Linear(4 * c, 2 * c)
+    def forward(self, x):
+        b, h, w, c = x.shape
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.red(x)
+
+class ToySwin(nn.Module):
+    """A Swin-like image classifier (patch conv, window blocks, patch merging): the issue-26 hang."""
+
+    def __init__(self, c=16, ws=4, stages=3):
+        super().__init__()
+        self.patch = nn.Conv2d(3, c, 2, 2)
+        layers = []
+        for s in range(stages):
+            layers += [ToySwinBlock(c, ws, 0), ToySwinBlock(c, ws, ws // 2)]
+            if s < stages - 1:
+                layers.append(ToySwinMerge(c)); c *= 2
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(c, 10)
+    def forward(self, pixel_values):
+        x = self.patch(pixel_values).permute(0, 2, 3, 1)
+        return self.head(self.layers(x).mean((1, 2)))
 
 
 def randomise_bn(model, seed=1):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.export import Dim
 
 import qcompile
 from backend_conformance import _quantize, assert_matches_reference
@@ -68,7 +69,9 @@ def _odd_cnn_and_inputs(recipe):
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(3)
         batches = [(torch.randn(3, 3, 11, 9, generator=g),) for _ in range(3)]
-        _QUANTIZED[recipe.name] = _quantize(randomise_bn(OddCNN()).eval(), recipe, batches)
+        # other image sizes are tested: ask for dynamic H and W (qcompile's default keeps them static)
+        _QUANTIZED[recipe.name] = _quantize(randomise_bn(OddCNN()).eval(), recipe, batches,
+                                            dynamic_shapes={"x": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}})
     return _QUANTIZED[recipe.name], torch.Generator().manual_seed(4)
 
 

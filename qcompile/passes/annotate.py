@@ -38,10 +38,19 @@ QUANTIZABLE_OPS = {
 }
 
 
+# ops with parameters that stay float by design: quantizing a normalization's input destroys accuracy
+NORMALIZATION_OPS = {"layer_norm", "native_layer_norm", "batch_norm", "_native_batch_norm_legit_no_training",
+                     "_native_batch_norm_legit", "native_batch_norm", "group_norm", "native_group_norm",
+                     "instance_norm", "rms_norm", "_fused_rms_norm"}
+
+RECURRENT_OPS = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
+
+
 @dataclass
 class AnnotateResult(PassResult):
-    """``skipped``: layer -> why it stays float; ``tied``: a layer whose weight is an embedding's ->
-    whether the two share one quantized tensor."""
+    """``skipped``: layer -> why it stays float (quantizable layers the recipe keeps float, and every
+    module whose parameters no quantized op reads: an LSTM, a LayerNorm, a learned position table);
+    ``tied``: a layer whose weight is an embedding's -> whether the two share one quantized tensor."""
 
     tied: dict = field(default_factory=dict)
 
@@ -103,6 +112,7 @@ class AnnotatePass(Pass):
                                     else f"weight tied to {tied_to} but its spec differs ({source}): untied, "
                                          f"each quantized separately")
         check_patterns_used(self.recipe, used, layers)
+        result.skipped.update(float_parameters(gm, set(result.changed), set(result.skipped)))
         return result
 
     def ensures(self, gm):
@@ -112,9 +122,86 @@ class AnnotatePass(Pass):
                 raise AssertionError(f"{node.name} annotated but not a quantizable op")
 
 
+def float_parameters(gm, quantized: set, listed: set) -> dict[str, str]:
+    """``{module path: why it stays float}`` for the parameters the graph reads that no annotated op
+    reads, found from the graph (not from module types, so a custom module is found too): an
+    ``nn.LSTM`` (``aten.lstm``) gets "no quantized kernel for LSTM (kept float)". A parameter that
+    reaches a quantizable op through other ops (a weight-normed conv's ``weight_g``) is the weight
+    of a layer already in ``listed``, and is not listed twice. The key is the owning module's path,
+    or the parameter's full name when that module is also a quantized layer or the root."""
+    params = {name for name, _ in gm.named_parameters()}
+    found: dict[str, dict[str, set]] = {}   # owner -> {parameter attribute: ops reading it}
+    types: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target not in params or not node.users:
+            continue
+        # read by a quantizable op: quantized, or already listed with the recipe's reason
+        if any(u.op == "call_function" and u.target in QUANTIZABLE_OPS for u in node.users) or _reaches_quantizable(node):
+            continue
+        if all(_batch_norm_after_conv(u) for u in node.users):
+            continue   # QAT's training graph: folded into the conv at convert (report.folded_batch_norms)
+        owner, _, attr = node.target.rpartition(".")
+        found.setdefault(owner, {}).setdefault(attr, set()).update(_op_name(u) for u in node.users)
+        for u in node.users:
+            if u.meta.get(LAYER) == owner and u.meta.get(LAYER_TYPE):
+                types[owner] = u.meta[LAYER_TYPE]
+    out = {}
+    for owner, attrs in found.items():
+        mtype = types.get(owner) or "this module"
+        ops = set().union(*attrs.values())
+        if ops <= NORMALIZATION_OPS:
+            why = f"no quantized kernel for {mtype} (kept float: normalization stays float by design)"
+        elif owner and owner in types and (ops <= RECURRENT_OPS or
+                                           (len(ops) == 1 and min(ops).replace("_", "") in mtype.lower())):
+            why = f"no quantized kernel for {mtype} (kept float)"
+        else:
+            read = "; ".join(f"{a} read by {', '.join(sorted(o))}" for a, o in sorted(attrs.items()))
+            why = f"no quantized kernel for {mtype}: {read} (kept float)"
+        if owner and owner not in quantized and owner not in listed:
+            out[owner] = why
+        else:
+            out.update({f"{owner}.{a}" if owner else a: why for a in attrs})
+    return out
+
+
+def _reaches_quantizable(node, depth: int = 6) -> bool:
+    """Whether ``node``'s value is computed, through at most ``depth`` ops that read only constants
+    (a weight norm, a transpose), into the weight of a quantizable op."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for src in frontier:
+            for u in src.users:
+                info = QUANTIZABLE_OPS.get(u.target) if u.op == "call_function" else None
+                if info is not None and u.args[info.weight_arg] is src:
+                    return True
+                if info is None and u.op == "call_function" and all(_constant(a) for a in u.all_input_nodes):
+                    nxt.append(u)
+        if not nxt:
+            return False
+        frontier = nxt
+    return False
+
+
+def _batch_norm_after_conv(node) -> bool:
+    x = node.args[0] if node.args else None
+    return ("batch_norm" in _op_name(node) and isinstance(x, torch.fx.Node) and x.op == "call_function"
+            and getattr(QUANTIZABLE_OPS.get(x.target), "kind", None) == "conv")
+
+
+def _constant(node) -> bool:
+    return node.op == "get_attr" or (node.op == "call_function" and bool(node.all_input_nodes)
+                                     and all(_constant(a) for a in node.all_input_nodes))
+
+
+def _op_name(node) -> str:
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0]
+
+
 def annotated_nodes(gm):
     """(node, annotation) for every annotated node, in graph order."""
     return [(n, n.meta[ANNOTATION]) for n in gm.graph.nodes if ANNOTATION in n.meta]
 
 
-__all__ = ["AnnotatePass", "AnnotateResult", "QUANTIZABLE_OPS", "OpInfo", "annotated_nodes", "LayerConfig"]
+__all__ = ["AnnotatePass", "AnnotateResult", "QUANTIZABLE_OPS", "OpInfo", "annotated_nodes", "float_parameters", "LayerConfig"]

@@ -11,6 +11,8 @@ are written as uint8 with zero point + 128 (the same values), because onnxruntim
 saturate there (:mod:`.weights`; ``lower(..., int8_weights=...)`` overrides)."""
 from __future__ import annotations
 
+from typing import Optional
+
 from ..base import STATIC_DYNAMIC, WEIGHT_GRANULARITIES, Capabilities
 from .lower import OPSET, export_onnx
 from .translate import DYNAMIC_FORMATS, STANDARD_FORMATS
@@ -35,14 +37,15 @@ class OnnxBackend:
 
     def lower(self, qmodel, opset: int = OPSET, threads: int = 0, target: str = "onnxruntime",
               nbits_accuracy_level: int = 0, keep_metadata: bool = False,
-              concatenate_shared: bool = False, int8_weights: str = "auto") -> OnnxArtifact:
+              concatenate_shared: bool = False, int8_weights: str = "auto",
+              budget_s: Optional[float] = None) -> OnnxArtifact:
         """``target``: ``"onnxruntime"`` (contrib kernels where faster) or ``"qdq"`` (standard
         ONNX only); ``threads``: onnxruntime intra-op threads (0: its default); ``int8_weights``:
         ``"auto"`` writes int8 weights as uint8 (+128) on x86 hosts without VNNI, where onnxruntime's
         u8 x s8 kernels saturate (:mod:`.weights`); the other options: see
         :func:`~qcompile.backends.onnx.lower.export_onnx`."""
         data, names = export_onnx(qmodel, opset, target, nbits_accuracy_level, keep_metadata, concatenate_shared,
-                                  int8_weights)
+                                  int8_weights, budget_s)
         return OnnxArtifact(data, names, qmodel, threads)
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import copy
 import io
 import operator
+import re
+from typing import Optional
 
 import torch
 
-from ...errors import BackendError
+from ...capture import BudgetExceeded, batch_only, describe_dynamic, time_budget
+from ...errors import BackendError, summarize
 from ..base import node_module
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ...passes.infra import Pass, PassManager, PassResult, add_tensor, constant_value, get_attr_tensor, prune_unused_tensors
@@ -198,6 +201,37 @@ class FuseOnnxruntimeKernelsPass(Pass):
         return None
 
 
+_NODE_IN_MESSAGE = re.compile(r"(?:node|translating node) %?'?([A-Za-z_][\w]*)")
+
+
+def export_failure(e: Exception, gm, dynamic_shapes) -> BackendError:
+    """A failed ``torch.onnx.export`` as a :class:`BackendError` a user can act on: the exporter's
+    summary (its ``## Exception summary`` when it has one, else its first meaningful lines; no
+    terminal colour codes, no generic advice), the node and module it names when the graph has
+    that node, and the next step."""
+    text = str(e)
+    marker = "## Exception summary"
+    body = text.split(marker, 1)[1] if marker in text else text
+    body = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", body)
+    summary = summarize(body)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    where = ""
+    for name in _NODE_IN_MESSAGE.findall(summarize(text, max_lines=100, max_chars=100_000)):
+        if name in nodes:
+            where = f" at node '{name}' of {node_module(nodes[name])}"
+            break
+    if re.search(r"no onnx function|no decompositions|not supported|unsupported", text, re.IGNORECASE):
+        hint = ("that op has no ONNX translation: lower with another backend (reference, tvm), or register "
+                "an ONNX function for it with torch.onnx's custom_translation_table")
+    elif re.search(r"guard|symbolic|sympy|decompose|constraint", text, re.IGNORECASE) and \
+            describe_dynamic(dynamic_shapes) != "none (static shapes)":
+        hint = (f"dynamic dims ({describe_dynamic(dynamic_shapes)}) the exporter cannot handle: quantize with "
+                f"static dims there, e.g. dynamic_shapes={batch_only(dynamic_shapes)}")
+    else:
+        hint = "lower with target='qdq' or another backend, or keep that module float with an override"
+    return BackendError(f"onnx: torch.onnx.export failed{where}: {summary}\nhint: {hint}")
+
+
 def _check_no_grouped_dynamic(gm, target: str, skipped: dict) -> None:
     """Per-token-group activations (``w4-g*-a8``) exist in ONNX only inside MatMulNBits: name the
     first one left over and why its Linear did not fuse."""
@@ -244,13 +278,15 @@ def _per_token_group_int8(x):
 
 
 TARGETS = ("onnxruntime", "qdq")
+EXPORT_BUDGET_S = 600.0   # seconds torch.export + torch.onnx.export may take before a BackendError (None: no limit)
 # metadata_props of the written file: the int8 weight type chosen for this host, and why
 INT8_WEIGHTS_KEY, INT8_WEIGHTS_REASON_KEY = "qcompile.int8_weights", "qcompile.int8_weights_reason"
 
 
 def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
                 nbits_accuracy_level: int = 0, keep_metadata: bool = False,
-                concatenate_shared: bool = False, int8_weights: str = "auto") -> tuple[bytes, list[str]]:
+                concatenate_shared: bool = False, int8_weights: str = "auto",
+                budget_s: Optional[float] = None) -> tuple[bytes, list[str]]:
     """(ONNX model bytes, input names) for a :class:`~qcompile.model.QuantizedModel`.
 
     ``target="onnxruntime"`` (default) emits onnxruntime's fused contrib kernels where they are
@@ -265,7 +301,9 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     ``"auto"`` (default) picks ``"uint8"`` (zero point + 128, the same values) on x86 hosts without
     VNNI, where onnxruntime's u8 x s8 kernels saturate, else ``"int8"`` (see :mod:`.weights`); the
     choice and its reason are in the file's ``metadata_props`` (``qcompile.int8_weights``,
-    ``qcompile.int8_weights_reason``), for both targets: the ``qdq`` file runs in onnxruntime too."""
+    ``qcompile.int8_weights_reason``), for both targets: the ``qdq`` file runs in onnxruntime too.
+    ``budget_s`` (default :data:`EXPORT_BUDGET_S`): an export still running after it stops with a
+    :class:`BackendError` naming the dynamic inputs and dims (see ``capture.time_budget``)."""
     if target not in TARGETS:
         raise BackendError(f"unknown onnx target '{target}'; choose one of {', '.join(TARGETS)}")
     args, kwargs, dynamic_shapes = qmodel.export_example(f"the onnx backend (target '{target}')")
@@ -278,19 +316,28 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     prune_unused_tensors(gm)
     fuse = pm.result(FuseOnnxruntimeKernelsPass.name)
     _check_no_grouped_dynamic(gm, target, fuse.skipped if fuse is not None else {})
-    ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
     table = {QUANTIZE: translate.quantize, DEQUANTIZE: translate.dequantize, CHOOSE_QPARAMS: translate.choose_qparams,
              MATMUL_INTEGER_TO_FLOAT: translate.matmul_integer_to_float, MATMUL_NBITS: translate.matmul_nbits}
+    budget = EXPORT_BUDGET_S if budget_s is None else budget_s
     try:
-        program = torch.onnx.export(ep, dynamo=True, custom_translation_table=table, opset_version=opset,
-                                    verbose=False, optimize=True)
+        with time_budget(budget):
+            ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
+            program = torch.onnx.export(ep, dynamo=True, custom_translation_table=table, opset_version=opset,
+                                        verbose=False, optimize=True)
+    except BudgetExceeded:
+        raise BackendError(
+            f"onnx: the export did not finish within its budget of {budget:g} s; dynamic: "
+            f"{describe_dynamic(dynamic_shapes)}\nhint: symbolic shapes on these dims (window or patch padding "
+            f"arithmetic) can take the exporter minutes to bound: quantize with static dims there, e.g. "
+            f"qcompile.quantize(..., dynamic_shapes={batch_only(dynamic_shapes)}), or raise "
+            f"qcompile.backends.onnx.lower.EXPORT_BUDGET_S") from None
     except Exception as e:  # noqa: BLE001 - re-raised with the node that failed when torch names it
         root = e
         while root.__cause__ is not None and not isinstance(root, BackendError):
             root = root.__cause__
         if isinstance(root, BackendError):
             raise root from e
-        raise BackendError(f"torch.onnx.export failed: {str(e).splitlines()[0][:400]}") from e
+        raise export_failure(e, gm, dynamic_shapes) from e
     buf = io.BytesIO()
     program.save(buf)
     import onnx
