@@ -94,7 +94,7 @@ def _weights(gm) -> dict:
             out[layer] = ("tied", seen[w])
             continue
         seen[w] = layer
-        if len(node.args) > 2 and node.args[2] is not None:
+        if node.target == torch.ops.aten.linear.default and len(node.args) > 2 and node.args[2] is not None:
             raise BackendError(f"layer '{layer}' has a bias; the gguf backend writes Llama without biases")
         if w.op == "get_attr":
             out[layer] = _attr(gm, w).detach().float()
