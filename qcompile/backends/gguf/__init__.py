@@ -18,6 +18,8 @@ Example::
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from ..base import Capabilities
 from .llama import plan_llama
 from .runtime import GgufArtifact, read_types
@@ -37,7 +39,7 @@ class GgufBackend:
                        "time yet; use backend='onnx'")
 
     def lower(self, qmodel, config=None, tokenizer=None, tokenizer_pre: str = "default",
-              name: str = None) -> GgufArtifact:
+              name: Optional[str] = None) -> GgufArtifact:
         """``config``: the model's transformers config (``model.config``, a ``LlamaConfig``);
         ``tokenizer``: its transformers tokenizer (byte-level BPE); ``tokenizer_pre``: llama.cpp's
         pre-tokenizer name (``"smollm"`` for SmolLM2, ``"llama-bpe"`` for Llama 3); ``name``: the

@@ -148,6 +148,7 @@ def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: 
     weights, norms = _weights(gm), _norms(gm)
     n_layer, n_head = config.num_hidden_layers, config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
     plan = GgufPlan()
     for layer, w in list(weights.items()) + list(norms.items()):
@@ -161,9 +162,9 @@ def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: 
             raise BackendError(f"layer '{layer}' has no GGUF name in llama's tensor map: not a Llama causal LM")
         perm = None
         if layer.endswith("self_attn.q_proj"):
-            perm = rotary_permutation(config.num_attention_heads * config.head_dim, n_head)
+            perm = rotary_permutation(n_head * head_dim, n_head)
         elif layer.endswith("self_attn.k_proj"):
-            perm = rotary_permutation(n_kv * config.head_dim, n_kv)
+            perm = rotary_permutation(n_kv * head_dim, n_kv)
         per_channel = isinstance(w, QuantizedWeight) and not w.group_size
         if per_channel and layer not in ("model.embed_tokens", "lm_head"):
             raise BackendError(f"layer '{layer}': no GGUF block type holds its grid ({w.grid()}): llama.cpp's "
@@ -174,7 +175,6 @@ def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: 
     counts = Counter(t.type for t in plan.tensors if t.type in BLOCK_TYPES)
     main = counts.most_common(1)[0][0] if counts else "F32"
 
-    head_dim = config.head_dim
     meta = plan.metadata
     meta += [("add_name", (name or getattr(qmodel.recipe, "name", None) or "qcompile",)),
              ("add_context_length", (config.max_position_embeddings,)),
