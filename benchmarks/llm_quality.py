@@ -2,7 +2,7 @@
 next to llama.cpp's reference quantizers (the ``gguf`` package) applied to the same Linear weights.
 
 ``--llamacpp Q4_K_M ...`` adds llama.cpp's own quantizer (k-quants included) through
-``llama-cpp-python``, a benchmark-only install that compiles llama.cpp (not in any extra); ``mb`` is
+``llama-cpp-python`` (the ``gguf`` extra; it compiles llama.cpp); ``mb`` is
 then the GGUF file's size.
 
 One protocol, one run, one process (one thread)::
@@ -186,7 +186,7 @@ def main(argv=None):
     ap.add_argument("--recipes", nargs="*", default=RECIPES)
     ap.add_argument("--gguf", nargs="*", default=GGUF_TYPES)
     ap.add_argument("--llamacpp", nargs="*", default=[],
-                    help="llama.cpp's own quantizer (needs llama-cpp-python, a benchmark-only install), e.g. "
+                    help="llama.cpp's own quantizer (needs llama-cpp-python: the gguf extra), e.g. "
                          + " ".join(LLAMACPP_TYPES))
     ap.add_argument("--llamacpp-dir", default="out/llamacpp", help="where the quantized GGUF files are written")
     ap.add_argument("--no-float", action="store_true", help="skip the float row (measured by another run)")

@@ -134,6 +134,10 @@ class Format:
         if self.kind != "float" and torch.isnan(x).any():
             raise QuantizationError(f"format '{self.name}' has no code for NaN ({int(torch.isnan(x).sum())} of "
                                     f"{x.numel()} values are NaN)")
+        if self.kind == "int" and zero_point is not None and zero_point.dtype == torch.float16:
+            # a float16 zero point is the group minimum m itself (llama.cpp's Q4_1/Q5_1): x = s q + m
+            q = torch.round((x.float() - zero_point.float()) / scale)
+            return q.clamp(self.qmin, self.qmax).to(self.storage)
         if self.kind == "int" and zero_point is not None and zero_point.is_floating_point():
             # a float zero point: round(x/s + z), so it shifts the grid by a fraction of a step
             # (torchao's integer path rounds x/s first and would round z away)
@@ -153,6 +157,10 @@ class Format:
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                    dtype: torch.dtype = torch.float32):
+        if self.kind == "int" and zero_point is not None and zero_point.dtype == torch.float16:
+            # s q + m in float32: q s is exact (a float16 scale times a code of <= 13 bits), then one
+            # rounding, as llama.cpp's dequantize_row_q4_1 and gguf.quants compute it (bit-exact)
+            return (q.float() * scale.float() + zero_point.float()).to(dtype)
         if self.kind == "int" and zero_point is not None and zero_point.is_floating_point():
             return ((q.float() - zero_point.float()) * scale.float()).to(dtype)
         if self.kind == "int":
@@ -242,6 +250,21 @@ def scale_grid(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     if scale_dtype != "int8":
         return scale
     return rebuild_scales(*double_quantize_scales(scale), scale.shape)
+
+
+def float16_minimum(scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """A float zero point ``z`` (``x = (q - z) s``) as the float16 group minimum ``m = -z s``
+    (``x = s q + m``): what ``zero_point_dtype: float16`` stores, llama.cpp's Q4_1/Q5_1 ``m``. The
+    canonical ops read a float16 zero point as that minimum."""
+    return (-zero_point.float() * scale.float()).half()
+
+
+def zero_point_as_offset(scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A float16 minimum ``m`` (:func:`float16_minimum`) as the float32 zero point ``z = -m / s``
+    for code that rounds ``x/s + z`` inline (GPTQ's column loop); other zero points unchanged."""
+    if zero_point is None or zero_point.dtype != torch.float16:
+        return zero_point
+    return -zero_point.float() / scale.float()
 
 
 def zero_point_grid(zero_point: Optional[torch.Tensor], zero_point_dtype: str) -> Optional[torch.Tensor]:

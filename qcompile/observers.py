@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import CalibrationError
-from .formats import Format, get_format
+from .formats import Format, float16_minimum, get_format
 from .spec import QuantSpec
 
 
@@ -249,8 +249,8 @@ def weight_qparams(w: torch.Tensor, spec: QuantSpec, channel_axis: int = 0):
     shrinks each channel's range to minimise its squared error.
     """
     scale, zp = _weight_qparams(w, spec, channel_axis, get_format(spec.format))
-    if spec.zero_point_dtype == "float16":   # a float16 zero point: rounded here, stored as float16
-        zp = zp.half()
+    if spec.zero_point_dtype == "float16":   # stored as the float16 group minimum m = -z s (x = s q + m)
+        zp = float16_minimum(scale, zp)
     return scale.to(spec.scale_torch_dtype), zp   # float16 scales: computed rounded, stored as float16
 
 

@@ -40,6 +40,11 @@ preset                  what it does
 ``w5-g64-dq-gptq``      uint5 in groups of 64, double-quantized (int8) scales, uint8 zero points, by GPTQ
                         (~5.25 bits per weight)
 ``fp8-e4m3``            FP8 E4M3 weights, one scale per output row
+``gguf-q8_0`` ...       llama.cpp's legacy block types exactly (groups of 32, float16 scales), so the gguf
+                        backend writes the codes bit for bit: ``gguf-q8_0`` (int8), ``gguf-q4_0`` (uint4,
+                        symmetric: offset 8), ``gguf-q4_1`` (uint4, float16 minimum), ``gguf-q5_0``,
+                        ``gguf-q5_1``; ``-gptq``: solved by GPTQ on that grid. The embedding / tied head
+                        is Q8_0 (int8 in groups of 32, float16 scales), as llama.cpp keeps it
 ======================  ===============================================================================
 
 The LLM presets (``-gptq``/``-awq``, ``w5-g64-gptq``, ``w3-g64``, ``w2-g64``, ``nf4``, ``q4_k_m``, ``q6_k``, ``fp8-e4m3``) keep a tied ``lm_head``
@@ -137,6 +142,22 @@ def _q4_k_m(algorithm: Optional[str] = None, zero_point_dtype: str = "code") -> 
     return make
 
 
+def _gguf_block(bits: int, minimum: bool = False) -> QuantSpec:
+    # llama.cpp's Q{bits}_0 (x = d (u - 2^(bits-1)): symmetric unsigned codes, whose zero point is
+    # that middle code) or Q{bits}_1 (x = d u + m: a float16 minimum), blocks of 32, float16 d
+    fmt = "int8" if bits == 8 else f"uint{bits}"
+    return QuantSpec(fmt, "per_group", symmetric=not minimum, group_size=32, scale_dtype="float16",
+                     zero_point_dtype="float16" if minimum else "code")
+
+
+def _gguf(name: str, bits: int, minimum: bool = False, algorithm: Optional[str] = None) -> Callable[[], Recipe]:
+    def make() -> Recipe:
+        algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
+        return Recipe(name=name, default=LayerConfig(_gguf_block(bits, minimum)),
+                      embedding=LayerConfig(_gguf_block(8)), weight_algorithm=algo, tied_head="embedding")
+    return make
+
+
 PRESETS.update({
     "float": lambda: Recipe(name="float"),
     "w8a8": _w8a8,
@@ -173,6 +194,15 @@ PRESETS.update({
     "w5-g64-dq-gptq": _weight_only("w5-g64-dq-gptq", QuantSpec("uint5", "per_group", symmetric=False, group_size=64,
                                                                scale_dtype="int8"), "gptq"),
     "fp8-e4m3": _weight_only("fp8-e4m3", QuantSpec("fp8_e4m3", "per_channel", symmetric=True)),
+    # llama.cpp's legacy block types, bit for bit (qcompile.backends.gguf.blocks)
+    "gguf-q8_0": _gguf("gguf-q8_0", 8),
+    "gguf-q4_0": _gguf("gguf-q4_0", 4),
+    "gguf-q4_1": _gguf("gguf-q4_1", 4, minimum=True),
+    "gguf-q5_0": _gguf("gguf-q5_0", 5),
+    "gguf-q5_1": _gguf("gguf-q5_1", 5, minimum=True),
+    "gguf-q4_0-gptq": _gguf("gguf-q4_0-gptq", 4, algorithm="gptq"),
+    "gguf-q4_1-gptq": _gguf("gguf-q4_1-gptq", 4, minimum=True, algorithm="gptq"),
+    "gguf-q5_0-gptq": _gguf("gguf-q5_0-gptq", 5, algorithm="gptq"),
 })
 
 

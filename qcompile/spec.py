@@ -21,7 +21,8 @@ SCALE_DTYPES = ("float32", "float16", "int8")
 # "code": the zero point is an integer code of the format, x = s (q - z) (the default). The others
 # store a float zero point, x = s (q - z) = s q + m with the minimum m = -s z (llama.cpp's Q4_1 and
 # K-quant form): "float32", "float16", or "int8" (double-quantized like int8 scales); asymmetric
-# integer weights only
+# integer weights only. "float16" stores the minimum m itself and the ops compute s q + m (llama.cpp's
+# Q4_1/Q5_1 bit for bit, formats.float16_minimum); the others store z and compute (q - z) s
 ZERO_POINT_DTYPES = ("code", "float32", "float16", "int8")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram")
 

@@ -128,8 +128,9 @@ BACKENDS = {
     "onnx": ("qcompile.backends.onnx", "OnnxBackend", "onnx"),
     "tvm": ("qcompile.backends.tvm", "TvmBackend", "tvm"),
     "triton-cuda": ("qcompile.backends.triton", "TritonBackend", "triton"),
+    "gguf": ("qcompile.backends.gguf", "GgufBackend", "gguf"),
 }
-ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx", "tvm-llvm": "tvm", "triton": "triton-cuda"}
+ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx", "tvm-llvm": "tvm", "triton": "triton-cuda", "llama.cpp": "gguf"}
 
 
 def get_backend(name: str) -> Backend:

@@ -1,0 +1,118 @@
+"""SmolLM2-135M through the gguf backend, measured by llama.cpp itself (docs/gguf.md).
+
+For each ``gguf-*`` preset: qcompile's reference perplexity (the docs/llm.md protocol), then the
+exported GGUF run by llama.cpp (llama-cpp-python, one thread) on the same windows; with
+``--llamacpp``, llama.cpp's own quantizer (``llama_model_quantize``) on qcompile's F32 export of the
+float model, run the same way. Rows are JSON lines in ``--out``.
+
+    PYTHONPATH=. python benchmarks/gguf_quality.py --out out/gguf_quality.json \\
+        --recipes gguf-q8_0 gguf-q4_0 gguf-q4_1 --llamacpp Q8_0 Q4_0 Q4_1
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import qcompile
+from qcompile.backends.gguf import GgufArtifact, read_types
+from qcompile.eval.perplexity import PerplexityProtocol, calibration_windows, perplexity, text_tokens
+from qcompile.models.smollm2 import load_smollm2
+
+
+class _Runner(torch.nn.Module):
+    """A GGUF artifact called like the model (perplexity() reads parameters() for the size)."""
+
+    def __init__(self, art):
+        super().__init__()
+        self.art = art
+
+    def forward(self, ids, use_cache=False):
+        return self.art(ids)
+
+
+def linear_bpw(path: Path) -> tuple[float, dict]:
+    import gguf
+
+    bits = n = 0
+    types: dict = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name.startswith("blk.") and not t.name.endswith("norm.weight"):
+            bits += int(t.n_bytes) * 8
+            n += int(t.n_elements)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return bits / n, types
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--recipes", nargs="*", default=["gguf-q8_0", "gguf-q4_0", "gguf-q4_1"])
+    ap.add_argument("--llamacpp", nargs="*", default=[])
+    ap.add_argument("--dir", default="out/gguf")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out_dir = Path(args.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lm = load_smollm2()
+    protocol = PerplexityProtocol()
+    tokens = text_tokens(lm.tokenizer, protocol)
+    cal = None
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def llama_ppl(path):
+        t = time.perf_counter()
+        res = perplexity(_Runner(GgufArtifact.load(path)), lm.tokenizer, protocol, tokens=tokens)
+        return res.perplexity, time.perf_counter() - t
+
+    for recipe in args.recipes:
+        if "gptq" in recipe and cal is None:
+            cal = calibration_windows(lm.tokenizer, n=8)
+        t = time.perf_counter()
+        q = qcompile.quantize(lm.model, recipe, (tokens[:512].unsqueeze(0),), calibration=cal,
+                              example_kwargs={"use_cache": False}, report_samples=1)
+        tq = time.perf_counter() - t
+        ref = perplexity(q, lm.tokenizer, protocol, tokens=tokens).perplexity
+        art = qcompile.lower(q, backend="gguf", config=lm.model.config, tokenizer=lm.tokenizer, tokenizer_pre="smollm")
+        path = art.save(out_dir / f"{recipe}.gguf")
+        ppl, tl = llama_ppl(path)
+        bpw, types = linear_bpw(path)
+        emit({"recipe": recipe, "reference_ppl": ref, "llama_cpp_ppl": ppl, "rel_diff": ppl / ref - 1,
+              "bpw": bpw, "types": types, "embedding": read_types(path)["token_embd.weight"],
+              "mb": path.stat().st_size / 1e6, "quantize_s": tq, "llama_cpp_eval_s": tl})
+    if args.llamacpp:
+        import llama_cpp
+
+        f32 = out_dir / "float-f32.gguf"
+        if not f32.exists():
+            q = qcompile.quantize(lm.model, "float", (tokens[:512].unsqueeze(0),), example_kwargs={"use_cache": False},
+                                  report_samples=1)
+            qcompile.lower(q, backend="gguf", config=lm.model.config, tokenizer=lm.tokenizer,
+                           tokenizer_pre="smollm").save(f32)
+        for type_name in args.llamacpp:
+            dst = out_dir / f"llama.cpp-{type_name}.gguf"
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
+            params.nthread = 1
+            t = time.perf_counter()
+            rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(dst).encode(), ctypes.byref(params))
+            if rc != 0:
+                raise RuntimeError(f"llama_model_quantize({type_name}) returned {rc}")
+            tq = time.perf_counter() - t
+            ppl, tl = llama_ppl(dst)
+            bpw, types = linear_bpw(dst)
+            emit({"recipe": f"llama.cpp {type_name} (from qcompile's F32 export)", "llama_cpp_ppl": ppl, "bpw": bpw,
+                  "types": types, "embedding": read_types(dst)["token_embd.weight"], "mb": dst.stat().st_size / 1e6,
+                  "quantize_s": tq, "llama_cpp_eval_s": tl})
+
+
+if __name__ == "__main__":
+    main()

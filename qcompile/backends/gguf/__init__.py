@@ -1,0 +1,50 @@
+"""The gguf backend (id ``gguf``): a quantized Llama-architecture causal LM as a GGUF file that
+llama.cpp (and ollama, llama-cpp-python, ...) loads and runs.
+
+Each quantized Linear's codes are written **bit for bit** into the llama.cpp block type whose grid
+equals qcompile's (:mod:`.blocks`: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; the ``gguf-*`` presets target
+them); a grid no type holds is a :class:`~qcompile.errors.BackendError` naming the layer, its grid
+and the nearest type. Norms are F32, a tied ``lm_head`` is llama.cpp's ``token_embd`` (Q8_0 when the
+embedding is int8 in groups of 32, else its exact F32 values), the tokenizer is written from the
+model's transformers tokenizer. K-quants (super-blocks of 256) are not written yet.
+
+Example::
+
+    >>> q = qcompile.quantize(model, "gguf-q4_0-gptq", ids, calibration=windows,
+    ...                       example_kwargs={"use_cache": False})
+    >>> art = qcompile.lower(q, backend="gguf", config=model.config, tokenizer=tok, tokenizer_pre="smollm")
+    >>> art.save("model.gguf")                  # llama.cpp: Llama("model.gguf")
+    >>> art(ids)                                # logits computed by llama.cpp (llama-cpp-python)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..base import Capabilities
+from .llama import plan_llama
+from .runtime import GgufArtifact, read_types
+
+
+class GgufBackend:
+    id = "gguf"
+    # weight-only; what blocks.BLOCK_TYPES holds: int8 / uint8 (Q8_0), int4 / uint4 (Q4_0, Q4_1),
+    # uint5 (Q5_0, Q5_1) in groups of 32 (the group, symmetry and float16 scales are checked per
+    # layer: blocks.match names the nearest type); int8 per channel only for the embedding / tied
+    # head (written as its exact F32 values); float zero points are Q4_1/Q5_1's minimum
+    capabilities = Capabilities(
+        weights={"int8": {"per_group", "per_channel"}, "uint8": {"per_group"}, "int4": {"per_group"},
+                 "uint4": {"per_group"}, "uint5": {"per_group"}},
+        float_zero_points=True, ops={"linear", "embedding"},
+        timing_missing="latency budgets on gguf: it writes a file for llama.cpp, whose speed qcompile does not "
+                       "time yet; use backend='onnx'")
+
+    def lower(self, qmodel, config=None, tokenizer=None, tokenizer_pre: str = "default",
+              name: Optional[str] = None) -> GgufArtifact:
+        """``config``: the model's transformers config (``model.config``, a ``LlamaConfig``);
+        ``tokenizer``: its transformers tokenizer (byte-level BPE); ``tokenizer_pre``: llama.cpp's
+        pre-tokenizer name (``"smollm"`` for SmolLM2, ``"llama-bpe"`` for Llama 3); ``name``: the
+        file's ``general.name`` (default: the recipe's)."""
+        return GgufArtifact(plan_llama(qmodel, config, tokenizer, tokenizer_pre, name))
+
+
+__all__ = ["GgufBackend", "GgufArtifact", "read_types"]

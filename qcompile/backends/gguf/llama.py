@@ -1,0 +1,230 @@
+"""A quantized Llama-architecture causal LM as the tensors and metadata of a GGUF file, the way
+llama.cpp's ``convert_hf_to_gguf.py`` writes one: tensor names from the ``gguf`` package's name
+map, q/k rows permuted for llama.cpp's rotary layout, norms as F32, a tied ``lm_head`` left to
+``token_embd``, the tokenizer as ``tokenizer.ggml.*`` metadata, and each quantized weight's codes
+packed into the block type that holds its grid bit for bit (:mod:`.blocks`)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import gguf
+import numpy as np
+import torch
+
+from ...errors import BackendError
+from ...ops import DEQUANTIZE
+from ...spec import LAYER
+from .blocks import BLOCK_TYPES, K_QUANTS, QuantizedWeight, match
+
+ARCH = "llama"
+# the type a file "mostly" is (general.file_type), as llama.cpp's quantizer names it
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+
+
+@dataclass
+class GgufTensor:
+    name: str
+    data: np.ndarray          # F32 values, or uint8 blocks [rows, bytes per row]
+    type: str                 # "F32" or a BLOCK_TYPES name
+    layer: str                # the qcompile layer it came from
+
+
+@dataclass
+class GgufPlan:
+    """What a GGUF file will hold: metadata calls on a ``gguf.GGUFWriter`` and the tensors."""
+
+    metadata: list = field(default_factory=list)   # (GGUFWriter method name, args)
+    tensors: list = field(default_factory=list)
+
+    def types(self) -> dict:
+        """GGUF tensor name → its type (``Q4_0``, ``F32``, ...)."""
+        return {t.name: t.type for t in self.tensors}
+
+
+def _require_llama(config) -> None:
+    if config is None:
+        raise BackendError("the gguf backend needs the model's transformers config: "
+                           "qcompile.lower(q, backend='gguf', config=model.config, tokenizer=tokenizer)")
+    model_type = getattr(config, "model_type", None)
+    if model_type != ARCH:
+        raise BackendError(f"the gguf backend writes Llama-architecture causal LMs (config.model_type 'llama'); "
+                           f"got model_type {model_type!r} ({type(config).__name__})")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise BackendError(f"the gguf backend writes default rotary embeddings; this config has rope scaling {rope}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(config, flag, False):
+            raise BackendError(f"the gguf backend writes Llama without biases; config.{flag} is true")
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
+
+
+def _attr(gm, node) -> torch.Tensor:
+    t = gm
+    for part in node.target.split("."):
+        t = getattr(t, part)
+    return t
+
+
+def _layer(node) -> str:
+    if node.meta.get(LAYER):
+        return node.meta[LAYER]
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else node.name
+
+
+def _weights(gm) -> dict:
+    """layer path → its weight as the graph holds it (a float tensor or a :class:`QuantizedWeight`),
+    plus ``"lm_head"`` → ``"tied"`` when the head reads the embedding's own tensor."""
+    out: dict = {}
+    seen: dict = {}   # weight node -> the first layer reading it
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default,
+                                                              torch.ops.aten.embedding.default):
+            continue
+        layer = _layer(node)
+        w = node.args[1] if node.target == torch.ops.aten.linear.default else node.args[0]
+        if w in seen:
+            out[layer] = ("tied", seen[w])
+            continue
+        seen[w] = layer
+        if node.target == torch.ops.aten.linear.default and len(node.args) > 2 and node.args[2] is not None:
+            raise BackendError(f"layer '{layer}' has a bias; the gguf backend writes Llama without biases")
+        if w.op == "get_attr":
+            out[layer] = _attr(gm, w).detach().float()
+        elif w.target == DEQUANTIZE:
+            codes, scale, zp, fmt, group = w.args[:5]
+            if getattr(scale, "op", None) != "get_attr" or getattr(zp, "op", "get_attr") != "get_attr":
+                raise NotImplementedError(
+                    f"layer '{layer}': double-quantized scales or zero points ({fmt}, groups of {group}) are "
+                    f"llama.cpp's k-quants ({', '.join(K_QUANTS)}), not written by the gguf backend yet "
+                    "(k-quants need rows that are multiples of 256); use a gguf-* preset")
+            out[layer] = QuantizedWeight(layer, fmt, group, _attr(gm, codes), _attr(gm, scale),
+                                         None if zp is None else _attr(gm, zp))
+        else:
+            raise BackendError(f"layer '{layer}': its weight comes from '{w.target}', not a stored tensor or a "
+                               "dequantize of stored codes")
+    return out
+
+
+def _norms(gm) -> dict:
+    return {n.target.removesuffix(".weight"): _attr(gm, n).detach().float()
+            for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("norm.weight")}
+
+
+def rotary_permutation(rows: int, n_head: int) -> torch.Tensor:
+    """The row order ``convert_hf_to_gguf.py`` gives q_proj / k_proj (``LlamaModel.permute``): per head,
+    the two rotary halves interleaved, as llama.cpp's rotary embedding reads them."""
+    idx = torch.arange(rows)
+    return idx.reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(rows)
+
+
+def _tensor(name: str, layer: str, w, perm: Optional[torch.Tensor], as_float: bool) -> GgufTensor:
+    if isinstance(w, torch.Tensor):
+        w = w if perm is None else w[perm]
+        return GgufTensor(name, w.numpy().astype(np.float32), "F32", layer)
+    if perm is not None:
+        w = w.permute_rows(perm)
+    if as_float:   # a per-channel embedding: its exact dequantized values
+        deq = DEQUANTIZE(w.codes, w.scale, w.zero_point, w.format, w.group_size, torch.float32)
+        return GgufTensor(name, deq.numpy(), "F32", layer)
+    btype, u, d, m = match(w)
+    return GgufTensor(name, btype.pack(u, d, m), btype.name, layer)
+
+
+def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: Optional[str] = None) -> GgufPlan:
+    """The GGUF tensors and metadata of a quantized Llama causal LM (``config``: its transformers
+    config; ``tokenizer``: its transformers tokenizer, byte-level BPE). See the module docstring."""
+    import gguf
+
+    _require_llama(config)
+    gm = qmodel.graph_module
+    weights, norms = _weights(gm), _norms(gm)
+    n_layer, n_head = config.num_hidden_layers, config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    plan = GgufPlan()
+    for layer, w in list(weights.items()) + list(norms.items()):
+        if isinstance(w, tuple):   # ("tied", first reader): llama.cpp reads token_embd as the output
+            if not (layer == "lm_head" and w[1] == "model.embed_tokens"):
+                raise BackendError(f"layer '{layer}' shares its weight with '{w[1]}'; GGUF ties only lm_head "
+                                   "to the token embedding")
+            continue
+        gname = names.get_name(f"{layer}.weight", try_suffixes=(".weight",))
+        if gname is None:
+            raise BackendError(f"layer '{layer}' has no GGUF name in llama's tensor map: not a Llama causal LM")
+        perm = None
+        if layer.endswith("self_attn.q_proj"):
+            perm = rotary_permutation(n_head * head_dim, n_head)
+        elif layer.endswith("self_attn.k_proj"):
+            perm = rotary_permutation(n_kv * head_dim, n_kv)
+        per_channel = isinstance(w, QuantizedWeight) and not w.group_size
+        if per_channel and layer not in ("model.embed_tokens", "lm_head"):
+            raise BackendError(f"layer '{layer}': no GGUF block type holds its grid ({w.grid()}): llama.cpp's "
+                               "blocks are groups of 32; the nearest type is Q8_0 (a gguf-* preset targets it)")
+        plan.tensors.append(_tensor(gname, layer, w, perm, per_channel))
+    if "model.embed_tokens" not in weights:
+        raise BackendError("no model.embed_tokens in the graph: not a Llama causal LM")
+    counts = Counter(t.type for t in plan.tensors if t.type in BLOCK_TYPES)
+    main = counts.most_common(1)[0][0] if counts else "F32"
+
+    meta = plan.metadata
+    meta += [("add_name", (name or getattr(qmodel.recipe, "name", None) or "qcompile",)),
+             ("add_context_length", (config.max_position_embeddings,)),
+             ("add_embedding_length", (config.hidden_size,)),
+             ("add_block_count", (n_layer,)),
+             ("add_feed_forward_length", (config.intermediate_size,)),
+             ("add_head_count", (n_head,)),
+             ("add_head_count_kv", (n_kv,)),
+             ("add_rope_freq_base", (_rope_theta(config),)),
+             ("add_layer_norm_rms_eps", (float(config.rms_norm_eps),)),
+             ("add_rope_dimension_count", (head_dim,)),
+             ("add_vocab_size", (config.vocab_size,)),
+             ("add_file_type", (_FILE_TYPES[main],)),
+             ("add_quantization_version", (gguf.GGML_QUANT_VERSION,))]
+    if head_dim * n_head != config.hidden_size:
+        meta += [("add_key_length", (head_dim,)), ("add_value_length", (head_dim,))]
+    meta += tokenizer_metadata(tokenizer, config.vocab_size, tokenizer_pre)
+    return plan
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int, pre: str = "default") -> list:
+    """``tokenizer.ggml.*`` metadata of a transformers byte-level BPE tokenizer (GPT-2 style: the
+    kind SmolLM2 and Llama-3 use), padded to ``vocab_size`` as ``convert_hf_to_gguf.py`` does."""
+    if tokenizer is None:
+        raise BackendError("the gguf backend needs the model's tokenizer (tokenizer=...): llama.cpp loads none "
+                           "without one")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model.get("type") != "BPE":
+        raise BackendError(f"the gguf backend writes byte-level BPE tokenizers; this one is "
+                           f"{model.get('type', type(tokenizer).__name__)!r}")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise BackendError(f"the tokenizer has {n} tokens, more than the model's vocab_size {vocab_size}")
+    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+    special = set(getattr(tokenizer, "all_special_ids", [])) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    types = [3 if i in special else 1 for i in range(n)]   # CONTROL, NORMAL
+    tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]
+    types += [5] * (vocab_size - n)                         # UNUSED
+    meta: list[tuple[str, Any]] = [("add_tokenizer_model", ("gpt2",)), ("add_tokenizer_pre", (pre,)),
+                                   ("add_token_list", (tokens,)), ("add_token_types", (types,)),
+                                   ("add_token_merges", (merges,))]
+    for what, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unk_token_id"),
+                       ("pad", "pad_token_id")):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            meta.append((f"add_{what}_token_id", (int(value),)))
+    meta.append(("add_add_bos_token", (bool(getattr(tokenizer, "add_bos_token", False)),)))
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        meta.append(("add_chat_template", (tokenizer.chat_template,)))
+    return meta
