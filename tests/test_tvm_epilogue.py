@@ -203,7 +203,7 @@ def test_signed_activations_relu_without_smoothing_verify():
 
     recipe = Recipe(name="w8a8-s8", default=LayerConfig(INT8_WEIGHT, QuantSpec("int8", "per_tensor", symmetric=True)))
     q, batches = _mlp(recipe, act="relu")
-    gm, _, _ = _fused(q)
+    gm, _ = _fused(q)
     fused = [n for n in gm.graph.nodes if n.target == INT8_LINEAR_Q]
     assert [(n.args[9], n.args[13]) for n in fused] == [("none", "int8"), ("relu", "int8")]
     cm = getattr(gm, fused[1].args[10].target)
