@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from torch import nn
 
@@ -216,5 +216,3 @@ def quantize(model: nn.Module, recipe: Recipe, example_inputs: tuple, calibratio
     report_items = list(iterate(data, report_samples)) if data is not None and report_samples else None
     return convert(prepared, report_inputs=report_items)
 
-
-QuantizeWith = Callable[[Recipe], QuantizedModel]
