@@ -36,7 +36,7 @@ from .errors import CalibrationError
 from .measure import measure
 from .model import PreparedModel, QuantizedModel
 from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass, ConvertPass, FoldBatchNormPass,
-                     InsertChannelStatsPass, InsertObserversPass, NormalizeLinearPass)
+                     InsertChannelStatsPass, InsertFakeQuantPass, InsertObserversPass, NormalizeLinearPass)
 from .passes.annotate import AnnotateResult, annotated_nodes
 from .passes.convert import ConvertResult
 from .passes.infra import Pass, PassManager, PassResult, Stage, prune_unused_tensors, tensor_owner
@@ -154,7 +154,7 @@ class _Missing(Pass):
 
     def __init__(self, error: Exception):
         self.error = error
-        self.name = "apply_weight_algorithm"
+        self.name = ApplyWeightAlgorithmPass.name   # it stands where that pass would run
 
     def call(self, gm):
         raise self.error
@@ -193,9 +193,9 @@ def report_from_log(recipe_name: str, run: PassManager, user_calibration: int) -
     """The report's fields that the stages wrote (the measured ones are filled by
     :func:`~qcompile.measure.measure`)."""
     annotate = run.results(AnnotateResult)
-    folded = [layer for r in run.records if r.name in ("fold_batch_norm", "insert_fake_quant") and r.result
+    folded = [layer for r in run.records if r.name in (FoldBatchNormPass.name, InsertFakeQuantPass.name) and r.result
               for layer in r.result.changed]
-    calibrated = sum(r.samples for r in run.results(CalibrationResult) if r is not None and r.calibrates_observers)
+    calibrated = sum(r.samples for r in run.results(CalibrationResult) if r.calibrates_observers)
     return Report(recipe=recipe_name,
                   kept_float={k: v for r in annotate for k, v in r.skipped.items()},
                   smoothing=[e for r in run.results(SmoothingResult) for e in r.records],
