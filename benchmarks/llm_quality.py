@@ -46,7 +46,11 @@ def recipe_for(name: str):
     are the presets with GPTQ switched on (``w4-g32``: the w4-g64 preset at groups of 32); ``<preset>-float-head`` keeps the embedding and the tied
     head float (the setting of the issue's own measurements); ``<name>-fp16`` stores the Linear
     weights' scales as float16; ``<name>-min`` stores their zero points as double-quantized floats
-    (``zero_point_dtype: int8``, llama.cpp's scale + minimum form)."""
+    (``zero_point_dtype: int8``, llama.cpp's scale + minimum form); ``<preset>-norot``: a rotated
+    preset (``w4a8-rot``) with the rotation off, everything else equal."""
+    if name.endswith("-norot"):   # the rotated preset with the rotation switched off (same specs)
+        base = recipe_for(name[: -len("-norot")])
+        return dataclasses.replace(base, name=name, rotation=None)
     if name.endswith("-min"):   # the recipe with double-quantized float zero points (x = s*q + min)
         base = recipe_for(name[: -len("-min")])
 

@@ -87,3 +87,9 @@ def summarize(message: str, max_lines: int = 6, max_chars: int = 800) -> str:
     if len(text) > max_chars:
         text, cut = text[:max_chars].rstrip(), True
     return (text + (" ..." if cut else "")) or "(no message)"
+
+
+class RotationError(QCompileError, ValueError):
+    """A graph cannot be rotated (:mod:`qcompile.passes.rotate`): names the node whose use of the
+    residual stream the rotation cannot fold (a LayerNorm's mean subtraction, an op reading the
+    stream that is neither an RMSNorm, a residual add nor a pass-through)."""

@@ -8,6 +8,7 @@ numbering, one log.
 Phases, in order (a stage's phase names its timing and groups its dump files)::
 
     capture        fold_batch_norm, normalize_linear, annotate
+    rotation       rotate_residual                                                  (recipe.rotation)
     smoothing      insert_channel_stats, calibrate (statistics), apply_smoothing    (recipe.smoothing)
     <method>       apply_weight_algorithm                                           (recipe.weight_algorithm)
     observe        insert_observers
@@ -39,14 +40,15 @@ from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass,
                      InsertChannelStatsPass, InsertFakeQuantPass, InsertObserversPass, NormalizeLinearPass)
 from .passes.annotate import AnnotateResult, annotated_nodes
 from .passes.convert import ConvertResult
+from .passes.rotate import RotateResidualPass, RotationResult
 from .passes.infra import Pass, PassManager, PassResult, Stage, prune_unused_tensors, tensor_owner
 from .passes.smooth import SmoothingResult
 from .passes.weight_algorithms import WeightAlgorithmResult
 from .recipe import CalibrationConfig, Recipe
 from .report import Report
 
-CAPTURE, SMOOTHING, OBSERVE, CALIBRATE, CONVERT, REPORT = \
-    "capture", "smoothing", "observe", "calibrate", "convert", "report"
+CAPTURE, ROTATION, SMOOTHING, OBSERVE, CALIBRATE, CONVERT, REPORT = \
+    "capture", "rotation", "smoothing", "observe", "calibrate", "convert", "report"
 
 
 def quantizes_activations(gm) -> bool:
@@ -118,6 +120,8 @@ def ptq_stages(recipe: Recipe, placement: Capabilities, captured: Captured, cali
     binder = captured.binder
     stages = [Stage(FoldBatchNormPass(), CAPTURE), Stage(NormalizeLinearPass(), CAPTURE),
               Stage(AnnotatePass(recipe), CAPTURE)]
+    if recipe.rotation is not None:   # float-exact, so before everything that measures or solves on data
+        stages.append(Stage(RotateResidualPass(recipe.rotation), ROTATION))
     if recipe.smoothing is not None:
         missing = (f"recipe '{recipe.name}' uses smoothing, whose scales are measured on data: pass calibration= "
                    "to prepare (or quantize), or set smoothing to null")
@@ -199,7 +203,9 @@ def report_from_log(recipe_name: str, run: PassManager, user_calibration: int) -
     return Report(recipe=recipe_name,
                   kept_float={k: v for r in annotate for k, v in r.skipped.items()},
                   smoothing=[e for r in run.results(SmoothingResult) for e in r.records],
-                  tied_weights={k: v for r in annotate for k, v in r.tied.items()},
+                  tied_weights={**{k: v for r in annotate for k, v in r.tied.items()},
+                                **{k: "untied by the rotation (the head holds E·diag(γ)·Q, the embedding E·Q): "
+                                   "each quantized separately" for r in run.results(RotationResult) for k in r.untied}},
                   weight_algorithm=[e for r in run.results(WeightAlgorithmResult) for e in r.records],
                   folded_batch_norms=folded, calibration_samples=user_calibration + calibrated)
 

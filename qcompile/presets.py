@@ -18,6 +18,11 @@ preset                  what it does
 ``w4a8``                int4 per-channel symmetric weights, static per-tensor uint8 activations (min-max),
                         int8 embeddings; for PTQ and QAT (``qcompile.prepare_qat``)
 ``w4a4``                int4 per-channel symmetric weights, static per-tensor uint4 activations
+``w4a8-rot``            int4 per-channel symmetric weights, per-token dynamic uint8 activations, the residual
+                        stream rotated first (QuaRot: :mod:`qcompile.passes.rotate`; Llama-style RMSNorm
+                        decoders only), int8 embeddings and tied head
+``w4a4-rot``            the same with per-token dynamic uint4 activations
+``w4-g128-rot-gptq``    ``w4-g128-gptq`` on the rotated model
 ``w2a8``                int2 per-channel symmetric weights, static per-tensor uint8 activations: too
                         coarse for PTQ on most models, meant as a QAT target
 ``w4-g64-gptq`` ...     the same 4-bit weights solved by GPTQ (``-gptq``) or AWQ (``-awq``) on the
@@ -56,7 +61,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .recipe import PRESETS, LayerConfig, Recipe, SmoothingConfig, WeightAlgorithmConfig
+from .recipe import PRESETS, LayerConfig, Recipe, RotationConfig, SmoothingConfig, WeightAlgorithmConfig
 from .spec import QuantSpec
 
 INT8_WEIGHT = QuantSpec("int8", "per_channel", symmetric=True)
@@ -110,11 +115,24 @@ def _low_bit(name: str, weight_format: str, act_format: str) -> Callable[[], Rec
     return make
 
 
-def _weight_only(name: str, weight: QuantSpec, algorithm: Optional[str] = None) -> Callable[[], Recipe]:
+def _rotated(name: str, act_format: str) -> Callable[[], Recipe]:
+    # QuaRot's setting: the residual stream rotated (outliers spread over all channels), int4
+    # per-channel symmetric weights, activations quantized per token at run time (asymmetric, as
+    # w8a8-dynamic); the tied head stays on the int8 embedding spec (the rotation unties the tensors)
+    def make() -> Recipe:
+        w = QuantSpec("int4", "per_channel", symmetric=True)
+        act = QuantSpec(act_format, "per_token", symmetric=False, dynamic=True)
+        return Recipe(name=name, default=LayerConfig(w, act), embedding=INT8_EMBEDDING, tied_head="embedding",
+                      rotation=RotationConfig())
+    return make
+
+
+def _weight_only(name: str, weight: QuantSpec, algorithm: Optional[str] = None,
+                 rotation: Optional[RotationConfig] = None) -> Callable[[], Recipe]:
     def make() -> Recipe:
         algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
         return Recipe(name=name, default=LayerConfig(weight), embedding=INT8_EMBEDDING,
-                      weight_algorithm=algo, tied_head="embedding")
+                      weight_algorithm=algo, tied_head="embedding", rotation=rotation)
     return make
 
 
@@ -174,9 +192,12 @@ PRESETS.update({
     "w4a8": _low_bit("w4a8", "int4", "uint8"),
     "w4a4": _low_bit("w4a4", "int4", "uint4"),
     "w2a8": _low_bit("w2a8", "int2", "uint8"),
+    "w4a8-rot": _rotated("w4a8-rot", "uint8"),
+    "w4a4-rot": _rotated("w4a4-rot", "uint4"),
     "w4-g64-gptq": _weight_only("w4-g64-gptq", _uint_group(4, 64), "gptq"),
     "w4-g64-awq": _weight_only("w4-g64-awq", _uint_group(4, 64), "awq"),
     "w4-g128-gptq": _weight_only("w4-g128-gptq", _uint_group(4, 128), "gptq"),
+    "w4-g128-rot-gptq": _weight_only("w4-g128-rot-gptq", _uint_group(4, 128), "gptq", RotationConfig()),
     "w4-g128-awq": _weight_only("w4-g128-awq", _uint_group(4, 128), "awq"),
     "w3-g64": _weight_only("w3-g64", _uint_group(3, 64)),
     "w5-g64-gptq": _weight_only("w5-g64-gptq", QuantSpec("uint5", "per_group", symmetric=False, group_size=64,

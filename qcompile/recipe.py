@@ -63,6 +63,20 @@ class SmoothingConfig:
     fold_only: bool = False  # True: only smooth layers whose 1/s folds into a LayerNorm (no extra op)
 
 
+@dataclass(frozen=True)
+class RotationConfig:
+    """QuaRot-style rotation of the residual stream of a pre-norm decoder (Llama-style, RMSNorm),
+    folded into the weights before any quantization (:mod:`qcompile.passes.rotate`): every RMSNorm's
+    scale is absorbed into the Linears it feeds, then the stream is multiplied by one orthogonal
+    ``Q`` (a randomized Hadamard of the hidden size's largest power-of-two factor, Kronecker a
+    seeded random orthogonal block for the odd rest): readers get ``W Q``, writers ``Qᵀ W``, the
+    embedding ``E Q``. The float model is unchanged; the channel outliers of the Linear inputs and
+    weights are spread over all channels, so 4-bit weights and activations lose less.
+    ``seed``: the random signs and the odd block."""
+
+    seed: int = 0
+
+
 WEIGHT_METHODS = ("gptq", "awq")
 
 
@@ -138,6 +152,7 @@ class Recipe:
     keep_last: bool = False                              # keep the last quantizable layer float
     smoothing: Optional[SmoothingConfig] = None
     weight_algorithm: Optional[WeightAlgorithmConfig] = None   # None: round-to-nearest
+    rotation: Optional[RotationConfig] = None            # None: no rotation (omitted from to_dict)
     tied_head: str = "default"                           # see TIED_HEAD
     calibration: CalibrationConfig = CalibrationConfig()
     backend: Optional[str] = None                        # follow this backend's native placement (onnx: conv outputs too)
@@ -204,7 +219,9 @@ class Recipe:
 
     # -- dict form -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        """The recipe as plain data (``from_dict`` reads it back). ``rotation`` is written only when set,
+        so recipes written before it existed keep their exact form."""
+        data = {
             "version": self.version,
             "name": self.name,
             "default": _layer_to_dict(self.default),
@@ -222,6 +239,9 @@ class Recipe:
             "backend": self.backend,
             "qat": None if self.qat is None else dataclasses.asdict(self.qat),
         }
+        if self.rotation is not None:
+            data["rotation"] = dataclasses.asdict(self.rotation)
+        return data
 
     @staticmethod
     def from_dict(data: Any) -> "Recipe":
@@ -248,6 +268,7 @@ class Recipe:
             keep_last=_typed(data.get("keep_last", False), bool, "keep_last"),
             smoothing=_small_from_dict(SmoothingConfig, data.get("smoothing"), "smoothing"),
             weight_algorithm=_small_from_dict(WeightAlgorithmConfig, data.get("weight_algorithm"), "weight_algorithm"),
+            rotation=_small_from_dict(RotationConfig, data.get("rotation"), "rotation"),
             tied_head=_typed(data.get("tied_head", "default"), str, "tied_head"),
             calibration=_small_from_dict(CalibrationConfig, data.get("calibration"), "calibration") or CalibrationConfig(),
             backend=data.get("backend"),
@@ -282,6 +303,12 @@ class Recipe:
             for where, a in values:
                 if a is not None and (not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= a <= 1.0):
                     raise RecipeError(where, f"must be a number in [0, 1], got {a!r}")
+        if self.rotation is not None:
+            if not isinstance(self.rotation, RotationConfig):
+                raise RecipeError("rotation", f"expected a RotationConfig or None, got {type(self.rotation).__name__}")
+            seed = self.rotation.seed
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                raise RecipeError("rotation.seed", f"must be a non-negative integer, got {seed!r}")
         if self.backend is not None:
             _typed(self.backend, str, "backend")
             if ALIASES.get(self.backend, self.backend) not in BACKENDS:

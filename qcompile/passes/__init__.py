@@ -5,10 +5,12 @@ from .fold_bn import FoldBatchNormPass
 from .infra import Pass, PassManager, PassResult
 from .normalize import NormalizeLinearPass
 from .observe import InsertObserversPass
+from .rotate import RotateResidualPass
 from .qat import FreezeQATPass, InsertFakeQuantPass, TrainEvalOpsPass
 from .smooth import ApplySmoothingPass, InsertChannelStatsPass
 from .weight_algorithms import ApplyWeightAlgorithmPass
 
 __all__ = ["Pass", "PassResult", "PassManager", "FoldBatchNormPass", "NormalizeLinearPass", "AnnotatePass",
            "InsertChannelStatsPass", "ApplySmoothingPass", "InsertObserversPass", "ConvertPass",
-           "InsertFakeQuantPass", "TrainEvalOpsPass", "FreezeQATPass", "ApplyWeightAlgorithmPass"]
+           "InsertFakeQuantPass", "TrainEvalOpsPass", "FreezeQATPass", "ApplyWeightAlgorithmPass",
+           "RotateResidualPass"]
