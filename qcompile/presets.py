@@ -18,10 +18,10 @@ preset                  what it does
 ``w4a8``                int4 per-channel symmetric weights, static per-tensor uint8 activations (min-max),
                         int8 embeddings; for PTQ and QAT (``qcompile.prepare_qat``)
 ``w4a4``                int4 per-channel symmetric weights, static per-tensor uint4 activations
-``w4a8-rot``            int4 per-channel symmetric weights, per-token dynamic uint8 activations, the residual
-                        stream rotated first (QuaRot: :mod:`qcompile.passes.rotate`; Llama-style RMSNorm
+``w4a8-rot``            int4 per-channel symmetric weights solved by GPTQ, per-token dynamic uint8 activations,
+                        the residual stream rotated first (QuaRot: :mod:`qcompile.passes.rotate`; Llama-style RMSNorm
                         decoders only), int8 embeddings and tied head
-``w4a4-rot``            the same with per-token dynamic uint4 activations
+``w4a4-rot``            the same with per-token dynamic uint4 activations, round-to-nearest weights
 ``w4-g128-rot-gptq``    ``w4-g128-gptq`` on the rotated model
 ``w2a8``                int2 per-channel symmetric weights, static per-tensor uint8 activations: too
                         coarse for PTQ on most models, meant as a QAT target
@@ -115,15 +115,18 @@ def _low_bit(name: str, weight_format: str, act_format: str) -> Callable[[], Rec
     return make
 
 
-def _rotated(name: str, act_format: str) -> Callable[[], Recipe]:
+def _rotated(name: str, act_format: str, algorithm: Optional[str] = None) -> Callable[[], Recipe]:
     # QuaRot's setting: the residual stream rotated (outliers spread over all channels), int4
     # per-channel symmetric weights, activations quantized per token at run time (asymmetric, as
-    # w8a8-dynamic); the tied head stays on the int8 embedding spec (the rotation unties the tensors)
+    # w8a8-dynamic); the tied head stays on the int8 embedding spec (the rotation unties the tensors).
+    # w4a8-rot solves its weights by GPTQ, as QuaRot does: on SmolLM2 round-to-nearest int4 weights
+    # measured worse rotated (136.6) than not (58.7), GPTQ rotated 37.6 (docs/llm.md, "Rotations")
     def make() -> Recipe:
         w = QuantSpec("int4", "per_channel", symmetric=True)
         act = QuantSpec(act_format, "per_token", symmetric=False, dynamic=True)
+        algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
         return Recipe(name=name, default=LayerConfig(w, act), embedding=INT8_EMBEDDING, tied_head="embedding",
-                      rotation=RotationConfig())
+                      rotation=RotationConfig(), weight_algorithm=algo)
     return make
 
 
@@ -192,7 +195,7 @@ PRESETS.update({
     "w4a8": _low_bit("w4a8", "int4", "uint8"),
     "w4a4": _low_bit("w4a4", "int4", "uint4"),
     "w2a8": _low_bit("w2a8", "int2", "uint8"),
-    "w4a8-rot": _rotated("w4a8-rot", "uint8"),
+    "w4a8-rot": _rotated("w4a8-rot", "uint8", "gptq"),
     "w4a4-rot": _rotated("w4a4-rot", "uint4"),
     "w4-g64-gptq": _weight_only("w4-g64-gptq", _uint_group(4, 64), "gptq"),
     "w4-g64-awq": _weight_only("w4-g64-awq", _uint_group(4, 64), "awq"),
