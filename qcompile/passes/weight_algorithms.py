@@ -35,6 +35,7 @@ import torch
 from ..algorithms.awq import awq_scale_search, clip_search
 from ..algorithms.common import InputStats, fake_quantize, unsupported
 from ..algorithms.gptq import GPTQHessian, gptq_quantize
+from .. import distributed
 from ..calibration import iterate
 from ..capture import check_inputs
 from ..errors import CalibrationError
@@ -124,13 +125,19 @@ class ApplyWeightAlgorithmPass(Pass):
             records.append({"layer": ann.layer, "method": "rtn", "why": why})
         if not todo:
             return WeightAlgorithmResult(gm, False, records=records)
-        items = list(iterate(self.data, self.calibration.max_samples))
-        if not items:
-            raise CalibrationError(f"{self.config.method} needs calibration data: it is empty")
-        flat = []
-        for item in items:
-            args, kwargs = self.binder.bind(item)
-            flat.append(check_inputs(gm, args, kwargs, CalibrationError))
+        flat, error = [], None
+        try:   # under data-parallel calibration every rank must see the same error (qcompile.distributed)
+            items = list(iterate(self.data, self.calibration.max_samples))
+            if not items:
+                raise CalibrationError(f"{self.config.method} needs calibration data: it is empty")
+            for item in items:
+                args, kwargs = self.binder.bind(item)
+                flat.append(check_inputs(gm, args, kwargs, CalibrationError))
+        except CalibrationError as e:
+            if distributed.group() is None:
+                raise
+            error = e
+        distributed.agree(error)
         from tqdm.auto import tqdm
 
         run = _Lockstep(gm, flat)
@@ -169,7 +176,7 @@ class ApplyWeightAlgorithmPass(Pass):
         """:class:`InputStats` of ``op``'s input, item by item. ``max_rows``: an evenly strided
         subset of every item's rows, about ``max_rows`` in all."""
         xs = run.values(op.args[op.meta[ANNOTATION].input_arg])
-        total = sum(x.numel() // x.shape[-1] for x in xs)
+        total = distributed.sum_int(sum(x.numel() // x.shape[-1] for x in xs))   # all ranks' rows
         stride = 1 if not max_rows or total <= max_rows else -(-total // max_rows)
         st = None
         for x in xs:
@@ -178,6 +185,7 @@ class ApplyWeightAlgorithmPass(Pass):
                 st = InputStats.of(x)
             else:
                 st.add(x)
+        st.all_reduce()   # data-parallel calibration: the statistics of every rank's items
         return st
 
     def _set_weight(self, gm, run, op, w_new, scale, zp, reference):
