@@ -1,0 +1,162 @@
+"""Data-parallel calibration on torch.distributed: two real gloo processes (``torch.multiprocessing
+.spawn``), each calibrating on its half of the data, must produce the model one process produces on
+all of it, bit for bit; only rank 0 writes; a NaN on one rank raises the same error on both ranks.
+
+One spawn runs every check (a spawn costs seconds): the ranks dump what they got, the test
+process compares it with its own one-process runs.
+"""
+import dataclasses
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import qcompile
+from qcompile import distributed
+from qcompile.errors import CalibrationError
+from qcompile.recipe import SmoothingConfig, resolve_recipe
+from conftest import tiny_block_case
+
+WORLD = 2
+
+
+def _llama_case():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, use_cache=False,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    return model, [(torch.randint(0, 64, (2, 8), generator=g),) for _ in range(6)]
+
+
+def _mlp_case():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    g = torch.Generator().manual_seed(1)
+    return model, [(torch.randn(4, 8, generator=g),) for _ in range(4)]
+
+
+def _static_minmax():
+    return dataclasses.replace(resolve_recipe("w8a8"), name="w8a8-minmax", smoothing=None)
+
+
+def _smooth_fixed_alpha():
+    return dataclasses.replace(resolve_recipe("w8a8"), name="w8a8-sq-0.5", smoothing=SmoothingConfig(alpha=0.5))
+
+
+# name -> (case, recipe): the recipes compared rank by rank with one process
+CASES = {
+    "minmax": (tiny_block_case, _static_minmax),
+    "smoothquant_search": (tiny_block_case, lambda: "w8a8"),         # alpha searched on the row sample
+    "smoothquant_alpha": (tiny_block_case, _smooth_fixed_alpha),
+    "gptq": (_llama_case, lambda: "w4-g64-gptq"),
+    "awq": (_llama_case, lambda: "w4-g64-awq"),
+}
+
+
+def _quantize(name, data=None):
+    make_case, recipe = CASES[name]
+    model, batches = make_case()
+    return qcompile.quantize(model, recipe(), batches[0], calibration=batches if data is None else data(batches),
+                             report_samples=0)
+
+
+def _state(qmodel) -> dict:
+    return {k: v.detach().clone() for k, v in qmodel.graph_module.state_dict().items()}
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    out = Path(out)
+    try:
+        got = {}
+        for name in CASES:
+            qmodel = _quantize(name, distributed.shard)
+            got[name] = {"state": _state(qmodel), "samples": qmodel.report.calibration_samples,
+                         "weight_algorithm": qmodel.report.weight_algorithm}
+            if name == "minmax":
+                qmodel.save(out / f"saved-by-rank{rank}")   # rank 0 writes; rank 1 must not
+        # a NaN in rank 1's shard only
+        model, batches = _mlp_case()
+        mine = distributed.shard(batches)
+        if rank == 1:
+            mine[1] = (mine[1][0].clone().index_fill_(1, torch.tensor([3]), float("nan")),)
+        try:
+            qmodel = qcompile.quantize(model, _static_minmax(), batches[0], calibration=mine, report_samples=0)
+            qmodel.save(out / "nan-model")
+            got["nan"] = None
+        except CalibrationError as e:
+            got["nan"] = (type(e).__name__, str(e))
+        torch.save(got, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_equal_one_process(two_ranks, name):
+    """Codes, scales and every other tensor of the 2-rank model (data in halves) equal the 1-process
+    model on all the data, bit for bit, on both ranks; so do the calibration counts."""
+    _, ranks = two_ranks
+    single = _quantize(name)
+    expected = _state(single)
+    for r, got in enumerate(ranks):
+        state = got[name]["state"]
+        assert state.keys() == expected.keys()
+        differing = {k: int((state[k] != expected[k]).sum()) for k in expected if not torch.equal(state[k], expected[k])}
+        assert differing == {}, f"rank {r}: {differing}"
+        assert got[name]["samples"] == single.report.calibration_samples
+    if name in ("gptq", "awq"):
+        assert [e["method"] for e in ranks[0][name]["weight_algorithm"]] == \
+               [e["method"] for e in single.report.weight_algorithm]
+
+
+def test_rank_zero_alone_writes(two_ranks):
+    out, _ = two_ranks
+    assert not (out / "saved-by-rank1").exists()
+    loaded = qcompile.load(out / "saved-by-rank0")
+    model, batches = tiny_block_case()
+    assert torch.equal(loaded(*batches[0]), _quantize("minmax")(*batches[0]))
+
+
+def test_nan_on_one_rank_reaches_every_rank(two_ranks):
+    """Rank 1's shard has a NaN: both ranks raise the same CalibrationError naming rank 1 and the
+    layer; nothing is written."""
+    out, ranks = two_ranks
+    errors = [got["nan"] for got in ranks]
+    assert errors[0] is not None and errors[0] == errors[1]
+    name, message = errors[0]
+    assert name == "CalibrationError"
+    assert message.startswith("rank 1 of 2: calibration produced NaN in the input of layer(s)")
+    assert not (out / "nan-model").exists()
+
+
+def test_one_process_unchanged_without_group():
+    """No process group: the helpers are no-ops, shard() keeps everything, errors raise as they are."""
+    assert distributed.group() is None and distributed.world_size() == 1
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+    assert distributed.shard([1, 2, 3, 4, 5], rank_=1, world=2) == [4, 5]
+    with pytest.raises(CalibrationError, match="boom"):
+        distributed.agree(CalibrationError("boom"))
