@@ -156,10 +156,8 @@ def writes_on_rank_zero(save: Callable) -> Callable:
         if rank() == 0:
             try:
                 result = save(*args, **kwargs)
-            except errors.QCompileError as e:
+            except Exception as e:   # noqa: BLE001 - raised again on every rank by agree()
                 error = e
-            except OSError as e:
-                error = errors.ArtifactError(f"save failed on rank 0: {e}")
         agree(error)   # also the barrier: no rank returns before rank 0's write is complete
         return result if result is not None else Path(signature.bind(*args, **kwargs).arguments["path"])
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import qcompile
 from qcompile import distributed
-from qcompile.errors import CalibrationError
+from qcompile.errors import ArtifactError, CalibrationError
 from qcompile.recipe import SmoothingConfig, resolve_recipe
 from conftest import tiny_block_case
 
@@ -101,6 +101,11 @@ def _rank_main(rank: int, port: int, out: str) -> None:
                          "weight_algorithm": qmodel.report.weight_algorithm}
             if name == "minmax":
                 qmodel.save(out / f"saved-by-rank{rank}")   # rank 0 writes; rank 1 must not
+                try:   # rank 0's save refuses a user's directory: every rank must hear of it
+                    qmodel.save(out / "users-directory")
+                    got["save_error"] = None
+                except ArtifactError as e:
+                    got["save_error"] = str(e)
         model, batches = tiny_block_case()
         for observer in HISTOGRAM_OBSERVERS:
             qmodel = qcompile.quantize(model, _with_observer(observer), batches[0], calibration=distributed.shard(batches),
@@ -137,6 +142,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
+    (out / "users-directory").mkdir()
+    (out / "users-directory" / "notes.txt").write_text("not an artifact")
     mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -193,6 +200,14 @@ def test_rank_zero_alone_writes(two_ranks):
     loaded = qcompile.load(out / "saved-by-rank0")
     model, batches = tiny_block_case()
     assert torch.equal(loaded(*batches[0]), _quantize("minmax")(*batches[0]))
+
+
+def test_failed_write_on_rank_zero_reaches_every_rank(two_ranks):
+    out, ranks = two_ranks
+    errors = [got["save_error"] for got in ranks]
+    assert errors[0] is not None and errors[0] == errors[1]
+    assert errors[0].startswith("rank 0 of 2: ") and "is not a qcompile artifact" in errors[0]
+    assert [p.name for p in (out / "users-directory").iterdir()] == ["notes.txt"]
 
 
 def test_nan_on_one_rank_reaches_every_rank(two_ranks):
