@@ -95,7 +95,7 @@ def sum_int(n: int) -> int:
 
 
 def all_gather(obj: Any) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects; tensors travel as CPU tensors)."""
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects, ``dist.all_gather_object``)."""
     g = group()
     if g is None:
         return [obj]
@@ -121,7 +121,13 @@ def agree(error: Optional[BaseException]) -> None:
     cls = getattr(errors, cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, errors.QCompileError)):
         cls, message = errors.QCompileError, f"{cls_name}: {message}"
-    raise cls(f"rank {r} of {dist.get_world_size(g)}: {message}") from error
+    text = f"rank {r} of {dist.get_world_size(g)}: {message}"
+    try:
+        agreed = cls(text)
+    except TypeError:   # a constructor taking more than a message (RecipeError: field, message)
+        agreed = cls.__new__(cls)
+        Exception.__init__(agreed, text)
+    raise agreed from error
 
 
 def barrier() -> None:

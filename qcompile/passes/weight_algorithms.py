@@ -15,6 +15,10 @@ inputs at once). At a Linear with a weight spec it:
   weight (or inserts a ``mul``), multiplies the weights by ``s`` and searches a clipping ratio per
   group (:func:`~qcompile.algorithms.awq.clip_search`).
 
+Under data-parallel calibration (:mod:`qcompile.distributed`) each rank runs its own items and each
+Linear's :class:`~qcompile.algorithms.common.InputStats` are summed over the ranks before it is
+solved, so every rank solves the same statistics identically (no weight-parallel split yet).
+
 The result is a new float weight tensor lying exactly on the quantization grid of the qparams it was
 solved for; both go into ``node.meta[WEIGHT_QPARAMS]`` and :class:`~qcompile.passes.ConvertPass`
 stores those codes as they are. Weights whose format is not an integer or code-book format (FP8)
