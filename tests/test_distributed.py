@@ -7,7 +7,6 @@ process compares it with its own one-process runs.
 """
 import dataclasses
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import qcompile
 from qcompile import distributed
 from qcompile.errors import ArtifactError, CalibrationError
 from qcompile.recipe import SmoothingConfig, resolve_recipe
-from conftest import tiny_block_case
+from conftest import free_port, tiny_block_case
 
 WORLD = 2
 
@@ -133,18 +132,13 @@ def _rank_main(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     (out / "users-directory").mkdir()
     (out / "users-directory" / "notes.txt").write_text("not an artifact")
-    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

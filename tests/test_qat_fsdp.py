@@ -11,7 +11,6 @@ to a 1D tensor with numel equal to 1." (per-tensor LSQ scales are 0-d parameters
 """
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcompile
+from conftest import free_port
 
 WORLD, STEPS, BATCH = 2, 3, 16
 
@@ -75,14 +75,9 @@ def _rank_main(rank, port, out):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_fsdp2_qat_equals_one_process(tmp_path):
-    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     model, recipe, x, y = _case()
     qat = qcompile.prepare_qat(model, recipe, (x[:2],))
