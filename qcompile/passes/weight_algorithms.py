@@ -36,10 +36,10 @@ from typing import Iterable, Optional
 
 import torch
 
+from .. import distributed
 from ..algorithms.awq import awq_scale_search, clip_search
 from ..algorithms.common import InputStats, fake_quantize, unsupported
 from ..algorithms.gptq import GPTQHessian, gptq_quantize
-from .. import distributed
 from ..calibration import iterate
 from ..capture import check_inputs
 from ..errors import CalibrationError
