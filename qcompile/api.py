@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional
 
 from torch import nn
 
-from . import pipeline, search
+from . import distributed, pipeline, search
 from .auto_recipe import AutoRecipe
 from .backends.base import placement
 from .calibration import reiterable
@@ -49,7 +49,8 @@ def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
 
 def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibration: Optional[Iterable] = None, *,
              example_kwargs: Optional[dict] = None, dynamic_shapes: Any = "auto", report_samples: int = 8,
-             backend: Optional[str] = None, dump_dir: Optional[str] = None) -> QuantizedModel:
+             backend: Optional[str] = None, dump_dir: Optional[str] = None,
+             process_group: Any = None) -> QuantizedModel:
     """Quantize ``model`` with ``recipe``; returns a :class:`QuantizedModel` (an ``nn.Module``
     called like ``model``) with ``.report``, ``.recipe`` and ``.save(path)``. ``model`` itself is
     never modified.
@@ -67,6 +68,10 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
     batch free, and the sequence of token and sequence inputs, but the channel and spatial dims of
     image inputs static (:func:`qcompile.capture.auto_dims`); ``None`` for static shapes, or a
     ``torch.export`` spec such as ``{"pixel_values": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}}``.
+    ``process_group``: data-parallel calibration over this ``torch.distributed`` group (default: the
+    world group when ``torch.distributed`` is initialized): each rank passes its own shard as
+    ``calibration`` and every rank gets the model one process on all the shards would; only rank 0
+    writes on ``save`` (``docs/distributed.md``).
 
     Example::
 
@@ -82,9 +87,18 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
                                  example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                                  report_samples=report_samples, dump_dir=dump)
 
-    if isinstance(recipe, AutoRecipe):
-        data = reiterable(calibration, 4)
-        dump = None if recipe.searches else dump_dir  # a search quantizes many times: no dumps
-        return search.quantize_auto(recipe, model, example_inputs, data, example_kwargs,
-                                    lambda concrete: quantize_with(resolve_recipe(concrete), data, dump))
-    return quantize_with(resolve_recipe(recipe), calibration, dump_dir)
+    with distributed.using(process_group):
+        if isinstance(recipe, AutoRecipe):
+            if distributed.group() is not None:
+                raise NotImplementedError("Recipe.auto under data-parallel calibration: the sensitivity analysis "
+                                          "(qcompile.analyze) does not reduce its measurements across ranks yet, so "
+                                          "ranks could choose different recipes; search in one process, then quantize "
+                                          "the chosen recipe on all ranks")
+            data = reiterable(calibration, 4)
+            dump = None if recipe.searches else dump_dir  # a search quantizes many times: no dumps
+            qmodel = search.quantize_auto(recipe, model, example_inputs, data, example_kwargs,
+                                          lambda concrete: quantize_with(resolve_recipe(concrete), data, dump))
+        else:
+            qmodel = quantize_with(resolve_recipe(recipe), calibration, dump_dir)
+    qmodel.process_group = process_group
+    return qmodel

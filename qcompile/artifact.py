@@ -23,6 +23,7 @@ from typing import Union
 import torch
 
 from .atomic import MANIFEST, atomic_directory, read_manifest, write_manifest
+from .distributed import writes_on_rank_zero
 from .errors import ArtifactError, RecipeError
 from .formats import get_format
 from .ops import DEQUANTIZE
@@ -91,6 +92,7 @@ def _unique_state(gm) -> dict[str, torch.Tensor]:
     return dict(gm.state_dict(keep_vars=False))
 
 
+@writes_on_rank_zero
 def save_program(ep: torch.export.ExportedProgram, codes: dict[str, str], meta: dict,
                  path: Union[str, Path], extra_files: dict | None = None) -> Path:
     """Write an exported converted program and its metadata to the directory ``path`` atomically.

@@ -8,10 +8,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import distributed
 from .artifact import code_tensors, load_program, save_program
 from .calibration import run_calibration
 from .capture import Captured, InputBinder, call_checked, example_from_dict, example_to_dict
 from .errors import BackendError, CalibrationError, InputError
+from .observers import all_reduce_statistics
 from .passes.infra import PassManager
 from .recipe import Recipe
 from .report import Report
@@ -48,8 +50,10 @@ class PreparedModel(nn.Module):
     def calibrate(self, data, max_samples: Optional[int] = None, progress: Optional[bool] = None) -> int:
         """Run every item of ``data`` (tuples or kwargs dicts) through the model."""
         cfg = self.recipe.calibration
-        return run_calibration(lambda item: self._captured.binder.apply(self, item), data,
-                               max_samples or cfg.max_samples, cfg.progress if progress is None else progress)
+        n = run_calibration(lambda item: self._captured.binder.apply(self, item), data,
+                            max_samples or cfg.max_samples, cfg.progress if progress is None else progress)
+        all_reduce_statistics(self.graph_module)   # data-parallel calibration (qcompile.distributed)
+        return n
 
 
 class QuantizedModel(nn.Module):
@@ -71,6 +75,7 @@ class QuantizedModel(nn.Module):
         self.report = report
         self._example = example          # (args, kwargs, dynamic_shapes) to re-export for saving
         self._exported = exported
+        self.process_group = None        # the torch.distributed group quantize() ran on (None: the default)
 
     def forward(self, *args, **kwargs):
         args, kwargs = self.binder.call(args, dict(kwargs))
@@ -114,7 +119,8 @@ class QuantizedModel(nn.Module):
         meta = {"recipe": self.recipe.to_dict(), "binder": self.binder.to_dict(), "report": self.report.to_dict(),
                 "example": example_to_dict(self._example, self.binder, self.exported_program())
                 if self._example is not None else None}
-        return save_program(self.exported_program(), code_tensors(self.graph_module), meta, path, extra_files)
+        with distributed.using(self.process_group):   # under data-parallel calibration rank 0 alone writes
+            return save_program(self.exported_program(), code_tensors(self.graph_module), meta, path, extra_files)
 
     def extra_repr(self) -> str:
         return f"recipe={self.recipe.name!r}, backend={self.backend!r}"

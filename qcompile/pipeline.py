@@ -35,6 +35,7 @@ from .capture import Captured, call_checked, capture
 from .errors import CalibrationError
 from .measure import measure
 from .model import PreparedModel, QuantizedModel
+from .observers import all_reduce_statistics
 from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass, ConvertPass, FoldBatchNormPass,
                      InsertChannelStatsPass, InsertFakeQuantPass, InsertObserversPass, NormalizeLinearPass)
 from .passes.annotate import AnnotateResult, annotated_nodes
@@ -87,6 +88,7 @@ class CalibratePass(Pass):
             return call_checked(gm, args, kwargs, CalibrationError)
 
         n = run_calibration(feed, self.data, self.config.max_samples, self.config.progress, desc=self.desc)
+        all_reduce_statistics(gm)   # data-parallel calibration: every rank gets all ranks' statistics
         return CalibrationResult(gm, False, samples=n, calibrates_observers=self.observers)
 
 

@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import torch
 
+from ...distributed import writes_on_rank_zero
 from ...errors import BackendError
 from .llama import ARCH, GgufPlan
 
@@ -39,6 +40,7 @@ class GgufArtifact:
     def types(self) -> dict:
         return self.plan.types()
 
+    @writes_on_rank_zero
     def save(self, path: Union[str, Path]) -> Path:
         """Write the GGUF file (to a temporary sibling first, then renamed into place)."""
         path = Path(path)

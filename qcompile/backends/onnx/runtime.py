@@ -10,6 +10,7 @@ from torch.utils import _pytree as pytree
 
 from ...atomic import atomic_file
 from ...capture import flatten_inputs
+from ...distributed import writes_on_rank_zero
 from ...errors import ArtifactError
 
 # onnxruntime graph rewrites our sessions turn off, each because it made the model slower here:
@@ -100,6 +101,7 @@ class OnnxArtifact:
         outs = session.run([name for name, _ in points], feed)
         return [(scale, torch.from_numpy(np.asarray(o))) for (_, scale), o in zip(points, outs)]
 
+    @writes_on_rank_zero
     def save(self, path) -> Path:
         """Write the ``.onnx`` file (weights inside it) atomically, with qcompile's format version
         and a sha256 of the model in its ``metadata_props``; :func:`read_onnx` checks them."""
