@@ -17,13 +17,16 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token", "per_tok
 GROUPED = ("per_group", "per_token_group")   # granularities that take a group_size
 # "int8": the weight's scales are themselves quantized (bitsandbytes' double quantization, see
 # formats.double_quantize_scales); per_group weights only
-SCALE_DTYPES = ("float32", "float16", "int8")
+# "kquant6" / "kquant8": llama.cpp's k-quant two-level scales, 6-bit (Q4_K/Q5_K) or 8-bit (Q6_K)
+# codes against one float16 scale per 256 weights of a row (formats.two_level_quantize)
+SCALE_DTYPES = ("float32", "float16", "int8", "kquant6", "kquant8")
 # "code": the zero point is an integer code of the format, x = s (q - z) (the default). The others
 # store a float zero point, x = s (q - z) = s q + m with the minimum m = -s z (llama.cpp's Q4_1 and
 # K-quant form): "float32", "float16", or "int8" (double-quantized like int8 scales); asymmetric
 # integer weights only. "float16" stores the minimum m itself and the ops compute s q + m (llama.cpp's
 # Q4_1/Q5_1 bit for bit, formats.float16_minimum); the others store z and compute (q - z) s
-ZERO_POINT_DTYPES = ("code", "float32", "float16", "int8")
+# "kquant6": the minimum as a k-quant stores it (6-bit codes against a float16 dmin per 256 weights)
+ZERO_POINT_DTYPES = ("code", "float32", "float16", "int8", "kquant6")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram")
 
 # node.meta keys (namespaced so they never collide with torch's own)
@@ -77,7 +80,7 @@ class QuantSpec:
         """The dtype scales are computed in (double-quantized scales start from float32)."""
         import torch
 
-        return torch.float32 if self.scale_dtype == "int8" else getattr(torch, self.scale_dtype)
+        return getattr(torch, self.scale_dtype) if self.scale_dtype in ("float32", "float16") else torch.float32
 
     def validate(self, where: str) -> "QuantSpec":
         fmt = get_format(self.format, f"{where}.format")
@@ -106,6 +109,11 @@ class QuantSpec:
             raise RecipeError(f"{where}.scale_dtype", f"{self.scale_dtype} scales are for weights (static qparams)")
         if self.scale_dtype == "int8" and self.granularity != "per_group":
             raise RecipeError(f"{where}.scale_dtype", "double-quantized (int8) scales need per_group weights")
+        for name in ("scale_dtype", "zero_point_dtype"):
+            divides = isinstance(self.group_size, int) and self.group_size > 0 and 256 % self.group_size == 0
+            if str(getattr(self, name)).startswith("kquant") and not (self.granularity == "per_group" and divides):
+                raise RecipeError(f"{where}.{name}", f"{getattr(self, name)} (k-quant two-level) values need "
+                                  "per_group weights with a group size dividing 256 (llama.cpp's super-block)")
         if self.zero_point_dtype not in ZERO_POINT_DTYPES:
             raise RecipeError(f"{where}.zero_point_dtype", f"unknown zero point dtype '{self.zero_point_dtype}'; "
                               f"{closest(str(self.zero_point_dtype), ZERO_POINT_DTYPES)}")
