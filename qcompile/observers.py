@@ -287,6 +287,8 @@ def _weight_qparams(w, spec, channel_axis, fmt):
 def _search_or_minmax(rows: torch.Tensor, lo, hi, fmt: Format, spec: QuantSpec):
     """Per-row qparams: min-max, or (``mse``) the best of 20 shrunken ranges per row."""
     dt, fz = spec.scale_torch_dtype, spec.float_zero_point
+    if spec.observer == "signed_max":
+        return _signed_max(lo, hi, fmt, dt)
     if spec.observer != "mse":
         return fmt.choose_qparams(lo, hi, spec.symmetric, dt, fz)
     best_scale, best_zp = fmt.choose_qparams(lo, hi, spec.symmetric, dt, fz)
@@ -300,6 +302,22 @@ def _search_or_minmax(rows: torch.Tensor, lo, hi, fmt: Format, spec: QuantSpec):
         if zp is not None:
             best_zp = torch.where(better, zp, best_zp)
     return best_scale, best_zp
+
+
+def _signed_max(lo, hi, fmt: Format, dtype):
+    """llama.cpp's Q4_0/Q5_0 scale (``quantize_row_q4_0_ref``): the value of largest magnitude, with
+    its sign, maps to the lowest code, ``d = max / -2^(bits-1)`` (negative when that value is
+    positive), so one end of the grid is that value exactly and the range gets the whole lower half
+    of the codes; unsigned symmetric formats (middle-code zero point) only. ``dtype`` float16: rounded
+    to the nearest float16, as llama.cpp stores ``d``."""
+    _, zp = fmt.choose_qparams(lo, hi, True)   # checks the range (NaN/Inf); zp: the middle code
+    peak = torch.where(hi.abs() > lo.abs(), hi, lo).float()
+    scale = peak / (fmt.qmin - zp.float())
+    tiny = torch.finfo(dtype).smallest_normal if dtype != torch.float32 else torch.finfo(torch.float32).eps
+    scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny), scale)
+    if dtype != torch.float32:
+        scale = scale.to(dtype).float()
+    return scale, zp
 
 
 def _row_error(rows, scale, zp, fmt: Format):

@@ -142,18 +142,20 @@ def _q4_k_m(algorithm: Optional[str] = None, zero_point_dtype: str = "code") -> 
     return make
 
 
-def _gguf_block(bits: int, minimum: bool = False) -> QuantSpec:
+def _gguf_block(bits: int, minimum: bool = False, observer: str = "minmax") -> QuantSpec:
     # llama.cpp's Q{bits}_0 (x = d (u - 2^(bits-1)): symmetric unsigned codes, whose zero point is
-    # that middle code) or Q{bits}_1 (x = d u + m: a float16 minimum), blocks of 32, float16 d
+    # that middle code) or Q{bits}_1 (x = d u + m: a float16 minimum), blocks of 32, float16 d.
+    # observer "signed_max": llama.cpp's own Q4_0/Q5_0 scale, d = signed max / -2^(bits-1)
     fmt = "int8" if bits == 8 else f"uint{bits}"
-    return QuantSpec(fmt, "per_group", symmetric=not minimum, group_size=32, scale_dtype="float16",
+    return QuantSpec(fmt, "per_group", symmetric=not minimum, group_size=32, observer=observer, scale_dtype="float16",
                      zero_point_dtype="float16" if minimum else "code")
 
 
-def _gguf(name: str, bits: int, minimum: bool = False, algorithm: Optional[str] = None) -> Callable[[], Recipe]:
+def _gguf(name: str, bits: int, minimum: bool = False, algorithm: Optional[str] = None,
+          observer: str = "minmax") -> Callable[[], Recipe]:
     def make() -> Recipe:
         algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
-        return Recipe(name=name, default=LayerConfig(_gguf_block(bits, minimum)),
+        return Recipe(name=name, default=LayerConfig(_gguf_block(bits, minimum, observer)),
                       embedding=LayerConfig(_gguf_block(8)), weight_algorithm=algo, tied_head="embedding")
     return make
 
@@ -169,9 +171,14 @@ def _gguf_k(bits: int) -> QuantSpec:
 
 
 # a GGUF type name -> the weight spec of qcompile's that equals it bit for bit
-GGUF_SPECS = {"Q8_0": lambda: _gguf_block(8), "Q4_0": lambda: _gguf_block(4), "Q5_0": lambda: _gguf_block(5),
-              "Q4_1": lambda: _gguf_block(4, True), "Q5_1": lambda: _gguf_block(5, True),
-              "Q4_K": lambda: _gguf_k(4), "Q5_K": lambda: _gguf_k(5), "Q6_K": lambda: _gguf_k(6)}
+# (rtn: round to nearest, so Q4_0/Q5_0 take llama.cpp's own signed-max scale, as gguf-q4_0 does)
+def gguf_spec(gguf_type: str, rtn: bool = True) -> QuantSpec:
+    """The weight spec of qcompile's that equals the GGUF block type ``gguf_type`` bit for bit."""
+    specs = {"Q8_0": lambda: _gguf_block(8), "Q4_1": lambda: _gguf_block(4, True), "Q5_1": lambda: _gguf_block(5, True),
+             "Q4_0": lambda: _gguf_block(4, observer="signed_max" if rtn else "minmax"),
+             "Q5_0": lambda: _gguf_block(5, observer="signed_max" if rtn else "minmax"),
+             "Q4_K": lambda: _gguf_k(4), "Q5_K": lambda: _gguf_k(5), "Q6_K": lambda: _gguf_k(6)}
+    return specs[gguf_type]()
 
 
 def _gguf_k_mix(name: str, base: int, more: Optional[int], algorithm: Optional[str] = None) -> Callable[[], Recipe]:
@@ -243,10 +250,11 @@ def llama_cpp_mix(config, ftype: str = "q4_k_m", algorithm: Optional[str] = None
     else:
         pick("model.embed_tokens", base, base, hidden)
         pick("lm_head", "Q6_K", "Q6_K (the output)", hidden, output=True)
-    overrides = {layer: LayerConfig(GGUF_SPECS[t]()) for layer, (t, _) in types.items() if layer != "model.embed_tokens"}
+    rtn = algorithm is None
+    overrides = {layer: LayerConfig(gguf_spec(t, rtn)) for layer, (t, _) in types.items() if layer != "model.embed_tokens"}
     algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
     recipe = Recipe(name=f"gguf-{ftype}" + (f"-{algorithm}" if algorithm else ""), default=LayerConfig(_gguf_k(int(base[1]))),
-                    embedding=LayerConfig(GGUF_SPECS[types["model.embed_tokens"][0]]()), weight_algorithm=algo,
+                    embedding=LayerConfig(gguf_spec(types["model.embed_tokens"][0], rtn)), weight_algorithm=algo,
                     tied_head="embedding" if tied else "default", overrides=overrides)
     return recipe.validate(), types
 
@@ -289,9 +297,10 @@ PRESETS.update({
     "fp8-e4m3": _weight_only("fp8-e4m3", QuantSpec("fp8_e4m3", "per_channel", symmetric=True)),
     # llama.cpp's legacy block types, bit for bit (qcompile.backends.gguf.blocks)
     "gguf-q8_0": _gguf("gguf-q8_0", 8),
-    "gguf-q4_0": _gguf("gguf-q4_0", 4),
+    # round to nearest with llama.cpp's own scale choice (the signed max maps to the lowest code)
+    "gguf-q4_0": _gguf("gguf-q4_0", 4, observer="signed_max"),
     "gguf-q4_1": _gguf("gguf-q4_1", 4, minimum=True),
-    "gguf-q5_0": _gguf("gguf-q5_0", 5),
+    "gguf-q5_0": _gguf("gguf-q5_0", 5, observer="signed_max"),
     "gguf-q5_1": _gguf("gguf-q5_1", 5, minimum=True),
     "gguf-q4_0-gptq": _gguf("gguf-q4_0-gptq", 4, algorithm="gptq"),
     "gguf-q4_1-gptq": _gguf("gguf-q4_1-gptq", 4, minimum=True, algorithm="gptq"),

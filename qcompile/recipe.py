@@ -270,6 +270,9 @@ class Recipe:
                     raise RecipeError(f"{where}.weight", "weights are constant: use static per_tensor/per_channel/per_group")
             if cfg.activation is not None:
                 cfg.activation.validate(f"{where}.activation")
+                if cfg.activation.observer == "signed_max":
+                    raise RecipeError(f"{where}.activation.observer", "signed_max is a weight scale rule; activations "
+                                      "take minmax, moving_average, percentile, mse or histogram")
                 if cfg.activation.granularity in ("per_channel", "per_group"):
                     raise RecipeError(f"{where}.activation.granularity",
                                       "activations take per_tensor or per_token (dynamic) scales")

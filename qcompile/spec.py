@@ -27,7 +27,8 @@ SCALE_DTYPES = ("float32", "float16", "int8", "kquant6", "kquant8")
 # Q4_1/Q5_1 bit for bit, formats.float16_minimum); the others store z and compute (q - z) s
 # "kquant6": the minimum as a k-quant stores it (6-bit codes against a float16 dmin per 256 weights)
 ZERO_POINT_DTYPES = ("code", "float32", "float16", "int8", "kquant6")
-OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram")
+# "signed_max": weights only, llama.cpp's Q4_0/Q5_0 scale (observers._signed_max)
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram", "signed_max")
 
 # node.meta keys (namespaced so they never collide with torch's own)
 ANNOTATION = "qcompile.annotation"    # NodeAnnotation on a quantizable op node
@@ -90,6 +91,10 @@ class QuantSpec:
         if self.observer not in OBSERVERS:
             raise RecipeError(f"{where}.observer",
                               f"unknown observer '{self.observer}'; {closest(self.observer, OBSERVERS)}")
+        if self.observer == "signed_max" and (fmt.kind != "int" or fmt.signed or not self.symmetric or self.dynamic):
+            raise RecipeError(f"{where}.observer", "signed_max (llama.cpp's Q4_0/Q5_0 scale) is for static, symmetric "
+                              f"unsigned integer weights (a middle-code zero point), not '{self.format}'"
+                              f"{'' if self.symmetric else ' asymmetric'}")
         if self.granularity in GROUPED:
             if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
                 raise RecipeError(f"{where}.group_size", f"{self.granularity} needs a positive integer group_size")
