@@ -178,11 +178,10 @@ def _tensor(name: str, layer: str, w, perm: Optional[torch.Tensor], as_float: bo
     return GgufTensor(name, btype.pack(u, d, m), btype.name, layer)
 
 
-def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: Optional[str] = None) -> GgufPlan:
-    """The GGUF tensors and metadata of a quantized Llama causal LM (``config``: its transformers
-    config; ``tokenizer``: its transformers tokenizer, byte-level BPE). See the module docstring."""
-    import gguf
-
+def llama_tensors(qmodel, config) -> list:
+    """The GGUF tensors of a quantized Llama causal LM (each quantized weight packed bit for bit into
+    its block type), without the metadata: what :func:`plan_llama` writes and
+    :func:`~.verify.verify_gguf` compares a file against."""
     _require_llama(config)
     gm = qmodel.graph_module
     weights, norms = _weights(gm), _norms(gm)
@@ -190,7 +189,7 @@ def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: 
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
-    plan = GgufPlan()
+    tensors = []
     for layer, w in list(weights.items()) + list(norms.items()):
         if isinstance(w, tuple):   # ("tied", first reader): llama.cpp reads token_embd as the output
             if not (layer == "lm_head" and w[1] == "model.embed_tokens"):
@@ -209,9 +208,20 @@ def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: 
         if per_channel and layer not in ("model.embed_tokens", "lm_head"):
             raise BackendError(f"layer '{layer}': no GGUF block type holds its grid ({w.grid()}): llama.cpp's "
                                "blocks are groups of 32; the nearest type is Q8_0 (a gguf-* preset targets it)")
-        plan.tensors.append(_tensor(gname, layer, w, perm, per_channel))
+        tensors.append(_tensor(gname, layer, w, perm, per_channel))
     if "model.embed_tokens" not in weights:
         raise BackendError("no model.embed_tokens in the graph: not a Llama causal LM")
+    return tensors
+
+
+def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: Optional[str] = None) -> GgufPlan:
+    """The GGUF tensors and metadata of a quantized Llama causal LM (``config``: its transformers
+    config; ``tokenizer``: its transformers tokenizer, byte-level BPE). See the module docstring."""
+    _require_llama(config)
+    plan = GgufPlan(tensors=llama_tensors(qmodel, config))
+    n_layer, n_head = config.num_hidden_layers, config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     counts = Counter(t.type for t in plan.tensors if t.type in BLOCK_TYPES or t.type in K_TYPES)
     main = counts.most_common(1)[0][0] if counts else "F32"
 
