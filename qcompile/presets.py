@@ -44,7 +44,14 @@ preset                  what it does
                         backend writes the codes bit for bit: ``gguf-q8_0`` (int8), ``gguf-q4_0`` (uint4,
                         symmetric: offset 8), ``gguf-q4_1`` (uint4, float16 minimum), ``gguf-q5_0``,
                         ``gguf-q5_1``; ``-gptq``: solved by GPTQ on that grid. The embedding / tied head
-                        is Q8_0 (int8 in groups of 32, float16 scales), as llama.cpp keeps it
+                        is Q8_0 (int8 in groups of 32, float16 scales), as llama.cpp keeps it;
+                        ``gguf-q4_0``/``gguf-q5_0`` round to nearest with llama.cpp's own scale
+                        (observer ``signed_max``)
+``gguf-q4_k_m`` ...     llama.cpp's k-quants exactly (super-blocks of 256, two-level ``kquant6``/``kquant8``
+                        scales): Q4_K everywhere, Q6_K for v_proj/down_proj (every layer) and the tied
+                        embedding; ``-gptq`` solved by GPTQ; ``gguf-q5_k_m`` (Q5_K), ``gguf-q6_k``. Rows must
+                        be multiples of 256: :func:`llama_cpp_mix` gives each layer of a model llama.cpp's
+                        own type, fallbacks included
 ======================  ===============================================================================
 
 The LLM presets (``-gptq``/``-awq``, ``w5-g64-gptq``, ``w3-g64``, ``w2-g64``, ``nf4``, ``q4_k_m``, ``q6_k``, ``fp8-e4m3``) keep a tied ``lm_head``

@@ -27,8 +27,10 @@ SCALE_DTYPES = ("float32", "float16", "int8", "kquant6", "kquant8")
 # Q4_1/Q5_1 bit for bit, formats.float16_minimum); the others store z and compute (q - z) s
 # "kquant6": the minimum as a k-quant stores it (6-bit codes against a float16 dmin per 256 weights)
 ZERO_POINT_DTYPES = ("code", "float32", "float16", "int8", "kquant6")
-# "signed_max": weights only, llama.cpp's Q4_0/Q5_0 scale (observers._signed_max)
-OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram", "signed_max")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram")
+# scale rules for weights only (no activation observer): "signed_max", llama.cpp's Q4_0/Q5_0 scale
+# (observers._signed_max)
+WEIGHT_OBSERVERS = ("signed_max",)
 
 # node.meta keys (namespaced so they never collide with torch's own)
 ANNOTATION = "qcompile.annotation"    # NodeAnnotation on a quantizable op node
@@ -88,9 +90,9 @@ class QuantSpec:
         if self.granularity not in GRANULARITIES:
             raise RecipeError(f"{where}.granularity",
                               f"unknown granularity '{self.granularity}'; {closest(self.granularity, GRANULARITIES)}")
-        if self.observer not in OBSERVERS:
-            raise RecipeError(f"{where}.observer",
-                              f"unknown observer '{self.observer}'; {closest(self.observer, OBSERVERS)}")
+        if self.observer not in OBSERVERS + WEIGHT_OBSERVERS:
+            raise RecipeError(f"{where}.observer", f"unknown observer '{self.observer}'; "
+                              f"{closest(self.observer, OBSERVERS + WEIGHT_OBSERVERS)}")
         if self.observer == "signed_max" and (fmt.kind != "int" or fmt.signed or not self.symmetric or self.dynamic):
             raise RecipeError(f"{where}.observer", "signed_max (llama.cpp's Q4_0/Q5_0 scale) is for static, symmetric "
                               f"unsigned integer weights (a middle-code zero point), not '{self.format}'"
