@@ -46,7 +46,7 @@ def _tiny_llama(hidden: int, intermediate: int, layers: int, std: float):
 @pytest.fixture(scope="module")
 def llama256():
     """Rows of 256 and 512: every Linear and the embedding a whole number of super-blocks."""
-    return _tiny_llama(256, 512, 2, 0.08)
+    return _tiny_llama(256, 512, 1, 0.08)
 
 
 def _quantize(model, recipe, tokenizer):
@@ -236,12 +236,12 @@ def test_verify_gguf_passes_the_file_and_names_a_flipped_block(exported_k, llama
     q, _, path = exported_k("gguf-q4_k_m-gptq")
     types = verify_gguf(path, q, llama256.config)
     assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.0.ffn_down.weight"] == "Q6_K"
-    tensor = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.1.attn_k.weight")
+    tensor = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.0.attn_k.weight")
     raw = bytearray(path.read_bytes())
     raw[int(tensor.data_offset) + 144 + 20] ^= 0x10   # a code byte of the second Q4_K block
     bad = tmp_path / "flipped.gguf"
     bad.write_bytes(bytes(raw))
-    with pytest.raises(BackendError, match=r"'blk\.1\.attn_k\.weight' \(Q4_K, layer 'model\.layers\.1\.self_attn\."
+    with pytest.raises(BackendError, match=r"'blk\.0\.attn_k\.weight' \(Q4_K, layer 'model\.layers\.0\.self_attn\."
                                            r"k_proj'\): 1 of \d+ blocks differ"):
         verify_gguf(bad, q, llama256.config)
 
@@ -252,7 +252,7 @@ def test_load_gguf_reads_an_exported_file_back_as_the_reference_weights(exported
     order undone), so a file can be re-quantized or checked from its float model."""
     q, _, path = exported_k("gguf-q4_k_m-gptq")
     loaded = load_gguf(path)
-    assert loaded.types["blk.0.attn_q.weight"] == "Q4_K" and loaded.model.config.num_hidden_layers == 2
+    assert loaded.types["blk.0.attn_q.weight"] == "Q4_K" and loaded.model.config.num_hidden_layers == 1
     gm = q.graph_module
     weights = {n.meta["qcompile.layer"]: _value(gm, n) for n in gm.graph.nodes
                if n.target == torch.ops.qcompile.dequantize.default and n.args[3] in ("uint4", "int6")}
