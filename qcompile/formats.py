@@ -308,8 +308,9 @@ def zero_point_grid(zero_point: Optional[torch.Tensor], zero_point_dtype: str,
 # llama.cpp's k-quants store a weight's per-group scales (and minima) as small codes against one
 # float16 scale per super-block of 256 weights of a row (``ggml-common.h``): scale_dtype /
 # zero_point_dtype name -> the format of those codes. "kquant6": 6-bit codes (Q4_K / Q5_K's
-# ``scales``, their minima against ``dmin``); "kquant8": 8-bit codes (Q6_K's int8 ``scales``).
-TWO_LEVEL = {"kquant6": "uint6", "kquant8": "int8"}
+# ``scales``, their minima against ``dmin``); "kquant8": 8-bit codes (Q6_K's int8 ``scales``);
+# "kquant4": 4-bit codes (Q2_K's scales and minima).
+TWO_LEVEL = {"kquant6": "uint6", "kquant8": "int8", "kquant4": "uint4"}
 SUPER_BLOCK = 256
 
 

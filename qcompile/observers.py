@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import CalibrationError
-from .formats import Format, float16_minimum, get_format, kquant_minimum
+from .formats import TWO_LEVEL, Format, float16_minimum, get_format, kquant_minimum
 from .spec import QuantSpec
 
 
@@ -251,7 +251,7 @@ def weight_qparams(w: torch.Tensor, spec: QuantSpec, channel_axis: int = 0):
     scale, zp = _weight_qparams(w, spec, channel_axis, get_format(spec.format))
     if spec.zero_point_dtype == "float16":   # stored as the float16 group minimum m = -z s (x = s q + m)
         zp = float16_minimum(scale, zp)
-    elif spec.zero_point_dtype == "kquant6":   # the minimum (<= 0) a k-quant stores, float64 until its two-level grid
+    elif spec.zero_point_dtype in TWO_LEVEL:   # the minimum (<= 0) a k-quant stores, float64 until its two-level grid
         scale, zp = kquant_minimum(scale, zp, get_format(spec.format))
     return scale.to(spec.scale_torch_dtype), zp   # float16 scales: computed rounded, stored as float16
 

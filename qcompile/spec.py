@@ -18,15 +18,16 @@ GROUPED = ("per_group", "per_token_group")   # granularities that take a group_s
 # "int8": the weight's scales are themselves quantized (bitsandbytes' double quantization, see
 # formats.double_quantize_scales); per_group weights only
 # "kquant6" / "kquant8": llama.cpp's k-quant two-level scales, 6-bit (Q4_K/Q5_K) or 8-bit (Q6_K)
-# codes against one float16 scale per 256 weights of a row (formats.two_level_quantize)
-SCALE_DTYPES = ("float32", "float16", "int8", "kquant6", "kquant8")
+# codes against one float16 scale per 256 weights of a row (formats.two_level_quantize); "kquant4":
+# 4-bit codes (Q2_K)
+SCALE_DTYPES = ("float32", "float16", "int8", "kquant6", "kquant8", "kquant4")
 # "code": the zero point is an integer code of the format, x = s (q - z) (the default). The others
 # store a float zero point, x = s (q - z) = s q + m with the minimum m = -s z (llama.cpp's Q4_1 and
 # K-quant form): "float32", "float16", or "int8" (double-quantized like int8 scales); asymmetric
 # integer weights only. "float16" stores the minimum m itself and the ops compute s q + m (llama.cpp's
 # Q4_1/Q5_1 bit for bit, formats.float16_minimum); the others store z and compute (q - z) s
 # "kquant6": the minimum as a k-quant stores it (6-bit codes against a float16 dmin per 256 weights)
-ZERO_POINT_DTYPES = ("code", "float32", "float16", "int8", "kquant6")
+ZERO_POINT_DTYPES = ("code", "float32", "float16", "int8", "kquant6", "kquant4")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram")
 # scale rules for weights only (no activation observer): "signed_max", llama.cpp's Q4_0/Q5_0 scale
 # (observers._signed_max)

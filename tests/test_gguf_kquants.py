@@ -17,7 +17,7 @@ from qcompile.backends.gguf.blocks import BLOCK_TYPES, match, refusal
 from qcompile.backends.gguf.kquants import K_TYPES, match_k
 from qcompile.backends.gguf.llama import _weights, rotary_permutation
 from qcompile.errors import BackendError, RecipeError
-from qcompile.formats import get_format, two_level_values
+from qcompile.formats import TWO_LEVEL, get_format, two_level_values
 from qcompile.models import load_gguf
 from qcompile.presets import _gguf_block, gguf_spec, llama_cpp_mix
 from qcompile.recipe import LayerConfig, Recipe
@@ -63,18 +63,18 @@ def test_k_blocks_dequantize_bit_exactly_on_random_codes(name):
     rows, k = 3, 512
     fmt = get_format(ktype.format)
     codes = torch.from_numpy(rng.integers(fmt.qmin, fmt.qmax + 1, (rows, k))).to(fmt.storage)
-    sub = get_format("uint6" if ktype.scale_dtype == "kquant6" else "int8")
+    sub = get_format(TWO_LEVEL[ktype.scale_dtype])
     groups, supers = k // ktype.group_size, k // 256
     sc = torch.from_numpy(rng.integers(0, sub.qmax + 1, (rows, groups))).to(sub.storage)
     d = torch.from_numpy(rng.uniform(1e-4, 1e-2, (rows, supers))).half()
     scale = two_level_values(sc, d, ktype.group_size)
     mn = dmin = zp = None
     if ktype.zero_point_dtype:
-        mn = torch.from_numpy(rng.integers(0, 64, (rows, groups))).to(torch.uint8)
+        mn = torch.from_numpy(rng.integers(0, sub.qmax + 1, (rows, groups))).to(torch.uint8)
         dmin = torch.from_numpy(rng.uniform(1e-4, 1e-2, (rows, supers))).half()
         zp = two_level_values(mn, -dmin, ktype.group_size, torch.float64)
     ref = torch.ops.qcompile.dequantize(codes, scale, zp, ktype.format, ktype.group_size, torch.float32)
-    u = (codes.to(torch.int16) + (32 if name == "Q6_K" else 0)).to(torch.uint8).numpy()
+    u = (codes.to(torch.int16) - int(fmt.qmin)).to(torch.uint8).numpy()
     blocks = ktype.pack(u, sc.numpy(), d.numpy(), None if mn is None else mn.numpy(),
                         None if dmin is None else dmin.numpy())
     got = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[name]).reshape(rows, k)

@@ -9,6 +9,8 @@ Q4_K    ``d * sc[j] * u - dmin * m[j]``, u 4-bit        uint4, groups of 32, ``s
 Q5_K    the same, u 5-bit                              uint5, the same
 Q6_K    ``d * sc[j] * (u - 32)``, u 6-bit, ``sc`` int8,  int6 symmetric, groups of 16,
         sub-blocks of 16                               ``scale_dtype: kquant8``
+Q2_K    ``d * sc[j] * u - dmin * m[j]``, u 2-bit,       uint2, groups of 16, ``scale_dtype`` and
+        ``sc, m`` 4-bit, sub-blocks of 16              ``zero_point_dtype: kquant4``
 ======  =============================================  =============================================
 
 ``d`` and ``dmin`` are float16, one per super-block of 256 weights of a row (``ggml-common.h``);
@@ -55,7 +57,12 @@ class KQuantType:
         ub = u.reshape(rows * nb, SUPER_BLOCK).astype(np.uint8)
         half = d.astype(np.float16).reshape(-1, 1).view(np.uint8)
         per = SUPER_BLOCK // self.group_size
-        if self.name == "Q6_K":
+        if self.name == "Q2_K":   # scales: a 4-bit scale code (low) and minimum code (high) per sub-block
+            scales = (sc.reshape(-1, per).astype(np.uint8) & 0x0F) | (mn.reshape(-1, per).astype(np.uint8) << 4)
+            q = ub.reshape(-1, 2, 4, 32) & 3   # qs: per 128, byte l holds code l + 32 s at bits 2 s
+            qs = (q << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(2, dtype=np.uint8).reshape(-1, 64)
+            out = np.concatenate([scales, qs, half, dmin.astype(np.float16).reshape(-1, 1).view(np.uint8)], axis=1)
+        elif self.name == "Q6_K":
             q = ub.reshape(-1, 2, 2, 64)    # ql: per 128, byte l holds codes l (low) and l + 64 (high)
             ql = ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
             hi = (ub.reshape(-1, 2, 4, 32) >> 4) & 3   # qh: per 128, byte l holds bits 4-5 of l + 32 s at 2 s
@@ -80,6 +87,7 @@ class KQuantType:
 
 # llama.cpp's super-block sizes (GGML_QUANT_SIZES): the packer asserts them
 K_TYPES = {t.name: t for t in (
+    KQuantType("Q2_K", "uint2", 16, "kquant4", "kquant4", 84),
     KQuantType("Q4_K", "uint4", 32, "kquant6", "kquant6", 144),
     KQuantType("Q5_K", "uint5", 32, "kquant6", "kquant6", 176),
     KQuantType("Q6_K", "int6", 16, "kquant8", None, 210),
@@ -99,7 +107,8 @@ def match_k(weight, refuse) -> tuple[KQuantType, np.ndarray]:
     ktype = k_type_of(weight.format, weight.group_size, two["scale_dtype"], two.get("zero_point_dtype"))
     if ktype is None:
         raise refuse(weight, "llama.cpp's k-quants are Q4_K/Q5_K (uint4/uint5 in groups of 32, kquant6 scales and "
-                             "minima) and Q6_K (int6 symmetric in groups of 16, kquant8 scales)")
+                             "minima), Q6_K (int6 symmetric in groups of 16, kquant8 scales) and Q2_K (uint2 in "
+                             "groups of 16, kquant4 scales and minima)")
     n, k = weight.codes.shape
     if k % SUPER_BLOCK:
         raise BackendError(f"layer '{weight.layer}': no GGUF block type holds its grid ({weight.grid()}) bit for bit: "

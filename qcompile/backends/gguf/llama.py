@@ -134,13 +134,13 @@ def _two_level(gm, scale, zp) -> Optional[dict]:
     s = _two_level_parts(gm, scale)
     if s is None or s[1].dtype != torch.float16:
         return None
-    kind = {"uint6": "kquant6", "int8": "kquant8"}.get(s[2])
+    kind = {"uint6": "kquant6", "int8": "kquant8", "uint4": "kquant4"}.get(s[2])
     two = {"scale_dtype": kind, "scale_codes": s[0], "scale_super": s[1]}
     if zp is not None:
         m = _two_level_parts(gm, zp)
-        if m is None or m[2] != "uint6":
+        if m is None or m[2] not in ("uint6", "uint4"):
             return None
-        two.update(zero_point_dtype="kquant6", min_codes=m[0], min_super=m[1])
+        two.update(zero_point_dtype="kquant6" if m[2] == "uint6" else "kquant4", min_codes=m[0], min_super=m[1])
     return two if kind else None
 
 
