@@ -309,8 +309,8 @@ def zero_point_grid(zero_point: Optional[torch.Tensor], zero_point_dtype: str,
 # float16 scale per super-block of 256 weights of a row (``ggml-common.h``): scale_dtype /
 # zero_point_dtype name -> the format of those codes. "kquant6": 6-bit codes (Q4_K / Q5_K's
 # ``scales``, their minima against ``dmin``); "kquant8": 8-bit codes (Q6_K's int8 ``scales``);
-# "kquant4": 4-bit codes (Q2_K's scales and minima).
-TWO_LEVEL = {"kquant6": "uint6", "kquant8": "int8", "kquant4": "uint4"}
+# "kquant4": 4-bit codes (Q2_K's scales and minima); "kquant6s": signed 6-bit codes (Q3_K's scales).
+TWO_LEVEL = {"kquant6": "uint6", "kquant8": "int8", "kquant4": "uint4", "kquant6s": "int6"}
 SUPER_BLOCK = 256
 
 
@@ -349,7 +349,7 @@ def two_level_values(codes: torch.Tensor, super_scale: torch.Tensor, group_size:
     """The scales (``float32``) or minima (``float64``) :func:`two_level_quantize`'s output stands for:
     ``code * super`` with the canonical dequantize op (what the converted graph computes; exact,
     a float16 times a code of at most 8 bits)."""
-    fmt = "int8" if codes.dtype == torch.int8 else "uint6"
+    fmt = "int8" if codes.dtype == torch.int8 else "uint6"   # (int6 codes: the same values as int8)
     return torch.ops.qcompile.dequantize(codes, super_scale, None, fmt, SUPER_BLOCK // group_size, dtype)
 
 

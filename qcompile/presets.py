@@ -173,6 +173,8 @@ def _gguf_k(bits: int) -> QuantSpec:
     # Q6_K is int6 symmetric in groups of 16 with 8-bit scale codes against a float16 d per 256
     if bits == 6:
         return QuantSpec("int6", "per_group", symmetric=True, group_size=16, scale_dtype="kquant8")
+    if bits == 3:   # Q3_K: int3 symmetric in groups of 16, signed 6-bit scale codes
+        return QuantSpec("int3", "per_group", symmetric=True, group_size=16, scale_dtype="kquant6s")
     if bits == 2:   # Q2_K: uint2 in groups of 16, 4-bit scale and minimum codes
         return QuantSpec("uint2", "per_group", symmetric=False, group_size=16, scale_dtype="kquant4",
                          zero_point_dtype="kquant4")
@@ -187,7 +189,7 @@ def gguf_spec(gguf_type: str, rtn: bool = True) -> QuantSpec:
     specs = {"Q8_0": lambda: _gguf_block(8), "Q4_1": lambda: _gguf_block(4, True), "Q5_1": lambda: _gguf_block(5, True),
              "Q4_0": lambda: _gguf_block(4, observer="signed_max" if rtn else "minmax"),
              "Q5_0": lambda: _gguf_block(5, observer="signed_max" if rtn else "minmax"),
-             "Q2_K": lambda: _gguf_k(2), "Q4_K": lambda: _gguf_k(4), "Q5_K": lambda: _gguf_k(5),
+             "Q2_K": lambda: _gguf_k(2), "Q3_K": lambda: _gguf_k(3), "Q4_K": lambda: _gguf_k(4), "Q5_K": lambda: _gguf_k(5),
              "Q6_K": lambda: _gguf_k(6)}
     return specs[gguf_type]()
 

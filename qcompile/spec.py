@@ -19,8 +19,8 @@ GROUPED = ("per_group", "per_token_group")   # granularities that take a group_s
 # formats.double_quantize_scales); per_group weights only
 # "kquant6" / "kquant8": llama.cpp's k-quant two-level scales, 6-bit (Q4_K/Q5_K) or 8-bit (Q6_K)
 # codes against one float16 scale per 256 weights of a row (formats.two_level_quantize); "kquant4":
-# 4-bit codes (Q2_K)
-SCALE_DTYPES = ("float32", "float16", "int8", "kquant6", "kquant8", "kquant4")
+# 4-bit codes (Q2_K); "kquant6s": signed 6-bit codes (Q3_K)
+SCALE_DTYPES = ("float32", "float16", "int8", "kquant6", "kquant8", "kquant4", "kquant6s")
 # "code": the zero point is an integer code of the format, x = s (q - z) (the default). The others
 # store a float zero point, x = s (q - z) = s q + m with the minimum m = -s z (llama.cpp's Q4_1 and
 # K-quant form): "float32", "float16", or "int8" (double-quantized like int8 scales); asymmetric

@@ -38,7 +38,7 @@ class GgufBackend:
     capabilities = Capabilities(
         weights={"int8": {"per_group", "per_channel"}, "uint8": {"per_group"}, "int4": {"per_group"},
                  "uint4": {"per_group"}, "uint5": {"per_group"}, "int6": {"per_group"},
-                 "uint6": {"per_group"}, "uint2": {"per_group"}},   # uint6: Q4_K/Q5_K's sub-block scale codes
+                 "uint6": {"per_group"}, "uint2": {"per_group"}, "int3": {"per_group"}},   # uint6: Q4_K/Q5_K's sub-block scale codes
         float_zero_points=True, ops={"linear", "embedding"},
         timing_missing="latency budgets on gguf: it writes a file for llama.cpp, whose speed qcompile does not "
                        "time yet; use backend='onnx'")

@@ -118,7 +118,7 @@ def nearest_type(weight: QuantizedWeight) -> str:
     """The llama.cpp type closest to a grid none holds: by bits, minimum or not."""
     bits = get_format(weight.format).bits
     if weight.two_level:
-        return "Q6_K" if bits >= 6 else ("Q5_K" if bits == 5 else "Q4_K" if bits >= 3 else "Q2_K")
+        return "Q6_K" if bits >= 6 else ("Q5_K" if bits == 5 else "Q4_K" if bits == 4 else "Q3_K" if bits == 3 else "Q2_K")
     minimum = weight.zero_point is not None and weight.zero_point.is_floating_point()
     if bits <= 4:
         return "Q4_1" if minimum or weight.zero_point is not None else "Q4_0"

@@ -11,6 +11,8 @@ Q6_K    ``d * sc[j] * (u - 32)``, u 6-bit, ``sc`` int8,  int6 symmetric, groups 
         sub-blocks of 16                               ``scale_dtype: kquant8``
 Q2_K    ``d * sc[j] * u - dmin * m[j]``, u 2-bit,       uint2, groups of 16, ``scale_dtype`` and
         ``sc, m`` 4-bit, sub-blocks of 16              ``zero_point_dtype: kquant4``
+Q3_K    ``d * sc[j] * (u - 4)``, u 3-bit, ``sc`` signed  int3 symmetric, groups of 16,
+        6-bit, sub-blocks of 16                        ``scale_dtype: kquant6s``
 ======  =============================================  =============================================
 
 ``d`` and ``dmin`` are float16, one per super-block of 256 weights of a row (``ggml-common.h``);
@@ -28,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from ...errors import BackendError
-from ...formats import SUPER_BLOCK
+from ...formats import SUPER_BLOCK, get_format
 
 # llama.cpp's tensor_type_fallback (src/llama-quant.cpp): the type a row that is not a multiple of
 # 256 gets instead
@@ -57,7 +59,16 @@ class KQuantType:
         ub = u.reshape(rows * nb, SUPER_BLOCK).astype(np.uint8)
         half = d.astype(np.float16).reshape(-1, 1).view(np.uint8)
         per = SUPER_BLOCK // self.group_size
-        if self.name == "Q2_K":   # scales: a 4-bit scale code (low) and minimum code (high) per sub-block
+        if self.name == "Q3_K":
+            s6 = (sc.reshape(-1, per).astype(np.int16) + 32).astype(np.uint8)   # 6-bit scales stored + 32
+            low = (s6[:, :8] & 0x0F) | ((s6[:, 8:] & 0x0F) << 4)
+            high = ((s6.reshape(-1, 4, 4) >> 4) & 3) << (2 * np.arange(4, dtype=np.uint8))[None, :, None]
+            scales = np.concatenate([low, high.sum(1, dtype=np.uint8)], axis=1)
+            hmask = (((ub.reshape(-1, 8, 32) >> 2) & 1) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1, dtype=np.uint8)
+            q = ub.reshape(-1, 2, 4, 32) & 3   # qs: the low two bits, as Q2_K
+            qs = (q << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(2, dtype=np.uint8).reshape(-1, 64)
+            out = np.concatenate([hmask, qs, scales, half], axis=1)
+        elif self.name == "Q2_K":   # scales: a 4-bit scale code (low) and minimum code (high) per sub-block
             scales = (sc.reshape(-1, per).astype(np.uint8) & 0x0F) | (mn.reshape(-1, per).astype(np.uint8) << 4)
             q = ub.reshape(-1, 2, 4, 32) & 3   # qs: per 128, byte l holds code l + 32 s at bits 2 s
             qs = (q << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(2, dtype=np.uint8).reshape(-1, 64)
@@ -88,6 +99,7 @@ class KQuantType:
 # llama.cpp's super-block sizes (GGML_QUANT_SIZES): the packer asserts them
 K_TYPES = {t.name: t for t in (
     KQuantType("Q2_K", "uint2", 16, "kquant4", "kquant4", 84),
+    KQuantType("Q3_K", "int3", 16, "kquant6s", None, 110),
     KQuantType("Q4_K", "uint4", 32, "kquant6", "kquant6", 144),
     KQuantType("Q5_K", "uint5", 32, "kquant6", "kquant6", 176),
     KQuantType("Q6_K", "int6", 16, "kquant8", None, 210),
@@ -116,7 +128,7 @@ def match_k(weight, refuse) -> tuple[KQuantType, np.ndarray]:
                            f"the nearest type is {FALLBACK[ktype.name]}, llama.cpp's own fallback for {ktype.name} "
                            "(qcompile.presets.llama_cpp_mix gives it such layers)")
     codes = weight.codes.numpy().astype(np.int16)
-    u = (codes + 32 if ktype.name == "Q6_K" else codes).astype(np.uint8)
+    u = (codes - int(get_format(ktype.format).qmin)).astype(np.uint8)
     sc = two["scale_codes"].numpy()
     d = two["scale_super"].numpy().astype(np.float16)
     mn = dmin = None

@@ -134,7 +134,7 @@ def _two_level(gm, scale, zp) -> Optional[dict]:
     s = _two_level_parts(gm, scale)
     if s is None or s[1].dtype != torch.float16:
         return None
-    kind = {"uint6": "kquant6", "int8": "kquant8", "uint4": "kquant4"}.get(s[2])
+    kind = {"uint6": "kquant6", "int8": "kquant8", "uint4": "kquant4", "int6": "kquant6s"}.get(s[2])
     two = {"scale_dtype": kind, "scale_codes": s[0], "scale_super": s[1]}
     if zp is not None:
         m = _two_level_parts(gm, zp)
