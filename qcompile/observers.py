@@ -33,7 +33,7 @@ from torch import nn
 
 from . import distributed
 from .errors import CalibrationError
-from .formats import Format, float16_minimum, get_format
+from .formats import TWO_LEVEL, Format, float16_minimum, get_format, kquant_minimum
 from .spec import QuantSpec
 
 
@@ -349,6 +349,8 @@ def weight_qparams(w: torch.Tensor, spec: QuantSpec, channel_axis: int = 0):
     scale, zp = _weight_qparams(w, spec, channel_axis, get_format(spec.format))
     if spec.zero_point_dtype == "float16":   # stored as the float16 group minimum m = -z s (x = s q + m)
         zp = float16_minimum(scale, zp)
+    elif spec.zero_point_dtype in TWO_LEVEL:   # the minimum (<= 0) a k-quant stores, float64 until its two-level grid
+        scale, zp = kquant_minimum(scale, zp, get_format(spec.format))
     return scale.to(spec.scale_torch_dtype), zp   # float16 scales: computed rounded, stored as float16
 
 
@@ -383,6 +385,8 @@ def _weight_qparams(w, spec, channel_axis, fmt):
 def _search_or_minmax(rows: torch.Tensor, lo, hi, fmt: Format, spec: QuantSpec):
     """Per-row qparams: min-max, or (``mse``) the best of 20 shrunken ranges per row."""
     dt, fz = spec.scale_torch_dtype, spec.float_zero_point
+    if spec.observer == "signed_max":
+        return _signed_max(lo, hi, fmt, dt)
     if spec.observer != "mse":
         return fmt.choose_qparams(lo, hi, spec.symmetric, dt, fz)
     best_scale, best_zp = fmt.choose_qparams(lo, hi, spec.symmetric, dt, fz)
@@ -396,6 +400,22 @@ def _search_or_minmax(rows: torch.Tensor, lo, hi, fmt: Format, spec: QuantSpec):
         if zp is not None:
             best_zp = torch.where(better, zp, best_zp)
     return best_scale, best_zp
+
+
+def _signed_max(lo, hi, fmt: Format, dtype):
+    """llama.cpp's Q4_0/Q5_0 scale (``quantize_row_q4_0_ref``): the value of largest magnitude, with
+    its sign, maps to the lowest code, ``d = max / -2^(bits-1)`` (negative when that value is
+    positive), so one end of the grid is that value exactly and the range gets the whole lower half
+    of the codes; unsigned symmetric formats (middle-code zero point) only. ``dtype`` float16: rounded
+    to the nearest float16, as llama.cpp stores ``d``."""
+    _, zp = fmt.choose_qparams(lo, hi, True)   # checks the range (NaN/Inf); zp: the middle code
+    peak = torch.where(hi.abs() > lo.abs(), hi, lo).float()
+    scale = peak / (fmt.qmin - zp.float())
+    tiny = torch.finfo(dtype).smallest_normal if dtype != torch.float32 else torch.finfo(torch.float32).eps
+    scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny), scale)
+    if dtype != torch.float32:
+        scale = scale.to(dtype).float()
+    return scale, zp
 
 
 def _row_error(rows, scale, zp, fmt: Format):

@@ -26,7 +26,7 @@ from .atomic import atomic_file
 from .auto_recipe import AutoRecipe
 from .backends.base import ALIASES, BACKENDS
 from .errors import RecipeError, closest
-from .spec import QuantSpec
+from .spec import WEIGHT_OBSERVERS, QuantSpec
 
 RECIPE_VERSION = 1
 
@@ -273,6 +273,9 @@ class Recipe:
                     raise RecipeError(f"{where}.weight", "weights are constant: use static per_tensor/per_channel/per_group")
             if cfg.activation is not None:
                 cfg.activation.validate(f"{where}.activation")
+                if cfg.activation.observer in WEIGHT_OBSERVERS:
+                    raise RecipeError(f"{where}.activation.observer", "signed_max is a weight scale rule; activations "
+                                      "take minmax, moving_average, percentile, mse or histogram")
                 if cfg.activation.granularity in ("per_channel", "per_group"):
                     raise RecipeError(f"{where}.activation.granularity",
                                       "activations take per_tensor or per_token (dynamic) scales")

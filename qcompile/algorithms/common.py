@@ -28,8 +28,8 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec, scale, zero_point) -> torch.
     double-quantized scales or zero points (``scale_dtype``/``zero_point_dtype: int8``) on the grid
     of the values as convert stores them."""
     g = op_group_size(spec)
-    scale = scale_grid(scale, spec.scale_dtype)
-    zero_point = zero_point_grid(zero_point, spec.zero_point_dtype)
+    scale = scale_grid(scale, spec.scale_dtype, spec.group_size)
+    zero_point = zero_point_grid(zero_point, spec.zero_point_dtype, spec.group_size)
     q = QUANTIZE(w, scale, zero_point, spec.format, g)
     return DEQUANTIZE(q, scale, zero_point, spec.format, g, torch.float32)
 

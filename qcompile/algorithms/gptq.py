@@ -95,9 +95,9 @@ def gptq_quantize(w: torch.Tensor, h, spec: QuantSpec, damping: float = 0.01,
     w = w.detach().float()
     k = w.shape[1]
     scale, zp = weight_qparams(w, spec, 0)
-    grid = scale_grid(scale, spec.scale_dtype)
+    grid = scale_grid(scale, spec.scale_dtype, spec.group_size)
     # a float16 zero point is the group minimum (x = s q + m): the column loop rounds x/s + z
-    s_col, z_col = _column_qparams(spec, grid, zero_point_as_offset(grid, zero_point_grid(zp, spec.zero_point_dtype)), k)
+    s_col, z_col = _column_qparams(spec, grid, zero_point_as_offset(grid, zero_point_grid(zp, spec.zero_point_dtype, spec.group_size)), k)
     perm = prep.perm
     # [K, N] in solve order: column j of W is row j here; per-column qparams precomputed once
     wt = w.t()[perm].contiguous()
