@@ -129,8 +129,10 @@ BACKENDS = {
     "tvm": ("qcompile.backends.tvm", "TvmBackend", "tvm"),
     "triton-cuda": ("qcompile.backends.triton", "TritonBackend", "triton"),
     "gguf": ("qcompile.backends.gguf", "GgufBackend", "gguf"),
+    "compressed-tensors": ("qcompile.backends.compressed_tensors", "CompressedTensorsBackend", "ct"),
 }
-ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx", "tvm-llvm": "tvm", "triton": "triton-cuda", "llama.cpp": "gguf"}
+ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx", "tvm-llvm": "tvm", "triton": "triton-cuda", "llama.cpp": "gguf",
+           "vllm": "compressed-tensors", "ct": "compressed-tensors"}
 
 
 def get_backend(name: str) -> Backend:

@@ -1,0 +1,178 @@
+"""The compressed-tensors backend: a tiny Llama (transformers ``LlamaConfig``) quantized with w4-g128,
+w4-g64, w8 and w8a8-dynamic, written as a compressed-tensors directory, its config validated by the
+package's own schema classes, every quantized weight decompressed by the package's own compressor
+and compared bit for bit with qcompile's reference dequantized weight; the import path reads it back
+into a float model; the refusals name the layer and leave no directory."""
+import json
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.errors import BackendError
+from qcompile.ops import DEQUANTIZE
+from qcompile.recipe import LayerConfig, Recipe
+from qcompile.spec import LAYER, QuantSpec
+
+transformers = pytest.importorskip("transformers")
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors import BaseCompressor  # noqa: E402
+from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from qcompile.backends.compressed_tensors import config_of, load_model  # noqa: E402
+
+# preset -> (format, strategy, group_size, symmetric, activations)
+EXPECTED = {"w4-g128": ("pack-quantized", "group", 128, False, None),
+            "w4-g64": ("pack-quantized", "group", 64, False, None),
+            "w8": ("pack-quantized", "channel", None, True, None),
+            "w8a8-dynamic": ("int-quantized", "channel", None, True, ("token", False, True))}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def exported(llama, ids, tmp_path_factory):
+    cache = {}
+
+    def get(preset):
+        if preset not in cache:
+            q = qcompile.quantize(llama, preset, ids, calibration=[ids], example_kwargs={"use_cache": False},
+                                  report_samples=1)
+            art = qcompile.lower(q, backend="compressed-tensors", config=llama.config)
+            cache[preset] = q, art, art.save(tmp_path_factory.mktemp("ct") / preset)
+        return cache[preset]
+    return get
+
+
+def reference_weights(q) -> dict:
+    """layer -> qcompile's reference dequantized weight (the dequantize op on the stored codes)."""
+    gm, out = q.graph_module, {}
+    for node in gm.graph.nodes:
+        if node.target == DEQUANTIZE and node.args[0].op == "get_attr":
+            vals = [getattr(gm, a.target) if hasattr(a, "op") else a for a in node.args]
+            out[node.meta[LAYER]] = torch.ops.qcompile.dequantize(*vals)
+    return out
+
+
+@pytest.mark.parametrize("preset", list(EXPECTED))
+def test_config_is_the_packages_schema(exported, preset):
+    _, _, path = exported(preset)
+    block = config_of(path)
+    assert block["quant_method"] == "compressed-tensors" and block["quantization_status"] == "compressed"
+    qc = QuantizationConfig.model_validate({k: v for k, v in block.items() if k in QuantizationConfig.model_fields})
+    fmt, strategy, group, symmetric, act = EXPECTED[preset]
+    assert len(qc.config_groups) == 1 and qc.format == fmt
+    scheme = next(iter(qc.config_groups.values()))
+    assert scheme.targets == ["Linear"] and scheme.format == fmt
+    w = scheme.weights
+    assert (w.type, w.strategy, w.group_size, w.symmetric) == ("int", strategy, group, symmetric)
+    assert w.num_bits == (4 if preset.startswith("w4") else 8)
+    if act is None:
+        assert scheme.input_activations is None
+    else:
+        a = scheme.input_activations
+        assert (a.strategy, a.symmetric, a.dynamic, a.num_bits) == (*act, 8)
+    assert "lm_head" not in qc.ignore   # these presets quantize the head; the embedding is written float
+    tensors = load_file(str(path / "model.safetensors"))
+    key = "weight_packed" if fmt == "pack-quantized" else "weight"
+    assert tensors[f"model.layers.0.mlp.down_proj.{key}"].dtype == (torch.int32 if key == "weight_packed" else torch.int8)
+    assert ("model.layers.0.mlp.down_proj.weight_zero_point" in tensors) == (not symmetric)
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("preset", list(EXPECTED))
+def test_decompressed_by_the_package_bit_exact(exported, preset):
+    q, _, path = exported(preset)
+    ref = reference_weights(q)
+    tensors = load_file(str(path / "model.safetensors"))
+    qc = QuantizationConfig.model_validate({k: v for k, v in config_of(path).items()
+                                            if k in QuantizationConfig.model_fields})
+    scheme = next(iter(qc.config_groups.values()))
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    linears = [layer for layer in ref if layer != "model.embed_tokens"]
+    assert len(linears) == 15
+    for layer in linears:
+        local = {k[len(layer) + 1:]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == layer}
+        weight = compressor.decompress(local, scheme)["weight"]
+        assert torch.equal(weight, ref[layer]), layer
+    # the embedding: qcompile's dequantized values, float
+    assert torch.equal(tensors["model.embed_tokens.weight"], ref["model.embed_tokens"])
+    # the import path (transformers + compressed-tensors): the same weights, the float ones untouched
+    model = load_model(path)
+    state = model.state_dict()
+    for layer in linears:
+        assert torch.equal(state[f"{layer}.weight"], ref[layer]), layer
+    norm = q.graph_module.get_parameter("model.norm.weight") if hasattr(q.graph_module, "get_parameter") else None
+    assert norm is None or torch.equal(state["model.norm.weight"], norm)
+
+
+def test_parity_recorded_by_the_runtime(exported, ids):
+    for preset in ("w4-g128", "w8"):   # weights bit-exact, float activations: float32 noise only
+        q, art, path = exported(preset)
+        parity = json.loads((path / "qcompile.json").read_text())["contract"]["parity"]
+        assert parity["max_rel"] < 1e-5, (preset, parity)
+        assert torch.allclose(art(ids), q(ids).logits, rtol=0, atol=1e-5)
+    # dynamic activations: equal codes but at exact rounding ties (compressed-tensors rounds x/s + z,
+    # qcompile round(x/s) + z), which a tiny random Llama amplifies to ~1 % of the logits' range
+    parity = json.loads((exported("w8a8-dynamic")[2] / "qcompile.json").read_text())["contract"]["parity"]
+    assert 0 < parity["max_rel"] < 0.05
+
+
+def test_import_then_quantize_again(exported, ids):
+    _, _, path = exported("w4-g128")
+    model = load_model(path)
+    assert not hasattr(model.model.layers[0].self_attn.q_proj, "quantization_scheme")
+    q = qcompile.quantize(model, "w8", ids, example_kwargs={"use_cache": False}, report_samples=1)
+    assert q.report.output_sqnr > 25
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("nf4", "format 'nf4'"),
+    (Recipe(name="w8a8-sym-dyn", default=LayerConfig(QuantSpec("int8", "per_channel", symmetric=True),
+                                                     QuantSpec("int8", "per_token", symmetric=True, dynamic=True))),
+     "127.5"),
+])
+def test_refusal_names_the_layer_and_writes_nothing(llama, ids, tmp_path, recipe, message):
+    q = qcompile.quantize(llama, recipe, ids, calibration=[ids], example_kwargs={"use_cache": False},
+                          report_samples=1)
+    with pytest.raises(BackendError, match=message) as e:
+        qcompile.lower(q, backend="compressed-tensors", config=llama.config).save(tmp_path / "out")
+    assert "model.layers.0" in str(e.value)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_group_not_dividing_k_is_refused(ids):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    small = ids % 128
+    q = qcompile.quantize(model, "w4-g64", small, example_kwargs={"use_cache": False}, report_samples=1)
+    with pytest.raises(BackendError, match=r"groups of 64 over K=96.*layer|layer '.*': .*groups of 64 over K=96"):
+        qcompile.lower(q, backend="compressed-tensors", config=cfg)
+
+
+def test_wrong_config_is_refused(exported):
+    q, _, _ = exported("w8")
+    other = transformers.BertConfig(vocab_size=256, hidden_size=128, num_attention_heads=4, num_hidden_layers=1,
+                                    intermediate_size=256)
+    with pytest.raises(BackendError, match="not a module of"):
+        qcompile.lower(q, backend="compressed-tensors", config=other)
