@@ -176,3 +176,57 @@ def test_wrong_config_is_refused(exported):
                                     intermediate_size=256)
     with pytest.raises(BackendError, match="not a module of"):
         qcompile.lower(q, backend="compressed-tensors", config=other)
+
+
+def _copy(src, tmp_path):
+    import shutil
+
+    return shutil.copytree(src, tmp_path / "copy")
+
+
+def _resign(path, edit=None):
+    from qcompile.atomic import write_manifest
+
+    body = json.loads((path / "qcompile.json").read_text())
+    files = list(body.pop("files"))
+    body.pop("manifest_sha256")
+    if edit:
+        edit(body)
+    write_manifest(path, body, files)
+
+
+def test_check_passes_and_catches_a_flipped_block(exported, tmp_path):
+    from safetensors.torch import save_file
+
+    from qcompile.errors import ArtifactError, ParityError
+
+    _, _, saved = exported("w4-g128")
+    result = qcompile.check(saved)
+    assert result.passed and result.kind == "compressed-tensors" and result.recipe == "w4-g128"
+    path = _copy(saved, tmp_path)
+    raw = bytearray((path / "model.safetensors").read_bytes())
+    raw[-7] ^= 0x01
+    (path / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="checksum"):
+        qcompile.check(path)
+    tensors = load_file(str(path / "model.safetensors"))   # the flipped byte is in the last tensor's data
+    key = "model.layers.1.mlp.down_proj.weight_packed"
+    tensors[key] = tensors[key].clone()
+    tensors[key][:4] ^= 0x0F0F0F0F   # a flipped block of packed int4 codes
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _resign(path)
+    with pytest.raises(ParityError, match="differ from the recorded reference outputs"):
+        qcompile.check(path)
+
+
+def test_check_catches_wrong_metadata(exported, tmp_path):
+    from qcompile.errors import ParityError
+
+    _, _, saved = exported("w4-g128")
+    path = _copy(saved, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = True   # zero points dropped
+    (path / "config.json").write_text(json.dumps(config))
+    _resign(path)
+    with pytest.raises((ParityError, qcompile.ArtifactError)):
+        qcompile.check(path)
