@@ -3,9 +3,9 @@ again and compare the outputs with the recorded reference outputs against the re
 (:mod:`qcompile.contract`). A corrupted file fails its checksum (:class:`ArtifactError`); an artifact
 whose weights or metadata do not match what was recorded fails the parity (:class:`ParityError`).
 
-Kinds checked: qcompile's own saved program (``QuantizedModel.save``) and compressed-tensors
-directories. ONNX, TVM and GGUF artifacts do not carry the contract record yet
-(``NotImplementedError`` naming what is missing).
+Kinds checked: qcompile's own saved program (``QuantizedModel.save``), ONNX files (the record in
+their ``metadata_props``) and compressed-tensors directories. TVM and GGUF artifacts do not carry
+the contract record yet (``NotImplementedError`` naming what is missing).
 """
 from __future__ import annotations
 
@@ -75,9 +75,11 @@ def check(path: Union[str, Path]) -> CheckResult:
         out/m: PASS (qcompile, recipe 'w8', runtime qcompile reference) ...
     """
     path = Path(path)
+    if path.is_file() and path.suffix == ".onnx":
+        return _check_onnx(path)
     if path.is_file():
-        raise NotImplementedError(f"'{path}': checking single-file artifacts (ONNX, GGUF) is not built yet: they "
-                                  "do not carry the contract record (recipe, quality, parity, smoke inputs)")
+        raise NotImplementedError(f"'{path}': checking {path.suffix or 'single-file'} artifacts (GGUF) is not built "
+                                  "yet: they do not carry the contract record (recipe, quality, parity, smoke inputs)")
     if not (path / MANIFEST).is_file():
         if (path / "tvm.json").is_file():
             raise NotImplementedError(f"'{path}': checking TVM artifacts is not built yet (no contract record)")
@@ -102,6 +104,20 @@ def _check_program(path: Path) -> CheckResult:
         measured = parity_of(qmodel(*args, **kwargs), reference)
     return CheckResult(str(path), "qcompile", contract.get("runtime", ""), qmodel.recipe.name,
                        contract.get("quality") or {}, check_parity(str(path), contract["parity"], measured))
+
+
+def _check_onnx(path: Path) -> CheckResult:
+    try:
+        from .backends.onnx.runtime import read_contract, run_smoke
+    except ImportError as e:
+        raise ArtifactError(f"checking '{path}' needs onnxruntime: pip install 'qcompile[onnx]' ({e.name})") from e
+    contract, smoke = read_contract(path)   # format version and checksum first
+    contract = _contract(path, {"contract": contract})
+    feed = {k[len("feed."):]: v for k, v in smoke.items() if k.startswith("feed.")}
+    measured = parity_of(run_smoke(path, feed), split_smoke(smoke)[2])
+    recipe = (contract.get("recipe") or {}).get("name", "?")
+    return CheckResult(str(path), "onnx", contract.get("runtime", ""), recipe, contract.get("quality") or {},
+                       check_parity(str(path), contract["parity"], measured))
 
 
 def _check_compressed_tensors(path: Path) -> CheckResult:

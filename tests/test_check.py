@@ -82,7 +82,48 @@ def test_missing_record_is_named(saved, tmp_path):
 
 
 def test_single_file_artifacts_not_checked_yet(tmp_path):
-    f = tmp_path / "model.onnx"
+    f = tmp_path / "model.gguf"
     f.write_bytes(b"\0")
     with pytest.raises(NotImplementedError, match="contract record"):
         qcompile.check(f)
+
+
+@pytest.fixture(scope="module")
+def saved_onnx(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    x = torch.randn(4, 32)
+    q = qcompile.quantize(model, "w8", (x,), report_samples=1)
+    return qcompile.lower(q, backend="onnx").save(tmp_path_factory.mktemp("onnx") / "m.onnx")
+
+
+def test_onnx_record_and_check(saved_onnx):
+    from qcompile.backends.onnx.runtime import read_contract
+
+    contract, smoke = read_contract(saved_onnx)
+    assert contract["runtime"].startswith("onnxruntime") and contract["recipe"]["name"] == "w8"
+    assert contract["parity"]["max_rel"] < 1e-4 and any(k.startswith("feed.") for k in smoke)
+    result = qcompile.check(saved_onnx)
+    assert result.passed and result.kind == "onnx"
+
+
+def test_onnx_flipped_weights_fail(saved_onnx, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from qcompile.backends.onnx.runtime import seal_onnx
+
+    model = onnx.load(str(saved_onnx))
+    init = next(i for i in model.graph.initializer if numpy_helper.to_array(i).dtype.itemsize == 1
+                and numpy_helper.to_array(i).size >= 64)
+    codes = numpy_helper.to_array(init).copy()
+    codes.reshape(-1)[:16] ^= 0x40   # a flipped block of int8 weight codes
+    init.CopyFrom(numpy_helper.from_array(codes, init.name))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ArtifactError, match="checksum"):   # the seal no longer matches
+        qcompile.check(path)
+    path.write_bytes(seal_onnx(model.SerializeToString()))   # re-sealed: only the parity can tell
+    with pytest.raises(ParityError):
+        qcompile.check(path)
