@@ -98,9 +98,9 @@ def test_config_is_the_packages_schema(exported, preset):
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("preset", list(EXPECTED))
-def test_decompressed_by_the_package_bit_exact(exported, preset):
-    q, _, path = exported(preset)
+def assert_bit_exact(q, path) -> list:
+    """Every quantized Linear decompressed by the package's own compressor equals qcompile's
+    reference dequantized weight bit for bit; returns the layers compared."""
     ref = reference_weights(q)
     tensors = load_file(str(path / "model.safetensors"))
     qc = QuantizationConfig.model_validate({k: v for k, v in config_of(path).items()
@@ -108,11 +108,20 @@ def test_decompressed_by_the_package_bit_exact(exported, preset):
     scheme = next(iter(qc.config_groups.values()))
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     linears = [layer for layer in ref if layer != "model.embed_tokens"]
-    assert len(linears) == 15
     for layer in linears:
         local = {k[len(layer) + 1:]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == layer}
         weight = compressor.decompress(local, scheme)["weight"]
         assert torch.equal(weight, ref[layer]), layer
+    return linears
+
+
+@pytest.mark.parametrize("preset", list(EXPECTED))
+def test_decompressed_by_the_package_bit_exact(exported, preset):
+    q, _, path = exported(preset)
+    ref = reference_weights(q)
+    tensors = load_file(str(path / "model.safetensors"))
+    linears = assert_bit_exact(q, path)
+    assert len(linears) == 15
     # the embedding: qcompile's dequantized values, float
     assert torch.equal(tensors["model.embed_tokens.weight"], ref["model.embed_tokens"])
     # the import path (transformers + compressed-tensors): the same weights, the float ones untouched
@@ -230,3 +239,35 @@ def test_check_catches_wrong_metadata(exported, tmp_path):
     _resign(path)
     with pytest.raises((ParityError, qcompile.ArtifactError)):
         qcompile.check(path)
+
+
+W = QuantSpec
+GRIDS = {   # the declared grids beyond the presets: recipe -> (strategy, symmetric, bits)
+    "int8-tensor": (LayerConfig(W("int8", "per_tensor", symmetric=True)), ("tensor", True, 8)),
+    "uint2-g64": (LayerConfig(W("uint2", "per_group", symmetric=False, group_size=64)), ("group", False, 2)),
+    "int3-channel": (LayerConfig(W("int3", "per_channel", symmetric=True)), ("channel", True, 3)),
+    "uint8-channel": (LayerConfig(W("uint8", "per_channel", symmetric=False)), ("channel", False, 8)),
+    "w8a8-static": (LayerConfig(W("int8", "per_channel", symmetric=True), W("uint8", "per_tensor", symmetric=False)),
+                    ("channel", True, 8)),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "w8a8-static" else n for n in GRIDS])
+def test_declared_grids_bit_exact(llama, ids, tmp_path, name):
+    layer, (strategy, symmetric, bits) = GRIDS[name]
+    q = qcompile.quantize(llama, Recipe(name=name, default=layer), ids, calibration=[ids],
+                          example_kwargs={"use_cache": False}, report_samples=1)
+    path = qcompile.lower(q, backend="compressed-tensors", config=llama.config).save(tmp_path / name)
+    scheme = next(iter(QuantizationConfig.model_validate(
+        {k: v for k, v in config_of(path).items() if k in QuantizationConfig.model_fields}).config_groups.values()))
+    assert (scheme.weights.strategy, scheme.weights.symmetric, scheme.weights.num_bits) == (strategy, symmetric, bits)
+    assert len(assert_bit_exact(q, path)) == 15
+    parity = json.loads((path / "qcompile.json").read_text())["contract"]["parity"]
+    if name == "w8a8-static":   # static activations: the stored input_scale / zero point, int8 (uint8 - 128)
+        a = scheme.input_activations
+        assert (a.strategy, a.dynamic, a.symmetric) == ("tensor", False, False) and scheme.format == "int-quantized"
+        tensors = load_file(str(path / "model.safetensors"))
+        assert tensors["model.layers.0.mlp.down_proj.input_zero_point"].dtype == torch.int8
+        assert parity["max_rel"] < 0.05
+    else:
+        assert parity["max_rel"] < 1e-5

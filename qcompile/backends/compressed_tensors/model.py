@@ -116,7 +116,8 @@ def plan_model(qmodel, config) -> CtPlan:
                            f"{' ...' if len(missing) > 5 else ''} of {type(skeleton).__name__}: was it captured from "
                            "this config's model?")
     qconfig = quantization_config(layers, sorted(linears - set(layers)))
-    ordered = OrderedDict((k, tensors[k].detach().cpu().contiguous()) for k in sorted(tensors))
+    # cloned: layers that share one activation quantizer (q/k/v) would otherwise share its scale's storage
+    ordered = OrderedDict((k, tensors[k].detach().cpu().contiguous().clone()) for k in sorted(tensors))
     return CtPlan(config, qconfig, ordered, layers, dequantized)
 
 
