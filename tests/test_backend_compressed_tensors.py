@@ -155,6 +155,7 @@ def test_import_then_quantize_again(exported, ids):
 
 @pytest.mark.parametrize("recipe, message", [
     ("nf4", "format 'nf4'"),
+    ("w8a8", "SmoothQuant"),
     (Recipe(name="w8a8-sym-dyn", default=LayerConfig(QuantSpec("int8", "per_channel", symmetric=True),
                                                      QuantSpec("int8", "per_token", symmetric=True, dynamic=True))),
      "127.5"),
