@@ -4,8 +4,9 @@ again and compare the outputs with the recorded reference outputs against the re
 whose weights or metadata do not match what was recorded fails the parity (:class:`ParityError`).
 
 Kinds checked: qcompile's own saved program (``QuantizedModel.save``), ONNX files (the record in
-their ``metadata_props``) and compressed-tensors directories. TVM and GGUF artifacts do not carry
-the contract record yet (``NotImplementedError`` naming what is missing).
+their ``metadata_props``), GGUF files (the record in their metadata, run by llama.cpp) and
+compressed-tensors directories. TVM artifacts do not carry the contract record yet
+(``NotImplementedError`` naming what is missing).
 """
 from __future__ import annotations
 
@@ -77,9 +78,11 @@ def check(path: Union[str, Path]) -> CheckResult:
     path = Path(path)
     if path.is_file() and path.suffix == ".onnx":
         return _check_onnx(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return _check_gguf(path)
     if path.is_file():
-        raise NotImplementedError(f"'{path}': checking {path.suffix or 'single-file'} artifacts (GGUF) is not built "
-                                  "yet: they do not carry the contract record (recipe, quality, parity, smoke inputs)")
+        raise NotImplementedError(f"'{path}': checking '{path.suffix}' files is not built: only .onnx and .gguf "
+                                  "files carry the contract record (recipe, quality, parity, smoke inputs)")
     if not (path / MANIFEST).is_file():
         if (path / "tvm.json").is_file():
             raise NotImplementedError(f"'{path}': checking TVM artifacts is not built yet (no contract record)")
@@ -117,6 +120,23 @@ def _check_onnx(path: Path) -> CheckResult:
     measured = parity_of(run_smoke(path, feed), split_smoke(smoke)[2])
     recipe = (contract.get("recipe") or {}).get("name", "?")
     return CheckResult(str(path), "onnx", contract.get("runtime", ""), recipe, contract.get("quality") or {},
+                       check_parity(str(path), contract["parity"], measured))
+
+
+def _check_gguf(path: Path) -> CheckResult:
+    try:
+        from .backends.gguf.runtime import GgufArtifact, read_contract
+    except ImportError as e:
+        raise ArtifactError(f"checking '{path}' needs the gguf package: pip install 'qcompile[gguf]' ({e.name})") from e
+    try:
+        contract, smoke = read_contract(path)
+    except (ValueError, OSError) as e:   # the gguf reader's refusal of a truncated or corrupted file
+        raise ArtifactError(f"'{path}' is truncated or corrupted (not a readable GGUF file: {e})") from None
+    contract = _contract(path, {"contract": contract})
+    args, _, reference = split_smoke(smoke)
+    measured = parity_of(GgufArtifact.load(path)(args[0]), reference)
+    recipe = (contract.get("recipe") or {}).get("name", "?")
+    return CheckResult(str(path), "gguf", contract.get("runtime", ""), recipe, contract.get("quality") or {},
                        check_parity(str(path), contract["parity"], measured))
 
 

@@ -82,7 +82,7 @@ def test_missing_record_is_named(saved, tmp_path):
 
 
 def test_single_file_artifacts_not_checked_yet(tmp_path):
-    f = tmp_path / "model.gguf"
+    f = tmp_path / "model.bin"
     f.write_bytes(b"\0")
     with pytest.raises(NotImplementedError, match="contract record"):
         qcompile.check(f)

@@ -161,7 +161,11 @@ def lower(qmodel, backend: str = "reference", **options) -> Artifact:
     """
     impl = get_backend(backend)
     check_capabilities(qmodel.graph_module, impl)
-    return impl.lower(qmodel, **options)
+    artifact = impl.lower(qmodel, **options)
+    if not isinstance(artifact, torch.nn.Module) and hasattr(artifact, "__dict__") and \
+            getattr(artifact, "qmodel", None) is None:
+        artifact.qmodel = qmodel   # the source of the contract record a save writes (qcompile.contract)
+    return artifact
 
 
 def placement(backend: Optional[str]) -> Capabilities:
