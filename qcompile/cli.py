@@ -264,7 +264,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("recipes", help="list the preset recipes")
     r.set_defaults(func=_recipes)
     c = sub.add_parser("check", help="reload a saved artifact, re-run its smoke inputs, compare with its recorded parity")
-    c.add_argument("path", help="a directory saved by QuantizedModel.save or the compressed-tensors backend")
+    c.add_argument("path", help="a directory saved by QuantizedModel.save or the compressed-tensors backend, "
+                                "or an .onnx / .gguf file saved by qcompile")
     c.set_defaults(func=_check)
     args = parser.parse_args(argv)
     from .errors import QCompileError
