@@ -5,7 +5,6 @@ import importlib.util
 
 import numpy as np
 import pytest
-import torch
 
 import qcompile
 from qcompile.errors import ParityError

@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from ...atomic import MANIFEST, atomic_directory, read_manifest, write_manifest
+from ...atomic import atomic_directory, read_manifest, write_manifest
 from ...contract import SMOKE_FILE, parity_of, record, smoke_bytes, smoke_tensors, split_smoke
 from ..base import Capabilities
 from .model import CtPlan, load_model, plan_model
@@ -126,4 +126,4 @@ class CompressedTensorsBackend:
         return CtArtifact(plan_model(qmodel, config), qmodel)
 
 
-__all__ = ["CompressedTensorsBackend", "CtArtifact", "load_model", "read", "config_of", "MANIFEST"]
+__all__ = ["CompressedTensorsBackend", "CtArtifact", "config_of", "load_model", "read", "run_model"]

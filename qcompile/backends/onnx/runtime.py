@@ -129,7 +129,7 @@ class OnnxArtifact:
         parity = parity_of(self(*args, **kwargs), [t for t in pytree.tree_leaves(reference)
                                                    if isinstance(t, torch.Tensor)])
         smoke = {f"feed.{name}": torch.from_numpy(a) for name, a in self._feed(args, kwargs).items()}
-        smoke.update({k: v for k, v in smoke_tensors((), {}, reference).items()})
+        smoke.update(smoke_tensors((), {}, reference))
         contract = record(self._qmodel.recipe, self._qmodel.report, self.backend, parity,
                           f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)")
         model = onnx.load_from_string(data)
