@@ -272,3 +272,18 @@ def test_declared_grids_bit_exact(llama, ids, tmp_path, name):
         assert parity["max_rel"] < 0.05
     else:
         assert parity["max_rel"] < 1e-5
+
+
+def test_tied_head_stays_tied(ids, tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    q = qcompile.quantize(model, "w4-g128", ids, example_kwargs={"use_cache": False}, report_samples=1)
+    path = qcompile.lower(q, backend="compressed-tensors", config=cfg).save(tmp_path / "tied")
+    config = json.loads((path / "config.json").read_text())
+    # the head reads the embedding's int8 codes: written once, as qcompile's dequantized float values
+    assert config["tie_word_embeddings"] and config["quantization_config"]["ignore"] == ["lm_head"]
+    assert "lm_head.weight" not in load_file(str(path / "model.safetensors"))
+    assert len(assert_bit_exact(q, path)) == 7
+    assert qcompile.check(path).passed
