@@ -4,8 +4,13 @@ package's own schema classes, every quantized weight decompressed by the package
 and compared bit for bit with qcompile's reference dequantized weight; the import path reads it back
 into a float model; the refusals name the layer and leave no directory."""
 import json
+import os
 
-import pytest
+# compressed-tensors imports triton when it is imported: without this, triton would start in GPU mode
+# for the rest of the process and the Triton backend's CPU interpreter tests would fail after this file
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 import torch
 
 import qcompile
