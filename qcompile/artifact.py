@@ -6,6 +6,7 @@ Layout of a saved directory::
 
     model.safetensors   every tensor; quantized codes packed to their format's bits
     program.json        the converted graph (torch.export serialized schema, JSON)
+    smoke.safetensors   the contract's smoke inputs and reference outputs (qcompile.check; qcompile.contract)
     qcompile.json       the manifest, written last: format version, recipe, input binding,
                         packed-tensor table, report, and the size and sha256 of every other file
 

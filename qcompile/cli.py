@@ -227,6 +227,14 @@ def _sensitivity_args(p) -> None:
                         "hessian: the layer-local Hessian proxy (no extra forward pass; for large models)")
 
 
+def _check(args) -> int:
+    from .check import check
+
+    result = check(args.path)
+    print(result)
+    return 0 if result.passed else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qcompile", description="Quantization compiler for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +263,10 @@ def main(argv=None) -> int:
     a.set_defaults(func=_analyze)
     r = sub.add_parser("recipes", help="list the preset recipes")
     r.set_defaults(func=_recipes)
+    c = sub.add_parser("check", help="reload a saved artifact, re-run its smoke inputs, compare with its recorded parity")
+    c.add_argument("path", help="a directory saved by QuantizedModel.save or the compressed-tensors backend, "
+                                "or an .onnx / .gguf file saved by qcompile")
+    c.set_defaults(func=_check)
     args = parser.parse_args(argv)
     from .errors import QCompileError
 

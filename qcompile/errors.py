@@ -49,6 +49,11 @@ class ArtifactError(QCompileError):
     """A saved artifact is missing, corrupted, truncated or of an unknown format version."""
 
 
+class ParityError(ArtifactError):
+    """``qcompile.check``: a reloaded artifact's outputs on its recorded smoke inputs are further from
+    the recorded reference outputs than its recorded parity allows (wrong weights or metadata)."""
+
+
 def closest(value: str, choices: Iterable[str]) -> str:
     """A ``did you mean 'x'?`` suffix, or a list of valid values when nothing is close."""
     choices = sorted(choices)

@@ -11,6 +11,7 @@ from torch import nn
 from . import distributed
 from .artifact import code_tensors, load_program, save_program
 from .calibration import run_calibration
+from .contract import SMOKE_FILE, record, smoke_bytes, smoke_tensors
 from .capture import Captured, InputBinder, call_checked, example_from_dict, example_to_dict
 from .errors import BackendError, CalibrationError, InputError
 from .observers import all_reduce_statistics
@@ -119,6 +120,16 @@ class QuantizedModel(nn.Module):
         meta = {"recipe": self.recipe.to_dict(), "binder": self.binder.to_dict(), "report": self.report.to_dict(),
                 "example": example_to_dict(self._example, self.binder, self.exported_program())
                 if self._example is not None else None}
+        extra_files = dict(extra_files or {})
+        if self._example is not None:   # the contract: smoke inputs, reference outputs, parity (qcompile.check)
+            args, kwargs = self._example[:2]
+            kwargs = {k: v for k, v in kwargs.items() if k in self.binder.keywords}
+            with torch.no_grad():
+                smoke = smoke_tensors(args, kwargs, self(*args, **kwargs))
+            extra_files[SMOKE_FILE] = smoke_bytes(smoke)
+            # the saved program is this graph: the reference of every backend, bit-identical on reload
+            meta["contract"] = record(self.recipe, self.report, self.backend, {"max_abs": 0.0, "max_rel": 0.0},
+                                      "qcompile reference (the saved torch.export program)")
         with distributed.using(self.process_group):   # under data-parallel calibration rank 0 alone writes
             return save_program(self.exported_program(), code_tensors(self.graph_module), meta, path, extra_files)
 
