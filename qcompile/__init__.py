@@ -18,8 +18,9 @@ from .doctor import CalibrationCheck, check_calibration
 from .auto_recipe import Quality
 from .backends import lower
 from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, PassError, QCompileError,
-                     InputError, QuantizationError, RecipeError)
+                     GenerationError, InputError, QuantizationError, RecipeError)
 from .formats import FORMATS, Format, get_format
+from .llm import CausalLMWithCache, GenerationStats, causal_lm, generate
 from .model import PreparedModel, QuantizedModel, load
 from .presets import recipes
 from .qat import QATModel, prepare_qat
@@ -36,5 +37,6 @@ __all__ = [
     "resolve_recipe", "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig", "QATConfig",
     "PreparedModel", "QATModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",
-    "ArtifactError", "QuantizationError", "InputError",
+    "ArtifactError", "QuantizationError", "InputError", "GenerationError",
+    "causal_lm", "CausalLMWithCache", "generate", "GenerationStats",
 ]
