@@ -304,6 +304,7 @@ def import_relax(qmodel, family: str, parallel: bool = False) -> tuple:
     prune_unused_tensors(gm)
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
+    drop_constant_inputs(ep)
     int8 = _Int8Linear(family, parallel)
     custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
               "choose_qparams.default": _choose_qparams, "int8_linear.default": int8,
@@ -319,6 +320,24 @@ def import_relax(qmodel, family: str, parallel: bool = False) -> tuple:
     except Exception as e:  # noqa: BLE001 - re-raised as a qcompile error
         raise BackendError(f"TVM could not import the graph: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
     return mod, fusions
+
+
+def drop_constant_inputs(ep: torch.export.ExportedProgram) -> None:
+    """Remove, in place, the user inputs torch.export specialised to a constant (a non-tensor keyword
+    such as ``use_cache=False`` or a causal LM's ``kv_cache`` layout): their placeholders have no
+    users, and Relax's importer reads a shape from every user input (``'str' object has no
+    attribute 'shape'``). The artifact passes tensors only, so the compiled ``main`` never sees them."""
+    from torch.export.graph_signature import ConstantArgument, InputKind
+
+    specs = ep.graph_signature.input_specs
+    constant = {s.arg.name for s in specs if s.kind is InputKind.USER_INPUT and isinstance(s.arg, ConstantArgument)}
+    if not constant:
+        return
+    for node in list(ep.graph.nodes):
+        if node.op == "placeholder" and node.name in constant and not node.users:
+            ep.graph.erase_node(node)
+    specs[:] = [s for s in specs if s.arg.name not in constant]
+    ep.graph_module.recompile()
 
 
 def input_bounds(mod) -> list:
