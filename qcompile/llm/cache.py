@@ -82,6 +82,14 @@ class CacheLayout:
         return [torch.zeros(shape, dtype=getattr(torch, self.dtype)) for _ in range(2 * self.layers)]
 
 
+def write_new_entries(cache: list[torch.Tensor], new: list[torch.Tensor], cache_position: torch.Tensor) -> None:
+    """Write one call's ``new_key_i`` / ``new_value_i`` (``[B, H, S, D]``) into ``cache`` at
+    ``cache_position`` (``S`` consecutive positions), in place: what a decode loop does between calls."""
+    first, count = int(cache_position[0]), cache_position.shape[0]
+    for past, fresh in zip(cache, new):
+        past[:, :, first:first + count].copy_(fresh)
+
+
 def layout_of_model(model: nn.Module, max_context: int, max_batch: int = 8, logits: str = "last") -> CacheLayout:
     """The :class:`CacheLayout` of a transformers ``*ForCausalLM``; :class:`GenerationError` for a
     model without a causal-LM head (a bare encoder/decoder, a classifier)."""

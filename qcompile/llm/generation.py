@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from ..errors import GenerationError
-from .cache import LAYOUT_KWARG, CacheLayout
+from .cache import LAYOUT_KWARG, CacheLayout, write_new_entries
 
 
 @dataclass
@@ -176,9 +176,7 @@ def generate(artifact: Any, input_ids: Union[torch.Tensor, Iterable], max_new_to
     for step in range(max_new_tokens):
         start = time.perf_counter()
         logits, *new = artifact(tokens, positions, *cache)
-        first, count = int(positions[0]), positions.shape[0]
-        for past, fresh in zip(cache, new):      # write the new entries where they belong, in place
-            past[:, :, first:first + count].copy_(fresh)
+        write_new_entries(cache, new, positions)
         token = next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         if step == 0:
             prefill_s = time.perf_counter() - start
