@@ -101,7 +101,7 @@ def main():
 
     lm_bundle = load_smollm2()
     model, tok = lm_bundle.model, lm_bundle.tokenizer
-    ids = text_tokens(tok, PerplexityProtocol(tokens=PROMPT))[None]
+    ids = text_tokens(tok, PerplexityProtocol(window=PROMPT, stride=PROMPT, tokens=PROMPT))[None]
     rows, load = [], os.getloadavg()
     emit = rows.append
     base = _torch_float(model, ids, args.repeats)

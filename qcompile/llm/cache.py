@@ -111,9 +111,10 @@ def layout_of_model(model: nn.Module, max_context: int, max_batch: int = 8, logi
     limit = getattr(text, "max_position_embeddings", None)
     if limit is not None and max_context > limit:
         raise GenerationError(f"max_context {max_context} exceeds the model's max_position_embeddings ({limit})")
-    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True) and \
-            any(t != "full_attention" for t in (getattr(text, "layer_types", None) or ())):
-        raise NotImplementedError("sliding-window attention layers are not supported by the static cache yet")
+    other = sorted({t for t in (getattr(text, "layer_types", None) or ()) if t != "full_attention"})
+    if other:
+        raise NotImplementedError(f"{type(model).__name__} has {', '.join(other)} layers; the static cache "
+                                  f"serves full-attention layers only (sliding-window caches are not built yet)")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return CacheLayout(text.num_hidden_layers, kv_heads, head_dim, max_context, text.vocab_size,
                        max_batch, logits, dtype)
