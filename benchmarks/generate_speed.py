@@ -103,7 +103,10 @@ def main():
     model, tok = lm_bundle.model, lm_bundle.tokenizer
     ids = text_tokens(tok, PerplexityProtocol(window=PROMPT, stride=PROMPT, tokens=PROMPT))[None]
     rows, load = [], os.getloadavg()
-    emit = rows.append
+
+    def emit(row):                     # each row as soon as it is measured: a slow TVM build loses nothing
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
     base = _torch_float(model, ids, args.repeats)
     emit({"impl": "torch float generate", **base})
     cpp, version = _llama_cpp(model_dir() / GGUF_NAME, ids, args.repeats)
@@ -123,7 +126,6 @@ def main():
             reference = reference or row["tokens"]
             emit({"impl": f"qcompile {recipe} {backend}", **row, "quantize_s": quantize_s, "lower_s": lower_s,
                   "vs_reference": _agree(reference, row["tokens"]), "vs_torch_float": _agree(base["tokens"], row["tokens"])})
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
     print(f"\nhost: {platform.processor() or platform.machine()}, load average {load} -> {os.getloadavg()}, one thread")
     print(f"{'impl':42} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs llama.cpp':>20}")
     for r in rows:
