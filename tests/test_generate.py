@@ -112,9 +112,12 @@ def test_quantized_onnx_greedy_matches_reference(llama, recipe):
     assert names[:2] == ["input_ids", "cache_position"] and "past_value_1" in names
 
 
-def test_quantized_tvm_greedy_matches_reference(llama):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_quantized_tvm_greedy_matches_reference(attention):
     pytest.importorskip("tvm")
-    q = _quantized(llama, "w4-g64")
+    model = _tiny("llama")
+    model.set_attn_implementation(attention)   # eager: how the bundled SmolLM2 loads
+    q = _quantized(model, "w4-g64")
     art = qcompile.lower(q, "tvm", threads=1)
     for prompt in _prompts():
         assert torch.equal(qcompile.generate(q, prompt, max_new_tokens=10),
