@@ -112,11 +112,12 @@ def test_quantized_onnx_greedy_matches_reference(llama, recipe):
     assert names[:2] == ["input_ids", "cache_position"] and "past_value_1" in names
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_quantized_tvm_greedy_matches_reference(attention):
+def test_quantized_tvm_greedy_matches_reference():
+    # one TVM build (slow): eager attention, how the bundled SmolLM2 loads and the path whose
+    # unknown-shape softmax the float-op rewrite must leave alone (sdpa's graph lowers too)
     pytest.importorskip("tvm")
     model = _tiny("llama")
-    model.set_attn_implementation(attention)   # eager: how the bundled SmolLM2 loads
+    model.set_attn_implementation("eager")
     q = _quantized(model, "w4-g64")
     art = qcompile.lower(q, "tvm", threads=1)
     for prompt in _prompts():
