@@ -189,3 +189,25 @@ def test_models_without_a_causal_lm_head_or_cache_cannot_generate(llama, tiny_bl
 def test_layout_text_round_trips():
     layout = CacheLayout(2, 2, 16, 32, 256, 4, "all", "float32")
     assert CacheLayout.from_text(layout.to_text()) == layout and '"' not in layout.to_text()
+
+
+def test_cli_generate_streams_text_from_a_local_model_directory(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from qcompile.cli import main
+
+    vocab = {f"w{i}": i for i in range(256)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", eos_token="w255")
+    model = _tiny("llama")
+    model.save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    prompt = "w5 w17 w200"
+    assert main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--recipe", "w4-g64",
+                 "--max-new-tokens", "6", "--max-context", str(MAX_CONTEXT)]) == 0
+    out = capsys.readouterr()
+    # w4-g64 is weight-only: the CLI's model is this one, whatever it calibrated on
+    ids = qcompile.generate(_quantized(model, "w4-g64"), torch.tensor([[5, 17, 200]]), 6, eos_token_id=255)
+    assert out.out.rstrip("\n") == prompt + fast.decode(ids[0, 3:], skip_special_tokens=True)
+    assert "decode" in out.err and "tok/s" in out.err
