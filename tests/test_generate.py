@@ -211,3 +211,18 @@ def test_cli_generate_streams_text_from_a_local_model_directory(tmp_path, capsys
     ids = qcompile.generate(_quantized(model, "w4-g64"), torch.tensor([[5, 17, 200]]), 6, eos_token_id=255)
     assert out.out.rstrip("\n") == prompt + fast.decode(ids[0, 3:], skip_special_tokens=True)
     assert "decode" in out.err and "tok/s" in out.err
+
+
+def test_tvm_build_failure_is_a_backend_error():
+    # what SmolLM2's KV-cache graph hits today (an unknown-shape tensor TVM cannot legalize or emit)
+    # comes back as a BackendError, not a raw TVM assertion
+    tvm = pytest.importorskip("tvm")
+    from qcompile.backends.tvm.host import detect
+    from qcompile.backends.tvm.lower import build
+
+    bb = tvm.relax.BlockBuilder()
+    x = tvm.relax.Var("x", tvm.relax.TensorType(ndim=2, dtype="float32"))
+    with bb.function("main", [x]):
+        bb.emit_func_output(bb.emit(tvm.relax.op.expand_dims(x, 0)))
+    with pytest.raises(qcompile.BackendError, match="TVM could not build the graph"):
+        build(bb.get(), detect().target(1))

@@ -26,7 +26,7 @@ import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-from ...errors import BackendError
+from ...errors import BackendError, summarize
 from ..base import check_kernels_took
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
@@ -361,5 +361,22 @@ def input_bounds(mod) -> list:
 def build(mod, target, parallel: bool = False):
     """Compile a Relax module: (executable, seconds); ``parallel`` as for :func:`import_relax`."""
     t0 = time.perf_counter()
-    ex = tvm.compile(mod, target=target, relax_pipeline=get_pipeline(target, parallel))
+    try:
+        ex = tvm.compile(mod, target=target, relax_pipeline=get_pipeline(target, parallel))
+    except BackendError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised as a qcompile error naming the Relax op
+        raise BackendError(f"TVM could not build the graph: {_relax_op_at_fault(e)}{type(e).__name__}: "
+                           f"{summarize(str(e), max_lines=2)}") from e
     return ex, time.perf_counter() - t0
+
+
+def _relax_op_at_fault(error: Exception) -> str:
+    """``legalizing relax op 'expand_dims': `` when the failure happened in one of TVM's legalization
+    functions (``legalize_ops/<file>.py``, function ``_<op>``), else ``''``."""
+    import traceback
+
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if "legalize_ops" in frame.filename:
+            return f"legalizing relax op '{frame.name.lstrip('_')}': "
+    return ""
