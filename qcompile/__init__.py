@@ -18,9 +18,10 @@ from .doctor import CalibrationCheck, check_calibration
 from .auto_recipe import Quality
 from .backends import lower
 from .check import CheckResult, check
-from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, ParityError, PassError,
-                     QCompileError, InputError, QuantizationError, RecipeError)
+from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, GenerationError, ParityError,
+                     PassError, QCompileError, InputError, QuantizationError, RecipeError)
 from .formats import FORMATS, Format, get_format
+from .llm import CausalLMWithCache, GenerationStats, causal_lm, generate
 from .model import PreparedModel, QuantizedModel, load
 from .presets import recipes
 from .qat import QATModel, prepare_qat
@@ -38,5 +39,6 @@ __all__ = [
     "resolve_recipe", "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig", "QATConfig",
     "PreparedModel", "QATModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",
-    "ArtifactError", "ParityError", "QuantizationError", "InputError",
+    "ArtifactError", "ParityError", "QuantizationError", "InputError", "GenerationError",
+    "causal_lm", "CausalLMWithCache", "generate", "GenerationStats",
 ]

@@ -6,6 +6,7 @@
     qcompile analyze --model minilm --candidates w8,w4-g64,w3-g64 --out out/sensitivity
     qcompile quantize --model minilm --recipe auto --bits 4.5 --candidates w8,w4-g64,w3-g64 --out out/auto
     qcompile quantize --model minilm --recipe out/auto/chosen.yaml --out out/again      # the same model
+    qcompile generate --model smollm2 --prompt "The capital of France is" --recipe w4-g64 --backend onnx
 """
 from __future__ import annotations
 
@@ -235,6 +236,45 @@ def _check(args) -> int:
     return 0 if result.passed else 1
 
 
+def _causal_lm(name: str):
+    """(a float ``*ForCausalLM``, its tokenizer): the bundled ``smollm2`` or a local transformers directory."""
+    if name == "smollm2":
+        from qcompile.models.smollm2 import load_smollm2
+
+        bundle = load_smollm2()
+        return bundle.model, bundle.tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype="float32").eval(), AutoTokenizer.from_pretrained(name)
+
+
+def _generate(args) -> int:
+    import torch
+
+    import qcompile
+
+    torch.set_num_threads(args.threads)
+    model, tok = _causal_lm(args.model)
+    ids = torch.tensor([tok(args.prompt)["input_ids"]], dtype=torch.int64)
+    lm = qcompile.causal_lm(model, max_context=args.max_context, max_batch=2)
+    q = qcompile.quantize(lm, args.recipe, lm.example_inputs, calibration=lm.calibration([ids]), **lm.capture_options)
+    art = q if args.backend == "reference" else qcompile.lower(q, args.backend, threads=args.threads)
+    shown = []
+
+    def stream(token):                                   # print the text as it grows (tokens merge into words)
+        shown.append(int(token[0]))
+        text = tok.decode(shown, skip_special_tokens=True)
+        print(text[len(stream.printed):], end="", flush=True)
+        stream.printed = text
+    stream.printed = ""
+    print(args.prompt, end="", flush=True)
+    _, stats = qcompile.generate(art, ids, args.max_new_tokens, do_sample=args.temperature > 0,
+                                 temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                 eos_token_id=tok.eos_token_id, streamer=stream, return_stats=True)
+    print(f"\n[{args.recipe} on {args.backend}: {stats}]", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qcompile", description="Quantization compiler for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +301,19 @@ def main(argv=None) -> int:
     a.add_argument("--batch-size", type=int, default=16)
     _sensitivity_args(a)
     a.set_defaults(func=_analyze)
+    g = sub.add_parser("generate", help="quantize a causal LM with a KV cache and stream generated text")
+    g.add_argument("--model", default="smollm2", help="bundled 'smollm2' or a local transformers model directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--recipe", default="w4-g64")
+    g.add_argument("--backend", default="reference", choices=["reference", "onnx", "tvm"])
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-context", type=int, default=512)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=1)
+    g.set_defaults(func=_generate)
     r = sub.add_parser("recipes", help="list the preset recipes")
     r.set_defaults(func=_recipes)
     c = sub.add_parser("check", help="reload a saved artifact, re-run its smoke inputs, compare with its recorded parity")

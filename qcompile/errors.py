@@ -45,6 +45,12 @@ class QuantizationError(QCompileError, ValueError):
     and the layer where one is known."""
 
 
+class GenerationError(QCompileError, ValueError):
+    """A generation request cannot run: an empty prompt, a prompt or ``max_new_tokens`` past the maximum
+    context, a token id outside the vocabulary, a model without a causal-LM head or captured without
+    a KV cache. Raised before anything runs: the artifact stays usable."""
+
+
 class ArtifactError(QCompileError):
     """A saved artifact is missing, corrupted, truncated or of an unknown format version."""
 
