@@ -31,13 +31,13 @@ import torch
 
 from ..recipe import Recipe
 from ..scope import resolve_layer_config
-from ..spec import LAYER, LAYER_TYPE
+from ..spec import LAYER, LAYER_TYPE, RECURRENT
 from .infra import Pass, PassResult, get_attr_tensor
 
 aten = torch.ops.aten
 
-# op -> (gates per weight row block, has a cell state)
-RECURRENT = {aten.lstm.input: ("lstm", 4), aten.gru.input: ("gru", 3),
+# fused op -> (cell kind, gates stacked in its weight rows)
+CELLS = {aten.lstm.input: ("lstm", 4), aten.gru.input: ("gru", 3),
              aten.rnn_tanh.input: ("rnn_tanh", 1), aten.rnn_relu.input: ("rnn_relu", 1)}
 
 
@@ -53,7 +53,7 @@ class DecomposeRecurrentPass(Pass):
     def call(self, gm):
         result = PassResult(gm, False)
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in RECURRENT:
+            if node.op != "call_function" or node.target not in CELLS:
                 continue
             layer = node.meta.get(LAYER, node.name)
             why = self._why_not(gm, node, layer)
@@ -69,7 +69,7 @@ class DecomposeRecurrentPass(Pass):
         return result
 
     def _why_not(self, gm, node, layer) -> Optional[str]:
-        kind, gates = RECURRENT[node.target]
+        kind, gates = CELLS[node.target]
         mtype = node.meta.get(LAYER_TYPE, kind.upper())
         cfg, source = resolve_layer_config(self.recipe, layer, mtype, "linear")
         if cfg is None or (cfg.weight is None and cfg.activation is None):
@@ -94,7 +94,7 @@ class DecomposeRecurrentPass(Pass):
 
     def ensures(self, gm):
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target in RECURRENT:
+            if node.op == "call_function" and node.target in CELLS:
                 for p in node.args[2]:
                     if isinstance(p, torch.fx.Node) and p.op != "get_attr":
                         raise AssertionError(f"{node.name}: fused recurrent op reads a computed weight")
@@ -115,16 +115,17 @@ class _Emitter:
     def __call__(self, op, *args):
         with self.gm.graph.inserting_before(self.anchor):
             n = self.gm.graph.call_function(op, args)
-        n.meta[LAYER], n.meta[LAYER_TYPE] = self.layer, self.mtype
+        n.meta[LAYER], n.meta[LAYER_TYPE], n.meta[RECURRENT] = self.layer, self.mtype, self.mtype
         n.meta["nn_module_stack"] = self.anchor.meta.get("nn_module_stack", {})
         return n
 
     def gates(self, g, n, hidden):
-        return [self(aten.slice.Tensor, g, -1, k * hidden, (k + 1) * hidden) for k in range(n)]
+        # dim 1 of a step's [batch, gates * hidden], not -1: TVM's relax frontend wants it non-negative
+        return [self(aten.slice.Tensor, g, 1, k * hidden, (k + 1) * hidden) for k in range(n)]
 
 
 def _unroll(gm, node, layer):
-    kind, n_gates = RECURRENT[node.target]
+    kind, n_gates = CELLS[node.target]
     x, params, has_bias, layers, _, bidirectional, batch_first = _args(node)
     hx = node.args[1]
     h0s, c0s = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
@@ -153,7 +154,7 @@ def _unroll(gm, node, layer):
             outs.append(emit(aten.stack.default, out, time_dim))
             h_n.append(h)
             c_n.append(c)
-        seq = outs[0] if dirs == 1 else emit(aten.cat.default, outs, -1)
+        seq = outs[0] if dirs == 1 else emit(aten.cat.default, outs, 2)
     results = [seq, emit(aten.stack.default, h_n, 0)]
     if kind == "lstm":
         results.append(emit(aten.stack.default, c_n, 0))
@@ -181,4 +182,4 @@ def _cell(emit, kind, n_gates, hidden, xt, hw, h, c):
     return emit(act, emit(aten.add.Tensor, xt, hw)), None
 
 
-__all__ = ["DecomposeRecurrentPass", "RECURRENT"]
+__all__ = ["DecomposeRecurrentPass", "CELLS"]

@@ -1,0 +1,144 @@
+"""DecomposeRecurrentPass: LSTM / GRU / RNN unrolled into Linears and gates (structure, exact float
+numerics, scope, the reasons a layer stays fused), quantized weight-only / dynamic / static through
+the reference backend and onnxruntime, TVM's named refusal, and a small real sequence task."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+import qcompile
+from qcompile.capture import capture
+from qcompile.ops import CHOOSE_QPARAMS
+from qcompile.passes.recurrent import CELLS, DecomposeRecurrentPass
+from qcompile.recipe import Recipe
+
+aten = torch.ops.aten
+
+
+class Seq(nn.Module):
+    def __init__(self, rnn, out):
+        super().__init__()
+        self.rnn, self.fc = rnn, nn.Linear(out, 3)
+
+    def forward(self, x, h0=None):
+        y, h = self.rnn(x) if h0 is None else self.rnn(x, h0)
+        return self.fc(y), h
+
+
+VARIANTS = {
+    "lstm-2layer-bidir": (lambda: nn.LSTM(6, 8, num_layers=2, bidirectional=True, batch_first=True), 16, True),
+    "lstm-time-major": (lambda: nn.LSTM(6, 8), 8, False),
+    "lstm-no-bias": (lambda: nn.LSTM(6, 8, bias=False, batch_first=True), 8, True),
+    "gru-2layer-bidir": (lambda: nn.GRU(6, 8, num_layers=2, bidirectional=True, batch_first=True), 16, True),
+    "rnn-tanh": (lambda: nn.RNN(6, 8, batch_first=True), 8, True),
+    "rnn-relu-time-major": (lambda: nn.RNN(6, 8, nonlinearity="relu", num_layers=2), 8, False),
+}
+
+
+def _case(name, seed=0):
+    torch.manual_seed(seed)
+    make, out, batch_first = VARIANTS[name]
+    model = Seq(make(), out).eval()
+    x = torch.randn(3, 5, 6) if batch_first else torch.randn(5, 3, 6)
+    return model, x
+
+
+def _ops(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_unrolled_float_graph_matches_the_fused_op(name):
+    model, x = _case(name)
+    gm = capture(model, (x,), dynamic_shapes=None).graph_module
+    result = DecomposeRecurrentPass(Recipe.preset("w8"))(gm)
+    assert result.modified and result.changed == ["rnn"]
+    ops = _ops(gm)
+    assert not set(ops) & set(CELLS)
+    rnn = model.rnn
+    dirs = 2 if rnn.bidirectional else 1
+    # one input projection per layer and direction, one W_hh Linear per step, plus the head
+    assert ops.count(aten.linear.default) == rnn.num_layers * dirs * (1 + 5) + 1
+    with torch.no_grad():
+        ref, got = model(x), gm(x)
+    for r, g in zip(torch.utils._pytree.tree_leaves(ref), torch.utils._pytree.tree_leaves(got)):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_initial_state_given_by_the_caller():
+    torch.manual_seed(0)
+    model = Seq(nn.LSTM(6, 8, batch_first=True), 8).eval()
+    x, h0 = torch.randn(2, 4, 6), (torch.randn(1, 2, 8), torch.randn(1, 2, 8))
+    gm = capture(model, (x, h0), dynamic_shapes=None).graph_module
+    DecomposeRecurrentPass(Recipe.preset("w8"))(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, h0)[0], model(x, h0)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w8a8-dynamic", "w8a8"])
+def test_quantized_lstm_close_to_float_and_not_kept_float(recipe):
+    model, x = _case("lstm-2layer-bidir")
+    q = qcompile.quantize(model, recipe, (x,), calibration=[(torch.randn(3, 5, 6),) for _ in range(2)],
+                          report_samples=1)
+    assert "rnn" not in q.report.kept_float
+    assert {row.layer for row in q.report.layers} == {"rnn", "fc"}
+    y, yq = model(torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(3)))[0], \
+        q(torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(3)))[0]   # another batch size
+    cos = torch.nn.functional.cosine_similarity(y.flatten(), yq.flatten(), dim=0)
+    assert cos > 0.995, cos
+    n_dynamic = _ops(q.graph_module).count(CHOOSE_QPARAMS)
+    # dynamic: the hidden state is quantized at every step (per token), as eager dynamic LSTMs did
+    # (both directions of a layer read one input: its per-token scales are chosen once)
+    assert n_dynamic == (2 + 2 * 2 * 5 + 1 if recipe == "w8a8-dynamic" else 0)
+
+
+def test_keep_float_leaves_the_fused_op_and_lists_it():
+    model, x = _case("gru-2layer-bidir")
+    q = qcompile.quantize(model, replace(Recipe.preset("w8"), keep_float=("rnn",)), (x,), report_samples=1)
+    assert aten.gru.input in _ops(q.graph_module)
+    assert q.report.kept_float["rnn"] == "kept float by keep_float"
+    by_type = qcompile.quantize(model, replace(Recipe.preset("w8"), keep_float=("type:GRU",)), (x,), report_samples=1)
+    assert by_type.report.kept_float["rnn"] == "kept float by keep_float"
+
+
+def test_dynamic_sequence_length_stays_fused_with_the_reason():
+    model, x = _case("lstm-no-bias")
+    q = qcompile.quantize(model, "w8", (x,), dynamic_shapes={"x": {0: Dim.AUTO, 1: Dim.AUTO}},
+                          report_samples=1)
+    assert aten.lstm.input in _ops(q.graph_module)
+    why = q.report.kept_float["rnn"]
+    assert "dynamic sequence length" in why and "dynamic_shapes=" in why and "\x1b" not in why
+
+
+def test_auto_dynamic_shapes_keep_the_batch_free_for_recurrent_models():
+    model, x = _case("lstm-no-bias")
+    q = qcompile.quantize(model, "w8", (x,), report_samples=1)
+    assert q(torch.randn(5, 5, 6))[0].shape == (5, 5, 3)
+
+
+def test_onnx_runs_the_unrolled_int8_lstm_with_parity():
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Seq(nn.LSTM(6, 8, batch_first=True), 8).eval()
+    x = torch.randn(2, 4, 6)
+    q = qcompile.quantize(model, "w8a8-dynamic", (x,), report_samples=1)
+    art = qcompile.lower(q, "onnx")
+    parity = qcompile.verify(art, q, [(torch.randn(3, 4, 6),)])
+    assert parity.passed, parity
+
+
+def test_tvm_refuses_recurrent_layers_by_name():
+    pytest.importorskip("tvm")
+    from qcompile.backends.tvm.errors import NotBuiltError
+
+    torch.manual_seed(0)
+    model = Seq(nn.GRU(6, 8, batch_first=True), 8).eval()
+    q = qcompile.quantize(model, "w8", (torch.randn(2, 4, 6),), report_samples=1)
+    with pytest.raises(NotBuiltError) as e:
+        qcompile.lower(q, "tvm")
+    msg = str(e.value)
+    assert "layer 'rnn' (GRU)" in msg and "backend='onnx'" in msg and "keep_float" in msg and "\x1b" not in msg
