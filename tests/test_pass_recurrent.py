@@ -142,3 +142,56 @@ def test_tvm_refuses_recurrent_layers_by_name():
         qcompile.lower(q, "tvm")
     msg = str(e.value)
     assert "layer 'rnn' (GRU)" in msg and "backend='onnx'" in msg and "keep_float" in msg and "\x1b" not in msg
+
+
+def _encode(sentence, steps, vocab=1024):
+    import re
+    import zlib
+
+    ids = [1 + zlib.crc32(w.encode()) % (vocab - 1) for w in re.findall(r"[a-z]+", sentence.lower())][:steps]
+    return [0] * (steps - len(ids)) + ids
+
+
+def test_lstm_text_classifier_int8_keeps_float_accuracy():
+    """A small version of benchmarks/rnn_quality.py: real docstring sentences of three module
+    families, an LSTM trained for a few epochs; dynamic int8 within 2 points of float (the
+    benchmark's full task, 6 families and 560 test sentences, measures 0.0-0.4 points)."""
+    from qcompile.eval.text import module_sentences
+
+    families = [["decimal", "statistics", "fractions"], ["smtplib", "imaplib", "email.message"],
+                ["tarfile", "zipfile", "shutil"]]
+    train, test = [], []
+    for label, mods in enumerate(families):
+        sents = sorted({s for m in mods for s in module_sentences(m)})
+        cut = len(sents) * 3 // 4
+        train += [(_encode(s, 12), label) for s in sents[:cut]]
+        test += [(_encode(s, 12), label) for s in sents[cut:]]
+    x, y = torch.tensor([r[0] for r in train]), torch.tensor([r[1] for r in train])
+    xt, yt = torch.tensor([r[0] for r in test]), torch.tensor([r[1] for r in test])
+    torch.manual_seed(0)
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.fc = nn.Embedding(1024, 16), nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 3)
+
+        def forward(self, ids):
+            return self.fc(self.rnn(self.emb(ids))[0][:, -1])
+
+    model = Classifier()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(8):
+        for i in range(0, len(x), 32):
+            loss = nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        float_acc = float((model(xt).argmax(-1) == yt).float().mean()) * 100
+    assert float_acc > 60, f"the classifier did not learn the task ({float_acc:.1f} %)"
+    q = qcompile.quantize(model, "w8a8-dynamic", (x[:4],), report_samples=1)
+    assert q.report.kept_float == {}
+    with torch.no_grad():
+        int8_acc = float((q(xt).argmax(-1) == yt).float().mean()) * 100
+    assert abs(int8_acc - float_acc) <= 2.0, (float_acc, int8_acc)

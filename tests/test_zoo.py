@@ -199,7 +199,7 @@ CASES = {
                       num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)),
     "swin": Case(*_hf("SwinConfig", "SwinModel", _image(40), image_size=40, patch_size=4, embed_dim=16,
                       depths=[1, 1], num_heads=[2, 2], window_size=5)),
-    "convnext": Case(*_hf("ConvNextConfig", "ConvNextModel", _image(), num_channels=3, hidden_sizes=[16, 32],
+    "convnext": Case(*_hf("ConvNextConfig", "ConvNextModel", _image(), num_channels=3, num_stages=2, hidden_sizes=[16, 32],
                           depths=[1, 1])),
     "resnet": Case(lambda: _randomise_bn(importlib.import_module("transformers").ResNetModel(
         importlib.import_module("transformers").ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
