@@ -5,8 +5,9 @@ still reads in float belongs to a quantized layer (its bias) or is listed in ``r
 with a reason, and every Linear/conv/embedding/recurrent module is quantized or listed.
 
 Models are built offline from transformers *configs* with seeded random weights (no hub), at
-hidden sizes of 16-32 and one or two layers, so the whole file runs in CI. TVM runs on two quick
-cases (a plain CNN, BERT). timm is not in the zoo: ``timm`` 1.0.31 cannot be imported beside the
+hidden sizes of 16-32 and one layer, so the whole file runs in CI (measured: 3 min 30 s of CPU time
+for the 55 tests on a loaded 2-core host). TVM runs on one quick case (the plain CNN); the
+recurrent cases' TVM refusal is pinned in ``tests/test_pass_recurrent.py``. timm is not in the zoo: ``timm`` 1.0.31 cannot be imported beside the
 CPU torch without torchvision (``timm/layers/create_norm.py`` imports ``torchvision.ops.misc``), and
 pip would replace the CPU torch 2.13 with torch 2.14 + CUDA to install it (its declared dependency);
 the tests skip with that reason when ``timm`` is missing."""
@@ -113,7 +114,7 @@ class LSTMClassifier(nn.Module):
 class GRUTagger(nn.Module):
     def __init__(self):
         super().__init__()
-        self.rnn, self.fc = nn.GRU(12, 16, num_layers=2, batch_first=True, bidirectional=True), nn.Linear(32, 5)
+        self.rnn, self.fc = nn.GRU(12, 16, batch_first=True, bidirectional=True), nn.Linear(32, 5)
 
     def forward(self, x):
         return self.fc(self.rnn(x)[0])
@@ -210,7 +211,7 @@ CASES = {
                           intermediate_size=64, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
                           vocab_size=32)),
     "lstm-classifier": Case(LSTMClassifier, _decoder_tokens),
-    "gru-bidirectional": Case(GRUTagger, lambda s: (torch.randn(2, 6, 12, generator=_g(s)),)),
+    "gru-bidirectional": Case(GRUTagger, lambda s: (torch.randn(2, 5, 12, generator=_g(s)),)),
     "dict-inputs": Case(DictInputs, lambda s: ({"x": torch.randn(2, 5, 16, generator=_g(s)),
                                                 "y": torch.randn(2, 5, 8, generator=_g(s + 50))},)),
     "keyword-only": Case(KeywordOnly, lambda s: (torch.randn(2, 5, 16, generator=_g(s)),),
@@ -220,7 +221,6 @@ CASES = {
                                                                    torch.randn(2, 4, 20, generator=_g(s + 50))),
                      tvm=True),
 }
-CASES["bert"].tvm = True
 
 _DONE: dict = {}
 
