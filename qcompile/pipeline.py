@@ -35,8 +35,9 @@ from .capture import Captured, call_checked, capture
 from .errors import CalibrationError
 from .measure import measure
 from .model import PreparedModel, QuantizedModel
-from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass, ConvertPass, DecomposeRecurrentPass,
-                     FoldBatchNormPass, InsertChannelStatsPass, InsertFakeQuantPass, InsertObserversPass, NormalizeLinearPass)
+from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass, ConvertPass,
+                     DecomposeRecurrentPass, FoldBatchNormPass, InsertChannelStatsPass, InsertFakeQuantPass,
+                     InsertObserversPass, NormalizeLinearPass)
 from .passes.annotate import AnnotateResult, annotated_nodes
 from .passes.convert import ConvertResult
 from .passes.infra import Pass, PassManager, PassResult, Stage, prune_unused_tensors, tensor_owner

@@ -5,12 +5,13 @@ still reads in float belongs to a quantized layer (its bias) or is listed in ``r
 with a reason, and every Linear/conv/embedding/recurrent module is quantized or listed.
 
 Models are built offline from transformers *configs* with seeded random weights (no hub), at
-hidden sizes of 16-32 and one layer, so the whole file runs in CI (measured: 3 min 30 s of CPU time
-for the 55 tests on a loaded 2-core host). TVM runs on one quick case (the plain CNN); the
-recurrent cases' TVM refusal is pinned in ``tests/test_pass_recurrent.py``. timm is not in the zoo: ``timm`` 1.0.31 cannot be imported beside the
-CPU torch without torchvision (``timm/layers/create_norm.py`` imports ``torchvision.ops.misc``), and
-pip would replace the CPU torch 2.13 with torch 2.14 + CUDA to install it (its declared dependency);
-the tests skip with that reason when ``timm`` is missing."""
+hidden sizes of 16-32 and one layer, so the whole file runs in CI (measured: 3 min 30 s of CPU
+time for the 55 tests on a loaded 2-core host, before the GRU lost its second layer and BERT its
+TVM case). TVM runs on one quick case (the plain CNN); the recurrent layers' TVM refusal is
+pinned in ``tests/test_pass_recurrent.py``. timm is not in the zoo: ``timm`` 1.0.31 cannot be
+imported beside the CPU torch without torchvision (``timm/layers/create_norm.py`` imports
+``torchvision.ops.misc``), and pip would replace the CPU torch 2.13 with torch 2.14 + CUDA to
+install it (its declared dependency); the tests skip with that reason when ``timm`` is missing."""
 from __future__ import annotations
 
 import importlib.util
@@ -97,6 +98,13 @@ def _randomise_bn(model):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model
+
+
+def _resnet():
+    from transformers import ResNetConfig, ResNetModel
+
+    return _randomise_bn(ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                                  layer_type="basic")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,11 +208,9 @@ CASES = {
                       num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)),
     "swin": Case(*_hf("SwinConfig", "SwinModel", _image(40), image_size=40, patch_size=4, embed_dim=16,
                       depths=[1, 1], num_heads=[2, 2], window_size=5)),
-    "convnext": Case(*_hf("ConvNextConfig", "ConvNextModel", _image(), num_channels=3, num_stages=2, hidden_sizes=[16, 32],
-                          depths=[1, 1])),
-    "resnet": Case(lambda: _randomise_bn(importlib.import_module("transformers").ResNetModel(
-        importlib.import_module("transformers").ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
-                                                             layer_type="basic"))), _image()),
+    "convnext": Case(*_hf("ConvNextConfig", "ConvNextModel", _image(), num_channels=3, num_stages=2,
+                          hidden_sizes=[16, 32], depths=[1, 1])),
+    "resnet": Case(_resnet, _image()),
     "whisper-encoder": Case(_whisper_encoder, _mels),
     "wav2vec2": Case(*_hf("Wav2Vec2Config", "Wav2Vec2Model", _wav, conv_dim=(16, 16), conv_kernel=(10, 3),
                           conv_stride=(5, 2), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -284,10 +284,11 @@ def _refuse_recurrent(gm) -> None:
     activations): refused until that is found, rather than returning wrong numbers."""
     for node in gm.graph.nodes:
         if RECURRENT in node.meta:
-            raise NotBuiltError(f"node '{node.name}' of layer '{node.meta.get(LAYER)}' ({node.meta[RECURRENT]}): the tvm "
-                                f"backend does not lower recurrent layers yet (its unrolled form gives results that differ "
+            layer = node.meta.get(LAYER)
+            raise NotBuiltError(f"node '{node.name}' of layer '{layer}' ({node.meta[RECURRENT]}): the tvm backend "
+                                f"does not lower recurrent layers yet (its unrolled form gives results that differ "
                                 f"from the reference). Lower with backend='onnx', or keep the layer float "
-                                f"(keep_float: ['{node.meta.get(LAYER)}']) and its fused op stays in float.")
+                                f"(keep_float: ['{layer}']) and its fused op stays in float.")
 
 
 @dataclass(frozen=True)
