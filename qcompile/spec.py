@@ -32,7 +32,6 @@ LAYER = "qcompile.layer"              # module path of the node's innermost modu
 LAYER_TYPE = "qcompile.layer_type"    # class name of that module
 QPARAMS = "qcompile.qparams"          # on quantize/dequantize nodes: the QuantSpec they implement
 ROLE = "qcompile.role"                # on inserted nodes: "weight", "activation", "smoothing", "qobs", "qstats"
-RECURRENT = "qcompile.recurrent"      # on the nodes of an unrolled LSTM/GRU/RNN: the module's class name
 WEIGHT_QPARAMS = "qcompile.weight_qparams"  # on an op node: WeightQParams solved by GPTQ/AWQ or trained by QAT
 
 

@@ -7,8 +7,8 @@ with a reason, and every Linear/conv/embedding/recurrent module is quantized or 
 Models are built offline from transformers *configs* with seeded random weights (no hub), at
 hidden sizes of 16-32 and one layer, so the whole file runs in CI (measured: 3 min 30 s of CPU
 time for the 55 tests on a loaded 2-core host, before the GRU lost its second layer and BERT its
-TVM case). TVM runs on one quick case (the plain CNN); the recurrent layers' TVM refusal is
-pinned in ``tests/test_pass_recurrent.py``. timm is not in the zoo: ``timm`` 1.0.31 cannot be
+TVM case). TVM runs on one quick case (the plain CNN); an LSTM on TVM is in
+``tests/test_pass_recurrent.py``. timm is not in the zoo: ``timm`` 1.0.31 cannot be
 imported beside the CPU torch without torchvision (``timm/layers/create_norm.py`` imports
 ``torchvision.ops.misc``), and pip would replace the CPU torch 2.13 with torch 2.14 + CUDA to
 install it (its declared dependency); the tests skip with that reason when ``timm`` is missing."""

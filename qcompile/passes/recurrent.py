@@ -31,7 +31,7 @@ import torch
 
 from ..recipe import Recipe
 from ..scope import resolve_layer_config
-from ..spec import LAYER, LAYER_TYPE, RECURRENT
+from ..spec import LAYER, LAYER_TYPE
 from .infra import Pass, PassResult, get_attr_tensor
 
 aten = torch.ops.aten
@@ -115,7 +115,7 @@ class _Emitter:
     def __call__(self, op, *args):
         with self.gm.graph.inserting_before(self.anchor):
             n = self.gm.graph.call_function(op, args)
-        n.meta[LAYER], n.meta[LAYER_TYPE], n.meta[RECURRENT] = self.layer, self.mtype, self.mtype
+        n.meta[LAYER], n.meta[LAYER_TYPE] = self.layer, self.mtype
         n.meta["nn_module_stack"] = self.anchor.meta.get("nn_module_stack", {})
         return n
 

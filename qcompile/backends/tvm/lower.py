@@ -31,10 +31,8 @@ from ..base import check_kernels_took
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
 from ...passes.lowering import FuseResult
-from ...spec import LAYER, RECURRENT
 from . import int8_gemm
 from .conv import FuseInt8ConvPass, Int8Conv2dConverter
-from .errors import NotBuiltError
 from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
 from .fuse import FuseInt8LinearPass
 from .int4 import FuseInt4LinearPass, Int4LinearConverter
@@ -63,6 +61,15 @@ def _quantize(node, imp):
         q = op.add(q, op.astype(z, "float32"))
     q = op.clip(q, fmt.qmin, fmt.qmax)
     return bb.emit(op.astype(q, str(fmt.storage).replace("torch.", "")))
+
+
+def _select(node, imp):
+    """``x[..., i, ...]``. TVM's own converter takes ``i`` as it is, and a negative index (``h[:, -1]``,
+    the last step of a sequence) read out of bounds: NaN or garbage on a dynamic sequence. ``wrap``
+    counts it from the end, as torch does."""
+    x, dim, index = imp.env[node.args[0]], node.args[1], node.args[2]
+    return imp.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim,
+                                                mode="wrap" if index < 0 else "fast"))
 
 
 def _dequantize(node, imp):
@@ -278,19 +285,6 @@ def _unsupported(ep, convert_map) -> None:
                                f"'{node.target.__name__}'")
 
 
-def _refuse_recurrent(gm) -> None:
-    """An unrolled LSTM/GRU/RNN (``passes.recurrent``) compiles, but TVM's result differs from the
-    reference (measured: 0.12 on logits of a weight-only LSTM classifier, overflow with dynamic
-    activations): refused until that is found, rather than returning wrong numbers."""
-    for node in gm.graph.nodes:
-        if RECURRENT in node.meta:
-            layer = node.meta.get(LAYER)
-            raise NotBuiltError(f"node '{node.name}' of layer '{layer}' ({node.meta[RECURRENT]}): the tvm backend "
-                                f"does not lower recurrent layers yet (its unrolled form gives results that differ "
-                                f"from the reference). Lower with backend='onnx', or keep the layer float "
-                                f"(keep_float: ['{layer}']) and its fused op stays in float.")
-
-
 @dataclass(frozen=True)
 class Fusions:
     """What :func:`import_relax`'s fusion passes did, as the artifact records it."""
@@ -304,7 +298,6 @@ def import_relax(qmodel, family: str, parallel: bool = False) -> tuple:
     """(Relax IRModule, :class:`Fusions`): the converted graph of ``qmodel`` in Relax.
     ``parallel``: the integer GEMM kernels run their column panels as thread-pool tasks."""
     args, kwargs, dynamic_shapes = qmodel.export_example("the tvm backend")  # before the work: a clear error
-    _refuse_recurrent(qmodel.graph_module)
     gm = copy.deepcopy(qmodel.graph_module)
     # int4 Linears first (on int8 activations, then weight-only): check_kernels_took names what is left
     pm = PassManager([FuseInt4A8LinearPass(), FuseInt4LinearPass()])
@@ -321,7 +314,7 @@ def import_relax(qmodel, family: str, parallel: bool = False) -> tuple:
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
     int8 = _Int8Linear(family, parallel)
-    custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
+    custom = {"quantize.default": _quantize, "dequantize.default": _dequantize, "select.int": _select,
               "choose_qparams.default": _choose_qparams, "int8_linear.default": int8,
               "int8_linear_q.default": int8.requantized, "layer_norm_q.default": LayerNormQuantizeConverter(),
               "int4_linear.default": Int4LinearConverter(), "int4_a8_linear.default": Int4A8LinearConverter(family),
