@@ -7,7 +7,7 @@ numbering, one log.
 
 Phases, in order (a stage's phase names its timing and groups its dump files)::
 
-    capture        fold_batch_norm, normalize_linear, annotate
+    capture        fold_batch_norm, decompose_recurrent, normalize_linear, annotate
     smoothing      insert_channel_stats, calibrate (statistics), apply_smoothing    (recipe.smoothing)
     <method>       apply_weight_algorithm                                           (recipe.weight_algorithm)
     observe        insert_observers
@@ -36,8 +36,9 @@ from .errors import CalibrationError
 from .measure import measure
 from .model import PreparedModel, QuantizedModel
 from .observers import all_reduce_statistics
-from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass, ConvertPass, FoldBatchNormPass,
-                     InsertChannelStatsPass, InsertFakeQuantPass, InsertObserversPass, NormalizeLinearPass)
+from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass, ConvertPass,
+                     DecomposeRecurrentPass, FoldBatchNormPass, InsertChannelStatsPass, InsertFakeQuantPass,
+                     InsertObserversPass, NormalizeLinearPass)
 from .passes.annotate import AnnotateResult, annotated_nodes
 from .passes.convert import ConvertResult
 from .passes.infra import Pass, PassManager, PassResult, Stage, prune_unused_tensors, tensor_owner
@@ -118,8 +119,8 @@ def ptq_stages(recipe: Recipe, placement: Capabilities, captured: Captured, cali
     smoothing statistics and GPTQ/AWQ read; ``calibrate``: include the observers' calibration step
     on the same data (``quantize``), else the caller calibrates the prepared model itself."""
     binder = captured.binder
-    stages = [Stage(FoldBatchNormPass(), CAPTURE), Stage(NormalizeLinearPass(), CAPTURE),
-              Stage(AnnotatePass(recipe), CAPTURE)]
+    stages = [Stage(FoldBatchNormPass(), CAPTURE), Stage(DecomposeRecurrentPass(recipe), CAPTURE),
+              Stage(NormalizeLinearPass(), CAPTURE), Stage(AnnotatePass(recipe), CAPTURE)]
     if recipe.smoothing is not None:
         missing = (f"recipe '{recipe.name}' uses smoothing, whose scales are measured on data: pass calibration= "
                    "to prepare (or quantize), or set smoothing to null")
@@ -199,7 +200,9 @@ def report_from_log(recipe_name: str, run: PassManager, user_calibration: int) -
               for layer in r.result.changed]
     calibrated = sum(r.samples for r in run.results(CalibrationResult) if r.calibrates_observers)
     return Report(recipe=recipe_name,
-                  kept_float={k: v for r in annotate for k, v in r.skipped.items()},
+                  kept_float={**{k: v for r in annotate for k, v in r.skipped.items()},
+                              **{k: v for r in run.records if r.name == DecomposeRecurrentPass.name and r.result
+                                 for k, v in r.result.skipped.items()}},
                   smoothing=[e for r in run.results(SmoothingResult) for e in r.records],
                   tied_weights={k: v for r in annotate for k, v in r.tied.items()},
                   weight_algorithm=[e for r in run.results(WeightAlgorithmResult) for e in r.records],

@@ -63,6 +63,15 @@ def _quantize(node, imp):
     return bb.emit(op.astype(q, str(fmt.storage).replace("torch.", "")))
 
 
+def _select(node, imp):
+    """``x[..., i, ...]``. TVM's own converter takes ``i`` as it is, and a negative index (``h[:, -1]``,
+    the last step of a sequence) read out of bounds: NaN or garbage on a dynamic sequence. ``wrap``
+    counts it from the end, as torch does."""
+    x, dim, index = imp.env[node.args[0]], node.args[1], node.args[2]
+    return imp.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim,
+                                                mode="wrap" if index < 0 else "fast"))
+
+
 def _dequantize(node, imp):
     q, s = imp.env[node.args[0]], imp.env[node.args[1]]
     z = imp.env[node.args[2]] if node.args[2] is not None else None
@@ -306,7 +315,7 @@ def import_relax(qmodel, family: str, parallel: bool = False) -> tuple:
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
     drop_constant_inputs(ep)
     int8 = _Int8Linear(family, parallel)
-    custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
+    custom = {"quantize.default": _quantize, "dequantize.default": _dequantize, "select.int": _select,
               "choose_qparams.default": _choose_qparams, "int8_linear.default": int8,
               "int8_linear_q.default": int8.requantized, "layer_norm_q.default": LayerNormQuantizeConverter(),
               "int4_linear.default": Int4LinearConverter(), "int4_a8_linear.default": Int4A8LinearConverter(family),
