@@ -15,7 +15,8 @@ layer, which records that layer's inputs as transformers computes them (hidden s
 
 Each block's outputs (its graph after the weight algorithm, before observers: what the next block
 sees in the whole-model path, where GPTQ runs the model sequentially) are the next block's inputs.
-They are kept in the model's dtype (bf16 for a bf16 checkpoint). Each finished step is a program
+Each step computes in float32 (as the whole-model path does); the hidden states between blocks
+are kept in the checkpoint's dtype (bf16 for a bf16 checkpoint). Each finished step is a program
 artifact written atomically; the hidden states after it go to ``.resume.safetensors`` (atomic),
 so a killed run restarts at the first unfinished step with the same inputs, and produces the same
 bytes. The layout and the loader are in :mod:`qcompile.blockwise_artifact`.
@@ -315,12 +316,13 @@ def _save_resume(out: Path, next_step: int, hidden: list, fingerprint: str) -> N
 
 
 def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration: Iterable,
-                       out: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
+                       out: Union[str, Path], *, activation_dtype: Optional[torch.dtype] = None,
                        progress: Optional[bool] = None) -> Path:
     """Quantize the transformers decoder-only model in ``model_dir`` (safetensors shards) with a
     resolved ``recipe``, one decoder block at a time, into the directory ``out`` (see the module
-    docstring); returns ``out``. ``calibration``: token ids ``[batch, seq]`` per item. ``dtype``:
-    the compute dtype (default: the checkpoint's). A killed run given the same arguments resumes
+    docstring); returns ``out``. ``calibration``: token ids ``[batch, seq]`` per item. Weights
+    are computed on in float32; ``activation_dtype``: the dtype the hidden states are kept in
+    between blocks (default: the checkpoint's). A killed run given the same arguments resumes
     at its first unfinished step; ``qcompile.load(out)`` reads the result.
 
     Example::
@@ -333,10 +335,11 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
     lm, config = load_skeleton(model_dir)
     reader = ShardReader(model_dir)
     _check_recipe(recipe, lm)
-    dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    act = activation_dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    act = getattr(torch, act) if isinstance(act, str) else act
+    dtype = torch.float32
     ids = _calibration_ids(calibration, recipe.calibration.max_samples)
-    fingerprint = _fingerprint(model_dir, recipe, ids, dtype)
+    fingerprint = _fingerprint(model_dir, recipe, ids, act)
     start, hidden = _open_run(out, fingerprint)
     with atomic_file(out / CONFIG) as tmp:
         shutil.copyfile(model_dir / CONFIG, tmp)
@@ -358,7 +361,7 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
     t0 = time.perf_counter()
     reader.load(base.embed_tokens, "model.embed_tokens.", dtype)
     inputs = _layer_inputs(lm, ids)
-    hidden = hidden if hidden is not None else [x["hidden"] for x in inputs]
+    hidden = hidden if hidden is not None else [x["hidden"].to(act) for x in inputs]
     report.append({"step": "load embedding, record block inputs", "seconds": time.perf_counter() - t0,
                    "peak_rss_mb": peak_rss_mb()})
     if start == 0:
@@ -373,9 +376,9 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         t0 = time.perf_counter()
         layer = reader.load(base.layers[i], f"model.layers.{i}.", dtype)
         block = (_MaskedBlock if masked else _Block)(i, layer)
-        items = [(h, x["cos"], x["sin"]) + ((x["mask"],) if masked else ()) for h, x in zip(hidden, inputs)]
+        items = [(h.to(dtype), x["cos"], x["sin"]) + ((x["mask"],) if masked else ()) for h, x in zip(hidden, inputs)]
         qmodel, outs = _quantize_step(block, _scoped(recipe, block), items, outputs=True)
-        hidden = [o.to(dtype) for o in outs]
+        hidden = [o.to(act) for o in outs]
         del items, outs
         finish(i + 1, layer_dir(i), qmodel, t0, hidden)
         del qmodel, block
@@ -391,14 +394,14 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         cfg, _ = resolve_layer_config(recipe, "lm_head", "Linear", "linear", tied_to="model.embed_tokens")
         head_recipe = dataclasses.replace(head_recipe, weight_algorithm=None,
                                           overrides={**head_recipe.overrides, "lm_head": cfg})
-    qmodel, _ = _quantize_step(head, head_recipe, [(h,) for h in hidden], outputs=False)
+    qmodel, _ = _quantize_step(head, head_recipe, [(h.to(dtype),) for h in hidden], outputs=False)
     qmodel.save(out / HEAD)
     report.append({"step": HEAD, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
                    "timings_s": qmodel.report.timings_s})
     bar.update(1)
     bar.close()
     del qmodel, head
-    meta = {"recipe": recipe.to_dict(), "source": str(model_dir), "dtype": str(dtype),
+    meta = {"recipe": recipe.to_dict(), "source": str(model_dir), "activation_dtype": str(act),
             "calibration_items": len(ids), "report": {"steps": report, "seconds": time.perf_counter() - t_run,
                                                       "peak_rss_mb": peak_rss_mb()}}
     write_blockwise_manifest(out, meta, steps)
