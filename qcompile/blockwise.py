@@ -251,11 +251,11 @@ def _scoped(recipe: Recipe, module: nn.Module) -> Recipe:
                                keep_float=tuple(p for p in recipe.keep_float if used(p)))
 
 
-def _quantize_step(module: nn.Module, recipe: Recipe, items: list, outputs: bool):
+def _quantize_step(module: nn.Module, recipe: Recipe, items: list, outputs: bool, dynamic_shapes="auto"):
     """The whole-model pipeline on one step's module: (QuantizedModel, outputs of its graph after
     the weight algorithm, before observers, when ``outputs``)."""
     t0 = time.perf_counter()
-    cap = capture(module, items[0])
+    cap = capture(module, items[0], dynamic_shapes=dynamic_shapes)
     run = PassManager(ptq_stages(recipe, placement(recipe.backend), cap, items, calibrate=True))
     run.record("capture", CAPTURE, time.perf_counter() - t0, PassResult(cap.graph_module, False))
     run.run(cap.graph_module, until=OBSERVE)
@@ -265,6 +265,14 @@ def _quantize_step(module: nn.Module, recipe: Recipe, items: list, outputs: bool
             outs = [cap.graph_module(*it) for it in items]
     qmodel = convert(PreparedModel(cap.graph_module, cap, recipe, module, run), report_inputs=items[:1])
     return qmodel, outs
+
+
+def _block_dims(masked: bool) -> dict:
+    """The sequence free in every block input, one shared dim (``"auto"`` would let torch.export
+    merge it with a head dim of the same size in the example and specialise both)."""
+    seq = torch.export.Dim("seq", min=2)
+    dims = {"hidden_states": {1: seq}, "cos": {1: seq}, "sin": {1: seq}}
+    return {**dims, "attention_mask": {2: seq, 3: seq}} if masked else dims
 
 
 def _fingerprint(model_dir: Path, recipe: Recipe, ids: list, dtype: torch.dtype) -> str:
@@ -377,7 +385,8 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         layer = reader.load(base.layers[i], f"model.layers.{i}.", dtype)
         block = (_MaskedBlock if masked else _Block)(i, layer)
         items = [(h.to(dtype), x["cos"], x["sin"]) + ((x["mask"],) if masked else ()) for h, x in zip(hidden, inputs)]
-        qmodel, outs = _quantize_step(block, _scoped(recipe, block), items, outputs=True)
+        qmodel, outs = _quantize_step(block, _scoped(recipe, block), items, outputs=True,
+                                      dynamic_shapes=_block_dims(masked))
         hidden = [o.to(act) for o in outs]
         del items, outs
         finish(i + 1, layer_dir(i), qmodel, t0, hidden)
