@@ -19,6 +19,7 @@ from qcompile.artifact import load_program
 from qcompile.blockwise import MARKER, RESUME, quantize_directory
 from qcompile.blockwise_artifact import EMBED, HEAD, BlockwiseModel, layer_dir
 from qcompile.errors import ArtifactError, InputError
+from qcompile.ops import DEQUANTIZE
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -61,19 +62,33 @@ def _program_tensors(out: Path) -> dict:
     tensors = {}
     for p in json.loads((out / "qcompile.json").read_text())["programs"]:
         ep, _ = load_program(out / p)
-        for k, v in ep.state_dict.items():
-            tensors.setdefault(k, v)     # a tied head repeats the embedding's codes
+        tensors.update({f"{p}:{k}": v for k, v in ep.state_dict.items()})
     return tensors
 
 
+def _quantized_weights(gm) -> list:
+    """(op, codes, scale, zero point) of every quantized weight, in graph order: names differ
+    between paths (a tied weight is named after lm_head by torch.export), the order does not."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.linear.default,
+                                                          torch.ops.aten.embedding.default):
+            w = node.args[1] if node.target == torch.ops.aten.linear.default else node.args[0]
+            if getattr(w, "target", None) == DEQUANTIZE:
+                out.append((node.target.__name__, *[getattr(gm, a.target) if isinstance(a, torch.fx.Node) else a
+                                                    for a in w.args[:3]]))
+    return out
+
+
 def _compare(whole_gm, out: Path):
-    """(number of code/scale tensors compared, names that differ)."""
-    ref = dict(whole_gm.state_dict())
-    got = _program_tensors(out)
-    quantized = [k for k in ref if k.endswith(("_q", "_scale", "_zero_point"))]
-    missing = [k for k in quantized if k not in got]
-    assert not missing, f"tensors of the whole-model artifact absent from the blockwise one: {missing}"
-    return len(quantized), [k for k in quantized if not torch.equal(ref[k], got[k])]
+    """(number of quantized weights compared, indices of those that differ)."""
+    ref = _quantized_weights(whole_gm)
+    got = [w for p in json.loads((out / "qcompile.json").read_text())["programs"]
+           for w in _quantized_weights(load_program(out / p)[0].module())]
+    assert [r[0] for r in ref] == [g[0] for g in got]
+    same = [all(a is None and b is None or isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(r[1:], g[1:]))
+            for r, g in zip(ref, got)]
+    return len(ref), [i for i, ok in enumerate(same) if not ok]
 
 
 def test_structure_one_program_per_block_and_runs(gptq_out, llama_dir):
@@ -100,7 +115,7 @@ def test_structure_one_program_per_block_and_runs(gptq_out, llama_dir):
 def test_gptq_codes_identical_to_whole_model(gptq_out, llama_dir):
     _, qw = _whole(llama_dir, "w4-g64-gptq")
     compared, differ = _compare(qw.graph_module, gptq_out)
-    assert compared >= 3 * (7 * LAYERS + 1) and differ == []
+    assert compared == 7 * LAYERS + 2 and differ == []
     ids = CAL[1][0]
     assert torch.equal(qcompile.load(gptq_out)(ids), qw(ids, use_cache=False).logits)
 
