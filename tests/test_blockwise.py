@@ -199,3 +199,23 @@ def test_not_a_supported_decoder_model_is_named(tmp_path, llama_dir):
         quantize_directory(broken, _recipe("w4-g64"), CAL, tmp_path / "o3")
     with pytest.raises(InputError, match="token ids"):
         quantize_directory(llama_dir, _recipe("w4-g64"), [(torch.randn(1, 4),)], tmp_path / "o4")
+
+
+def test_cli_quantizes_a_model_directory(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    import inspect
+    from qcompile.cli import main
+
+    model_dir = _save_llama(tmp_path / "model", tied=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = [inspect.getdoc(f) or "" for f in (dict, list, str, json.dumps, os.path.join, Path.glob)]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>"]))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(model_dir), "--recipe", "w4-g64", "--out", str(out), "--windows", "2",
+                 "--window-tokens", "24"]) == 0
+    qm = qcompile.load(out)
+    assert qm(CAL[0][0]).shape == (1, 16, 256)
+    assert main(["quantize", "--model", str(model_dir), "--recipe", "w4-g64"]) == 2      # --out is required
