@@ -2,9 +2,10 @@
 Llama models with real shapes, written as bf16 safetensors shards (random weights: memory and time
 behave as for the real model; the quality does not).
 
-Each quantization runs in a fresh child process (one thread), so its peak RSS (``getrusage``
-``ru_maxrss``, which includes the interpreter, torch and transformers) is its own; the RSS after
-the imports is reported beside it. The synthetic shards are written tensor by tensor (never the
+Each quantization runs in a fresh child process (one thread), so its peak RSS (Linux ``VmHWM``,
+which includes the interpreter, torch and transformers) is its own; the RSS after the imports is
+reported beside it. (``getrusage``'s ``ru_maxrss`` would not do: Linux carries the parent's peak,
+here the shard writer's, into the child across fork and exec.) The synthetic shards are written tensor by tensor (never the
 whole model in memory) and deleted afterwards.
 
 Run::
@@ -74,11 +75,11 @@ def write_synthetic(path: Path, shape: dict, shard_bytes: int = 500 << 20) -> in
 
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 torch.set_num_threads(1)
 import qcompile, dataclasses
-from qcompile.blockwise import quantize_directory
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from qcompile.blockwise import peak_rss_mb, quantize_directory
+base = peak_rss_mb()
 src, out, windows, seq, vocab = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 g = torch.Generator().manual_seed(0)
 cal = [(torch.randint(0, vocab, (1, seq), generator=g),) for _ in range(windows)]
@@ -87,7 +88,7 @@ t0 = time.perf_counter()
 quantize_directory(src, recipe, cal, out, progress=True)
 manifest = json.load(open(out + "/qcompile.json"))
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "rss_after_imports_mb": base,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "peak_rss_mb": peak_rss_mb(),
       "steps": [{k: s[k] for k in ("step", "seconds", "peak_rss_mb")} for s in manifest["report"]["steps"]]}))
 """
 
