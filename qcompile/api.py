@@ -6,15 +6,17 @@ and the backend's placement, once, then hands a resolved recipe to the pipeline
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from torch import nn
 
-from . import distributed, pipeline, search
+from . import blockwise, distributed, pipeline, search
 from .auto_recipe import AutoRecipe
 from .backends.base import placement
 from .calibration import reiterable
-from .model import PreparedModel, QuantizedModel
+from .model import PreparedModel, QuantizedModel, load
 from .recipe import Recipe, RecipeLike, resolve_recipe
 
 
@@ -47,10 +49,10 @@ def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
     return pipeline.convert(prepared.to_prepared(dump_dir), report_inputs)
 
 
-def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibration: Optional[Iterable] = None, *,
-             example_kwargs: Optional[dict] = None, dynamic_shapes: Any = "auto", report_samples: int = 8,
+def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple = None, calibration: Optional[Iterable] = None,
+             *, example_kwargs: Optional[dict] = None, dynamic_shapes: Any = "auto", report_samples: int = 8,
              backend: Optional[str] = None, dump_dir: Optional[str] = None,
-             process_group: Any = None) -> QuantizedModel:
+             process_group: Any = None, out: Optional[str] = None) -> QuantizedModel:
     """Quantize ``model`` with ``recipe``; returns a :class:`QuantizedModel` (an ``nn.Module``
     called like ``model``) with ``.report``, ``.recipe`` and ``.save(path)``. ``model`` itself is
     never modified.
@@ -73,6 +75,12 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
     ``calibration`` and every rank gets the model one process on all the shards would; only rank 0
     writes on ``save`` (``docs/distributed.md``).
 
+    ``model`` may also be the path of a transformers decoder-only model directory (safetensors
+    shards, Llama/Qwen2/Mistral): it is quantized one decoder block at a time without ever being
+    loaded whole (:mod:`qcompile.blockwise`), into ``out`` (resumable; a temporary directory when
+    None), and the assembled result is returned (``example_inputs`` is not needed; calibration
+    items are token ids).
+
     Example::
 
         >>> import qcompile
@@ -88,6 +96,8 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
                                  report_samples=report_samples, dump_dir=dump)
 
     with distributed.using(process_group):
+        if blockwise.is_model_directory(model):
+            return _quantize_directory(model, recipe, calibration, backend, out)
         if isinstance(recipe, AutoRecipe):
             if distributed.group() is not None:
                 raise NotImplementedError("Recipe.auto under data-parallel calibration: the sensitivity analysis "
@@ -102,3 +112,20 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
             qmodel = quantize_with(resolve_recipe(recipe), calibration, dump_dir)
     qmodel.process_group = process_group
     return qmodel
+
+
+def _quantize_directory(model_dir, recipe: RecipeLike, calibration, backend: Optional[str], out: Optional[str]):
+    """A transformers model directory, quantized block by block (:mod:`qcompile.blockwise`)."""
+    if isinstance(recipe, AutoRecipe):
+        raise NotImplementedError("Recipe.auto on a model directory: the mixed-precision search needs the whole "
+                                  "model; layer-by-layer quantization takes a concrete recipe")
+    if distributed.group() is not None:
+        raise NotImplementedError("layer-by-layer quantization under torch.distributed: the per-block runner does not "
+                                  "split calibration data or writes across ranks yet; run it in one process")
+    concrete = resolve_recipe(recipe)
+    if backend is not None:
+        concrete = dataclasses.replace(concrete, backend=backend).validate()
+    if out is not None:
+        return load(blockwise.quantize_directory(model_dir, concrete, calibration, out))
+    with tempfile.TemporaryDirectory() as tmp:
+        return load(blockwise.quantize_directory(model_dir, concrete, calibration, Path(tmp) / "out"))

@@ -7,10 +7,13 @@
     qcompile quantize --model minilm --recipe auto --bits 4.5 --candidates w8,w4-g64,w3-g64 --out out/auto
     qcompile quantize --model minilm --recipe out/auto/chosen.yaml --out out/again      # the same model
     qcompile generate --model smollm2 --prompt "The capital of France is" --recipe w4-g64 --backend onnx
+    qcompile quantize --model path/to/llama --recipe w4-g64-gptq --out out/llama-w4   # block by block, resumable
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -161,7 +164,42 @@ def _analyze(args) -> int:
     return 0
 
 
+def _quantize_directory(args) -> int:
+    """``--model DIR``: a transformers decoder model directory, quantized one block at a time on
+    calibration windows cut by the directory's own tokenizer (:mod:`qcompile.blockwise`)."""
+    from .blockwise import quantize_directory
+    from .eval.perplexity import calibration_windows
+    from .recipe import resolve_recipe
+
+    if not args.out:
+        print("qcompile: --model DIR needs --out (the blocks are written there as they finish; a killed run "
+              "resumes from it)", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        print(f"qcompile: '{args.model}' has no tokenizer to cut calibration windows with: {e}", file=sys.stderr)
+        return 2
+    recipe = resolve_recipe(args.recipe)
+    if args.backend:
+        recipe = dataclasses.replace(recipe, backend=args.backend).validate()
+    cal = calibration_windows(tokenizer, n=args.windows, length=args.window_tokens)
+    out = quantize_directory(args.model, recipe, cal, args.out, progress=True)
+    report = json.loads((out / "qcompile.json").read_text())["report"]
+    for step in report["steps"]:
+        print(f"{step['step']:40s} {step['seconds']:8.1f} s   peak RSS {step['peak_rss_mb']:8.0f} MiB")
+    print(f"saved to {out}/ in {report['seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB "
+          f"(load with qcompile.load('{out}'))")
+    return 0
+
+
 def _quantize(args) -> int:
+    from .blockwise import is_model_directory
+
+    if is_model_directory(args.model):
+        return _quantize_directory(args)
     if args.model not in JOBS:
         from .errors import closest
 
@@ -279,7 +317,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qcompile", description="Quantization compiler for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a bundled model and print the report")
-    q.add_argument("--model", default="minilm", help="bundled model (minilm, smollm2)")
+    q.add_argument("--model", default="minilm", help="bundled model (minilm, smollm2), or a transformers decoder "
+                                                    "model directory (safetensors shards; quantized block by block)")
+    q.add_argument("--windows", type=int, default=8, help="--model DIR: calibration windows")
+    q.add_argument("--window-tokens", type=int, default=512, help="--model DIR: tokens per calibration window")
     q.add_argument("--recipe", default="w8a8", help="preset name, YAML/JSON recipe file, or 'auto' (mixed precision "
                                                     "chosen by measurement under --bits, from --candidates)")
     q.add_argument("--out", default=None, help="directory to save the quantized model, report.json and report.html")

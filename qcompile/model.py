@@ -10,6 +10,7 @@ from torch import nn
 
 from . import distributed
 from .artifact import code_tensors, load_program, save_program
+from .blockwise_artifact import is_blockwise, load_blockwise
 from .calibration import run_calibration
 from .contract import SMOKE_FILE, record, smoke_bytes, smoke_tensors
 from .capture import Captured, InputBinder, call_checked, example_from_dict, example_to_dict
@@ -138,7 +139,8 @@ class QuantizedModel(nn.Module):
 
 
 def load(path: Union[str, Path]) -> QuantizedModel:
-    """Load a model saved with :meth:`QuantizedModel.save`; outputs are bit-identical, and it lowers
+    """Load a model saved with :meth:`QuantizedModel.save` (or, from a layer-by-layer run, the
+    assembled :class:`~qcompile.blockwise_artifact.BlockwiseModel`); outputs are bit-identical, and it lowers
     to a backend like the model ``quantize()`` returned (the saved input shapes, dtypes and
     dynamic-dim ranges export it again: :meth:`QuantizedModel.export_example`).
 
@@ -148,6 +150,8 @@ def load(path: Union[str, Path]) -> QuantizedModel:
         >>> same = qcompile.load("out/minilm-w8a8")
         >>> art = qcompile.lower(same, backend="tvm")
     """
+    if is_blockwise(path):
+        return load_blockwise(path)
     ep, meta = load_program(path)
     b = meta["binder"]
     binder = InputBinder(b["positional"], b["keywords"], b.get("constants", {}))
