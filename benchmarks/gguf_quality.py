@@ -6,7 +6,7 @@ exported GGUF run by llama.cpp (llama-cpp-python, one thread) on the same window
 float model, run the same way. Rows are JSON lines in ``--out``.
 
     PYTHONPATH=. python benchmarks/gguf_quality.py --out out/gguf_quality.json \\
-        --recipes gguf-q8_0 gguf-q4_0 gguf-q4_1 --llamacpp Q8_0 Q4_0 Q4_1
+        --recipes gguf-q8_0 gguf-q4_0 gguf-q4_1 --mixes q4_k_m-gptq --llamacpp Q8_0 Q4_0 Q4_1 Q4_K_M
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import qcompile
 from qcompile.backends.gguf import GgufArtifact, read_types
 from qcompile.eval.perplexity import PerplexityProtocol, calibration_windows, perplexity, text_tokens
 from qcompile.models.smollm2 import load_smollm2
+from qcompile.presets import llama_cpp_mix
 
 
 class _Runner(torch.nn.Module):
@@ -52,6 +53,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--recipes", nargs="*", default=["gguf-q8_0", "gguf-q4_0", "gguf-q4_1"])
+    ap.add_argument("--mixes", nargs="*", default=[],
+                    help="llama.cpp's per-layer mixes via qcompile.presets.llama_cpp_mix: q4_k_m, q4_k_m-gptq, ...")
     ap.add_argument("--llamacpp", nargs="*", default=[])
     ap.add_argument("--dir", default="out/gguf")
     args = ap.parse_args()
@@ -73,8 +76,12 @@ def main():
         res = perplexity(_Runner(GgufArtifact.load(path)), lm.tokenizer, protocol, tokens=tokens)
         return res.perplexity, time.perf_counter() - t
 
-    for recipe in args.recipes:
-        if "gptq" in recipe and cal is None:
+    recipes = list(args.recipes)
+    for mix in args.mixes:
+        ftype, _, algo = mix.partition("-")
+        recipes.append(llama_cpp_mix(lm.model.config, ftype, algo or None)[0])
+    for recipe in recipes:
+        if "gptq" in getattr(recipe, "name", recipe) and cal is None:
             cal = calibration_windows(lm.tokenizer, n=8)
         t = time.perf_counter()
         q = qcompile.quantize(lm.model, recipe, (tokens[:512].unsqueeze(0),), calibration=cal,
@@ -82,6 +89,7 @@ def main():
         tq = time.perf_counter() - t
         ref = perplexity(q, lm.tokenizer, protocol, tokens=tokens).perplexity
         art = qcompile.lower(q, backend="gguf", config=lm.model.config, tokenizer=lm.tokenizer, tokenizer_pre="smollm")
+        recipe = getattr(recipe, "name", recipe)
         path = art.save(out_dir / f"{recipe}.gguf")
         ppl, tl = llama_ppl(path)
         bpw, types = linear_bpw(path)

@@ -41,8 +41,8 @@ LINEAR_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_
 
 
 def recipe_for(name: str):
-    """Presets by name; ``w8``/``w4-g*`` with the tied head kept on the int8 embedding like the
-    LLM presets (so every row differs only in its Linear weights); ``w3-g64-gptq``/``w2-g64-gptq``
+    """Presets by name, exactly as a user gets them (every preset keeps the tied head on the int8
+    embedding, so the rows differ only in their Linear weights); ``w3-g64-gptq``/``w2-g64-gptq``
     are the presets with GPTQ switched on (``w4-g32``: the w4-g64 preset at groups of 32); ``<preset>-float-head`` keeps the embedding and the tied
     head float (the setting of the issue's own measurements); ``<name>-fp16`` stores the Linear
     weights' scales as float16; ``<name>-min`` stores their zero points as double-quantized floats
@@ -74,10 +74,8 @@ def recipe_for(name: str):
     if m and name not in qcompile.recipes():   # any other width/group: w4-g64 with that spec
         base = qcompile.Recipe.preset("w4-g64")
         w = dataclasses.replace(base.default.weight, format=f"uint{m[1]}", group_size=int(m[2]))
-        return dataclasses.replace(base, name=name, default=dataclasses.replace(base.default, weight=w),
-                                   tied_head="embedding")
-    r = qcompile.Recipe.preset(name)
-    return dataclasses.replace(r, tied_head="embedding")
+        return dataclasses.replace(base, name=name, default=dataclasses.replace(base.default, weight=w))
+    return qcompile.Recipe.preset(name)
 
 
 def linear_bpw(report) -> tuple[float, int]:

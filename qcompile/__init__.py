@@ -17,9 +17,11 @@ from .api import convert, prepare, quantize
 from .doctor import CalibrationCheck, check_calibration
 from .auto_recipe import Quality
 from .backends import lower
-from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, PassError, QCompileError,
-                     InputError, QuantizationError, RecipeError)
+from .check import CheckResult, check
+from .errors import (ArtifactError, BackendError, CalibrationError, CaptureError, GenerationError, ParityError,
+                     PassError, QCompileError, InputError, QuantizationError, RecipeError)
 from .formats import FORMATS, Format, get_format
+from .llm import CausalLMWithCache, GenerationStats, causal_lm, generate
 from .model import PreparedModel, QuantizedModel, load
 from .presets import recipes
 from .qat import QATModel, prepare_qat
@@ -31,10 +33,12 @@ from .verify import ParityReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "prepare", "prepare_qat", "convert", "load", "lower", "verify", "ParityReport", "analyze",
+    "quantize", "prepare", "prepare_qat", "convert", "load", "lower", "verify", "ParityReport", "check",
+    "CheckResult", "analyze",
     "SensitivityTable", "check_calibration", "CalibrationCheck", "Quality", "recipes",
     "resolve_recipe", "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig", "QATConfig",
     "PreparedModel", "QATModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",
-    "ArtifactError", "QuantizationError", "InputError",
+    "ArtifactError", "ParityError", "QuantizationError", "InputError", "GenerationError",
+    "causal_lm", "CausalLMWithCache", "generate", "GenerationStats",
 ]

@@ -6,15 +6,17 @@ and the backend's placement, once, then hands a resolved recipe to the pipeline
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from torch import nn
 
-from . import pipeline, search
+from . import blockwise, distributed, pipeline, search
 from .auto_recipe import AutoRecipe
 from .backends.base import placement
 from .calibration import reiterable
-from .model import PreparedModel, QuantizedModel
+from .model import PreparedModel, QuantizedModel, load
 from .recipe import Recipe, RecipeLike, resolve_recipe
 
 
@@ -47,9 +49,10 @@ def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
     return pipeline.convert(prepared.to_prepared(dump_dir), report_inputs)
 
 
-def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibration: Optional[Iterable] = None, *,
-             example_kwargs: Optional[dict] = None, dynamic_shapes: Any = "auto", report_samples: int = 8,
-             backend: Optional[str] = None, dump_dir: Optional[str] = None) -> QuantizedModel:
+def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple = None, calibration: Optional[Iterable] = None,
+             *, example_kwargs: Optional[dict] = None, dynamic_shapes: Any = "auto", report_samples: int = 8,
+             backend: Optional[str] = None, dump_dir: Optional[str] = None,
+             process_group: Any = None, out: Optional[str] = None) -> QuantizedModel:
     """Quantize ``model`` with ``recipe``; returns a :class:`QuantizedModel` (an ``nn.Module``
     called like ``model``) with ``.report``, ``.recipe`` and ``.save(path)``. ``model`` itself is
     never modified.
@@ -67,6 +70,16 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
     batch free, and the sequence of token and sequence inputs, but the channel and spatial dims of
     image inputs static (:func:`qcompile.capture.auto_dims`); ``None`` for static shapes, or a
     ``torch.export`` spec such as ``{"pixel_values": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}}``.
+    ``process_group``: data-parallel calibration over this ``torch.distributed`` group (default: the
+    world group when ``torch.distributed`` is initialized): each rank passes its own shard as
+    ``calibration`` and every rank gets the model one process on all the shards would; only rank 0
+    writes on ``save`` (``docs/distributed.md``).
+
+    ``model`` may also be the path of a transformers decoder-only model directory (safetensors
+    shards, Llama/Qwen2/Mistral): it is quantized one decoder block at a time without ever being
+    loaded whole (:mod:`qcompile.blockwise`), into ``out`` (resumable; a temporary directory when
+    None), and the assembled result is returned (``example_inputs`` is not needed; calibration
+    items are token ids).
 
     Example::
 
@@ -82,9 +95,37 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, calibr
                                  example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                                  report_samples=report_samples, dump_dir=dump)
 
+    with distributed.using(process_group):
+        if blockwise.is_model_directory(model):
+            return _quantize_directory(model, recipe, calibration, backend, out)
+        if isinstance(recipe, AutoRecipe):
+            if distributed.group() is not None:
+                raise NotImplementedError("Recipe.auto under data-parallel calibration: the sensitivity analysis "
+                                          "(qcompile.analyze) does not reduce its measurements across ranks yet, so "
+                                          "ranks could choose different recipes; search in one process, then quantize "
+                                          "the chosen recipe on all ranks")
+            data = reiterable(calibration, 4)
+            dump = None if recipe.searches else dump_dir  # a search quantizes many times: no dumps
+            qmodel = search.quantize_auto(recipe, model, example_inputs, data, example_kwargs,
+                                          lambda concrete: quantize_with(resolve_recipe(concrete), data, dump))
+        else:
+            qmodel = quantize_with(resolve_recipe(recipe), calibration, dump_dir)
+    qmodel.process_group = process_group
+    return qmodel
+
+
+def _quantize_directory(model_dir, recipe: RecipeLike, calibration, backend: Optional[str], out: Optional[str]):
+    """A transformers model directory, quantized block by block (:mod:`qcompile.blockwise`)."""
     if isinstance(recipe, AutoRecipe):
-        data = reiterable(calibration, 4)
-        dump = None if recipe.searches else dump_dir  # a search quantizes many times: no dumps
-        return search.quantize_auto(recipe, model, example_inputs, data, example_kwargs,
-                                    lambda concrete: quantize_with(resolve_recipe(concrete), data, dump))
-    return quantize_with(resolve_recipe(recipe), calibration, dump_dir)
+        raise NotImplementedError("Recipe.auto on a model directory: the mixed-precision search needs the whole "
+                                  "model; layer-by-layer quantization takes a concrete recipe")
+    if distributed.group() is not None:
+        raise NotImplementedError("layer-by-layer quantization under torch.distributed: the per-block runner does not "
+                                  "split calibration data or writes across ranks yet; run it in one process")
+    concrete = resolve_recipe(recipe)
+    if backend is not None:
+        concrete = dataclasses.replace(concrete, backend=backend).validate()
+    if out is not None:
+        return load(blockwise.quantize_directory(model_dir, concrete, calibration, out))
+    with tempfile.TemporaryDirectory() as tmp:
+        return load(blockwise.quantize_directory(model_dir, concrete, calibration, Path(tmp) / "out"))

@@ -6,6 +6,7 @@ Layout of a saved directory::
 
     model.safetensors   every tensor; quantized codes packed to their format's bits
     program.json        the converted graph (torch.export serialized schema, JSON)
+    smoke.safetensors   the contract's smoke inputs and reference outputs (qcompile.check; qcompile.contract)
     qcompile.json       the manifest, written last: format version, recipe, input binding,
                         packed-tensor table, report, and the size and sha256 of every other file
 
@@ -23,6 +24,7 @@ from typing import Union
 import torch
 
 from .atomic import MANIFEST, atomic_directory, read_manifest, write_manifest
+from .distributed import writes_on_rank_zero
 from .errors import ArtifactError, RecipeError
 from .formats import get_format
 from .ops import DEQUANTIZE
@@ -91,6 +93,7 @@ def _unique_state(gm) -> dict[str, torch.Tensor]:
     return dict(gm.state_dict(keep_vars=False))
 
 
+@writes_on_rank_zero
 def save_program(ep: torch.export.ExportedProgram, codes: dict[str, str], meta: dict,
                  path: Union[str, Path], extra_files: dict | None = None) -> Path:
     """Write an exported converted program and its metadata to the directory ``path`` atomically.

@@ -32,6 +32,11 @@ SIZE_BUDGETS = ("bits_per_weight", "bytes")
 LATENCY_DEFAULTS = {"target": "onnxruntime", "runs": 10, "attempts": 3, "clock": "wall", "margin": 0.05}
 LATENCY_KEYS = ("latency_ms", "backend", *LATENCY_DEFAULTS)
 CLOCKS = ("wall", "cpu")
+# What a layer's sensitivity is measured as (qcompile.mixed.layer_noise): "output", the model-output
+# SQNR (one forward pass of the whole model per layer and candidate: exact, but hours on an LLM);
+# "hessian", the layer-local Hessian-diagonal proxy (one float pass with hooks); "auto" picks by the
+# model's size (qcompile.search.OUTPUT_COST_MAX_PARAMS).
+COSTS = ("auto", "output", "hessian")
 
 
 def size_budget(budget: dict) -> tuple[str, float]:
@@ -90,17 +95,25 @@ class AutoRecipe:
     """A recipe to be chosen by measurement when :func:`qcompile.quantize` runs: analyze the model
     with every candidate on the calibration data, allocate under ``budget`` (or search under a
     ``quality`` contract), quantize with the result (:func:`qcompile.search.quantize_auto`).
-    ``Recipe.auto(candidates=["w8", "w4-g64"], budget={"bits_per_weight": 4.5})``."""
+    ``Recipe.auto(candidates=["w8", "w4-g64"], budget={"bits_per_weight": 4.5})``.
+
+    ``cost``: how each layer's sensitivity is measured (``COSTS``): ``"output"`` (model-output SQNR,
+    ``layers x candidates`` forward passes), ``"hessian"`` (the layer-local proxy, one pass) or
+    ``"auto"`` (output for models up to ``qcompile.search.OUTPUT_COST_MAX_PARAMS`` parameters,
+    hessian above)."""
 
     candidates: tuple
     budget: dict = field(hash=False, default_factory=dict)
     max_samples: int = 8
     name: str = "auto"
     quality: Optional[Quality] = field(default=None, hash=False, compare=False)
+    cost: str = "auto"
 
     def __post_init__(self):
         if len(self.candidates) < 1:
             raise RecipeError("candidates", "give at least one candidate recipe")
+        if self.cost not in COSTS:
+            raise RecipeError("cost", f"unknown cost {self.cost!r}; use one of {COSTS}")
         if isinstance(self.budget, dict) and "latency_ms" in self.budget:
             latency_budget(self.budget)
         elif self.quality is None or self.budget:
@@ -114,4 +127,4 @@ class AutoRecipe:
 
 
 __all__ = ["AutoRecipe", "Quality", "size_budget", "latency_budget", "SIZE_BUDGETS", "LATENCY_DEFAULTS",
-           "LATENCY_KEYS", "CLOCKS"]
+           "LATENCY_KEYS", "CLOCKS", "COSTS"]

@@ -112,6 +112,10 @@ def _auto_dynamic(value):
                            value)
 
 
+def _batch_dynamic(value):
+    return pytree.tree_map(lambda v: {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None, value)
+
+
 CAPTURE_BUDGET_S = 300.0   # seconds torch.export may take in capture() before a CaptureError (None: no limit)
 
 
@@ -202,7 +206,9 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[di
 
     ``dynamic_shapes="auto"`` (see :func:`auto_dims`) keeps the batch of every input free, and the
     sequence of token inputs and sequence features; the channel and spatial dims of image-like
-    inputs (float, 4-D or 5-D) stay static. Pass ``None`` for fully static shapes or a
+    inputs (float, 4-D or 5-D) stay static. A model with recurrent layers (``nn.LSTM``, ``nn.GRU``,
+    ``nn.RNN``) keeps only the batch free: quantizing them unrolls the recurrence over a fixed number
+    of steps (:mod:`qcompile.passes.recurrent`). Pass ``None`` for fully static shapes or a
     ``torch.export`` spec of your own, e.g. ``{"pixel_values": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}}``
     for images of any size. ``training=True`` captures the training graph (batch-norm with batch
     statistics, live dropout) for QAT. Sizes 0/1 in the examples are specialised by
@@ -221,8 +227,10 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[di
     positional, constants = binder.positional, binder.constants
     tensor_kwargs = {k: example_kwargs[k] for k in binder.keywords}
     if dynamic_shapes == "auto":
-        dynamic_shapes = {**{n: _auto_dynamic(a) for n, a in zip(positional, example_inputs)},
-                          **{k: _auto_dynamic(v) for k, v in tensor_kwargs.items()},
+        # an LSTM/GRU/RNN is quantized unrolled over a fixed number of steps: only the batch stays free
+        auto = _batch_dynamic if any(isinstance(m, nn.RNNBase) for m in model.modules()) else _auto_dynamic
+        dynamic_shapes = {**{n: auto(a) for n, a in zip(positional, example_inputs)},
+                          **{k: auto(v) for k, v in tensor_kwargs.items()},
                           **{k: None for k in constants}}
         if any(n.startswith("arg") for n in positional):  # *args forward: name-keyed spec impossible
             dynamic_shapes = None

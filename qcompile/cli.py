@@ -6,10 +6,14 @@
     qcompile analyze --model minilm --candidates w8,w4-g64,w3-g64 --out out/sensitivity
     qcompile quantize --model minilm --recipe auto --bits 4.5 --candidates w8,w4-g64,w3-g64 --out out/auto
     qcompile quantize --model minilm --recipe out/auto/chosen.yaml --out out/again      # the same model
+    qcompile generate --model smollm2 --prompt "The capital of France is" --recipe w4-g64 --backend onnx
+    qcompile quantize --model path/to/llama --recipe w4-g64-gptq --out out/llama-w4   # block by block, resumable
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -160,7 +164,42 @@ def _analyze(args) -> int:
     return 0
 
 
+def _quantize_directory(args) -> int:
+    """``--model DIR``: a transformers decoder model directory, quantized one block at a time on
+    calibration windows cut by the directory's own tokenizer (:mod:`qcompile.blockwise`)."""
+    from .blockwise import quantize_directory
+    from .eval.perplexity import calibration_windows
+    from .recipe import resolve_recipe
+
+    if not args.out:
+        print("qcompile: --model DIR needs --out (the blocks are written there as they finish; a killed run "
+              "resumes from it)", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        print(f"qcompile: '{args.model}' has no tokenizer to cut calibration windows with: {e}", file=sys.stderr)
+        return 2
+    recipe = resolve_recipe(args.recipe)
+    if args.backend:
+        recipe = dataclasses.replace(recipe, backend=args.backend).validate()
+    cal = calibration_windows(tokenizer, n=args.windows, length=args.window_tokens)
+    out = quantize_directory(args.model, recipe, cal, args.out, progress=True)
+    report = json.loads((out / "qcompile.json").read_text())["report"]
+    for step in report["steps"]:
+        print(f"{step['step']:40s} {step['seconds']:8.1f} s   peak RSS {step['peak_rss_mb']:8.0f} MiB")
+    print(f"saved to {out}/ in {report['seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB "
+          f"(load with qcompile.load('{out}'))")
+    return 0
+
+
 def _quantize(args) -> int:
+    from .blockwise import is_model_directory
+
+    if is_model_directory(args.model):
+        return _quantize_directory(args)
     if args.model not in JOBS:
         from .errors import closest
 
@@ -227,11 +266,61 @@ def _sensitivity_args(p) -> None:
                         "hessian: the layer-local Hessian proxy (no extra forward pass; for large models)")
 
 
+def _check(args) -> int:
+    from .check import check
+
+    result = check(args.path)
+    print(result)
+    return 0 if result.passed else 1
+
+
+def _causal_lm(name: str):
+    """(a float ``*ForCausalLM``, its tokenizer): the bundled ``smollm2`` or a local transformers directory."""
+    if name == "smollm2":
+        from qcompile.models.smollm2 import load_smollm2
+
+        bundle = load_smollm2()
+        return bundle.model, bundle.tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype="float32").eval(), AutoTokenizer.from_pretrained(name)
+
+
+def _generate(args) -> int:
+    import torch
+
+    import qcompile
+
+    torch.set_num_threads(args.threads)
+    model, tok = _causal_lm(args.model)
+    ids = torch.tensor([tok(args.prompt)["input_ids"]], dtype=torch.int64)
+    lm = qcompile.causal_lm(model, max_context=args.max_context, max_batch=2)
+    q = qcompile.quantize(lm, args.recipe, lm.example_inputs, calibration=lm.calibration([ids]), **lm.capture_options)
+    art = q if args.backend == "reference" else qcompile.lower(q, args.backend, threads=args.threads)
+    shown = []
+
+    def stream(token):                                   # print the text as it grows (tokens merge into words)
+        shown.append(int(token[0]))
+        text = tok.decode(shown, skip_special_tokens=True)
+        print(text[len(stream.printed):], end="", flush=True)
+        stream.printed = text
+    stream.printed = ""
+    print(args.prompt, end="", flush=True)
+    _, stats = qcompile.generate(art, ids, args.max_new_tokens, do_sample=args.temperature > 0,
+                                 temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                 eos_token_id=tok.eos_token_id, streamer=stream, return_stats=True)
+    print(f"\n[{args.recipe} on {args.backend}: {stats}]", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qcompile", description="Quantization compiler for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a bundled model and print the report")
-    q.add_argument("--model", default="minilm", help="bundled model (minilm, smollm2)")
+    q.add_argument("--model", default="minilm", help="bundled model (minilm, smollm2), or a transformers decoder "
+                                                    "model directory (safetensors shards; quantized block by block)")
+    q.add_argument("--windows", type=int, default=8, help="--model DIR: calibration windows")
+    q.add_argument("--window-tokens", type=int, default=512, help="--model DIR: tokens per calibration window")
     q.add_argument("--recipe", default="w8a8", help="preset name, YAML/JSON recipe file, or 'auto' (mixed precision "
                                                     "chosen by measurement under --bits, from --candidates)")
     q.add_argument("--out", default=None, help="directory to save the quantized model, report.json and report.html")
@@ -253,8 +342,25 @@ def main(argv=None) -> int:
     a.add_argument("--batch-size", type=int, default=16)
     _sensitivity_args(a)
     a.set_defaults(func=_analyze)
+    g = sub.add_parser("generate", help="quantize a causal LM with a KV cache and stream generated text")
+    g.add_argument("--model", default="smollm2", help="bundled 'smollm2' or a local transformers model directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--recipe", default="w4-g64")
+    g.add_argument("--backend", default="reference", choices=["reference", "onnx", "tvm"])
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-context", type=int, default=512)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=1)
+    g.set_defaults(func=_generate)
     r = sub.add_parser("recipes", help="list the preset recipes")
     r.set_defaults(func=_recipes)
+    c = sub.add_parser("check", help="reload a saved artifact, re-run its smoke inputs, compare with its recorded parity")
+    c.add_argument("path", help="a directory saved by QuantizedModel.save or the compressed-tensors backend, "
+                                "or an .onnx / .gguf file saved by qcompile")
+    c.set_defaults(func=_check)
     args = parser.parse_args(argv)
     from .errors import QCompileError
 

@@ -45,8 +45,19 @@ class QuantizationError(QCompileError, ValueError):
     and the layer where one is known."""
 
 
+class GenerationError(QCompileError, ValueError):
+    """A generation request cannot run: an empty prompt, a prompt or ``max_new_tokens`` past the maximum
+    context, a token id outside the vocabulary, a model without a causal-LM head or captured without
+    a KV cache. Raised before anything runs: the artifact stays usable."""
+
+
 class ArtifactError(QCompileError):
     """A saved artifact is missing, corrupted, truncated or of an unknown format version."""
+
+
+class ParityError(ArtifactError):
+    """``qcompile.check``: a reloaded artifact's outputs on its recorded smoke inputs are further from
+    the recorded reference outputs than its recorded parity allows (wrong weights or metadata)."""
 
 
 def closest(value: str, choices: Iterable[str]) -> str:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .errors import CalibrationError, RecipeError
 from .formats import Format, get_format
 from .observers import Observer, weight_qparams
@@ -87,8 +88,7 @@ def _has_zero_point(spec: QuantSpec) -> bool:
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
+    return distributed.group() is not None
 
 
 class FakeQuantize(nn.Module):
@@ -181,9 +181,7 @@ class FakeQuantize(nn.Module):
                                        f"{int(self.steps)}")
             lo, hi = xd.min(), xd.max()
             if self.config.sync_observers and _distributed():
-                lo, hi = lo.clone(), hi.clone()
-                torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-                torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+                lo, hi = distributed.all_reduce(lo, "min"), distributed.all_reduce(hi, "max")
             if self.spec.observer == "minmax" or not bool(self.initialized):
                 self.min_val.copy_(torch.minimum(self.min_val, lo))
                 self.max_val.copy_(torch.maximum(self.max_val, hi))
@@ -275,8 +273,7 @@ class GraphBatchNorm(nn.Module):
         y = F.batch_norm(x, mean, var, self.weight, self.bias, True, self._momentum(), self.eps)
         with torch.no_grad():
             for t, dst in ((mean, self.running_mean), (var, self.running_var)):
-                torch.distributed.all_reduce(t)
-                dst.copy_(t / torch.distributed.get_world_size())
+                dst.copy_(distributed.all_reduce(t) / distributed.world_size())
         return y
 
     def folded_scale(self) -> torch.Tensor:

@@ -34,6 +34,12 @@ NF4_CODEBOOK = (
 
 _EPS = torch.finfo(torch.float32).eps
 
+# Zero point dtypes that hold the group minimum m itself (x = s q + m, llama.cpp's form) rather
+# than an offset z (x = (q - z) s): float16 (Q4_1/Q5_1's m) and float64, the exact value of a
+# k-quant's two-level minimum -dmin * code (up to 17 significant bits: no float16 holds it, and
+# float32 already means an offset). See two_level_quantize.
+MINIMUM_DTYPES = (torch.float16, torch.float64)
+
 # The largest |x| a range may reach: above it float32 overflows in ``max - min`` or in
 # ``(code - zero_point) * scale`` (an unsigned symmetric grid reaches 1 + 1/(2^bits - 1) times the
 # range), and the round trip would return Inf. choose_qparams raises QuantizationError instead.
@@ -134,8 +140,9 @@ class Format:
         if self.kind != "float" and torch.isnan(x).any():
             raise QuantizationError(f"format '{self.name}' has no code for NaN ({int(torch.isnan(x).sum())} of "
                                     f"{x.numel()} values are NaN)")
-        if self.kind == "int" and zero_point is not None and zero_point.dtype == torch.float16:
-            # a float16 zero point is the group minimum m itself (llama.cpp's Q4_1/Q5_1): x = s q + m
+        if self.kind == "int" and zero_point is not None and zero_point.dtype in MINIMUM_DTYPES:
+            # a float16 (or float64) zero point is the group minimum m itself (llama.cpp's Q4_1/Q5_1
+            # and k-quants): x = s q + m
             q = torch.round((x.float() - zero_point.float()) / scale)
             return q.clamp(self.qmin, self.qmax).to(self.storage)
         if self.kind == "int" and zero_point is not None and zero_point.is_floating_point():
@@ -157,7 +164,7 @@ class Format:
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                    dtype: torch.dtype = torch.float32):
-        if self.kind == "int" and zero_point is not None and zero_point.dtype == torch.float16:
+        if self.kind == "int" and zero_point is not None and zero_point.dtype in MINIMUM_DTYPES:
             # s q + m in float32: q s is exact (a float16 scale times a code of <= 13 bits), then one
             # rounding, as llama.cpp's dequantize_row_q4_1 and gguf.quants compute it (bit-exact)
             return (q.float() * scale.float() + zero_point.float()).to(dtype)
@@ -167,8 +174,10 @@ class Format:
             from torchao.quantization.quant_primitives import dequantize_affine
 
             scale, zero_point = _as_same_rank(q, scale, zero_point)
+            # torchao has no float64 output: a k-quant minimum (float64) is computed in float32, exactly
+            out = torch.float32 if dtype == torch.float64 else dtype
             return dequantize_affine(q, _block_size(q, scale), scale, zero_point, self.storage,
-                                     int(self.qmin), int(self.qmax), output_dtype=dtype)
+                                     int(self.qmin), int(self.qmax), output_dtype=out).to(dtype)
         if self.kind == "float":
             return (q.float() * scale).to(dtype)
         book = torch.tensor(self.codebook, dtype=torch.float32)
@@ -241,12 +250,14 @@ def rebuild_scales(codes: torch.Tensor, block_scales: torch.Tensor, offset: torc
     return out if floor is None else out.clamp_min(floor)
 
 
-def scale_grid(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+def scale_grid(scale: torch.Tensor, scale_dtype: str, group_size: int = 0) -> torch.Tensor:
     """The scales a weight is really quantized with once stored as ``scale_dtype`` (a
     :data:`~qcompile.spec.SCALE_DTYPES` name): ``"int8"`` double-quantizes them
     (:func:`double_quantize_scales` then :func:`rebuild_scales`, deterministic, so convert and
     GPTQ/AWQ get the same grid from the same float scales); other dtypes are already rounded by
-    ``choose_qparams``."""
+    ``choose_qparams``. The k-quant dtypes (:data:`TWO_LEVEL`) need the weight's ``group_size``."""
+    if scale_dtype in TWO_LEVEL:
+        return two_level_values(*two_level_quantize(scale, scale_dtype, group_size), group_size)
     if scale_dtype != "int8":
         return scale
     return rebuild_scales(*double_quantize_scales(scale), scale.shape)
@@ -259,22 +270,87 @@ def float16_minimum(scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tens
     return (-zero_point.float() * scale.float()).half()
 
 
+def kquant_minimum(scale: torch.Tensor, zero_point: torch.Tensor, fmt: "Format"):
+    """A float zero point's range ``[m, m + (qmax - qmin) s]`` (``m = -z s``) as a k-quant holds it:
+    the minimum is never above 0 (llama.cpp stores ``-dmin * code``, ``dmin, code >= 0``), so a range
+    above 0 is widened down to 0 and the scale grows to keep its top. Returns ``(scale, m)``, ``m``
+    float64 (a minimum, :data:`MINIMUM_DTYPES`), both before the two-level rounding."""
+    s = scale.float()
+    lo = -zero_point.float() * s
+    hi = lo + (fmt.qmax - fmt.qmin) * s
+    lo = lo.clamp_max(0)
+    return ((hi - lo) / (fmt.qmax - fmt.qmin)).clamp_min(_EPS), lo.double()
+
+
 def zero_point_as_offset(scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A float16 minimum ``m`` (:func:`float16_minimum`) as the float32 zero point ``z = -m / s``
     for code that rounds ``x/s + z`` inline (GPTQ's column loop); other zero points unchanged."""
-    if zero_point is None or zero_point.dtype != torch.float16:
+    if zero_point is None or zero_point.dtype not in MINIMUM_DTYPES:
         return zero_point
     return -zero_point.float() / scale.float()
 
 
-def zero_point_grid(zero_point: Optional[torch.Tensor], zero_point_dtype: str) -> Optional[torch.Tensor]:
+def zero_point_grid(zero_point: Optional[torch.Tensor], zero_point_dtype: str,
+                    group_size: int = 0) -> Optional[torch.Tensor]:
     """The zero points a weight is really quantized with once stored as ``zero_point_dtype`` (a
     :data:`~qcompile.spec.ZERO_POINT_DTYPES` name): ``"int8"`` double-quantizes the float zero
     points like :func:`scale_grid` does scales (no floor: they may be negative); the others are
-    stored as they are."""
+    stored as they are. ``"kquant6"``: the minimum on its two-level grid (:func:`two_level_quantize`,
+    float64, needs ``group_size``)."""
+    if zero_point is not None and zero_point_dtype in TWO_LEVEL:
+        return two_level_values(*two_level_quantize(zero_point, zero_point_dtype, group_size), group_size,
+                                torch.float64)
     if zero_point is None or zero_point_dtype != "int8":
         return zero_point
     return rebuild_scales(*double_quantize_scales(zero_point), zero_point.shape, floor=None)
+
+
+# llama.cpp's k-quants store a weight's per-group scales (and minima) as small codes against one
+# float16 scale per super-block of 256 weights of a row (``ggml-common.h``): scale_dtype /
+# zero_point_dtype name -> the format of those codes. "kquant6": 6-bit codes (Q4_K / Q5_K's
+# ``scales``, their minima against ``dmin``); "kquant8": 8-bit codes (Q6_K's int8 ``scales``);
+# "kquant4": 4-bit codes (Q2_K's scales and minima); "kquant6s": signed 6-bit codes (Q3_K's scales).
+TWO_LEVEL = {"kquant6": "uint6", "kquant8": "int8", "kquant4": "uint4", "kquant6s": "int6"}
+SUPER_BLOCK = 256
+
+
+def two_level_quantize(values: torch.Tensor, dtype: str, group_size: int):
+    """Per-group scales ``[N, G]`` (positive) or minima (``<= 0``: a float64 or float16 zero point,
+    ``x = s q + m``) as llama.cpp's k-quants store them: codes of ``TWO_LEVEL[dtype]`` and one
+    float16 super-scale per ``256 / group_size`` groups of a row (the last super-block of a row that
+    is not a multiple of 256 is shorter; the gguf backend then refuses the layer). The super-scale is
+    ``max / code_max`` rounded up to float16 (no code clips); a scale's code is at least 1 (a group
+    never collapses to zero). Minima are coded as ``-m`` against a *negative* super-scale ``-dmin``,
+    so the rebuilt value is ``code * super`` either way. Returns ``(codes [N, G], super [N, S] float16)``."""
+    if dtype not in TWO_LEVEL:
+        raise RecipeError("scale_dtype", f"'{dtype}' is not a two-level (k-quant) dtype; {closest(dtype, TWO_LEVEL)}")
+    if not group_size or SUPER_BLOCK % group_size:
+        raise RecipeError("group_size", f"{dtype} scales need a group size dividing {SUPER_BLOCK}, got {group_size}")
+    fmt = FORMATS[TWO_LEVEL[dtype]]
+    v = values.detach().float()
+    minimum = values.dtype in MINIMUM_DTYPES
+    if minimum:
+        v = -v
+    if v.dim() != 2 or bool((v < 0).any()):
+        what = "minima must be <= 0" if minimum else "scales must be >= 0"
+        raise QuantizationError(f"{dtype} two-level scales: expected [rows, groups] values; {what}")
+    per = SUPER_BLOCK // group_size
+    n, g = v.shape
+    blocks = -(-g // per)
+    padded = torch.nn.functional.pad(v, (0, blocks * per - g)).reshape(n, blocks, per)
+    sup = _round_up_to(padded.amax(-1) / fmt.qmax, torch.float16)
+    lo = 0 if minimum else 1
+    codes = torch.round(v / sup.repeat_interleave(per, 1)[:, :g]).clamp(lo, fmt.qmax).to(fmt.storage)
+    return codes, (-sup if minimum else sup).half()
+
+
+def two_level_values(codes: torch.Tensor, super_scale: torch.Tensor, group_size: int,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The scales (``float32``) or minima (``float64``) :func:`two_level_quantize`'s output stands for:
+    ``code * super`` with the canonical dequantize op (what the converted graph computes; exact,
+    a float16 times a code of at most 8 bits)."""
+    fmt = "int8" if codes.dtype == torch.int8 else "uint6"   # (int6 codes: the same values as int8)
+    return torch.ops.qcompile.dequantize(codes, super_scale, None, fmt, SUPER_BLOCK // group_size, dtype)
 
 
 def _check_range(name: str, min_val: torch.Tensor, max_val: torch.Tensor) -> None:

@@ -8,10 +8,14 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import distributed
 from .artifact import code_tensors, load_program, save_program
+from .blockwise_artifact import is_blockwise, load_blockwise
 from .calibration import run_calibration
+from .contract import SMOKE_FILE, record, smoke_bytes, smoke_tensors
 from .capture import Captured, InputBinder, call_checked, example_from_dict, example_to_dict
 from .errors import BackendError, CalibrationError, InputError
+from .observers import all_reduce_statistics
 from .passes.infra import PassManager
 from .recipe import Recipe
 from .report import Report
@@ -48,8 +52,10 @@ class PreparedModel(nn.Module):
     def calibrate(self, data, max_samples: Optional[int] = None, progress: Optional[bool] = None) -> int:
         """Run every item of ``data`` (tuples or kwargs dicts) through the model."""
         cfg = self.recipe.calibration
-        return run_calibration(lambda item: self._captured.binder.apply(self, item), data,
-                               max_samples or cfg.max_samples, cfg.progress if progress is None else progress)
+        n = run_calibration(lambda item: self._captured.binder.apply(self, item), data,
+                            max_samples or cfg.max_samples, cfg.progress if progress is None else progress)
+        all_reduce_statistics(self.graph_module)   # data-parallel calibration (qcompile.distributed)
+        return n
 
 
 class QuantizedModel(nn.Module):
@@ -71,6 +77,7 @@ class QuantizedModel(nn.Module):
         self.report = report
         self._example = example          # (args, kwargs, dynamic_shapes) to re-export for saving
         self._exported = exported
+        self.process_group = None        # the torch.distributed group quantize() ran on (None: the default)
 
     def forward(self, *args, **kwargs):
         args, kwargs = self.binder.call(args, dict(kwargs))
@@ -114,14 +121,26 @@ class QuantizedModel(nn.Module):
         meta = {"recipe": self.recipe.to_dict(), "binder": self.binder.to_dict(), "report": self.report.to_dict(),
                 "example": example_to_dict(self._example, self.binder, self.exported_program())
                 if self._example is not None else None}
-        return save_program(self.exported_program(), code_tensors(self.graph_module), meta, path, extra_files)
+        extra_files = dict(extra_files or {})
+        if self._example is not None:   # the contract: smoke inputs, reference outputs, parity (qcompile.check)
+            args, kwargs = self._example[:2]
+            kwargs = {k: v for k, v in kwargs.items() if k in self.binder.keywords}
+            with torch.no_grad():
+                smoke = smoke_tensors(args, kwargs, self(*args, **kwargs))
+            extra_files[SMOKE_FILE] = smoke_bytes(smoke)
+            # the saved program is this graph: the reference of every backend, bit-identical on reload
+            meta["contract"] = record(self.recipe, self.report, self.backend, {"max_abs": 0.0, "max_rel": 0.0},
+                                      "qcompile reference (the saved torch.export program)")
+        with distributed.using(self.process_group):   # under data-parallel calibration rank 0 alone writes
+            return save_program(self.exported_program(), code_tensors(self.graph_module), meta, path, extra_files)
 
     def extra_repr(self) -> str:
         return f"recipe={self.recipe.name!r}, backend={self.backend!r}"
 
 
 def load(path: Union[str, Path]) -> QuantizedModel:
-    """Load a model saved with :meth:`QuantizedModel.save`; outputs are bit-identical, and it lowers
+    """Load a model saved with :meth:`QuantizedModel.save` (or, from a layer-by-layer run, the
+    assembled :class:`~qcompile.blockwise_artifact.BlockwiseModel`); outputs are bit-identical, and it lowers
     to a backend like the model ``quantize()`` returned (the saved input shapes, dtypes and
     dynamic-dim ranges export it again: :meth:`QuantizedModel.export_example`).
 
@@ -131,6 +150,8 @@ def load(path: Union[str, Path]) -> QuantizedModel:
         >>> same = qcompile.load("out/minilm-w8a8")
         >>> art = qcompile.lower(same, backend="tvm")
     """
+    if is_blockwise(path):
+        return load_blockwise(path)
     ep, meta = load_program(path)
     b = meta["binder"]
     binder = InputBinder(b["positional"], b["keywords"], b.get("constants", {}))

@@ -7,7 +7,7 @@ numbering, one log.
 
 Phases, in order (a stage's phase names its timing and groups its dump files)::
 
-    capture        fold_batch_norm, normalize_linear, annotate
+    capture        fold_batch_norm, decompose_recurrent, normalize_linear, annotate
     rotation       rotate_residual                                                  (recipe.rotation)
     smoothing      insert_channel_stats, calibrate (statistics), apply_smoothing    (recipe.smoothing)
     <method>       apply_weight_algorithm                                           (recipe.weight_algorithm)
@@ -36,8 +36,10 @@ from .capture import Captured, call_checked, capture
 from .errors import CalibrationError
 from .measure import measure
 from .model import PreparedModel, QuantizedModel
-from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass, ConvertPass, FoldBatchNormPass,
-                     InsertChannelStatsPass, InsertFakeQuantPass, InsertObserversPass, NormalizeLinearPass)
+from .observers import all_reduce_statistics
+from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass, ConvertPass,
+                     DecomposeRecurrentPass, FoldBatchNormPass, InsertChannelStatsPass, InsertFakeQuantPass,
+                     InsertObserversPass, NormalizeLinearPass)
 from .passes.annotate import AnnotateResult, annotated_nodes
 from .passes.convert import ConvertResult
 from .passes.rotate import RotateResidualPass, RotationResult
@@ -89,6 +91,7 @@ class CalibratePass(Pass):
             return call_checked(gm, args, kwargs, CalibrationError)
 
         n = run_calibration(feed, self.data, self.config.max_samples, self.config.progress, desc=self.desc)
+        all_reduce_statistics(gm)   # data-parallel calibration: every rank gets all ranks' statistics
         return CalibrationResult(gm, False, samples=n, calibrates_observers=self.observers)
 
 
@@ -118,8 +121,8 @@ def ptq_stages(recipe: Recipe, placement: Capabilities, captured: Captured, cali
     smoothing statistics and GPTQ/AWQ read; ``calibrate``: include the observers' calibration step
     on the same data (``quantize``), else the caller calibrates the prepared model itself."""
     binder = captured.binder
-    stages = [Stage(FoldBatchNormPass(), CAPTURE), Stage(NormalizeLinearPass(), CAPTURE),
-              Stage(AnnotatePass(recipe), CAPTURE)]
+    stages = [Stage(FoldBatchNormPass(), CAPTURE), Stage(DecomposeRecurrentPass(recipe), CAPTURE),
+              Stage(NormalizeLinearPass(), CAPTURE), Stage(AnnotatePass(recipe), CAPTURE)]
     if recipe.rotation is not None:   # float-exact, so before everything that measures or solves on data
         stages.append(Stage(RotateResidualPass(recipe.rotation), ROTATION))
     if recipe.smoothing is not None:
@@ -201,7 +204,9 @@ def report_from_log(recipe_name: str, run: PassManager, user_calibration: int) -
               for layer in r.result.changed]
     calibrated = sum(r.samples for r in run.results(CalibrationResult) if r.calibrates_observers)
     return Report(recipe=recipe_name,
-                  kept_float={k: v for r in annotate for k, v in r.skipped.items()},
+                  kept_float={**{k: v for r in annotate for k, v in r.skipped.items()},
+                              **{k: v for r in run.records if r.name == DecomposeRecurrentPass.name and r.result
+                                 for k, v in r.result.skipped.items()}},
                   smoothing=[e for r in run.results(SmoothingResult) for e in r.records],
                   tied_weights={**{k: v for r in annotate for k, v in r.tied.items()},
                                 **{k: "untied by the rotation (the head holds E·diag(γ)·Q, the embedding E·Q): "

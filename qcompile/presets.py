@@ -49,13 +49,21 @@ preset                  what it does
                         backend writes the codes bit for bit: ``gguf-q8_0`` (int8), ``gguf-q4_0`` (uint4,
                         symmetric: offset 8), ``gguf-q4_1`` (uint4, float16 minimum), ``gguf-q5_0``,
                         ``gguf-q5_1``; ``-gptq``: solved by GPTQ on that grid. The embedding / tied head
-                        is Q8_0 (int8 in groups of 32, float16 scales), as llama.cpp keeps it
+                        is Q8_0 (int8 in groups of 32, float16 scales), as llama.cpp keeps it;
+                        ``gguf-q4_0``/``gguf-q5_0`` round to nearest with llama.cpp's own scale
+                        (observer ``signed_max``)
+``gguf-q4_k_m`` ...     llama.cpp's k-quants exactly (super-blocks of 256, two-level ``kquant6``/``kquant8``
+                        scales): Q4_K everywhere, Q6_K for v_proj/down_proj (every layer) and the tied
+                        embedding; ``-gptq`` solved by GPTQ; ``gguf-q5_k_m`` (Q5_K), ``gguf-q6_k``. Rows must
+                        be multiples of 256: :func:`llama_cpp_mix` gives each layer of a model llama.cpp's
+                        own type, fallbacks included
 ======================  ===============================================================================
 
-The LLM presets (``-gptq``/``-awq``, ``w5-g64-gptq``, ``w3-g64``, ``w2-g64``, ``nf4``, ``q4_k_m``, ``q6_k``, ``fp8-e4m3``) keep a tied ``lm_head``
-(``tied_head: embedding``) on the embedding's int8 per-channel weight: one shared tensor, and the
-output projection, the layer small LLMs are most sensitive to, stays at 8 bits (llama.cpp keeps it
-at 6-8 bits too). ``w4-g64``/``w4-g128`` quantize it like any Linear (untied, 4-bit).
+Every preset keeps a tied ``lm_head`` on the embedding's weight (``tied_head: embedding``, the
+recipe default): one shared tensor, so the output projection, the layer small LLMs are most
+sensitive to, stays at the embedding's 8 bits (llama.cpp keeps it at 6-8 bits too). Measured on
+SmolLM2 and held-out text (float 16.44, issue 25): ``w4-g64`` with the head at 4 bits gave perplexity
+26.10, with the shared 8-bit head 22.24. ``tied_head: default`` quantizes it like any Linear (untied).
 """
 from __future__ import annotations
 
@@ -135,7 +143,7 @@ def _weight_only(name: str, weight: QuantSpec, algorithm: Optional[str] = None,
     def make() -> Recipe:
         algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
         return Recipe(name=name, default=LayerConfig(weight), embedding=INT8_EMBEDDING,
-                      weight_algorithm=algo, tied_head="embedding", rotation=rotation)
+                      weight_algorithm=algo, rotation=rotation)
     return make
 
 
@@ -158,25 +166,132 @@ def _q4_k_m(algorithm: Optional[str] = None, zero_point_dtype: str = "code") -> 
         algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
         name = "q4_k_m" + ("" if algorithm is None else f"-{algorithm}") + ("" if zero_point_dtype == "code" else "-min")
         return Recipe(name=name, default=k(4),
-                      embedding=INT8_EMBEDDING, tied_head="embedding", weight_algorithm=algo,
+                      embedding=INT8_EMBEDDING, weight_algorithm=algo,
                       overrides={r"re:.*\.(v_proj|down_proj)$": k(6)})
     return make
 
 
-def _gguf_block(bits: int, minimum: bool = False) -> QuantSpec:
+def _gguf_block(bits: int, minimum: bool = False, observer: str = "minmax") -> QuantSpec:
     # llama.cpp's Q{bits}_0 (x = d (u - 2^(bits-1)): symmetric unsigned codes, whose zero point is
-    # that middle code) or Q{bits}_1 (x = d u + m: a float16 minimum), blocks of 32, float16 d
+    # that middle code) or Q{bits}_1 (x = d u + m: a float16 minimum), blocks of 32, float16 d.
+    # observer "signed_max": llama.cpp's own Q4_0/Q5_0 scale, d = signed max / -2^(bits-1)
     fmt = "int8" if bits == 8 else f"uint{bits}"
-    return QuantSpec(fmt, "per_group", symmetric=not minimum, group_size=32, scale_dtype="float16",
+    return QuantSpec(fmt, "per_group", symmetric=not minimum, group_size=32, observer=observer, scale_dtype="float16",
                      zero_point_dtype="float16" if minimum else "code")
 
 
-def _gguf(name: str, bits: int, minimum: bool = False, algorithm: Optional[str] = None) -> Callable[[], Recipe]:
+def _gguf(name: str, bits: int, minimum: bool = False, algorithm: Optional[str] = None,
+          observer: str = "minmax") -> Callable[[], Recipe]:
     def make() -> Recipe:
         algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
-        return Recipe(name=name, default=LayerConfig(_gguf_block(bits, minimum)),
-                      embedding=LayerConfig(_gguf_block(8)), weight_algorithm=algo, tied_head="embedding")
+        return Recipe(name=name, default=LayerConfig(_gguf_block(bits, minimum, observer)),
+                      embedding=LayerConfig(_gguf_block(8)), weight_algorithm=algo)
     return make
+
+
+def _gguf_k(bits: int) -> QuantSpec:
+    # llama.cpp's k-quants (qcompile.backends.gguf.kquants): Q4_K / Q5_K are uint4 / uint5 in groups
+    # of 32 with a minimum, scales and minima as 6-bit codes against a float16 d / dmin per 256 weights;
+    # Q6_K is int6 symmetric in groups of 16 with 8-bit scale codes against a float16 d per 256
+    if bits == 6:
+        return QuantSpec("int6", "per_group", symmetric=True, group_size=16, scale_dtype="kquant8")
+    if bits == 3:   # Q3_K: int3 symmetric in groups of 16, signed 6-bit scale codes
+        return QuantSpec("int3", "per_group", symmetric=True, group_size=16, scale_dtype="kquant6s")
+    if bits == 2:   # Q2_K: uint2 in groups of 16, 4-bit scale and minimum codes
+        return QuantSpec("uint2", "per_group", symmetric=False, group_size=16, scale_dtype="kquant4",
+                         zero_point_dtype="kquant4")
+    return QuantSpec(f"uint{bits}", "per_group", symmetric=False, group_size=32, scale_dtype="kquant6",
+                     zero_point_dtype="kquant6")
+
+
+# a GGUF type name -> the weight spec of qcompile's that equals it bit for bit
+# (rtn: round to nearest, so Q4_0/Q5_0 take llama.cpp's own signed-max scale, as gguf-q4_0 does)
+def gguf_spec(gguf_type: str, rtn: bool = True) -> QuantSpec:
+    """The weight spec of qcompile's that equals the GGUF block type ``gguf_type`` bit for bit."""
+    specs = {"Q8_0": lambda: _gguf_block(8), "Q4_1": lambda: _gguf_block(4, True), "Q5_1": lambda: _gguf_block(5, True),
+             "Q4_0": lambda: _gguf_block(4, observer="signed_max" if rtn else "minmax"),
+             "Q5_0": lambda: _gguf_block(5, observer="signed_max" if rtn else "minmax"),
+             "Q2_K": lambda: _gguf_k(2), "Q3_K": lambda: _gguf_k(3), "Q4_K": lambda: _gguf_k(4), "Q5_K": lambda: _gguf_k(5),
+             "Q6_K": lambda: _gguf_k(6)}
+    return specs[gguf_type]()
+
+
+def _gguf_k_mix(name: str, base: int, more: Optional[int], algorithm: Optional[str] = None) -> Callable[[], Recipe]:
+    # model-independent: attn_v / ffn_down at Q{more}_K in every layer (llama.cpp: in about half,
+    # llama_cpp_mix), the tied head / embedding at Q6_K (llama.cpp's output type)
+    def make() -> Recipe:
+        algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
+        overrides = {} if more is None else {r"re:.*\.(v_proj|down_proj)$": LayerConfig(_gguf_k(more))}
+        return Recipe(name=name, default=LayerConfig(_gguf_k(base)), embedding=LayerConfig(_gguf_k(6)),
+                      weight_algorithm=algo, overrides=overrides)
+    return make
+
+
+# llama.cpp's k-quant mixes (llama_tensor_get_type_impl in src/llama-quant.cpp, Llama architecture,
+# no experts): ftype -> (default type, the type of attn_v / ffn_down in use_more_bits layers)
+_MIXES = {"q4_k_m": ("Q4_K", "Q6_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q6_k": ("Q6_K", None)}
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}   # llama.cpp's tensor_type_fallback
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def llama_cpp_mix(config, ftype: str = "q4_k_m", algorithm: Optional[str] = None) -> tuple[Recipe, dict]:
+    """The recipe that gives each layer of a Llama model (``config``: its transformers config) the
+    GGUF type llama.cpp's own quantizer gives it for ``ftype`` (``"q4_k_m"``, ``"q5_k_m"``,
+    ``"q6_k"``), as exact per-layer overrides, so the gguf backend writes every code bit for bit:
+    attn_v and ffn_down get Q6_K in llama.cpp's ``use_more_bits`` layers (Q4_K_M/Q5_K_M), the output
+    (the token embedding when tied) Q6_K, and a row that is not a multiple of 256 llama.cpp's fallback
+    (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0; the tied output Q8_0). ``algorithm``: ``"gptq"`` or
+    ``"awq"`` solves every layer on its grid. Returns ``(recipe, {layer: (type, why)})``.
+
+    Example::
+
+        >>> recipe, types = qcompile.presets.llama_cpp_mix(model.config, "q4_k_m", "gptq")
+        >>> types["model.layers.0.self_attn.v_proj"]
+        ('Q8_0', 'Q6_K (use_more_bits layer 0 of 30); rows of 576 are not a multiple of 256: llama.cpp falls back to Q8_0')
+    """
+    if ftype not in _MIXES:
+        from .errors import RecipeError, closest
+
+        raise RecipeError("ftype", f"unknown llama.cpp mix '{ftype}'; {closest(ftype, _MIXES)}")
+    base, more = _MIXES[ftype]
+    n, hidden = config.num_hidden_layers, config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    rows = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": heads * head_dim,
+            "gate_proj": hidden, "up_proj": hidden, "down_proj": config.intermediate_size}
+    types: dict = {}
+
+    def pick(layer, want, why, k, output=False):
+        if k % 256:
+            fallback = "Q8_0" if output else _K_FALLBACK[want]
+            why += f"; rows of {k} are not a multiple of 256: llama.cpp falls back to {fallback}"
+            want = fallback
+        types[layer] = (want, why)
+
+    for i in range(n):
+        for proj, k in rows.items():
+            part = "self_attn" if proj.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            layer = f"model.layers.{i}.{part}.{proj}"
+            if more and proj in ("v_proj", "down_proj") and _use_more_bits(i, n):
+                pick(layer, more, f"{more} (use_more_bits layer {i} of {n})", k)
+            else:
+                pick(layer, base, base, k)
+    tied = getattr(config, "tie_word_embeddings", True)
+    if tied:   # llama.cpp quantizes a tied token embedding as the output
+        pick("model.embed_tokens", "Q6_K", "Q6_K (the output, tied to the embedding)", hidden, output=True)
+    else:
+        pick("model.embed_tokens", base, base, hidden)
+        pick("lm_head", "Q6_K", "Q6_K (the output)", hidden, output=True)
+    rtn = algorithm is None
+    overrides = {layer: LayerConfig(gguf_spec(t, rtn)) for layer, (t, _) in types.items() if layer != "model.embed_tokens"}
+    algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
+    recipe = Recipe(name=f"gguf-{ftype}" + (f"-{algorithm}" if algorithm else ""), default=LayerConfig(_gguf_k(int(base[1]))),
+                    embedding=LayerConfig(gguf_spec(types["model.embed_tokens"][0], rtn)), weight_algorithm=algo,
+                    overrides=overrides)
+    return recipe.validate(), types
 
 
 PRESETS.update({
@@ -220,13 +335,19 @@ PRESETS.update({
     "fp8-e4m3": _weight_only("fp8-e4m3", QuantSpec("fp8_e4m3", "per_channel", symmetric=True)),
     # llama.cpp's legacy block types, bit for bit (qcompile.backends.gguf.blocks)
     "gguf-q8_0": _gguf("gguf-q8_0", 8),
-    "gguf-q4_0": _gguf("gguf-q4_0", 4),
+    # round to nearest with llama.cpp's own scale choice (the signed max maps to the lowest code)
+    "gguf-q4_0": _gguf("gguf-q4_0", 4, observer="signed_max"),
     "gguf-q4_1": _gguf("gguf-q4_1", 4, minimum=True),
-    "gguf-q5_0": _gguf("gguf-q5_0", 5),
+    "gguf-q5_0": _gguf("gguf-q5_0", 5, observer="signed_max"),
     "gguf-q5_1": _gguf("gguf-q5_1", 5, minimum=True),
     "gguf-q4_0-gptq": _gguf("gguf-q4_0-gptq", 4, algorithm="gptq"),
     "gguf-q4_1-gptq": _gguf("gguf-q4_1-gptq", 4, minimum=True, algorithm="gptq"),
     "gguf-q5_0-gptq": _gguf("gguf-q5_0-gptq", 5, algorithm="gptq"),
+    # llama.cpp's k-quants bit for bit, model-independent (exact per-layer mix: llama_cpp_mix)
+    "gguf-q4_k_m": _gguf_k_mix("gguf-q4_k_m", 4, 6),
+    "gguf-q4_k_m-gptq": _gguf_k_mix("gguf-q4_k_m-gptq", 4, 6, "gptq"),
+    "gguf-q5_k_m": _gguf_k_mix("gguf-q5_k_m", 5, 6),
+    "gguf-q6_k": _gguf_k_mix("gguf-q6_k", 6, None),
 })
 
 

@@ -26,14 +26,16 @@ from .atomic import atomic_file
 from .auto_recipe import AutoRecipe
 from .backends.base import ALIASES, BACKENDS
 from .errors import RecipeError, closest
-from .spec import QuantSpec
+from .spec import WEIGHT_OBSERVERS, QuantSpec
 
 RECIPE_VERSION = 1
 
 # How a Linear whose weight is an embedding's weight (a tied lm_head) is configured:
 # "default": like any Linear (default/overrides); when its spec differs from the embedding's the
 #            weight is untied: each gets its own quantized copy (the report lists it under "untied").
-# "embedding": it takes the embedding's config, so both read one shared quantized tensor.
+# "embedding" (the default): it takes the embedding's config, so both read one shared quantized
+#            tensor; presets keep embeddings at 8 bits, so the head (the layer small LLMs are most
+#            sensitive to) stays high unless a recipe asks otherwise.
 TIED_HEAD = ("default", "embedding")
 
 
@@ -153,7 +155,7 @@ class Recipe:
     smoothing: Optional[SmoothingConfig] = None
     weight_algorithm: Optional[WeightAlgorithmConfig] = None   # None: round-to-nearest
     rotation: Optional[RotationConfig] = None            # None: no rotation (omitted from to_dict)
-    tied_head: str = "default"                           # see TIED_HEAD
+    tied_head: str = "embedding"                         # see TIED_HEAD
     calibration: CalibrationConfig = CalibrationConfig()
     backend: Optional[str] = None                        # follow this backend's native placement (onnx: conv outputs too)
     qat: Optional[QATConfig] = None                      # QAT settings (None: QATConfig() defaults)
@@ -168,15 +170,16 @@ class Recipe:
         return PRESETS[name]()
 
     @staticmethod
-    def auto(candidates, budget: Optional[dict] = None, max_samples: int = 8, quality=None):
+    def auto(candidates, budget: Optional[dict] = None, max_samples: int = 8, quality=None, cost: str = "auto"):
         """Mixed precision chosen by measurement (see :mod:`qcompile.mixed`): pass the result to
         :func:`qcompile.quantize` like any recipe. Give a ``budget`` (bits per weight, bytes, or
         ``{"latency_ms": ms, "backend": "onnx"}`` measured on that backend: :mod:`qcompile.latency`),
-        or a ``quality`` contract (:class:`qcompile.auto_recipe.Quality`) to get the smallest model meeting it."""
+        or a ``quality`` contract (:class:`qcompile.auto_recipe.Quality`) to get the smallest model meeting it.
+        ``cost``: ``"auto"`` (default), ``"output"`` or ``"hessian"`` (:class:`~qcompile.auto_recipe.AutoRecipe`)."""
 
         if budget is None and quality is None:
             raise RecipeError("budget", "Recipe.auto needs a budget or a quality contract")
-        return AutoRecipe(tuple(candidates), dict(budget or {}), max_samples, quality=quality)
+        return AutoRecipe(tuple(candidates), dict(budget or {}), max_samples, quality=quality, cost=cost)
 
     @staticmethod
     def load(path: Union[str, Path]) -> "Recipe":
@@ -269,7 +272,7 @@ class Recipe:
             smoothing=_small_from_dict(SmoothingConfig, data.get("smoothing"), "smoothing"),
             weight_algorithm=_small_from_dict(WeightAlgorithmConfig, data.get("weight_algorithm"), "weight_algorithm"),
             rotation=_small_from_dict(RotationConfig, data.get("rotation"), "rotation"),
-            tied_head=_typed(data.get("tied_head", "default"), str, "tied_head"),
+            tied_head=_typed(data.get("tied_head", "embedding"), str, "tied_head"),
             calibration=_small_from_dict(CalibrationConfig, data.get("calibration"), "calibration") or CalibrationConfig(),
             backend=data.get("backend"),
             qat=_small_from_dict(QATConfig, data.get("qat"), "qat"),
@@ -291,6 +294,9 @@ class Recipe:
                     raise RecipeError(f"{where}.weight", "weights are constant: use static per_tensor/per_channel/per_group")
             if cfg.activation is not None:
                 cfg.activation.validate(f"{where}.activation")
+                if cfg.activation.observer in WEIGHT_OBSERVERS:
+                    raise RecipeError(f"{where}.activation.observer", "signed_max is a weight scale rule; activations "
+                                      "take minmax, moving_average, percentile, mse or histogram")
                 if cfg.activation.granularity in ("per_channel", "per_group"):
                     raise RecipeError(f"{where}.activation.granularity",
                                       "activations take per_tensor or per_token (dynamic) scales")

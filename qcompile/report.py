@@ -15,6 +15,9 @@ from typing import Optional
 import torch
 
 
+SQNR_CHUNK = 1 << 22    # elements per chunk of sqnr's double-precision sums
+
+
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: ``inf`` only when identical, ``-inf`` when the
     reference is all zeros and the test is not.
@@ -23,8 +26,12 @@ def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
 
         >>> sqnr(torch.ones(4), torch.ones(4) * 1.01)    # 40.0: 1 % relative error
     """
-    ref, test = ref.detach().double().flatten(), test.detach().double().flatten()
-    signal, noise = ref.pow(2).sum(), (ref - test).pow(2).sum()
+    ref, test = ref.detach().flatten(), test.detach().flatten()
+    # in double, a chunk at a time: a whole 128k-vocab embedding in double would take GBs
+    signal = noise = torch.zeros((), dtype=torch.float64)
+    for i in range(0, max(ref.numel(), 1), SQNR_CHUNK):
+        r, t = ref[i:i + SQNR_CHUNK].double(), test[i:i + SQNR_CHUNK].double()
+        signal, noise = signal + r.pow(2).sum(), noise + (r - t).pow(2).sum()
     if noise == 0 or signal == 0:
         return sqnr_from_energy(float(signal), float(noise))
     return float(10 * torch.log10(signal / noise))

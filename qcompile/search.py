@@ -61,11 +61,27 @@ def quantize_auto(auto: AutoRecipe, model, example_inputs, calibration, example_
     return _size_budget(*args)
 
 
+# Above this many parameters, Recipe.auto's default cost is the Hessian proxy: the model-output cost
+# runs layers x candidates forward passes (840 for SmolLM2-135M's 210 Linears and 4 candidates: 17
+# minutes at 14 GB without finishing, issue 25), while MiniLM's (22.7 M, 36 Linears) takes seconds.
+OUTPUT_COST_MAX_PARAMS = 50_000_000
+
+
+def resolved_cost(auto: AutoRecipe, model) -> str:
+    """``auto.cost``, with ``"auto"`` made ``"output"`` or ``"hessian"`` by the model's size."""
+    if auto.cost != "auto":
+        return auto.cost
+    params = sum(p.numel() for p in model.parameters())
+    return "output" if params <= OUTPUT_COST_MAX_PARAMS else "hessian"
+
+
 def measure_candidates(auto: AutoRecipe, model, example_inputs, calibration,
                        example_kwargs) -> tuple[SensitivityTable, dict]:
-    """(the sensitivity table of ``auto``'s candidates, candidate name -> :class:`Recipe`)."""
+    """(the sensitivity table of ``auto``'s candidates, candidate name -> :class:`Recipe`), measured
+    with the cost :func:`resolved_cost` names (the table's ``model_output`` says which)."""
+    cost = resolved_cost(auto, model)
     table = analyze(model, list(auto.candidates), example_inputs, calibration, example_kwargs=example_kwargs,
-                    max_samples=auto.max_samples)
+                    max_samples=auto.max_samples, model_output=cost == "output", progress=cost == "hessian")
     recipes = {c if isinstance(c, str) else resolve_recipe(c).name: resolve_recipe(c) for c in auto.candidates}
     return table, recipes
 
@@ -115,7 +131,8 @@ def search_loop(steps: int, next_limit: Callable[[int, Optional[Trial]], float],
 def _size_budget(auto, model, example_inputs, calibration, example_kwargs, quantize_with):
     table, recipes = measure_candidates(auto, model, example_inputs, calibration, example_kwargs)
     alloc = allocate(table, auto.budget)
-    info = {**alloc.to_dict(), "budget": dict(auto.budget), "most_sensitive": _most_sensitive(table)}
+    info = {**alloc.to_dict(), "budget": dict(auto.budget), "cost": "output" if table.model_output else "hessian",
+            "most_sensitive": _most_sensitive(table)}
     qmodel = quantize_with(alloc.recipe(recipes, auto.name))
     qmodel.report.mixed_precision = info
     return qmodel

@@ -17,14 +17,21 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token", "per_tok
 GROUPED = ("per_group", "per_token_group")   # granularities that take a group_size
 # "int8": the weight's scales are themselves quantized (bitsandbytes' double quantization, see
 # formats.double_quantize_scales); per_group weights only
-SCALE_DTYPES = ("float32", "float16", "int8")
+# "kquant6" / "kquant8": llama.cpp's k-quant two-level scales, 6-bit (Q4_K/Q5_K) or 8-bit (Q6_K)
+# codes against one float16 scale per 256 weights of a row (formats.two_level_quantize); "kquant4":
+# 4-bit codes (Q2_K); "kquant6s": signed 6-bit codes (Q3_K)
+SCALE_DTYPES = ("float32", "float16", "int8", "kquant6", "kquant8", "kquant4", "kquant6s")
 # "code": the zero point is an integer code of the format, x = s (q - z) (the default). The others
 # store a float zero point, x = s (q - z) = s q + m with the minimum m = -s z (llama.cpp's Q4_1 and
 # K-quant form): "float32", "float16", or "int8" (double-quantized like int8 scales); asymmetric
 # integer weights only. "float16" stores the minimum m itself and the ops compute s q + m (llama.cpp's
 # Q4_1/Q5_1 bit for bit, formats.float16_minimum); the others store z and compute (q - z) s
-ZERO_POINT_DTYPES = ("code", "float32", "float16", "int8")
+# "kquant6": the minimum as a k-quant stores it (6-bit codes against a float16 dmin per 256 weights)
+ZERO_POINT_DTYPES = ("code", "float32", "float16", "int8", "kquant6", "kquant4")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram")
+# scale rules for weights only (no activation observer): "signed_max", llama.cpp's Q4_0/Q5_0 scale
+# (observers._signed_max)
+WEIGHT_OBSERVERS = ("signed_max",)
 
 # node.meta keys (namespaced so they never collide with torch's own)
 ANNOTATION = "qcompile.annotation"    # NodeAnnotation on a quantizable op node
@@ -77,16 +84,20 @@ class QuantSpec:
         """The dtype scales are computed in (double-quantized scales start from float32)."""
         import torch
 
-        return torch.float32 if self.scale_dtype == "int8" else getattr(torch, self.scale_dtype)
+        return getattr(torch, self.scale_dtype) if self.scale_dtype in ("float32", "float16") else torch.float32
 
     def validate(self, where: str) -> "QuantSpec":
         fmt = get_format(self.format, f"{where}.format")
         if self.granularity not in GRANULARITIES:
             raise RecipeError(f"{where}.granularity",
                               f"unknown granularity '{self.granularity}'; {closest(self.granularity, GRANULARITIES)}")
-        if self.observer not in OBSERVERS:
-            raise RecipeError(f"{where}.observer",
-                              f"unknown observer '{self.observer}'; {closest(self.observer, OBSERVERS)}")
+        if self.observer not in OBSERVERS + WEIGHT_OBSERVERS:
+            raise RecipeError(f"{where}.observer", f"unknown observer '{self.observer}'; "
+                              f"{closest(self.observer, OBSERVERS + WEIGHT_OBSERVERS)}")
+        if self.observer == "signed_max" and (fmt.kind != "int" or fmt.signed or not self.symmetric or self.dynamic):
+            raise RecipeError(f"{where}.observer", "signed_max (llama.cpp's Q4_0/Q5_0 scale) is for static, symmetric "
+                              f"unsigned integer weights (a middle-code zero point), not '{self.format}'"
+                              f"{'' if self.symmetric else ' asymmetric'}")
         if self.granularity in GROUPED:
             if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
                 raise RecipeError(f"{where}.group_size", f"{self.granularity} needs a positive integer group_size")
@@ -106,6 +117,11 @@ class QuantSpec:
             raise RecipeError(f"{where}.scale_dtype", f"{self.scale_dtype} scales are for weights (static qparams)")
         if self.scale_dtype == "int8" and self.granularity != "per_group":
             raise RecipeError(f"{where}.scale_dtype", "double-quantized (int8) scales need per_group weights")
+        for name in ("scale_dtype", "zero_point_dtype"):
+            divides = isinstance(self.group_size, int) and self.group_size > 0 and 256 % self.group_size == 0
+            if str(getattr(self, name)).startswith("kquant") and not (self.granularity == "per_group" and divides):
+                raise RecipeError(f"{where}.{name}", f"{getattr(self, name)} (k-quant two-level) values need "
+                                  "per_group weights with a group size dividing 256 (llama.cpp's super-block)")
         if self.zero_point_dtype not in ZERO_POINT_DTYPES:
             raise RecipeError(f"{where}.zero_point_dtype", f"unknown zero point dtype '{self.zero_point_dtype}'; "
                               f"{closest(str(self.zero_point_dtype), ZERO_POINT_DTYPES)}")

@@ -1,4 +1,6 @@
 """Small models shared by the pass and API tests (real modules, random weights, seeded)."""
+import socket
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,3 +169,10 @@ def assert_state_equal(model, before):
 
 def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: the rendezvous of the multi-process (gloo) tests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

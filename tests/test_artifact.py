@@ -66,7 +66,7 @@ def test_round_trip_records_version_sizes_and_checksums(saved, tmp_path):
         assert torch.equal(loaded(X), q(X))
     meta = json.loads((a / "qcompile.json").read_text())
     assert meta["artifact_version"] == qcompile.artifact.ARTIFACT_VERSION
-    assert set(meta["files"]) == {"model.safetensors", "program.json"}
+    assert set(meta["files"]) == {"model.safetensors", "program.json", "smoke.safetensors"}
     assert meta["files"]["model.safetensors"]["bytes"] == (a / "model.safetensors").stat().st_size
     # extra files are saved in the same atomic step and checksummed like the rest
     path = q.save(tmp_path / "x", extra_files={"report.json": q.report.to_json()})

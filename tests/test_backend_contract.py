@@ -31,11 +31,13 @@ from qcompile.recipe import CalibrationConfig, LayerConfig, Recipe  # noqa: E402
 from qcompile.spec import LAYER, QuantSpec  # noqa: E402
 
 GROUP = 32
-_EXTRA = {"onnx": "onnx", "tvm": "tvm", "triton-cuda": "triton", "gguf": "gguf"}
+_EXTRA = {"onnx": "onnx", "tvm": "tvm", "triton-cuda": "triton", "gguf": "gguf", "compressed-tensors": "compressed_tensors"}
 # backends that write one model architecture's file, not any graph: their declared cases are
 # lowered and compared with the reference in their own tests (gguf: tests/test_backend_gguf.py, a
 # tiny Llama); here only the refusal of undeclared cases, which runs before any backend code
-WHOLE_MODEL = {"gguf": "gguf writes Llama causal LMs; its declared grids run in tests/test_backend_gguf.py"}
+WHOLE_MODEL = {"gguf": "gguf writes Llama causal LMs; its declared grids run in tests/test_backend_gguf.py",
+               "compressed-tensors": "compressed-tensors writes transformers causal LMs; its declared grids run in "
+                                     "tests/test_backend_compressed_tensors.py"}
 
 
 def _installed(backend_id: str) -> bool:

@@ -186,9 +186,9 @@ def test_a_grid_no_type_holds_names_the_layer_and_the_nearest_type(llama, tokeni
         qcompile.lower(q, backend="gguf", config=llama.config, tokenizer=tokenizer)
 
 
-def test_k_quants_are_not_written_yet(llama, tokenizer):
-    """Double-quantized scales (the k-quants' form): NotImplementedError naming them; q4_k_m's uint6
-    layers are refused by the contract before (no legacy type holds 6 bits)."""
+def test_bitsandbytes_double_quantized_scales_are_refused(llama, tokenizer):
+    """Double-quantized (int8, bitsandbytes') scales: NotImplementedError naming them and the k-quant
+    dtypes GGUF does store (tests/test_gguf_kquants.py); q4_k_m uses them in every layer."""
     from qcompile.recipe import LayerConfig, Recipe
     from qcompile.spec import QuantSpec
 
@@ -196,10 +196,11 @@ def test_k_quants_are_not_written_yet(llama, tokenizer):
     k4 = QuantSpec("uint4", "per_group", symmetric=False, group_size=32, scale_dtype="int8")
     q = qcompile.quantize(llama, Recipe(name="k4", default=LayerConfig(k4)), ids,
                           example_kwargs={"use_cache": False}, report_samples=1)
-    with pytest.raises(NotImplementedError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj'.*k-quants"):
+    with pytest.raises(NotImplementedError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj'.*bitsandbytes.*"
+                                                  r"k-quants .* are scale_dtype kquant6/kquant8"):
         qcompile.lower(q, backend="gguf", config=llama.config, tokenizer=tokenizer)
     q = qcompile.quantize(llama, "q4_k_m", ids, example_kwargs={"use_cache": False}, report_samples=1)
-    with pytest.raises(BackendError, match=r"v_proj.*format 'uint6'"):
+    with pytest.raises(NotImplementedError, match=r"q_proj.*double-quantized \(int8\) scales"):
         qcompile.lower(q, backend="gguf", config=llama.config, tokenizer=tokenizer)
 
 

@@ -95,6 +95,20 @@ def test_recipe_auto_is_data_passed_to_quantize(table_and_data):
     assert q.recipe.name == "auto" and q.report.to_dict()["mixed_precision"]["choice"] == mp["choice"]
     with pytest.raises(qcompile.RecipeError, match="budget"):
         qcompile.Recipe.auto(["w8"], {"bitz": 3})
+    assert mp["cost"] == "output"     # "auto" on a model this small: the exact model-output cost
+
+
+def test_recipe_auto_takes_the_cost_the_cli_has(table_and_data):
+    # issue 25: the cheap Hessian proxy is a Recipe.auto choice, not only the CLI's --cost
+    model, batches, table = table_and_data
+    bpw = 6.0
+    q = qcompile.quantize(model, qcompile.Recipe.auto(["w8", "w4-g64"], {"bits_per_weight": bpw}, cost="hessian"),
+                          batches[0], calibration=batches, report_samples=2)
+    mp = q.report.mixed_precision
+    assert mp["cost"] == "hessian" and mp["feasible"] and mp["bits_per_weight"] <= bpw
+    assert set(mp["choice"].values()) <= {"w8", "w4-g64"}
+    with pytest.raises(qcompile.RecipeError, match="cost"):
+        qcompile.Recipe.auto(["w8"], {"bits_per_weight": 6}, cost="kl")
 
 
 def _cosine_metric(batches):

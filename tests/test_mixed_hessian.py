@@ -26,7 +26,10 @@ def test_layer_local_table_has_the_same_local_columns_and_no_output_columns(setu
     assert [(r.layer, r.candidate) for r in local.rows] == [(r.layer, r.candidate) for r in full.rows]
     for a, b in zip(full.rows, local.rows):
         assert math.isnan(b.output_sqnr_db) and math.isnan(b.output_cosine)
-        assert (a.layer_sqnr_db, a.hessian_proxy, a.weight_bytes) == (b.layer_sqnr_db, b.hessian_proxy, b.weight_bytes)
+        assert (a.hessian_proxy, a.weight_bytes) == (b.hessian_proxy, b.weight_bytes)
+        # the local table measures the layer SQNR on the first item only (its memory: one item's
+        # activations per layer, not all of them); the same error, on fewer tokens
+        assert abs(a.layer_sqnr_db - b.layer_sqnr_db) < 1.5, (a, b)
     worst = local.most_sensitive(3, "w3-g64")  # ranked by the proxy, not by the NaN output column
     assert [local.cost_db(r) for r in worst] == sorted(local.cost_db(r) for r in local.rows
                                                        if r.candidate == "w3-g64")[:3]

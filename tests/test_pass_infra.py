@@ -74,7 +74,8 @@ def test_quantize_dumps_every_stage_with_one_numbering(tiny_block, tmp_path):
     numbers = [int(f.split("_", 1)[0]) for f in files]
     assert numbers == sorted(set(numbers))
     names = [f.split("_", 1)[1][:-4] for f in files]
-    assert names == ["capture", "fold_batch_norm", "normalize_linear", "annotate", "insert_channel_stats", "calibrate",
+    assert names == ["capture", "fold_batch_norm", "decompose_recurrent", "normalize_linear", "annotate",
+                     "insert_channel_stats", "calibrate",
                      "apply_smoothing", "insert_observers", "calibrate", "convert", "own_tensors"]
     assert numbers == list(range(len(files)))
     assert list(q.report.timings_s) == ["capture", "smoothing", "observe", "calibrate", "convert", "report"]

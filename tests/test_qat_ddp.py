@@ -2,7 +2,6 @@
 observed activation ranges are reduced over both ranks, so after convert every rank holds the same
 quantization parameters, and they cover both ranks' data."""
 import dataclasses
-import socket
 
 import pytest
 import torch
@@ -10,13 +9,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import free_port
+
 WORLD = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, out_dir, learn):
@@ -57,7 +53,7 @@ def _worker(rank, port, out_dir, learn):
 
 @pytest.mark.parametrize("learn", [False, True], ids=["ste", "lsq"])
 def test_ddp_ranks_end_with_identical_qparams(tmp_path, learn):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), learn), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), learn), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     assert r0["qparams"].keys() == r1["qparams"].keys() and len(r0["qparams"]) >= 6
     for k in r0["qparams"]:

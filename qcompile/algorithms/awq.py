@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..formats import float16_minimum, get_format, scale_grid, zero_point_grid
+from ..formats import TWO_LEVEL, float16_minimum, get_format, kquant_minimum, scale_grid, zero_point_grid
 from ..observers import weight_qparams
 from ..spec import QuantSpec
 from .common import InputStats, fake_quantize, op_group_size
@@ -54,10 +54,12 @@ def clip_search(w: torch.Tensor, x, spec: QuantSpec, grid: int = 20, max_shrink:
         s, z = fmt.choose_qparams(lo * r, hi * r, spec.symmetric, spec.scale_torch_dtype, spec.float_zero_point)
         if spec.zero_point_dtype == "float16":
             z = float16_minimum(s, z)
+        elif spec.zero_point_dtype in TWO_LEVEL:
+            s, z = kquant_minimum(s, z, fmt)
         # each candidate on its stored grid (double-quantized scales: the whole candidate's scales
         # double-quantized together; the chosen mix is double-quantized again at convert)
-        se = scale_grid(s, spec.scale_dtype).unsqueeze(-1)
-        ze = None if z is None else zero_point_grid(z, spec.zero_point_dtype).unsqueeze(-1)
+        se = scale_grid(s, spec.scale_dtype, spec.group_size).unsqueeze(-1)
+        ze = None if z is None else zero_point_grid(z, spec.zero_point_dtype, spec.group_size).unsqueeze(-1)
         d = wg - fmt.dequantize(fmt.quantize(wg, se, ze), se, ze)
         d = d * valid
         err = torch.einsum("ngi,gij,ngj->ng", d, gram, d)

@@ -2,7 +2,8 @@
 weight onto the grid convert will store (:func:`fake_quantize`) and which weight specs they can
 solve (:func:`unsupported`).
 
-Imports only :mod:`~qcompile.formats`, :mod:`~qcompile.ops` and :mod:`~qcompile.spec`.
+Imports only :mod:`~qcompile.distributed`, :mod:`~qcompile.formats`, :mod:`~qcompile.ops` and
+:mod:`~qcompile.spec`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .. import distributed
 from ..formats import get_format, scale_grid, zero_point_grid
 from ..ops import DEQUANTIZE, QUANTIZE
 from ..spec import QuantSpec
@@ -26,8 +28,8 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec, scale, zero_point) -> torch.
     double-quantized scales or zero points (``scale_dtype``/``zero_point_dtype: int8``) on the grid
     of the values as convert stores them."""
     g = op_group_size(spec)
-    scale = scale_grid(scale, spec.scale_dtype)
-    zero_point = zero_point_grid(zero_point, spec.zero_point_dtype)
+    scale = scale_grid(scale, spec.scale_dtype, spec.group_size)
+    zero_point = zero_point_grid(zero_point, spec.zero_point_dtype, spec.group_size)
     q = QUANTIZE(w, scale, zero_point, spec.format, g)
     return DEQUANTIZE(q, scale, zero_point, spec.format, g, torch.float32)
 
@@ -67,6 +69,16 @@ class InputStats:
         self.gram += (x.t() @ x).double()
         self.abs_sum += x.abs().sum(0).double()
         self.rows += x.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum the statistics of every rank of the active process group into this one (row
+        counts summed too, so :meth:`hessian` is ``2 XᵀX / T`` over all ranks' rows); no-op in one
+        process (:mod:`qcompile.distributed`)."""
+        if distributed.group() is None:
+            return
+        self.gram = distributed.all_reduce(self.gram, "sum")
+        self.abs_sum = distributed.all_reduce(self.abs_sum, "sum")
+        self.rows = distributed.sum_int(self.rows)
 
     def hessian(self) -> torch.Tensor:
         """GPTQ's ``H = 2 XᵀX / T`` (float64)."""

@@ -37,12 +37,18 @@ def _inverse_hessian_chol(h: torch.Tensor, damping: float):
     h = h.double()
     mean_diag = abs(float(torch.diag(h).mean())) or 1.0
     damp = damping
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    flipped = h.flip(0, 1)
+    # K x K float64 is 512 MiB at K = 8192 (a Llama down_proj): at most four copies alive (the
+    # input, the damped flip or the identity, the factor, its inverse); the damping is added on the
+    # diagonal in place (x + d·1, exactly what x + d·eye computes)
     for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(flipped + damp * mean_diag * eye)
+        damped = h.flip(0, 1)
+        damped.diagonal().add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            u = torch.linalg.solve_triangular(chol, torch.eye(h.shape[0], dtype=h.dtype), upper=False)
+            del chol
+            u = u.flip(0, 1)
             if torch.isfinite(u).all():
                 return u, damp
         damp *= 10
@@ -63,12 +69,14 @@ class GPTQHessian:
     @classmethod
     def of(cls, h: torch.Tensor, damping: float = 0.01, act_order: bool = True) -> GPTQHessian:
         """Prepare ``h [K, K]`` (dead input channels, ``H_jj = 0``, get a unit diagonal)."""
-        h = h.detach().double().clone()
+        h = h.detach().double()
         k = h.shape[0]
         dead = torch.diag(h) == 0
-        h[dead, dead] = 1
+        if dead.any():
+            h = h.clone()
+            h[dead, dead] = 1
         perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-        u, damp = _inverse_hessian_chol(h[perm][:, perm], damping)
+        u, damp = _inverse_hessian_chol(h[perm[:, None], perm], damping)   # one gather, one copy
         return cls(perm, dead, u.float(), damp)
 
 
@@ -95,9 +103,9 @@ def gptq_quantize(w: torch.Tensor, h, spec: QuantSpec, damping: float = 0.01,
     w = w.detach().float()
     k = w.shape[1]
     scale, zp = weight_qparams(w, spec, 0)
-    grid = scale_grid(scale, spec.scale_dtype)
+    grid = scale_grid(scale, spec.scale_dtype, spec.group_size)
     # a float16 zero point is the group minimum (x = s q + m): the column loop rounds x/s + z
-    s_col, z_col = _column_qparams(spec, grid, zero_point_as_offset(grid, zero_point_grid(zp, spec.zero_point_dtype)), k)
+    s_col, z_col = _column_qparams(spec, grid, zero_point_as_offset(grid, zero_point_grid(zp, spec.zero_point_dtype, spec.group_size)), k)
     perm = prep.perm
     # [K, N] in solve order: column j of W is row j here; per-column qparams precomputed once
     wt = w.t()[perm].contiguous()

@@ -129,8 +129,10 @@ BACKENDS = {
     "tvm": ("qcompile.backends.tvm", "TvmBackend", "tvm"),
     "triton-cuda": ("qcompile.backends.triton", "TritonBackend", "triton"),
     "gguf": ("qcompile.backends.gguf", "GgufBackend", "gguf"),
+    "compressed-tensors": ("qcompile.backends.compressed_tensors", "CompressedTensorsBackend", "ct"),
 }
-ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx", "tvm-llvm": "tvm", "triton": "triton-cuda", "llama.cpp": "gguf"}
+ALIASES = {"torch": "reference", "pytorch": "reference", "onnx-ort": "onnx", "tvm-llvm": "tvm", "triton": "triton-cuda", "llama.cpp": "gguf",
+           "vllm": "compressed-tensors", "ct": "compressed-tensors"}
 
 
 def get_backend(name: str) -> Backend:
@@ -159,7 +161,11 @@ def lower(qmodel, backend: str = "reference", **options) -> Artifact:
     """
     impl = get_backend(backend)
     check_capabilities(qmodel.graph_module, impl)
-    return impl.lower(qmodel, **options)
+    artifact = impl.lower(qmodel, **options)
+    if not isinstance(artifact, torch.nn.Module) and hasattr(artifact, "__dict__") and \
+            getattr(artifact, "qmodel", None) is None:
+        artifact.qmodel = qmodel   # the source of the contract record a save writes (qcompile.contract)
+    return artifact
 
 
 def placement(backend: Optional[str]) -> Capabilities:

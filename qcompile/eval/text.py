@@ -281,6 +281,25 @@ def docstring_sentences(split: str, limit: int | None = None, seed: int = 0) -> 
     return items if limit is None else items[:limit]
 
 
+def module_sentences(name: str) -> list[str]:
+    """Prose sentences (6-60 words) from the docstrings of one stdlib module (``"decimal"``,
+    ``"email.message"``): the module's own and those of the classes and functions it defines,
+    sorted. A labelled text source (sentence -> module) for sequence classifiers; empty when the
+    module does not import here.
+
+    Example:
+        >>> len(module_sentences("decimal")) > 50
+        True
+    """
+    module = _quiet_import(name)
+    if module is None:
+        return []
+    found: set[str] = set()
+    for doc in _module_docs(module, name):
+        found.update(_doc_texts(doc)[0])
+    return sorted(found)
+
+
 def docstring_pairs(
     split: str, limit: int | None = None, seed: int = 0
 ) -> list[tuple[str, str]]:

@@ -8,6 +8,7 @@ Example:
     torch.Size([1, 384])
 """
 
+from qcompile.models.gguf_import import GgufModel, load_gguf
 from qcompile.models.minilm import MiniLM, SentenceEncoder, load_minilm
 
-__all__ = ["MiniLM", "SentenceEncoder", "load_minilm"]
+__all__ = ["GgufModel", "MiniLM", "SentenceEncoder", "load_gguf", "load_minilm"]

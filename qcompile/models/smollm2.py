@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .gguf_import import load_gguf
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _INSTALL_HINT = (
@@ -68,13 +70,7 @@ def load_smollm2() -> SmolLM2:
     """
     path = model_dir()
     try:
-        import accelerate  # noqa: F401 - transformers' GGUF loader needs it
-        import gguf  # noqa: F401
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        loaded = load_gguf(path / GGUF_NAME)
     except ImportError as exc:
         raise ImportError(f"{_INSTALL_HINT}: {exc}") from exc
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_NAME, dtype=torch.float32,
-                                                 attn_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_NAME)
-    model.config.use_cache = False
-    return SmolLM2(model.eval(), tokenizer)
+    return SmolLM2(loaded.model, loaded.tokenizer)

@@ -5,12 +5,13 @@ from .fold_bn import FoldBatchNormPass
 from .infra import Pass, PassManager, PassResult
 from .normalize import NormalizeLinearPass
 from .observe import InsertObserversPass
+from .recurrent import DecomposeRecurrentPass
 from .rotate import RotateResidualPass
 from .qat import FreezeQATPass, InsertFakeQuantPass, TrainEvalOpsPass
 from .smooth import ApplySmoothingPass, InsertChannelStatsPass
 from .weight_algorithms import ApplyWeightAlgorithmPass
 
-__all__ = ["Pass", "PassResult", "PassManager", "FoldBatchNormPass", "NormalizeLinearPass", "AnnotatePass",
+__all__ = ["Pass", "PassResult", "PassManager", "FoldBatchNormPass", "NormalizeLinearPass", "DecomposeRecurrentPass", "AnnotatePass",
            "InsertChannelStatsPass", "ApplySmoothingPass", "InsertObserversPass", "ConvertPass",
            "InsertFakeQuantPass", "TrainEvalOpsPass", "FreezeQATPass", "ApplyWeightAlgorithmPass",
            "RotateResidualPass"]

@@ -69,9 +69,12 @@ class AnnotatePass(Pass):
         check_patterns(self.recipe)
         used: set[str] = set()
         candidates = []
+        fused_recurrent = []   # left fused by DecomposeRecurrentPass: addressable by scope, listed float
         for node in gm.graph.nodes:
             info = QUANTIZABLE_OPS.get(node.target) if node.op == "call_function" else None
             if info is None:
+                if node.op == "call_function" and _op_name(node) in RECURRENT_OPS:
+                    fused_recurrent.append(node)
                 continue
             layer = node.meta.get(LAYER, node.name)
             if get_attr_tensor(gm, node.args[info.weight_arg]) is None:
@@ -79,6 +82,10 @@ class AnnotatePass(Pass):
                 continue
             candidates.append((node, info, layer))
         layers = [layer for _, _, layer in candidates]
+        for node in fused_recurrent:   # a keep_float / override pattern naming an LSTM is used
+            layer = node.meta.get(LAYER, node.name)
+            resolve_layer_config(self.recipe, layer, node.meta.get(LAYER_TYPE, ""), "linear", used=used)
+            layers.append(layer)
 
         # a Linear reading an embedding's weight is a tied head (lm_head = embed_tokens)
         emb_weight = {node.args[info.weight_arg].target: layer for node, info, layer in candidates

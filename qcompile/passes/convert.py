@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CalibrationError, QuantizationError
-from ..formats import DOUBLE_QUANT_BLOCK, double_quantize_scales, rebuild_scales
+from ..formats import (DOUBLE_QUANT_BLOCK, SUPER_BLOCK, TWO_LEVEL, double_quantize_scales, rebuild_scales,
+                       two_level_quantize, two_level_values)
 from ..observers import Observer, weight_qparams
 from ..ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ..spec import LAYER, QPARAMS, ROLE, WEIGHT_QPARAMS
@@ -93,15 +94,19 @@ class ConvertPass(Pass):
         base = w_node.target
         if spec.scale_dtype == "int8":
             s, scale = self._double_quantized_scale(gm, op_node, base, scale, ann)
+        elif spec.scale_dtype in TWO_LEVEL:
+            s, scale = self._two_level(gm, op_node, base, scale, ann, spec.scale_dtype)
         else:
             s = add_tensor(gm, f"{base}_scale", scale, op_node)
         if zp is not None and spec.zero_point_dtype == "int8":   # a float zero point, double-quantized
             z, zp = self._double_quantized_scale(gm, op_node, base, zp, ann, "zero_point", None)
+        elif zp is not None and spec.zero_point_dtype in TWO_LEVEL:   # a k-quant minimum
+            z, zp = self._two_level(gm, op_node, base, zp, ann, spec.zero_point_dtype, "zero_point")
         elif zp is not None and spec.zero_point_dtype == "float32":
             zp = zp.float()
         codes = QUANTIZE(w.detach(), scale, zp, spec.format, _group(spec))
         q = add_tensor(gm, f"{base}_q", codes, op_node)
-        if zp is not None and spec.zero_point_dtype != "int8":
+        if zp is not None and spec.zero_point_dtype != "int8" and spec.zero_point_dtype not in TWO_LEVEL:
             z = add_tensor(gm, f"{base}_zero_point", zp, op_node)
         elif zp is None:
             z = None
@@ -135,6 +140,24 @@ class ConvertPass(Pass):
         for n in (*nodes, *made):
             _tag(n, "weight", ann.layer, ann.weight)
         return out, rebuild_scales(codes, block_scales, offset, scale.shape, floor=floor)
+
+    @staticmethod
+    def _two_level(gm, op_node, base, values, ann, dtype, what="scale"):
+        """Scales (or k-quant minima: ``what="zero_point"``, a float64 result) stored the way
+        llama.cpp's k-quants store them (``formats.two_level_quantize``): small codes and one float16
+        super-scale per 256 weights of a row; the graph rebuilds them with one dequantize (exact).
+        Returns that node and the rebuilt values."""
+        group = ann.weight.group_size
+        codes, sup = two_level_quantize(values, dtype, group)
+        out_dtype = torch.float64 if what == "zero_point" else torch.float32
+        nodes = [add_tensor(gm, f"{base}_{what}_q", codes, op_node),
+                 add_tensor(gm, f"{base}_{what}_super", sup, op_node)]
+        with gm.graph.inserting_before(op_node):
+            dq = gm.graph.call_function(DEQUANTIZE, (nodes[0], nodes[1], None, TWO_LEVEL[dtype],
+                                                     SUPER_BLOCK // group, out_dtype))
+        for n in (*nodes, dq):
+            _tag(n, "weight", ann.layer, ann.weight)
+        return dq, two_level_values(codes, sup, group, out_dtype)
 
     def _dynamic(self, gm, src, op_node, ann):
         spec = ann.activation

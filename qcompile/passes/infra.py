@@ -136,7 +136,7 @@ class PassManager:
                 continue
             try:
                 result = stage.step(gm)
-            except QCompileError:
+            except (QCompileError, NotImplementedError):   # already name what is at fault (or missing)
                 raise
             except Exception as e:  # noqa: BLE001 - re-raised naming the stage
                 before = ", ".join(r.name for r in self.records) or "none"

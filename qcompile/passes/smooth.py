@@ -134,8 +134,11 @@ class ApplySmoothingPass(Pass):
             mul.meta[LAYER] = consumers[0].meta.get(LAYER)
             obs_node.replace_all_uses_with(mul)
             how = "mul inserted"
-        records.append({"layers": [c.meta[ANNOTATION].layer for c in consumers], "how": how, "alpha": alpha,
-                        "max_scale": float(s.max()), "min_scale": float(s.min())})
+        record = {"layers": [c.meta[ANNOTATION].layer for c in consumers], "how": how, "alpha": alpha,
+                  "max_scale": float(s.max()), "min_scale": float(s.min())}
+        if obs.redrawn_batches:   # data-parallel: the search's row sample is not one process's (observers.py)
+            record["redrawn_sample_batches"] = obs.redrawn_batches
+        records.append(record)
         return True
 
     def _search(self, obs, w_absmax, weights, anns):

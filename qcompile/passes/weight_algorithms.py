@@ -15,6 +15,10 @@ inputs at once). At a Linear with a weight spec it:
   weight (or inserts a ``mul``), multiplies the weights by ``s`` and searches a clipping ratio per
   group (:func:`~qcompile.algorithms.awq.clip_search`).
 
+Under data-parallel calibration (:mod:`qcompile.distributed`) each rank runs its own items and each
+Linear's :class:`~qcompile.algorithms.common.InputStats` are summed over the ranks before it is
+solved, so every rank solves the same statistics identically (no weight-parallel split yet).
+
 The result is a new float weight tensor lying exactly on the quantization grid of the qparams it was
 solved for; both go into ``node.meta[WEIGHT_QPARAMS]`` and :class:`~qcompile.passes.ConvertPass`
 stores those codes as they are. Weights whose format is not an integer or code-book format (FP8)
@@ -32,6 +36,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .. import distributed
 from ..algorithms.awq import awq_scale_search, clip_search
 from ..algorithms.common import InputStats, fake_quantize, unsupported
 from ..algorithms.gptq import GPTQHessian, gptq_quantize
@@ -124,13 +129,19 @@ class ApplyWeightAlgorithmPass(Pass):
             records.append({"layer": ann.layer, "method": "rtn", "why": why})
         if not todo:
             return WeightAlgorithmResult(gm, False, records=records)
-        items = list(iterate(self.data, self.calibration.max_samples))
-        if not items:
-            raise CalibrationError(f"{self.config.method} needs calibration data: it is empty")
-        flat = []
-        for item in items:
-            args, kwargs = self.binder.bind(item)
-            flat.append(check_inputs(gm, args, kwargs, CalibrationError))
+        flat, error = [], None
+        try:   # under data-parallel calibration every rank must see the same error (qcompile.distributed)
+            items = list(iterate(self.data, self.calibration.max_samples))
+            if not items:
+                raise CalibrationError(f"{self.config.method} needs calibration data: it is empty")
+            for item in items:
+                args, kwargs = self.binder.bind(item)
+                flat.append(check_inputs(gm, args, kwargs, CalibrationError))
+        except CalibrationError as e:
+            if distributed.group() is None:
+                raise
+            error = e
+        distributed.agree(error)
         from tqdm.auto import tqdm
 
         run = _Lockstep(gm, flat)
@@ -169,7 +180,7 @@ class ApplyWeightAlgorithmPass(Pass):
         """:class:`InputStats` of ``op``'s input, item by item. ``max_rows``: an evenly strided
         subset of every item's rows, about ``max_rows`` in all."""
         xs = run.values(op.args[op.meta[ANNOTATION].input_arg])
-        total = sum(x.numel() // x.shape[-1] for x in xs)
+        total = distributed.sum_int(sum(x.numel() // x.shape[-1] for x in xs))   # all ranks' rows
         stride = 1 if not max_rows or total <= max_rows else -(-total // max_rows)
         st = None
         for x in xs:
@@ -178,6 +189,7 @@ class ApplyWeightAlgorithmPass(Pass):
                 st = InputStats.of(x)
             else:
                 st.add(x)
+        st.all_reduce()   # data-parallel calibration: the statistics of every rank's items
         return st
 
     def _set_weight(self, gm, run, op, w_new, scale, zp, reference):

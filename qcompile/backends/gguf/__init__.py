@@ -6,7 +6,10 @@ equals qcompile's (:mod:`.blocks`: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; the ``gguf-*`` 
 them); a grid no type holds is a :class:`~qcompile.errors.BackendError` naming the layer, its grid
 and the nearest type. Norms are F32, a tied ``lm_head`` is llama.cpp's ``token_embd`` (Q8_0 when the
 embedding is int8 in groups of 32, else its exact F32 values), the tokenizer is written from the
-model's transformers tokenizer. K-quants (super-blocks of 256) are not written yet.
+model's transformers tokenizer. K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256 with two-level
+scales, :mod:`.kquants`; the ``gguf-q4_k_m``/``-q5_k_m``/``-q6_k`` presets and
+:func:`qcompile.presets.llama_cpp_mix`) are written bit for bit where rows are multiples of 256.
+:func:`verify_gguf` checks a file on disk against the model byte for byte.
 
 Example::
 
@@ -23,6 +26,7 @@ from typing import Optional
 from ..base import Capabilities
 from .llama import plan_llama
 from .runtime import GgufArtifact, read_types
+from .verify import verify_gguf
 
 
 class GgufBackend:
@@ -33,7 +37,8 @@ class GgufBackend:
     # head (written as its exact F32 values); float zero points are Q4_1/Q5_1's minimum
     capabilities = Capabilities(
         weights={"int8": {"per_group", "per_channel"}, "uint8": {"per_group"}, "int4": {"per_group"},
-                 "uint4": {"per_group"}, "uint5": {"per_group"}},
+                 "uint4": {"per_group"}, "uint5": {"per_group"}, "int6": {"per_group"},
+                 "uint6": {"per_group"}, "uint2": {"per_group"}, "int3": {"per_group"}},   # uint6: Q4_K/Q5_K's sub-block scale codes
         float_zero_points=True, ops={"linear", "embedding"},
         timing_missing="latency budgets on gguf: it writes a file for llama.cpp, whose speed qcompile does not "
                        "time yet; use backend='onnx'")
@@ -47,4 +52,4 @@ class GgufBackend:
         return GgufArtifact(plan_llama(qmodel, config, tokenizer, tokenizer_pre, name))
 
 
-__all__ = ["GgufBackend", "GgufArtifact", "read_types"]
+__all__ = ["GgufBackend", "GgufArtifact", "read_types", "verify_gguf"]

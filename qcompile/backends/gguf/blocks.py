@@ -90,12 +90,18 @@ class QuantizedWeight:
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: Optional[torch.Tensor]
+    # k-quants (two-level scales, kquants.py): {"scale_dtype", "scale_codes" [N, G], "scale_super" [N, K/256]
+    # float16, and with a minimum "zero_point_dtype", "min_codes", "min_super" (-dmin)}; None otherwise
+    two_level: Optional[dict] = None
 
     def grid(self) -> str:
         zp = "no zero point" if self.zero_point is None else (
             f"{self.zero_point.dtype} zero point (minimum)" if self.zero_point.dtype == torch.float16 else
             f"{self.zero_point.dtype} zero point" if self.zero_point.is_floating_point() else "integer zero point")
         group = f"groups of {self.group_size}" if self.group_size else "one scale per row"
+        if self.two_level:
+            zp = f"{self.two_level['zero_point_dtype']} minima" if self.two_level.get("zero_point_dtype") else zp
+            return f"{self.format}, {group}, {self.two_level['scale_dtype']} two-level scales, {zp}"
         return f"{self.format}, {group}, {self.scale.dtype} scales, {zp}"
 
     def permute_rows(self, perm: torch.Tensor) -> "QuantizedWeight":
@@ -103,12 +109,16 @@ class QuantizedWeight:
         zp = self.zero_point
         if zp is not None and zp.dim() and zp.shape[0] == self.codes.shape[0]:
             zp = zp[perm]
-        return QuantizedWeight(self.layer, self.format, self.group_size, self.codes[perm], self.scale[perm], zp)
+        two = None if self.two_level is None else {
+            key: v[perm] if isinstance(v, torch.Tensor) else v for key, v in self.two_level.items()}
+        return QuantizedWeight(self.layer, self.format, self.group_size, self.codes[perm], self.scale[perm], zp, two)
 
 
 def nearest_type(weight: QuantizedWeight) -> str:
     """The llama.cpp type closest to a grid none holds: by bits, minimum or not."""
     bits = get_format(weight.format).bits
+    if weight.two_level:
+        return "Q6_K" if bits >= 6 else ("Q5_K" if bits == 5 else "Q4_K" if bits == 4 else "Q3_K" if bits == 3 else "Q2_K")
     minimum = weight.zero_point is not None and weight.zero_point.is_floating_point()
     if bits <= 4:
         return "Q4_1" if minimum or weight.zero_point is not None else "Q4_0"
@@ -117,7 +127,7 @@ def nearest_type(weight: QuantizedWeight) -> str:
     return "Q8_0"
 
 
-def _refuse(weight: QuantizedWeight, why: str) -> BackendError:
+def refusal(weight: QuantizedWeight, why: str) -> BackendError:
     return BackendError(f"layer '{weight.layer}': no GGUF block type holds its grid ({weight.grid()}) bit for bit: "
                         f"{why}; the nearest type is {nearest_type(weight)} (a gguf-* preset targets it exactly), "
                         "or keep the layer float with an override")
@@ -128,28 +138,28 @@ def match(weight: QuantizedWeight) -> tuple[BlockType, np.ndarray, np.ndarray, O
     :class:`BackendError` naming the layer, its grid and the nearest type."""
     fmt = get_format(weight.format)
     if fmt.kind != "int":
-        raise _refuse(weight, f"'{fmt.name}' is not an integer grid")
+        raise refusal(weight, f"'{fmt.name}' is not an integer grid")
     n, k = weight.codes.shape
     if weight.group_size != GROUP:
-        raise _refuse(weight, f"llama.cpp's legacy blocks are groups of {GROUP}")
+        raise refusal(weight, f"llama.cpp's legacy blocks are groups of {GROUP}")
     if k % GROUP:
-        raise _refuse(weight, f"a row of {k} is not a whole number of blocks of {GROUP}")
+        raise refusal(weight, f"a row of {k} is not a whole number of blocks of {GROUP}")
     s = weight.scale.float()
     if s.shape != (n, k // GROUP):
-        raise _refuse(weight, f"scales of shape {tuple(s.shape)}, not one per block")
+        raise refusal(weight, f"scales of shape {tuple(s.shape)}, not one per block")
     if not bool((s.half().float() == s).all()) or not bool(torch.isfinite(s.half()).all()):
-        raise _refuse(weight, "its scales are not float16 values (use scale_dtype: float16)")
+        raise refusal(weight, "its scales are not float16 values (use scale_dtype: float16)")
     u = (weight.codes.to(torch.int16) - int(fmt.qmin))
     zp = weight.zero_point
     if zp is not None and zp.dtype == torch.float16:   # the minimum form, x = s q + m
         if fmt.qmin != 0:
-            raise _refuse(weight, "a minimum with signed codes")
+            raise refusal(weight, "a minimum with signed codes")
         btype = next((t for t in BLOCK_TYPES.values() if t.minimum and t.bits == fmt.bits), None)
         if btype is None:
-            raise _refuse(weight, f"no {fmt.bits}-bit type with a minimum")
+            raise refusal(weight, f"no {fmt.bits}-bit type with a minimum")
         m = zp.expand(n, k // GROUP).numpy()
     elif zp is not None and zp.is_floating_point():
-        raise _refuse(weight, "a float32 zero point (x = (q - z) s) is not llama.cpp's minimum; "
+        raise refusal(weight, "a float32 zero point (x = (q - z) s) is not llama.cpp's minimum; "
                               "use zero_point_dtype: float16 (stored as the minimum)")
     else:
         offset = (0 if zp is None else zp.to(torch.int16)) - int(fmt.qmin)
@@ -157,7 +167,7 @@ def match(weight: QuantizedWeight) -> tuple[BlockType, np.ndarray, np.ndarray, O
         btype = next((t for t in BLOCK_TYPES.values() if not t.minimum and t.bits == fmt.bits
                       and offsets == [t.offset]), None)
         if btype is None:
-            raise _refuse(weight, f"codes offset by {offsets[:3]} from {fmt.bits}-bit unsigned; llama.cpp's symmetric "
+            raise refusal(weight, f"codes offset by {offsets[:3]} from {fmt.bits}-bit unsigned; llama.cpp's symmetric "
                                   "types offset by 8 (Q4_0), 16 (Q5_0) or 128 (Q8_0)")
         m = None
     return btype, u.to(torch.uint8).numpy(), s.numpy().astype(np.float16), m

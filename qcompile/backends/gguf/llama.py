@@ -17,18 +17,20 @@ import torch
 from ...errors import BackendError
 from ...ops import DEQUANTIZE
 from ...spec import LAYER
-from .blocks import BLOCK_TYPES, K_QUANTS, QuantizedWeight, match
+from .blocks import BLOCK_TYPES, K_QUANTS, QuantizedWeight, match, refusal
+from .kquants import K_TYPES, match_k
 
 ARCH = "llama"
 # the type a file "mostly" is (general.file_type), as llama.cpp's quantizer names it
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q5_K": 17,
+               "Q6_K": 18}
 
 
 @dataclass
 class GgufTensor:
     name: str
     data: np.ndarray          # F32 values, or uint8 blocks [rows, bytes per row]
-    type: str                 # "F32" or a BLOCK_TYPES name
+    type: str                 # "F32" or a BLOCK_TYPES / K_TYPES name
     layer: str                # the qcompile layer it came from
 
 
@@ -100,17 +102,52 @@ def _weights(gm) -> dict:
             out[layer] = _attr(gm, w).detach().float()
         elif w.target == DEQUANTIZE:
             codes, scale, zp, fmt, group = w.args[:5]
-            if getattr(scale, "op", None) != "get_attr" or getattr(zp, "op", "get_attr") != "get_attr":
+            two = _two_level(gm, scale, zp)
+            if two is None and (getattr(scale, "op", None) != "get_attr" or getattr(zp, "op", "get_attr") != "get_attr"):
                 raise NotImplementedError(
-                    f"layer '{layer}': double-quantized scales or zero points ({fmt}, groups of {group}) are "
-                    f"llama.cpp's k-quants ({', '.join(K_QUANTS)}), not written by the gguf backend yet "
-                    "(k-quants need rows that are multiples of 256); use a gguf-* preset")
+                    f"layer '{layer}': double-quantized (int8) scales or zero points ({fmt}, groups of {group}) "
+                    "are bitsandbytes' form, which no GGUF type stores; llama.cpp's k-quants "
+                    f"({', '.join(K_QUANTS)}) are scale_dtype kquant6/kquant8 (the gguf-q4_k_m/-q6_k presets)")
+            if two is not None:
+                deq = _node_value(gm, scale), None if zp is None else _node_value(gm, zp)
+                out[layer] = QuantizedWeight(layer, fmt, group, _attr(gm, codes), deq[0], deq[1], two)
+                continue
             out[layer] = QuantizedWeight(layer, fmt, group, _attr(gm, codes), _attr(gm, scale),
                                          None if zp is None else _attr(gm, zp))
         else:
             raise BackendError(f"layer '{layer}': its weight comes from '{w.target}', not a stored tensor or a "
                                "dequantize of stored codes")
     return out
+
+
+def _two_level_parts(gm, node):
+    """(codes, super-scales, code format) of a k-quant two-level value node (a dequantize of stored
+    codes against stored float16 super-scales, :meth:`ConvertPass._two_level`), else None."""
+    if getattr(node, "target", None) != DEQUANTIZE or node.args[2] is not None \
+            or any(getattr(a, "op", None) != "get_attr" for a in node.args[:2]):
+        return None
+    return _attr(gm, node.args[0]), _attr(gm, node.args[1]), node.args[3]
+
+
+def _two_level(gm, scale, zp) -> Optional[dict]:
+    """The k-quant parts of a weight's scale (and minimum) nodes, as ``QuantizedWeight.two_level``."""
+    s = _two_level_parts(gm, scale)
+    if s is None or s[1].dtype != torch.float16:
+        return None
+    kind = {"uint6": "kquant6", "int8": "kquant8", "uint4": "kquant4", "int6": "kquant6s"}.get(s[2])
+    two = {"scale_dtype": kind, "scale_codes": s[0], "scale_super": s[1]}
+    if zp is not None:
+        m = _two_level_parts(gm, zp)
+        if m is None or m[2] not in ("uint6", "uint4"):
+            return None
+        two.update(zero_point_dtype="kquant6" if m[2] == "uint6" else "kquant4", min_codes=m[0], min_super=m[1])
+    return two if kind else None
+
+
+def _node_value(gm, node) -> torch.Tensor:
+    """A two-level scale or minimum as the graph computes it (the dequantize of its parts)."""
+    args = [_attr(gm, a) if isinstance(a, torch.fx.Node) else a for a in node.args]
+    return DEQUANTIZE(*args)
 
 
 def _norms(gm) -> dict:
@@ -134,15 +171,17 @@ def _tensor(name: str, layer: str, w, perm: Optional[torch.Tensor], as_float: bo
     if as_float:   # a per-channel embedding: its exact dequantized values
         deq = DEQUANTIZE(w.codes, w.scale, w.zero_point, w.format, w.group_size, torch.float32)
         return GgufTensor(name, deq.numpy(), "F32", layer)
+    if w.two_level:
+        ktype, packed = match_k(w, refusal)
+        return GgufTensor(name, packed, ktype.name, layer)
     btype, u, d, m = match(w)
     return GgufTensor(name, btype.pack(u, d, m), btype.name, layer)
 
 
-def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: Optional[str] = None) -> GgufPlan:
-    """The GGUF tensors and metadata of a quantized Llama causal LM (``config``: its transformers
-    config; ``tokenizer``: its transformers tokenizer, byte-level BPE). See the module docstring."""
-    import gguf
-
+def llama_tensors(qmodel, config) -> list:
+    """The GGUF tensors of a quantized Llama causal LM (each quantized weight packed bit for bit into
+    its block type), without the metadata: what :func:`plan_llama` writes and
+    :func:`~.verify.verify_gguf` compares a file against."""
     _require_llama(config)
     gm = qmodel.graph_module
     weights, norms = _weights(gm), _norms(gm)
@@ -150,7 +189,7 @@ def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: 
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
-    plan = GgufPlan()
+    tensors = []
     for layer, w in list(weights.items()) + list(norms.items()):
         if isinstance(w, tuple):   # ("tied", first reader): llama.cpp reads token_embd as the output
             if not (layer == "lm_head" and w[1] == "model.embed_tokens"):
@@ -169,10 +208,21 @@ def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: 
         if per_channel and layer not in ("model.embed_tokens", "lm_head"):
             raise BackendError(f"layer '{layer}': no GGUF block type holds its grid ({w.grid()}): llama.cpp's "
                                "blocks are groups of 32; the nearest type is Q8_0 (a gguf-* preset targets it)")
-        plan.tensors.append(_tensor(gname, layer, w, perm, per_channel))
+        tensors.append(_tensor(gname, layer, w, perm, per_channel))
     if "model.embed_tokens" not in weights:
         raise BackendError("no model.embed_tokens in the graph: not a Llama causal LM")
-    counts = Counter(t.type for t in plan.tensors if t.type in BLOCK_TYPES)
+    return tensors
+
+
+def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: Optional[str] = None) -> GgufPlan:
+    """The GGUF tensors and metadata of a quantized Llama causal LM (``config``: its transformers
+    config; ``tokenizer``: its transformers tokenizer, byte-level BPE). See the module docstring."""
+    _require_llama(config)
+    plan = GgufPlan(tensors=llama_tensors(qmodel, config))
+    n_layer, n_head = config.num_hidden_layers, config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    counts = Counter(t.type for t in plan.tensors if t.type in BLOCK_TYPES or t.type in K_TYPES)
     main = counts.most_common(1)[0][0] if counts else "F32"
 
     meta = plan.metadata

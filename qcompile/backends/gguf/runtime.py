@@ -2,6 +2,8 @@
 ``llama-cpp-python`` (the ``gguf`` extra), so ``art(ids)`` gives llama.cpp's own logits."""
 from __future__ import annotations
 
+import base64
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,8 +13,14 @@ import gguf
 import numpy as np
 import torch
 
+from ...contract import parity_of, record, smoke_bytes, smoke_tensors
+from ...distributed import writes_on_rank_zero
 from ...errors import BackendError
 from .llama import ARCH, GgufPlan
+
+
+# GGUF metadata keys of the contract record (JSON) and the smoke tensors (base64 safetensors)
+CONTRACT_KEY, SMOKE_KEY = "qcompile.contract", "qcompile.smoke"
 
 
 class GgufArtifact:
@@ -39,15 +47,37 @@ class GgufArtifact:
     def types(self) -> dict:
         return self.plan.types()
 
+    @writes_on_rank_zero
     def save(self, path: Union[str, Path]) -> Path:
-        """Write the GGUF file (to a temporary sibling first, then renamed into place)."""
+        """Write the GGUF file (to a temporary sibling first, then renamed into place). When the
+        artifact knows the model it was lowered from (``qmodel``, set by ``qcompile.lower``), the
+        file also carries the contract (:data:`CONTRACT_KEY`: recipe, quality, llama.cpp's parity
+        against the reference on the smoke inputs, measured on the file written without it) and
+        the smoke tensors (:data:`SMOKE_KEY`), which ``qcompile.check`` runs again."""
+        qmodel = getattr(self, "qmodel", None)
+        if qmodel is None or getattr(qmodel, "_example", None) is None:
+            return self._write(path, [])
+        args = qmodel.export_example("the gguf contract's smoke inputs")[0]
+        with torch.no_grad():
+            reference = qmodel(args[0], use_cache=False)
+        self._write(path, [])
+        parity = parity_of(self(args[0]), [reference.logits if hasattr(reference, "logits") else reference])
+        import llama_cpp
+
+        contract = record(qmodel.recipe, qmodel.report, self.backend, parity,
+                          f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, n_threads=1)")
+        smoke = smoke_tensors((args[0],), {}, reference.logits if hasattr(reference, "logits") else reference)
+        return self._write(path, [("add_string", (CONTRACT_KEY, json.dumps(contract))),
+                                  ("add_string", (SMOKE_KEY, base64.b64encode(smoke_bytes(smoke)).decode()))])
+
+    def _write(self, path: Union[str, Path], extra_metadata: list) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         os.close(fd)
         try:
             writer = gguf.GGUFWriter(tmp, ARCH)
-            for method, args in self.plan.metadata:
+            for method, args in [*self.plan.metadata, *extra_metadata]:
                 getattr(writer, method)(*args)
             for t in self.plan.tensors:
                 raw = None if t.type == "F32" else gguf.GGMLQuantizationType[t.type]
@@ -85,6 +115,21 @@ class GgufArtifact:
         llm.reset()
         llm.eval(ids)
         return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32)).unsqueeze(0)
+
+
+def read_contract(path: Union[str, Path]) -> tuple[dict, dict]:
+    """(contract record, smoke tensors) a GGUF file written by :meth:`GgufArtifact.save` carries;
+    ``({}, {})`` when it carries none (llama.cpp's own files, older saves)."""
+    from safetensors.torch import load
+
+    fields = gguf.GGUFReader(str(path)).fields
+    if CONTRACT_KEY not in fields or SMOKE_KEY not in fields:
+        return {}, {}
+    try:
+        text = {k: bytes(fields[k].parts[fields[k].data[0]]).decode() for k in (CONTRACT_KEY, SMOKE_KEY)}
+        return json.loads(text[CONTRACT_KEY]), load(base64.b64decode(text[SMOKE_KEY]))
+    except (ValueError, IndexError, json.JSONDecodeError) as e:
+        raise BackendError(f"'{path}': its contract metadata is unreadable ({e})") from None
 
 
 def read_types(path: Union[str, Path]) -> dict:

@@ -1,7 +1,9 @@
 """Run an exported ONNX model in onnxruntime with the PyTorch model's call signature."""
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,8 @@ from torch.utils import _pytree as pytree
 
 from ...atomic import atomic_file
 from ...capture import flatten_inputs
+from ...contract import parity_of, record, smoke_bytes, smoke_tensors
+from ...distributed import writes_on_rank_zero
 from ...errors import ArtifactError
 
 # onnxruntime graph rewrites our sessions turn off, each because it made the model slower here:
@@ -52,6 +56,7 @@ class OnnxArtifact:
         self.input_names = input_names
         self._binder = qmodel.binder
         self._gm = qmodel.graph_module
+        self._qmodel = qmodel   # the contract record's recipe, report and smoke inputs (save)
         opts = session_options(threads)
         self._options, self._debug = opts, {}
         self.disabled_optimizers = list(disabled_optimizers)
@@ -100,17 +105,46 @@ class OnnxArtifact:
         outs = session.run([name for name, _ in points], feed)
         return [(scale, torch.from_numpy(np.asarray(o))) for (_, scale), o in zip(points, outs)]
 
+    @writes_on_rank_zero
     def save(self, path) -> Path:
         """Write the ``.onnx`` file (weights inside it) atomically, with qcompile's format version
-        and a sha256 of the model in its ``metadata_props``; :func:`read_onnx` checks them."""
+        and a sha256 of the model in its ``metadata_props``; :func:`read_onnx` checks them. When the
+        model has its capture example, the props also hold the contract (:data:`CONTRACT_KEY`: recipe,
+        quality, the parity of onnxruntime against the reference on the smoke inputs) and the smoke
+        tensors (:data:`SMOKE_KEY`), which ``qcompile.check`` runs again."""
         path = Path(path)
+        data = self.model_bytes
+        if self._qmodel is not None and getattr(self._qmodel, "_example", None) is not None:
+            data = self._with_contract(data)
         with atomic_file(path) as tmp:
-            tmp.write_bytes(seal_onnx(self.model_bytes))
+            tmp.write_bytes(seal_onnx(data))
         return path
+
+    def _with_contract(self, data: bytes) -> bytes:
+        import onnx
+        import onnxruntime
+
+        args, kwargs = self._qmodel.export_example("the onnx contract's smoke inputs")[:2]
+        kwargs = {k: v for k, v in kwargs.items() if k in self._binder.keywords}
+        with torch.no_grad():
+            reference = self._qmodel(*args, **kwargs)
+        parity = parity_of(self(*args, **kwargs), [t for t in pytree.tree_leaves(reference)
+                                                   if isinstance(t, torch.Tensor)])
+        smoke = {f"feed.{name}": torch.from_numpy(a) for name, a in self._feed(args, kwargs).items()}
+        smoke.update(smoke_tensors((), {}, reference))
+        contract = record(self._qmodel.recipe, self._qmodel.report, self.backend, parity,
+                          f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)")
+        model = onnx.load_from_string(data)
+        props = {p.key: p.value for p in model.metadata_props}
+        props.update({CONTRACT_KEY: json.dumps(contract), SMOKE_KEY: base64.b64encode(smoke_bytes(smoke)).decode()})
+        onnx.helper.set_model_props(model, props)
+        return model.SerializeToString()
 
 
 # metadata_props keys: any ONNX tool reads the file as usual; read_onnx checks them
 VERSION_KEY, CHECKSUM_KEY = "qcompile.onnx_format_version", "qcompile.sha256"
+# the contract record (JSON) and the smoke tensors (base64 safetensors) qcompile.check reads
+CONTRACT_KEY, SMOKE_KEY = "qcompile.contract", "qcompile.smoke"
 FORMAT_VERSION = 1
 
 
@@ -166,6 +200,31 @@ def read_onnx(path) -> bytes:
     if hashlib.sha256(model.SerializeToString()).hexdigest() != ours.get(CHECKSUM_KEY):
         raise ArtifactError(f"'{path}' does not match its checksum (sha256 mismatch): the file is truncated or corrupted")
     return data
+
+
+def read_contract(path) -> tuple[dict, dict]:
+    """(contract record, smoke tensors) of an ``.onnx`` file :meth:`OnnxArtifact.save` wrote, after
+    :func:`read_onnx`'s checks; ``({}, {})`` when the file carries none."""
+    import onnx
+    from safetensors.torch import load
+
+    model = onnx.load_from_string(read_onnx(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    if CONTRACT_KEY not in props or SMOKE_KEY not in props:
+        return {}, {}
+    try:
+        return json.loads(props[CONTRACT_KEY]), load(base64.b64decode(props[SMOKE_KEY]))
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"'{path}': its contract metadata is unreadable ({e})") from None
+
+
+def run_smoke(path, feed: dict) -> list:
+    """The outputs of the saved file in an onnxruntime session (qcompile's session options) on ``feed``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(read_onnx(path), session_options(), providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    return [torch.from_numpy(np.asarray(o)) for o in session.run(None, {k: v.numpy() for k, v in feed.items()})]
 
 
 def _expose_quantizers(model_bytes: bytes, options, disabled_optimizers=(), forced: bool = False):

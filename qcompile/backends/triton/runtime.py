@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ...capture import flatten_inputs
+from ...distributed import writes_on_rank_zero
 from ...ops import QUANTIZE
 from ...passes.infra import get_attr_tensor
 from . import graph_ops
@@ -52,6 +53,7 @@ class TritonArtifact(nn.Module):
             Recorder(gm).run(*flatten_inputs(gm, a, k))
         return [(float(get_attr_tensor(gm, n.args[1])), codes[n]) for n in points]
 
+    @writes_on_rank_zero
     def save(self, path) -> Path:
         """Write the quantized model (``qcompile.load`` reads it; lowering it again rebuilds the
         same packed weights, which are a deterministic function of the codes) and ``triton.json``

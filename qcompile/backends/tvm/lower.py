@@ -26,7 +26,7 @@ import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-from ...errors import BackendError
+from ...errors import BackendError, summarize
 from ..base import check_kernels_took
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
@@ -61,6 +61,15 @@ def _quantize(node, imp):
         q = op.add(q, op.astype(z, "float32"))
     q = op.clip(q, fmt.qmin, fmt.qmax)
     return bb.emit(op.astype(q, str(fmt.storage).replace("torch.", "")))
+
+
+def _select(node, imp):
+    """``x[..., i, ...]``. TVM's own converter takes ``i`` as it is, and a negative index (``h[:, -1]``,
+    the last step of a sequence) read out of bounds: NaN or garbage on a dynamic sequence. ``wrap``
+    counts it from the end, as torch does."""
+    x, dim, index = imp.env[node.args[0]], node.args[1], node.args[2]
+    return imp.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim,
+                                                mode="wrap" if index < 0 else "fast"))
 
 
 def _dequantize(node, imp):
@@ -304,8 +313,9 @@ def import_relax(qmodel, family: str, parallel: bool = False) -> tuple:
     prune_unused_tensors(gm)
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
+    drop_constant_inputs(ep)
     int8 = _Int8Linear(family, parallel)
-    custom = {"quantize.default": _quantize, "dequantize.default": _dequantize,
+    custom = {"quantize.default": _quantize, "dequantize.default": _dequantize, "select.int": _select,
               "choose_qparams.default": _choose_qparams, "int8_linear.default": int8,
               "int8_linear_q.default": int8.requantized, "layer_norm_q.default": LayerNormQuantizeConverter(),
               "int4_linear.default": Int4LinearConverter(), "int4_a8_linear.default": Int4A8LinearConverter(family),
@@ -319,6 +329,24 @@ def import_relax(qmodel, family: str, parallel: bool = False) -> tuple:
     except Exception as e:  # noqa: BLE001 - re-raised as a qcompile error
         raise BackendError(f"TVM could not import the graph: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
     return mod, fusions
+
+
+def drop_constant_inputs(ep: torch.export.ExportedProgram) -> None:
+    """Remove, in place, the user inputs torch.export specialised to a constant (a non-tensor keyword
+    such as ``use_cache=False`` or a causal LM's ``kv_cache`` layout): their placeholders have no
+    users, and Relax's importer reads a shape from every user input (``'str' object has no
+    attribute 'shape'``). The artifact passes tensors only, so the compiled ``main`` never sees them."""
+    from torch.export.graph_signature import ConstantArgument, InputKind
+
+    specs = ep.graph_signature.input_specs
+    constant = {s.arg.name for s in specs if s.kind is InputKind.USER_INPUT and isinstance(s.arg, ConstantArgument)}
+    if not constant:
+        return
+    for node in list(ep.graph.nodes):
+        if node.op == "placeholder" and node.name in constant and not node.users:
+            ep.graph.erase_node(node)
+    specs[:] = [s for s in specs if s.arg.name not in constant]
+    ep.graph_module.recompile()
 
 
 def input_bounds(mod) -> list:
@@ -342,5 +370,22 @@ def input_bounds(mod) -> list:
 def build(mod, target, parallel: bool = False):
     """Compile a Relax module: (executable, seconds); ``parallel`` as for :func:`import_relax`."""
     t0 = time.perf_counter()
-    ex = tvm.compile(mod, target=target, relax_pipeline=get_pipeline(target, parallel))
+    try:
+        ex = tvm.compile(mod, target=target, relax_pipeline=get_pipeline(target, parallel))
+    except BackendError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised as a qcompile error naming the Relax op
+        raise BackendError(f"TVM could not build the graph: {_relax_op_at_fault(e)}{type(e).__name__}: "
+                           f"{summarize(str(e), max_lines=2)}") from e
     return ex, time.perf_counter() - t0
+
+
+def _relax_op_at_fault(error: Exception) -> str:
+    """``legalizing relax op 'expand_dims': `` when the failure happened in one of TVM's legalization
+    functions (``legalize_ops/<file>.py``, function ``_<op>``), else ``''``."""
+    import traceback
+
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if "legalize_ops" in frame.filename:
+            return f"legalizing relax op '{frame.name.lstrip('_')}': "
+    return ""

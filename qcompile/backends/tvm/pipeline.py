@@ -265,7 +265,9 @@ class _RewriteFloatOps(PyExprMutator):
             return call if new is None else new
         if call.op.name in _FLOAT_REWRITES:
             ty = call.args[0].ty
-            if isinstance(ty, relax.TensorType) and ty.dtype == "float32":
+            # call_te needs a known shape expression (an eager-attention score whose shape the importer
+            # left unknown has none): such a call keeps the default legalization
+            if isinstance(ty, relax.TensorType) and ty.dtype == "float32" and isinstance(ty.shape, relax.ShapeExpr):
                 return _FLOAT_REWRITES[call.op.name](self.builder_, call)
         return call
 

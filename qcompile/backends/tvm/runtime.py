@@ -12,6 +12,7 @@ from tvm import relax
 
 from ...atomic import atomic_directory, read_manifest, write_manifest
 from ...capture import InputBinder
+from ...distributed import writes_on_rank_zero
 from ...errors import ArtifactError, BackendError
 from .host import detect, request_amx
 
@@ -70,6 +71,7 @@ class TvmArtifact:
         outs = [_own(torch.from_dlpack(o), starts) for o in _leaves(out)]
         return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else tuple(outs)
 
+    @writes_on_rank_zero
     def save(self, path: Union[str, Path]) -> Path:
         """Write ``model.so`` (the compiled library) and ``tvm.json`` (call signature, target,
         kernel family, compile time) to the directory ``path``, atomically."""
