@@ -280,7 +280,8 @@ def _rank(node) -> int:
 
 
 def _layer(node) -> str:
-    return node.meta.get(LAYER, node.name)
+    # "" is the model's own forward (an op of no submodule)
+    return node.meta.get(LAYER) or "in the model's own forward"
 
 
 def _check_width(node, width, size):
