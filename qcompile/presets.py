@@ -53,8 +53,8 @@ preset                  what it does
                         ``gguf-q4_0``/``gguf-q5_0`` round to nearest with llama.cpp's own scale
                         (observer ``signed_max``)
 ``gguf-q4_k_m`` ...     llama.cpp's k-quants exactly (super-blocks of 256, two-level ``kquant6``/``kquant8``
-                        scales): Q4_K everywhere, Q6_K for v_proj/down_proj (every layer) and the tied
-                        embedding; ``-gptq`` solved by GPTQ; ``gguf-q5_k_m`` (Q5_K), ``gguf-q6_k``. Rows must
+                        scales): Q4_K everywhere, Q6_K for v_proj/down_proj (every layer), the tied
+                        embedding Q8_0 (>= 8 bits, as in every preset); ``-gptq`` solved by GPTQ; ``gguf-q5_k_m`` (Q5_K), ``gguf-q6_k``. Rows must
                         be multiples of 256: :func:`llama_cpp_mix` gives each layer of a model llama.cpp's
                         own type, fallbacks included
 ======================  ===============================================================================
@@ -218,11 +218,12 @@ def gguf_spec(gguf_type: str, rtn: bool = True) -> QuantSpec:
 
 def _gguf_k_mix(name: str, base: int, more: Optional[int], algorithm: Optional[str] = None) -> Callable[[], Recipe]:
     # model-independent: attn_v / ffn_down at Q{more}_K in every layer (llama.cpp: in about half,
-    # llama_cpp_mix), the tied head / embedding at Q6_K (llama.cpp's output type)
+    # llama_cpp_mix); the tied head / embedding at Q8_0, as in every preset at >= 8 bits (llama.cpp's
+    # output type is Q6_K, or Q8_0 when rows are not whole super-blocks: llama_cpp_mix gives that)
     def make() -> Recipe:
         algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
         overrides = {} if more is None else {r"re:.*\.(v_proj|down_proj)$": LayerConfig(_gguf_k(more))}
-        return Recipe(name=name, default=LayerConfig(_gguf_k(base)), embedding=LayerConfig(_gguf_k(6)),
+        return Recipe(name=name, default=LayerConfig(_gguf_k(base)), embedding=LayerConfig(_gguf_block(8)),
                       weight_algorithm=algo, overrides=overrides)
     return make
 

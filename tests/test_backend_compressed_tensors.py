@@ -26,7 +26,7 @@ from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from qcompile.backends.compressed_tensors import config_of, load_model  # noqa: E402
-from qcompile.backends.compressed_tensors.schemes import attr  # noqa: E402
+from qcompile.passes.infra import get_attr_tensor  # noqa: E402
 
 # preset -> (format, strategy, group_size, symmetric, activations)
 EXPECTED = {"w4-g128": ("pack-quantized", "group", 128, False, None),
@@ -137,7 +137,7 @@ def test_decompressed_by_the_package_bit_exact(exported, preset):
         assert torch.equal(state[f"{layer}.weight"], ref[layer]), layer
     gm = q.graph_module
     norm = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "model.norm.weight")
-    assert torch.equal(state["model.norm.weight"], attr(gm, norm))
+    assert torch.equal(state["model.norm.weight"], get_attr_tensor(gm, norm))
 
 
 def test_parity_recorded_by_the_runtime(exported, ids):

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence, TypeVar
 import torch
 
 from ..errors import PassError, QCompileError
+from ..spec import LAYER
 
 
 @dataclass
@@ -181,6 +182,15 @@ def get_attr_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[t
     for part in node.target.split("."):
         obj = getattr(obj, part)
     return obj if isinstance(obj, torch.Tensor) else None
+
+
+def layer_of(node: torch.fx.Node) -> str:
+    """The module path a node belongs to: its layer tag (capture's, or a pass's), else the innermost
+    module of its ``nn_module_stack``, else the node's own name."""
+    if node.meta.get(LAYER):
+        return node.meta[LAYER]
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else node.name
 
 
 def constant_value(gm: torch.fx.GraphModule, node) -> Optional[torch.Tensor]:

@@ -15,7 +15,8 @@ from compressed_tensors.quantization import QuantizationConfig
 
 from ...errors import ArtifactError, BackendError
 from ...ops import DEQUANTIZE
-from .schemes import EMBEDDING, LINEAR, LayerPlan, activation_args, attr, compressed_tensors, layer_of, \
+from ...passes.infra import get_attr_tensor, layer_of
+from .schemes import EMBEDDING, LINEAR, LayerPlan, activation_args, compressed_tensors, \
     storage_format, weight_plan
 
 
@@ -71,7 +72,7 @@ def plan_model(qmodel, config) -> CtPlan:
                                f"(config.model_type {getattr(config, 'model_type', None)!r}): pass the config of the "
                                "model that was quantized")
         if op.target == LINEAR and op.args[2:] and op.args[2] is not None:
-            bias = attr(gm, op.args[2])
+            bias = get_attr_tensor(gm, op.args[2])
             if bias is None:
                 raise BackendError(f"layer '{layer}': its bias is computed in the graph, not a stored tensor")
             tensors[f"{layer}.bias"] = bias.detach()
@@ -79,7 +80,7 @@ def plan_model(qmodel, config) -> CtPlan:
             by_node[w].append(layer)
             continue
         by_node[w] = [layer]
-        if getattr(w, "target", None) == DEQUANTIZE and op.target == LINEAR and attr(gm, w.args[0]) is not None:
+        if getattr(w, "target", None) == DEQUANTIZE and op.target == LINEAR and get_attr_tensor(gm, w.args[0]) is not None:
             plan = weight_plan(gm, layer, w)
             activation_args(gm, plan, op.args[0])
             layers[layer] = plan
@@ -87,17 +88,17 @@ def plan_model(qmodel, config) -> CtPlan:
             if op.target == LINEAR:
                 raise BackendError(f"layer '{layer}': its weight codes are not a stored tensor")
             with torch.no_grad():   # qcompile's reference dequantized values, float
-                tensors[f"{layer}.weight"] = torch.ops.qcompile.dequantize(*[attr(gm, a) if hasattr(a, "op") else a
+                tensors[f"{layer}.weight"] = torch.ops.qcompile.dequantize(*[get_attr_tensor(gm, a) if hasattr(a, "op") else a
                                                                              for a in w.args])
             dequantized.append(layer)
-        elif attr(gm, w) is not None:
-            tensors[f"{layer}.weight"] = attr(gm, w).detach()
+        elif get_attr_tensor(gm, w) is not None:
+            tensors[f"{layer}.weight"] = get_attr_tensor(gm, w).detach()
         else:
             raise BackendError(f"layer '{layer}': its weight comes from '{w.target}', not a stored tensor or a "
                                "dequantize of stored codes")
     for node in gm.graph.nodes:   # norms, biases and other float parameters under their own names
         if node.op == "get_attr" and node.target in expected and node.target not in tensors:
-            tensors[node.target] = attr(gm, node).detach()
+            tensors[node.target] = get_attr_tensor(gm, node).detach()
     config = copy.deepcopy(config)
     tied = any(len(ls) > 1 for ls in by_node.values())
     config.tie_word_embeddings = tied

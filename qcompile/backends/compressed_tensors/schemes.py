@@ -38,7 +38,8 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from ...errors import BackendError
 from ...formats import get_format
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
-from ...spec import LAYER, ROLE
+from ...passes.infra import get_attr_tensor
+from ...spec import ROLE
 
 LINEAR = torch.ops.aten.linear.default
 EMBEDDING = torch.ops.aten.embedding.default
@@ -56,23 +57,6 @@ class LayerPlan:
     zero_point: Optional[torch.Tensor]  # int8, signed; None when symmetric
     input_scale: Optional[torch.Tensor] = None
     input_zero_point: Optional[torch.Tensor] = None
-
-
-def attr(gm, node) -> Optional[torch.Tensor]:
-    """The tensor a ``get_attr`` node names; None for anything else."""
-    if getattr(node, "op", None) != "get_attr":
-        return None
-    t = gm
-    for part in node.target.split("."):
-        t = getattr(t, part)
-    return t
-
-
-def layer_of(node) -> str:
-    if node.meta.get(LAYER):
-        return node.meta[LAYER]
-    stack = node.meta.get("nn_module_stack")
-    return list(stack.values())[-1][0] if stack else node.name
 
 
 def _refuse(layer: str, what: str) -> BackendError:
@@ -98,8 +82,8 @@ def weight_plan(gm, layer: str, deq) -> LayerPlan:
     """The plan of one Linear whose weight is ``deq`` (a dequantize of stored codes)."""
     codes_node, scale_node, zp_node, fmt_name, group = deq.args[:5]
     fmt = _int_format(layer, fmt_name, "weight")
-    codes, scale = attr(gm, codes_node), attr(gm, scale_node)
-    zp = None if zp_node is None else attr(gm, zp_node)
+    codes, scale = get_attr_tensor(gm, codes_node), get_attr_tensor(gm, scale_node)
+    zp = None if zp_node is None else get_attr_tensor(gm, zp_node)
     if codes is None or scale is None or (zp_node is not None and zp is None):
         raise _refuse(layer, f"double-quantized scales or zero points ({fmt_name}, groups of {group}): its scales "
                              "are stored float, one per group")
@@ -159,7 +143,7 @@ def activation_args(gm, plan: LayerPlan, x) -> None:
         act = QuantizationArgs(num_bits=8, type="int", symmetric=bool(symmetric),
                                strategy="token" if per_token else "tensor", dynamic=True)
     else:
-        scale, zp = attr(gm, q.args[1]), None if q.args[2] is None else attr(gm, q.args[2])
+        scale, zp = get_attr_tensor(gm, q.args[1]), None if q.args[2] is None else get_attr_tensor(gm, q.args[2])
         if scale is None or scale.numel() != 1:
             raise _refuse(plan.layer, "static activations quantized other than per tensor")
         act = QuantizationArgs(num_bits=8, type="int", symmetric=zp is None, strategy="tensor", dynamic=False)

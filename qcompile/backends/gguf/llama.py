@@ -16,7 +16,7 @@ import torch
 
 from ...errors import BackendError
 from ...ops import DEQUANTIZE
-from ...spec import LAYER
+from ...passes.infra import get_attr_tensor, layer_of
 from .blocks import BLOCK_TYPES, K_QUANTS, QuantizedWeight, match, refusal
 from .kquants import K_TYPES, match_k
 
@@ -67,20 +67,6 @@ def _rope_theta(config) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
 
 
-def _attr(gm, node) -> torch.Tensor:
-    t = gm
-    for part in node.target.split("."):
-        t = getattr(t, part)
-    return t
-
-
-def _layer(node) -> str:
-    if node.meta.get(LAYER):
-        return node.meta[LAYER]
-    stack = node.meta.get("nn_module_stack")
-    return list(stack.values())[-1][0] if stack else node.name
-
-
 def _weights(gm) -> dict:
     """layer path → its weight as the graph holds it (a float tensor or a :class:`QuantizedWeight`),
     plus ``"lm_head"`` → ``"tied"`` when the head reads the embedding's own tensor."""
@@ -90,7 +76,7 @@ def _weights(gm) -> dict:
         if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default,
                                                               torch.ops.aten.embedding.default):
             continue
-        layer = _layer(node)
+        layer = layer_of(node)
         w = node.args[1] if node.target == torch.ops.aten.linear.default else node.args[0]
         if w in seen:
             out[layer] = ("tied", seen[w])
@@ -99,7 +85,7 @@ def _weights(gm) -> dict:
         if node.target == torch.ops.aten.linear.default and len(node.args) > 2 and node.args[2] is not None:
             raise BackendError(f"layer '{layer}' has a bias; the gguf backend writes Llama without biases")
         if w.op == "get_attr":
-            out[layer] = _attr(gm, w).detach().float()
+            out[layer] = get_attr_tensor(gm, w).detach().float()
         elif w.target == DEQUANTIZE:
             codes, scale, zp, fmt, group = w.args[:5]
             two = _two_level(gm, scale, zp)
@@ -110,10 +96,10 @@ def _weights(gm) -> dict:
                     f"({', '.join(K_QUANTS)}) are scale_dtype kquant6/kquant8 (the gguf-q4_k_m/-q6_k presets)")
             if two is not None:
                 deq = _node_value(gm, scale), None if zp is None else _node_value(gm, zp)
-                out[layer] = QuantizedWeight(layer, fmt, group, _attr(gm, codes), deq[0], deq[1], two)
+                out[layer] = QuantizedWeight(layer, fmt, group, get_attr_tensor(gm, codes), deq[0], deq[1], two)
                 continue
-            out[layer] = QuantizedWeight(layer, fmt, group, _attr(gm, codes), _attr(gm, scale),
-                                         None if zp is None else _attr(gm, zp))
+            out[layer] = QuantizedWeight(layer, fmt, group, get_attr_tensor(gm, codes), get_attr_tensor(gm, scale),
+                                         None if zp is None else get_attr_tensor(gm, zp))
         else:
             raise BackendError(f"layer '{layer}': its weight comes from '{w.target}', not a stored tensor or a "
                                "dequantize of stored codes")
@@ -126,7 +112,7 @@ def _two_level_parts(gm, node):
     if getattr(node, "target", None) != DEQUANTIZE or node.args[2] is not None \
             or any(getattr(a, "op", None) != "get_attr" for a in node.args[:2]):
         return None
-    return _attr(gm, node.args[0]), _attr(gm, node.args[1]), node.args[3]
+    return get_attr_tensor(gm, node.args[0]), get_attr_tensor(gm, node.args[1]), node.args[3]
 
 
 def _two_level(gm, scale, zp) -> Optional[dict]:
@@ -146,12 +132,12 @@ def _two_level(gm, scale, zp) -> Optional[dict]:
 
 def _node_value(gm, node) -> torch.Tensor:
     """A two-level scale or minimum as the graph computes it (the dequantize of its parts)."""
-    args = [_attr(gm, a) if isinstance(a, torch.fx.Node) else a for a in node.args]
+    args = [get_attr_tensor(gm, a) if isinstance(a, torch.fx.Node) else a for a in node.args]
     return DEQUANTIZE(*args)
 
 
 def _norms(gm) -> dict:
-    return {n.target.removesuffix(".weight"): _attr(gm, n).detach().float()
+    return {n.target.removesuffix(".weight"): get_attr_tensor(gm, n).detach().float()
             for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("norm.weight")}
 
 
