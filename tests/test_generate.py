@@ -72,6 +72,16 @@ def test_captured_graph_has_cache_inputs_and_outputs(llama):
     assert cache_layout(q) == lm.layout
 
 
+def test_max_batch_one_captures_and_still_refuses_a_larger_batch(llama):
+    # torch.export cannot make a dim of min = max = 1 dynamic: a user's max_batch=1 must still capture
+    lm = qcompile.causal_lm(llama, max_context=MAX_CONTEXT, max_batch=1)
+    q = qcompile.quantize(lm, "w8", lm.example_inputs, calibration=lm.calibration([_prompt(1, 4)]),
+                          **lm.capture_options)
+    assert torch.equal(qcompile.generate(q, _prompt(1, 4), max_new_tokens=3)[:, :4], _prompt(1, 4))
+    with pytest.raises(qcompile.GenerationError, match="max_batch 1"):
+        qcompile.generate(q, _prompt(2, 4), max_new_tokens=3)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_chunked_prefill_through_the_cache_equals_the_uncached_forward(kind):
     # the cached path scores text exactly like the model without a cache (perplexity unchanged)

@@ -201,7 +201,9 @@ class CausalLMWithCache(nn.Module):
         1..max_context; the cache's context dim static) for ``qcompile.quantize`` / ``prepare``."""
         from torch.export import Dim
 
-        batch = Dim("batch", min=1, max=self.layout.max_batch)
+        # the capture example has batch 2 (torch.export specialises 1), so the graph admits 2 even when
+        # max_batch is 1; generate still refuses a batch above max_batch
+        batch = Dim("batch", min=1, max=max(2, self.layout.max_batch))
         seq = Dim("seq", min=1, max=self.layout.max_context)
         n = 2 * self.layout.layers
         names = self.layout.input_names()
