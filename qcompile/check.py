@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -96,6 +96,13 @@ def check(path: Union[str, Path]) -> CheckResult:
     return _check_program(path)
 
 
+def _result(path: Path, kind: str, contract: dict, measured: dict, recipe: Optional[str] = None) -> CheckResult:
+    """The verdict every format shares: the recorded contract against the parity just measured."""
+    recipe = recipe or (contract.get("recipe") or {}).get("name", "?")
+    return CheckResult(str(path), kind, contract.get("runtime", ""), recipe, contract.get("quality") or {},
+                       check_parity(str(path), contract["parity"], measured))
+
+
 def _check_program(path: Path) -> CheckResult:
     from .artifact import load_program
 
@@ -105,8 +112,7 @@ def _check_program(path: Path) -> CheckResult:
     args, kwargs, reference = _smoke(path)
     with torch.no_grad():
         measured = parity_of(qmodel(*args, **kwargs), reference)
-    return CheckResult(str(path), "qcompile", contract.get("runtime", ""), qmodel.recipe.name,
-                       contract.get("quality") or {}, check_parity(str(path), contract["parity"], measured))
+    return _result(path, "qcompile", contract, measured, qmodel.recipe.name)
 
 
 def _check_onnx(path: Path) -> CheckResult:
@@ -118,9 +124,7 @@ def _check_onnx(path: Path) -> CheckResult:
     contract = _contract(path, {"contract": contract})
     feed = {k[len("feed."):]: v for k, v in smoke.items() if k.startswith("feed.")}
     measured = parity_of(run_smoke(path, feed), split_smoke(smoke)[2])
-    recipe = (contract.get("recipe") or {}).get("name", "?")
-    return CheckResult(str(path), "onnx", contract.get("runtime", ""), recipe, contract.get("quality") or {},
-                       check_parity(str(path), contract["parity"], measured))
+    return _result(path, "onnx", contract, measured)
 
 
 def _check_gguf(path: Path) -> CheckResult:
@@ -135,9 +139,7 @@ def _check_gguf(path: Path) -> CheckResult:
     contract = _contract(path, {"contract": contract})
     args, _, reference = split_smoke(smoke)
     measured = parity_of(GgufArtifact.load(path)(args[0]), reference)
-    recipe = (contract.get("recipe") or {}).get("name", "?")
-    return CheckResult(str(path), "gguf", contract.get("runtime", ""), recipe, contract.get("quality") or {},
-                       check_parity(str(path), contract["parity"], measured))
+    return _result(path, "gguf", contract, measured)
 
 
 def _check_compressed_tensors(path: Path) -> CheckResult:
@@ -149,9 +151,7 @@ def _check_compressed_tensors(path: Path) -> CheckResult:
     contract = _contract(path, meta)
     args, kwargs, reference = _smoke(path)
     measured = parity_of(run_model(load_model(path, quantized=True), *args, **kwargs), reference)
-    recipe = (contract.get("recipe") or {}).get("name", "?")
-    return CheckResult(str(path), "compressed-tensors", contract.get("runtime", ""), recipe,
-                       contract.get("quality") or {}, check_parity(str(path), contract["parity"], measured))
+    return _result(path, "compressed-tensors", contract, measured)
 
 
 __all__ = ["CheckResult", "check"]
