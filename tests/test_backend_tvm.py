@@ -98,7 +98,7 @@ def test_artifact_reports_kernels_and_reloads_with_tvm_runtime_only(tmp_path):
         load(corrupt)
 
 
-@pytest.mark.parametrize("family", ["generic", "avx-vnni"])
+@pytest.mark.parametrize("family", ["generic", "avx-vnni", "avx2"])
 def test_other_family_matches_reference(family):
     """A whole model on a family the host would not pick first (where the host runs it)."""
     missing = [f for f in FAMILY_FLAGS[family] if f not in detect().flags]

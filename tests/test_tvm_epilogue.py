@@ -71,7 +71,7 @@ def test_requantizing_kernel_matches_float64_reference(family, m, k, n, epilogue
     scale = np.float32(np.abs(unscaled).max() / 150)
     qinv = np.float32(1.0) / scale
     out = np.zeros((m, np_), out_dtype)
-    args = [a, int8_gemm.pack_weights(w), cs, sa, za, sw, bias, cm, np.array([qinv]), np.array([zp], np.int32), out]
+    args = [a, int8_gemm.weights_for_family(int8_gemm.pack_weights(w), family), cs, sa, za, sw, bias, cm, np.array([qinv]), np.array([zp], np.int32), out]
     t = [tvm.runtime.tensor(x, tvm.cpu()) for x in args]
     mod["main"](*t)
     got = t[-1].numpy()[:, :n].astype(np.int64)
@@ -97,7 +97,7 @@ def test_requantizing_kernel_rounds_half_to_even_and_rejects_bad_epilogues():
     a[:, 0] = np.arange(12)
     w = np.ones((np_, k), np.int8)
     acc = a.astype(np.int64).sum(1, keepdims=True) * np.ones((1, np_), np.int64)
-    args = [a, int8_gemm.pack_weights(w), np.full(np_, 4, np.int32), np.array([0.5], np.float32),
+    args = [a, int8_gemm.weights_for_family(int8_gemm.pack_weights(w), family), np.full(np_, 4, np.int32), np.array([0.5], np.float32),
             np.array([0], np.int32), np.ones(np_, np.float32), np.zeros(np_, np.float32), np.ones(np_, np.float32),
             np.array([1.0], np.float32), np.array([0], np.int32), np.zeros((12, np_), np.uint8)]
     t = [tvm.runtime.tensor(x, tvm.cpu()) for x in args]

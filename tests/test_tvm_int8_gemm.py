@@ -54,7 +54,7 @@ def test_gemm_is_bit_exact(family, m, k, n, per_row):
     dev = tvm.cpu()
 
     def run(sa, za, sw, bias):
-        args = [a, int8_gemm.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.zeros((m, np_), np.float32)]
+        args = [a, int8_gemm.weights_for_family(int8_gemm.pack_weights(w), family), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.zeros((m, np_), np.float32)]
         t = [tvm.runtime.tensor(x, dev) for x in args]
         mod["main"](*t)
         return t[-1].numpy()
@@ -108,6 +108,59 @@ def test_avx_vnni_family_is_vex_ymm_code_for_an_avx2_target():
         np.ones(np_, np.float32), np.zeros(np_, np.float32), np.zeros((m, np_), np.float32))]
     mod["main"](*t)
     assert np.array_equal(t[-1].numpy(), (a.astype(np.int64) @ wfull.T).astype(np.float32))
+
+
+def test_avx2_split_weights_recombine_within_the_no_saturation_bound():
+    """Every int8 weight is ``16 * hi + lo`` with ``lo`` in -8..7 and ``hi`` in -8..8, laid out as
+    the packed group (lo) followed by the same group (hi); with u8 codes, AVX2_STEPS pair sums of
+    either part stay inside int16."""
+    w = np.arange(-128, 128, dtype=np.int8).reshape(16, 16)
+    p = int8_gemm.pack_weights(w)
+    s = int8_gemm.split_weights(p).astype(np.int32)
+    assert s.shape == (*p.shape[:2], 128)
+    lo, hi = s[..., :64], s[..., 64:]
+    assert np.array_equal(16 * hi + lo, p) and lo.min() == -8 and lo.max() == 7 and hi.min() == -8 and hi.max() == 8
+    assert int8_gemm.AVX2_STEPS * 2 * 255 * max(-lo.min(), -hi.min(), lo.max(), hi.max()) <= 32767
+    assert int8_gemm.weights_for_family(p, "vnni") is p
+
+
+def _worst_case_exact(family, target, m, k):
+    """Activations all 255 against weight columns at every extreme of the split (-128, 127, and
+    -8 and 120, whose lo or hi part is -8 or 8 on every k), plus random columns: the float output
+    of the identity epilogue equals the int64 product exactly."""
+    np_ = 48
+    w = np.random.default_rng(k).integers(-128, 128, (np_, k)).astype(np.int8)
+    w[:8] = np.array([-128, 127, -8, 120, 7, -9, 119, -121], np.int8).reshape(-1, 1)
+    a = np.full((m, k), 255, np.uint8)
+    a[1::2, 1::3] = 0
+    mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, False, family), target)
+    t = [tvm.runtime.tensor(x, tvm.cpu()) for x in (
+        a, int8_gemm.weights_for_family(int8_gemm.pack_weights(w), family), np.zeros(np_, np.int32),
+        np.ones(1, np.float32), np.zeros(1, np.int32), np.ones(np_, np.float32), np.zeros(np_, np.float32),
+        np.full((m, np_), np.nan, np.float32))]
+    mod["main"](*t)
+    return mod, np.array_equal(t[-1].numpy(), (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.float32))
+
+
+AVX2_TARGET = {"kind": "llvm", "mcpu": "x86-64-v3"}
+
+
+@pytest.mark.parametrize("m,k", [(5, 768), (1, 36)])
+def test_avx2_family_is_exact_vpmaddubsw_code_on_worst_case_values(m, k):
+    """The code an AVX2 host without AVX-512 compiles: ``vpmaddubsw`` on ymm, no zmm register,
+    exact where a saturating kernel is not (K = 36: a last chunk of 1 step of 4 k; M = 1: the
+    one-row path)."""
+    mod, exact = _worst_case_exact("avx2", tvm.target.Target(AVX2_TARGET), m, k)
+    asm = mod.mod.inspect_source("asm")
+    assert "vpmaddubsw" in asm and "vpmaddwd" in asm and "%ymm" in asm and "%zmm" not in asm
+    assert exact
+
+
+def test_avx2_worst_case_test_fails_when_16_bit_sums_can_overflow(monkeypatch):
+    """The worst-case values reach the bound: one more step of 16-bit sums (9 x 4,080 > 32,767)
+    wraps, and the same check fails."""
+    monkeypatch.setattr(int8_gemm, "AVX2_STEPS", 9)
+    assert not _worst_case_exact("avx2", tvm.target.Target(AVX2_TARGET), 5, 768)[1]
 
 
 def test_unknown_family_and_bad_shapes_are_rejected():
@@ -185,7 +238,7 @@ def test_parallel_build_gives_the_serial_build_s_outputs(m, k, n):
     for parallel in (False, True):
         mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, per_row, family, ("gelu", "uint8"), parallel))
         t = [tvm.runtime.tensor(x, tvm.cpu()) for x in (
-            a, int8_gemm.pack_weights(w), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.ones(np_, np.float32),
+            a, int8_gemm.weights_for_family(int8_gemm.pack_weights(w), family), wfull.sum(1).astype(np.int32), sa, za, sw, bias, np.ones(np_, np.float32),
             np.array([4.0], np.float32), np.array([7], np.int32), np.zeros((m, np_), np.uint8))]
         mod["main"](*t)
         outs.append(t[-1].numpy())

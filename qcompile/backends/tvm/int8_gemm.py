@@ -36,20 +36,31 @@ LLVM's SROA promotes them to registers.
 from __future__ import annotations
 
 import numpy as np
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from ...errors import BackendError
 from .amx import AMX_EMULATED, AMX_K, AMX_M, amx_macros
 from .host import FAMILIES
 
+# the avx2 kernel before the split weights (vpmaddwd on codes widened to 16 bits, the ordinary
+# packing): not a host family; kept as the baseline the avx2 benchmark and tests compare against
+AVX2_WIDE = "avx2-wide"
 MR, NR = 5, 3          # register tile: 5 rows x 3 blocks of 16 columns (15 accumulators, 960 bytes)
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 VPDPBUSD_YMM = "llvm.x86.avx512.vpdpbusd.256"   # VEX-encoded (AVX-VNNI) on targets with +avxvnni
 # register tiles (rows, blocks of 16 columns) of the vector families; the others take MR x NR.
 # 16 ymm registers: avx2 holds 4 accumulators per row x block (two partial sums per column),
 # avx-vnni 2 (a block of 16 int32 is two ymm): 12 accumulators either way
-TILES = {"avx2": (3, 1), "avx-vnni": (6, 1)}
+# avx2: 2 rows x 1 block (8 ymm of 16-bit sums, 4 of int32; 3 rows measured slower, 4 and 6 spilled)
+TILES = {"avx2": (2, 1), AVX2_WIDE: (3, 1), "avx-vnni": (6, 1)}
+# blocks of 16 columns of the one-row (GEMV) tile, per family; the others take 6 when they divide Np, else NR
+TILES1 = {"avx2": 1, AVX2_WIDE: 3}
 PMADDWD = "llvm.x86.avx2.pmadd.wd"
+PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
+# avx2: steps of 4 k whose 16-bit pair sums are added up before vpmaddwd widens them (split_weights'
+# bound: 8 steps x 4,080 = 32,640 <= 32,767)
+AVX2_STEPS = 8
 
 
 def padded_n(n: int) -> int:
@@ -74,6 +85,43 @@ def unpack_weights(packed: np.ndarray) -> np.ndarray:
     """Inverse of :func:`pack_weights` (with the padding columns): ``[Np, K]``."""
     nb, k4, _ = packed.shape
     return packed.reshape(nb, k4, 16, 4).transpose(0, 2, 1, 3).reshape(nb * 16, k4 * 4)
+
+
+def split_weights(packed: np.ndarray) -> np.ndarray:
+    """The ``avx2`` family's weights: packed int8 ``[Np/16, K/4, 64]`` (:func:`pack_weights`) →
+    ``[Np/16, K/4, 128]``, each 64-byte group followed by the same layout split as
+    ``w = 16 * hi + lo`` with ``lo = ((w + 8) mod 16) - 8`` in -8..7 (bytes 0..63) and ``hi`` in
+    -8..8 (bytes 64..127). With either part as ``vpmaddubsw``'s signed operand and u8 codes as the
+    other, a 16-bit pair sum is at most 2 * 255 * 8 = 4,080 in magnitude, so 8 of them
+    (:data:`AVX2_STEPS`) add up without saturating or wrapping: 32,640 <= 32,767 (the plain
+    split, ``lo`` in 0..15, allows only 4: 2 * 255 * 15 = 7,650)."""
+    w = packed.astype(np.int16)
+    lo = ((w + 8) & 15) - 8
+    hi = (w - lo) >> 4      # exact: w - lo is a multiple of 16 in -128..128
+    return np.ascontiguousarray(np.concatenate([lo, hi], axis=-1).astype(np.int8))
+
+
+def kernel_weights(family: str) -> int:
+    """Bytes per packed group of 16 columns x 4 ``k`` that ``family``'s kernel reads: 128 for
+    ``avx2`` (:func:`split_weights`), 64 (:func:`pack_weights`) for the others."""
+    return 128 if family == "avx2" else 64
+
+
+def weights_for_family(packed: np.ndarray, family: str) -> np.ndarray:
+    """The weight operand of ``family``'s kernel from the packed weights (:func:`pack_weights`):
+    their :func:`split_weights` for ``avx2``, the same array for the other families."""
+    return split_weights(packed) if family == "avx2" else packed
+
+
+def family_weights(packed, family: str):
+    """:func:`weights_for_family` on the Relax constant of the packed weights that the fusion passes
+    put in the graph, once, at lowering (the converters of ``int8_linear`` and ``int8_conv2d``)."""
+    if family != "avx2":
+        return packed
+    if not isinstance(packed, relax.Constant):
+        raise BackendError(f"kernel family 'avx2' splits the packed weights at lowering and needs them as a "
+                           f"constant; got {type(packed).__name__}")
+    return relax.const(weights_for_family(packed.data.numpy(), family), "int8")
 
 
 # TVM's fast_erf (topi, the polynomial pipeline.rewrite_float_ops gives GELU): erf(x) ~ x * P(x²) / Q(x²)
@@ -150,7 +198,7 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
     ``family="amx-emulated"``: the same loop nest with each tile instruction replaced by a scalar
     TIR loop of the same meaning, and the leftover rows on ``generic`` tiles, so the AMX family's
     addressing, tiling and epilogue are tested on any host (slow: for tests only)."""
-    if family not in FAMILIES + (AMX_EMULATED,):
+    if family not in FAMILIES + (AMX_EMULATED, AVX2_WIDE):
         raise ValueError(f"unknown kernel family '{family}' (built: {', '.join(FAMILIES)})")
     if k % 4 or np_ % (16 * NR):
         raise ValueError(f"K={k} must be a multiple of 4 and Np={np_} of {16 * NR}")
@@ -160,14 +208,16 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
         raise ValueError(f"unknown epilogue {epilogue!r} (activations {', '.join(ACTIVATIONS)}; codes uint8 or int8)")
     quant = epilogue is not None
     k4, nb = k // 4, np_ // 16
-    avx2 = family == "avx2"
+    avx2 = family == "avx2"         # vpmaddubsw on split weights
+    wide = family == AVX2_WIDE      # vpmaddwd on widened codes
     avx_vnni = family == "avx-vnni"
     dot_lanes = 8 if avx_vnni else 16     # int32 lanes of one vpdpbusd: ymm or zmm
     dot_intrin = VPDPBUSD_YMM if avx_vnni else VPDPBUSD
     dot_i32, dot_u8, dot_s8 = f"int32x{dot_lanes}", f"uint8x{4 * dot_lanes}", f"int8x{4 * dot_lanes}"
     mr_t, nr_t = TILES.get(family, (MR, NR))
     panels = T.parallel if parallel else T.serial   # the column-panel loops
-    nr1 = 6 if nb % 6 == 0 and not avx2 else NR
+    nr1 = TILES1.get(family, 6 if nb % 6 == 0 else NR)
+    wbytes = kernel_weights(family)
     amx = family in ("amx", AMX_EMULATED) and k % AMX_K == 0
     vnni = family in ("vnni", "amx")   # the emulated AMX family runs its leftover rows on generic tiles
 
@@ -203,61 +253,98 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
                             acc[off + (ii * nr + jb) * 16 + j], zc[j], sc[j], bc[j], CM[(jb0 + jb) * 16 + j], QI[0], QZ[0])
 
     @T.macro
+    def split_steps(A4, B, acc, s16, row0, mr, jb0, nr, kk0, steps):
+        # avx2: `steps` (<= AVX2_STEPS) groups of 4 k. Per 8 columns (a half of a block: 32 bytes of
+        # the lo or hi part, 8 columns x 4 k) and row, vpmaddubsw of the row's 4 codes broadcast
+        # (u8) with the part (s8) gives 16 pair sums, (column, k pair), added up in 16 bits (no
+        # saturation: split_weights' bound); then vpmaddwd by 1 (lo) and by 16 (hi) adds each
+        # column's two pairs into its int32 sum, in column order
+        for u in T.unroll(mr * nr * 4):
+            s16[T.ramp(u * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
+        for t in T.unroll(steps):
+            for jb in T.unroll(nr):
+                for h in T.unroll(2):
+                    for part in T.unroll(2):
+                        for ii in T.unroll(mr):
+                            s16[T.ramp((((ii * nr + jb) * 2 + h) * 2 + part) * 16, 1, 16)] = s16.vload(
+                                [(((ii * nr + jb) * 2 + h) * 2 + part) * 16], "int16x16") + T.call_llvm_pure_intrin(
+                                "int16x16", PMADDUBSW,
+                                T.reinterpret("int8x32", T.broadcast(A4[(row0 + ii) * k4 + kk0 + t], 8)),
+                                B.vload([jb0 + jb, kk0 + t, part * 64 + h * 32], "int8x32"))
+        for ii in T.unroll(mr):
+            for jb in T.unroll(nr):
+                for h in T.unroll(2):
+                    acc[T.ramp((ii * nr + jb) * 16 + h * 8, 1, 8)] = acc.vload([(ii * nr + jb) * 16 + h * 8], "int32x8") + (
+                        T.call_llvm_pure_intrin("int32x8", PMADDWD, s16.vload([((ii * nr + jb) * 2 + h) * 32], "int16x16"),
+                                                T.broadcast(T.int16(1), 16))
+                        + T.call_llvm_pure_intrin("int32x8", PMADDWD,
+                                                  s16.vload([((ii * nr + jb) * 2 + h) * 32 + 16], "int16x16"),
+                                                  T.broadcast(T.int16(16), 16)))
+
+    @T.macro
     def tile(A, A4, B, CS, SA, ZA, SW, BIAS, CM, QI, QZ, O, row0, mr, jb0, nr):
         # stack-allocated accumulators (see the module docstring for why the scope is "global")
         acc = T.decl_buffer((mr * nr * 16,), "int32", scope="global")
         av = T.decl_buffer((mr * 16,), "int32", scope="global")
         bv = T.decl_buffer((nr * 64,), "int8", scope="global")
-        acc2 = T.decl_buffer((mr * nr * 32 if avx2 else 1,), "int32", scope="global")
-        aw = T.decl_buffer((mr * 16 if avx2 else 1,), "int16", scope="global")
-        wv = T.decl_buffer((nr * 64 if avx2 else 1,), "int16", scope="global")
+        acc2 = T.decl_buffer((mr * nr * 32 if wide else 1,), "int32", scope="global")
+        aw = T.decl_buffer((mr * 16 if wide else 1,), "int16", scope="global")
+        wv = T.decl_buffer((nr * 64 if wide else 1,), "int16", scope="global")
+        # avx2: 16-bit pair sums per (row, block, half of 8 columns, lo / hi part)
+        s16 = T.decl_buffer((mr * nr * 64 if avx2 else 1,), "int16", scope="global")
         for t in T.unroll(mr * nr):
             acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
-            if avx2:
+            if wide:
                 acc2[T.ramp(t * 32, 1, 32)] = T.broadcast(T.int32(0), 32)
-        for kk in range(k4):
-            if vnni or avx_vnni:
-                # vpdpbusd: on zmm one instruction takes a whole packed group (16 columns x 4 k);
-                # on ymm (AVX-VNNI) each half of it, 8 columns, into the block's sums j = 8h .. 8h + 7
-                for jb in T.unroll(nr):
-                    bv[T.ramp(jb * 64, 1, 64)] = B.vload([jb0 + jb, kk, 0], "int8x64")
-                for ii in T.unroll(mr):
-                    av[T.ramp(ii * 16, 1, dot_lanes)] = T.broadcast(A4[(row0 + ii) * k4 + kk], dot_lanes)
-                for ii in T.unroll(mr):
+        if avx2:
+            for c in range(k4 // AVX2_STEPS):
+                split_steps(A4, B, acc, s16, row0, mr, jb0, nr, c * AVX2_STEPS, AVX2_STEPS)
+            if k4 % AVX2_STEPS != 0:
+                split_steps(A4, B, acc, s16, row0, mr, jb0, nr, k4 // AVX2_STEPS * AVX2_STEPS, k4 % AVX2_STEPS)
+        else:
+            for kk in range(k4):
+                if vnni or avx_vnni:
+                    # vpdpbusd: on zmm one instruction takes a whole packed group (16 columns x 4 k);
+                    # on ymm (AVX-VNNI) each half of it, 8 columns, into the block's sums j = 8h .. 8h + 7
                     for jb in T.unroll(nr):
-                        for h in T.unroll(16 // dot_lanes):
-                            acc[T.ramp((ii * nr + jb) * 16 + h * dot_lanes, 1, dot_lanes)] = T.call_llvm_pure_intrin(
-                                dot_i32, dot_intrin, acc.vload([(ii * nr + jb) * 16 + h * dot_lanes], dot_i32),
-                                T.reinterpret(dot_u8, av.vload([ii * 16], dot_i32)),
-                                bv.vload([jb * 64 + h * 4 * dot_lanes], dot_s8))
-            elif avx2:
-                # exact u8 x s8 without VNNI: both sides widened to 16 bits, vpmaddwd adds a pair of
-                # products into each int32 lane (vpmaddubsw would saturate 16-bit pair sums). 16 bytes
-                # of a packed group are 4 columns x 4 k: lane 2c + p holds column c's k-pair p, so the
-                # activation vector is the 4 codes widened and repeated; the pair lanes add up after the loop.
-                # (Widening A and B to int16 copies once, outside the loop, measured no faster.)
-                for jb in T.unroll(nr):
-                    for h in T.unroll(4):
-                        wv[T.ramp((jb * 4 + h) * 16, 1, 16)] = T.Cast(
-                            "int16x16", B.vload([jb0 + jb, kk, h * 16], "int8x16"))
-                for ii in T.unroll(mr):
-                    aw[T.ramp(ii * 16, 1, 16)] = T.reinterpret("int16x16", T.broadcast(T.reinterpret(
-                        "int64", T.Cast("int16x4", A.vload([row0 + ii, kk * 4], "uint8x4"))), 4))
-                for ii in T.unroll(mr):
+                        bv[T.ramp(jb * 64, 1, 64)] = B.vload([jb0 + jb, kk, 0], "int8x64")
+                    for ii in T.unroll(mr):
+                        av[T.ramp(ii * 16, 1, dot_lanes)] = T.broadcast(A4[(row0 + ii) * k4 + kk], dot_lanes)
+                    for ii in T.unroll(mr):
+                        for jb in T.unroll(nr):
+                            for h in T.unroll(16 // dot_lanes):
+                                acc[T.ramp((ii * nr + jb) * 16 + h * dot_lanes, 1, dot_lanes)] = T.call_llvm_pure_intrin(
+                                    dot_i32, dot_intrin, acc.vload([(ii * nr + jb) * 16 + h * dot_lanes], dot_i32),
+                                    T.reinterpret(dot_u8, av.vload([ii * 16], dot_i32)),
+                                    bv.vload([jb * 64 + h * 4 * dot_lanes], dot_s8))
+                elif wide:
+                    # exact u8 x s8 without VNNI: both sides widened to 16 bits, vpmaddwd adds a pair of
+                    # products into each int32 lane (vpmaddubsw would saturate 16-bit pair sums). 16 bytes
+                    # of a packed group are 4 columns x 4 k: lane 2c + p holds column c's k-pair p, so the
+                    # activation vector is the 4 codes widened and repeated; the pair lanes add up after the loop.
+                    # (Widening A and B to int16 copies once, outside the loop, measured no faster.)
                     for jb in T.unroll(nr):
                         for h in T.unroll(4):
-                            acc2[T.ramp(((ii * nr + jb) * 4 + h) * 8, 1, 8)] = acc2.vload(
-                                [((ii * nr + jb) * 4 + h) * 8], "int32x8") + T.call_llvm_pure_intrin(
-                                "int32x8", PMADDWD, aw.vload([ii * 16], "int16x16"),
-                                wv.vload([(jb * 4 + h) * 16], "int16x16"))
-            else:
-                for ii in T.unroll(mr):
-                    for jb in T.unroll(nr):
-                        for q in T.unroll(4):
-                            for j in T.vectorized(16):
-                                acc[(ii * nr + jb) * 16 + j] = acc[(ii * nr + jb) * 16 + j] + T.Cast(
-                                    "int32", A[row0 + ii, kk * 4 + q]) * T.Cast("int32", B[jb0 + jb, kk, j * 4 + q])
-        if avx2:
+                            wv[T.ramp((jb * 4 + h) * 16, 1, 16)] = T.Cast(
+                                "int16x16", B.vload([jb0 + jb, kk, h * 16], "int8x16"))
+                    for ii in T.unroll(mr):
+                        aw[T.ramp(ii * 16, 1, 16)] = T.reinterpret("int16x16", T.broadcast(T.reinterpret(
+                            "int64", T.Cast("int16x4", A.vload([row0 + ii, kk * 4], "uint8x4"))), 4))
+                    for ii in T.unroll(mr):
+                        for jb in T.unroll(nr):
+                            for h in T.unroll(4):
+                                acc2[T.ramp(((ii * nr + jb) * 4 + h) * 8, 1, 8)] = acc2.vload(
+                                    [((ii * nr + jb) * 4 + h) * 8], "int32x8") + T.call_llvm_pure_intrin(
+                                    "int32x8", PMADDWD, aw.vload([ii * 16], "int16x16"),
+                                    wv.vload([(jb * 4 + h) * 16], "int16x16"))
+                else:
+                    for ii in T.unroll(mr):
+                        for jb in T.unroll(nr):
+                            for q in T.unroll(4):
+                                for j in T.vectorized(16):
+                                    acc[(ii * nr + jb) * 16 + j] = acc[(ii * nr + jb) * 16 + j] + T.Cast(
+                                        "int32", A[row0 + ii, kk * 4 + q]) * T.Cast("int32", B[jb0 + jb, kk, j * 4 + q])
+        if wide:
             for t in T.unroll(mr * nr):
                 for j in T.vectorized(16):
                     acc[t * 16 + j] = acc2[t * 32 + j * 2] + acc2[t * 32 + j * 2 + 1]
@@ -292,7 +379,7 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
         m = T.int64()
         ms = T.int64()
         A = T.match_buffer(a, (m, k), "uint8")
-        B = T.match_buffer(w, (nb, k4, 64), "int8")
+        B = T.match_buffer(w, (nb, k4, wbytes), "int8")
         CS = T.match_buffer(cs, (np_,), "int32")
         SA = T.match_buffer(sa, (ms,), "float32")
         ZA = T.match_buffer(za, (ms,), "int32")
@@ -309,7 +396,7 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
         m = T.int64()
         ms = T.int64()
         A = T.match_buffer(a, (m, k), "uint8")
-        B = T.match_buffer(w, (nb, k4, 64), "int8")
+        B = T.match_buffer(w, (nb, k4, wbytes), "int8")
         CS = T.match_buffer(cs, (np_,), "int32")
         SA = T.match_buffer(sa, (ms,), "float32")
         ZA = T.match_buffer(za, (ms,), "int32")

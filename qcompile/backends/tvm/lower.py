@@ -134,6 +134,7 @@ class _Int8Linear:
         n, a_format = node.args[7], node.args[8]
         k = int(packed.ty.shape[1]) * 4
         np_ = int(packed.ty.shape[0]) * 16
+        packed = int8_gemm.family_weights(packed, self.family)
         if a.ty.shape is None:  # the importer lost the shape (e.g. after flatten): name its dims
             dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(a.ty.ndim - 1)]
             a = bb.match_cast(a, relax.TensorType([*dims, k], a.ty.dtype))
