@@ -248,7 +248,7 @@ class Int8Conv2dConverter:
         packed, colsum, sw, bias = (imp.env[x] for x in node.args[3:7])
         n, (kh, kw), stride, padding, dilation, a_format = node.args[7:13]
         kp, np_ = int(packed.ty.shape[1]) * 4, int(packed.ty.shape[0]) * 16
-        packed = int8_gemm.family_weights(packed, self.family)
+        packed = int8_gemm.family_weights(packed, imp.lifted_value(node.args[3]), self.family)
         cin = node.args[0].meta["val"].shape[1]
         if a.ty.shape is None:  # the importer lost the shape: name its dims
             dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in (0, 2, 3)]

@@ -113,15 +113,17 @@ def weights_for_family(packed: np.ndarray, family: str) -> np.ndarray:
     return split_weights(packed) if family == "avx2" else packed
 
 
-def family_weights(packed, family: str):
-    """:func:`weights_for_family` on the Relax constant of the packed weights that the fusion passes
-    put in the graph, once, at lowering (the converters of ``int8_linear`` and ``int8_conv2d``)."""
+def family_weights(packed, values, family: str):
+    """The kernel's weight operand in Relax, made once, at lowering (the converters of
+    ``int8_linear`` and ``int8_conv2d``): ``packed``, the importer's expression of the packed
+    weights the fusion passes put in the graph, for most families; for ``avx2`` a constant of
+    :func:`weights_for_family` of ``values``, their tensor (None: not a constant of the graph)."""
     if family != "avx2":
         return packed
-    if not isinstance(packed, relax.Constant):
-        raise BackendError(f"kernel family 'avx2' splits the packed weights at lowering and needs them as a "
-                           f"constant; got {type(packed).__name__}")
-    return relax.const(weights_for_family(packed.data.numpy(), family), "int8")
+    if values is None:
+        raise BackendError("kernel family 'avx2' splits the packed weights at lowering and needs them as a "
+                           "constant of the graph")
+    return relax.const(weights_for_family(np.asarray(values), family), "int8")
 
 
 # TVM's fast_erf (topi, the polynomial pipeline.rewrite_float_ops gives GELU): erf(x) ~ x * P(x²) / Q(x²)

@@ -134,7 +134,7 @@ class _Int8Linear:
         n, a_format = node.args[7], node.args[8]
         k = int(packed.ty.shape[1]) * 4
         np_ = int(packed.ty.shape[0]) * 16
-        packed = int8_gemm.family_weights(packed, self.family)
+        packed = int8_gemm.family_weights(packed, imp.lifted_value(node.args[3]), self.family)
         if a.ty.shape is None:  # the importer lost the shape (e.g. after flatten): name its dims
             dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(a.ty.ndim - 1)]
             a = bb.match_cast(a, relax.TensorType([*dims, k], a.ty.dtype))
@@ -197,7 +197,19 @@ class _Importer(ExportedProgramImporter):
                 inputs[name] = relax.Var(name, relax.TensorType(fixed, v.ty.dtype))
         self.symbols = {d.name: d for v in inputs.values() for d in (v.ty.shape.values if v.ty.shape is not None else ())
                         if isinstance(d, tirx.Var)}
+        # the values behind the parameter, buffer and constant placeholders (bound only after the
+        # import), for converters that derive a kernel's constant from one (int8_gemm.family_weights)
+        tensors = {**dict(exported_program.named_parameters()), **dict(exported_program.named_buffers()),
+                   **exported_program.constants}
+        self.lifted = {s.arg.name: tensors[s.target] for s in exported_program.graph_signature.input_specs
+                       if s.target in tensors}
         return params, inputs, ranges
+
+    def lifted_value(self, node):
+        """The tensor behind ``node`` (an FX placeholder of a parameter, buffer or constant) as
+        numpy, or None."""
+        t = getattr(self, "lifted", {}).get(getattr(node, "name", None))
+        return None if t is None else t.detach().numpy()
 
     def _slice(self, node):
         # x[:, :s] of a constant buffer (BERT's position ids): TVM infers min(s, 512) for the
