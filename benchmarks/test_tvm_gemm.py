@@ -41,7 +41,8 @@ def _tvm_gemm(m, family=HOST.family):
     mod = compile_kernel(int8_gemm.gemm_kernel(K, np_, False, family))
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(x, dev) for x in (
-        a, int8_gemm.pack_weights(w), np.zeros(np_, np.int32), np.ones(1, np.float32), np.zeros(1, np.int32),
+        a, int8_gemm.weights_for_family(int8_gemm.pack_weights(w), family), np.zeros(np_, np.int32),
+        np.ones(1, np.float32), np.zeros(1, np.int32),
         np.ones(np_, np.float32), np.zeros(np_, np.float32), np.zeros((m, np_), np.float32))]
     f = mod["main"]
     return lambda: f(*args), lambda: args[-1].numpy()

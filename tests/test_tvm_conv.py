@@ -24,7 +24,7 @@ pytest.importorskip("tvm", reason="the tvm backend needs the 'tvm' extra: pip in
 
 from qcompile.backends.tvm.conv import (INT8_CONV2D, FuseInt8ConvPass, im2col_codes, im2col_kernel,  # noqa: E402
                                         int8_conv2d, pack_conv_weights)
-from qcompile.backends.tvm.host import compile_kernel  # noqa: E402
+from qcompile.backends.tvm.host import compile_kernel, detect  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import qat_digits  # noqa: E402
@@ -151,6 +151,20 @@ def test_lowered_cnn_matches_reference(recipe):
     inputs = [(torch.randn(2, 3, 11, 9, generator=g),), (torch.randn(4, 3, 9, 9, generator=g),)]
     parity = qcompile.verify(art, q, inputs)
     assert parity.passed, str(parity)
+
+
+def test_lowered_cnn_on_the_avx2_family_matches_reference():
+    """The convs' GEMMs on the ``avx2`` kernel, whose weights the converter splits from the packed
+    constant: same fusions, the reference's numerics."""
+    if "avx2" not in detect().flags:
+        pytest.skip("kernel family 'avx2' needs the CPU feature avx2, which this host lacks")
+    q, g = _odd_cnn_and_inputs(STATIC_S8)
+    art = qcompile.lower(q, backend="tvm", family="avx2")
+    assert art.family == "avx2" and {"conv2d", "conv2d_1", "conv2d_2"} <= set(art.meta["fused"])
+    with torch.no_grad():
+        for shape in [(3, 3, 11, 9), (1, 3, 16, 16)]:
+            x = torch.randn(*shape, generator=g)
+            assert_matches_reference(art(x), q(x), rel=1e-2)
 
 
 def test_digits_cnn_lowered_with_integer_convs_passes_verify():

@@ -72,7 +72,9 @@ def choose_mattr(mcpu: str, flags: frozenset) -> tuple:
 FAMILIES = ("amx", "vnni", "avx-vnni", "avx2", "generic")
 # the CPU flags each kernel family's instructions need (the amx family runs its leftover rows on vnni)
 FAMILY_FLAGS = {"amx": ("amx_tile", "amx_int8", "avx512_vnni"), "vnni": ("avx512_vnni",), "avx-vnni": ("avx_vnni", "avx2"),
-                "avx2": ("avx2",), "generic": (), "amx-emulated": ()}
+                "avx2": ("avx2",), "generic": (), "amx-emulated": (),
+                # the avx2 kernel before split weights (int8_gemm.AVX2_WIDE): a baseline, never chosen
+                "avx2-wide": ("avx2",)}
 
 
 def runnable_families() -> list:

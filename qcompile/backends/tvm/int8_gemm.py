@@ -22,8 +22,12 @@ the same idea for a LayerNorm whose output feeds both a residual and a quantize,
 Families (:data:`~.host.FAMILIES`): ``amx`` (AMX-INT8 ``tdpbusd`` on 32 x 32 blocks of tiles, the rows
 left over on ``vnni``; :mod:`.amx`), ``vnni`` (AVX-512 VNNI ``vpdpbusd`` on zmm),
 ``avx-vnni`` (the VEX-encoded ``vpdpbusd`` on ymm of AVX2 hosts with AVX-VNNI), ``avx2``
-(``vpmaddwd`` on codes widened to 16 bits: exact, unlike ``vpmaddubsw``, whose 16-bit pair sums
-saturate) and ``generic`` (plain integer multiply-adds that LLVM vectorises for any target). All
+(``vpmaddubsw`` on weights split once, at lowering, into ``16·hi + lo`` with both parts in -8..8
+(:func:`split_weights`), so its 16-bit pair sums never saturate and 8 steps of them add up in 16
+bits before ``vpmaddwd`` widens them; ``vpmaddubsw`` on whole s8 weights saturates, as
+onnxruntime's AVX2 kernels do) and ``generic`` (plain integer multiply-adds that LLVM vectorises
+for any target). The ``avx2`` kernel it replaced (``vpmaddwd`` on codes widened to 16 bits) is
+kept as ``avx2-wide``, the baseline of benchmarks/tvm_avx2_ab.py; no host chooses it. All
 are bit-exact against an int64 reference (tests/test_tvm_int8_gemm.py); the AMX loop nest is also
 checked with emulated tile instructions on hosts without AMX (``family="amx-emulated"``).
 
