@@ -163,6 +163,19 @@ def test_avx2_worst_case_test_fails_when_16_bit_sums_can_overflow(monkeypatch):
     assert not _worst_case_exact("avx2", tvm.target.Target(AVX2_TARGET), 5, 768)[1]
 
 
+def test_pmaddubsw_peak_loop_is_register_only_vpmaddubsw():
+    """The AVX2 peak loop (benchmarks/tvm_avx2_ab.py): ``vpmaddubsw`` chains on ymm, fed back, so
+    the loop is not hoisted; u8 (1, 1) . s8 (1, 1) = 2, then u8 (2, 0) . s8 (1, 1) = 2 in every lane."""
+    from qcompile.backends.tvm.peak import pmaddubsw_peak_kernel
+
+    mod = compile_kernel(pmaddubsw_peak_kernel(5, 4), tvm.target.Target(AVX2_TARGET))
+    asm = mod.mod.inspect_source("asm")
+    assert asm.count("vpmaddubsw") >= 4 and "%zmm" not in asm
+    t = [tvm.runtime.tensor(x) for x in (np.ones(32, np.int8), np.ones(32, np.int8), np.zeros(64, np.int16))]
+    mod["main"](*t)
+    assert (t[-1].numpy() == 2).all()
+
+
 def test_unknown_family_and_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="unknown kernel family 'sme'"):
         int8_gemm.gemm_kernel(64, 48, False, "sme")

@@ -1,11 +1,12 @@
-"""Register-only loops of the int8 dot-product instructions: the host's VNNI and AMX-INT8 peaks,
+"""Register-only loops of the int8 dot-product instructions: the host's VNNI, AMX-INT8 and AVX2
+``vpmaddubsw`` peaks,
 the ceiling benchmarks/test_tvm_gemm.py reports each GEMM against (never part of a model)."""
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
 from .amx import tile_config
-from .int8_gemm import VPDPBUSD
+from .int8_gemm import PMADDUBSW, VPDPBUSD
 
 
 def vnni_peak_kernel(iters: int, accumulators: int = 12):
@@ -33,6 +34,36 @@ def vnni_peak_kernel(iters: int, accumulators: int = 12):
                     T.reinterpret("uint8x64", av.vload([0], "int32x16")), bv.vload([0], "int8x64"))
         for t in T.unroll(nacc):
             O[T.ramp(t * 16, 1, 16)] = acc.vload([t * 16], "int32x16")
+
+    return peak
+
+
+def pmaddubsw_peak_kernel(iters: int, accumulators: int = 12):
+    """A loop of ``vpmaddubsw`` on ymm registers only: the AVX2 host's int8 multiply peak, counted
+    as 32 multiply-adds (64 operations) per instruction, as a saturating u8 x s8 kernel would use it.
+    Each register is fed back as the next unsigned operand (a constant operand pair would be
+    hoisted out of the loop). One call does ``iters * accumulators * 64`` operations; the exact
+    ``avx2`` GEMM needs 4.5 of these instructions' slots per 64 multiply-adds (int8_gemm.split_weights),
+    so its ceiling is 2 / 4.5 of this figure."""
+    nacc = accumulators
+
+    @T.prim_func
+    def peak(a: T.handle, b: T.handle, o: T.handle):
+        T.func_attr({"tir.noalias": True})
+        A = T.match_buffer(a, (32,), "int8")
+        B = T.match_buffer(b, (32,), "int8")
+        O = T.match_buffer(o, (nacc * 16,), "int16")
+        acc = T.decl_buffer((nacc * 16,), "int16", scope="global")
+        bv = T.decl_buffer((32,), "int8", scope="global")
+        bv[T.ramp(0, 1, 32)] = B.vload([0], "int8x32")
+        for t in T.unroll(nacc):
+            acc[T.ramp(t * 16, 1, 16)] = T.reinterpret("int16x16", A.vload([0], "int8x32"))
+        for it in range(iters):
+            for t in T.unroll(nacc):
+                acc[T.ramp(t * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                    "int16x16", PMADDUBSW, T.reinterpret("int8x32", acc.vload([t * 16], "int16x16")), bv.vload([0], "int8x32"))
+        for t in T.unroll(nacc):
+            O[T.ramp(t * 16, 1, 16)] = acc.vload([t * 16], "int16x16")
 
     return peak
 
