@@ -156,6 +156,21 @@ def test_avx2_family_is_exact_vpmaddubsw_code_on_worst_case_values(m, k):
     assert exact
 
 
+def test_avx2_weights_must_be_a_graph_constant():
+    """The converters split the packed weights from the tensor behind their placeholder; without
+    one the error says what the family needs (the other families take the expression as it is)."""
+    from tvm import relax
+
+    from qcompile.errors import BackendError
+
+    packed = relax.Var("w_packed", relax.TensorType((3, 16, 64), "int8"))
+    assert int8_gemm.family_weights(packed, None, "vnni") is packed
+    with pytest.raises(BackendError, match="'avx2' splits the packed weights at lowering"):
+        int8_gemm.family_weights(packed, None, "avx2")
+    split = int8_gemm.family_weights(packed, np.ones((3, 16, 64), np.int8), "avx2")
+    assert [int(d) for d in split.ty.shape.values] == [3, 16, 128] and split.ty.dtype == "int8"
+
+
 def test_avx2_worst_case_test_fails_when_16_bit_sums_can_overflow(monkeypatch):
     """The worst-case values reach the bound: one more step of 16-bit sums (9 x 4,080 > 32,767)
     wraps, and the same check fails."""
