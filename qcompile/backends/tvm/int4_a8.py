@@ -60,10 +60,9 @@ from .fuse import padded_bias, replace_linear
 from .host import detect
 from .int4 import (GROUPS, KW, LANES, call_operands, call_result, int4_linear, int4_weight_reason, pack_int4,
                    padded_n)
-from .int8_gemm import PMADDWD, VPDPBUSD
+from .int8_gemm import PMADDUBSW, PMADDWD, VPDPBUSD
 
 ISAS = ("vnni", "avx2")
-PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
 # register tiles of the M > 1 path (rows, units of 16 (vnni) / 8 (avx2) columns), and the units of one row
 TILES = {"vnni": (4, 2, 4), "avx2": (4, 1, 4)}
 AVX2_LINES = 4      # lines (8 k each) summed in int16 before widening: 8 pair sums of <= 3,840 each

@@ -54,9 +54,9 @@ MR, NR = 5, 3          # register tile: 5 rows x 3 blocks of 16 columns (15 accu
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 VPDPBUSD_YMM = "llvm.x86.avx512.vpdpbusd.256"   # VEX-encoded (AVX-VNNI) on targets with +avxvnni
 # register tiles (rows, blocks of 16 columns) of the vector families; the others take MR x NR.
-# 16 ymm registers: avx2 holds 4 accumulators per row x block (two partial sums per column),
-# avx-vnni 2 (a block of 16 int32 is two ymm): 12 accumulators either way
-# avx2: 2 rows x 1 block (8 ymm of 16-bit sums, 4 of int32; 3 rows measured slower, 4 and 6 spilled)
+# 16 ymm registers: avx2-wide holds 4 accumulators per row x block (two partial sums per column),
+# avx-vnni 2 (a block of 16 int32 is two ymm): 12 accumulators either way; avx2 6 (4 of 16-bit sums,
+# lo and hi per half, 2 of int32) on 2 rows x 1 block (3 rows measured slower, 4 and 6 spilled)
 TILES = {"avx2": (2, 1), AVX2_WIDE: (3, 1), "avx-vnni": (6, 1)}
 # blocks of 16 columns of the one-row (GEMV) tile, per family; the others take 6 when they divide Np, else NR
 TILES1 = {"avx2": 1, AVX2_WIDE: 3}
