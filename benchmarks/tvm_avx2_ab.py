@@ -3,9 +3,10 @@ the kernel on split weights (``vpmaddubsw`` on ``16·hi + lo``, 16-bit sums over
 family ``avx2``) against the kernel it replaced (``vpmaddwd`` on codes widened to 16 bits, kept as
 family ``avx2-wide``), called in alternation:
 
-- GEMM M x 768 x 3072 (M = 128 and 1), both compiled for an AVX2 target without AVX-512
-  (``--mcpu``, default ``x86-64-v3``), identity epilogue, checked bit-exact against int64 numpy;
-  GOP/s = 2·M·K·N / time;
+- GEMM M x 768 x 3072 (M = 128 and 1) and MiniLM's GEMMs at batch 1 (:data:`SHAPES`), both
+  compiled for an AVX2 target without AVX-512 (``--mcpu``, default ``x86-64-v3``), checked
+  bit-exact against int64 numpy (identity epilogue) or against each other (GELU + quantize);
+  GOP/s = 2·M·K·N / time; and the register-only ``vpmaddubsw`` loop, the host's peak;
 - MiniLM w8a8 x 128 tokens, batch 1 and 32, the model lowered with each family (``--model-mcpu``:
   the LLVM CPU of the whole model; default the host's), cosine of each against the reference
   backend.
@@ -30,7 +31,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 FAMILIES = ("avx2-wide", "avx2")   # old, new
-K, N = 768, 3072
 
 
 def _interleaved(calls: dict, rounds: int) -> dict:
@@ -47,18 +47,49 @@ def _interleaved(calls: dict, rounds: int) -> dict:
             for k, (w, c) in times.items()}
 
 
-def gemm(mcpu: str, rounds: dict) -> dict:
+# (M, K, N, epilogue): the issue's GEMM and its one-row case, then MiniLM's four GEMMs at batch 1
+# (Q/K/V/output, FFN up with its fused GELU + uint8 quantize, FFN down)
+SHAPES = [(128, 768, 3072, None), (1, 768, 3072, None), (128, 384, 384, None), (128, 384, 1536, ("gelu", "uint8")),
+          (128, 1536, 384, None)]
+
+
+def _gemm_case(target, m, k, n, epilogue, rng):
+    """The two families' calls for one shape, their outputs checked equal (and, with the identity
+    epilogue, equal to the int64 product)."""
     import tvm
 
     from qcompile.backends.tvm import int8_gemm
     from qcompile.backends.tvm.host import compile_kernel
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
-    rng = np.random.default_rng(0)
-    w = rng.integers(-128, 128, (N, K)).astype(np.int8)
-    np_ = int8_gemm.padded_n(N)
+    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    w = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    np_ = int8_gemm.padded_n(n)
+    scales = [np.full(1, 1e-3, np.float32), np.zeros(1, np.int32), np.full(np_, 1e-2, np.float32)] if epilogue else [
+        np.ones(1, np.float32), np.zeros(1, np.int32), np.ones(np_, np.float32)]
+    extra = [np.ones(np_, np.float32), np.array([0.05], np.float32), np.array([3], np.int32)] if epilogue else []
+    calls, outs = {}, {}
+    for fam in FAMILIES:
+        f = compile_kernel(int8_gemm.gemm_kernel(k, np_, False, fam, epilogue), target)["main"]
+        t = [tvm.runtime.tensor(x) for x in (
+            a, int8_gemm.weights_for_family(int8_gemm.pack_weights(w), fam), np.zeros(np_, np.int32), *scales,
+            np.zeros(np_, np.float32), *extra, np.zeros((m, np_), np.uint8 if epilogue else np.float32))]
+        f(*t)
+        outs[fam] = t[-1].numpy()[:, :n]
+        calls[fam] = lambda f=f, t=t: f(*t)
+    assert np.array_equal(*outs.values()), f"the two kernels differ at {m}x{k}x{n}"
+    if not epilogue:
+        assert np.array_equal(outs["avx2"], (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.float32))
+    return calls
+
+
+def gemm(mcpu: str) -> dict:
+    import tvm
+
+    from qcompile.backends.tvm.host import compile_kernel
     from qcompile.backends.tvm.peak import pmaddubsw_peak_kernel
 
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    rng = np.random.default_rng(0)
     iters = 20000
     f = compile_kernel(pmaddubsw_peak_kernel(iters), target)["main"]
     t = [tvm.runtime.tensor(np.ones(32, np.int8)), tvm.runtime.tensor(np.ones(32, np.int8)),
@@ -69,30 +100,19 @@ def gemm(mcpu: str, rounds: dict) -> dict:
     out = {"pmaddubsw_peak_gops_cpu_median": iters * 12 * 64 / peak["cpu_median_s"] / 1e9}
     print(f"vpmaddubsw peak ({mcpu}, 32 multiply-adds per instruction): {out['pmaddubsw_peak_gops_cpu_median']:.1f} GOP/s "
           "(CPU time); the exact avx2 kernel's ceiling is 2 / 4.5 of it")
-    for m in (128, 1):
-        a = rng.integers(0, 256, (m, K)).astype(np.uint8)
-        ref = (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.float32)
-        calls = {}
+    for m, k, n, epilogue in SHAPES:
+        res = _interleaved(_gemm_case(target, m, k, n, epilogue, rng), 1000 if m == 1 else 40)
+        ops = 2 * m * k * n
         for fam in FAMILIES:
-            f = compile_kernel(int8_gemm.gemm_kernel(K, np_, False, fam), target)["main"]
-            t = [tvm.runtime.tensor(x) for x in (
-                a, int8_gemm.weights_for_family(int8_gemm.pack_weights(w), fam), np.zeros(np_, np.int32),
-                np.ones(1, np.float32), np.zeros(1, np.int32), np.ones(np_, np.float32), np.zeros(np_, np.float32),
-                np.zeros((m, np_), np.float32))]
-            f(*t)
-            assert np.array_equal(t[-1].numpy()[:, :N], ref), f"{fam} is not exact at M={m}"
-            calls[fam] = lambda f=f, t=t: f(*t)
-        res = _interleaved(calls, rounds[m])
-        for fam, r in res.items():
-            r["gops_median"] = 2 * m * K * N / r["median_s"] / 1e9
-            r["gops_min_time"] = 2 * m * K * N / r["min_s"] / 1e9
-            r["gops_cpu_median"] = 2 * m * K * N / r["cpu_median_s"] / 1e9
+            r = res[fam]
+            r["gops_median"], r["gops_min_time"], r["gops_cpu_median"] = (
+                ops / r[x] / 1e9 for x in ("median_s", "min_s", "cpu_median_s"))
             r["pct_of_pmaddubsw_peak"] = 100 * r["gops_cpu_median"] / out["pmaddubsw_peak_gops_cpu_median"]
-        res["new_vs_old_median"] = res["avx2-wide"]["median_s"] / res["avx2"]["median_s"]
-        res["new_vs_old_cpu_median"] = res["avx2-wide"]["cpu_median_s"] / res["avx2"]["cpu_median_s"]
-        res["new_vs_old_min"] = res["avx2-wide"]["min_s"] / res["avx2"]["min_s"]
-        out[f"m{m}"] = res
-        print(f"GEMM {m}x{K}x{N} ({mcpu}): " + "; ".join(
+        for x in ("median", "min", "cpu_median"):
+            res[f"new_vs_old_{x}"] = res["avx2-wide"][f"{x}_s"] / res["avx2"][f"{x}_s"]
+        name = f"{m}x{k}x{n}" + (f"_{'_'.join(epilogue)}" if epilogue else "")
+        out[name] = res
+        print(f"GEMM {name} ({mcpu}): " + "; ".join(
             f"{fam} {res[fam]['median_s'] * 1e6:.1f} us ({res[fam]['gops_median']:.1f} GOP/s), "
             f"min {res[fam]['min_s'] * 1e6:.1f} us ({res[fam]['gops_min_time']:.1f}), "
             f"CPU {res[fam]['cpu_median_s'] * 1e6:.1f} us ({res[fam]['gops_cpu_median']:.1f})" for fam in FAMILIES)
@@ -144,7 +164,7 @@ def main():
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = {"load_average_start": os.getloadavg(), "gemm": gemm(args.mcpu, {128: 60, 1: 1000})}
+    results = {"load_average_start": os.getloadavg(), "gemm": gemm(args.mcpu)}
     if not args.skip_model:
         results["minilm"] = minilm(args.model_mcpu, args.batch, args.rounds)
     results["load_average_end"] = os.getloadavg()
