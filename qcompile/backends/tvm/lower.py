@@ -202,6 +202,9 @@ class _Importer(ExportedProgramImporter):
         # x[:, :s] of a constant buffer (BERT's position ids): TVM infers min(s, 512) for the
         # length, a shape later passes cannot handle; torch.export checked the bound already
         x = self.env[node.args[0]]
+        dim = node.args[1] if len(node.args) > 1 else 0
+        if dim < 0:   # strided_slice wants the axis non-negative (a decoder's mask is sliced on dim -1)
+            node.args = (node.args[0], dim + x.ty.ndim, *node.args[2:])
         start = (node.args[2] if len(node.args) > 2 else None) or 0   # x[:, :s] passes None
         end = node.args[3] if len(node.args) > 3 else None
         step = node.args[4] if len(node.args) > 4 else 1
