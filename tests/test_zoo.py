@@ -1,17 +1,22 @@
 """The architecture zoo: tiny configs of the model families users bring, each through
-``qcompile.quantize(..., "w8a8")`` → the reference backend (close to float) → ONNX/onnxruntime
-(``verify`` parity), with the check that nothing is silent: every parameter the quantized graph
-still reads in float belongs to a quantized layer (its bias) or is listed in ``report.kept_float``
-with a reason, and every Linear/conv/embedding/recurrent module is quantized or listed.
+``qcompile.quantize(..., "w8a8")`` → the reference backend (close to float) → every installed
+backend: ONNX/onnxruntime, Triton (``TRITON_INTERPRET=1`` on CPU) and TVM, each with ``verify``
+parity against the reference (activation codes within one step where the backend exposes them,
+outputs within ``MAX_REL`` of the reference's), and the check that nothing is silent: every
+parameter the quantized graph still reads in float belongs to a quantized layer (its bias) or is
+listed in ``report.kept_float`` with a reason, and every Linear/conv/embedding/recurrent module is
+quantized or listed. A model a backend cannot lower is listed in ``REFUSALS`` with the named error
+it must raise (none today).
 
 Models are built offline from transformers *configs* with seeded random weights (no hub), at
-hidden sizes of 16-32 and one layer, so the whole file runs in CI (measured: 3 min 30 s of CPU
-time for the 55 tests on a loaded 2-core host, before the GRU lost its second layer and BERT its
-TVM case). TVM runs on one quick case (the plain CNN); an LSTM on TVM is in
-``tests/test_pass_recurrent.py``. timm is not in the zoo: ``timm`` 1.0.31 cannot be
-imported beside the CPU torch without torchvision (``timm/layers/create_norm.py`` imports
-``torchvision.ops.misc``), and pip would replace the CPU torch 2.13 with torch 2.14 + CUDA to
-install it (its declared dependency); the tests skip with that reason when ``timm`` is missing."""
+hidden sizes of 16-32 and one layer. TVM compiles a shared library per model (tens of seconds each
+on these 2-core hosts, most of it TVMScript parsing of the GEMM kernels, cached per process, and
+LLVM): the conv CNN runs in the quick pass, the other 25 are marked ``slow`` (``make test`` runs
+them). An LSTM on TVM is also in ``tests/test_pass_recurrent.py``. timm is not in the zoo:
+``timm`` 1.0.31 cannot be imported beside the CPU torch without torchvision
+(``timm/layers/create_norm.py`` imports ``torchvision.ops.misc``), and pip would replace the CPU
+torch 2.13 with torch 2.14 + CUDA to install it (its declared dependency); the tests skip with that
+reason when ``timm`` is missing."""
 from __future__ import annotations
 
 import importlib.util
