@@ -314,7 +314,7 @@ class Refusal:
 # model -> the backend's named refusal; every other model must lower with parity. Empty today: each
 # refusal the zoo found was fixed (tvm: a decoder's causal-mask slice on dim -1, tvm/lower.py _slice)
 REFUSALS: dict = {"onnx": {}, "tvm": {}, "triton": {}}
-MAX_REL = 2e-2   # end-to-end, as tests/test_properties_models.py: integer conv chains requantize (QLinearConv)
+MAX_REL = 2e-2   # end to end where a backend exposes no codes, as tests/test_properties_models.py
 
 
 def _lower_with_parity(cid, backend):
@@ -329,8 +329,9 @@ def _lower_with_parity(cid, backend):
         assert refusal.says in msg and "node '" in msg and "module" in msg and "\x1b" not in msg, msg
         return
     parity = qcompile.verify(qcompile.lower(q, backend), q, [item])
+    assert parity.passed, f"{cid} on {backend}: {parity}"
     # a backend without intermediate codes (tvm) is checked end to end only: the outputs must be close
-    assert parity.passed and parity.output_max_rel <= MAX_REL, f"{cid} on {backend}: {parity}"
+    assert parity.points or parity.output_max_rel <= MAX_REL, f"{cid} on {backend}: {parity}"
 
 
 @pytest.mark.parametrize("cid", list(CASES))
