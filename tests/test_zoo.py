@@ -1,8 +1,8 @@
 """The architecture zoo: tiny configs of the model families users bring, each through
 ``qcompile.quantize(..., "w8a8")`` → the reference backend (close to float) → every installed
 backend: ONNX/onnxruntime, Triton (``TRITON_INTERPRET=1`` on CPU) and TVM, each with ``verify``
-parity against the reference (activation codes within one step where the backend exposes them,
-outputs within ``MAX_REL`` of the reference's), and the check that nothing is silent: every
+parity against the reference (activation codes within one step where the backend exposes them;
+else outputs within ``MAX_REL`` of the reference's), and the check that nothing is silent: every
 parameter the quantized graph still reads in float belongs to a quantized layer (its bias) or is
 listed in ``report.kept_float`` with a reason, and every Linear/conv/embedding/recurrent module is
 quantized or listed. A model a backend cannot lower is listed in ``REFUSALS`` with the named error
