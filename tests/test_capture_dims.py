@@ -1,5 +1,6 @@
 """Capture: which dims ``dynamic_shapes="auto"`` leaves free, the time budget that turns a capture
 torch.export cannot bound quickly into a named error, and errors a user can act on."""
+import re
 import time
 
 import pytest
@@ -58,6 +59,7 @@ def test_budget_stops_exploding_capture_with_named_error():
     msg = str(info.value)
     assert elapsed < 90, elapsed   # ~2 s on an idle machine; unbounded, the capture takes many minutes
     assert "within its budget of 2 s" in msg
+    assert re.search(r"in module '[^']+' \(\w+\)\)", msg), msg   # where torch.export was when it stopped
     assert "input 'pixel_values' dims 0, 1, 2, 3" in msg
     assert "dynamic_shapes={'pixel_values': {0: Dim.AUTO}}" in msg and "hint:" in msg
     assert "\x1b" not in msg

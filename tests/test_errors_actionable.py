@@ -2,6 +2,8 @@
 message (no terminal escape codes, not only its first line), names the module (and the node, when
 the exporter names one) and gives the next step; a capture or export past its time budget says
 which inputs and dims were dynamic and how to keep them static."""
+import time
+
 import pytest
 import torch
 from conftest import TinyBlock
@@ -103,3 +105,45 @@ def test_onnx_export_budget_names_dynamic_inputs_and_hint(monkeypatch):
     assert "\x1b" not in msg
     artifact = qcompile.lower(q, "onnx")          # and the exporter still works afterwards
     assert torch.allclose(artifact(*example), q(*example), atol=1e-4)
+
+
+STALL = {"seconds": 0.0}   # how long the fake (shape) kernel of qcompile_test::stall sleeps
+
+
+@torch.library.custom_op("qcompile_test::stall", mutates_args=())
+def stall(x: torch.Tensor) -> torch.Tensor:
+    return x * 1.0
+
+
+@stall.register_fake
+def _(x):
+    time.sleep(STALL["seconds"])   # a stand-in for symbolic-shape work that takes the exporter minutes
+    return torch.empty_like(x)
+
+
+class Stall(nn.Module):
+    def forward(self, x):
+        return torch.ops.qcompile_test.stall(x)
+
+
+class WithStall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(8, 8), Stall(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+def test_onnx_export_budget_names_the_node_and_module_it_stopped_in():
+    """The export stalls in one module's op: the budget's error names that node and module."""
+    q = qcompile.quantize(WithStall().eval(), "w8", (torch.randn(2, 8),))
+    STALL["seconds"] = 30.0
+    try:
+        with pytest.raises(BackendError) as info:
+            qcompile.lower(q, "onnx", budget_s=1)
+    finally:
+        STALL["seconds"] = 0.0
+    msg = str(info.value)
+    assert "within its budget of 1 s (stopped at node 'stall' of module 'act' (Stall))" in msg, msg
+    assert "hint:" in msg and "dynamic_shapes=" in msg and "\x1b" not in msg

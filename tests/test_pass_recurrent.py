@@ -36,6 +36,8 @@ VARIANTS = {
     "gru-2layer-bidir": (lambda: nn.GRU(6, 8, num_layers=2, bidirectional=True, batch_first=True), 16, True),
     "rnn-tanh": (lambda: nn.RNN(6, 8, batch_first=True), 8, True),
     "rnn-relu-time-major": (lambda: nn.RNN(6, 8, nonlinearity="relu", num_layers=2), 8, False),
+    "lstm-proj-2layer-bidir": (lambda: nn.LSTM(6, 8, num_layers=2, bidirectional=True, batch_first=True,
+                                               proj_size=4), 8, True),
 }
 
 
@@ -61,8 +63,10 @@ def test_unrolled_float_graph_matches_the_fused_op(name):
     assert not set(ops) & set(CELLS)
     rnn = model.rnn
     dirs = 2 if rnn.bidirectional else 1
-    # one input projection per layer and direction, one W_hh Linear per step, plus the head
-    assert ops.count(aten.linear.default) == rnn.num_layers * dirs * (1 + 5) + 1
+    # one input projection per layer and direction, one W_hh Linear per step (and one W_hr with
+    # proj_size), plus the head
+    per_step = 2 if getattr(rnn, "proj_size", 0) else 1
+    assert ops.count(aten.linear.default) == rnn.num_layers * dirs * (1 + 5 * per_step) + 1
     with torch.no_grad():
         ref, got = model(x), gm(x)
     for r, g in zip(torch.utils._pytree.tree_leaves(ref), torch.utils._pytree.tree_leaves(got)):
@@ -96,6 +100,55 @@ def test_quantized_lstm_close_to_float_and_not_kept_float(recipe):
     assert n_dynamic == (2 + 2 * 2 * 5 + 1 if recipe == "w8a8-dynamic" else 0)
 
 
+def test_projected_lstm_quantized_and_not_kept_float():
+    """``proj_size``: W_hr is one more Linear per step of the same module, quantized with it."""
+    model, x = _case("lstm-proj-2layer-bidir")
+    q = qcompile.quantize(model, "w8a8-dynamic", (x,), report_samples=1)
+    assert "rnn" not in q.report.kept_float and aten.lstm.input not in _ops(q.graph_module)
+    x2 = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(model(x2)[0].flatten(), q(x2)[0].flatten(), dim=0)
+    assert cos > 0.995, cos
+
+
+class ScaledLSTM(nn.Module):
+    """An LSTM whose forward computes its weights (each one scaled): the fused op reads no parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+
+    def forward(self, x):
+        h0 = x.new_zeros(1, x.shape[0], 8)
+        weights = [w * 0.5 for w in self.lstm._flat_weights]
+        y, h, c = torch.lstm(x, (h0, h0), weights, True, 1, 0.0, False, False, True)
+        return y, (h, c)
+
+
+# why a recurrent layer stays fused and float: (model, capture arguments, phrase, hint). Each reason
+# names the module (the kept_float key), says what to do, and carries no terminal escape code
+KEPT_FLOAT_REASONS = {
+    "dynamic sequence length": (lambda: _case("lstm-no-bias"), dict(dynamic_shapes={"x": {0: Dim.AUTO, 1: Dim.AUTO}}),
+                                "with a dynamic sequence length", "capture with a static sequence length"),
+    "training graph": (lambda: (Seq(nn.LSTM(6, 8, num_layers=2, dropout=0.5, batch_first=True), 8).train(),
+                                torch.randn(3, 5, 6)), dict(dynamic_shapes=None, training=True),
+                       "in a training graph", "capture the model in eval mode"),
+    "computed weights": (lambda: (Seq(ScaledLSTM(), 8).eval(), torch.randn(3, 5, 6)), dict(dynamic_shapes=None),
+                         "its weights are computed in the graph", "make them parameters of the module"),
+}
+
+
+@pytest.mark.parametrize("case", list(KEPT_FLOAT_REASONS))
+def test_kept_float_reason_names_module_and_next_step(case):
+    build, capture_args, phrase, hint = KEPT_FLOAT_REASONS[case]
+    model, x = build()
+    gm = capture(model, (x,), **capture_args).graph_module
+    result = DecomposeRecurrentPass(Recipe.preset("w8"))(gm)
+    assert not result.modified and list(result.skipped) == ["rnn"], result.skipped
+    why = result.skipped["rnn"]
+    assert phrase in why and hint in why and "(kept float)" in why and "\x1b" not in why, why
+
+
 def test_keep_float_leaves_the_fused_op_and_lists_it():
     model, x = _case("gru-2layer-bidir")
     q = qcompile.quantize(model, replace(Recipe.preset("w8"), keep_float=("rnn",)), (x,), report_samples=1)
@@ -118,6 +171,9 @@ def test_auto_dynamic_shapes_keep_the_batch_free_for_recurrent_models():
     model, x = _case("lstm-no-bias")
     q = qcompile.quantize(model, "w8", (x,), report_samples=1)
     assert q(torch.randn(5, 5, 6))[0].shape == (5, 5, 3)
+    # the recurrence is unrolled at the example's 5 steps: another length is the input's named error
+    with pytest.raises(qcompile.errors.InputError, match=r"input 'x' has size 7 at dim 1 .* static size 5"):
+        q(torch.randn(2, 7, 6))
 
 
 def test_onnx_runs_the_unrolled_int8_lstm_with_parity():

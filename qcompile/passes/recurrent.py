@@ -20,8 +20,10 @@ it, the reference backend runs it.
 
 What is left fused (and then listed in ``kept_float`` by :class:`~qcompile.passes.annotate.AnnotatePass`
 with the reason this pass gives): a layer the recipe keeps float; a sequence length that is dynamic
-(capture it static — ``capture`` does so by default for models with recurrent layers); ``proj_size``;
-a training-mode graph (live dropout between layers)."""
+(capture it static — ``capture`` does so by default for models with recurrent layers); a
+training-mode graph (live dropout between layers); weights computed in the graph. An LSTM with
+``proj_size`` unrolls like the others, its projection ``h = W_hr (o * tanh(c))`` one more Linear
+per step on the same ``W_hr``."""
 from __future__ import annotations
 
 import operator
@@ -76,12 +78,13 @@ class DecomposeRecurrentPass(Pass):
             return f"kept float by {source}"
         x, params, has_bias, layers, train, bidirectional, batch_first = _args(node)
         if train:
-            return f"no quantized kernel for {mtype} in a training graph (kept float)"
-        per = 4 if has_bias else 2
-        if len(params) != layers * (2 if bidirectional else 1) * per:
-            return f"no quantized kernel for {mtype} with proj_size (kept float)"
+            return (f"no quantized kernel for {mtype} in a training graph (kept float): capture the model in eval "
+                    f"mode (model.eval()) to unroll and quantize it")
+        if _per_direction(params, has_bias, layers, bidirectional) is None:
+            return f"no quantized kernel for {mtype} with {len(params)} weight tensors (kept float): not a torch layout"
         if any(p.op != "get_attr" for p in params):
-            return f"no quantized kernel for {mtype}: its weights are computed in the graph (kept float)"
+            return (f"no quantized kernel for {mtype}: its weights are computed in the graph (kept float): make them "
+                    f"parameters of the module to quantize it")
         val = x.meta.get("val")
         steps = val.shape[1 if batch_first else 0] if isinstance(val, torch.Tensor) and val.dim() == 3 else None
         if not isinstance(steps, int):
@@ -89,15 +92,19 @@ class DecomposeRecurrentPass(Pass):
                     f"unrolls the recurrence; capture with a static sequence length (dynamic_shapes= with the "
                     f"batch dim only)")
         if any(u.op != "call_function" or u.target is not operator.getitem for u in node.users):
-            return f"no quantized kernel for {mtype}: its outputs are read as a whole (kept float)"
+            return (f"no quantized kernel for {mtype}: its outputs are read as a whole (kept float): read them by "
+                    f"index (out, h = rnn(x)) to quantize it")
         return None
 
-    def ensures(self, gm):
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target in CELLS:
-                for p in node.args[2]:
-                    if isinstance(p, torch.fx.Node) and p.op != "get_attr":
-                        raise AssertionError(f"{node.name}: fused recurrent op reads a computed weight")
+
+def _per_direction(params, has_bias, layers, bidirectional) -> Optional[int]:
+    """Weight tensors per layer and direction: ``W_ih, W_hh[, b_ih, b_hh][, W_hr]`` (``W_hr`` with
+    ``proj_size``), or ``None`` when ``params`` fits neither layout."""
+    groups = layers * (2 if bidirectional else 1)
+    for per in ((4, 5) if has_bias else (2, 3)):
+        if len(params) == groups * per:
+            return per
+    return None
 
 
 def _args(node):
@@ -133,8 +140,9 @@ def _unroll(gm, node, layer):
     time_dim = 1 if batch_first else 0
     steps = x.meta["val"].shape[time_dim]
     dirs = 2 if bidirectional else 1
-    per = 4 if has_bias else 2
-    hidden = get_attr_tensor(gm, params[1]).shape[1]
+    per = _per_direction(params, has_bias, layers, bidirectional)
+    projected = per == (5 if has_bias else 3)   # proj_size: h = W_hr (o * tanh(c)), W_hr the last of the group
+    hidden = get_attr_tensor(gm, params[1]).shape[0] // n_gates   # W_hh is [gates * hidden, proj_size or hidden]
     seq, h_n, c_n = x, [], []
     for lay in range(layers):
         outs = []
@@ -142,6 +150,7 @@ def _unroll(gm, node, layer):
             idx = lay * dirs + d
             w_ih, w_hh = params[idx * per], params[idx * per + 1]
             b_ih, b_hh = (params[idx * per + 2], params[idx * per + 3]) if has_bias else (None, None)
+            w_hr = params[idx * per + per - 1] if projected else None
             xw = emit(aten.linear.default, seq, w_ih, b_ih)    # every step's input projection at once
             h = emit(aten.select.int, h0s, 0, idx)
             c = emit(aten.select.int, c0s, 0, idx) if c0s is not None else None
@@ -150,6 +159,8 @@ def _unroll(gm, node, layer):
                 xt = emit(aten.select.int, xw, time_dim, t)
                 hw = emit(aten.linear.default, h, w_hh, b_hh)
                 h, c = _cell(emit, kind, n_gates, hidden, xt, hw, h, c)
+                if w_hr is not None:
+                    h = emit(aten.linear.default, h, w_hr, None)
                 out[t] = h
             outs.append(emit(aten.stack.default, out, time_dim))
             h_n.append(h)

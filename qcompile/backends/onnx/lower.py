@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import linecache
 import operator
 import re
 from typing import Optional
@@ -232,6 +233,34 @@ def export_failure(e: Exception, gm, dynamic_shapes) -> BackendError:
     return BackendError(f"onnx: torch.onnx.export failed{where}: {summary}\nhint: {hint}")
 
 
+_ASSIGNED = re.compile(r"^\s*(\w+) = ")
+
+
+def _stopped_at(stop: BaseException, gm) -> str:
+    """`` (stopped at node 'n' of module 'm' (Type))`` for the innermost frame of ``stop``'s traceback
+    that was working on a node of ``gm``: a line of the graph's generated ``forward`` (torch.export
+    runs it; the line assigns the node's name) or an interpreter's ``n`` / ``node`` local (the
+    exporter's passes). ``''`` when the budget ran out before any node."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    frames = []
+    tb = stop.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        name = None
+        if "eval_with_key" in frame.f_code.co_filename:
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+            m = _ASSIGNED.match(line)
+            name = m.group(1) if m else None
+        else:
+            local = frame.f_locals.get("n", frame.f_locals.get("node"))
+            name = local.name if isinstance(local, torch.fx.Node) else None
+        if name in nodes:
+            return f" (stopped at node '{name}' of {node_module(nodes[name])})"
+    return ""
+
+
 def _check_no_grouped_dynamic(gm, target: str, skipped: dict) -> None:
     """Per-token-group activations (``w4-g*-a8``) exist in ONNX only inside MatMulNBits: name the
     first one left over and why its Linear did not fuse."""
@@ -324,9 +353,9 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
             ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
             program = torch.onnx.export(ep, dynamo=True, custom_translation_table=table, opset_version=opset,
                                         verbose=False, optimize=True)
-    except BudgetExceeded:
+    except BudgetExceeded as stop:
         raise BackendError(
-            f"onnx: the export did not finish within its budget of {budget:g} s; dynamic: "
+            f"onnx: the export did not finish within its budget of {budget:g} s{_stopped_at(stop, gm)}; dynamic: "
             f"{describe_dynamic(dynamic_shapes)}\nhint: symbolic shapes on these dims (window or patch padding "
             f"arithmetic) can take the exporter minutes to bound: quantize with static dims there, e.g. "
             f"qcompile.quantize(..., dynamic_shapes={batch_only(dynamic_shapes)}), or raise "

@@ -40,6 +40,8 @@ the mask, other dtypes).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 import tvm_ffi
@@ -79,6 +81,7 @@ def fast_exp(x):
     return tirx.max(tirx.reinterpret("float32", bits) * y, x)
 
 
+@functools.lru_cache(maxsize=None)   # parsing TVMScript takes seconds; a PrimFunc is immutable
 def attention_kernel(heads: int, head_dim: int, scale: float, mask_rows: bool, parallel: bool = False):
     """The TIR ``PrimFunc`` of one attention, every tensor float32, batch ``b`` and sequence
     ``s`` symbolic. Arguments: ``mask [b, 1, s, s]`` (``[b, 1, 1, s]`` when not ``mask_rows``),

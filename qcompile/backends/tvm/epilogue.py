@@ -27,6 +27,7 @@ polynomial (FMA contraction), which moves a code by one step only on an exact ro
 """
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Optional
 
@@ -316,6 +317,7 @@ def _lane_sum(buf, n: int):
     return terms[0]
 
 
+@functools.lru_cache(maxsize=None)   # parsing TVMScript takes seconds; a PrimFunc is immutable
 def layer_norm_quantize_kernel(d: int, residual: bool, out_dtype: str, eps: float, ndim: int = 2):
     """The TIR ``PrimFunc`` of ``y = LayerNorm(x [+ r]) * gamma + beta`` over rows of ``d`` floats
     (``d`` a multiple of 32) writing both ``y`` (float32, for the residual path) and the codes of

@@ -39,6 +39,8 @@ LLVM's SROA promotes them to registers.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from tvm import relax, tirx
 from tvm.script import tirx as T
@@ -180,6 +182,7 @@ def requantize_expr(y, cm, qinv, qz, out_dtype: str):
     return tirx.Cast(out_dtype, tirx.Cast("int32", q))
 
 
+@functools.lru_cache(maxsize=None)   # parsing TVMScript takes seconds; a PrimFunc is immutable
 def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=None, parallel: bool = False):
     """The TIR ``PrimFunc`` for one weight shape.
 

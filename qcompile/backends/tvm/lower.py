@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 import tvm
 import tvm_ffi
 from tvm import relax, tirx
@@ -215,13 +216,41 @@ class _Importer(ExportedProgramImporter):
         # x[:, :s] of a constant buffer (BERT's position ids): TVM infers min(s, 512) for the
         # length, a shape later passes cannot handle; torch.export checked the bound already
         x = self.env[node.args[0]]
+        dim = node.args[1] if len(node.args) > 1 else 0
+        if dim < 0:   # strided_slice wants the axis non-negative (a decoder's mask is sliced on dim -1)
+            node.args = (node.args[0], dim + x.ty.ndim, *node.args[2:])
         start = (node.args[2] if len(node.args) > 2 else None) or 0   # x[:, :s] passes None
         end = node.args[3] if len(node.args) > 3 else None
         step = node.args[4] if len(node.args) > 4 else 1
         if isinstance(end, torch.fx.Node) and isinstance(start, int) and step == 1 and start == 0:
             return self.block_builder.emit(relax.op.strided_slice(
                 x, [node.args[1]], [start], [self.env[end]], [1], assume_inbound=True))
+        # x[:, 0:1] or x[:, 1:] of a symbolic dim (a decoder's mask and positions): TVM clamps the
+        # bounds with min(1, s), whose shape function does not build (prim.if_then_else). When the
+        # size torch.export recorded is the unclamped one, the slice is in bounds: say so
+        axis, val, src = node.args[1], node.meta.get("val"), node.args[0].meta.get("val")
+        if isinstance(start, int) and start >= 0 and step == 1 and isinstance(val, torch.Tensor) \
+                and isinstance(src, torch.Tensor) and x.ty.shape is not None:
+            if isinstance(end, torch.fx.Node):
+                stop, stop_tvm = end.meta.get("val"), self.env[end]
+            else:
+                to_end = end >= src.shape[axis] if isinstance(src.shape[axis], int) else end >= 2 ** 62
+                stop = src.shape[axis] if to_end else end
+                stop_tvm = x.ty.shape.values[axis] if to_end else end
+            if stop is not None and statically_known_true(val.shape[axis] == stop - start):
+                return self.block_builder.emit(relax.op.strided_slice(
+                    x, [axis], [start], [stop_tvm], [1], assume_inbound=True))
         return super()._slice(node)
+
+    def _cumsum(self, node):
+        # torch sums booleans as int64 (a decoder's packed-sequence check); TVM would keep bool and
+        # LLVM cannot add it
+        x, val = self.env[node.args[0]], node.meta.get("val")
+        if x.ty.dtype == "bool" and isinstance(val, torch.Tensor) and "dtype" not in node.kwargs:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            out = str(val.dtype).removeprefix("torch.")
+            return self.block_builder.emit(relax.op.cumsum(self.block_builder.emit(relax.op.astype(x, out)), dim))
+        return super()._cumsum(node)
 
     def create_convert_map(self):
         return {name: self._keep_shape(f) for name, f in super().create_convert_map().items()}

@@ -33,6 +33,8 @@ The hand-written kernels (``qgemm_*``, :data:`FLOAT_BMM`, :data:`~.attention.ATT
 """
 from __future__ import annotations
 
+import functools
+
 import tvm
 import tvm_ffi
 from tvm import relax, s_tir, tirx, topi
@@ -173,6 +175,7 @@ def _gelu_te(x):
 FMR, FNV = 4, 2
 
 
+@functools.lru_cache(maxsize=None)   # parsing TVMScript takes seconds; a PrimFunc is immutable
 def batch_matmul_kernel():
     """The TIR ``PrimFunc`` ``C[b, i, j] = sum_k A[b, i, k] * B[b, k, j]`` in float32, for
     ``A [batch, m, K]``, ``B [batch, K, N]``, ``C [batch, m, N]``, every dim symbolic (one kernel
