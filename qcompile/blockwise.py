@@ -44,6 +44,7 @@ from torch import nn
 from .atomic import MANIFEST, atomic_file
 from .backends.base import placement
 from .blockwise_artifact import CONFIG, EMBED, HEAD, is_blockwise, layer_dir, write_blockwise_manifest
+from .blockwise_tables import QuantizedEmbedding, QuantizedHead, RowCodes, gather_rows, row_separable, table_step
 from .calibration import iterate
 from .capture import capture
 from .errors import ArtifactError, InputError
@@ -92,6 +93,12 @@ class ShardReader:
             raise InputError(f"'{model_dir}' has neither model.safetensors nor model.safetensors.index.json: "
                              f"layer-by-layer quantization reads a model saved as safetensors shards "
                              f"(save_pretrained)")
+
+    def shard_of(self, key: str) -> Path:
+        """The shard file holding tensor ``key``."""
+        if key not in self.weight_map:
+            raise InputError(f"'{self.dir}': tensor '{key}' is missing from the safetensors shards")
+        return self.dir / self.weight_map[key]
 
     def load(self, module: nn.Module, prefix: str, dtype: torch.dtype, aliases: Optional[dict] = None) -> nn.Module:
         """Materialize ``module`` (on ``meta``) from the tensors ``prefix + name``. ``aliases``:
@@ -204,8 +211,9 @@ def _calibration_ids(calibration: Iterable, max_samples: Optional[int]) -> list[
     return ids
 
 
-def _layer_inputs(lm, ids: list[torch.Tensor]) -> list[dict]:
-    """The first decoder layer's inputs per calibration item, as the model computes them."""
+def _layer_inputs(lm, ids: list[torch.Tensor], embeds: list[torch.Tensor]) -> list[dict]:
+    """The first decoder layer's inputs per calibration item, as the model computes them from the
+    embedded ids ``embeds`` (the embedding itself is never loaded whole)."""
     seen = {}
 
     def hook(_module, args, kwargs):
@@ -217,9 +225,9 @@ def _layer_inputs(lm, ids: list[torch.Tensor]) -> list[dict]:
     out = []
     try:
         with torch.no_grad():
-            for t in ids:
+            for e in embeds:
                 try:
-                    lm.model(input_ids=t, use_cache=False)
+                    lm.model(inputs_embeds=e, use_cache=False)
                 except _Stop:
                     pass
                 cos, sin = seen["kwargs"]["position_embeddings"]
@@ -373,18 +381,24 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         bar.update(1)
 
     t0 = time.perf_counter()
-    reader.load(base.embed_tokens, "model.embed_tokens.", dtype)
-    inputs = _layer_inputs(lm, ids)
+    embed_key = "model.embed_tokens.weight"
+    inputs = _layer_inputs(lm, ids, gather_rows(reader.shard_of(embed_key), embed_key, ids))
     hidden = hidden if hidden is not None else [x["hidden"].to(act) for x in inputs]
-    report.append({"step": "load embedding, record block inputs", "seconds": time.perf_counter() - t0,
-                   "peak_rss_mb": peak_rss_mb()})
+    report.append({"step": "record block inputs", "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
     if start == 0:
         t0 = time.perf_counter()
-        qmodel, _ = _quantize_step(_Embed(base.embed_tokens), _scoped(recipe, _Embed(base.embed_tokens)),
-                                   [(t,) for t in ids], outputs=False)
+        cfg, _ = resolve_layer_config(recipe, "model.embed_tokens", "Embedding", "embedding")
+        if row_separable(cfg):   # row chunk by row chunk: never the whole table in float32
+            rc = RowCodes(reader.shard_of(embed_key), embed_key, cfg.weight)
+            qmodel = table_step(QuantizedEmbedding(rc), rc, "model.embed_tokens", "embedding", recipe,
+                                (ids[0],), time.perf_counter() - t0)
+        else:
+            reader.load(base.embed_tokens, "model.embed_tokens.", dtype)
+            qmodel, _ = _quantize_step(_Embed(base.embed_tokens), _scoped(recipe, _Embed(base.embed_tokens)),
+                                       [(t,) for t in ids], outputs=False)
+            base.embed_tokens.to("meta")
         finish(0, EMBED, qmodel, t0, hidden)
         del qmodel
-    base.embed_tokens.to("meta")
     masked = inputs[0]["mask"] is not None
     for i in range(max(start - 1, 0), n):
         t0 = time.perf_counter()
@@ -400,22 +414,38 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         base.layers[i].to("meta")
     t0 = time.perf_counter()
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else None
-    head = _Head(reader.load(base.norm, "model.norm.", dtype), reader.load(lm.lm_head, "lm_head.", dtype, aliases))
-    head_recipe = _scoped(recipe, head)
-    if tied:
-        # the whole-model path shares one tensor between a tied head and the embedding, so its
-        # GPTQ/AWQ pass leaves the head round-to-nearest with the config a tied head gets
-        cfg, _ = resolve_layer_config(recipe, "lm_head", "Linear", "linear", tied_to="model.embed_tokens")
-        head_recipe = dataclasses.replace(head_recipe, weight_algorithm=None,
-                                          overrides={**head_recipe.overrides, "lm_head": cfg})
-    qmodel, _ = _quantize_step(head, head_recipe, [(h.to(dtype),) for h in hidden], outputs=False)
+    head_key = "model.embed_tokens.weight" if tied and "lm_head.weight" not in reader.weight_map else "lm_head.weight"
+    cfg, source = resolve_layer_config(recipe, "lm_head", "Linear", "linear",
+                                       tied_to="model.embed_tokens" if tied else None)
+    norm = reader.load(base.norm, "model.norm.", dtype)
+    if row_separable(cfg) and (tied or recipe.weight_algorithm is None):
+        # a tied head is round-to-nearest in the whole-model path too (its tensor is the
+        # embedding's, which GPTQ/AWQ do not solve)
+        rc = RowCodes(reader.shard_of(head_key), head_key, cfg.weight)
+        emb = recipe.embedding.weight if recipe.embedding is not None else None
+        note = {"lm_head": "weight tied to model.embed_tokens: one shared quantized tensor" if emb == cfg.weight
+                else f"weight tied to model.embed_tokens but its spec differs ({source}): untied, each "
+                     f"quantized separately"} if tied else None
+        qmodel = table_step(QuantizedHead(norm, rc), rc, "lm_head", "linear", recipe, (hidden[0].to(dtype),),
+                            time.perf_counter() - t0, tied=note)
+        del rc
+    else:
+        aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else None
+        head = _Head(norm, reader.load(lm.lm_head, "lm_head.", dtype, aliases))
+        head_recipe = _scoped(recipe, head)
+        if tied:
+            # the whole-model path shares one tensor between a tied head and the embedding, so its
+            # GPTQ/AWQ pass leaves the head round-to-nearest with the config a tied head gets
+            head_recipe = dataclasses.replace(head_recipe, weight_algorithm=None,
+                                              overrides={**head_recipe.overrides, "lm_head": cfg})
+        qmodel, _ = _quantize_step(head, head_recipe, [(h.to(dtype),) for h in hidden], outputs=False)
+        del head
     qmodel.save(out / HEAD)
     report.append({"step": HEAD, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
                    "timings_s": qmodel.report.timings_s})
     bar.update(1)
     bar.close()
-    del qmodel, head
+    del qmodel
     meta = {"recipe": recipe.to_dict(), "source": str(model_dir), "activation_dtype": str(act),
             "calibration_items": len(ids), "report": {"steps": report, "seconds": time.perf_counter() - t_run,
                                                       "peak_rss_mb": peak_rss_mb()}}

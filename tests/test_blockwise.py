@@ -80,11 +80,21 @@ def _quantized_weights(gm) -> list:
     return out
 
 
+def _table_weights(ep) -> list:
+    """(op, codes, scale, zero point) of a table program (:mod:`qcompile.blockwise_tables`: the
+    embedding or the head quantized row chunk by row chunk, codes held as buffers)."""
+    state = ep.state_dict
+    return [("embedding.default" if "embed_tokens" in k else "linear.default", state[k],
+             state[k[:-1] + "scale"], state.get(k[:-1] + "zero_point"))
+            for k in state if k.endswith(".weight_q")]
+
+
 def _compare(whole_gm, out: Path):
     """(number of quantized weights compared, indices of those that differ)."""
     ref = _quantized_weights(whole_gm)
     got = [w for p in json.loads((out / "qcompile.json").read_text())["programs"]
-           for w in _quantized_weights(load_program(out / p)[0].module())]
+           for ep in [load_program(out / p)[0]]
+           for w in _table_weights(ep) or _quantized_weights(ep.module())]
     assert [r[0] for r in ref] == [g[0] for g in got]
     same = [all(a is None and b is None or isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(r[1:], g[1:]))
             for r, g in zip(ref, got)]
