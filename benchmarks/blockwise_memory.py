@@ -88,8 +88,8 @@ t0 = time.perf_counter()
 quantize_directory(src, recipe, cal, out, progress=True)
 manifest = json.load(open(out + "/qcompile.json"))
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "rss_after_imports_mb": base,
-      "peak_rss_mb": peak_rss_mb(),
-      "steps": [{k: s[k] for k in ("step", "seconds", "peak_rss_mb")} for s in manifest["report"]["steps"]]}))
+      "peak_rss_mb": manifest["report"]["peak_rss_mb"],
+      "steps": [{k: s[k] for k in ("step", "seconds", "peak_rss_mb", "loadavg_1m")} for s in manifest["report"]["steps"]]}))
 """
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import resource
 import shutil
 import time
@@ -74,6 +75,28 @@ def peak_rss_mb() -> float:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     except (OSError, StopIteration, ValueError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak: Linux resets ``VmHWM`` to the current RSS (``/proc/self/clear_refs``,
+    value 5), so :func:`peak_rss_mb` then measures the peak of what follows; a no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed by a step back to the OS (glibc ``malloc_trim``): without it the
+    allocator keeps freed chunks of one step's tensors mapped, and the RSS of later steps starts
+    higher; a no-op where glibc is not the allocator."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class ShardReader:
@@ -372,21 +395,37 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
     report = []
     t_run = time.perf_counter()
 
+    run_peak = [peak_rss_mb()]
+
+    def record(name: str, t0: float, qmodel=None) -> None:
+        """The step's time and its own peak RSS (everything resident during it, the hidden states
+        between blocks included; :func:`begin` started the peak)."""
+        peak = peak_rss_mb()
+        run_peak[0] = max(run_peak[0], peak)
+        report.append({"step": name, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak,
+                       "loadavg_1m": os.getloadavg()[0],   # the host may be shared: times read beside it
+                       **({"timings_s": qmodel.report.timings_s} if qmodel is not None else {})})
+        bar.set_postfix_str(f"{name} peak RSS {peak:.0f} MiB (run {run_peak[0]:.0f})")
+
+    def begin() -> float:
+        """A step starts: what the last one freed goes back to the OS, and a new peak starts."""
+        release_freed_memory()
+        reset_peak_rss()
+        return time.perf_counter()
+
     def finish(step: int, name: str, qmodel, t0: float, next_hidden: list):
         qmodel.save(out / name)
         _save_resume(out, step + 1, next_hidden, fingerprint)
-        report.append({"step": name, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-                       "timings_s": qmodel.report.timings_s})
-        bar.set_postfix_str(f"{name} peak RSS {peak_rss_mb():.0f} MiB")
+        record(name, t0, qmodel)
         bar.update(1)
 
-    t0 = time.perf_counter()
+    t0 = begin()
     embed_key = "model.embed_tokens.weight"
     inputs = _layer_inputs(lm, ids, gather_rows(reader.shard_of(embed_key), embed_key, ids))
     hidden = hidden if hidden is not None else [x["hidden"].to(act) for x in inputs]
-    report.append({"step": "record block inputs", "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
+    record("record block inputs", t0)
     if start == 0:
-        t0 = time.perf_counter()
+        t0 = begin()
         cfg, _ = resolve_layer_config(recipe, "model.embed_tokens", "Embedding", "embedding")
         if row_separable(cfg):   # row chunk by row chunk: never the whole table in float32
             rc = RowCodes(reader.shard_of(embed_key), embed_key, cfg.weight)
@@ -401,7 +440,7 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         del qmodel
     masked = inputs[0]["mask"] is not None
     for i in range(max(start - 1, 0), n):
-        t0 = time.perf_counter()
+        t0 = begin()
         layer = reader.load(base.layers[i], f"model.layers.{i}.", dtype)
         block = (_MaskedBlock if masked else _Block)(i, layer)
         items = [(h.to(dtype), x["cos"], x["sin"]) + ((x["mask"],) if masked else ()) for h, x in zip(hidden, inputs)]
@@ -412,7 +451,7 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         finish(i + 1, layer_dir(i), qmodel, t0, hidden)
         del qmodel, block
         base.layers[i].to("meta")
-    t0 = time.perf_counter()
+    t0 = begin()
     tied = bool(getattr(config, "tie_word_embeddings", False))
     head_key = "model.embed_tokens.weight" if tied and "lm_head.weight" not in reader.weight_map else "lm_head.weight"
     cfg, source = resolve_layer_config(recipe, "lm_head", "Linear", "linear",
@@ -441,14 +480,13 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         qmodel, _ = _quantize_step(head, head_recipe, [(h.to(dtype),) for h in hidden], outputs=False)
         del head
     qmodel.save(out / HEAD)
-    report.append({"step": HEAD, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-                   "timings_s": qmodel.report.timings_s})
+    record(HEAD, t0, qmodel)
     bar.update(1)
     bar.close()
     del qmodel
     meta = {"recipe": recipe.to_dict(), "source": str(model_dir), "activation_dtype": str(act),
             "calibration_items": len(ids), "report": {"steps": report, "seconds": time.perf_counter() - t_run,
-                                                      "peak_rss_mb": peak_rss_mb()}}
+                                                      "peak_rss_mb": run_peak[0]}}
     write_blockwise_manifest(out, meta, steps)
     (out / RESUME).unlink(missing_ok=True)
     (out / MARKER).unlink(missing_ok=True)
