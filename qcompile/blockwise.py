@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -88,11 +89,13 @@ def reset_peak_rss() -> None:
 
 
 def release_freed_memory() -> None:
-    """Hand the heap memory freed by a step back to the OS (glibc ``malloc_trim``): without it the
-    allocator keeps freed chunks of one step's tensors mapped, and the RSS of later steps starts
-    higher; a no-op where glibc is not the allocator."""
+    """Free what a finished step left: its graph module, exported program and the tensors they
+    hold sit in reference cycles (nodes and their module), which only the cycle collector frees;
+    then hand the freed heap back to the OS (glibc ``malloc_trim``; a no-op elsewhere), or the
+    RSS of later steps starts higher."""
     import ctypes
 
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -431,6 +434,7 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
             rc = RowCodes(reader.shard_of(embed_key), embed_key, cfg.weight)
             qmodel = table_step(QuantizedEmbedding(rc), rc, "model.embed_tokens", "embedding", recipe,
                                 (ids[0],), time.perf_counter() - t0)
+            del rc   # the codes live in qmodel until it is saved and dropped
         else:
             reader.load(base.embed_tokens, "model.embed_tokens.", dtype)
             qmodel, _ = _quantize_step(_Embed(base.embed_tokens), _scoped(recipe, _Embed(base.embed_tokens)),
