@@ -29,11 +29,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import os
-import resource
 import shutil
 import time
 from contextlib import ExitStack
@@ -50,6 +48,7 @@ from .blockwise_tables import QuantizedEmbedding, QuantizedHead, RowCodes, gathe
 from .calibration import iterate
 from .capture import capture
 from .errors import ArtifactError, InputError
+from .memory import peak_rss_mb, release_freed_memory, reset_peak_rss, return_large_frees_to_os
 from .model import PreparedModel
 from .passes.infra import PassManager, PassResult
 from .pipeline import CAPTURE, OBSERVE, convert, ptq_stages
@@ -65,41 +64,6 @@ def is_model_directory(path) -> bool:
     """Whether ``path`` is a directory holding a transformers ``config.json`` (the path
     :func:`qcompile.quantize` streams block by block)."""
     return isinstance(path, (str, Path)) and Path(path).is_dir() and (Path(path) / CONFIG).is_file()
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident set size so far, in MiB: Linux ``VmHWM`` (this program's own;
-    ``getrusage``'s ``ru_maxrss`` also carries the parent's peak across fork and exec), else
-    ``getrusage``."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak: Linux resets ``VmHWM`` to the current RSS (``/proc/self/clear_refs``,
-    value 5), so :func:`peak_rss_mb` then measures the peak of what follows; a no-op elsewhere."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def release_freed_memory() -> None:
-    """Free what a finished step left: its graph module, exported program and the tensors they
-    hold sit in reference cycles (nodes and their module), which only the cycle collector frees;
-    then hand the freed heap back to the OS (glibc ``malloc_trim``; a no-op elsewhere), or the
-    RSS of later steps starts higher."""
-    import ctypes
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class ShardReader:
@@ -380,6 +344,7 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
     from tqdm.auto import tqdm
 
     model_dir, out = Path(model_dir), Path(out)
+    return_large_frees_to_os()
     lm, config = load_skeleton(model_dir)
     reader = ShardReader(model_dir)
     _check_recipe(recipe, lm)
