@@ -71,7 +71,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="w4-g64-gptq")
     p.add_argument("--windows", type=int, default=4, help="calibration windows of 512 tokens")
-    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens (windows of 512)")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens (windows of 512); 0: no perplexity")
+    p.add_argument("--layers", type=int, default=None,
+                   help="keep only the first N decoder layers (real weights, a shorter model: codes compared, "
+                        "perplexity not meaningful)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     import qcompile
@@ -81,10 +84,14 @@ def main(argv=None) -> int:
 
     lm = load_smollm2()
     lm.model.config.use_cache = False
+    if args.layers:
+        lm.model.model.layers = lm.model.model.layers[:args.layers]
+        lm.model.config.num_hidden_layers = args.layers
     cal = calibration_windows(lm.tokenizer, n=args.windows)
     recipe = dataclasses.replace(qcompile.Recipe.preset(args.recipe), calibration=qcompile.CalibrationConfig(progress=False))
     protocol = PerplexityProtocol(tokens=args.eval_tokens)
-    result = {"recipe": args.recipe, "calibration_windows": args.windows, "eval_tokens": args.eval_tokens}
+    result = {"recipe": args.recipe, "calibration_windows": args.windows, "eval_tokens": args.eval_tokens,
+              "layers": lm.model.config.num_hidden_layers}
     with tempfile.TemporaryDirectory() as work:
         src, out = Path(work) / "smollm2", Path(work) / "out"
         save_directory(lm.model, src)
@@ -114,8 +121,9 @@ def main(argv=None) -> int:
             a, b = bw(ids), whole(ids, use_cache=False).logits
         result["logits_equal"] = bool(torch.equal(a, b))
         result["logits_max_abs_diff"] = float((a - b).abs().max())
-        result["ppl_blockwise"] = perplexity(lambda x, **_: bw(x), lm.tokenizer, protocol).perplexity
-        result["ppl_whole"] = perplexity(whole, lm.tokenizer, protocol).perplexity
+        if args.eval_tokens:
+            result["ppl_blockwise"] = perplexity(lambda x, **_: bw(x), lm.tokenizer, protocol).perplexity
+            result["ppl_whole"] = perplexity(whole, lm.tokenizer, protocol).perplexity
     result["loadavg"] = list(os.getloadavg())
     print(json.dumps(result, indent=1))
     return 0
