@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         lm.model.config.num_hidden_layers = args.layers
     cal = calibration_windows(lm.tokenizer, n=args.windows)
     recipe = dataclasses.replace(qcompile.Recipe.preset(args.recipe), calibration=qcompile.CalibrationConfig(progress=False))
-    protocol = PerplexityProtocol(tokens=args.eval_tokens)
+    protocol = PerplexityProtocol(tokens=args.eval_tokens) if args.eval_tokens else None
     result = {"recipe": args.recipe, "calibration_windows": args.windows, "eval_tokens": args.eval_tokens,
               "layers": lm.model.config.num_hidden_layers}
     with tempfile.TemporaryDirectory() as work:
