@@ -4,7 +4,8 @@ behave as for the real model; the quality does not).
 
 Each quantization runs in a fresh child process (one thread), so its peak RSS (Linux ``VmHWM``,
 which includes the interpreter, torch and transformers) is its own; the RSS after the imports is
-reported beside it. (``getrusage``'s ``ru_maxrss`` would not do: Linux carries the parent's peak,
+reported beside it. Each step's peak is its own too (the runner resets ``VmHWM`` at every step,
+:mod:`qcompile.memory`), with the load average when it ended; the run's peak is the largest. (``getrusage``'s ``ru_maxrss`` would not do: Linux carries the parent's peak,
 here the shard writer's, into the child across fork and exec.) The synthetic shards are written tensor by tensor (never the
 whole model in memory) and deleted afterwards.
 
@@ -88,8 +89,8 @@ t0 = time.perf_counter()
 quantize_directory(src, recipe, cal, out, progress=True)
 manifest = json.load(open(out + "/qcompile.json"))
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "rss_after_imports_mb": base,
-      "peak_rss_mb": peak_rss_mb(),
-      "steps": [{k: s[k] for k in ("step", "seconds", "peak_rss_mb")} for s in manifest["report"]["steps"]]}))
+      "peak_rss_mb": manifest["report"]["peak_rss_mb"],
+      "steps": [{k: s[k] for k in ("step", "seconds", "peak_rss_mb", "loadavg_1m")} for s in manifest["report"]["steps"]]}))
 """
 
 

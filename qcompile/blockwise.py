@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import resource
+import os
 import shutil
 import time
 from contextlib import ExitStack
@@ -44,9 +44,11 @@ from torch import nn
 from .atomic import MANIFEST, atomic_file
 from .backends.base import placement
 from .blockwise_artifact import CONFIG, EMBED, HEAD, is_blockwise, layer_dir, write_blockwise_manifest
+from .blockwise_tables import QuantizedEmbedding, QuantizedHead, RowCodes, gather_rows, row_separable, table_step
 from .calibration import iterate
 from .capture import capture
 from .errors import ArtifactError, InputError
+from .memory import peak_rss_mb, release_freed_memory, reset_peak_rss, return_large_frees_to_os
 from .model import PreparedModel
 from .passes.infra import PassManager, PassResult
 from .pipeline import CAPTURE, OBSERVE, convert, ptq_stages
@@ -62,17 +64,6 @@ def is_model_directory(path) -> bool:
     """Whether ``path`` is a directory holding a transformers ``config.json`` (the path
     :func:`qcompile.quantize` streams block by block)."""
     return isinstance(path, (str, Path)) and Path(path).is_dir() and (Path(path) / CONFIG).is_file()
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident set size so far, in MiB: Linux ``VmHWM`` (this program's own;
-    ``getrusage``'s ``ru_maxrss`` also carries the parent's peak across fork and exec), else
-    ``getrusage``."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class ShardReader:
@@ -92,6 +83,12 @@ class ShardReader:
             raise InputError(f"'{model_dir}' has neither model.safetensors nor model.safetensors.index.json: "
                              f"layer-by-layer quantization reads a model saved as safetensors shards "
                              f"(save_pretrained)")
+
+    def shard_of(self, key: str) -> Path:
+        """The shard file holding tensor ``key``."""
+        if key not in self.weight_map:
+            raise InputError(f"'{self.dir}': tensor '{key}' is missing from the safetensors shards")
+        return self.dir / self.weight_map[key]
 
     def load(self, module: nn.Module, prefix: str, dtype: torch.dtype, aliases: Optional[dict] = None) -> nn.Module:
         """Materialize ``module`` (on ``meta``) from the tensors ``prefix + name``. ``aliases``:
@@ -204,8 +201,9 @@ def _calibration_ids(calibration: Iterable, max_samples: Optional[int]) -> list[
     return ids
 
 
-def _layer_inputs(lm, ids: list[torch.Tensor]) -> list[dict]:
-    """The first decoder layer's inputs per calibration item, as the model computes them."""
+def _layer_inputs(lm, ids: list[torch.Tensor], embeds: list[torch.Tensor]) -> list[dict]:
+    """The first decoder layer's inputs per calibration item, as the model computes them from the
+    embedded ids ``embeds`` (the embedding itself is never loaded whole)."""
     seen = {}
 
     def hook(_module, args, kwargs):
@@ -217,9 +215,9 @@ def _layer_inputs(lm, ids: list[torch.Tensor]) -> list[dict]:
     out = []
     try:
         with torch.no_grad():
-            for t in ids:
+            for e in embeds:
                 try:
-                    lm.model(input_ids=t, use_cache=False)
+                    lm.model(inputs_embeds=e, use_cache=False)
                 except _Stop:
                     pass
                 cos, sin = seen["kwargs"]["position_embeddings"]
@@ -346,6 +344,7 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
     from tqdm.auto import tqdm
 
     model_dir, out = Path(model_dir), Path(out)
+    return_large_frees_to_os()
     lm, config = load_skeleton(model_dir)
     reader = ShardReader(model_dir)
     _check_recipe(recipe, lm)
@@ -364,30 +363,53 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
     report = []
     t_run = time.perf_counter()
 
+    run_peak = [peak_rss_mb()]
+
+    def record(name: str, t0: float, qmodel=None) -> None:
+        """The step's time and its own peak RSS (everything resident during it, the hidden states
+        between blocks included; :func:`begin` started the peak)."""
+        peak = peak_rss_mb()
+        run_peak[0] = max(run_peak[0], peak)
+        report.append({"step": name, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak,
+                       "loadavg_1m": os.getloadavg()[0],   # the host may be shared: times read beside it
+                       **({"timings_s": qmodel.report.timings_s} if qmodel is not None else {})})
+        bar.set_postfix_str(f"{name} peak RSS {peak:.0f} MiB (run {run_peak[0]:.0f})")
+
+    def begin() -> float:
+        """A step starts: what the last one freed goes back to the OS, and a new peak starts."""
+        release_freed_memory()
+        reset_peak_rss()
+        return time.perf_counter()
+
     def finish(step: int, name: str, qmodel, t0: float, next_hidden: list):
         qmodel.save(out / name)
         _save_resume(out, step + 1, next_hidden, fingerprint)
-        report.append({"step": name, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-                       "timings_s": qmodel.report.timings_s})
-        bar.set_postfix_str(f"{name} peak RSS {peak_rss_mb():.0f} MiB")
+        record(name, t0, qmodel)
         bar.update(1)
 
-    t0 = time.perf_counter()
-    reader.load(base.embed_tokens, "model.embed_tokens.", dtype)
-    inputs = _layer_inputs(lm, ids)
+    t0 = begin()
+    embed_key = "model.embed_tokens.weight"
+    inputs = _layer_inputs(lm, ids, gather_rows(reader.shard_of(embed_key), embed_key, ids))
     hidden = hidden if hidden is not None else [x["hidden"].to(act) for x in inputs]
-    report.append({"step": "load embedding, record block inputs", "seconds": time.perf_counter() - t0,
-                   "peak_rss_mb": peak_rss_mb()})
+    record("record block inputs", t0)
     if start == 0:
-        t0 = time.perf_counter()
-        qmodel, _ = _quantize_step(_Embed(base.embed_tokens), _scoped(recipe, _Embed(base.embed_tokens)),
-                                   [(t,) for t in ids], outputs=False)
+        t0 = begin()
+        cfg, _ = resolve_layer_config(recipe, "model.embed_tokens", "Embedding", "embedding")
+        if row_separable(cfg):   # row chunk by row chunk: never the whole table in float32
+            rc = RowCodes(reader.shard_of(embed_key), embed_key, cfg.weight)
+            qmodel = table_step(QuantizedEmbedding(rc), rc, "model.embed_tokens", "embedding", recipe,
+                                (ids[0],), time.perf_counter() - t0)
+            del rc   # the codes live in qmodel until it is saved and dropped
+        else:
+            reader.load(base.embed_tokens, "model.embed_tokens.", dtype)
+            qmodel, _ = _quantize_step(_Embed(base.embed_tokens), _scoped(recipe, _Embed(base.embed_tokens)),
+                                       [(t,) for t in ids], outputs=False)
+            base.embed_tokens.to("meta")
         finish(0, EMBED, qmodel, t0, hidden)
         del qmodel
-    base.embed_tokens.to("meta")
     masked = inputs[0]["mask"] is not None
     for i in range(max(start - 1, 0), n):
-        t0 = time.perf_counter()
+        t0 = begin()
         layer = reader.load(base.layers[i], f"model.layers.{i}.", dtype)
         block = (_MaskedBlock if masked else _Block)(i, layer)
         items = [(h.to(dtype), x["cos"], x["sin"]) + ((x["mask"],) if masked else ()) for h, x in zip(hidden, inputs)]
@@ -398,27 +420,42 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         finish(i + 1, layer_dir(i), qmodel, t0, hidden)
         del qmodel, block
         base.layers[i].to("meta")
-    t0 = time.perf_counter()
+    t0 = begin()
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else None
-    head = _Head(reader.load(base.norm, "model.norm.", dtype), reader.load(lm.lm_head, "lm_head.", dtype, aliases))
-    head_recipe = _scoped(recipe, head)
-    if tied:
-        # the whole-model path shares one tensor between a tied head and the embedding, so its
-        # GPTQ/AWQ pass leaves the head round-to-nearest with the config a tied head gets
-        cfg, _ = resolve_layer_config(recipe, "lm_head", "Linear", "linear", tied_to="model.embed_tokens")
-        head_recipe = dataclasses.replace(head_recipe, weight_algorithm=None,
-                                          overrides={**head_recipe.overrides, "lm_head": cfg})
-    qmodel, _ = _quantize_step(head, head_recipe, [(h.to(dtype),) for h in hidden], outputs=False)
+    head_key = "model.embed_tokens.weight" if tied and "lm_head.weight" not in reader.weight_map else "lm_head.weight"
+    cfg, source = resolve_layer_config(recipe, "lm_head", "Linear", "linear",
+                                       tied_to="model.embed_tokens" if tied else None)
+    norm = reader.load(base.norm, "model.norm.", dtype)
+    if row_separable(cfg) and (tied or recipe.weight_algorithm is None):
+        # a tied head is round-to-nearest in the whole-model path too (its tensor is the
+        # embedding's, which GPTQ/AWQ do not solve)
+        rc = RowCodes(reader.shard_of(head_key), head_key, cfg.weight)
+        emb = recipe.embedding.weight if recipe.embedding is not None else None
+        note = {"lm_head": "weight tied to model.embed_tokens: one shared quantized tensor" if emb == cfg.weight
+                else f"weight tied to model.embed_tokens but its spec differs ({source}): untied, each "
+                     f"quantized separately"} if tied else None
+        qmodel = table_step(QuantizedHead(norm, rc), rc, "lm_head", "linear", recipe, (hidden[0].to(dtype),),
+                            time.perf_counter() - t0, tied=note)
+        del rc
+    else:
+        aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else None
+        head = _Head(norm, reader.load(lm.lm_head, "lm_head.", dtype, aliases))
+        head_recipe = _scoped(recipe, head)
+        if tied:
+            # the whole-model path shares one tensor between a tied head and the embedding, so its
+            # GPTQ/AWQ pass leaves the head round-to-nearest with the config a tied head gets
+            head_recipe = dataclasses.replace(head_recipe, weight_algorithm=None,
+                                              overrides={**head_recipe.overrides, "lm_head": cfg})
+        qmodel, _ = _quantize_step(head, head_recipe, [(h.to(dtype),) for h in hidden], outputs=False)
+        del head
     qmodel.save(out / HEAD)
-    report.append({"step": HEAD, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-                   "timings_s": qmodel.report.timings_s})
+    record(HEAD, t0, qmodel)
     bar.update(1)
     bar.close()
-    del qmodel, head
+    del qmodel
     meta = {"recipe": recipe.to_dict(), "source": str(model_dir), "activation_dtype": str(act),
             "calibration_items": len(ids), "report": {"steps": report, "seconds": time.perf_counter() - t_run,
-                                                      "peak_rss_mb": peak_rss_mb()}}
+                                                      "peak_rss_mb": run_peak[0]}}
     write_blockwise_manifest(out, meta, steps)
     (out / RESUME).unlink(missing_ok=True)
     (out / MARKER).unlink(missing_ok=True)

@@ -80,11 +80,21 @@ def _quantized_weights(gm) -> list:
     return out
 
 
+def _table_weights(ep) -> list:
+    """(op, codes, scale, zero point) of a table program (:mod:`qcompile.blockwise_tables`: the
+    embedding or the head quantized row chunk by row chunk, codes held as buffers)."""
+    state = ep.state_dict
+    return [("embedding.default" if "embed_tokens" in k else "linear.default", state[k],
+             state[k[:-1] + "scale"], state.get(k[:-1] + "zero_point"))
+            for k in state if k.endswith(".weight_q")]
+
+
 def _compare(whole_gm, out: Path):
     """(number of quantized weights compared, indices of those that differ)."""
     ref = _quantized_weights(whole_gm)
     got = [w for p in json.loads((out / "qcompile.json").read_text())["programs"]
-           for w in _quantized_weights(load_program(out / p)[0].module())]
+           for ep in [load_program(out / p)[0]]
+           for w in _table_weights(ep) or _quantized_weights(ep.module())]
     assert [r[0] for r in ref] == [g[0] for g in got]
     same = [all(a is None and b is None or isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(r[1:], g[1:]))
             for r, g in zip(ref, got)]
@@ -219,3 +229,61 @@ def test_cli_quantizes_a_model_directory(tmp_path):
     qm = qcompile.load(out)
     assert qm(CAL[0][0]).shape == (1, 16, 256)
     assert main(["quantize", "--model", str(model_dir), "--recipe", "w4-g64"]) == 2      # --out is required
+
+
+def _table_shard(tmp_path, n=300, k=128):
+    from safetensors.torch import save_file
+
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.05).to(torch.bfloat16)
+    w[7] = 0   # an all-zero row
+    save_file({"t": w}, str(tmp_path / "t.safetensors"))
+    return tmp_path / "t.safetensors", w.float()
+
+
+@pytest.mark.parametrize("preset,layer", [("w4-g64", "default"), ("w4-g64", "embedding")])
+def test_row_chunks_give_the_whole_table_codes(tmp_path, preset, layer):
+    """Codes, scales and zero points from row chunks (97 rows: chunks do not divide 300) equal
+    the whole table's (weight_qparams + QUANTIZE on the float32 whole), and the gather-then-
+    dequantize embedding equals dequantize-then-gather."""
+    from qcompile.blockwise_tables import QuantizedEmbedding, RowCodes, gather_rows
+    from qcompile.observers import weight_qparams
+    from qcompile.ops import QUANTIZE
+
+    shard, w = _table_shard(tmp_path)
+    spec = getattr(qcompile.Recipe.preset(preset), layer).weight
+    group = spec.group_size if spec.granularity == "per_group" else 0
+    rc = RowCodes(shard, "t", spec, rows_per_chunk=97)
+    s, z = weight_qparams(w, spec, 0)
+    assert torch.equal(rc.codes, QUANTIZE(w, s, z, spec.format, group)) and torch.equal(rc.scale, s)
+    assert (rc.zero_point is None and z is None) or torch.equal(rc.zero_point, z)
+    ids = torch.tensor([[0, 7, 299, 150, 7]])
+    whole = DEQUANTIZE(rc.codes, rc.scale, rc.zero_point, spec.format, group, torch.float32)
+    assert torch.equal(QuantizedEmbedding(rc)(ids), torch.nn.functional.embedding(ids, whole))
+    assert torch.equal(gather_rows(shard, "t", [ids], rows_per_chunk=97)[0], w[ids])
+    row = rc.layer_report("t", "embedding")
+    assert 10 < row.weight_sqnr < 60 and row.weight_bytes_quantized < row.weight_bytes_float
+
+
+def test_row_separable_refuses_what_spans_rows():
+    from qcompile.blockwise_tables import row_separable
+
+    assert row_separable(qcompile.Recipe.preset("w4-g64").default)
+    assert not row_separable(qcompile.Recipe.preset("w8a8").default)           # an activation format
+    assert not row_separable(qcompile.Recipe.preset("w5-g64-dq-gptq").default)  # double-quantized scales
+    assert not row_separable(None)                                              # kept float
+
+
+def test_gptq_hessian_of_stats_is_of_bit_for_bit_and_gives_the_gram_up():
+    from qcompile.algorithms.common import InputStats
+    from qcompile.algorithms.gptq import GPTQHessian
+
+    x = torch.randn(40, 96, generator=torch.Generator().manual_seed(5))
+    x[:, 9] = 0   # a dead channel
+    st = InputStats.of(x[:20])
+    st.add(x[20:])
+    h = st.hessian()
+    ref = GPTQHessian.of(h)
+    got = GPTQHessian.of_stats(st)
+    assert st.gram is None
+    assert all(torch.equal(getattr(ref, f), getattr(got, f)) for f in ("perm", "dead", "hinv", "hessian32"))
+    assert ref.damping == got.damping and torch.equal(got.hessian32, h.float())

@@ -66,7 +66,7 @@ class InputStats:
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of ``x [..., K]``."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.gram += (x.t() @ x).double()
+        self.gram.add_(x.t() @ x)   # promoted to float64 in place: the sum a .double() copy would give
         self.abs_sum += x.abs().sum(0).double()
         self.rows += x.shape[0]
 
@@ -83,6 +83,12 @@ class InputStats:
     def hessian(self) -> torch.Tensor:
         """GPTQ's ``H = 2 XᵀX / T`` (float64)."""
         return self.gram * (2.0 / self.rows)
+
+    def take_hessian(self) -> torch.Tensor:
+        """:meth:`hessian` made in place on the Gram matrix, which these statistics give up (at
+        K = 8192 a K x K float64 is 512 MiB: one less alive)."""
+        h, self.gram = self.gram, None
+        return h.mul_(2.0 / self.rows)
 
     def mean_gram(self) -> torch.Tensor:
         """``XᵀX / T`` (float32)."""

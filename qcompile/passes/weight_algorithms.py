@@ -155,10 +155,11 @@ class ApplyWeightAlgorithmPass(Pass):
                     group = self._consumers(node, pending)
                     if self.config.method == "gptq":
                         # one Hessian, and one factorisation of it, for all readers of the input
-                        h = self._stats(run, node).hessian()
-                        prep = GPTQHessian.of(h, self.config.damping, self.config.act_order)
+                        prep = GPTQHessian.of_stats(self._stats(run, node), self.config.damping,
+                                                    self.config.act_order)
                         for op in group:
-                            records.append(self._gptq(gm, run, op, h, prep))
+                            records.append(self._gptq(gm, run, op, prep))
+                        del prep
                     else:
                         records.append(self._awq(gm, run, node, group))
                     pending -= set(group)
@@ -205,7 +206,7 @@ class ApplyWeightAlgorithmPass(Pass):
         op.args = tuple(args)
         op.meta[WEIGHT_QPARAMS] = WeightQParams(scale, zp, reference)
 
-    def _gptq(self, gm, run, op, h, prep):
+    def _gptq(self, gm, run, op, prep):
         ann = op.meta[ANNOTATION]
         w = get_attr_tensor(gm, op.args[ann.weight_arg]).detach().float()
         w_q, scale, zp, damp = gptq_quantize(w, prep, ann.weight, block_size=self.config.block_size)
@@ -213,7 +214,7 @@ class ApplyWeightAlgorithmPass(Pass):
         # a diagnostic only, so on at most 128 evenly spaced output rows (N·K² costs as much as H)
         rows = slice(None, None, max(1, w.shape[0] // 128))
         d = torch.stack([w[rows] - fake_quantize(w, ann.weight, scale, zp)[rows], w[rows] - w_q[rows]])
-        err_rtn, err_gptq = ((d @ h.float()) * d).sum((1, 2)).tolist()
+        err_rtn, err_gptq = ((d @ prep.hessian32) * d).sum((1, 2)).tolist()
         self._set_weight(gm, run, op, w_q, scale, zp, w.detach().float())
         return {"layer": ann.layer, "method": "gptq", "damping": damp,
                 "output_error_vs_rtn": err_gptq / err_rtn if err_rtn > 0 else 1.0}
