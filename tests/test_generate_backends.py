@@ -71,7 +71,11 @@ SLOW = pytest.mark.slow   # a TVM build or a second ONNX export per model: tens 
 CASES = [("llama", "triton", "w8a8-dynamic"), ("gpt2", "triton", "w4-g64"), ("llama", "onnx", "w8a8-dynamic"),
          pytest.param("qwen2", "triton", "w4-g64", marks=SLOW), pytest.param("qwen2", "onnx", "w4-g64", marks=SLOW),
          pytest.param("gpt2", "onnx", "w8a8-dynamic", marks=SLOW), pytest.param("qwen2", "tvm", "w4-g64", marks=SLOW),
-         pytest.param("gpt2", "tvm", "w8a8-dynamic", marks=SLOW)]
+         # found by this test: TVM's re-export (run_decompositions) of GPT-2's dynamic-int8 cache graph
+         # cannot view a [B, S, 64] slice of its fused QKV projection (a raw ValueError, not a BackendError)
+         pytest.param("gpt2", "tvm", "w8a8-dynamic", marks=[SLOW, pytest.mark.xfail(
+             raises=ValueError, strict=True, reason="tvm: GPT-2 w8a8-dynamic cache graph fails torch.export "
+                                                    "run_decompositions (view of a non-contiguous QKV split)")])]
 
 
 @pytest.mark.parametrize("kind, backend, recipe", CASES)
@@ -81,16 +85,18 @@ def test_greedy_equals_the_reference_token_for_token(kind, backend, recipe):
     art = _lower(q, backend)
     if backend == "triton":          # the Linears really ran as Triton kernels, not PyTorch
         assert art.fused, f"no Linear of the {kind} cache graph was lowered to a Triton kernel: {art.skipped}"
+    if backend == "onnx" and recipe == "w8a8-dynamic":
+        _assert_run_time_scales_stay_elementwise(art)
     for prompt in (_prompt(2, 6), _prompt(1, 3, seed=5)):
         assert torch.equal(qcompile.generate(q, prompt, max_new_tokens=NEW_TOKENS),
                            qcompile.generate(art, prompt, max_new_tokens=NEW_TOKENS))
 
 
-def test_onnx_dynamic_activation_scales_of_one_position_stay_elementwise():
+def _assert_run_time_scales_stay_elementwise(art):
     # the LM head quantizes one position ([B, 1, 1] scales): the file must not carry them as a
     # per-axis DequantizeLinear, which onnxruntime fuses into a MatMulIntegerToFloat that needs a scalar
-    onnx = pytest.importorskip("onnx")
-    art = _lower(_quantized("llama", "w8a8-dynamic"), "onnx")
+    import onnx
+
     graph = onnx.load_from_string(art.model_bytes).graph
     produced = {o: n for n in graph.node for o in n.output}
     initializers = {i.name for i in graph.initializer}
@@ -106,4 +112,4 @@ def test_onnx_dynamic_activation_scales_of_one_position_stay_elementwise():
             # a run-time scale comes out of the choose_qparams math: never a Q/DQ's scale
             assert constant(node.input[1]), f"{node.name} reads a run-time scale"
             checked += 1
-    assert checked >= 8      # the weights' DequantizeLinear (7 Linears a layer + the head) were looked at
+    assert checked >= 8      # the weights' DequantizeLinear were looked at

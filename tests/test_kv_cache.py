@@ -3,6 +3,7 @@ returning codes plus per head/token scales, its numerics against the float cache
 on ONNX (int8 cache inputs in the exported file) and TVM as on the reference, and a cache format a
 backend cannot lower refused before anything runs."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -53,6 +54,7 @@ def int8_model():
 def test_recipe_kv_cache_round_trips_and_bad_fields_are_named():
     recipe = _recipe("fp8_e4m3")
     assert qcompile.Recipe.from_dict(recipe.to_dict()) == recipe
+    assert qcompile.Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
     assert recipe.to_dict()["kv_cache"] == {"format": "fp8_e4m3"}
     assert "kv_cache" not in qcompile.Recipe.preset("w4-g64").to_dict()     # recipes without it keep their form
     data = recipe.to_dict()

@@ -184,15 +184,16 @@ def _functional_layer_class():
             self.key_scales, self.value_scales, self.format = key_scales, value_scales, format
 
         def update(self, key_states, value_states, *args, **kwargs):
-            read = []
-            for new, past, scales in ((key_states, self.keys, self.key_scales),
-                                      (value_states, self.values, self.value_scales)):
-                codes, scale, zero = quantize_entries(new, self.format)
-                read.append(self.blend(dequantize_entries(codes, scale, self.format, new.dtype, zero),
-                                       dequantize_entries(past, scales, self.format, new.dtype)))
-                read.append((codes, scale))
-            (self.new_keys, self.new_key_scales), (self.new_values, self.new_value_scales) = read[1], read[3]
-            return read[0], read[2]
+            keys, (self.new_keys, self.new_key_scales) = self.write(key_states, self.keys, self.key_scales)
+            values, (self.new_values, self.new_value_scales) = self.write(value_states, self.values, self.value_scales)
+            return keys, values
+
+        def write(self, new: torch.Tensor, past_codes: torch.Tensor, past_scales: torch.Tensor):
+            """(what attention reads, (the new entries' codes, their scales))."""
+            codes, scale, zero = quantize_entries(new, self.format)
+            read = self.blend(dequantize_entries(codes, scale, self.format, new.dtype, zero),
+                              dequantize_entries(past_codes, past_scales, self.format, new.dtype))
+            return read, (codes, scale)
 
     return FunctionalStaticLayer, QuantizedStaticLayer
 
