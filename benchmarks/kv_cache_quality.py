@@ -83,7 +83,7 @@ def _uncached_perplexity(q, windows) -> float:
     return math.exp(total / count)
 
 
-def perplexity_rows(model, tokenizer, recipes) -> list[dict]:
+def perplexity_rows(model, tokenizer, recipes, save) -> list[dict]:
     protocol = PerplexityProtocol()
     ids = text_tokens(tokenizer, protocol)
     windows = [w[None] for w in ids.view(-1, protocol.window)]
@@ -96,6 +96,7 @@ def perplexity_rows(model, tokenizer, recipes) -> list[dict]:
         rows.append({"recipe": name, "path": "no cache (one forward per window)", "kv_cache": None,
                      "perplexity": ppl, "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
+        save(rows)
         del q
         lm = qcompile.causal_lm(model, max_context=protocol.window, max_batch=1, logits="all")
         for kv in KV_FORMATS:
@@ -107,6 +108,7 @@ def perplexity_rows(model, tokenizer, recipes) -> list[dict]:
                          "perplexity": ppl, "cache_bytes_batch1": layout.cache_nbytes(1),
                          "seconds": time.perf_counter() - t0})
             print(rows[-1], flush=True)
+            save(rows)
             del q
     return rows
 
@@ -117,7 +119,7 @@ def _first_flip(ref: torch.Tensor, got: torch.Tensor):
 
 
 def agreement_rows(model, tokenizer, recipe: str, backends, prompts: int, length: int, new: int,
-                   batch: int) -> list[dict]:
+                   batch: int, save) -> list[dict]:
     protocol = PerplexityProtocol()
     stream = text_tokens(tokenizer, dataclasses.replace(protocol, tokens=protocol.tokens + prompts * length))
     prompt_ids = stream[protocol.tokens:].view(prompts, length)      # after the perplexity tokens
@@ -134,6 +136,7 @@ def agreement_rows(model, tokenizer, recipe: str, backends, prompts: int, length
         except Exception as e:   # noqa: BLE001 - a backend that cannot build is reported, not fatal
             rows.append({"backend": backend, "recipe": recipe, "error": f"{type(e).__name__}: {str(e)[:400]}"})
             print(rows[-1], flush=True)
+            save(rows)
             continue
         lower_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -160,6 +163,7 @@ def agreement_rows(model, tokenizer, recipe: str, backends, prompts: int, length
                      "agreement": same_tokens / (prompts * new), "sequences_identical": prompts - len(flips),
                      "flips": flips, "lower_s": lower_s, "generate_s": gen_s, "reference_generate_s": ref_s})
         print({k: v for k, v in rows[-1].items() if k != "flips"}, flips, flush=True)
+        save(rows)
     return rows
 
 
@@ -184,18 +188,21 @@ def main() -> None:
     from qcompile.models.smollm2 import load_smollm2
 
     bundle = load_smollm2()
-    start = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": _host()}
+    start = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": _host(),
+             "command": "benchmarks/kv_cache_quality.py " + " ".join(sys.argv[1:])}
+
+    def save(rows, done=False):
+        result = {**start, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()) if done else None,
+                  "host_after": _host(), "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     if args.part == "perplexity":
-        rows = perplexity_rows(bundle.model, bundle.tokenizer, args.recipes)
+        rows = perplexity_rows(bundle.model, bundle.tokenizer, args.recipes, save)
     else:
         rows = agreement_rows(bundle.model, bundle.tokenizer, args.recipes[-1], args.backends, args.prompts,
-                              args.prompt_tokens, args.new, batch=8)
-    result = {**start, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "host_after": _host(), "command": "benchmarks/kv_cache_quality.py " + " ".join(sys.argv[1:]),
-              "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-
+                              args.prompt_tokens, args.new, 8, save)
+    save(rows, done=True)
 
 if __name__ == "__main__":
     main()

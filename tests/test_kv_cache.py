@@ -135,11 +135,16 @@ def test_tvm_decodes_an_int8_cache_like_the_reference(int8_model):
     assert torch.equal(qcompile.generate(q, prompt, max_new_tokens=8), qcompile.generate(art, prompt, max_new_tokens=8))
 
 
-@pytest.mark.parametrize("backend", ["onnx", "tvm"])
-def test_a_cache_format_the_backend_cannot_lower_is_refused_before_anything_runs(backend):
-    pytest.importorskip("onnxruntime" if backend == "onnx" else "tvm")
+@pytest.fixture(scope="module")
+def fp8_model():
     lm = qcompile.causal_lm(_llama(), max_context=MAX_CONTEXT)
-    q = _quantize(lm, _recipe("fp8_e4m3"))
+    return _quantize(lm, _recipe("fp8_e4m3"))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_a_cache_format_the_backend_cannot_lower_is_refused_before_anything_runs(fp8_model, backend):
+    pytest.importorskip("onnxruntime" if backend == "onnx" else "tvm")
+    q = fp8_model
     prompt = _prompt(1, 4)
     before = qcompile.generate(q, prompt, max_new_tokens=4)
     with pytest.raises(qcompile.BackendError, match="fp8_e4m3.*KV cache.*set the recipe's kv_cache"):
