@@ -192,6 +192,10 @@ def main() -> None:
     # torch.export of the 30-layer cache graph passed the default 300 s wall-clock budget on a host
     # at load average 22 (layer 25 of 30): a benchmark waits for it
     qcompile.capture.CAPTURE_BUDGET_S = None
+    if args.part == "agreement" and "onnx" in args.backends:   # its 600 s export budget, likewise
+        import qcompile.backends.onnx.lower as onnx_lower
+
+        onnx_lower.EXPORT_BUDGET_S = None
     from qcompile.models.smollm2 import load_smollm2
 
     bundle = load_smollm2()
