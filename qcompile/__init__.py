@@ -25,7 +25,7 @@ from .llm import CausalLMWithCache, GenerationStats, causal_lm, generate
 from .model import PreparedModel, QuantizedModel, load
 from .presets import recipes
 from .qat import QATModel, prepare_qat
-from .recipe import CalibrationConfig, LayerConfig, QATConfig, Recipe, SmoothingConfig, resolve_recipe
+from .recipe import CalibrationConfig, KVCacheConfig, LayerConfig, QATConfig, Recipe, SmoothingConfig, resolve_recipe
 from .report import Report
 from .spec import QuantSpec
 from .verify import ParityReport, verify
@@ -37,6 +37,7 @@ __all__ = [
     "CheckResult", "analyze",
     "SensitivityTable", "check_calibration", "CalibrationCheck", "Quality", "recipes",
     "resolve_recipe", "Recipe", "LayerConfig", "QuantSpec", "SmoothingConfig", "CalibrationConfig", "QATConfig",
+    "KVCacheConfig",
     "PreparedModel", "QATModel", "QuantizedModel", "Report", "Format", "FORMATS", "get_format",
     "QCompileError", "RecipeError", "CaptureError", "CalibrationError", "PassError", "BackendError",
     "ArtifactError", "ParityError", "QuantizationError", "InputError", "GenerationError",

@@ -16,6 +16,7 @@ from . import blockwise, distributed, pipeline, search
 from .auto_recipe import AutoRecipe
 from .backends.base import placement
 from .calibration import reiterable
+from .llm.kv_quant import bind_kv_cache
 from .model import PreparedModel, QuantizedModel, load
 from .recipe import Recipe, RecipeLike, resolve_recipe
 
@@ -34,6 +35,8 @@ def prepare(model: nn.Module, recipe: RecipeLike, example_inputs: tuple, *, exam
         >>> qmodel = qcompile.convert(prepared)
     """
     recipe = resolve_recipe(recipe)
+    model, example_inputs, example_kwargs, dynamic_shapes, calibration = bind_kv_cache(
+        recipe.kv_cache, model, example_inputs, example_kwargs, dynamic_shapes, calibration)
     return pipeline.prepare(model, recipe, example_inputs, placement=placement(recipe.backend),
                             example_kwargs=example_kwargs, calibration=calibration, dynamic_shapes=dynamic_shapes,
                             dump_dir=dump_dir)
@@ -91,8 +94,11 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple = None,
     def quantize_with(concrete: Recipe, data: Optional[Iterable], dump: Optional[str]) -> QuantizedModel:
         if backend is not None:
             concrete = dataclasses.replace(concrete, backend=backend).validate()
-        return pipeline.quantize(model, concrete, example_inputs, data, placement=placement(concrete.backend),
-                                 example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
+        # a kv_cache spec captures the cache as codes + scales (qcompile.llm.kv_quant)
+        lm, inputs, kwargs, shapes, data = bind_kv_cache(concrete.kv_cache, model, example_inputs, example_kwargs,
+                                                         dynamic_shapes, data)
+        return pipeline.quantize(lm, concrete, inputs, data, placement=placement(concrete.backend),
+                                 example_kwargs=kwargs, dynamic_shapes=shapes,
                                  report_samples=report_samples, dump_dir=dump)
 
     with distributed.using(process_group):
@@ -123,6 +129,9 @@ def _quantize_directory(model_dir, recipe: RecipeLike, calibration, backend: Opt
         raise NotImplementedError("layer-by-layer quantization under torch.distributed: the per-block runner does not "
                                   "split calibration data or writes across ranks yet; run it in one process")
     concrete = resolve_recipe(recipe)
+    if concrete.kv_cache is not None:
+        raise NotImplementedError("kv_cache on a model directory: layer-by-layer quantization captures blocks "
+                                  "without a KV cache; quantize qcompile.causal_lm(model, max_context=...) instead")
     if backend is not None:
         concrete = dataclasses.replace(concrete, backend=backend).validate()
     if out is not None:

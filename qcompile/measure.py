@@ -156,7 +156,9 @@ def measure(report: Report, gm, float_weights: dict, model, binder, inputs, fold
         f_leaves = [t for t in pytree.tree_leaves(f_out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         q_leaves = [t for t in pytree.tree_leaves(q_out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if f_leaves and len(f_leaves) == len(q_leaves):
-            out_pairs.append((torch.cat([t.flatten() for t in f_leaves]), torch.cat([t.flatten() for t in q_leaves])))
+            # .float(): outputs may be fp8 codes (a quantized KV cache), which torch.cat will not promote
+            out_pairs.append((torch.cat([t.flatten().float() for t in f_leaves]),
+                              torch.cat([t.flatten().float() for t in q_leaves])))
         report.report_samples += 1
 
     seen = set()

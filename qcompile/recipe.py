@@ -79,6 +79,28 @@ class RotationConfig:
     seed: int = 0
 
 
+# formats a quantized KV cache may take: codes of one byte with a float32 scale per head and token
+KV_CACHE_FORMATS = ("int8", "fp8_e4m3")
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """A quantized KV cache (``Recipe.kv_cache``) for a model captured through
+    :func:`qcompile.causal_lm`: every new key/value vector (one head, one token: ``head_dim``
+    values) is quantized as it is written, with one float32 scale, symmetric; attention reads the
+    dequantized cache. The cache the graph takes and returns between steps is the codes plus the
+    scales (``int8``: ``head_dim + 4`` bytes per head and token instead of ``4 * head_dim``).
+
+    Symmetric, because one head's key or value vector at one token is near zero-centred (RoPE
+    rotates key pairs through both signs; values are projections without a bias in Llama-style
+    models), so a zero point would buy little resolution at 8 bits and cost a second stored number
+    per vector and an integer subtraction in every read. ``format``: ``int8`` (127 steps of
+    ``max|x| / 127``) or ``fp8_e4m3`` (``max|x|`` mapped to 448, 3 mantissa bits: relative error
+    per value rather than absolute)."""
+
+    format: str = "int8"
+
+
 WEIGHT_METHODS = ("gptq", "awq")
 
 
@@ -159,6 +181,7 @@ class Recipe:
     calibration: CalibrationConfig = CalibrationConfig()
     backend: Optional[str] = None                        # follow this backend's native placement (onnx: conv outputs too)
     qat: Optional[QATConfig] = None                      # QAT settings (None: QATConfig() defaults)
+    kv_cache: Optional[KVCacheConfig] = None             # None: float KV cache (omitted from to_dict)
     version: int = RECIPE_VERSION
 
     # -- constructors --------------------------------------------------------------------------
@@ -244,6 +267,8 @@ class Recipe:
         }
         if self.rotation is not None:
             data["rotation"] = dataclasses.asdict(self.rotation)
+        if self.kv_cache is not None:
+            data["kv_cache"] = dataclasses.asdict(self.kv_cache)
         return data
 
     @staticmethod
@@ -276,6 +301,7 @@ class Recipe:
             calibration=_small_from_dict(CalibrationConfig, data.get("calibration"), "calibration") or CalibrationConfig(),
             backend=data.get("backend"),
             qat=_small_from_dict(QATConfig, data.get("qat"), "qat"),
+            kv_cache=_small_from_dict(KVCacheConfig, data.get("kv_cache"), "kv_cache"),
             version=version,
         )
         return recipe.validate()
@@ -315,6 +341,14 @@ class Recipe:
             seed = self.rotation.seed
             if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
                 raise RecipeError("rotation.seed", f"must be a non-negative integer, got {seed!r}")
+        if self.kv_cache is not None:
+            if not isinstance(self.kv_cache, KVCacheConfig):
+                raise RecipeError("kv_cache", f"expected a KVCacheConfig or None, got {type(self.kv_cache).__name__}")
+            fmt = self.kv_cache.format
+            _typed(fmt, str, "kv_cache.format")
+            if fmt not in KV_CACHE_FORMATS:
+                raise RecipeError("kv_cache.format", f"unknown KV cache format '{fmt}' (a quantized cache takes "
+                                  f"{', '.join(KV_CACHE_FORMATS)}); {closest(fmt, KV_CACHE_FORMATS)}")
         if self.backend is not None:
             _typed(self.backend, str, "backend")
             if ALIASES.get(self.backend, self.backend) not in BACKENDS:

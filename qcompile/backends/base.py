@@ -251,6 +251,19 @@ def _choose_qparams_of(scale):
     return None
 
 
+KV_CACHE_NOTE = "a quantized KV cache, Recipe.kv_cache"
+
+
+def _kv_cache_entry(node) -> bool:
+    """A quantized KV cache (:mod:`qcompile.llm.kv_quant`) crosses steps as graph inputs and outputs:
+    its dequantize reads codes that are a graph input, its choose_qparams feeds a quantize whose
+    codes are a graph output. No other quantized tensor is an input or output of the graph."""
+    if node.target == DEQUANTIZE:
+        return getattr(node.args[0], "op", None) == "placeholder"
+    return any(q.target == QUANTIZE and any(u.op == "output" for u in q.users)
+               for item in node.users for q in item.users)
+
+
 def quant_uses(gm) -> Iterator[QuantUse]:
     """Every quantized tensor of a converted graph: dynamic activations at their ``choose_qparams``,
     static ones at their ``quantize``, weights at their ``dequantize`` of stored codes. The spec is
@@ -262,7 +275,8 @@ def quant_uses(gm) -> Iterator[QuantUse]:
             fmt, per_token = node.args[1], node.args[3]
             group = node.args[4] if len(node.args) > 4 else 0
             gran = "per_token_group" if group else ("per_token" if per_token else "per_tensor")
-            yield QuantUse(node, "activation", fmt, f"dynamic {gran}", False, None)
+            yield QuantUse(node, "activation", fmt, f"dynamic {gran}", False, None,
+                           KV_CACHE_NOTE if _kv_cache_entry(node) else "")
         elif node.target == QUANTIZE:
             if _choose_qparams_of(node.args[1]) is not None:
                 continue   # a dynamic activation: its choose_qparams is the use
@@ -278,6 +292,9 @@ def quant_uses(gm) -> Iterator[QuantUse]:
                     _choose_qparams_of(node.args[1]) is not None:
                 continue   # an activation's dequantize: its quantize is the use
             fmt, group = node.args[3], node.args[4]
+            if _kv_cache_entry(node):   # the cache read back: quantized per head/token when it was written
+                yield QuantUse(node, "activation", fmt, "dynamic per_token", False, None, KV_CACHE_NOTE)
+                continue
             note = ""
             if spec is not None and spec.format == fmt:
                 gran = spec.granularity
@@ -299,8 +316,10 @@ def _float_zero_point(gm, node, spec) -> bool:
 
 
 def _refusal(use: QuantUse, backend: str, caps: Capabilities, what: str, lowers: str) -> BackendError:
+    fix = ("set the recipe's kv_cache to null or to a format it lowers" if use.note == KV_CACHE_NOTE else
+           "keep that layer float with an override")
     return caps.error(f"node '{use.node.name}' of {node_module(use.node)}: backend '{backend}' {what} "
-                      f"({lowers}); keep that layer float with an override, or choose another recipe or backend")
+                      f"({lowers}); {fix}, or choose another recipe or backend")
 
 
 def check_capabilities(gm, backend) -> None:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import GenerationError
+from ..formats import get_format
 
 LAYOUT_KWARG = "kv_cache"   # the constant keyword input that carries :class:`CacheLayout`
 
@@ -59,6 +60,12 @@ class CacheLayout:
     max_batch: int = 8
     logits: str = "last"
     dtype: str = "float32"
+    kv_format: str = "float"   # or a Recipe.kv_cache format: codes plus one float32 scale per head and token
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the cache holds codes and scales (a recipe's ``kv_cache``) rather than floats."""
+        return self.kv_format != "float"
 
     def to_text(self) -> str:
         """``layers=2,kv_heads=2,...``: no quotes, because torch.export writes a constant input into
@@ -72,14 +79,36 @@ class CacheLayout:
         return cls(**{k: int(v) if types[k] in ("int", int) else v for k, v in fields.items()})
 
     def input_names(self) -> list[str]:
-        """The captured positional inputs, in order."""
-        return (["input_ids", "cache_position"] + [f"past_key_{i}" for i in range(self.layers)]
-                + [f"past_value_{i}" for i in range(self.layers)])
+        """The captured positional inputs, in order (a quantized cache: the codes, then the scales)."""
+        kinds = ("key", "value", "key_scale", "value_scale") if self.quantized else ("key", "value")
+        return ["input_ids", "cache_position"] + [f"past_{k}_{i}" for k in kinds for i in range(self.layers)]
 
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
-        """``2 * layers`` zero tensors (keys, then values) to start a generation with."""
+        """``2 * layers`` zero tensors (keys, then values) to start a generation with; a quantized
+        cache: ``2 * layers`` code tensors then ``2 * layers`` ``[B, H, T, 1]`` float32 scales."""
         shape = (batch, self.kv_heads, self.max_context, self.head_dim)
-        return [torch.zeros(shape, dtype=getattr(torch, self.dtype)) for _ in range(2 * self.layers)]
+        if not self.quantized:
+            return [torch.zeros(shape, dtype=getattr(torch, self.dtype)) for _ in range(2 * self.layers)]
+        codes = [torch.zeros(shape, dtype=get_format(self.kv_format).storage) for _ in range(2 * self.layers)]
+        return codes + [torch.zeros(shape[:-1] + (1,)) for _ in range(2 * self.layers)]
+
+    def cache_nbytes(self, batch: int = 1) -> int:
+        """Bytes of the cache a generation holds between steps (codes and scales when quantized)."""
+        return sum(t.numel() * t.element_size() for t in self.empty_cache(batch))
+
+
+def quantize_entries(x: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, zero_point)`` of KV entries ``[B, H, S, D]``: one symmetric scale per head and
+    token (``[B, H, S, 1]``), through the canonical ops every backend lowers (the zero point is
+    zeros: kept for the dequantize that attention reads, never stored)."""
+    scale, zero_point = torch.ops.qcompile.choose_qparams(x, format, True, True)
+    return torch.ops.qcompile.quantize(x, scale, zero_point, format, 0), scale, zero_point
+
+
+def dequantize_entries(codes: torch.Tensor, scale: torch.Tensor, format: str, dtype: torch.dtype,
+                       zero_point: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The float KV entries attention reads from ``codes`` and their per head/token ``scale``."""
+    return torch.ops.qcompile.dequantize(codes, scale, zero_point, format, 0, dtype)
 
 
 def write_new_entries(cache: list[torch.Tensor], new: list[torch.Tensor], cache_position: torch.Tensor) -> None:
@@ -136,13 +165,37 @@ def _functional_layer_class():
 
         def update(self, key_states, value_states, *args, **kwargs):
             self.new_keys, self.new_values = key_states, value_states
-            slots = torch.arange(self.keys.shape[2], device=key_states.device)
-            onehot = (slots[:, None] == self.positions[None, :]).to(key_states.dtype)     # [T, S]
-            hit = (onehot.sum(1) > 0)[:, None]                                            # [T, 1]
-            return (torch.where(hit, onehot @ key_states, self.keys),
-                    torch.where(hit, onehot @ value_states, self.values))
+            return self.blend(key_states, self.keys), self.blend(value_states, self.values)
 
-    return FunctionalStaticLayer
+        def blend(self, new: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+            slots = torch.arange(past.shape[2], device=new.device)
+            onehot = (slots[:, None] == self.positions[None, :]).to(new.dtype)            # [T, S]
+            hit = (onehot.sum(1) > 0)[:, None]                                            # [T, 1]
+            return torch.where(hit, onehot @ new, past)
+
+    class QuantizedStaticLayer(FunctionalStaticLayer):
+        """The same layer over a quantized cache: the new entries are quantized as they are written
+        (their codes and scales are the graph's outputs), and attention reads the dequantized
+        past blended with the dequantized new entries, so a prompt scores the same whatever the
+        chunks it is fed in."""
+
+        def __init__(self, keys, values, key_scales, value_scales, cache_position, format: str):
+            super().__init__(keys, values, cache_position)
+            self.key_scales, self.value_scales, self.format = key_scales, value_scales, format
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, (self.new_keys, self.new_key_scales) = self.write(key_states, self.keys, self.key_scales)
+            values, (self.new_values, self.new_value_scales) = self.write(value_states, self.values, self.value_scales)
+            return keys, values
+
+        def write(self, new: torch.Tensor, past_codes: torch.Tensor, past_scales: torch.Tensor):
+            """(what attention reads, (the new entries' codes, their scales))."""
+            codes, scale, zero = quantize_entries(new, self.format)
+            read = self.blend(dequantize_entries(codes, scale, self.format, new.dtype, zero),
+                              dequantize_entries(past_codes, past_scales, self.format, new.dtype))
+            return read, (codes, scale)
+
+    return FunctionalStaticLayer, QuantizedStaticLayer
 
 
 class CausalLMWithCache(nn.Module):
@@ -159,9 +212,10 @@ class CausalLMWithCache(nn.Module):
     the captured graph accepts; ``logits``: ``"last"`` or ``"all"`` positions per call.
     """
 
-    def __init__(self, model: nn.Module, max_context: int, max_batch: int = 8, logits: str = "last"):
+    def __init__(self, model: nn.Module, max_context: int, max_batch: int = 8, logits: str = "last",
+                 kv_format: str = "float"):
         super().__init__()
-        self.layout = layout_of_model(model, max_context, max_batch, logits)
+        self.layout = dataclasses.replace(layout_of_model(model, max_context, max_batch, logits), kv_format=kv_format)
         self.model = model
         names = self.layout.input_names()
         # torch.export and qcompile's input binder read the inputs' names from the signature: one
@@ -174,9 +228,12 @@ class CausalLMWithCache(nn.Module):
         self.forward = fn
 
     def _step(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *cache: torch.Tensor, kv_cache=None):
-        n = self.layout.layers
-        layer_cls = _functional_layer_class()
-        layers = [layer_cls(k, v, cache_position) for k, v in zip(cache[:n], cache[n:])]
+        n, layout = self.layout.layers, self.layout
+        plain, quantized = _functional_layer_class()
+        if layout.quantized:
+            layers = [quantized(*cache[i::n], cache_position, layout.kv_format) for i in range(n)]
+        else:
+            layers = [plain(k, v, cache_position) for k, v in zip(cache[:n], cache[n:])]
         from transformers.cache_utils import Cache
 
         batch, seq = input_ids.shape
@@ -188,7 +245,8 @@ class CausalLMWithCache(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=cache_position[None].expand(batch, seq),
                          cache=Cache(layers=layers), use_cache=True,
                          logits_to_keep=1 if self.layout.logits == "last" else 0)
-        return (out.logits, *[layer.new_keys for layer in layers], *[layer.new_values for layer in layers])
+        kinds = ("keys", "values", "key_scales", "value_scales") if layout.quantized else ("keys", "values")
+        return (out.logits, *[getattr(layer, f"new_{kind}") for kind in kinds for layer in layers])
 
     @property
     def example_inputs(self) -> tuple:
@@ -205,7 +263,7 @@ class CausalLMWithCache(nn.Module):
         # max_batch is 1; generate still refuses a batch above max_batch
         batch = Dim("batch", min=1, max=max(2, self.layout.max_batch))
         seq = Dim("seq", min=1, max=self.layout.max_context)
-        n = 2 * self.layout.layers
+        n = len(self.layout.empty_cache(1))
         names = self.layout.input_names()
         shapes = {names[0]: {0: batch, 1: seq}, names[1]: {0: seq}, **{name: {0: batch} for name in names[2:2 + n]},
                   LAYOUT_KWARG: None}

@@ -43,8 +43,15 @@ def _onnx_type(format: str):
 
 
 def _broadcast(scale) -> bool:
-    """Per-token (dynamic) scales [..., 1] vary on several dims: no Q/DQ attribute expresses that."""
-    return len([d for d in scale.shape if not (isinstance(d, int) and d == 1)]) > 1
+    """Per-token (dynamic) scales ``[..., 1]``: written as elementwise math, not a per-axis Q/DQ.
+    They vary on several dims (no Q/DQ attribute expresses that), or on one dim known only at run
+    time: ``[B, 1, 1]`` when one position is quantized (the LM head after ``logits_to_keep=1``, a
+    decode step). A per-axis DequantizeLinear there is right in ONNX, but onnxruntime fuses it with
+    the weight's DequantizeLinear and the MatMul into a ``MatMulIntegerToFloat`` whose activation
+    zero point must be a scalar: every batch above 1 then fails at run time. Weight and static
+    scales are constants, whose dims are all known."""
+    wide = [d for d in scale.shape if not (isinstance(d, int) and d == 1)]
+    return len(wide) > 1 or any(not isinstance(d, int) for d in wide)
 
 
 def _axis_and_scale(scale, zero_point, group_size: int):
