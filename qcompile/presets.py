@@ -15,6 +15,9 @@ preset                  what it does
                         32/64/128): the numerics of onnxruntime's ``MatMulNBits`` at accuracy level 4, which
                         the onnx backend lowers it to (int8 dot products in the kernel); ``w4-a8`` is
                         ``w4-g128-a8``
+``w8-g32-a8``/``-g64-a8`` int8 symmetric weights in groups of 32/64 with int8 activations quantized at run time in
+                        blocks of the same size (llama.cpp's Q8_0 x Q8_0 numerics, float32 scales): the onnx
+                        backend lowers it to 8-bit ``MatMulNBits`` at accuracy level 4
 ``w4a8``                int4 per-channel symmetric weights, static per-tensor uint8 activations (min-max),
                         int8 embeddings; for PTQ and QAT (``qcompile.prepare_qat``)
 ``w4a4``                int4 per-channel symmetric weights, static per-tensor uint4 activations
@@ -110,6 +113,16 @@ def _w4_a8(group: int, name: Optional[str] = None) -> Callable[[], Recipe]:
         w = QuantSpec("uint4", "per_group", symmetric=False, group_size=group)
         act = QuantSpec("int8", "per_token_group", symmetric=True, group_size=group, dynamic=True)
         return Recipe(name=name or f"w4-g{group}-a8", default=LayerConfig(w, act), embedding=INT8_EMBEDDING)
+    return make
+
+
+def _w8_a8(group: int) -> Callable[[], Recipe]:
+    # llama.cpp's Q8_0 x Q8_0 numerics (int8 weights and int8 activations in blocks of K, one float
+    # scale each), in float32 scales: what onnxruntime's 8-bit MatMulNBits computes at accuracy level 4
+    def make() -> Recipe:
+        w = QuantSpec("int8", "per_group", symmetric=True, group_size=group)
+        act = QuantSpec("int8", "per_token_group", symmetric=True, group_size=group, dynamic=True)
+        return Recipe(name=f"w8-g{group}-a8", default=LayerConfig(w, act), embedding=INT8_EMBEDDING)
     return make
 
 
@@ -308,6 +321,8 @@ PRESETS.update({
     # the default group: the one >= 2x float ONNX at M = 1 (768 x 3072) alone and interleaved with a
     # margin in every run (g32/g64 came within 1% of 2x alone in one run each; benchmarks/test_onnx_int4.py)
     "w4-a8": _w4_a8(128, "w4-a8"),
+    "w8-g32-a8": _w8_a8(32),
+    "w8-g64-a8": _w8_a8(64),
     "w4a8": _low_bit("w4a8", "int4", "uint8"),
     "w4a4": _low_bit("w4a4", "int4", "uint4"),
     "w2a8": _low_bit("w2a8", "int2", "uint8"),

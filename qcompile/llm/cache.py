@@ -259,9 +259,12 @@ class CausalLMWithCache(nn.Module):
         1..max_context; the cache's context dim static) for ``qcompile.quantize`` / ``prepare``."""
         from torch.export import Dim
 
-        # the capture example has batch 2 (torch.export specialises 1), so the graph admits 2 even when
-        # max_batch is 1; generate still refuses a batch above max_batch
-        batch = Dim("batch", min=1, max=max(2, self.layout.max_batch))
+        # the capture example has batch 2 (torch.export specialises 1), so the graph admits 3 even when
+        # max_batch is 1 or 2; generate still refuses a batch above max_batch. At most 2, torch.export
+        # (2.13) gives input_ids and each cache tensor a batch symbol of its own (the blend's where()
+        # broadcasts them), and TVM cannot infer that where()'s shape: its legalization of the
+        # expand_dims after it failed on SmolLM2 (max_batch=2). From 3 up it is one symbol.
+        batch = Dim("batch", min=1, max=max(3, self.layout.max_batch))
         seq = Dim("seq", min=1, max=self.layout.max_context)
         n = len(self.layout.empty_cache(1))
         names = self.layout.input_names()

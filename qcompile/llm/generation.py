@@ -122,6 +122,24 @@ def next_token(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def decoder(artifact: Any, layout: CacheLayout, batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``step(tokens [B, S], positions [S]) -> logits``: one call of ``artifact`` with a cache of
+    ``batch`` rows that the step updates in place. The artifact's own fast loop when it has one
+    (``artifact.decoder(layout, batch)``: the ONNX artifact's IOBinding loop), else the plain one:
+    call the artifact with the whole cache, then :func:`write_new_entries`."""
+    make = getattr(artifact, "decoder", None)
+    fast = make(layout, batch) if make is not None else None
+    if fast is not None:
+        return fast
+    cache = layout.empty_cache(batch)
+
+    def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        logits, *new = artifact(tokens, positions, *cache)
+        write_new_entries(cache, new, positions)
+        return logits
+    return step
+
+
 def _emit(streamer, tokens: torch.Tensor) -> None:
     if streamer is None:
         return
@@ -163,7 +181,7 @@ def generate(artifact: Any, input_ids: Union[torch.Tensor, Iterable], max_new_to
     if do_sample:
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     batch, prompt_len = input_ids.shape
-    cache = layout.empty_cache(batch)
+    decode = decoder(artifact, layout, batch)
     if streamer is not None and hasattr(streamer, "put"):
         streamer.put(input_ids.cpu() if batch > 1 else input_ids[0].cpu())
 
@@ -175,8 +193,7 @@ def generate(artifact: Any, input_ids: Union[torch.Tensor, Iterable], max_new_to
     produced = 0
     for step in range(max_new_tokens):
         start = time.perf_counter()
-        logits, *new = artifact(tokens, positions, *cache)
-        write_new_entries(cache, new, positions)
+        logits = decode(tokens, positions)
         token = next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         if step == 0:
             prefill_s = time.perf_counter() - start

@@ -46,13 +46,16 @@ def _(a, b_packed, scales, zero_points, k, n, bits, block_size, accuracy_level):
 
 def pack_nbits(codes: torch.Tensor, block_size: int, bits: int = 4) -> torch.Tensor:
     """[N, K] unsigned codes → onnxruntime's MatMulNBits B: [N, ceil(K/block), block*bits/8] uint8,
-    two 4-bit codes per byte, low nibble first; a short last block is padded with zeros."""
-    if bits != 4:
-        raise NotImplementedError(f"MatMulNBits packing for {bits} bits (only 4 is built)")
+    two 4-bit codes per byte, low nibble first (8 bits: one code a byte); a short last block is
+    padded with zeros."""
+    if bits not in (4, 8):
+        raise NotImplementedError(f"MatMulNBits packing for {bits} bits (4 and 8 are built)")
     n, k = codes.shape
     blocks = -(-k // block_size)
     padded = torch.zeros(n, blocks * block_size, dtype=torch.uint8)
     padded[:, :k] = codes.to(torch.uint8)
+    if bits == 8:      # one code a byte
+        return padded.reshape(n, blocks, block_size).contiguous()
     pairs = padded.reshape(n, blocks, block_size // 2, 2)
     return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
 
@@ -68,11 +71,16 @@ def pack_zero_points(zero_points: torch.Tensor, bits: int = 4) -> torch.Tensor:
 
 def unpack_nbits(b_packed, scales, zero_points, k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
     """Inverse of :func:`pack_nbits` followed by dequantization: the [N, K] float weight."""
-    lo, hi = b_packed & 0x0F, b_packed >> 4
-    codes = torch.stack([lo, hi], dim=-1).reshape(n, -1, block_size).float()  # [N, blocks, block]
+    if bits == 8:
+        codes = b_packed.reshape(n, -1, block_size).float()
+    else:
+        lo, hi = b_packed & 0x0F, b_packed >> 4
+        codes = torch.stack([lo, hi], dim=-1).reshape(n, -1, block_size).float()  # [N, blocks, block]
     blocks = codes.shape[1]
     if zero_points is None:
         zp = torch.full((n, blocks, 1), 2.0 ** (bits - 1))
+    elif bits == 8:
+        zp = zero_points.reshape(n, -1)[:, :blocks].float()[..., None]
     else:
         zp = torch.stack([zero_points & 0x0F, zero_points >> 4], dim=-1).reshape(n, -1)[:, :blocks].float()[..., None]
     w = (codes - zp) * scales.reshape(n, blocks, 1)

@@ -92,6 +92,10 @@ class FuseOnnxruntimeKernelsPass(Pass):
                 if not isinstance(reason, str):
                     shared.setdefault(x.args[0], []).append(reason)
                     reason = None
+                elif self._int8_nbits_applies(x):
+                    reason = self._nbits(gm, node, x, w_dq, bias, bits=8)
+                    if reason is None:
+                        fused[node.name] = "MatMulNBits (8 bits)"
             elif w_fmt in ("int4", "uint4"):
                 reason = self._nbits(gm, node, x, w_dq, bias)
                 if reason is None:
@@ -160,7 +164,15 @@ class FuseOnnxruntimeKernelsPass(Pass):
                 fused[node.name] = "MatMulIntegerToFloat" + (f" (x{len(group)} concatenated)" if len(group) > 1 else "")
         return fused
 
-    def _nbits(self, gm, node, x, w_dq, bias):
+    def _int8_nbits_applies(self, x) -> bool:
+        """An int8 weight on float activations runs as 8-bit MatMulNBits when its kernel's int8
+        activations are the model's (``-a8`` blocks) or were asked for (accuracy level 4): MLAS
+        has a fast 8-bit kernel only at level 4 (at levels 0/1 it dequantizes the whole weight on
+        every call: ~70x slower than level 4 on SmolLM2's 49152 x 576 head, docs/generate.md)."""
+        return _per_token_group_int8(x) is not None or (self.nbits_accuracy_level == 4 and
+                                                        getattr(x, "target", None) != DEQUANTIZE)
+
+    def _nbits(self, gm, node, x, w_dq, bias, bits: int = 4):
         wq, sw, zw = get_attr_tensor(gm, w_dq.args[0]), *(constant_value(gm, a) for a in w_dq.args[1:3])
         if wq is None or wq.dim() != 2:
             return "weight is not a 2-D constant"
@@ -168,14 +180,20 @@ class FuseOnnxruntimeKernelsPass(Pass):
             return "scales depend on the model's inputs"
         n, k = wq.shape
         group = w_dq.args[4]
-        if group == 0:  # per channel (or tensor): one block per row, the next power of two >= K, zero-padded
+        blocked = _per_token_group_int8(x)
+        if group == 0 and bits == 8:  # per channel: blocks along K that divide it, each with the row's scale
+            group = blocked[1] if blocked is not None else next((g for g in (128, 64, 32, 16) if k % g == 0),
+                                                                max(16, 1 << (k - 1).bit_length()))
+            blocks = -(-k // group)
+            sw = sw.reshape(-1).expand(n).reshape(n, 1).expand(n, blocks)
+            zw = None if zw is None else zw.reshape(-1).expand(n).reshape(n, 1).expand(n, blocks)
+        elif group == 0:  # per channel (or tensor): one block per row, the next power of two >= K, zero-padded
             group = max(16, 1 << (k - 1).bit_length())
             sw = sw.reshape(-1).expand(n)
             zw = None if zw is None else zw.reshape(-1).expand(n).reshape(n, 1)
         elif group < 16 or group & (group - 1):
             return f"group size {group} (MatMulNBits needs a power of two >= 16)"
         level = self.nbits_accuracy_level
-        blocked = _per_token_group_int8(x)
         if blocked is not None:  # w4-g*-a8: the kernel's own int8 activation blocks (accuracy level 4)
             src, act_group = blocked
             if act_group != group:
@@ -186,14 +204,19 @@ class FuseOnnxruntimeKernelsPass(Pass):
             return ("dynamic per-token-group activations that are not symmetric int8 "
                     "(MatMulNBits' accuracy level 4 quantizes them so)")
         codes, zp = wq.to(torch.int16), zw
-        if w_dq.args[3] == "int4":   # signed codes: shift to 0..15 around onnxruntime's default zero point 8
-            codes = codes + 8
-            zp = None if zw is None else zw.to(torch.int16) + 8
-        b = add_tensor(gm, f"{w_dq.args[0].target}_nbits", contrib.pack_nbits(codes, group), node)
+        if w_dq.args[3] in ("int4", "int8"):   # signed codes: shift around onnxruntime's default zero point
+            middle = 1 << (bits - 1)            # 8 (4 bits), 128 (8 bits)
+            codes = codes + middle
+            zp = None if zw is None else zw.to(torch.int16) + middle
+        elif w_dq.args[3] == "uint8" and zp is None:   # the default zero point would be 128, not 0
+            zp = torch.zeros(sw.shape, dtype=torch.int16)
+        b = add_tensor(gm, f"{w_dq.args[0].target}_nbits", contrib.pack_nbits(codes, group, bits), node)
         s = add_tensor(gm, f"{w_dq.args[1].target}_nbits", sw.float().reshape(-1).contiguous(), node)
-        z = None if zp is None else add_tensor(gm, f"{w_dq.args[2].target}_nbits", contrib.pack_zero_points(zp), node)
+        zp_packed = None if zp is None else (zp.to(torch.uint8).contiguous() if bits == 8 else contrib.pack_zero_points(zp))
+        zp_name = f"{w_dq.args[2].target}_nbits" if w_dq.args[2] is not None else f"{w_dq.args[0].target}_nbits_zp"
+        z = None if zp is None else add_tensor(gm, zp_name, zp_packed, node)
         with gm.graph.inserting_before(node):
-            out = gm.graph.call_function(MATMUL_NBITS, (x, b, s, z, k, n, 4, group, level))
+            out = gm.graph.call_function(MATMUL_NBITS, (x, b, s, z, k, n, bits, group, level))
             if bias is not None:
                 out = gm.graph.call_function(aten.add.Tensor, (out, bias))
         out.meta = dict(node.meta)

@@ -15,6 +15,7 @@ from ...capture import flatten_inputs
 from ...contract import parity_of, record, smoke_bytes, smoke_tensors
 from ...distributed import writes_on_rank_zero
 from ...errors import ArtifactError
+from .decode import OnnxDecoder
 
 # onnxruntime graph rewrites our sessions turn off, each because it made the model slower here:
 # SkipLayerNormFusion replaces residual Add + LayerNormalization with SkipLayerNormalization, whose
@@ -67,6 +68,14 @@ class OnnxArtifact:
         outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, self._feed(args, kwargs))]
         spec = getattr(self._gm, "_out_spec", None)
         return pytree.tree_unflatten(outs, spec) if spec is not None else tuple(outs)
+
+    def decoder(self, layout, batch: int):
+        """The fast decode loop for :func:`qcompile.generate`: an :class:`~.decode.OnnxDecoder`
+        (onnxruntime IOBinding over a preallocated cache, no per-token allocation) for a file with
+        the captured KV-cache signature of ``layout``; None otherwise (generate's plain loop runs it)."""
+        if OnnxDecoder.supports(self.session, layout) is not None:
+            return None
+        return OnnxDecoder(self.session, layout, batch)
 
     def _feed(self, args, kwargs) -> dict:
         args, kwargs = self._binder.call(args, dict(kwargs))
