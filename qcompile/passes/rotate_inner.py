@@ -12,14 +12,14 @@
   ``x ← x M`` with ``M = A ⊗ B`` orthogonal (:func:`~.hadamard.hadamard_factors`: SmolLM2's 1536
   = (H_12 ⊗ H_4)/√48 ⊗ H_32/√32, a true Hadamard: an outlier lands on all 1536 channels with equal
   magnitude), and ``W ← W M`` offline. The product is applied as two small matmuls on the input
-  viewed as ``[..., a, b]``: ``Aᵀ X B`` (``n · (a + b)`` multiply-adds per token, 80 per channel for
+  viewed as ``X = [..., a, b]``: ``Aᵀ X B``, computed as ``((X B)ᵀ A)ᵀ`` (``n · (a + b)`` multiply-adds per token, 80 per channel for
   1536, against ``n`` = 1536 for a dense ``x M``). The inserted nodes — ``unflatten``, two
-  ``matmul`` by constants, ``flatten`` — are ordinary float ops every graph backend lowers
+  ``matmul`` by constants, two ``transpose``, ``flatten`` — are ordinary float ops every graph backend lowers
   (reference, ONNX, TVM, Triton); they sit before ``down_proj``'s activation quantizer, which then
   sees the rotated input. They carry ``ROLE = ONLINE_ROTATION`` so weights-only formats (GGUF,
   compressed-tensors) refuse the graph by name instead of dropping the rotation.
 
-The attention (a ``scaled_dot_product_attention``), its value projection and output projection
+The attention (a ``scaled_dot_product_attention`` or an eager ``matmul(softmax(QKᵀ), V)``), its value projection and output projection
 are found from the graph; a value or output path through anything but layout ops raises
 :class:`~qcompile.errors.RotationError` naming the op.
 """
@@ -45,6 +45,26 @@ _LAYOUT = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.
                      aten.unsqueeze.default, aten.slice.Tensor, aten.alias.default, aten._to_copy.default,
                      aten.to.dtype, aten.to.dtype_layout})
 _NO_VALUE = frozenset({aten._assert_tensor_metadata.default})
+_SOFTMAX = frozenset({aten.softmax.int, aten._softmax.default})
+# between an eager attention's softmax and its P·V matmul (dtype casts, dropout)
+_PROBS_PASS = frozenset({aten.to.dtype, aten._to_copy.default, aten.dropout.default, aten.clone.default,
+                         aten.contiguous.default})
+
+
+def attention_value(node):
+    """The value operand of ``node`` when it is an attention: a ``scaled_dot_product_attention``,
+    or an eager attention's ``matmul(softmax(...), V)``; else None."""
+    if node.op != "call_function":
+        return None
+    if node.target == SDPA:
+        return node.args[2]
+    if node.target == aten.matmul.default:
+        probs = node.args[0]
+        while isinstance(probs, torch.fx.Node) and probs.op == "call_function" and probs.target in _PROBS_PASS:
+            probs = probs.args[0]
+        if isinstance(probs, torch.fx.Node) and probs.op == "call_function" and probs.target in _SOFTMAX:
+            return node.args[1]
+    return None
 
 
 @dataclass
@@ -78,13 +98,14 @@ class RotateHeadsPass(Pass):
         self.seed = seed
 
     def call(self, gm):
-        attentions = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA]
+        attentions = [n for n in gm.graph.nodes if attention_value(n) is not None]
         if not attentions:
-            raise RotationError("rotation.per_head: the graph has no scaled_dot_product_attention; the per-head "
-                                "rotation of V/O follows one (set rotation.per_head to false)")
+            raise RotationError("rotation.per_head: the graph has no attention (scaled_dot_product_attention or "
+                                "matmul(softmax(...), V)); the per-head rotation of V/O follows one (set "
+                                "rotation.per_head to false)")
         result = HeadRotationResult(gm, True)
         for att in attentions:
-            d = _last_dim(att.args[2])
+            d = _last_dim(attention_value(att))
             if d is None:
                 raise RotationError(f"rotation.per_head: attention '{att.name}' ({_layer(att)}) has no static head size")
             v_lin = _value_projection(gm, att, d)
@@ -155,12 +176,17 @@ def _rotate_online(gm, x, a, b, lin):
         node.meta["val"] = _fake(x, value)
         return node
 
-    y = call(aten.unflatten.int, (x, -1, [a.shape[0], b.shape[0]]))
+    # only right-multiplications by 2-D constants (X B, then (X B)ᵀ A = Yᵀ): what every importer
+    # turns into a plain matmul; positive dims (TVM's importer does not normalize negative ones)
+    rank = x.meta["val"].dim()
+    y = call(aten.unflatten.int, (x, rank - 1, [a.shape[0], b.shape[0]]))
     if b.shape[0] > 1:
         y = call(aten.matmul.default, (y, const(b, "right")))
     if a.shape[0] > 1:
-        y = call(aten.matmul.default, (const(a.t().contiguous(), "left"), y))
-    return call(aten.flatten.using_ints, (y, -2, -1))
+        y = call(aten.transpose.int, (y, rank - 1, rank))
+        y = call(aten.matmul.default, (y, const(a, "left")))
+        y = call(aten.transpose.int, (y, rank - 1, rank))
+    return call(aten.flatten.using_ints, (y, rank - 1, rank))
 
 
 def _fake(like, value):
@@ -214,7 +240,7 @@ def _users(node):
 
 def _value_projection(gm, att, d):
     """The Linear producing ``att``'s value through layout ops only, each read once."""
-    src = att.args[2]
+    src = attention_value(att)
     while not (src.op == "call_function" and src.target == aten.linear.default):
         if len(_users(src)) != 1 or not _keeps_blocks(src, src.args[0] if src.args else None, d):
             raise RotationError(f"rotation.per_head: the value of attention '{att.name}' ({_layer(att)}) comes through "
@@ -254,7 +280,7 @@ def _output_projection(gm, att, d):
 def _from_attention(x) -> bool:
     """``x`` is an attention's output moved by layout ops (an ``o_proj`` input, R2's business)."""
     while isinstance(x, torch.fx.Node) and x.op == "call_function":
-        if x.target == SDPA:
+        if attention_value(x) is not None:
             return True
         if x.target not in _LAYOUT:
             return False
