@@ -19,8 +19,9 @@ preset                  what it does
                         int8 embeddings; for PTQ and QAT (``qcompile.prepare_qat``)
 ``w4a4``                int4 per-channel symmetric weights, static per-tensor uint4 activations
 ``w4a8-rot``            int4 per-channel symmetric weights solved by GPTQ, per-token dynamic uint8 activations,
-                        the residual stream rotated first (QuaRot: :mod:`qcompile.passes.rotate`; Llama-style RMSNorm
-                        decoders only), int8 embeddings and tied head
+                        the residual stream rotated first (QuaRot R1: :mod:`qcompile.passes.rotate`; Llama-style
+                        RMSNorm decoders only), each head's V/O (R2) and down_proj's input online (R4, a graph
+                        op: :mod:`qcompile.passes.rotate_inner`), int8 embeddings and tied head
 ``w4a4-rot``            the same with per-token dynamic uint4 activations, round-to-nearest weights
 ``w4-g128-rot-gptq``    ``w4-g128-gptq`` on the rotated model
 ``w2a8``                int2 per-channel symmetric weights, static per-tensor uint8 activations: too

@@ -113,22 +113,67 @@ def _logits(out):
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def test_quantized_rotation_lowers_to_onnx_and_tvm_like_the_reference():
-    # int8 weights, per-token dynamic activations: a recipe every graph backend lowers (tvm has no
-    # int4 per-channel weights); the online Hadamard must run in each backend's graph
-    model = _llama(32, layers=1)
-    cal = [(_ids(s),) for s in range(2)]
-    recipe = dataclasses.replace(Recipe.preset("w8a8-dynamic"), name="w8a8-dynamic-rot", rotation=RotationConfig())
-    q = qcompile.quantize(model, recipe, cal[0], calibration=cal, example_kwargs=KW)
-    assert sum(n.meta.get(ROLE) == ONLINE_ROTATION for n in q.graph_module.graph.nodes) == 8
-    ids = _ids(7)
+def _parity(q, ids, backends, rel=5e-3):
     with torch.no_grad():
         ref = _logits(q(ids, **KW))
-        assert float((ref - model(ids, **KW).logits).norm() / ref.norm()) < 0.05
-        for backend in ("onnx", "tvm"):
+        for backend in backends:
             out = _logits(qcompile.lower(q, backend=backend)(ids, **KW))
             # a float reassociation before a per-token quantizer may move one code by one step
-            assert_matches_reference(out, ref, rel=5e-3)
+            assert_matches_reference(out, ref, rel=rel)
+    return ref
+
+
+def test_quantized_rotated_llama_lowers_to_onnx_like_the_reference():
+    # the w4a8-rot preset as a user gets it (R1 + R2 + R4, GPTQ). TVM builds no transformers Llama
+    # graph yet, rotated or not (its strided_slice legalization fails on the rotary/mask slices):
+    # the TVM parity of the inserted op is checked on a decoder without attention below
+    model = _llama(32, layers=1)
+    cal = [(_ids(s),) for s in range(2)]
+    q = qcompile.quantize(model, "w4a8-rot", cal[0], calibration=cal, example_kwargs=KW)
+    assert sum(n.meta.get(ROLE) == ONLINE_ROTATION for n in q.graph_module.graph.nodes) == 8
+    ids = _ids(7)
+    ref = _parity(q, ids, ["onnx"])
+    with torch.no_grad():
+        assert float((ref - model(ids, **KW).logits).norm() / ref.norm()) < 0.2
+
+
+class _GatedDecoder(torch.nn.Module):
+    """Embedding → [RMSNorm → gate/up → silu · up → down → residual add] → RMSNorm → head: the
+    residual stream and MLP of a Llama without its attention (rotary, masks), so TVM builds it."""
+
+    def __init__(self, hidden=32, inner=96, vocab=64):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, hidden)
+        self.g1, self.g2 = (torch.nn.Parameter(torch.rand(hidden) + 0.5) for _ in range(2))
+        self.gate, self.up = torch.nn.Linear(hidden, inner, bias=False), torch.nn.Linear(hidden, inner, bias=False)
+        self.down = torch.nn.Linear(inner, hidden, bias=False)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    @staticmethod
+    def _rms(x, g):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * g
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        n = self._rms(h, self.g1)
+        h = h + self.down(torch.nn.functional.silu(self.gate(n)) * self.up(n))
+        return self.head(self._rms(h, self.g2))
+
+
+def test_online_hadamard_lowers_to_tvm_and_onnx_like_the_reference():
+    torch.manual_seed(0)
+    model = _GatedDecoder().eval()
+    cal = [(_ids(s),) for s in range(2)]
+    recipe = dataclasses.replace(Recipe.preset("w8a8-dynamic"), name="w8a8-dynamic-online", embedding=None,
+                                 rotation=RotationConfig(per_head=False))
+    q = qcompile.quantize(model, recipe, cal[0], calibration=cal)
+    assert [n.meta[LAYER] for n in q.graph_module.graph.nodes if n.target == aten.flatten.using_ints] == ["down"]
+    ids = _ids(7)
+    with torch.no_grad():
+        ref = q(ids)
+        assert float((ref - model(ids)).norm() / ref.norm()) < 0.05
+        for backend in ("tvm", "onnx"):
+            assert_matches_reference(qcompile.lower(q, backend=backend)(ids), ref, rel=5e-3)
 
 
 def test_weights_only_backends_refuse_the_online_hadamard():
