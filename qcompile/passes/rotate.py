@@ -17,9 +17,9 @@ activation scales and per-channel weight scales fit them at 4 bits.
 ``Q`` is the Kronecker product of a randomized Hadamard matrix of the largest power-of-two factor of
 the hidden size and a seeded random orthogonal matrix (QR of a Gaussian) of the odd factor
 (576 = 64 · 9: a 64 × 64 Hadamard ⊗ 9 × 9 orthogonal). The Hadamard part is what spreads an outlier
-evenly (every entry has magnitude ``1/√n``); Hadamard matrices of other orders (12, 20, …) need
-hard-coded tables, and the odd factor of a hidden size is small, where a random orthogonal block
-mixes nearly as well.
+evenly (every entry has magnitude ``1/√n``); the odd factor of a hidden size is small, where a
+random orthogonal block mixes nearly as well. (:mod:`.hadamard` also builds Paley orders — 12, 20,
+24, … — used by the rotations inside a layer, :mod:`.rotate_inner`; this one was measured as is.)
 
 The readers, writers and norms are found from the graph: the stream starts at the token
 embedding's output and is followed through pass-through ops, RMSNorms and residual adds. Anything
