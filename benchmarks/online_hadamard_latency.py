@@ -65,8 +65,15 @@ def rotated_graph(model, ids):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-model", action="store_true", help="only the down_proj micro-benchmark (no SmolLM2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if not args.no_model:
+        model_level(args.repeats)
+    down_proj_level(args.repeats)
+
+
+def model_level(repeats: int):
     from qcompile.eval.perplexity import calibration_windows
     from qcompile.models.smollm2 import load_smollm2
     smol = load_smollm2()
@@ -84,11 +91,13 @@ def main():
         with torch.no_grad():
             out = gm(ids, use_cache=False).logits
         print(f"{name}: max |logits - float| / max |float| = {float((out - ref).abs().max() / ref.abs().max()):.2e}")
-        times[name] = median_ms(lambda: gm(ids, use_cache=False), args.repeats)
+        times[name] = median_ms(lambda: gm(ids, use_cache=False), repeats)
     t_without, t_with = times["R1+R2"], times["R1+R2+R4"]
     print(f"SmolLM2 float graph, 512 tokens: R1+R2 {t_without:.1f} ms, R1+R2+R4 {t_with:.1f} ms "
           f"({t_with / t_without:.3f}x)")
 
+
+def down_proj_level(repeats: int):
     x = torch.randn(512, 1536)
     w = torch.randn(576, 1536) / 40
     a, b = hadamard_factors(1536)[:2]
@@ -99,7 +108,7 @@ def main():
         return torch.nn.functional.linear(torch.matmul(y, a).transpose(1, 2).flatten(1, 2), w)
 
     t = interleaved_ms({"plain": lambda: torch.nn.functional.linear(x, w), "factored": factored,
-                        "dense": lambda: torch.nn.functional.linear(x @ dense, w)}, args.repeats)
+                        "dense": lambda: torch.nn.functional.linear(x @ dense, w)}, repeats)
     print(f"down_proj 512x1536->576: plain {t['plain']:.2f} ms, + factored Hadamard {t['factored']:.2f} ms "
           f"({t['factored'] / t['plain']:.2f}x), + dense 1536x1536 {t['dense']:.2f} ms ({t['dense'] / t['plain']:.2f}x)")
 
