@@ -129,7 +129,8 @@ def _rotated(name: str, act_format: str, algorithm: Optional[str] = None) -> Cal
     # per-channel symmetric weights, activations quantized per token at run time (asymmetric, as
     # w8a8-dynamic); the tied head stays on the int8 embedding spec (the rotation unties the tensors).
     # w4a8-rot solves its weights by GPTQ, as QuaRot does: on SmolLM2 round-to-nearest int4 weights
-    # measured worse rotated (136.6) than not (58.7), GPTQ rotated 37.6 (docs/llm.md, "Rotations")
+    # measured worse rotated (136.6) than not (58.7); GPTQ with R1 37.6, with R1 + R2 + R4 35.3 against
+    # 40.8 unrotated (float 30.8; docs/llm.md, "Rotations")
     def make() -> Recipe:
         w = QuantSpec("int4", "per_channel", symmetric=True)
         act = QuantSpec(act_format, "per_token", symmetric=False, dynamic=True)
