@@ -47,7 +47,13 @@ def recipe_for(name: str):
     head float (the setting of the issue's own measurements); ``<name>-fp16`` stores the Linear
     weights' scales as float16; ``<name>-min`` stores their zero points as double-quantized floats
     (``zero_point_dtype: int8``, llama.cpp's scale + minimum form); ``<preset>-norot``: a rotated
-    preset (``w4a8-rot``) with the rotation off, everything else equal."""
+    preset (``w4a8-rot``) with the rotation off, everything else equal; ``<preset>-r1`` / ``-r12``:
+    only the residual stream's rotation (R1) / and the per-head V/O rotation (R2), no online Hadamard."""
+    for suffix, per_head in (("-r1", False), ("-r12", True)):
+        if name.endswith(suffix):   # a rotated preset with fewer of QuaRot's rotations
+            base = recipe_for(name[: -len(suffix)])
+            return dataclasses.replace(base, name=name, rotation=dataclasses.replace(base.rotation, per_head=per_head,
+                                                                                     online=False))
     if name.endswith("-norot"):   # the rotated preset with the rotation switched off (same specs)
         base = recipe_for(name[: -len("-norot")])
         return dataclasses.replace(base, name=name, rotation=None)

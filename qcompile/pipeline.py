@@ -8,7 +8,7 @@ numbering, one log.
 Phases, in order (a stage's phase names its timing and groups its dump files)::
 
     capture        fold_batch_norm, decompose_recurrent, normalize_linear, annotate
-    rotation       rotate_residual                                                  (recipe.rotation)
+    rotation       rotate_residual, rotate_heads, online_hadamard                   (recipe.rotation)
     smoothing      insert_channel_stats, calibrate (statistics), apply_smoothing    (recipe.smoothing)
     <method>       apply_weight_algorithm                                           (recipe.weight_algorithm)
     observe        insert_observers
@@ -43,6 +43,7 @@ from .passes import (AnnotatePass, ApplySmoothingPass, ApplyWeightAlgorithmPass,
 from .passes.annotate import AnnotateResult, annotated_nodes
 from .passes.convert import ConvertResult
 from .passes.rotate import RotateResidualPass, RotationResult
+from .passes.rotate_inner import OnlineHadamardPass, RotateHeadsPass
 from .passes.infra import Pass, PassManager, PassResult, Stage, prune_unused_tensors, tensor_owner
 from .passes.smooth import SmoothingResult
 from .passes.weight_algorithms import WeightAlgorithmResult
@@ -124,7 +125,12 @@ def ptq_stages(recipe: Recipe, placement: Capabilities, captured: Captured, cali
     stages = [Stage(FoldBatchNormPass(), CAPTURE), Stage(DecomposeRecurrentPass(recipe), CAPTURE),
               Stage(NormalizeLinearPass(), CAPTURE), Stage(AnnotatePass(recipe), CAPTURE)]
     if recipe.rotation is not None:   # float-exact, so before everything that measures or solves on data
-        stages.append(Stage(RotateResidualPass(recipe.rotation), ROTATION))
+        rot = recipe.rotation
+        stages.append(Stage(RotateResidualPass(rot), ROTATION))
+        if rot.per_head:
+            stages.append(Stage(RotateHeadsPass(rot.seed), ROTATION))
+        if rot.online:
+            stages.append(Stage(OnlineHadamardPass(rot.seed), ROTATION))
     if recipe.smoothing is not None:
         missing = (f"recipe '{recipe.name}' uses smoothing, whose scales are measured on data: pass calibration= "
                    "to prepare (or quantize), or set smoothing to null")

@@ -22,8 +22,9 @@ preset                  what it does
                         int8 embeddings; for PTQ and QAT (``qcompile.prepare_qat``)
 ``w4a4``                int4 per-channel symmetric weights, static per-tensor uint4 activations
 ``w4a8-rot``            int4 per-channel symmetric weights solved by GPTQ, per-token dynamic uint8 activations,
-                        the residual stream rotated first (QuaRot: :mod:`qcompile.passes.rotate`; Llama-style RMSNorm
-                        decoders only), int8 embeddings and tied head
+                        the residual stream rotated first (QuaRot R1: :mod:`qcompile.passes.rotate`; Llama-style
+                        RMSNorm decoders only), each head's V/O (R2) and down_proj's input online (R4, a graph
+                        op: :mod:`qcompile.passes.rotate_inner`), int8 embeddings and tied head
 ``w4a4-rot``            the same with per-token dynamic uint4 activations, round-to-nearest weights
 ``w4-g128-rot-gptq``    ``w4-g128-gptq`` on the rotated model
 ``w2a8``                int2 per-channel symmetric weights, static per-tensor uint8 activations: too
@@ -141,7 +142,8 @@ def _rotated(name: str, act_format: str, algorithm: Optional[str] = None) -> Cal
     # per-channel symmetric weights, activations quantized per token at run time (asymmetric, as
     # w8a8-dynamic); the tied head stays on the int8 embedding spec (the rotation unties the tensors).
     # w4a8-rot solves its weights by GPTQ, as QuaRot does: on SmolLM2 round-to-nearest int4 weights
-    # measured worse rotated (136.6) than not (58.7), GPTQ rotated 37.6 (docs/llm.md, "Rotations")
+    # measured worse rotated (136.6) than not (58.7); GPTQ with R1 37.6, with R1 + R2 + R4 35.3 against
+    # 40.8 unrotated (float 30.8; docs/llm.md, "Rotations")
     def make() -> Recipe:
         w = QuantSpec("int4", "per_channel", symmetric=True)
         act = QuantSpec(act_format, "per_token", symmetric=False, dynamic=True)

@@ -74,9 +74,16 @@ class RotationConfig:
     seeded random orthogonal block for the odd rest): readers get ``W Q``, writers ``Qᵀ W``, the
     embedding ``E Q``. The float model is unchanged; the channel outliers of the Linear inputs and
     weights are spread over all channels, so 4-bit weights and activations lose less.
-    ``seed``: the random signs and the odd block."""
+    ``seed``: the random signs and the odd block. ``per_head`` (QuaRot's R2): each attention head's
+    value rotated by a ``d × d`` Hadamard, folded into ``v_proj`` and ``o_proj``
+    (:class:`~qcompile.passes.rotate_inner.RotateHeadsPass`). ``online`` (R4): the MLP output
+    projection's input (``down_proj``) rotated at run time by a Hadamard inserted in the graph,
+    its weight offline (:class:`~qcompile.passes.rotate_inner.OnlineHadamardPass`; weights-only
+    formats such as GGUF refuse it)."""
 
     seed: int = 0
+    per_head: bool = True
+    online: bool = True
 
 
 # formats a quantized KV cache may take: codes of one byte with a float32 scale per head and token
@@ -341,6 +348,8 @@ class Recipe:
             seed = self.rotation.seed
             if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
                 raise RecipeError("rotation.seed", f"must be a non-negative integer, got {seed!r}")
+            for flag in ("per_head", "online"):
+                _typed(getattr(self.rotation, flag), bool, f"rotation.{flag}")
         if self.kv_cache is not None:
             if not isinstance(self.kv_cache, KVCacheConfig):
                 raise RecipeError("kv_cache", f"expected a KVCacheConfig or None, got {type(self.kv_cache).__name__}")

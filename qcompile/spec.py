@@ -38,7 +38,10 @@ ANNOTATION = "qcompile.annotation"    # NodeAnnotation on a quantizable op node
 LAYER = "qcompile.layer"              # module path of the node's innermost module
 LAYER_TYPE = "qcompile.layer_type"    # class name of that module
 QPARAMS = "qcompile.qparams"          # on quantize/dequantize nodes: the QuantSpec they implement
-ROLE = "qcompile.role"                # on inserted nodes: "weight", "activation", "smoothing", "qobs", "qstats"
+ROLE = "qcompile.role"                # on inserted nodes: "weight", "activation", "smoothing", "qobs", "qstats",
+                                      # ONLINE_ROTATION
+ONLINE_ROTATION = "online_rotation"   # ROLE of the nodes of an online Hadamard (passes.rotate_inner): graph
+                                      # ops, not folded weights, that a weights-only format cannot carry
 WEIGHT_QPARAMS = "qcompile.weight_qparams"  # on an op node: WeightQParams solved by GPTQ/AWQ or trained by QAT
 
 

@@ -18,7 +18,7 @@ import torch
 from ..errors import BackendError, closest
 from ..formats import FORMATS
 from ..ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
-from ..spec import LAYER, LAYER_TYPE, QPARAMS
+from ..spec import LAYER, LAYER_TYPE, ONLINE_ROTATION, QPARAMS, ROLE
 
 # Weight granularities a backend may declare, and activation modes ("<static|dynamic> <granularity>")
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
@@ -53,7 +53,10 @@ class Capabilities:
     * ``quantized_outputs``: op kinds whose outputs it wants quantized too (integer chains: QLinearConv);
     * ``timing``: module path of its latency-timing protocol, or ``None`` with ``timing_missing``
       saying why;
-    * ``error``: the :class:`BackendError` subclass its refusals raise (tvm: ``NotBuiltError``).
+    * ``error``: the :class:`BackendError` subclass its refusals raise (tvm: ``NotBuiltError``);
+    * ``graph_ops``: whether it runs the graph's float ops between the Linears (False for formats
+      that store weights for another runtime's fixed architecture: GGUF, compressed-tensors), so
+      an op a pass inserted there (the online Hadamard of ``recipe.rotation.online``) is refused.
 
     Example::
 
@@ -72,6 +75,7 @@ class Capabilities:
     timing: Optional[str] = None
     timing_missing: str = "latency timing is not built for this backend"
     error: type = BackendError
+    graph_ops: bool = True
 
     def __post_init__(self):
         for name in ("weights", "activations"):
@@ -328,6 +332,13 @@ def check_capabilities(gm, backend) -> None:
     the backend does lower, for the first quantized tensor (:func:`quant_uses`) it does not declare.
     A backend with ``fallback="pytorch"`` refuses nothing (undeclared tensors stay PyTorch ops)."""
     caps, name = backend.capabilities, backend.id
+    if not caps.graph_ops:
+        online = next((n for n in gm.graph.nodes if n.meta.get(ROLE) == ONLINE_ROTATION), None)
+        if online is not None:
+            raise caps.error(f"node '{online.name}' of {node_module(online)}: backend '{name}' stores weights for a "
+                             "fixed architecture and cannot carry the online Hadamard rotation inserted there "
+                             "(recipe.rotation.online); set rotation.online to false, or choose a graph backend "
+                             "(reference, onnx, tvm)")
     if caps.fallback is not None:
         return
     for use in quant_uses(gm):

@@ -7,6 +7,7 @@ from .normalize import NormalizeLinearPass
 from .observe import InsertObserversPass
 from .recurrent import DecomposeRecurrentPass
 from .rotate import RotateResidualPass
+from .rotate_inner import OnlineHadamardPass, RotateHeadsPass
 from .qat import FreezeQATPass, InsertFakeQuantPass, TrainEvalOpsPass
 from .smooth import ApplySmoothingPass, InsertChannelStatsPass
 from .weight_algorithms import ApplyWeightAlgorithmPass
@@ -14,4 +15,4 @@ from .weight_algorithms import ApplyWeightAlgorithmPass
 __all__ = ["Pass", "PassResult", "PassManager", "FoldBatchNormPass", "NormalizeLinearPass", "DecomposeRecurrentPass", "AnnotatePass",
            "InsertChannelStatsPass", "ApplySmoothingPass", "InsertObserversPass", "ConvertPass",
            "InsertFakeQuantPass", "TrainEvalOpsPass", "FreezeQATPass", "ApplyWeightAlgorithmPass",
-           "RotateResidualPass"]
+           "RotateResidualPass", "RotateHeadsPass", "OnlineHadamardPass"]

@@ -17,9 +17,9 @@ activation scales and per-channel weight scales fit them at 4 bits.
 ``Q`` is the Kronecker product of a randomized Hadamard matrix of the largest power-of-two factor of
 the hidden size and a seeded random orthogonal matrix (QR of a Gaussian) of the odd factor
 (576 = 64 · 9: a 64 × 64 Hadamard ⊗ 9 × 9 orthogonal). The Hadamard part is what spreads an outlier
-evenly (every entry has magnitude ``1/√n``); Hadamard matrices of other orders (12, 20, …) need
-hard-coded tables, and the odd factor of a hidden size is small, where a random orthogonal block
-mixes nearly as well.
+evenly (every entry has magnitude ``1/√n``); the odd factor of a hidden size is small, where a
+random orthogonal block mixes nearly as well. (:mod:`.hadamard` also builds Paley orders — 12, 20,
+24, … — used by the rotations inside a layer, :mod:`.rotate_inner`; this one was measured as is.)
 
 The readers, writers and norms are found from the graph: the stream starts at the token
 embedding's output and is followed through pass-through ops, RMSNorms and residual adds. Anything
@@ -28,7 +28,6 @@ activation; a graph output) raises :class:`~qcompile.errors.RotationError` namin
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +35,7 @@ import torch
 from ..errors import RotationError
 from ..recipe import RotationConfig
 from ..spec import LAYER
+from .hadamard import hadamard, rotation_matrix  # noqa: F401  (re-exported: the rotation's matrices)
 from .infra import Pass, PassResult, add_tensor, get_attr_tensor
 
 aten = torch.ops.aten
@@ -61,30 +61,6 @@ class RotationResult(PassResult):
     size: int = 0
 
 
-def hadamard(n: int) -> torch.Tensor:
-    """Sylvester's Hadamard matrix of order ``n`` (a power of two), entries ±1, float64."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Sylvester Hadamard matrices have power-of-two orders, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-def rotation_matrix(n: int, seed: int = 0) -> torch.Tensor:
-    """The orthogonal ``n × n`` rotation (float64): ``diag(±1) · (H_{2^k} / √2^k ⊗ R_m)`` with
-    ``n = 2^k · m``, ``m`` odd, random signs and ``R_m`` (QR of a Gaussian, signs fixed) from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    pow2 = n & -n
-    odd = n // pow2
-    q = hadamard(pow2) / math.sqrt(pow2)
-    if odd > 1:
-        r, tri = torch.linalg.qr(torch.randn(odd, odd, generator=g, dtype=torch.float64))
-        q = torch.kron(q.contiguous(), (r * torch.sign(torch.diagonal(tri))[None, :]).contiguous())
-    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-    return signs[:, None] * q
-
-
 class RotateResidualPass(Pass):
     """Rotate the residual stream of a pre-norm (RMSNorm) decoder; see the module docstring.
 
@@ -98,14 +74,7 @@ class RotateResidualPass(Pass):
         self.config = config
 
     def call(self, gm):
-        embeddings = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.embedding.default
-                      and get_attr_tensor(gm, n.args[0]) is not None]
-        if not embeddings:
-            raise RotationError("rotation: no token embedding with a constant table found; the residual stream "
-                                "starts at one (a decoder-only LM)")
-        plan = _Plan()
-        for emb in embeddings:
-            plan.follow(gm, emb)
+        embeddings, plan = _planned(gm)
         size = get_attr_tensor(gm, embeddings[0].args[0]).shape[1]
         q = rotation_matrix(size, self.config.seed)
         result = RotationResult(gm, True, size=size)
@@ -140,6 +109,26 @@ class RotateResidualPass(Pass):
             result.writers.append(_layer(w_lin))
         result.changed = result.readers + result.writers
         return result
+
+
+def _planned(gm):
+    """(the token embeddings, the :class:`_Plan` of the residual stream they start)."""
+    embeddings = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.embedding.default
+                  and get_attr_tensor(gm, n.args[0]) is not None]
+    if not embeddings:
+        raise RotationError("rotation: no token embedding with a constant table found; the residual stream "
+                            "starts at one (a decoder-only LM)")
+    plan = _Plan()
+    for emb in embeddings:
+        plan.follow(gm, emb)
+    return embeddings, plan
+
+
+def stream_writers(gm) -> list:
+    """The Linear nodes whose outputs the residual adds write into the stream (``o_proj``,
+    ``down_proj`` of a Llama), found from the graph; raises :class:`RotationError` where the stream
+    is read by something the rotation cannot take."""
+    return list(_planned(gm)[1].writers)
 
 
 class _Plan:

@@ -118,6 +118,7 @@ class CompressedTensorsBackend:
         activations={"int8": {"dynamic per_token", "dynamic per_tensor", "static per_tensor"},
                      "uint8": {"dynamic per_token", "dynamic per_tensor", "static per_tensor"}},
         ops={"linear", "embedding"},
+        graph_ops=False,   # llama.cpp / vLLM run their own Llama graph: nothing inserted survives
         timing_missing="latency budgets on compressed-tensors: it writes a directory for vLLM, whose speed "
                        "qcompile does not time; use backend='onnx'")
 

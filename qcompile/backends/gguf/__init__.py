@@ -40,6 +40,7 @@ class GgufBackend:
                  "uint4": {"per_group"}, "uint5": {"per_group"}, "int6": {"per_group"},
                  "uint6": {"per_group"}, "uint2": {"per_group"}, "int3": {"per_group"}},   # uint6: Q4_K/Q5_K's sub-block scale codes
         float_zero_points=True, ops={"linear", "embedding"},
+        graph_ops=False,   # llama.cpp / vLLM run their own Llama graph: nothing inserted survives
         timing_missing="latency budgets on gguf: it writes a file for llama.cpp, whose speed qcompile does not "
                        "time yet; use backend='onnx'")
 
