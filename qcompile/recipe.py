@@ -96,9 +96,7 @@ class KVCacheConfig:
     :func:`qcompile.causal_lm`: every new key/value vector (one head, one token: ``head_dim``
     values) is quantized as it is written, with one float32 scale, symmetric; attention reads the
     dequantized cache. The cache the graph takes and returns between steps is the codes plus the
-    scales (``int8``: ``head_dim + 4`` bytes per head and token instead of ``4 * head_dim``).
-
-    Symmetric, because one head's key or value vector at one token is near zero-centred (RoPE
+    scales (``int8``: ``head_dim + 4`` bytes per head and token instead of ``4 * head_dim``). Symmetric, because one head's key or value vector at one token is near zero-centred (RoPE
     rotates key pairs through both signs; values are projections without a bias in Llama-style
     models), so a zero point would buy little resolution at 8 bits and cost a second stored number
     per vector and an integer subtraction in every read. ``format``: ``int8`` (127 steps of

@@ -11,8 +11,8 @@ it must raise (none today).
 Models are built offline from transformers *configs* with seeded random weights (no hub), at
 hidden sizes of 16-32 and one layer. TVM compiles a shared library per model (tens of seconds each
 on these 2-core hosts, most of it TVMScript parsing of the GEMM kernels, cached per process, and
-LLVM): the conv CNN runs in the quick pass, the other 25 are marked ``slow`` (``make test`` runs
-them). An LSTM on TVM is also in ``tests/test_pass_recurrent.py``. timm is not in the zoo:
+LLVM): the CNN, BERT, Llama and the LSTM run in the suite, the other 22 are marked ``exhaustive``
+(``make test-all`` runs them). An LSTM on TVM is also in ``tests/test_pass_recurrent.py``. timm is not in the zoo:
 ``timm`` 1.0.31 cannot be imported beside the CPU torch without torchvision
 (``timm/layers/create_norm.py`` imports ``torchvision.ops.misc``), and pip would replace the CPU
 torch 2.13 with torch 2.14 + CUDA to install it (its declared dependency); the tests skip with that
@@ -189,12 +189,12 @@ class Case:
     build: Callable[[], nn.Module]
     inputs: Callable                                  # seed -> positional tuple (or (args, kwargs))
     kwargs: Callable = None                           # seed -> keyword inputs
-    tvm: bool = False                                 # tvm in the quick pass (else marked slow)
+    tvm: bool = False                                 # tvm in the suite (else exhaustive: make test-all)
     model_kwargs: dict = field(default_factory=dict)  # constant keywords (use_cache=False)
 
 
 CASES = {
-    "bert": Case(*_hf("BertConfig", "BertModel", _tokens, **_ENC)),
+    "bert": Case(*_hf("BertConfig", "BertModel", _tokens, **_ENC), tvm=True),
     "roberta": Case(*_hf("RobertaConfig", "RobertaModel", _tokens, **{**_ENC, "pad_token_id": 0})),
     "distilbert": Case(*_hf("DistilBertConfig", "DistilBertModel", _tokens, vocab_size=96, dim=32, n_layers=1,
                             n_heads=2, hidden_dim=64, max_position_embeddings=64)),
@@ -204,7 +204,7 @@ CASES = {
                             num_layers=1, num_heads=2)),
     "gpt2": Case(*_hf("GPT2Config", "GPT2LMHeadModel", _decoder_tokens, vocab_size=96, n_embd=32, n_layer=1,
                       n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0), model_kwargs={"use_cache": False}),
-    "llama": Case(*_hf("LlamaConfig", "LlamaForCausalLM", _decoder_tokens, **_DEC, num_key_value_heads=1)),
+    "llama": Case(*_hf("LlamaConfig", "LlamaForCausalLM", _decoder_tokens, **_DEC, num_key_value_heads=1), tvm=True),
     "qwen2": Case(*_hf("Qwen2Config", "Qwen2ForCausalLM", _decoder_tokens, **_DEC, num_key_value_heads=1)),
     "mistral": Case(*_hf("MistralConfig", "MistralForCausalLM", _decoder_tokens, **_DEC, num_key_value_heads=1)),
     "phi": Case(*_hf("PhiConfig", "PhiForCausalLM", _decoder_tokens, **_DEC)),
@@ -227,7 +227,7 @@ CASES = {
                           conv_stride=(5, 2), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                           intermediate_size=64, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
                           vocab_size=32)),
-    "lstm-classifier": Case(LSTMClassifier, _decoder_tokens),
+    "lstm-classifier": Case(LSTMClassifier, _decoder_tokens, tvm=True),
     "gru-bidirectional": Case(GRUTagger, lambda s: (torch.randn(2, 5, 12, generator=_g(s)),)),
     "dict-inputs": Case(DictInputs, lambda s: ({"x": torch.randn(2, 5, 16, generator=_g(s)),
                                                 "y": torch.randn(2, 5, 8, generator=_g(s + 50))},)),
@@ -345,9 +345,10 @@ def test_zoo_triton_parity(cid):
     _lower_with_parity(cid, "triton")
 
 
-# TVM builds a shared library per model (LLVM, seconds each even for these sizes): the conv CNN runs
-# in every quick pass, the other models are marked slow (the CI command, ``pytest tests``, runs them)
-@pytest.mark.parametrize("cid", [c if CASES[c].tvm else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
+# TVM builds a shared library per model (LLVM, tens of seconds each on 2 cores): one model of each
+# kind runs in the suite (a CNN, an encoder, a decoder, a recurrent net), the others are exhaustive
+# (make test-all runs all 26)
+@pytest.mark.parametrize("cid", [c if CASES[c].tvm else pytest.param(c, marks=pytest.mark.exhaustive) for c in CASES])
 def test_zoo_tvm_parity(cid):
     _lower_with_parity(cid, "tvm")
 
