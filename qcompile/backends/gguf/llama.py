@@ -111,7 +111,7 @@ def _weights(gm, requantize: bool = False) -> dict:
                                              None if zp is None else _evaluate(gm, zp), refused=why)
                 continue
             if two is not None:
-                deq = _node_value(gm, scale), None if zp is None else _node_value(gm, zp)
+                deq = _evaluate(gm, scale), None if zp is None else _evaluate(gm, zp)
                 out[layer] = QuantizedWeight(layer, fmt, group, get_attr_tensor(gm, codes), deq[0], deq[1], two)
                 continue
             out[layer] = QuantizedWeight(layer, fmt, group, get_attr_tensor(gm, codes), get_attr_tensor(gm, scale),
@@ -178,18 +178,14 @@ def _two_level(gm, scale, zp) -> Optional[dict]:
 
 
 def _evaluate(gm, node):
-    """The value of a node computed from stored tensors alone (a weight's scale subgraph)."""
+    """The value of a node computed from stored tensors alone, as the graph computes it: a weight's
+    scale or minimum subgraph (two-level: the dequantize of its parts; double-quantized: dequantize,
+    add, reshape, clamp)."""
     if not isinstance(node, torch.fx.Node):
         return node
     if node.op == "get_attr":
         return get_attr_tensor(gm, node)
     return node.target(*[_evaluate(gm, a) for a in node.args], **{k: _evaluate(gm, v) for k, v in node.kwargs.items()})
-
-
-def _node_value(gm, node) -> torch.Tensor:
-    """A two-level scale or minimum as the graph computes it (the dequantize of its parts)."""
-    args = [get_attr_tensor(gm, a) if isinstance(a, torch.fx.Node) else a for a in node.args]
-    return DEQUANTIZE(*args)
 
 
 def _norms(gm) -> dict:
