@@ -4,7 +4,10 @@ llama.cpp (and ollama, llama-cpp-python, ...) loads and runs.
 Each quantized Linear's codes are written **bit for bit** into the llama.cpp block type whose grid
 equals qcompile's (:mod:`.blocks`: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; the ``gguf-*`` presets target
 them); a grid no type holds is a :class:`~qcompile.errors.BackendError` naming the layer, its grid
-and the nearest type. Norms are F32, a tied ``lm_head`` is llama.cpp's ``token_embd`` (Q8_0 when the
+and the nearest type, or with ``requantize=True`` is written to that type from its reference weight
+(:mod:`.requantize`; ``artifact.requantized`` reports each layer's added error). A recipe may quantize
+each Linear's input as llama.cpp's CPU dot products do (``presets.gguf_activation``: int8 per block of
+32, or 256 for k-quants); any other activation spec is refused by layer. Norms are F32, a tied ``lm_head`` is llama.cpp's ``token_embd`` (Q8_0 when the
 embedding is int8 in groups of 32, else its exact F32 values), the tokenizer is written from the
 model's transformers tokenizer. K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256 with two-level
 scales, :mod:`.kquants`; the ``gguf-q4_k_m``/``-q5_k_m``/``-q6_k`` presets and
