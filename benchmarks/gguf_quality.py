@@ -54,7 +54,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--recipes", nargs="*", default=["gguf-q8_0", "gguf-q4_0", "gguf-q4_1"])
     ap.add_argument("--mixes", nargs="*", default=[],
-                    help="llama.cpp's per-layer mixes via qcompile.presets.llama_cpp_mix: q4_k_m, q4_k_m-gptq, ...")
+                    help="llama.cpp's per-layer mixes via qcompile.presets.llama_cpp_mix: q4_k_m, q4_k_m-gptq, "
+                         "q4_k_m-gptq-a8 (activations=True), ...")
     ap.add_argument("--llamacpp", nargs="*", default=[])
     ap.add_argument("--dir", default="out/gguf")
     args = ap.parse_args()
@@ -77,9 +78,10 @@ def main():
         return res.perplexity, time.perf_counter() - t
 
     recipes = list(args.recipes)
-    for mix in args.mixes:
-        ftype, _, algo = mix.partition("-")
-        recipes.append(llama_cpp_mix(lm.model.config, ftype, algo or None)[0])
+    for mix in args.mixes:   # q4_k_m, q4_k_m-gptq, q4_k_m-gptq-a8 (llama.cpp's int8 activations in the reference)
+        ftype, *rest = mix.split("-")
+        algo = next((p for p in rest if p in ("gptq", "awq")), None)
+        recipes.append(llama_cpp_mix(lm.model.config, ftype, algo, activations="a8" in rest)[0])
     for recipe in recipes:
         if "gptq" in getattr(recipe, "name", recipe) and cal is None:
             cal = calibration_windows(lm.tokenizer, n=8)

@@ -5,8 +5,8 @@ whose weights or metadata do not match what was recorded fails the parity (:clas
 
 Kinds checked: qcompile's own saved program (``QuantizedModel.save``), ONNX files (the record in
 their ``metadata_props``), GGUF files (the record in their metadata, run by llama.cpp) and
-compressed-tensors directories. TVM artifacts do not carry the contract record yet
-(``NotImplementedError`` naming what is missing).
+compressed-tensors directories, TVM artifact directories (the record in ``tvm.json``, run by TVM's
+runtime).
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def check(path: Union[str, Path]) -> CheckResult:
                                   "files carry the contract record (recipe, quality, parity, smoke inputs)")
     if not (path / MANIFEST).is_file():
         if (path / "tvm.json").is_file():
-            raise NotImplementedError(f"'{path}': checking TVM artifacts is not built yet (no contract record)")
+            return _check_tvm(path)
         raise ArtifactError(f"'{path}' is not a qcompile artifact: {MANIFEST} is missing")
     try:
         kind = json.loads((path / MANIFEST).read_text()).get("kind", "qcompile")
@@ -140,6 +140,19 @@ def _check_gguf(path: Path) -> CheckResult:
     args, _, reference = split_smoke(smoke)
     measured = parity_of(GgufArtifact.load(path)(args[0]), reference)
     return _result(path, "gguf", contract, measured)
+
+
+def _check_tvm(path: Path) -> CheckResult:
+    try:
+        from .backends.tvm.runtime import load as load_tvm
+    except ImportError as e:
+        raise ArtifactError(f"checking '{path}' needs TVM: pip install 'qcompile[tvm]' ({e.name})") from e
+    art = load_tvm(path)   # sizes and checksums of model.so, smoke.safetensors and tvm.json first
+    contract = _contract(path, art.meta)
+    args, kwargs, reference = _smoke(path)
+    with torch.no_grad():
+        measured = parity_of(art(*args, **kwargs), reference)
+    return _result(path, "tvm", contract, measured)
 
 
 def _check_compressed_tensors(path: Path) -> CheckResult:

@@ -231,6 +231,17 @@ def gguf_spec(gguf_type: str, rtn: bool = True) -> QuantSpec:
     return specs[gguf_type]()
 
 
+def gguf_activation(gguf_type: str) -> QuantSpec:
+    """The activation spec of what llama.cpp's CPU dot products compute for a weight of ``gguf_type``:
+    before each quantized matmul llama.cpp quantizes the input row to its ``vec_dot_type`` (Q8_0 /
+    Q8_1 for the legacy types: int8, ``amax / 127`` per block of 32 of the reduction axis; Q8_K for
+    the k-quants: the same per block of 256; ``quantize_row_q8_0`` / ``quantize_row_q8_K`` in
+    ggml-quants.c, both rounding half to even). As a recipe's activation, the reference backend
+    computes the same model as llama.cpp, so GPTQ solves against it."""
+    block = 256 if gguf_type.endswith("_K") else 32
+    return QuantSpec("int8", "per_token_group", symmetric=True, group_size=block, dynamic=True)
+
+
 def _gguf_k_mix(name: str, base: int, more: Optional[int], algorithm: Optional[str] = None) -> Callable[[], Recipe]:
     # model-independent: attn_v / ffn_down at Q{more}_K in every layer (llama.cpp: in about half,
     # llama_cpp_mix); the tied head / embedding at Q8_0, as in every preset at >= 8 bits (llama.cpp's
@@ -253,14 +264,18 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def llama_cpp_mix(config, ftype: str = "q4_k_m", algorithm: Optional[str] = None) -> tuple[Recipe, dict]:
+def llama_cpp_mix(config, ftype: str = "q4_k_m", algorithm: Optional[str] = None,
+                  activations: bool = False) -> tuple[Recipe, dict]:
     """The recipe that gives each layer of a Llama model (``config``: its transformers config) the
     GGUF type llama.cpp's own quantizer gives it for ``ftype`` (``"q4_k_m"``, ``"q5_k_m"``,
     ``"q6_k"``), as exact per-layer overrides, so the gguf backend writes every code bit for bit:
     attn_v and ffn_down get Q6_K in llama.cpp's ``use_more_bits`` layers (Q4_K_M/Q5_K_M), the output
     (the token embedding when tied) Q6_K, and a row that is not a multiple of 256 llama.cpp's fallback
     (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0; the tied output Q8_0). ``algorithm``: ``"gptq"`` or
-    ``"awq"`` solves every layer on its grid. Returns ``(recipe, {layer: (type, why)})``.
+    ``"awq"`` solves every layer on its grid. ``activations``: every Linear (the tied head too) also
+    quantizes its input as llama.cpp's CPU dot products do (:func:`gguf_activation`: int8 per block
+    of 32, or 256 for a k-quant weight), so qcompile's reference is the model llama.cpp runs (the
+    recipe's name ends in ``-a8``). Returns ``(recipe, {layer: (type, why)})``.
 
     Example::
 
@@ -302,9 +317,16 @@ def llama_cpp_mix(config, ftype: str = "q4_k_m", algorithm: Optional[str] = None
         pick("model.embed_tokens", base, base, hidden)
         pick("lm_head", "Q6_K", "Q6_K (the output)", hidden, output=True)
     rtn = algorithm is None
-    overrides = {layer: LayerConfig(gguf_spec(t, rtn)) for layer, (t, _) in types.items() if layer != "model.embed_tokens"}
+
+    def config_of(t):
+        return LayerConfig(gguf_spec(t, rtn), gguf_activation(t) if activations else None)
+
+    overrides = {layer: config_of(t) for layer, (t, _) in types.items() if layer != "model.embed_tokens"}
+    if activations and tied:   # the head reads the embedding's tensor (one spec: still tied) and its input is quantized
+        overrides["lm_head"] = config_of(types["model.embed_tokens"][0])
     algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
-    recipe = Recipe(name=f"gguf-{ftype}" + (f"-{algorithm}" if algorithm else ""), default=LayerConfig(_gguf_k(int(base[1]))),
+    name = f"gguf-{ftype}" + (f"-{algorithm}" if algorithm else "") + ("-a8" if activations else "")
+    recipe = Recipe(name=name, default=LayerConfig(_gguf_k(int(base[1]))),
                     embedding=LayerConfig(gguf_spec(types["model.embed_tokens"][0], rtn)), weight_algorithm=algo,
                     overrides=overrides)
     return recipe.validate(), types

@@ -93,6 +93,9 @@ class QuantizedWeight:
     # k-quants (two-level scales, kquants.py): {"scale_dtype", "scale_codes" [N, G], "scale_super" [N, K/256]
     # float16, and with a minimum "zero_point_dtype", "min_codes", "min_super" (-dmin)}; None otherwise
     two_level: Optional[dict] = None
+    # why no GGUF type can hold it, found before packing (bitsandbytes-style double-quantized scales,
+    # whose values ``scale`` / ``zero_point`` then hold); None otherwise
+    refused: Optional[str] = None
 
     def grid(self) -> str:
         zp = "no zero point" if self.zero_point is None else (

@@ -17,10 +17,14 @@ import torch
 from ...errors import BackendError
 from ...ops import DEQUANTIZE
 from ...passes.infra import get_attr_tensor, layer_of
+from ...presets import gguf_activation
+from ...spec import QPARAMS, ROLE
 from .blocks import BLOCK_TYPES, K_QUANTS, QuantizedWeight, match, refusal
 from .kquants import K_TYPES, match_k
+from .requantize import requantize as requantize_weight
 
 ARCH = "llama"
+REQUANTIZED_KEY = "qcompile.requantized"   # GGUF metadata: the requantize option's per-layer report (JSON)
 # the type a file "mostly" is (general.file_type), as llama.cpp's quantizer names it
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q5_K": 17,
                "Q6_K": 18}
@@ -40,6 +44,8 @@ class GgufPlan:
 
     metadata: list = field(default_factory=list)   # (GGUFWriter method name, args)
     tensors: list = field(default_factory=list)
+    # layer -> report entry of a weight requantized to the nearest type (requantize.requantize)
+    requantized: dict = field(default_factory=dict)
 
     def types(self) -> dict:
         """GGUF tensor name → its type (``Q4_0``, ``F32``, ...)."""
@@ -67,9 +73,17 @@ def _rope_theta(config) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
 
 
-def _weights(gm) -> dict:
+# bitsandbytes-style double-quantized scales: no GGUF type stores them (a refusal, or requantized)
+_DOUBLE_QUANTIZED = ("double-quantized (int8) scales or zero points ({fmt}, groups of {group}) are bitsandbytes' "
+                     "form, which no GGUF type stores; llama.cpp's k-quants ({kq}) are scale_dtype kquant6/kquant8 "
+                     "(the gguf-q4_k_m/-q6_k presets)")
+
+
+def _weights(gm, requantize: bool = False) -> dict:
     """layer path → its weight as the graph holds it (a float tensor or a :class:`QuantizedWeight`),
-    plus ``"lm_head"`` → ``"tied"`` when the head reads the embedding's own tensor."""
+    plus ``"lm_head"`` → ``"tied"`` when the head reads the embedding's own tensor. ``requantize``:
+    a double-quantized weight is returned with its scales' values (``.refused`` says why) instead
+    of raising."""
     out: dict = {}
     seen: dict = {}   # weight node -> the first layer reading it
     for node in gm.graph.nodes:
@@ -90,12 +104,14 @@ def _weights(gm) -> dict:
             codes, scale, zp, fmt, group = w.args[:5]
             two = _two_level(gm, scale, zp)
             if two is None and (getattr(scale, "op", None) != "get_attr" or getattr(zp, "op", "get_attr") != "get_attr"):
-                raise NotImplementedError(
-                    f"layer '{layer}': double-quantized (int8) scales or zero points ({fmt}, groups of {group}) "
-                    "are bitsandbytes' form, which no GGUF type stores; llama.cpp's k-quants "
-                    f"({', '.join(K_QUANTS)}) are scale_dtype kquant6/kquant8 (the gguf-q4_k_m/-q6_k presets)")
+                why = _DOUBLE_QUANTIZED.format(fmt=fmt, group=group, kq=", ".join(K_QUANTS))
+                if not requantize:
+                    raise NotImplementedError(f"layer '{layer}': {why}")
+                out[layer] = QuantizedWeight(layer, fmt, group, get_attr_tensor(gm, codes), _evaluate(gm, scale),
+                                             None if zp is None else _evaluate(gm, zp), refused=why)
+                continue
             if two is not None:
-                deq = _node_value(gm, scale), None if zp is None else _node_value(gm, zp)
+                deq = _evaluate(gm, scale), None if zp is None else _evaluate(gm, zp)
                 out[layer] = QuantizedWeight(layer, fmt, group, get_attr_tensor(gm, codes), deq[0], deq[1], two)
                 continue
             out[layer] = QuantizedWeight(layer, fmt, group, get_attr_tensor(gm, codes), get_attr_tensor(gm, scale),
@@ -104,6 +120,37 @@ def _weights(gm) -> dict:
             raise BackendError(f"layer '{layer}': its weight comes from '{w.target}', not a stored tensor or a "
                                "dequantize of stored codes")
     return out
+
+
+def _activations(gm) -> dict:
+    """layer path → the activation spec its Linear quantizes its input with (None: float input)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.linear.default:
+            x = node.args[0]
+            quantized = getattr(x, "target", None) == DEQUANTIZE and x.meta.get(ROLE) == "activation"
+            out[layer_of(node)] = x.meta.get(QPARAMS) if quantized else None
+    return out
+
+
+def check_activations(gm, tensors: list) -> None:
+    """A Linear whose input the recipe quantizes must quantize it the way llama.cpp's CPU dot product
+    does for the type its weight is written as (:func:`qcompile.presets.gguf_activation`), else the
+    reference would compute another model than the file: a :class:`BackendError` naming the layer."""
+    types = {t.layer: t.type for t in tensors}
+    for layer, spec in _activations(gm).items():
+        if spec is None:
+            continue
+        gtype = types.get(layer, types.get("model.embed_tokens") if layer == "lm_head" else None)
+        if gtype is None or gtype == "F32":
+            raise BackendError(f"layer '{layer}': its input is quantized ({spec.format} {spec.granularity}) but its "
+                               "weight is written F32; llama.cpp quantizes no input of a float matmul")
+        want = gguf_activation(gtype)
+        if spec != want:
+            raise BackendError(f"layer '{layer}': its input is quantized as {spec.format} {spec.granularity} "
+                               f"(group {spec.group_size}, symmetric {spec.symmetric}); llama.cpp computes a {gtype} "
+                               f"matmul with int8 inputs in blocks of {want.group_size} (symmetric, amax / 127): "
+                               "qcompile.presets.gguf_activation(type) is that spec")
 
 
 def _two_level_parts(gm, node):
@@ -130,10 +177,15 @@ def _two_level(gm, scale, zp) -> Optional[dict]:
     return two if kind else None
 
 
-def _node_value(gm, node) -> torch.Tensor:
-    """A two-level scale or minimum as the graph computes it (the dequantize of its parts)."""
-    args = [get_attr_tensor(gm, a) if isinstance(a, torch.fx.Node) else a for a in node.args]
-    return DEQUANTIZE(*args)
+def _evaluate(gm, node):
+    """The value of a node computed from stored tensors alone, as the graph computes it: a weight's
+    scale or minimum subgraph (two-level: the dequantize of its parts; double-quantized: dequantize,
+    add, reshape, clamp)."""
+    if not isinstance(node, torch.fx.Node):
+        return node
+    if node.op == "get_attr":
+        return get_attr_tensor(gm, node)
+    return node.target(*[_evaluate(gm, a) for a in node.args], **{k: _evaluate(gm, v) for k, v in node.kwargs.items()})
 
 
 def _norms(gm) -> dict:
@@ -164,13 +216,15 @@ def _tensor(name: str, layer: str, w, perm: Optional[torch.Tensor], as_float: bo
     return GgufTensor(name, btype.pack(u, d, m), btype.name, layer)
 
 
-def llama_tensors(qmodel, config) -> list:
+def llama_tensors(qmodel, config, requantize: bool = False, requantized: Optional[dict] = None) -> list:
     """The GGUF tensors of a quantized Llama causal LM (each quantized weight packed bit for bit into
     its block type), without the metadata: what :func:`plan_llama` writes and
-    :func:`~.verify.verify_gguf` compares a file against."""
+    :func:`~.verify.verify_gguf` compares a file against. ``requantize``: a weight whose grid no type
+    holds is requantized to the nearest type (:mod:`.requantize`) instead of refused; each such layer's
+    report entry goes into ``requantized``."""
     _require_llama(config)
     gm = qmodel.graph_module
-    weights, norms = _weights(gm), _norms(gm)
+    weights, norms = _weights(gm, requantize), _norms(gm)
     n_layer, n_head = config.num_hidden_layers, config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
@@ -191,20 +245,35 @@ def llama_tensors(qmodel, config) -> list:
         elif layer.endswith("self_attn.k_proj"):
             perm = rotary_permutation(n_kv * head_dim, n_kv)
         per_channel = isinstance(w, QuantizedWeight) and not w.group_size
-        if per_channel and layer not in ("model.embed_tokens", "lm_head"):
-            raise BackendError(f"layer '{layer}': no GGUF block type holds its grid ({w.grid()}): llama.cpp's "
-                               "blocks are groups of 32; the nearest type is Q8_0 (a gguf-* preset targets it)")
-        tensors.append(_tensor(gname, layer, w, perm, per_channel))
+        embedding = layer in ("model.embed_tokens", "lm_head")
+        try:
+            if isinstance(w, QuantizedWeight) and w.refused:
+                raise NotImplementedError(f"layer '{layer}': {w.refused}")
+            if per_channel and not embedding:
+                raise BackendError(f"layer '{layer}': no GGUF block type holds its grid ({w.grid()}): llama.cpp's "
+                                   "blocks are groups of 32; the nearest type is Q8_0 (a gguf-* preset targets it)")
+            tensors.append(_tensor(gname, layer, w, perm, per_channel and embedding))
+        except (BackendError, NotImplementedError) as e:
+            if not (requantize and isinstance(w, QuantizedWeight)):
+                raise
+            w, entry = requantize_weight(w, str(e))
+            if requantized is not None:
+                requantized[layer] = entry
+            tensors.append(_tensor(gname, layer, w, perm, False))
     if "model.embed_tokens" not in weights:
         raise BackendError("no model.embed_tokens in the graph: not a Llama causal LM")
+    check_activations(gm, tensors)
     return tensors
 
 
-def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: Optional[str] = None) -> GgufPlan:
+def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: Optional[str] = None,
+               requantize: bool = False) -> GgufPlan:
     """The GGUF tensors and metadata of a quantized Llama causal LM (``config``: its transformers
-    config; ``tokenizer``: its transformers tokenizer, byte-level BPE). See the module docstring."""
+    config; ``tokenizer``: its transformers tokenizer, byte-level BPE; ``requantize``: see
+    :func:`llama_tensors`). See the module docstring."""
     _require_llama(config)
-    plan = GgufPlan(tensors=llama_tensors(qmodel, config))
+    requantized: dict = {}
+    plan = GgufPlan(tensors=llama_tensors(qmodel, config, requantize, requantized), requantized=requantized)
     n_layer, n_head = config.num_hidden_layers, config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
@@ -228,6 +297,8 @@ def plan_llama(qmodel, config, tokenizer, tokenizer_pre: str = "default", name: 
     if head_dim * n_head != config.hidden_size:
         meta += [("add_key_length", (head_dim,)), ("add_value_length", (head_dim,))]
     meta += tokenizer_metadata(tokenizer, config.vocab_size, tokenizer_pre)
+    if requantized:   # the file says which layers are not the reference's weights, and by how much
+        meta.append(("add_string", (REQUANTIZED_KEY, json.dumps(requantized))))
     return plan
 
 

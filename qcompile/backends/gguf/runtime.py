@@ -21,6 +21,9 @@ from .llama import ARCH, GgufPlan
 
 # GGUF metadata keys of the contract record (JSON) and the smoke tensors (base64 safetensors)
 CONTRACT_KEY, SMOKE_KEY = "qcompile.contract", "qcompile.smoke"
+# the smoke input is the first tokens of the capture example: its reference logits are stored in the
+# file ([1, n, vocab] float32: SmolLM2's 512-token example made them 100 MB, 134 MB as base64)
+SMOKE_TOKENS = 16
 
 
 class GgufArtifact:
@@ -47,26 +50,34 @@ class GgufArtifact:
     def types(self) -> dict:
         return self.plan.types()
 
+    @property
+    def requantized(self) -> dict:
+        """layer → ``{grid, why, type, added_rel_rms, added_max_abs, added_sqnr_db, bits}`` for each
+        layer the ``requantize=True`` option wrote to the nearest type (empty: every layer bit-exact)."""
+        return self.plan.requantized
+
     @writes_on_rank_zero
     def save(self, path: Union[str, Path]) -> Path:
         """Write the GGUF file (to a temporary sibling first, then renamed into place). When the
         artifact knows the model it was lowered from (``qmodel``, set by ``qcompile.lower``), the
         file also carries the contract (:data:`CONTRACT_KEY`: recipe, quality, llama.cpp's parity
         against the reference on the smoke inputs, measured on the file written without it) and
-        the smoke tensors (:data:`SMOKE_KEY`), which ``qcompile.check`` runs again."""
+        the smoke tensors (:data:`SMOKE_KEY`: the example's first :data:`SMOKE_TOKENS` tokens and
+        the reference logits on them), which ``qcompile.check`` runs again."""
         qmodel = getattr(self, "qmodel", None)
         if qmodel is None or getattr(qmodel, "_example", None) is None:
             return self._write(path, [])
-        args = qmodel.export_example("the gguf contract's smoke inputs")[0]
+        ids = qmodel.export_example("the gguf contract's smoke inputs")[0][0][..., :SMOKE_TOKENS]
         with torch.no_grad():
-            reference = qmodel(args[0], use_cache=False)
+            reference = qmodel(ids, use_cache=False)
+        reference = reference.logits if hasattr(reference, "logits") else reference
         self._write(path, [])
-        parity = parity_of(self(args[0]), [reference.logits if hasattr(reference, "logits") else reference])
+        parity = parity_of(self(ids), [reference])
         import llama_cpp
 
         contract = record(qmodel.recipe, qmodel.report, self.backend, parity,
                           f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, n_threads=1)")
-        smoke = smoke_tensors((args[0],), {}, reference.logits if hasattr(reference, "logits") else reference)
+        smoke = smoke_tensors((ids,), {}, reference)
         return self._write(path, [("add_string", (CONTRACT_KEY, json.dumps(contract))),
                                   ("add_string", (SMOKE_KEY, base64.b64encode(smoke_bytes(smoke)).decode()))])
 

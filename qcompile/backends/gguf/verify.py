@@ -14,11 +14,13 @@ from ...errors import BackendError
 from .llama import llama_tensors
 
 
-def verify_gguf(path: Union[str, Path], qmodel, config) -> dict:
+def verify_gguf(path: Union[str, Path], qmodel, config, requantize: bool = False) -> dict:
     """Compare the GGUF file at ``path`` with what the gguf backend writes for ``qmodel`` (its
     transformers ``config``): tensor names, types, shapes and every stored byte. Returns
     ``{tensor name: type}`` when all agree; a :class:`BackendError` listing each tensor that is
     missing, extra, of another type, or differs (with how many of its blocks) otherwise.
+    ``requantize``: the file was lowered with ``requantize=True`` (its off-grid layers are compared
+    with their requantized blocks).
 
     Example::
 
@@ -26,7 +28,7 @@ def verify_gguf(path: Union[str, Path], qmodel, config) -> dict:
         >>> verify_gguf("model.gguf", q, model.config)["blk.0.attn_q.weight"]
         'Q4_K'
     """
-    expected = {t.name: t for t in llama_tensors(qmodel, config)}
+    expected = {t.name: t for t in llama_tensors(qmodel, config, requantize)}
     stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     problems = [f"'{name}' missing from the file" for name in expected if name not in stored]
     problems += [f"'{name}' in the file, not in the model" for name in stored if name not in expected]

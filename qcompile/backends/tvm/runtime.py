@@ -12,6 +12,7 @@ from tvm import relax
 
 from ...atomic import atomic_directory, read_manifest, write_manifest
 from ...capture import InputBinder
+from ...contract import SMOKE_FILE, parity_of, record, smoke_bytes, smoke_tensors
 from ...distributed import writes_on_rank_zero
 from ...errors import ArtifactError, BackendError
 from .host import detect, request_amx
@@ -74,15 +75,40 @@ class TvmArtifact:
     @writes_on_rank_zero
     def save(self, path: Union[str, Path]) -> Path:
         """Write ``model.so`` (the compiled library) and ``tvm.json`` (call signature, target,
-        kernel family, compile time) to the directory ``path``, atomically."""
+        kernel family, compile time) to the directory ``path``, atomically. When the artifact knows
+        the model it was lowered from (``qmodel``, set by ``qcompile.lower``) and that model has its
+        capture example, the directory also carries the contract (``tvm.json``'s ``contract``: recipe,
+        quality, this artifact's parity against the reference on the smoke inputs) and the smoke
+        inputs with the reference outputs (``smoke.safetensors``, checksummed with the library),
+        which ``qcompile.check`` runs again."""
         path = Path(path)
+        contract, smoke = self._contract()
         with atomic_directory(path) as tmp:
             self.executable.export_library(str(tmp / LIBRARY))
             meta = dict(self.meta, format_version=FORMAT_VERSION, binder=self._binder.to_dict(),
                         in_spec=pytree.treespec_dumps(self._in_spec) if self._in_spec is not None else None,
                         out_spec=pytree.treespec_dumps(self._out_spec) if self._out_spec is not None else None)
-            write_manifest(tmp, meta, [LIBRARY], name=METADATA)
+            files = [LIBRARY]
+            if contract is not None:
+                (tmp / SMOKE_FILE).write_bytes(smoke_bytes(smoke))
+                meta["contract"], files = contract, [LIBRARY, SMOKE_FILE]
+            write_manifest(tmp, meta, files, name=METADATA)
         return path
+
+    def _contract(self) -> tuple:
+        """(contract record, smoke tensors) measured now, or (None, None) without a source model."""
+        qmodel = getattr(self, "qmodel", None)
+        if qmodel is None or getattr(qmodel, "_example", None) is None:
+            return None, None
+        args, kwargs = qmodel.export_example("the tvm contract's smoke inputs")[:2]
+        kwargs = {k: v for k, v in kwargs.items() if k in qmodel.binder.keywords}
+        with torch.no_grad():
+            reference = qmodel(*args, **kwargs)
+        leaves = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
+        parity = parity_of(self(*args, **kwargs), leaves)
+        runtime = f"TVM {tvm.__version__} (Relax VM, {self.family or 'float'} kernels, target {self.target})"
+        return record(qmodel.recipe, qmodel.report, self.backend, parity, runtime), \
+            smoke_tensors(args, kwargs, reference)
 
 
 _ALIGN = 64   # TVM's from_dlpack requires 64-byte aligned, contiguous memory (its kernels assume it)
