@@ -202,3 +202,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (decode on the shared 2-core machine loses whole scheduler
+    slices per op with two), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY_LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+
+
+def tiny_causal_lm(kind: str = "llama", **extra):
+    """A seeded two-layer causal LM from a transformers config (llama, qwen2 or gpt2), vocabulary
+    256, context 64; ``extra`` overrides config fields."""
+    import transformers
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(**{**dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64), **extra})
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    config, model = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[kind]
+    cfg = getattr(transformers, config)(**{**TINY_LM, **extra})
+    return getattr(transformers, model)(cfg).eval()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import qcompile
+from conftest import tiny_causal_lm
 from qcompile.llm import CacheLayout, cache_layout, next_token, write_new_entries
 
 transformers = pytest.importorskip("transformers")
@@ -12,32 +13,12 @@ transformers = pytest.importorskip("transformers")
 MAX_CONTEXT = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on the shared 2-core machine lose whole scheduler slices per op (70x slower decode)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _tiny(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-        return transformers.LlamaForCausalLM(cfg).eval()
-    if kind == "qwen2":
-        cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-        return transformers.Qwen2ForCausalLM(cfg).eval()
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return _tiny("llama")
+    return tiny_causal_lm("llama")
 
 
 def _prompt(batch=2, seq=6, seed=1):
@@ -46,7 +27,7 @@ def _prompt(batch=2, seq=6, seed=1):
 
 @pytest.mark.parametrize("kind", ["llama", "llama-eager", "qwen2", "gpt2"])
 def test_cached_greedy_equals_transformers_generate(kind):
-    model = _tiny(kind.split("-")[0])
+    model = tiny_causal_lm(kind.split("-")[0])
     if kind.endswith("eager"):                 # the bundled SmolLM2 loads with eager attention
         model.set_attn_implementation("eager")
     prompt = _prompt()
@@ -85,7 +66,7 @@ def test_max_batch_one_captures_and_still_refuses_a_larger_batch(llama):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_chunked_prefill_through_the_cache_equals_the_uncached_forward(kind):
     # the cached path scores text exactly like the model without a cache (perplexity unchanged)
-    model = _tiny(kind)
+    model = tiny_causal_lm(kind)
     lm = qcompile.causal_lm(model, max_context=MAX_CONTEXT, logits="all")
     ids = _prompt(2, 12)
     expected = model(ids, use_cache=False).logits
@@ -126,7 +107,7 @@ def test_quantized_tvm_greedy_matches_reference():
     # one TVM build (slow): eager attention, how the bundled SmolLM2 loads and the path whose
     # unknown-shape softmax the float-op rewrite must leave alone (sdpa's graph lowers too)
     pytest.importorskip("tvm")
-    model = _tiny("llama")
+    model = tiny_causal_lm("llama")
     model.set_attn_implementation("eager")
     q = _quantized(model, "w4-g64")
     art = qcompile.lower(q, "tvm", threads=1)
@@ -210,7 +191,7 @@ def test_cli_generate_streams_text_from_a_local_model_directory(tmp_path, capsys
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", eos_token="w255")
-    model = _tiny("llama")
+    model = tiny_causal_lm("llama")
     model.save_pretrained(tmp_path)
     fast.save_pretrained(tmp_path)
     prompt = "w5 w17 w200"

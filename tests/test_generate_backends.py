@@ -10,34 +10,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import qcompile  # noqa: E402
+from conftest import tiny_causal_lm  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
 MAX_CONTEXT = 24
 NEW_TOKENS = 5
+GPT2_IDS = dict(bos_token_id=0, eos_token_id=0)   # inside the 256-token vocabulary
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _tiny(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-        return transformers.LlamaForCausalLM(cfg).eval()
-    if kind == "qwen2":
-        cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-        return transformers.Qwen2ForCausalLM(cfg).eval()
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompt(batch=2, seq=6, seed=1):
@@ -45,7 +27,7 @@ def _prompt(batch=2, seq=6, seed=1):
 
 
 def _quantized(kind, recipe):
-    lm = qcompile.causal_lm(_tiny(kind), max_context=MAX_CONTEXT)
+    lm = qcompile.causal_lm(tiny_causal_lm(kind, **GPT2_IDS if kind == "gpt2" else {}), max_context=MAX_CONTEXT)
     calibration = lm.calibration([_prompt(2, 8, seed=s) for s in range(2)])
     return qcompile.quantize(lm, recipe, lm.example_inputs, calibration=calibration, **lm.capture_options)
 

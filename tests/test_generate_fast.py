@@ -5,26 +5,14 @@ import pytest
 import torch
 
 import qcompile
+from conftest import tiny_causal_lm
 from qcompile.llm import write_new_entries
 from qcompile.llm.generation import decoder
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _llama(**extra):
-    torch.manual_seed(0)
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-    cfg = transformers.LlamaConfig(**{**shape, **extra})
-    return transformers.LlamaForCausalLM(cfg).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompt(batch, seq, seed=1):
@@ -39,7 +27,7 @@ def _quantized(model, recipe, max_batch=8):
 
 @pytest.fixture(scope="module")
 def onnx_w4():
-    q = _quantized(_llama(), "w4-g64")
+    q = _quantized(tiny_causal_lm("llama"), "w4-g64")
     return q, qcompile.lower(q, "onnx", threads=1)
 
 
@@ -81,7 +69,7 @@ def test_onnx_decoder_refuses_a_file_without_the_layouts_signature(onnx_w4):
 def test_max_batch_two_captures_one_batch_symbol():
     # torch.export gave every cache input its own batch symbol when the batch dim's range was [1, 2];
     # TVM then could not infer the shape of the cache blend's where() (SmolLM2 failed to build)
-    lm = qcompile.causal_lm(_llama(), max_context=32, max_batch=2)
+    lm = qcompile.causal_lm(tiny_causal_lm("llama"), max_context=32, max_batch=2)
     options = lm.capture_options
     ep = torch.export.export(lm, lm.example_inputs, options["example_kwargs"], dynamic_shapes=options["dynamic_shapes"])
     batch_dims = {str(n.meta["val"].shape[0]) for n in ep.graph.nodes
@@ -96,7 +84,7 @@ def test_tvm_generates_at_max_batch_two():
     # the graph TVM could not build before (SmolLM2's benchmark captured with max_batch=2): legalizing
     # the expand_dims after the cache blend's where() failed on a tensor of unknown shape (~80 s build)
     pytest.importorskip("tvm")
-    model = _llama(num_hidden_layers=1)
+    model = tiny_causal_lm("llama", num_hidden_layers=1)
     model.set_attn_implementation("eager")
     q = _quantized(model, "w4-g64", max_batch=2)
     art = qcompile.lower(q, "tvm", threads=1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qcompile
+from conftest import tiny_causal_lm
 from qcompile.llm import write_new_entries
 from qcompile.recipe import KVCacheConfig
 
@@ -17,19 +18,7 @@ transformers = pytest.importorskip("transformers")
 MAX_CONTEXT = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompt(batch=2, seq=6, seed=1):
@@ -47,7 +36,7 @@ def _quantize(lm, recipe):
 
 @pytest.fixture(scope="module")
 def int8_model():
-    lm = qcompile.causal_lm(_llama(), max_context=MAX_CONTEXT)
+    lm = qcompile.causal_lm(tiny_causal_lm(), max_context=MAX_CONTEXT)
     return lm, _quantize(lm, _recipe("int8"))
 
 
@@ -92,7 +81,7 @@ def test_graph_takes_and_returns_codes_and_scales(int8_model):
 def test_quantized_cache_scores_close_to_the_float_cache_in_any_chunks(fmt, tolerance):
     # the float model, the same cache as the float wrapper but quantized: logits close, and the
     # same whether the prompt goes in one call or in chunks (attention reads dequantized new entries too)
-    model = _llama()
+    model = tiny_causal_lm()
     float_lm = qcompile.causal_lm(model, max_context=MAX_CONTEXT, logits="all")
     q = _quantize(float_lm, _recipe(fmt, "float"))
     ids = _prompt(2, 12)
@@ -137,7 +126,7 @@ def test_tvm_decodes_an_int8_cache_like_the_reference(int8_model):
 
 @pytest.fixture(scope="module")
 def fp8_model():
-    lm = qcompile.causal_lm(_llama(), max_context=MAX_CONTEXT)
+    lm = qcompile.causal_lm(tiny_causal_lm(), max_context=MAX_CONTEXT)
     return _quantize(lm, _recipe("fp8_e4m3"))
 
 
