@@ -383,7 +383,9 @@ def check_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, error: typ
             if isinstance(dim, int):
                 if got != dim:
                     raise error(f"input '{name}' has size {got} at dim {i} (shape {list(value.shape)}); the model was "
-                                f"captured with a static size {dim} there (shape {shape})")
+                                f"captured with a static size {dim} there (shape {shape}); to run other sizes, "
+                                f"quantize with dynamic_shapes={{'{name}': {{{i}: Dim.AUTO}}}} (a recurrent layer "
+                                f"then stays float, listed in the report), or pad the input to {dim}")
                 continue
             expr = dim.node.expr
             if getattr(expr, "is_Symbol", False):   # the same symbol on two inputs: sizes must agree
