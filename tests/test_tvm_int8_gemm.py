@@ -174,8 +174,13 @@ def test_avx2_weights_must_be_a_graph_constant():
 def test_avx2_worst_case_test_fails_when_16_bit_sums_can_overflow(monkeypatch):
     """The worst-case values reach the bound: one more step of 16-bit sums (9 x 4,080 > 32,767)
     wraps, and the same check fails."""
+    # gemm_kernel is cached per process: a kernel built with 8 steps by an earlier test would be reused
+    int8_gemm.gemm_kernel.cache_clear()
     monkeypatch.setattr(int8_gemm, "AVX2_STEPS", 9)
-    assert not _worst_case_exact("avx2", tvm.target.Target(AVX2_TARGET), 5, 768)[1]
+    try:
+        assert not _worst_case_exact("avx2", tvm.target.Target(AVX2_TARGET), 5, 768)[1]
+    finally:
+        int8_gemm.gemm_kernel.cache_clear()   # nothing built with 9 steps outlives the test
 
 
 def test_pmaddubsw_peak_loop_is_register_only_vpmaddubsw():
