@@ -124,7 +124,7 @@ def test_avx2_split_weights_recombine_within_the_no_saturation_bound():
     assert int8_gemm.weights_for_family(p, "vnni") is p
 
 
-def _worst_case_exact(family, target, m, k):
+def _worst_case_exact(family, target, m, k, avx2_steps=int8_gemm.AVX2_STEPS):
     """Activations all 255 against weight columns at every extreme of the split (-128, 127, and
     -8 and 120, whose lo or hi part is -8 or 8 on every k), plus random columns: the float output
     of the identity epilogue equals the int64 product exactly."""
@@ -133,7 +133,7 @@ def _worst_case_exact(family, target, m, k):
     w[:8] = np.array([-128, 127, -8, 120, 7, -9, 119, -121], np.int8).reshape(-1, 1)
     a = np.full((m, k), 255, np.uint8)
     a[1::2, 1::3] = 0
-    mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, False, family), target)
+    mod = compile_kernel(int8_gemm.gemm_kernel(k, np_, False, family, avx2_steps=avx2_steps), target)
     t = [tvm.runtime.tensor(x, tvm.cpu()) for x in (
         a, int8_gemm.weights_for_family(int8_gemm.pack_weights(w), family), np.zeros(np_, np.int32),
         np.ones(1, np.float32), np.zeros(1, np.int32), np.ones(np_, np.float32), np.zeros(np_, np.float32),
@@ -171,16 +171,10 @@ def test_avx2_weights_must_be_a_graph_constant():
     assert [int(d) for d in split.ty.shape.values] == [3, 16, 128] and split.ty.dtype == "int8"
 
 
-def test_avx2_worst_case_test_fails_when_16_bit_sums_can_overflow(monkeypatch):
+def test_avx2_worst_case_test_fails_when_16_bit_sums_can_overflow():
     """The worst-case values reach the bound: one more step of 16-bit sums (9 x 4,080 > 32,767)
     wraps, and the same check fails."""
-    # gemm_kernel is cached per process: a kernel built with 8 steps by an earlier test would be reused
-    int8_gemm.gemm_kernel.cache_clear()
-    monkeypatch.setattr(int8_gemm, "AVX2_STEPS", 9)
-    try:
-        assert not _worst_case_exact("avx2", tvm.target.Target(AVX2_TARGET), 5, 768)[1]
-    finally:
-        int8_gemm.gemm_kernel.cache_clear()   # nothing built with 9 steps outlives the test
+    assert not _worst_case_exact("avx2", tvm.target.Target(AVX2_TARGET), 5, 768, avx2_steps=9)[1]
 
 
 def test_pmaddubsw_peak_loop_is_register_only_vpmaddubsw():

@@ -183,7 +183,8 @@ def requantize_expr(y, cm, qinv, qz, out_dtype: str):
 
 
 @functools.lru_cache(maxsize=None)   # parsing TVMScript takes seconds; a PrimFunc is immutable
-def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=None, parallel: bool = False):
+def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=None, parallel: bool = False,
+                avx2_steps: int = AVX2_STEPS):
     """The TIR ``PrimFunc`` for one weight shape.
 
     Arguments, in order: ``a`` u8 ``[m, K]`` (``m`` symbolic), ``w`` packed int8 ``[Np/16, K/4, 64]``,
@@ -206,7 +207,11 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
 
     ``family="amx-emulated"``: the same loop nest with each tile instruction replaced by a scalar
     TIR loop of the same meaning, and the leftover rows on ``generic`` tiles, so the AMX family's
-    addressing, tiling and epilogue are tested on any host (slow: for tests only)."""
+    addressing, tiling and epilogue are tested on any host (slow: for tests only).
+
+    ``avx2_steps``: how many steps of 16-bit pair sums the ``avx2`` family adds up before widening
+    (an argument, so the per-process cache tells kernels built with other values apart; only a test
+    of the overflow bound passes more than :data:`AVX2_STEPS`)."""
     if family not in FAMILIES + (AMX_EMULATED, AVX2_WIDE):
         raise ValueError(f"unknown kernel family '{family}' (built: {', '.join(FAMILIES)})")
     if k % 4 or np_ % (16 * NR):
@@ -263,7 +268,7 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
 
     @T.macro
     def split_steps(A4, B, acc, s16, row0, mr, jb0, nr, kk0, steps):
-        # avx2: `steps` (<= AVX2_STEPS) groups of 4 k. Per 8 columns (a half of a block: 32 bytes of
+        # avx2: `steps` (<= avx2_steps) groups of 4 k. Per 8 columns (a half of a block: 32 bytes of
         # the lo or hi part, 8 columns x 4 k) and row, vpmaddubsw of the row's 4 codes broadcast
         # (u8) with the part (s8) gives 16 pair sums, (column, k pair), added up in 16 bits (no
         # saturation: split_weights' bound); then vpmaddwd by 1 (lo) and by 16 (hi) adds each
@@ -306,10 +311,10 @@ def gemm_kernel(k: int, np_: int, per_row: bool, family: str = "vnni", epilogue=
             if wide:
                 acc2[T.ramp(t * 32, 1, 32)] = T.broadcast(T.int32(0), 32)
         if avx2:
-            for c in range(k4 // AVX2_STEPS):
-                split_steps(A4, B, acc, s16, row0, mr, jb0, nr, c * AVX2_STEPS, AVX2_STEPS)
-            if k4 % AVX2_STEPS != 0:
-                split_steps(A4, B, acc, s16, row0, mr, jb0, nr, k4 // AVX2_STEPS * AVX2_STEPS, k4 % AVX2_STEPS)
+            for c in range(k4 // avx2_steps):
+                split_steps(A4, B, acc, s16, row0, mr, jb0, nr, c * avx2_steps, avx2_steps)
+            if k4 % avx2_steps != 0:
+                split_steps(A4, B, acc, s16, row0, mr, jb0, nr, k4 // avx2_steps * avx2_steps, k4 % avx2_steps)
         else:
             for kk in range(k4):
                 if vnni or avx_vnni:
