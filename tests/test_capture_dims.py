@@ -93,6 +93,44 @@ def test_time_budget_restores_handler_and_is_off_outside_main_thread():
     assert seen == [True]
 
 
+def test_time_budget_raises_again_when_its_exception_is_swallowed():
+    """A weakref callback or a fallback ``except`` can drop the timer's exception: it is raised again
+    until the block exits."""
+    swallowed = []
+    with pytest.raises(BudgetExceeded):
+        with time_budget(0.05):
+            try:
+                while True:
+                    pass
+            except BudgetExceeded as e:   # lost, as `Exception ignored in ...` loses it
+                swallowed.append(e)
+            while True:
+                pass
+    assert len(swallowed) == 1
+
+
+def _spin_then_convert():
+    try:
+        while True:
+            pass
+    except BudgetExceeded as e:            # a C++ boundary converting the exception on its way out
+        raise TypeError("failed to unpack the object at pos 1") from e
+
+
+def test_time_budget_names_the_converted_exception_and_keeps_the_original_frames():
+    with pytest.raises(BudgetExceeded) as info:
+        with time_budget(0.05):
+            _spin_then_convert()
+    stop = info.value
+    assert isinstance(stop.__cause__, TypeError) and isinstance(stop.original, BudgetExceeded)
+    names = [f.f_code.co_name for f in stop.frames()]   # innermost first: the spin, then the test
+    assert names.index("_spin_then_convert") < names.index(
+        "test_time_budget_names_the_converted_exception_and_keeps_the_original_frames")
+    with pytest.raises(TypeError):            # an exception before the budget ran out is left alone
+        with time_budget(5):
+            raise TypeError("not the budget")
+
+
 def _run_in_thread():
     with time_budget(0.01):   # not the main thread: no timer, no error
         time.sleep(0.05)

@@ -89,24 +89,6 @@ def test_onnx_export_failure_names_node_module_and_next_step():
     assert len(msg) < 1500
 
 
-def test_onnx_export_budget_names_dynamic_inputs_and_hint(monkeypatch):
-    """A budget far below any export's time: the mechanism and the message (a real Swin's dynamic
-    H/W explodes at capture already: tests/test_capture_dims.py)."""
-    torch.manual_seed(0)
-    model = TinyBlock().eval()
-    example = (torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long))
-    q = qcompile.quantize(model, "w8", example)
-    with pytest.raises(BackendError) as info:
-        qcompile.lower(q, "onnx", budget_s=0.05)
-    msg = str(info.value)
-    assert "within its budget of 0.05 s" in msg
-    assert "input 'ids' dims 0, 1; input 'mask' dims 0, 1" in msg
-    assert "dynamic_shapes={'ids': {0: Dim.AUTO}, 'mask': {0: Dim.AUTO}}" in msg and "hint:" in msg
-    assert "\x1b" not in msg
-    artifact = qcompile.lower(q, "onnx")          # and the exporter still works afterwards
-    assert torch.allclose(artifact(*example), q(*example), atol=1e-4)
-
-
 STALL = {"seconds": 0.0}   # how long the fake (shape) kernel of qcompile_test::stall sleeps
 
 
@@ -147,3 +129,38 @@ def test_onnx_export_budget_names_the_node_and_module_it_stopped_in():
     msg = str(info.value)
     assert "within its budget of 1 s (stopped at node 'stall' of module 'act' (Stall))" in msg, msg
     assert "hint:" in msg and "dynamic_shapes=" in msg and "\x1b" not in msg
+
+
+class StalledTinyBlock(nn.Module):
+    """TinyBlock (inputs ``ids`` and ``mask``) followed by the stalling op."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.act = TinyBlock(), Stall()
+
+    def forward(self, ids, mask):
+        return self.act(self.block(ids, mask))
+
+
+def test_onnx_export_budget_names_dynamic_inputs_and_hint():
+    """An export past its budget names the dynamic inputs and dims and how to keep them static (a
+    real Swin's dynamic H/W explodes at capture already: tests/test_capture_dims.py). The export
+    stalls in a known op, so the timer always fires at the same place (a budget far below any
+    export's time would cut it at a random point)."""
+    torch.manual_seed(0)
+    model = StalledTinyBlock().eval()
+    example = (torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long))
+    q = qcompile.quantize(model, "w8", example)
+    STALL["seconds"] = 30.0
+    try:
+        with pytest.raises(BackendError) as info:
+            qcompile.lower(q, "onnx", budget_s=0.5)
+    finally:
+        STALL["seconds"] = 0.0
+    msg = str(info.value)
+    assert "within its budget of 0.5 s" in msg
+    assert "input 'ids' dims 0, 1; input 'mask' dims 0, 1" in msg
+    assert "dynamic_shapes={'ids': {0: Dim.AUTO}, 'mask': {0: Dim.AUTO}}" in msg and "hint:" in msg
+    assert "\x1b" not in msg
+    plain = qcompile.quantize(TinyBlock().eval(), "w8", example)   # and the exporter still works afterwards
+    assert torch.allclose(qcompile.lower(plain, "onnx")(*example), plain(*example), atol=1e-4)

@@ -259,18 +259,13 @@ def export_failure(e: Exception, gm, dynamic_shapes) -> BackendError:
 _ASSIGNED = re.compile(r"^\s*(\w+) = ")
 
 
-def _stopped_at(stop: BaseException, gm) -> str:
-    """`` (stopped at node 'n' of module 'm' (Type))`` for the innermost frame of ``stop``'s traceback
+def _stopped_at(stop: BudgetExceeded, gm) -> str:
+    """`` (stopped at node 'n' of module 'm' (Type))`` for the innermost frame of ``stop``'s frames
     that was working on a node of ``gm``: a line of the graph's generated ``forward`` (torch.export
     runs it; the line assigns the node's name) or an interpreter's ``n`` / ``node`` local (the
     exporter's passes). ``''`` when the budget ran out before any node."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    frames = []
-    tb = stop.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
-    for frame in reversed(frames):
+    for frame in stop.frames():
         name = None
         if "eval_with_key" in frame.f_code.co_filename:
             line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
