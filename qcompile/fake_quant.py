@@ -118,16 +118,21 @@ class FakeQuantize(nn.Module):
             scale, zp = torch.tensor(1.0), (torch.tensor(0.0) if self.has_zero_point else None)
         scale = scale.detach().float().clone()
         zp = None if zp is None else zp.detach().float().clone()
+        # learned per-tensor qparams are stored with one dim of size 1, used 0-d: FSDP2's fully_shard
+        # refuses scalar parameters ("Change log_scale to a 1D tensor with numel equal to 1")
+        self.qparam_shape = tuple(scale.shape)
+        self.zero_point_shape = None if zp is None else tuple(zp.shape)
         if learn:
             # trained as log(scale): an optimizer step then changes a scale by a relative amount, so
             # one learning rate suits 8-bit (tiny) and 2-bit (large) scales alike, with Adam or SGD
-            self.log_scale = nn.Parameter(scale.clamp_min(_EPS).log())
+            self.log_scale = nn.Parameter(_at_least_1d(scale.clamp_min(_EPS).log()))
         else:
             self.register_buffer("scale_", scale)
         if zp is not None and learn and config.learn_zero_point:
-            self.zero_point = nn.Parameter(zp)
+            self.zero_point = nn.Parameter(_at_least_1d(zp))
         else:
             self.register_buffer("zero_point", zp)
+        self._register_load_state_dict_pre_hook(_load_scalar_qparams, with_module=True)
         self.register_buffer("min_val", torch.tensor(math.inf))
         self.register_buffer("max_val", torch.tensor(-math.inf))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
@@ -141,7 +146,13 @@ class FakeQuantize(nn.Module):
     @property
     def scale(self) -> torch.Tensor:
         """The current scale (differentiable when learned)."""
-        return self.log_scale.exp() if self.learned else self.scale_
+        return self.log_scale.exp().reshape(self.qparam_shape) if self.learned else self.scale_
+
+    def zero_point_value(self) -> Optional[torch.Tensor]:
+        """The current zero point in the scale's layout (float; differentiable when learned), ``None``
+        when symmetric."""
+        zp = self.zero_point
+        return zp if zp is None else zp.reshape(self.zero_point_shape)
 
     def _observing(self) -> bool:
         n = self.config.observer_steps
@@ -165,9 +176,13 @@ class FakeQuantize(nn.Module):
             return fake_quantize(x, scale, None if zp is None else zp.float(), self.fmt, self.group_size)
         factor = None
         if self.learned:
-            per_scale = x.numel() / self.scale.numel()
+            # LSQ's gradient scale 1/sqrt(N * Qp), N the values one scale covers: a weight's, or one
+            # example's activation features (not the batch's: the factor, and so a data-parallel
+            # run, must not depend on how a batch is split over ranks)
+            values = x.numel() if self.is_weight or x.dim() < 2 else x[0].numel()
+            per_scale = max(values / self.scale.numel(), 1.0)
             factor = 1.0 / math.sqrt(per_scale * max(abs(self.fmt.qmax), 1.0))
-        return fake_quantize(x, self.scale, self.zero_point, self.fmt, self.group_size, factor)
+        return fake_quantize(x, self.scale, self.zero_point_value(), self.fmt, self.group_size, factor)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -216,7 +231,7 @@ class FakeQuantize(nn.Module):
             raise CalibrationError(f"activation quantizer of layer(s) {', '.join(self.layers)} never saw data: "
                                    "train (or calibrate) before convert")
         scale = self.scale.detach().clamp_min(_EPS).clone()
-        zp = self.zero_point
+        zp = self.zero_point_value()
         if zp is not None:
             zp = torch.round(zp.detach()).clamp(self.fmt.qmin, self.fmt.qmax).to(self.fmt.storage)
         return scale, zp
@@ -225,6 +240,19 @@ class FakeQuantize(nn.Module):
         kind = "weight" if self.is_weight else "activation"
         mode = "lsq" if self.learned else "ste"
         return f"{kind}, {self.spec.format}/{self.spec.granularity}, {mode}, layers={self.layers}"
+
+
+def _at_least_1d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1) if t.dim() == 0 else t
+
+
+def _load_scalar_qparams(module, state_dict, prefix, *args) -> None:
+    """State dicts written before learned per-tensor qparams had a dim (0-d ``log_scale`` and
+    ``zero_point``) load into the current layout."""
+    for name in ("log_scale", "zero_point"):
+        value, own = state_dict.get(prefix + name), getattr(module, name, None)
+        if isinstance(value, torch.Tensor) and own is not None and value.dim() == 0 and own.dim() == 1:
+            state_dict[prefix + name] = value.reshape(1)
 
 
 class FixedQParamsObserver(Observer):

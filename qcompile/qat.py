@@ -28,6 +28,7 @@ from .observers import make_observer
 from .passes import AnnotatePass, FreezeQATPass, InsertFakeQuantPass, NormalizeLinearPass, TrainEvalOpsPass
 from .passes.infra import PassManager, PassResult, Stage, tensor_owner
 from .pipeline import CALIBRATE, CAPTURE, convert_stages
+from .errors import RecipeError
 from .recipe import QATConfig, RecipeLike, resolve_recipe
 
 
@@ -38,8 +39,26 @@ class QATModel(PreparedModel):
     so training can go on afterwards."""
 
     def forward(self, *args, **kwargs):
+        if self.training:
+            self._check_sharded_observers()
         args, kwargs = self._captured.binder.call(args, dict(kwargs))
         return self.graph_module(*args, **kwargs)
+
+    def _check_sharded_observers(self) -> None:
+        """A learned scale that still observes sets itself inside the forward pass; under FSDP2
+        (``fully_shard``) that writes the gathered copy of the parameter, which is dropped after
+        the forward, so the sharded scale would silently keep its old value."""
+        observing = [fq.layers[0] if fq.layers else name for name, fq in self.fake_quantizers().items()
+                     if fq.learned and fq._observing()]
+        if not observing:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(m, FSDPModule) for m in self.modules()):
+            raise RecipeError("qat.observer_steps",
+                              f"learned scales of layer(s) {', '.join(sorted(set(observing))[:4])} would still observe "
+                              "under fully_shard, which drops what a forward pass writes into a parameter: "
+                              "calibrate before sharding (prepare_qat(..., calibration=...)) with observer_steps: 0")
 
     def train(self, mode: bool = True, *, dropout: bool = True) -> "QATModel":
         """``nn.Module.train``, plus ``dropout=False``: training mode for the quantizers and

@@ -525,3 +525,26 @@ def test_fold_bn_off_keeps_batch_norm_float_after_the_quantized_conv():
     assert q.report.folded_batch_norms == []
     with torch.no_grad():
         assert torch.allclose(qat(x), q(x), atol=1e-5)
+
+
+def test_learned_per_tensor_qparams_have_a_dim_and_old_scalar_state_dicts_load():
+    """FSDP2 shards no 0-d parameter: a per-tensor learned scale / zero point is stored as ``[1]``
+    and used 0-d; a state dict saved when they were 0-d loads into the new layout."""
+    model = _model()
+    x, y = _data()
+    qat = qcompile.prepare_qat(model, _recipe("w4a4", learn_scale=True, observer_steps=2, learn_zero_point=True),
+                               (x[:2],))
+    _train(qat, x, y, steps=2)
+    fq = qat.graph_module.qfq_1
+    assert fq.log_scale.shape == (1,) and fq.scale.shape == () and fq.qparams()[0].shape == ()
+    old = {k: (v.reshape(()) if k.endswith(("log_scale", "zero_point")) and v.numel() == 1 and v.dim() == 1 else v)
+           for k, v in qat.state_dict().items()}
+    assert any(k.endswith("log_scale") and v.dim() == 0 for k, v in old.items())
+    fresh = qcompile.prepare_qat(model, _recipe("w4a4", learn_scale=True, observer_steps=2, learn_zero_point=True),
+                                 (x[:2],))
+    fresh.load_state_dict(old)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), qat.eval()(x))
+    with pytest.raises(RuntimeError, match="size mismatch"):   # anything else of another shape still fails
+        fresh.load_state_dict({**old, "graph_module.qfq_1.log_scale": torch.zeros(2)})
+
