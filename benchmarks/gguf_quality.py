@@ -7,6 +7,9 @@ float model, run the same way. Rows are JSON lines in ``--out``.
 
     PYTHONPATH=. python benchmarks/gguf_quality.py --out out/gguf_quality.json \\
         --recipes gguf-q8_0 gguf-q4_0 gguf-q4_1 --mixes q4_k_m-gptq --llamacpp Q8_0 Q4_0 Q4_1 Q4_K_M
+
+``--recipes`` also takes :func:`qcompile.presets.gguf_recipe` recipes by name (``gguf-q5_0-awq``,
+``gguf-q4_0-gptq-a8``: GPTQ's Hessian of llama.cpp's int8 activation blocks).
 """
 from __future__ import annotations
 
@@ -22,7 +25,17 @@ import qcompile
 from qcompile.backends.gguf import GgufArtifact, read_types
 from qcompile.eval.perplexity import PerplexityProtocol, calibration_windows, perplexity, text_tokens
 from qcompile.models.smollm2 import load_smollm2
-from qcompile.presets import llama_cpp_mix
+from qcompile.presets import PRESETS, gguf_recipe, llama_cpp_mix
+
+
+def resolve(name: str):
+    """A preset name, or a legacy-type recipe of presets.gguf_recipe spelled like one
+    (``gguf-q5_0-awq``, ``gguf-q4_0-gptq-a8``: not registered presets)."""
+    if name in PRESETS:
+        return name
+    _, gtype, *rest = name.split("-")
+    algo = next((p for p in rest if p in ("gptq", "awq")), None)
+    return gguf_recipe(gtype.upper(), algo, activations="a8" in rest)
 
 
 class _Runner(torch.nn.Module):
@@ -77,13 +90,13 @@ def main():
         res = perplexity(_Runner(GgufArtifact.load(path)), lm.tokenizer, protocol, tokens=tokens)
         return res.perplexity, time.perf_counter() - t
 
-    recipes = list(args.recipes)
+    recipes = [resolve(r) for r in args.recipes]
     for mix in args.mixes:   # q4_k_m, q4_k_m-gptq, q4_k_m-gptq-a8 (llama.cpp's int8 activations in the reference)
         ftype, *rest = mix.split("-")
         algo = next((p for p in rest if p in ("gptq", "awq")), None)
         recipes.append(llama_cpp_mix(lm.model.config, ftype, algo, activations="a8" in rest)[0])
     for recipe in recipes:
-        if "gptq" in getattr(recipe, "name", recipe) and cal is None:
+        if ("gptq" in getattr(recipe, "name", recipe) or "awq" in getattr(recipe, "name", recipe)) and cal is None:
             cal = calibration_windows(lm.tokenizer, n=8)
         t = time.perf_counter()
         q = qcompile.quantize(lm.model, recipe, (tokens[:512].unsqueeze(0),), calibration=cal,

@@ -196,11 +196,15 @@ def _gguf_block(bits: int, minimum: bool = False, observer: str = "minmax") -> Q
 
 
 def _gguf(name: str, bits: int, minimum: bool = False, algorithm: Optional[str] = None,
-          observer: str = "minmax") -> Callable[[], Recipe]:
+          observer: str = "minmax", activations: bool = False) -> Callable[[], Recipe]:
+    # activations: see gguf_recipe
     def make() -> Recipe:
-        algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
-        return Recipe(name=name, default=LayerConfig(_gguf_block(bits, minimum, observer)),
-                      embedding=LayerConfig(_gguf_block(8)), weight_algorithm=algo)
+        algo = None if algorithm is None else WeightAlgorithmConfig(
+            algorithm, quantized_inputs=activations and algorithm == "gptq")
+        act = gguf_activation("Q8_0") if activations else None
+        overrides = {"lm_head": LayerConfig(_gguf_block(8), act)} if activations else {}
+        return Recipe(name=name, default=LayerConfig(_gguf_block(bits, minimum, observer), act),
+                      embedding=LayerConfig(_gguf_block(8)), weight_algorithm=algo, overrides=overrides)
     return make
 
 
@@ -242,6 +246,34 @@ def gguf_activation(gguf_type: str) -> QuantSpec:
     return QuantSpec("int8", "per_token_group", symmetric=True, group_size=block, dynamic=True)
 
 
+_LEGACY = {"Q8_0": (8, False), "Q4_0": (4, False), "Q4_1": (4, True), "Q5_0": (5, False), "Q5_1": (5, True)}
+
+
+def gguf_recipe(gguf_type: str, algorithm: Optional[str] = None, activations: bool = False) -> Recipe:
+    """The recipe writing every Linear as the legacy GGUF block type ``gguf_type`` (``"Q4_0"``,
+    ``"Q4_1"``, ``"Q5_0"``, ``"Q5_1"``, ``"Q8_0"``; the embedding and tied head Q8_0), as the
+    ``gguf-*`` presets do, named ``gguf-q5_0[-awq][-a8]``. ``algorithm``: ``"gptq"`` or ``"awq"``
+    solves the weights on that grid (else round to nearest with llama.cpp's own scale).
+    ``activations``: every Linear (the tied head too) also quantizes its input as llama.cpp's CPU
+    dot products do (:func:`gguf_activation`: int8 per block of 32), so the reference computes
+    what llama.cpp computes, and GPTQ's Hessian is of that quantized input
+    (``WeightAlgorithmConfig.quantized_inputs``).
+
+    Example::
+
+        >>> qcompile.presets.gguf_recipe("Q5_0", "awq").name
+        'gguf-q5_0-awq'
+    """
+    if gguf_type not in _LEGACY:
+        from .errors import RecipeError, closest
+
+        raise RecipeError("gguf_type", f"'{gguf_type}' is not a legacy GGUF block type; {closest(gguf_type, _LEGACY)}")
+    bits, minimum = _LEGACY[gguf_type]
+    name = f"gguf-{gguf_type.lower()}" + (f"-{algorithm}" if algorithm else "") + ("-a8" if activations else "")
+    observer = "signed_max" if algorithm is None and not minimum and bits < 8 else "minmax"
+    return _gguf(name, bits, minimum, algorithm, observer, activations)().validate()
+
+
 def _gguf_k_mix(name: str, base: int, more: Optional[int], algorithm: Optional[str] = None) -> Callable[[], Recipe]:
     # model-independent: attn_v / ffn_down at Q{more}_K in every layer (llama.cpp: in about half,
     # llama_cpp_mix); the tied head / embedding at Q8_0, as in every preset at >= 8 bits (llama.cpp's
@@ -275,7 +307,7 @@ def llama_cpp_mix(config, ftype: str = "q4_k_m", algorithm: Optional[str] = None
     ``"awq"`` solves every layer on its grid. ``activations``: every Linear (the tied head too) also
     quantizes its input as llama.cpp's CPU dot products do (:func:`gguf_activation`: int8 per block
     of 32, or 256 for a k-quant weight), so qcompile's reference is the model llama.cpp runs (the
-    recipe's name ends in ``-a8``). Returns ``(recipe, {layer: (type, why)})``.
+    recipe's name ends in ``-a8``; GPTQ then solves on the quantized inputs). Returns ``(recipe, {layer: (type, why)})``.
 
     Example::
 
@@ -324,7 +356,8 @@ def llama_cpp_mix(config, ftype: str = "q4_k_m", algorithm: Optional[str] = None
     overrides = {layer: config_of(t) for layer, (t, _) in types.items() if layer != "model.embed_tokens"}
     if activations and tied:   # the head reads the embedding's tensor (one spec: still tied) and its input is quantized
         overrides["lm_head"] = config_of(types["model.embed_tokens"][0])
-    algo = None if algorithm is None else WeightAlgorithmConfig(algorithm)
+    algo = None if algorithm is None else WeightAlgorithmConfig(algorithm,
+                                                                quantized_inputs=activations and algorithm == "gptq")
     name = f"gguf-{ftype}" + (f"-{algorithm}" if algorithm else "") + ("-a8" if activations else "")
     recipe = Recipe(name=name, default=LayerConfig(_gguf_k(int(base[1]))),
                     embedding=LayerConfig(gguf_spec(types["model.embed_tokens"][0], rtn)), weight_algorithm=algo,

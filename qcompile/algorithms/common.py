@@ -14,7 +14,7 @@ import torch
 
 from .. import distributed
 from ..formats import get_format, scale_grid, zero_point_grid
-from ..ops import DEQUANTIZE, QUANTIZE
+from ..ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
 from ..spec import QuantSpec
 
 
@@ -32,6 +32,15 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec, scale, zero_point) -> torch.
     zero_point = zero_point_grid(zero_point, spec.zero_point_dtype, spec.group_size)
     q = QUANTIZE(w, scale, zero_point, spec.format, g)
     return DEQUANTIZE(q, scale, zero_point, spec.format, g, torch.float32)
+
+
+def quantize_input(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``dequantize(quantize(x))`` of a Linear's input under its dynamic activation ``spec``, with
+    the ops and arguments convert puts in the graph (:class:`~qcompile.passes.ConvertPass`), so
+    GPTQ's Hessian is of the very input the quantized matmul reads."""
+    extra = (spec.group,) if spec.group else ()
+    s, z = CHOOSE_QPARAMS(x, spec.format, spec.symmetric, spec.per_token, *extra)
+    return DEQUANTIZE(QUANTIZE(x, s, z, spec.format, spec.group), s, z, spec.format, spec.group, x.dtype)
 
 
 def unsupported(spec: Optional[QuantSpec]) -> Optional[str]:

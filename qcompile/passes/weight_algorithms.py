@@ -38,13 +38,13 @@ import torch
 
 from .. import distributed
 from ..algorithms.awq import awq_scale_search, clip_search
-from ..algorithms.common import InputStats, fake_quantize, unsupported
+from ..algorithms.common import InputStats, fake_quantize, quantize_input, unsupported
 from ..algorithms.gptq import GPTQHessian, gptq_quantize
 from ..calibration import iterate
 from ..capture import check_inputs
-from ..errors import CalibrationError
+from ..errors import CalibrationError, RecipeError
 from ..recipe import CalibrationConfig, WeightAlgorithmConfig
-from ..spec import ANNOTATION, LAYER, ROLE, WEIGHT_QPARAMS, WeightQParams
+from ..spec import ANNOTATION, LAYER, ROLE, WEIGHT_QPARAMS, QuantSpec, WeightQParams
 from .infra import Pass, PassResult, add_tensor, get_attr_tensor
 
 aten = torch.ops.aten
@@ -155,8 +155,8 @@ class ApplyWeightAlgorithmPass(Pass):
                     group = self._consumers(node, pending)
                     if self.config.method == "gptq":
                         # one Hessian, and one factorisation of it, for all readers of the input
-                        prep = GPTQHessian.of_stats(self._stats(run, node), self.config.damping,
-                                                    self.config.act_order)
+                        prep = GPTQHessian.of_stats(self._stats(run, node, quantized=self._input_spec(group)),
+                                                    self.config.damping, self.config.act_order)
                         for op in group:
                             records.append(self._gptq(gm, run, op, prep))
                         del prep
@@ -176,11 +176,28 @@ class ApplyWeightAlgorithmPass(Pass):
         src = node.args[node.meta[ANNOTATION].input_arg]
         return [u for u in src.users if u in pending and u.args[u.meta[ANNOTATION].input_arg] is src] or [node]
 
+    def _input_spec(self, group) -> Optional[QuantSpec]:
+        """With ``quantized_inputs``, the dynamic activation spec the Linears of ``group`` (one
+        input) quantize it with, which GPTQ's Hessian then sees; else None (the float input)."""
+        if not self.config.quantized_inputs:
+            return None
+        found = {op.meta[ANNOTATION].activation for op in group}
+        spec = next(iter(found)) if len(found) == 1 else None
+        if spec is None or not spec.dynamic:
+            layers = ", ".join(op.meta[ANNOTATION].layer for op in group)
+            raise RecipeError("weight_algorithm.quantized_inputs",
+                              f"layer(s) {layers} quantize their input with {[str(s) for s in found]}: GPTQ's "
+                              "Hessian of the quantized input needs one dynamic activation spec")
+        return spec
+
     @staticmethod
-    def _stats(run, op, max_rows: Optional[int] = None) -> InputStats:
+    def _stats(run, op, max_rows: Optional[int] = None, quantized: Optional[QuantSpec] = None) -> InputStats:
         """:class:`InputStats` of ``op``'s input, item by item. ``max_rows``: an evenly strided
-        subset of every item's rows, about ``max_rows`` in all."""
+        subset of every item's rows, about ``max_rows`` in all. ``quantized``: of the input as this
+        dynamic activation spec quantizes it (``dequantize(quantize(x))``, per item)."""
         xs = run.values(op.args[op.meta[ANNOTATION].input_arg])
+        if quantized is not None:
+            xs = [quantize_input(x, quantized) for x in xs]
         total = distributed.sum_int(sum(x.numel() // x.shape[-1] for x in xs))   # all ranks' rows
         stride = 1 if not max_rows or total <= max_rows else -(-total // max_rows)
         st = None
