@@ -127,10 +127,7 @@ class WeightAlgorithmConfig:
     before the consumers), then a per-group clipping search (``clip_grid`` ratios down to
     ``max_shrink``) minimising each group's output error. ``sample_rows`` bounds the rows AWQ's
     statistics read (an evenly strided subset of every item; GPTQ's Hessian reads all rows).
-
-    ``quantized_inputs`` (GPTQ): ``H`` is of each Linear's input as its dynamic activation quantizer
-    hands it to the matmul, so the weights are solved for what the runtime computes (llama.cpp's int8
-    dot products: the ``-a8`` GGUF recipes); every solved Linear needs a dynamic activation spec."""
+    ``quantized_inputs`` (GPTQ): ``H`` of the input its dynamic activation quantizer gives the matmul."""
 
     method: str = "gptq"
     damping: float = 0.01
@@ -269,9 +266,8 @@ class Recipe:
             "smoothing": None if self.smoothing is None else
             dict(dataclasses.asdict(self.smoothing), alphas=list(self.smoothing.alphas),
                  outlier_quantiles=list(self.smoothing.outlier_quantiles)),
-            "weight_algorithm": None if self.weight_algorithm is None else {   # quantized_inputs only when set:
-                k: v for k, v in dataclasses.asdict(self.weight_algorithm).items()   # older records unchanged
-                if k != "quantized_inputs" or v},
+            "weight_algorithm": None if self.weight_algorithm is None else {k: v for k, v in dataclasses.asdict(
+                self.weight_algorithm).items() if k != "quantized_inputs" or v},   # older records unchanged
             "tied_head": self.tied_head,
             "calibration": dataclasses.asdict(self.calibration),
             "backend": self.backend,
@@ -384,12 +380,6 @@ class Recipe:
                 v = getattr(wa, name)
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo < v <= hi:
                     raise RecipeError(f"weight_algorithm.{name}", f"must be a number in ({lo}, {hi}], got {v!r}")
-            _typed(wa.quantized_inputs, bool, "weight_algorithm.quantized_inputs")
-            if wa.quantized_inputs and wa.method != "gptq":
-                # AWQ scales the input before its quantizer: its search would need X/s quantized per alpha
-                raise RecipeError("weight_algorithm.quantized_inputs",
-                                  f"is GPTQ's (its Hessian of the quantized input); method '{wa.method}' "
-                                  "does not implement it: set it false")
         if self.tied_head not in TIED_HEAD:
             raise RecipeError("tied_head", f"unknown value '{self.tied_head}'; {closest(self.tied_head, TIED_HEAD)}")
         ms = self.calibration.max_samples
@@ -458,10 +448,8 @@ def _check_keys(data: dict, valid, prefix: str):
 
 
 def _layer_to_dict(cfg: Optional[LayerConfig]):
-    if cfg is None:
-        return None
-    return {"weight": None if cfg.weight is None else cfg.weight.to_dict(),
-            "activation": None if cfg.activation is None else cfg.activation.to_dict()}
+    return None if cfg is None else {"weight": None if cfg.weight is None else cfg.weight.to_dict(),
+                                     "activation": None if cfg.activation is None else cfg.activation.to_dict()}
 
 
 def _spec_from_dict(data, where: str) -> Optional[QuantSpec]:

@@ -118,6 +118,11 @@ def test_quantized_inputs_need_a_dynamic_activation_on_every_solved_layer():
 
 
 def test_awq_refuses_quantized_inputs():
+    data = _data(2)
     with pytest.raises(RecipeError, match="weight_algorithm.quantized_inputs.*'awq'"):
-        _recipe(method="awq").validate()
+        qcompile.quantize(TwoLinear().eval(), _recipe(method="awq"), data[0], calibration=data)
+    bad = _recipe().to_dict()
+    bad["weight_algorithm"]["quantized_inputs"] = "yes"
+    with pytest.raises(RecipeError, match="weight_algorithm.quantized_inputs"):
+        Recipe.from_dict(bad)
     assert gguf_activation("Q4_0").dynamic

@@ -104,6 +104,10 @@ class ApplyWeightAlgorithmPass(Pass):
     def __init__(self, config: WeightAlgorithmConfig, data: Iterable, binder,
                  calibration: CalibrationConfig = CalibrationConfig()):
         self.config, self.data, self.binder, self.calibration = config, data, binder, calibration
+        if config.quantized_inputs is not False and (config.quantized_inputs is not True or config.method != "gptq"):
+            # AWQ scales the input before its quantizer: its search would need x/s quantized per alpha
+            raise RecipeError("weight_algorithm.quantized_inputs", "is GPTQ's only (its Hessian of the quantized "
+                              f"input), got {config.quantized_inputs!r} with method '{config.method}'")
 
     def call(self, gm):
         records: list[dict] = []   # one entry per layer (or per input tensor for AWQ scales)
