@@ -8,7 +8,9 @@ max |diff| over positions and vocabulary relative to the largest per-position lo
 ``LOGIT_TOL`` measure), the mean |diff|, and how often the argmax agrees; then generate 32 tokens
 greedily from each prompt in both (llama.cpp: argmax of its logits, token by token with its KV
 cache; the reference: argmax of the full-sequence forward) and count the tokens before the first
-disagreement, with the reference's margin between its top two logits there. Rows are JSON lines.
+disagreement, with the reference's margin between its top two logits there and llama.cpp against
+itself there (:func:`runtime_spread`: its choice with flash attention and with an f32 KV cache).
+Rows are JSON lines.
 
     PYTHONPATH=. python benchmarks/gguf_parity.py --out out/gguf_parity.json \\
         --recipes gguf-q8_0 gguf-q4_0 --mixes q4_k_m q4_k_m-a8
@@ -26,6 +28,7 @@ import qcompile
 from qcompile.eval.perplexity import PerplexityProtocol, calibration_windows, text_tokens
 from qcompile.models.smollm2 import load_smollm2
 from qcompile.presets import llama_cpp_mix
+from gguf_quality import resolve   # presets and presets.gguf_recipe names (gguf-q4_0-a8, gguf-q5_0-awq)
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.",
            "Photosynthesis is the process by which", "Here is a list of three fruits: apple,"]
@@ -64,11 +67,30 @@ def greedy(q, art, ids) -> dict:
     agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), NEW_TOKENS)
     row = {"agree_tokens": agree, "reference": ours, "llama_cpp": theirs}
     if agree < NEW_TOKENS:   # how close the reference's own choice was where they part
-        last = _logits(q, torch.tensor([prompt + ours[:agree]]))[-1]
+        context = prompt + ours[:agree]
+        last = _logits(q, torch.tensor([context]))[-1]
         top2 = last.topk(2).values
         row["margin_at_divergence"] = (top2[0] - top2[1]).item()
         row["gap_to_llama_cpp_choice"] = (last.max() - last[theirs[agree]]).item()
+        row.update(runtime_spread(art, context, ours[agree], theirs[agree]))
     return row
+
+
+def runtime_spread(art, context, ours, theirs) -> dict:
+    """llama.cpp against itself where the two part: its margin between its choice and the
+    reference's there, and what it picks with flash attention (its other CPU attention kernel: f16
+    Q·K and f16 accumulation of the values) and with an f32 KV cache. A divergence the runtime's
+    own kernels do not agree on is a tie at llama.cpp's precision."""
+    out = {}
+    for what, kwargs in (("default", {}), ("flash_attn", {"flash_attn": True}), ("kv_f32", {"type_k": 0, "type_v": 0})):
+        llm = art.llama(**kwargs) if kwargs else art.llama()
+        llm.reset()
+        llm.eval(context)
+        s = torch.tensor(llm.scores[llm.n_tokens - 1])
+        out[f"llama_cpp_{what}_choice"] = int(s.argmax())
+        out[f"llama_cpp_{what}_margin_vs_reference_choice"] = (s[theirs] - s[ours]).item()
+    art._llama = None   # the next prompt starts from the default settings
+    return out
 
 
 def main():
@@ -83,7 +105,7 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     lm = load_smollm2()
     tokens = text_tokens(lm.tokenizer, PerplexityProtocol())
-    recipes = list(args.recipes)
+    recipes = [resolve(r) for r in args.recipes]
     for mix in args.mixes:
         ftype, *rest = mix.split("-")
         algo = next((p for p in rest if p in ("gptq", "awq")), None)
@@ -91,7 +113,7 @@ def main():
     cal = None
     for recipe in recipes:
         name = getattr(recipe, "name", recipe)
-        if "gptq" in name and cal is None:
+        if ("gptq" in name or "awq" in name) and cal is None:
             cal = calibration_windows(lm.tokenizer, n=8)
         t = time.perf_counter()
         q = qcompile.quantize(lm.model, recipe, (tokens[:512].unsqueeze(0),), calibration=cal,
