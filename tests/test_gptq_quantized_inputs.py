@@ -14,6 +14,7 @@ from qcompile.passes import weight_algorithms as wa
 from qcompile.presets import gguf_activation, gguf_recipe, llama_cpp_mix
 from qcompile.recipe import LayerConfig, Recipe, WeightAlgorithmConfig
 from qcompile.spec import ANNOTATION
+from test_backend_gguf import tokenizer  # noqa: F401  (the gguf tests' tiny BPE tokenizer fixture)
 
 
 class TwoLinear(nn.Module):
@@ -126,3 +127,27 @@ def test_awq_refuses_quantized_inputs():
     with pytest.raises(RecipeError, match="weight_algorithm.quantized_inputs"):
         Recipe.from_dict(bad)
     assert gguf_activation("Q4_0").dynamic
+
+
+def test_llama_cpp_runs_the_gptq_a8_file_like_the_reference(tmp_path, tokenizer):  # noqa: F811
+    """End to end on a tiny Llama: ``gguf-q4_0-gptq-a8`` solved on llama.cpp's int8 activation blocks,
+    written bit for bit (verify_gguf), run by llama.cpp itself within the backend tests' logit
+    tolerance of the reference (which quantizes its activations as llama.cpp does)."""
+    pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python): pip install 'qcompile[gguf]'")
+    from qcompile.backends.gguf import verify_gguf
+    from test_backend_gguf import LOGIT_TOL, PROMPTS, _ids
+    from test_gguf_kquants import _quantize, _tiny_llama
+
+    tok = tokenizer
+    model = _tiny_llama(64, 128, 2, 0.1)
+    q = _quantize(model, gguf_recipe("Q4_0", "gptq", activations=True), tok)
+    assert [e["method"] for e in q.report.weight_algorithm].count("gptq") == 14   # 7 Linears x 2 layers
+    art = qcompile.lower(q, backend="gguf", config=model.config, tokenizer=tok)
+    path = art.save(tmp_path / "a8.gguf")
+    assert set(verify_gguf(path, q, model.config).values()) == {"F32", "Q4_0", "Q8_0"}
+    for text in PROMPTS:
+        ids = _ids(tok, text)
+        with torch.no_grad():
+            ref = q(ids, use_cache=False).logits.float()
+        span = (ref.amax(-1) - ref.amin(-1)).max().item()
+        assert (art(ids) - ref).abs().max().item() <= LOGIT_TOL * span
