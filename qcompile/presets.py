@@ -199,8 +199,10 @@ def _gguf(name: str, bits: int, minimum: bool = False, algorithm: Optional[str] 
           observer: str = "minmax", activations: bool = False) -> Callable[[], Recipe]:
     # activations: see gguf_recipe
     def make() -> Recipe:
+        # AWQ folds 1/s into norms only: a GGUF file has no tensor for an inserted mul, and its
+        # float16 block scales cannot absorb it into the previous layer's rows exactly
         algo = None if algorithm is None else WeightAlgorithmConfig(
-            algorithm, quantized_inputs=activations and algorithm == "gptq")
+            algorithm, quantized_inputs=activations and algorithm == "gptq", fold_only=algorithm == "awq")
         act = gguf_activation("Q8_0") if activations else None
         overrides = {"lm_head": LayerConfig(_gguf_block(8), act)} if activations else {}
         return Recipe(name=name, default=LayerConfig(_gguf_block(bits, minimum, observer), act),
@@ -356,8 +358,8 @@ def llama_cpp_mix(config, ftype: str = "q4_k_m", algorithm: Optional[str] = None
     overrides = {layer: config_of(t) for layer, (t, _) in types.items() if layer != "model.embed_tokens"}
     if activations and tied:   # the head reads the embedding's tensor (one spec: still tied) and its input is quantized
         overrides["lm_head"] = config_of(types["model.embed_tokens"][0])
-    algo = None if algorithm is None else WeightAlgorithmConfig(algorithm,
-                                                                quantized_inputs=activations and algorithm == "gptq")
+    algo = None if algorithm is None else WeightAlgorithmConfig(
+        algorithm, quantized_inputs=activations and algorithm == "gptq", fold_only=algorithm == "awq")
     name = f"gguf-{ftype}" + (f"-{algorithm}" if algorithm else "") + ("-a8" if activations else "")
     recipe = Recipe(name=name, default=LayerConfig(_gguf_k(int(base[1]))),
                     embedding=LayerConfig(gguf_spec(types["model.embed_tokens"][0], rtn)), weight_algorithm=algo,

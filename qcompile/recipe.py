@@ -126,8 +126,7 @@ class WeightAlgorithmConfig:
     multiplied by ``s`` and ``1/s`` folded into a preceding RMSNorm/LayerNorm weight (else a ``mul``
     before the consumers), then a per-group clipping search (``clip_grid`` ratios down to
     ``max_shrink``) minimising each group's output error. ``sample_rows`` bounds the rows AWQ's
-    statistics read (an evenly strided subset of every item; GPTQ's Hessian reads all rows).
-    ``quantized_inputs`` (GPTQ): ``H`` of the input its dynamic activation quantizer gives the matmul."""
+    statistics read (an evenly strided subset of every item; GPTQ's Hessian reads all rows)."""
 
     method: str = "gptq"
     damping: float = 0.01
@@ -137,7 +136,8 @@ class WeightAlgorithmConfig:
     clip_grid: int = 20
     max_shrink: float = 0.5
     sample_rows: int = 2048
-    quantized_inputs: bool = False
+    quantized_inputs: bool = False   # GPTQ: H of the input as its dynamic activation quantizer gives the matmul
+    fold_only: bool = False   # AWQ: scale only inputs whose 1/s folds into a norm (no inserted mul: GGUF)
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ class Recipe:
             dict(dataclasses.asdict(self.smoothing), alphas=list(self.smoothing.alphas),
                  outlier_quantiles=list(self.smoothing.outlier_quantiles)),
             "weight_algorithm": None if self.weight_algorithm is None else {k: v for k, v in dataclasses.asdict(
-                self.weight_algorithm).items() if k != "quantized_inputs" or v},   # older records unchanged
+                self.weight_algorithm).items() if k not in ("quantized_inputs", "fold_only") or v},   # older records unchanged
             "tied_head": self.tied_head,
             "calibration": dataclasses.asdict(self.calibration),
             "backend": self.backend,

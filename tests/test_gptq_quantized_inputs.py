@@ -151,3 +151,44 @@ def test_llama_cpp_runs_the_gptq_a8_file_like_the_reference(tmp_path, tokenizer)
             ref = q(ids, use_cache=False).logits.float()
         span = (ref.amax(-1) - ref.amin(-1)).max().item()
         assert (art(ids) - ref).abs().max().item() <= LOGIT_TOL * span
+
+
+def test_awq_gguf_file_folds_into_norms_only_and_llama_cpp_runs_it(tmp_path, tokenizer):  # noqa: F811
+    """``gguf-q5_0-awq``: AWQ's 1/s goes into the RMSNorm weights (written under their GGUF names) and
+    nowhere else (``fold_only``: o_proj/down_proj clip only); llama.cpp loads the file and runs it
+    within the logit tolerance. The same AWQ with inserted ``mul``s is refused by layer, not written
+    without them."""
+    pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python): pip install 'qcompile[gguf]'")
+    from qcompile.backends.gguf import verify_gguf
+    from qcompile.backends.gguf.llama import _norms
+    from qcompile.errors import BackendError
+    from test_backend_gguf import LOGIT_TOL, PROMPTS, _ids
+    from test_gguf_kquants import _quantize, _tiny_llama
+
+    model = _tiny_llama(64, 128, 2, 0.1)
+    recipe = gguf_recipe("Q5_0", "awq")
+    assert recipe.name == "gguf-q5_0-awq" and recipe.weight_algorithm.fold_only
+    recipe = dataclasses.replace(recipe, weight_algorithm=dataclasses.replace(recipe.weight_algorithm, grid=10,
+                                                                              clip_grid=4))   # a faster search
+    q = _quantize(model, recipe, tokenizer)
+    how = {tuple(e["layers"]): e["inverse_scale"] for e in q.report.weight_algorithm if e["method"] == "awq"}
+    assert all(v.startswith(("folded into", "none")) for v in how.values())
+    assert how[("model.layers.0.mlp.down_proj",)].startswith("none (fold_only")
+    norms = _norms(q.graph_module)
+    assert len(norms) == 5   # 2 x (input, post-attention) and the final norm, folded or not
+    folded = [k for k, v in norms.items() if not torch.equal(v, dict(model.named_parameters())[k + ".weight"])]
+    assert folded, "no norm absorbed an AWQ scale"
+    art = qcompile.lower(q, backend="gguf", config=model.config, tokenizer=tokenizer)
+    path = art.save(tmp_path / "awq.gguf")
+    types = verify_gguf(path, q, model.config)
+    assert sum(1 for n in types if n.endswith("norm.weight")) == 5
+    for text in PROMPTS:
+        ids = _ids(tokenizer, text)
+        with torch.no_grad():
+            ref = q(ids, use_cache=False).logits.float()
+        span = (ref.amax(-1) - ref.amin(-1)).max().item()
+        assert (art(ids) - ref).abs().max().item() <= LOGIT_TOL * span
+    with_mul = dataclasses.replace(recipe, weight_algorithm=dataclasses.replace(recipe.weight_algorithm, fold_only=False))
+    q_mul = _quantize(model, with_mul, tokenizer)
+    with pytest.raises(BackendError, match=r"layer 'model\.layers\.\d\.(self_attn\.o_proj|mlp\.down_proj)'.*per-channel"):
+        qcompile.lower(q_mul, backend="gguf", config=model.config, tokenizer=tokenizer)

@@ -247,8 +247,12 @@ class ApplyWeightAlgorithmPass(Pass):
         x = self._stats(run, src_user, cfg.sample_rows)
         weights = [get_attr_tensor(gm, op.args[op.meta[ANNOTATION].weight_arg]).detach().float() for op in group]
         specs = [op.meta[ANNOTATION].weight for op in group]
-        s, alpha, ratio = awq_scale_search(x, weights, specs, cfg.grid)
-        how = "none"
+        skip = cfg.fold_only and _norm_weight(gm, src, group, weights[0].shape[1]) is None
+        if skip:   # no norm absorbs 1/s (o_proj, down_proj): clipping only, no inserted mul
+            s, alpha, ratio = torch.ones(weights[0].shape[1]), 0.0, 1.0
+        else:
+            s, alpha, ratio = awq_scale_search(x, weights, specs, cfg.grid)
+        how = "none (fold_only: no norm absorbs 1/s)" if skip else "none"
         if alpha > 0:
             how = self._divide_input(gm, run, src, group, s)
         sd = s.double()
@@ -267,12 +271,7 @@ class ApplyWeightAlgorithmPass(Pass):
         Linear ``src`` comes from (:func:`~qcompile.passes.smooth.channel_source`: ``up_proj`` for
         ``down_proj``'s ``act(gate) * up``; a Llama ``o_proj``'s input is not followed back to
         ``v_proj`` by it, so that one keeps its ``mul``); else insert a ``mul``."""
-        w_node = None
-        if (src.op == "call_function" and src.target == aten.mul.Tensor and set(src.users) <= set(group)):
-            for a in src.args:
-                t = get_attr_tensor(gm, a)
-                if t is not None and t.dim() == 1 and t.shape[0] == s.shape[0]:
-                    w_node = a
+        w_node = _norm_weight(gm, src, group, s.shape[0])
         if w_node is not None:
             t = get_attr_tensor(gm, w_node)
             new = add_tensor(gm, f"{w_node.target}_awq", t.detach() / s, src)
@@ -329,3 +328,15 @@ class ApplyWeightAlgorithmPass(Pass):
             linear.meta[WEIGHT_QPARAMS] = WeightQParams(solved.scale * col, solved.zero_point,
                                                         solved.reference * col)
         return True
+
+
+def _norm_weight(gm, src, group, channels: int):
+    """The 1-D weight node of ``src = mul(h, norm_weight)`` (``channels`` long) when only the
+    Linears of ``group`` read ``src``, so ``1/s`` can fold into it; else None."""
+    w_node = None
+    if src.op == "call_function" and src.target == aten.mul.Tensor and set(src.users) <= set(group):
+        for a in src.args:
+            t = get_attr_tensor(gm, a)
+            if t is not None and t.dim() == 1 and t.shape[0] == channels:
+                w_node = a
+    return w_node

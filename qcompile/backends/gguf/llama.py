@@ -18,7 +18,7 @@ from ...errors import BackendError
 from ...ops import DEQUANTIZE
 from ...passes.infra import get_attr_tensor, layer_of
 from ...presets import gguf_activation
-from ...spec import QPARAMS, ROLE
+from ...spec import LAYER, QPARAMS, ROLE
 from .blocks import BLOCK_TYPES, K_QUANTS, QuantizedWeight, match, refusal
 from .kquants import K_TYPES, match_k
 from .requantize import requantize as requantize_weight
@@ -189,8 +189,33 @@ def _evaluate(gm, node):
 
 
 def _norms(gm) -> dict:
-    return {n.target.removesuffix(".weight"): get_attr_tensor(gm, n).detach().float()
-            for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("norm.weight")}
+    """norm path → its weight: a stored ``*norm.weight``, or a tensor a pass put in its place (AWQ
+    folds ``1/s`` into a norm as a new tensor) named by the norm ``mul`` that reads it."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        if n.target.endswith("norm.weight"):
+            out[n.target.removesuffix(".weight")] = get_attr_tensor(gm, n).detach().float()
+            continue
+        for user in n.users:
+            norm = str(user.meta.get(LAYER) or "")
+            if user.target == torch.ops.aten.mul.Tensor and norm.endswith("norm") and ".mlp." not in norm \
+                    and get_attr_tensor(gm, n).dim() == 1 and user.meta.get(ROLE) is None:
+                out[norm] = get_attr_tensor(gm, n).detach().float()
+    return out
+
+
+def check_input_scales(gm) -> None:
+    """A per-channel ``mul`` on a Linear's input (AWQ's or SmoothQuant's ``1/s`` where no norm or
+    previous layer could absorb it) has no tensor in llama.cpp's Llama graph: a
+    :class:`BackendError` naming the layer, not a file that drops it."""
+    for node in gm.graph.nodes:
+        if node.meta.get(ROLE) == "smoothing":
+            raise BackendError(f"layer '{node.meta.get(LAYER)}': its input is multiplied by a per-channel scale "
+                               f"('{node.name}', AWQ/SmoothQuant's 1/s that no norm or previous layer absorbed); "
+                               "llama.cpp's Llama graph has no tensor for it. Fold it (a float32-scale grid lets AWQ "
+                               "fold it into the previous layer's rows) or solve without it")
 
 
 def rotary_permutation(rows: int, n_head: int) -> torch.Tensor:
@@ -224,6 +249,7 @@ def llama_tensors(qmodel, config, requantize: bool = False, requantized: Optiona
     report entry goes into ``requantized``."""
     _require_llama(config)
     gm = qmodel.graph_module
+    check_input_scales(gm)
     weights, norms = _weights(gm, requantize), _norms(gm)
     n_layer, n_head = config.num_hidden_layers, config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
