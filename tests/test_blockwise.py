@@ -287,3 +287,31 @@ def test_gptq_hessian_of_stats_is_of_bit_for_bit_and_gives_the_gram_up():
     assert st.gram is None
     assert all(torch.equal(getattr(ref, f), getattr(got, f)) for f in ("perm", "dead", "hinv", "hessian32"))
     assert ref.damping == got.damping and torch.equal(got.hessian32, h.float())
+
+
+def test_spilled_hidden_states_give_identical_bytes(gptq_out, llama_dir, tmp_path):
+    """A budget smaller than one block's input and output hidden states (2 x 4 items x 16 x 64
+    float32 = 32 KiB): they go to disk in the output directory, the programs are the same bytes as
+    the in-memory run's, and no spill file is left."""
+    out = quantize_directory(llama_dir, _recipe("w4-g64-gptq"), CAL, tmp_path / "spilled", max_memory="16KB")
+    storage = json.loads((out / "qcompile.json").read_text())["activation_storage"]
+    assert storage == {"where": "disk", "max_memory": 16000, "bytes_per_copy": 4 * 16 * 64 * 4}
+    assert json.loads((gptq_out / "qcompile.json").read_text())["activation_storage"]["where"] == "memory"
+    a, b = _program_tensors(gptq_out), _program_tensors(out)
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("bad", ["8 parsecs", "GB", -1, 0, "0MB", True, 1.5e9])
+def test_bad_max_memory_is_named(llama_dir, tmp_path, bad):
+    with pytest.raises(InputError, match=r"^max_memory="):
+        quantize_directory(llama_dir, _recipe("w4-g64"), CAL, tmp_path / "o", max_memory=bad)
+    assert not (tmp_path / "o").exists()
+
+
+def test_parse_bytes_units():
+    from qcompile.blockwise_spill import parse_bytes
+
+    assert parse_bytes("8GB") == 8 * 10 ** 9 and parse_bytes("512MiB") == 512 * 2 ** 20
+    assert parse_bytes("1.5 GiB") == 3 * 2 ** 29 and parse_bytes(4096) == 4096 and parse_bytes("100") == 100
