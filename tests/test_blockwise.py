@@ -132,8 +132,9 @@ def test_gptq_codes_identical_to_whole_model(gptq_out, llama_dir):
 
 def test_api_takes_a_model_directory_rtn_tied_head(tmp_path):
     model_dir = _save_llama(tmp_path / "tied", tied=True)
-    qm = qcompile.quantize(str(model_dir), "w4-g64", calibration=CAL, out=str(tmp_path / "out"))
+    qm = qcompile.quantize(str(model_dir), "w4-g64", calibration=CAL, out=str(tmp_path / "out"), max_memory="1KB")
     assert isinstance(qm, BlockwiseModel)
+    assert json.loads((tmp_path / "out" / "qcompile.json").read_text())["activation_storage"]["where"] == "disk"
     _, qw = _whole(model_dir, "w4-g64")
     compared, differ = _compare(qw.graph_module, tmp_path / "out")
     assert compared and differ == []
@@ -229,6 +230,8 @@ def test_cli_quantizes_a_model_directory(tmp_path):
     qm = qcompile.load(out)
     assert qm(CAL[0][0]).shape == (1, 16, 256)
     assert main(["quantize", "--model", str(model_dir), "--recipe", "w4-g64"]) == 2      # --out is required
+    assert main(["quantize", "--model", str(model_dir), "--recipe", "w4-g64", "--out", str(tmp_path / "o2"),
+                 "--max-memory", "lots"]) == 1                                            # InputError, named
 
 
 def _table_shard(tmp_path, n=300, k=128):
@@ -315,3 +318,9 @@ def test_parse_bytes_units():
 
     assert parse_bytes("8GB") == 8 * 10 ** 9 and parse_bytes("512MiB") == 512 * 2 ** 20
     assert parse_bytes("1.5 GiB") == 3 * 2 ** 29 and parse_bytes(4096) == 4096 and parse_bytes("100") == 100
+
+
+def test_max_memory_refused_for_a_module_in_memory():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(InputError, match=r"^max_memory='1GB': a memory budget applies to a model directory"):
+        qcompile.quantize(model, "w8", (torch.randn(2, 8),), max_memory="1GB")
