@@ -66,6 +66,41 @@ def test_onnx_decoder_refuses_a_file_without_the_layouts_signature(onnx_w4):
     assert type(decoder(art, layout, 1)).__name__ == "OnnxDecoder"
 
 
+def test_onnx_file_updates_the_cache_by_scatter_not_by_a_blend(onnx_w4):
+    # the capture's one-hot where() blend over the whole max_context becomes one ScatterElements per
+    # cache tensor (13 % of SmolLM2's decode step was that blend); the steps above check its numbers
+    import onnx
+
+    _, art = onnx_w4
+    layout = qcompile.llm.cache_layout(art)
+    graph = onnx.load_from_string(art.model_bytes).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("ScatterElements") == 2 * layout.layers
+    assert ops.count("Expand") >= 1 and "ReduceSum" not in ops and "Equal" not in ops   # the one-hot is gone
+    assert sum(n.op_type == "Expand" and n.name.startswith("qc_cache_update") for n in graph.node) == 1
+
+
+def test_a_where_that_is_not_a_cache_blend_is_left_alone():
+    # a Where over a MatMul of anything but a one-hot of cache_position (and a file without
+    # cache_position at all) is not rewritten
+    import onnx
+    from onnx import TensorProto, helper
+    from qcompile.backends.onnx.cache_update import cache_blends_as_scatter
+
+    def model(inputs):
+        nodes = [helper.make_node("MatMul", ["a", "b"], ["m"]), helper.make_node("Where", ["c", "m", "p"], ["y"])]
+        value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 4]) for n in ("a", "b", "p")]
+        value.append(helper.make_tensor_value_info("c", TensorProto.BOOL, [4, 4]))
+        value += [helper.make_tensor_value_info(n, TensorProto.INT64, [1]) for n in inputs]
+        graph = helper.make_graph(nodes, "g", value, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])])
+        return helper.make_model(graph)
+
+    for m in (model(["cache_position"]), model([])):
+        before = m.SerializeToString()
+        assert cache_blends_as_scatter(m) == 0
+        assert m.SerializeToString() == before
+
+
 def test_max_batch_two_captures_one_batch_symbol():
     # torch.export gave every cache input its own batch symbol when the batch dim's range was [1, 2];
     # TVM then could not infer the shape of the cache blend's where() (SmolLM2 failed to build)
