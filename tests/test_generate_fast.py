@@ -101,6 +101,36 @@ def test_a_where_that_is_not_a_cache_blend_is_left_alone():
         assert m.SerializeToString() == before
 
 
+def test_grouped_attention_scores_exactly_like_eager():
+    # the queries grouped per KV head instead of the cache repeated per query head: same logits
+    model = tiny_causal_lm("llama")           # 4 heads on 2 KV heads
+    ids, cache = _prompt(2, 9), None
+    logits = {}
+    for impl in ("eager", "qcompile_grouped"):
+        lm = qcompile.causal_lm(model, max_context=32, attn_implementation=impl)
+        cache = lm.layout.empty_cache(2)
+        logits[impl] = lm(ids, torch.arange(9), *cache)[0]
+    assert torch.equal(logits["eager"], logits["qcompile_grouped"])
+
+
+def test_onnx_grouped_attention_reads_the_cache_without_copying_it_per_head():
+    import onnx
+
+    model = tiny_causal_lm("llama")
+    model.set_attn_implementation("eager")
+    files = {}
+    for impl in ("eager", "qcompile_grouped"):
+        lm = qcompile.causal_lm(model, max_context=32, attn_implementation=impl)
+        q = qcompile.quantize(lm, "w4-g64", lm.example_inputs, calibration=lm.calibration([_prompt(2, 8)]),
+                              **lm.capture_options)
+        art = qcompile.lower(q, "onnx", threads=1)
+        files[impl] = [n.op_type for n in onnx.load_from_string(art.model_bytes).graph.node]
+        prompt = _prompt(1, 5, seed=3)
+        assert torch.equal(qcompile.generate(art, prompt, max_new_tokens=8), qcompile.generate(q, prompt, max_new_tokens=8))
+    # eager's repeat_kv is one Expand per cache tensor (2 layers x K, V); grouped has none of them
+    assert files["eager"].count("Expand") - files["qcompile_grouped"].count("Expand") == 4
+
+
 def test_max_batch_two_captures_one_batch_symbol():
     # torch.export gave every cache input its own batch symbol when the batch dim's range was [1, 2];
     # TVM then could not infer the shape of the cache blend's where() (SmolLM2 failed to build)
