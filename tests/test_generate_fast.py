@@ -101,6 +101,25 @@ def test_a_where_that_is_not_a_cache_blend_is_left_alone():
         assert m.SerializeToString() == before
 
 
+def test_onnx_rms_norm_is_written_in_the_form_onnxruntime_fuses(onnx_w4):
+    # x * Reciprocal(Sqrt(v)) -> x / Sqrt(v), which SimplifiedLayerNormFusion turns into one node per
+    # norm; the decoder and generate tests above check the numbers (token for token)
+    import onnx
+    from onnx import TensorProto, helper
+    from qcompile.backends.onnx.rms_norm import rsqrt_scale_as_div
+
+    _, art = onnx_w4
+    ops = [n.op_type for n in onnx.load_from_string(art.model_bytes).graph.node]
+    assert "Reciprocal" not in ops and ops.count("Div") == 2 * 2 + 1   # two norms per layer, one final
+    # a Reciprocal read twice is kept: the rewrite would compute it twice
+    nodes = [helper.make_node("Sqrt", ["v"], ["s"]), helper.make_node("Reciprocal", ["s"], ["r"]),
+             helper.make_node("Mul", ["x", "r"], ["y"]), helper.make_node("Mul", ["r", "x"], ["z"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("v", "x")]
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("y", "z")]
+    m = helper.make_model(helper.make_graph(nodes, "g", io, out))
+    assert rsqrt_scale_as_div(m) == 0 and [n.op_type for n in m.graph.node] == ["Sqrt", "Reciprocal", "Mul", "Mul"]
+
+
 def test_grouped_attention_scores_exactly_like_eager():
     # the queries grouped per KV head instead of the cache repeated per query head: same logits
     model = tiny_causal_lm("llama")           # 4 heads on 2 KV heads
