@@ -119,13 +119,13 @@ def _agree(a, b) -> dict:
     return {"same_tokens": same, "first_mismatch": first}
 
 
-def _quantized(model, tok, recipe: str, store: Path):
+def _quantized(model, tok, recipe: str, store: Path, attn=None):
     from qcompile.eval.perplexity import calibration_windows
 
     saved = store / f"{recipe}.qc"
     if saved.exists():
         return qcompile.load(saved), None
-    lm = qcompile.causal_lm(model, max_context=PROMPT + NEW, max_batch=2)
+    lm = qcompile.causal_lm(model, max_context=PROMPT + NEW, max_batch=2, attn_implementation=attn)
     calibration = lm.calibration([w[0][:, :PROMPT] for w in calibration_windows(tok, n=4, length=PROMPT)])
     t0 = time.perf_counter()
     q = qcompile.quantize(lm, recipe, lm.example_inputs, calibration=calibration, **lm.capture_options)
@@ -177,6 +177,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--artifacts", default="/tmp/qcompile-generate-speed")
     parser.add_argument("--out", default=None, help="a .jsonl file: one row per line")
+    parser.add_argument("--attn", default=None, help="causal_lm's attn_implementation (e.g. qcompile_grouped); "
+                        "use its own --artifacts directory: saved artifacts are keyed by recipe only")
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", "1")
     from qcompile.eval.perplexity import PerplexityProtocol, text_tokens
@@ -189,7 +191,7 @@ def main():
     ids = text_tokens(tok, PerplexityProtocol(window=PROMPT, stride=PROMPT, tokens=PROMPT))[None]
     ggufs = gguf_files(store)
     wanted = list(ggufs) if args.gguf is None else [k for k in ggufs if k.split()[0] in args.gguf]
-    quantized = {r: _quantized(model, tok, r, store) for r in args.recipes}
+    quantized = {r: _quantized(model, tok, r, store, args.attn) for r in args.recipes}
     rows = []
     out = open(args.out, "a") if args.out else None
     host = f"{platform.machine()} {os.cpu_count()} cpus"

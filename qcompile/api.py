@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 from torch import nn
 
@@ -16,6 +16,7 @@ from . import blockwise, distributed, pipeline, search
 from .auto_recipe import AutoRecipe
 from .backends.base import placement
 from .calibration import reiterable
+from .errors import InputError
 from .llm.kv_quant import bind_kv_cache
 from .model import PreparedModel, QuantizedModel, load
 from .recipe import Recipe, RecipeLike, resolve_recipe
@@ -55,7 +56,8 @@ def convert(prepared: PreparedModel, report_inputs: Optional[Iterable] = None,
 def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple = None, calibration: Optional[Iterable] = None,
              *, example_kwargs: Optional[dict] = None, dynamic_shapes: Any = "auto", report_samples: int = 8,
              backend: Optional[str] = None, dump_dir: Optional[str] = None,
-             process_group: Any = None, out: Optional[str] = None) -> QuantizedModel:
+             process_group: Any = None, out: Optional[str] = None,
+             max_memory: Union[int, str, None] = None) -> QuantizedModel:
     """Quantize ``model`` with ``recipe``; returns a :class:`QuantizedModel` (an ``nn.Module``
     called like ``model``) with ``.report``, ``.recipe`` and ``.save(path)``. ``model`` itself is
     never modified.
@@ -82,7 +84,8 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple = None,
     shards, Llama/Qwen2/Mistral): it is quantized one decoder block at a time without ever being
     loaded whole (:mod:`qcompile.blockwise`), into ``out`` (resumable; a temporary directory when
     None), and the assembled result is returned (``example_inputs`` is not needed; calibration
-    items are token ids).
+    items are token ids). ``max_memory`` (``"8GB"``; a model directory only): over it, the hidden
+    states between blocks are kept on disk in ``out`` (same codes).
 
     Example::
 
@@ -103,7 +106,10 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple = None,
 
     with distributed.using(process_group):
         if blockwise.is_model_directory(model):
-            return _quantize_directory(model, recipe, calibration, backend, out)
+            return _quantize_directory(model, recipe, calibration, backend, out, max_memory)
+        if max_memory is not None:
+            raise InputError(f"max_memory={max_memory!r}: a memory budget applies to a model directory "
+                             f"(quantized block by block); this model is an nn.Module already in memory")
         if isinstance(recipe, AutoRecipe):
             if distributed.group() is not None:
                 raise NotImplementedError("Recipe.auto under data-parallel calibration: the sensitivity analysis "
@@ -120,7 +126,8 @@ def quantize(model: nn.Module, recipe: RecipeLike, example_inputs: tuple = None,
     return qmodel
 
 
-def _quantize_directory(model_dir, recipe: RecipeLike, calibration, backend: Optional[str], out: Optional[str]):
+def _quantize_directory(model_dir, recipe: RecipeLike, calibration, backend: Optional[str], out: Optional[str],
+                        max_memory=None):
     """A transformers model directory, quantized block by block (:mod:`qcompile.blockwise`)."""
     if isinstance(recipe, AutoRecipe):
         raise NotImplementedError("Recipe.auto on a model directory: the mixed-precision search needs the whole "
@@ -135,6 +142,7 @@ def _quantize_directory(model_dir, recipe: RecipeLike, calibration, backend: Opt
     if backend is not None:
         concrete = dataclasses.replace(concrete, backend=backend).validate()
     if out is not None:
-        return load(blockwise.quantize_directory(model_dir, concrete, calibration, out))
+        return load(blockwise.quantize_directory(model_dir, concrete, calibration, out, max_memory=max_memory))
     with tempfile.TemporaryDirectory() as tmp:
-        return load(blockwise.quantize_directory(model_dir, concrete, calibration, Path(tmp) / "out"))
+        return load(blockwise.quantize_directory(model_dir, concrete, calibration, Path(tmp) / "out",
+                                                 max_memory=max_memory))

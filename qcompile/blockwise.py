@@ -43,6 +43,7 @@ from torch import nn
 
 from .atomic import MANIFEST, atomic_file
 from .backends.base import placement
+from .blockwise_spill import SpilledHidden, nbytes, parse_bytes, write_hidden
 from .blockwise_artifact import CONFIG, EMBED, HEAD, is_blockwise, layer_dir, write_blockwise_manifest
 from .blockwise_tables import QuantizedEmbedding, QuantizedHead, RowCodes, gather_rows, row_separable, table_step
 from .calibration import iterate
@@ -57,7 +58,7 @@ from .scope import check_patterns_used, match_pattern, resolve_layer_config
 
 # transformers model types whose causal LM is model.{embed_tokens, rotary_emb, layers, norm} + lm_head
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
-RESUME, MARKER = ".resume.safetensors", ".qcompile-blockwise"
+RESUME, MARKER, NEXT = ".resume.safetensors", ".qcompile-blockwise", ".hidden-next.safetensors"
 
 
 def is_model_directory(path) -> bool:
@@ -255,18 +256,19 @@ def _scoped(recipe: Recipe, module: nn.Module) -> Recipe:
                                keep_float=tuple(p for p in recipe.keep_float if used(p)))
 
 
-def _quantize_step(module: nn.Module, recipe: Recipe, items: list, outputs: bool, dynamic_shapes="auto"):
-    """The whole-model pipeline on one step's module: (QuantizedModel, outputs of its graph after
-    the weight algorithm, before observers, when ``outputs``)."""
+def _quantize_step(module: nn.Module, recipe: Recipe, items: list, outputs=None, dynamic_shapes="auto"):
+    """The whole-model pipeline on one step's module: (QuantizedModel, ``outputs(produce)`` or None),
+    ``produce(k)`` computing item ``k``'s output of the graph after the weight algorithm, before
+    observers (``outputs`` keeps them where it wants, one at a time)."""
     t0 = time.perf_counter()
     cap = capture(module, items[0], dynamic_shapes=dynamic_shapes)
     run = PassManager(ptq_stages(recipe, placement(recipe.backend), cap, items, calibrate=True))
     run.record("capture", CAPTURE, time.perf_counter() - t0, PassResult(cap.graph_module, False))
     run.run(cap.graph_module, until=OBSERVE)
     outs = None
-    if outputs:
+    if outputs is not None:
         with torch.no_grad():
-            outs = [cap.graph_module(*it) for it in items]
+            outs = outputs(lambda k: cap.graph_module(*items[k]))
     qmodel = convert(PreparedModel(cap.graph_module, cap, recipe, module, run), report_inputs=items[:1])
     return qmodel, outs
 
@@ -291,8 +293,9 @@ def _fingerprint(model_dir: Path, recipe: Recipe, ids: list, dtype: torch.dtype)
     return h.hexdigest()
 
 
-def _open_run(out: Path, fingerprint: str) -> tuple[int, Optional[list]]:
-    """(first step to run, hidden states after the previous step or None). A run directory holds
+def _open_run(out: Path, fingerprint: str) -> tuple[int, Optional[SpilledHidden]]:
+    """(first step to run, hidden states after the previous step, read from the resume file item by
+    item, or None). A run directory holds
     :data:`MARKER` (the run's fingerprint); another run's directory is refused, never mixed."""
     from safetensors import safe_open
 
@@ -305,8 +308,8 @@ def _open_run(out: Path, fingerprint: str) -> tuple[int, Optional[list]]:
             with safe_open(str(resume), framework="pt") as f:
                 meta = f.metadata()
                 if meta.get("fingerprint") == fingerprint:
-                    keys = sorted(k for k in f.keys() if k.startswith("hidden."))
-                    return int(meta["next_step"]), [f.get_tensor(k) for k in sorted(keys, key=lambda k: int(k[7:]))]
+                    count = sum(1 for k in f.keys() if k.startswith("hidden."))
+                    return int(meta["next_step"]), SpilledHidden(resume, count)
         return 0, None
     if out.exists() and any(out.iterdir()):
         if not is_blockwise(out):
@@ -329,12 +332,16 @@ def _save_resume(out: Path, next_step: int, hidden: list, fingerprint: str) -> N
 
 def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration: Iterable,
                        out: Union[str, Path], *, activation_dtype: Optional[torch.dtype] = None,
-                       progress: Optional[bool] = None) -> Path:
+                       max_memory: Union[int, str, None] = None, progress: Optional[bool] = None) -> Path:
     """Quantize the transformers decoder-only model in ``model_dir`` (safetensors shards) with a
     resolved ``recipe``, one decoder block at a time, into the directory ``out`` (see the module
     docstring); returns ``out``. ``calibration``: token ids ``[batch, seq]`` per item. Weights
     are computed on in float32; ``activation_dtype``: the dtype the hidden states are kept in
-    between blocks (default: the checkpoint's). A killed run given the same arguments resumes
+    between blocks (default: the checkpoint's; a lower precision than the checkpoint's changes the
+    codes, so it is never chosen for you). ``max_memory`` (bytes, or ``"8GB"``, ``"512MiB"``): when
+    a block's input and output hidden states together (in ``activation_dtype``) exceed it, they are
+    kept on disk in ``out`` and read one item at a time (:mod:`qcompile.blockwise_spill`: same
+    codes; the block's float32 working copies stay in memory). A killed run given the same arguments resumes
     at its first unfinished step; ``qcompile.load(out)`` reads the result.
 
     Example::
@@ -344,6 +351,7 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
     from tqdm.auto import tqdm
 
     model_dir, out = Path(model_dir), Path(out)
+    budget = None if max_memory is None else parse_bytes(max_memory, "max_memory")
     return_large_frees_to_os()
     lm, config = load_skeleton(model_dir)
     reader = ShardReader(model_dir)
@@ -381,16 +389,36 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         reset_peak_rss()
         return time.perf_counter()
 
-    def finish(step: int, name: str, qmodel, t0: float, next_hidden: list):
+    def finish(step: int, name: str, qmodel, t0: float, next_hidden):
+        """Save the step, then make its outputs the resume point; returns them."""
         qmodel.save(out / name)
-        _save_resume(out, step + 1, next_hidden, fingerprint)
+        if isinstance(next_hidden, SpilledHidden):   # already on disk, with this step's metadata
+            os.replace(next_hidden.path, out / RESUME)
+            next_hidden = next_hidden.moved(out / RESUME)
+        else:
+            _save_resume(out, step + 1, next_hidden, fingerprint)
         record(name, t0, qmodel)
         bar.update(1)
+        return next_hidden
 
     t0 = begin()
     embed_key = "model.embed_tokens.weight"
     inputs = _layer_inputs(lm, ids, gather_rows(reader.shard_of(embed_key), embed_key, ids))
-    hidden = hidden if hidden is not None else [x["hidden"].to(act) for x in inputs]
+    first = [x.pop("hidden") for x in inputs]   # float32: not kept beside the stored copy
+    spill = budget is not None and 2 * nbytes(first, act) > budget
+    shapes = [tuple(h.shape) for h in first]
+
+    def keep(produce, next_step: int):
+        """Where a step's outputs go: a list in memory, or the spill file (same bytes)."""
+        if spill:
+            return write_hidden(out / NEXT, shapes, act, produce, {"next_step": next_step, "fingerprint": fingerprint})
+        return [produce(k).to(act) for k in range(len(shapes))]
+
+    if hidden is None:
+        hidden = keep(lambda k: first[k], 1)
+    elif not spill:
+        hidden = list(hidden)
+    del first
     record("record block inputs", t0)
     if start == 0:
         t0 = begin()
@@ -403,9 +431,9 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         else:
             reader.load(base.embed_tokens, "model.embed_tokens.", dtype)
             qmodel, _ = _quantize_step(_Embed(base.embed_tokens), _scoped(recipe, _Embed(base.embed_tokens)),
-                                       [(t,) for t in ids], outputs=False)
+                                       [(t,) for t in ids], )
             base.embed_tokens.to("meta")
-        finish(0, EMBED, qmodel, t0, hidden)
+        hidden = finish(0, EMBED, qmodel, t0, hidden)
         del qmodel
     masked = inputs[0]["mask"] is not None
     for i in range(max(start - 1, 0), n):
@@ -413,11 +441,12 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
         layer = reader.load(base.layers[i], f"model.layers.{i}.", dtype)
         block = (_MaskedBlock if masked else _Block)(i, layer)
         items = [(h.to(dtype), x["cos"], x["sin"]) + ((x["mask"],) if masked else ()) for h, x in zip(hidden, inputs)]
-        qmodel, outs = _quantize_step(block, _scoped(recipe, block), items, outputs=True,
+        qmodel, outs = _quantize_step(block, _scoped(recipe, block), items,
+                                      outputs=lambda produce, step=i + 2: keep(produce, step),
                                       dynamic_shapes=_block_dims(masked))
-        hidden = [o.to(act) for o in outs]
-        del items, outs
-        finish(i + 1, layer_dir(i), qmodel, t0, hidden)
+        del items, hidden
+        hidden = finish(i + 1, layer_dir(i), qmodel, t0, outs)
+        del outs
         del qmodel, block
         base.layers[i].to("meta")
     t0 = begin()
@@ -446,7 +475,7 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
             # GPTQ/AWQ pass leaves the head round-to-nearest with the config a tied head gets
             head_recipe = dataclasses.replace(head_recipe, weight_algorithm=None,
                                               overrides={**head_recipe.overrides, "lm_head": cfg})
-        qmodel, _ = _quantize_step(head, head_recipe, [(h.to(dtype),) for h in hidden], outputs=False)
+        qmodel, _ = _quantize_step(head, head_recipe, [(h.to(dtype),) for h in hidden], )
         del head
     qmodel.save(out / HEAD)
     record(HEAD, t0, qmodel)
@@ -454,9 +483,13 @@ def quantize_directory(model_dir: Union[str, Path], recipe: Recipe, calibration:
     bar.close()
     del qmodel
     meta = {"recipe": recipe.to_dict(), "source": str(model_dir), "activation_dtype": str(act),
+            "activation_storage": {"where": "disk" if spill else "memory", "max_memory": budget,
+                                   "bytes_per_copy": nbytes([torch.empty(s, device="meta") for s in shapes], act)},
             "calibration_items": len(ids), "report": {"steps": report, "seconds": time.perf_counter() - t_run,
                                                       "peak_rss_mb": run_peak[0]}}
     write_blockwise_manifest(out, meta, steps)
+    del hidden
     (out / RESUME).unlink(missing_ok=True)
+    (out / NEXT).unlink(missing_ok=True)
     (out / MARKER).unlink(missing_ok=True)
     return out

@@ -186,7 +186,7 @@ def _quantize_directory(args) -> int:
     if args.backend:
         recipe = dataclasses.replace(recipe, backend=args.backend).validate()
     cal = calibration_windows(tokenizer, n=args.windows, length=args.window_tokens)
-    out = quantize_directory(args.model, recipe, cal, args.out, progress=True)
+    out = quantize_directory(args.model, recipe, cal, args.out, progress=True, max_memory=args.max_memory)
     report = json.loads((out / "qcompile.json").read_text())["report"]
     for step in report["steps"]:
         print(f"{step['step']:40s} {step['seconds']:8.1f} s   peak RSS {step['peak_rss_mb']:8.0f} MiB")
@@ -321,6 +321,8 @@ def main(argv=None) -> int:
                                                     "model directory (safetensors shards; quantized block by block)")
     q.add_argument("--windows", type=int, default=8, help="--model DIR: calibration windows")
     q.add_argument("--window-tokens", type=int, default=512, help="--model DIR: tokens per calibration window")
+    q.add_argument("--max-memory", default=None, help="--model DIR: budget for the hidden states between blocks "
+                                                      "('8GB', '512MiB'); over it they are kept on disk in --out")
     q.add_argument("--recipe", default="w8a8", help="preset name, YAML/JSON recipe file, or 'auto' (mixed precision "
                                                     "chosen by measurement under --bits, from --candidates)")
     q.add_argument("--out", default=None, help="directory to save the quantized model, report.json and report.html")

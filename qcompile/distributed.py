@@ -130,6 +130,49 @@ def agree(error: Optional[BaseException]) -> None:
     raise agreed from error
 
 
+def owners(costs: Sequence[float], world: Optional[int] = None) -> list[int]:
+    """The rank that does each job of ``costs`` (weight-parallel solves): longest job first to the
+    least loaded rank (ties: the lower job index, then the lower rank), so every rank computes the
+    same plan from the same costs. With no group: all rank 0.
+
+    Example::
+
+        >>> owners([4.0, 1.0, 1.0], world=2)
+        [0, 1, 1]
+    """
+    w = world_size() if world is None else world
+    load, plan = [0.0] * w, [0] * len(costs)
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min(range(w), key=lambda r: (load[r], r))
+        plan[job] = r
+        load[r] += costs[job]
+    return plan
+
+
+def broadcast(values: Optional[tuple], src: int) -> tuple:
+    """The tuple ``values`` of rank ``src`` (a rank of the active group) on every rank; what the
+    other ranks pass is ignored (``None``). Tensors are sent with ``dist.broadcast`` (no pickling: a
+    weight can be hundreds of MB), the rest with ``broadcast_object_list``. No group: ``values``."""
+    g = group()
+    if g is None:
+        return values
+    me = dist.get_rank(g) == src
+    items = values if me else ()
+    shapes = [[(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None for t in items] if me else None]
+    dist.broadcast_object_list(shapes, group=g, group_src=src)
+    rest = [[None if isinstance(t, torch.Tensor) else t for t in items] if me else None]
+    dist.broadcast_object_list(rest, group=g, group_src=src)
+    out = []
+    for i, meta in enumerate(shapes[0]):
+        if meta is None:
+            out.append(rest[0][i])
+            continue
+        buf = items[i].detach().contiguous().to(_device(g)) if me else torch.empty(meta[0], dtype=meta[1], device=_device(g))
+        dist.broadcast(buf, group=g, group_src=src)
+        out.append(items[i] if me else buf.cpu())
+    return tuple(out)
+
+
 def barrier() -> None:
     """Wait for every rank (no-op with no group)."""
     g = group()

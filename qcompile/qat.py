@@ -24,7 +24,7 @@ from .calibration import run_calibration
 from .capture import capture
 from .fake_quant import FakeQuantize, GraphAttention
 from .model import PreparedModel
-from .observers import make_observer
+from .observers import all_reduce_statistics, make_observer
 from .passes import AnnotatePass, FreezeQATPass, InsertFakeQuantPass, NormalizeLinearPass, TrainEvalOpsPass
 from .passes.infra import PassManager, PassResult, Stage, tensor_owner
 from .pipeline import CALIBRATE, CAPTURE, convert_stages
@@ -150,6 +150,9 @@ def calibrate_qat(qat: QATModel, data: Iterable) -> int:
         for h in hooks:
             h.remove()
         qat.train(was_training)
+    # data-parallel calibration: every rank's ranges become those of all ranks' data (in the
+    # quantizers' graph order, the same on every rank); a no-op in one process
+    all_reduce_statistics(nn.ModuleList(observers.values()))
     for fq, obs in observers.items():
         scale, zp = obs.qparams()
         fq.set_qparams(scale, zp, obs.range())

@@ -132,8 +132,9 @@ def test_gptq_codes_identical_to_whole_model(gptq_out, llama_dir):
 
 def test_api_takes_a_model_directory_rtn_tied_head(tmp_path):
     model_dir = _save_llama(tmp_path / "tied", tied=True)
-    qm = qcompile.quantize(str(model_dir), "w4-g64", calibration=CAL, out=str(tmp_path / "out"))
+    qm = qcompile.quantize(str(model_dir), "w4-g64", calibration=CAL, out=str(tmp_path / "out"), max_memory="1KB")
     assert isinstance(qm, BlockwiseModel)
+    assert json.loads((tmp_path / "out" / "qcompile.json").read_text())["activation_storage"]["where"] == "disk"
     _, qw = _whole(model_dir, "w4-g64")
     compared, differ = _compare(qw.graph_module, tmp_path / "out")
     assert compared and differ == []
@@ -229,6 +230,8 @@ def test_cli_quantizes_a_model_directory(tmp_path):
     qm = qcompile.load(out)
     assert qm(CAL[0][0]).shape == (1, 16, 256)
     assert main(["quantize", "--model", str(model_dir), "--recipe", "w4-g64"]) == 2      # --out is required
+    assert main(["quantize", "--model", str(model_dir), "--recipe", "w4-g64", "--out", str(tmp_path / "o2"),
+                 "--max-memory", "lots"]) == 1                                            # InputError, named
 
 
 def _table_shard(tmp_path, n=300, k=128):
@@ -287,3 +290,37 @@ def test_gptq_hessian_of_stats_is_of_bit_for_bit_and_gives_the_gram_up():
     assert st.gram is None
     assert all(torch.equal(getattr(ref, f), getattr(got, f)) for f in ("perm", "dead", "hinv", "hessian32"))
     assert ref.damping == got.damping and torch.equal(got.hessian32, h.float())
+
+
+def test_spilled_hidden_states_give_identical_bytes(gptq_out, llama_dir, tmp_path):
+    """A budget smaller than one block's input and output hidden states (2 x 4 items x 16 x 64
+    float32 = 32 KiB): they go to disk in the output directory, the programs are the same bytes as
+    the in-memory run's, and no spill file is left."""
+    out = quantize_directory(llama_dir, _recipe("w4-g64-gptq"), CAL, tmp_path / "spilled", max_memory="16KB")
+    storage = json.loads((out / "qcompile.json").read_text())["activation_storage"]
+    assert storage == {"where": "disk", "max_memory": 16000, "bytes_per_copy": 4 * 16 * 64 * 4}
+    assert json.loads((gptq_out / "qcompile.json").read_text())["activation_storage"]["where"] == "memory"
+    a, b = _program_tensors(gptq_out), _program_tensors(out)
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("bad", ["8 parsecs", "GB", -1, 0, "0MB", True, 1.5e9])
+def test_bad_max_memory_is_named(llama_dir, tmp_path, bad):
+    with pytest.raises(InputError, match=r"^max_memory="):
+        quantize_directory(llama_dir, _recipe("w4-g64"), CAL, tmp_path / "o", max_memory=bad)
+    assert not (tmp_path / "o").exists()
+
+
+def test_parse_bytes_units():
+    from qcompile.blockwise_spill import parse_bytes
+
+    assert parse_bytes("8GB") == 8 * 10 ** 9 and parse_bytes("512MiB") == 512 * 2 ** 20
+    assert parse_bytes("1.5 GiB") == 3 * 2 ** 29 and parse_bytes(4096) == 4096 and parse_bytes("100") == 100
+
+
+def test_max_memory_refused_for_a_module_in_memory():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(InputError, match=r"^max_memory='1GB': a memory budget applies to a model directory"):
+        qcompile.quantize(model, "w8", (torch.randn(2, 8),), max_memory="1GB")

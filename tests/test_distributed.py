@@ -87,6 +87,10 @@ def _state(qmodel) -> dict:
     return {k: v.detach().clone() for k, v in qmodel.graph_module.state_dict().items()}
 
 
+def _qat_qparams(qat) -> dict:
+    return {name: fq.qparams() for name, fq in qat.fake_quantizers().items() if not fq.is_weight}
+
+
 def _rank_main(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -116,6 +120,9 @@ def _rank_main(rank: int, port: int, out: str) -> None:
             got["moving_average"] = None
         except NotImplementedError as e:
             got["moving_average"] = str(e)
+        qat_recipe = dataclasses.replace(_static_minmax(), qat=qcompile.QATConfig())
+        qat = qcompile.prepare_qat(model, qat_recipe, batches[0], calibration=distributed.shard(batches))
+        got["qat_calibration"] = _qat_qparams(qat)
         # a NaN in rank 1's shard only
         model, batches = _mlp_case()
         mine = distributed.shard(batches)
@@ -223,3 +230,18 @@ def test_one_process_unchanged_without_group():
     assert distributed.shard([1, 2, 3, 4, 5], rank_=1, world=2) == [4, 5]
     with pytest.raises(CalibrationError, match="boom"):
         distributed.agree(CalibrationError("boom"))
+
+
+def test_qat_calibration_reduced_over_ranks(two_ranks):
+    """prepare_qat(calibration=) on each rank's half: the activation qparams of one process on all
+    the data, bit for bit (min/max observers), on both ranks."""
+    _, ranks = two_ranks
+    model, batches = tiny_block_case()
+    qat_recipe = dataclasses.replace(_static_minmax(), qat=qcompile.QATConfig())
+    expected = _qat_qparams(qcompile.prepare_qat(model, qat_recipe, batches[0], calibration=batches))
+    assert expected
+    for got in ranks:
+        assert got["qat_calibration"].keys() == expected.keys()
+        for name, (scale, zp) in expected.items():
+            assert torch.equal(got["qat_calibration"][name][0], scale), name
+            assert (zp is None and got["qat_calibration"][name][1] is None) or torch.equal(got["qat_calibration"][name][1], zp)

@@ -1,4 +1,5 @@
-"""GatherBeforeDequantizePass: gather codes and row scales, then dequantize (exact)."""
+"""GatherBeforeDequantizePass: gather codes and row scales, then dequantize (exact).
+ViewsAsReshapesPass: views become reshapes (same values) unless something writes through them."""
 import copy
 
 import torch
@@ -8,7 +9,7 @@ from backend_conformance import _quantize
 from conftest import TinyBlock
 from qcompile.ops import DEQUANTIZE
 from qcompile.passes import PassManager
-from qcompile.passes.lowering import GatherBeforeDequantizePass
+from qcompile.passes.lowering import GatherBeforeDequantizePass, ViewsAsReshapesPass
 
 aten = torch.ops.aten
 
@@ -41,3 +42,24 @@ def test_float_embedding_is_left_alone():
     q = _quantize(TinyBlock().eval(), recipe, batches)
     gm = copy.deepcopy(q.graph_module)
     assert not PassManager([GatherBeforeDequantizePass()])(gm).modified
+
+
+class _Views(torch.nn.Module):
+    def forward(self, x):
+        y = x.transpose(0, 1).contiguous().view(-1, 4) * 2   # a view the re-export may not allow
+        z = x.clone().view(-1)
+        z.add_(1)                                           # written through: must stay a view
+        return y, z
+
+
+def test_views_become_reshapes_except_where_written_through():
+    x = torch.randn(3, 4)
+    gm = torch.export.export(_Views(), (x,)).module()
+    expected = gm(x)
+    result = ViewsAsReshapesPass()(gm)
+    targets = {n.name: n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert len(result.changed) == 1 and targets[result.changed[0]] == aten.reshape.default
+    assert sum(t == aten.view.default for t in targets.values()) == 1        # the written one
+    assert all(torch.equal(a, b) for a, b in zip(gm(x), expected))
+    assert not ViewsAsReshapesPass()(gm).modified                           # nothing left to do
+

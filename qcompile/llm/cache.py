@@ -42,6 +42,7 @@ from torch import nn
 
 from ..errors import GenerationError
 from ..formats import get_format
+from .attention import GROUPED_ATTENTION, register_grouped_attention
 
 LAYOUT_KWARG = "kv_cache"   # the constant keyword input that carries :class:`CacheLayout`
 
@@ -288,13 +289,16 @@ class CausalLMWithCache(nn.Module):
 def causal_lm(model: nn.Module, max_context: int, max_batch: int = 8, logits: str = "last",
               attn_implementation: Optional[str] = None) -> CausalLMWithCache:
     """Wrap a transformers ``*ForCausalLM`` with a static KV cache of ``max_context`` positions, ready to
-    quantize (:class:`CausalLMWithCache`). ``attn_implementation`` (``"sdpa"``, ``"eager"``) sets the
-    model's attention kernel first; default: the model's own. The model's weights are shared, not copied.
+    quantize (:class:`CausalLMWithCache`). ``attn_implementation`` (``"sdpa"``, ``"eager"``,
+    ``"qcompile_grouped"``: grouped-query attention without copying the cache per query head, see
+    :mod:`qcompile.llm.attention`) sets the model's attention kernel first; default: the model's own. The model's weights are shared, not copied.
 
     Example::
 
         >>> lm = qcompile.causal_lm(AutoModelForCausalLM.from_pretrained(path), max_context=512)
     """
+    if attn_implementation == GROUPED_ATTENTION:
+        register_grouped_attention()
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
     return CausalLMWithCache(model.eval(), max_context, max_batch, logits)

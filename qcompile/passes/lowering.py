@@ -6,7 +6,12 @@ pass returns.
   ``dequantize(embedding(W_q, ids), embedding(s, ids), embedding(z, ids))``. The converted graph
   dequantizes the whole table (MiniLM: 30,522 × 384) on every call; gathering the codes (and the
   rows' scales) first touches only the rows the batch uses. Each element still computes
-  ``(q - z) * s`` with the same operands, so the result is unchanged bit for bit."""
+  ``(q - z) * s`` with the same operands, so the result is unchanged bit for bit.
+* :class:`ViewsAsReshapesPass`: ``aten.view`` ⇒ ``aten.reshape`` where nothing writes through the
+  view. A backend that re-exports a rewritten graph traces it again with symbolic strides, which
+  can differ from the capture's (a fused op's shape function lays out its output its own way), and
+  a view of a tensor whose strides do not allow it then fails the export; a reshape is the same
+  values and copies only when it must. For value-semantics backends (TVM's Relax)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -88,3 +93,27 @@ def quantized_linears(gm, skipped: dict) -> list:
             continue
         found.append((node, x, w, node.args[2] if len(node.args) > 2 else None))
     return found
+
+
+class ViewsAsReshapesPass(Pass):
+    name = "views_as_reshapes"
+
+    def call(self, gm):
+        changed = []
+        for node in gm.graph.nodes:
+            if node.target != aten.view.default or any(_writes(u) for u in node.users):
+                continue
+            node.target = aten.reshape.default
+            changed.append(node.name)
+        if changed:
+            gm.recompile()
+        return PassResult(gm, bool(changed), changed)
+
+
+def _writes(node) -> bool:
+    """Whether ``node`` is an in-place op (its first argument is written)."""
+    target = getattr(node, "target", None)
+    schema = getattr(target, "_schema", None)
+    return node.op == "call_function" and (schema is None and str(target).endswith("_") or
+                                            schema is not None and schema.is_mutable)
+

@@ -17,7 +17,8 @@ inputs at once). At a Linear with a weight spec it:
 
 Under data-parallel calibration (:mod:`qcompile.distributed`) each rank runs its own items and each
 Linear's :class:`~qcompile.algorithms.common.InputStats` are summed over the ranks before it is
-solved, so every rank solves the same statistics identically (no weight-parallel split yet).
+solved, so every rank sees the same statistics; GPTQ's solves of the Linears reading one input
+(q/k/v, gate/up) are then spread over the ranks (weight-parallel) and broadcast from each owner.
 
 The result is a new float weight tensor lying exactly on the quantization grid of the qparams it was
 solved for; both go into ``node.meta[WEIGHT_QPARAMS]`` and :class:`~qcompile.passes.ConvertPass`
@@ -161,8 +162,7 @@ class ApplyWeightAlgorithmPass(Pass):
                         # one Hessian, and one factorisation of it, for all readers of the input
                         prep = GPTQHessian.of_stats(self._stats(run, node, quantized=self._input_spec(group)),
                                                     self.config.damping, self.config.act_order)
-                        for op in group:
-                            records.append(self._gptq(gm, run, op, prep))
+                        records.extend(self._gptq_group(gm, run, group, prep))
                         del prep
                     else:
                         records.append(self._awq(gm, run, node, group))
@@ -227,18 +227,48 @@ class ApplyWeightAlgorithmPass(Pass):
         op.args = tuple(args)
         op.meta[WEIGHT_QPARAMS] = WeightQParams(scale, zp, reference)
 
-    def _gptq(self, gm, run, op, prep):
+    def _gptq_group(self, gm, run, group, prep) -> list:
+        """GPTQ on the Linears of ``group`` (all read one input, so they share ``prep``), spread over
+        the ranks (weight-parallel): each rank solves its share (:func:`~qcompile.distributed.owners`,
+        balanced by the cost K²·N of a solve), then every result is broadcast from its owner, so
+        every rank holds the owner's bits (one process: rank 0 solves all, nothing is sent). A
+        failing solve raises on every rank, its rank and layer named, before anything is sent."""
+        weights = [get_attr_tensor(gm, op.args[op.meta[ANNOTATION].weight_arg]).detach().float() for op in group]
+        plan = distributed.owners([float(w.shape[1]) ** 2 * w.shape[0] for w in weights])
+        mine, error = {}, None
+        for i, (op, w) in enumerate(zip(group, weights)):
+            if plan[i] == distributed.rank():
+                try:
+                    mine[i] = self._gptq(op, w, prep)
+                except Exception as e:   # noqa: BLE001 - raised on every rank by agree()
+                    if distributed.group() is None:
+                        raise
+                    error = e
+                    break
+        distributed.agree(error)
+        records = []
+        for i, (op, w) in enumerate(zip(group, weights)):
+            w_q, scale, zp, record = distributed.broadcast(mine.get(i), plan[i])
+            self._set_weight(gm, run, op, w_q, scale, zp, w)
+            records.append({**record, "rank": plan[i]} if distributed.group() is not None else record)
+        return records
+
+    def _gptq(self, op, w, prep) -> tuple:
+        """(solved weight, scale, zero point, report record) of Linear ``op`` with float weight ``w``."""
         ann = op.meta[ANNOTATION]
-        w = get_attr_tensor(gm, op.args[ann.weight_arg]).detach().float()
-        w_q, scale, zp, damp = gptq_quantize(w, prep, ann.weight, block_size=self.config.block_size)
+        if not torch.isfinite(w).all():
+            raise CalibrationError(f"GPTQ: the weight of layer '{ann.layer}' has NaN or Inf entries")
+        try:
+            w_q, scale, zp, damp = gptq_quantize(w, prep, ann.weight, block_size=self.config.block_size)
+        except CalibrationError as e:
+            raise CalibrationError(f"layer '{ann.layer}': {e}") from e
         # output errors from the Hessian: mean_t ‖x_t Dᵀ‖² = tr(D H Dᵀ) / 2, no pass over the rows;
         # a diagnostic only, so on at most 128 evenly spaced output rows (N·K² costs as much as H)
         rows = slice(None, None, max(1, w.shape[0] // 128))
         d = torch.stack([w[rows] - fake_quantize(w, ann.weight, scale, zp)[rows], w[rows] - w_q[rows]])
         err_rtn, err_gptq = ((d @ prep.hessian32) * d).sum((1, 2)).tolist()
-        self._set_weight(gm, run, op, w_q, scale, zp, w.detach().float())
-        return {"layer": ann.layer, "method": "gptq", "damping": damp,
-                "output_error_vs_rtn": err_gptq / err_rtn if err_rtn > 0 else 1.0}
+        return w_q, scale, zp, {"layer": ann.layer, "method": "gptq", "damping": damp,
+                                "output_error_vs_rtn": err_gptq / err_rtn if err_rtn > 0 else 1.0}
 
     def _awq(self, gm, run, src_user, group):
         cfg = self.config

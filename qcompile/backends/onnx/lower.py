@@ -23,6 +23,8 @@ from ...passes.infra import Pass, PassManager, PassResult, add_tensor, constant_
 from ...passes.lowering import FuseResult, GatherBeforeDequantizePass, quantized_linears
 from ...cpu import cpu_info
 from . import contrib, translate
+from .cache_update import cache_blends_as_scatter
+from .rms_norm import rsqrt_scale_as_div
 from .contrib import MATMUL_INTEGER_TO_FLOAT, MATMUL_NBITS
 from .weights import Int8WeightsAsUint8Pass, resolve_int8_weights
 
@@ -397,6 +399,9 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
             del node.metadata_props[:]
     pack_low_bit_initializers(model)
     residual_adds_as_sum(model)
+    cache_blends_as_scatter(model)
+    if target == "onnxruntime":   # the form its SimplifiedLayerNormFusion matches
+        rsqrt_scale_as_div(model)
     model.metadata_props.add(key=INT8_WEIGHTS_KEY, value=weight_type)
     if weight_type == "uint8":
         why = f"{why} ({len(pm.result(Int8WeightsAsUint8Pass.name).changed)} weights converted)"

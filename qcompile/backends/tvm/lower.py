@@ -31,7 +31,7 @@ from ...errors import BackendError, summarize
 from ..base import check_kernels_took
 from ...formats import get_format
 from ...passes.infra import PassManager, prune_unused_tensors
-from ...passes.lowering import FuseResult
+from ...passes.lowering import FuseResult, ViewsAsReshapesPass
 from . import int8_gemm
 from .conv import FuseInt8ConvPass, Int8Conv2dConverter
 from .epilogue import FuseEpiloguePass, FuseNormQuantizePass, LayerNormQuantizeConverter
@@ -353,6 +353,7 @@ def import_relax(qmodel, family: str, parallel: bool = False) -> tuple:
                       skipped={**w4.skipped, **a8.skipped, **gemm.skipped, **conv.skipped},  # an a8 Linear: the a8 pass's reason
                       epilogues=[*epilogue.fused, *norm.fused])
     prune_unused_tensors(gm)
+    ViewsAsReshapesPass()(gm)   # the re-export may see other strides than the capture did
     with torch.no_grad():
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
     drop_constant_inputs(ep)
