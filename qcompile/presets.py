@@ -202,7 +202,7 @@ def _gguf(name: str, bits: int, minimum: bool = False, algorithm: Optional[str] 
         # AWQ folds 1/s into norms only: a GGUF file has no tensor for an inserted mul, and its
         # float16 block scales cannot absorb it into the previous layer's rows exactly
         algo = None if algorithm is None else WeightAlgorithmConfig(
-            algorithm, quantized_inputs=activations and algorithm == "gptq", fold_only=algorithm == "awq")
+            algorithm, fold_only=algorithm == "awq")
         act = gguf_activation("Q8_0") if activations else None
         overrides = {"lm_head": LayerConfig(_gguf_block(8), act)} if activations else {}
         return Recipe(name=name, default=LayerConfig(_gguf_block(bits, minimum, observer), act),
@@ -258,8 +258,9 @@ def gguf_recipe(gguf_type: str, algorithm: Optional[str] = None, activations: bo
     solves the weights on that grid (else round to nearest with llama.cpp's own scale).
     ``activations``: every Linear (the tied head too) also quantizes its input as llama.cpp's CPU
     dot products do (:func:`gguf_activation`: int8 per block of 32), so the reference computes
-    what llama.cpp computes, and GPTQ's Hessian is of that quantized input
-    (``WeightAlgorithmConfig.quantized_inputs``).
+    what llama.cpp computes. GPTQ keeps the float input's Hessian: solving against the int8 input
+    (``WeightAlgorithmConfig.quantized_inputs``, an opt-in) gave a worse file under llama.cpp
+    (SmolLM2 Q4_0: 33.75 against 33.24, docs/llm.md).
 
     Example::
 
@@ -359,7 +360,7 @@ def llama_cpp_mix(config, ftype: str = "q4_k_m", algorithm: Optional[str] = None
     if activations and tied:   # the head reads the embedding's tensor (one spec: still tied) and its input is quantized
         overrides["lm_head"] = config_of(types["model.embed_tokens"][0])
     algo = None if algorithm is None else WeightAlgorithmConfig(
-        algorithm, quantized_inputs=activations and algorithm == "gptq", fold_only=algorithm == "awq")
+        algorithm, fold_only=algorithm == "awq")
     name = f"gguf-{ftype}" + (f"-{algorithm}" if algorithm else "") + ("-a8" if activations else "")
     recipe = Recipe(name=name, default=LayerConfig(_gguf_k(int(base[1]))),
                     embedding=LayerConfig(gguf_spec(types["model.embed_tokens"][0], rtn)), weight_algorithm=algo,

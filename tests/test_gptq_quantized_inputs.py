@@ -69,22 +69,21 @@ def _grams(monkeypatch):
 
 
 def test_recipe_field_round_trips_and_is_left_out_while_false():
-    r = gguf_recipe("Q4_0", "gptq", activations=True)
+    a8 = gguf_recipe("Q4_0", "gptq", activations=True)
+    r = dataclasses.replace(a8, weight_algorithm=dataclasses.replace(a8.weight_algorithm, quantized_inputs=True))
     assert r.to_dict()["weight_algorithm"]["quantized_inputs"] is True
     assert Recipe.from_dict(r.to_dict()) == r
     off = gguf_recipe("Q4_0", "gptq")
     assert "quantized_inputs" not in off.to_dict()["weight_algorithm"]   # older records unchanged
     assert Recipe.from_dict(off.to_dict()) == off
-    # the -a8 recipes turn it on for GPTQ, and only there
-    assert gguf_recipe("Q5_0", "gptq", activations=True).weight_algorithm.quantized_inputs
-    assert not gguf_recipe("Q5_0", "gptq").weight_algorithm.quantized_inputs
+    # an opt-in: the -a8 recipes keep the float Hessian (it gave the better file under llama.cpp)
+    assert not a8.weight_algorithm.quantized_inputs
     assert not gguf_recipe("Q5_0", "awq", activations=True).weight_algorithm.quantized_inputs
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=64)
-    assert llama_cpp_mix(cfg, "q4_k_m", "gptq", activations=True)[0].weight_algorithm.quantized_inputs
-    assert not llama_cpp_mix(cfg, "q4_k_m", "gptq")[0].weight_algorithm.quantized_inputs
+    assert not llama_cpp_mix(cfg, "q4_k_m", "gptq", activations=True)[0].weight_algorithm.quantized_inputs
 
 
 def test_hessian_is_of_the_input_llama_cpp_quantizes(monkeypatch):
@@ -130,7 +129,7 @@ def test_awq_refuses_quantized_inputs():
 
 
 def test_llama_cpp_runs_the_gptq_a8_file_like_the_reference(tmp_path, tokenizer):  # noqa: F811
-    """End to end on a tiny Llama: ``gguf-q4_0-gptq-a8`` solved on llama.cpp's int8 activation blocks,
+    """End to end on a tiny Llama: ``gguf-q4_0-gptq-a8`` with ``quantized_inputs`` (solved on llama.cpp's int8 activation blocks),
     written bit for bit (verify_gguf), run by llama.cpp itself within the backend tests' logit
     tolerance of the reference (which quantizes its activations as llama.cpp does)."""
     pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python): pip install 'qcompile[gguf]'")
@@ -140,7 +139,9 @@ def test_llama_cpp_runs_the_gptq_a8_file_like_the_reference(tmp_path, tokenizer)
 
     tok = tokenizer
     model = _tiny_llama(64, 128, 2, 0.1)
-    q = _quantize(model, gguf_recipe("Q4_0", "gptq", activations=True), tok)
+    a8 = gguf_recipe("Q4_0", "gptq", activations=True)
+    a8 = dataclasses.replace(a8, weight_algorithm=dataclasses.replace(a8.weight_algorithm, quantized_inputs=True))
+    q = _quantize(model, a8, tok)
     assert [e["method"] for e in q.report.weight_algorithm].count("gptq") == 14   # 7 Linears x 2 layers
     art = qcompile.lower(q, backend="gguf", config=model.config, tokenizer=tok)
     path = art.save(tmp_path / "a8.gguf")
