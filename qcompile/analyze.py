@@ -71,6 +71,9 @@ class Sensitivity:
     params: int
     # the layer's own output error after GPTQ (analyze(gptq=True)), relative like hessian_proxy; NaN if not measured
     gptq_proxy: float = math.nan
+    # how much of this layer's own error reaches the model output: output noise / hessian_proxy of one
+    # probe candidate, on the first calibration item (analyze(gptq=True)); NaN if not measured
+    output_gain: float = math.nan
 
 
 @dataclass
@@ -281,8 +284,12 @@ def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calib
     ``hessian_proxy`` — what a recipe solved with GPTQ will have, where the Hessian proxy measures
     round-to-nearest. It holds each input's Gram matrix (one per input shared by q/k/v or gate/up:
     ~0.8 GB float64 for SmolLM2's 30 blocks); layers GPTQ does not solve (embeddings, convolutions,
-    formats it does not take) get their ``hessian_proxy``. ``progress``: a progress bar over the
-    layers on stderr."""
+    formats it does not take) get their ``hessian_proxy``. It also measures each layer's
+    ``output_gain``: one forward pass per layer on the first calibration item with that layer's
+    weight rounded by its middle candidate (by ``hessian_proxy``), the model output's noise-to-signal
+    ratio over that candidate's ``hessian_proxy`` — how much of the layer's own error reaches the
+    output (``layers`` passes, not ``layers x candidates``); ``allocate(cost="gptq")`` minimises
+    ``gptq_proxy x output_gain``. ``progress``: a progress bar over the layers on stderr."""
     recipes = [resolve_recipe(c) for c in candidates]
     for recipe in recipes:
         check_patterns(recipe)
@@ -369,6 +376,7 @@ def _analyze(model, targets, sites, recipes, names, items, model_output=True, gp
     try:
         outs = [model(*a, **k) for a, k in items]
         ref = torch.cat([_float_leaves(o) for o in outs]) if model_output else None
+        ref_first = _float_leaves(outs[0]) if gptq else None
         del outs
     finally:
         for h in handles:
@@ -378,17 +386,41 @@ def _analyze(model, targets, sites, recipes, names, items, model_output=True, gp
     solver = _GPTQCost(stats) if gptq else None
     table = SensitivityTable(candidates=names, samples=len(items), model_output=model_output)
     for name, mod, kind in tqdm(targets, desc="sensitivity", unit="layer", disable=not progress):
+        rows = []
         for cand, recipe in zip(names, recipes):
             cfg: Optional[LayerConfig] = resolve_layer_config(recipe, name, **sites[name])[0]
             row = _measure_layer(model, mod, kind, cfg, stats[name], items, ref)
             if solver is not None:
                 row["gptq_proxy"] = solver.proxy(mod, cfg, recipe, stats[name], row["hessian_proxy"])
-            table.rows.append(Sensitivity(name, kind, cand, **row))
+            rows.append((Sensitivity(name, kind, cand, **row), cfg))
+        if gptq:
+            gain = _output_gain(model, mod, rows, items[0], ref_first)
+            for r, _ in rows:
+                r.output_gain = gain
+        table.rows.extend(r for r, _ in rows)
         stats[name].inputs.clear()
         stats[name].outputs.clear()
         if solver is not None:
             solver.done(stats[name])
     return table
+
+
+def _output_gain(model, mod, rows, item, ref_first) -> float:
+    """The ``output_gain`` of :func:`analyze` (NaN when no candidate quantizes the layer)."""
+    probes = sorted(((r, cfg) for r, cfg in rows if cfg is not None and cfg.weight is not None
+                     and r.hessian_proxy > 0), key=lambda rc: rc[0].hessian_proxy)
+    if not probes:
+        return math.nan
+    row, cfg = probes[(len(probes) - 1) // 2]
+    w = mod.weight
+    original = w.detach().clone()
+    w.data.copy_(fake_quant_weight(original, cfg.weight)[0])
+    try:
+        out = _float_leaves(model(*item[0], **item[1]))
+    finally:
+        w.data.copy_(original)
+    noise = float((out - ref_first).pow(2).sum() / ref_first.pow(2).sum().clamp_min(1e-30))
+    return noise / row.hessian_proxy
 
 
 class _GPTQCost:

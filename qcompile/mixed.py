@@ -100,14 +100,16 @@ def layer_noise(row, cost: str = "output") -> float:
     """A row's noise-to-signal ratio: ``"output"``, of the model output with only that layer
     quantized (``10^(-SQNR/10)``); ``"hessian"``, the layer's own Hessian-proxy ratio (no model
     forward pass needed: :func:`qcompile.analyze` with ``model_output=False``); ``"gptq"``, the
-    layer's own output error after GPTQ (:func:`qcompile.analyze` with ``gptq=True``)."""
+    layer's own output error after GPTQ times the share of it that reaches the model output
+    (``gptq_proxy x output_gain``: :func:`qcompile.analyze` with ``gptq=True``)."""
     if cost == "hessian":
         return max(float(row.hessian_proxy), 0.0)
     if cost == "gptq":
         if math.isnan(row.gptq_proxy):
             raise RecipeError("cost", f"the table has no GPTQ cost (layer {row.layer}): analyze was run without "
                                       "gptq=True; allocate with cost='hessian' or measure it")
-        return max(float(row.gptq_proxy), 0.0)
+        gain = getattr(row, "output_gain", math.nan)   # a table measured before gains existed: 1
+        return max(float(row.gptq_proxy), 0.0) * (1.0 if math.isnan(gain) else gain)
     if cost != "output":
         raise RecipeError("cost", f"unknown cost '{cost}'; use one of {COSTS}")
     if math.isnan(row.output_sqnr_db):
