@@ -99,8 +99,9 @@ def run(args) -> None:
         tq = time.perf_counter() - t
         res = perplexity(q, lm.tokenizer, protocol)
         bpw, _ = linear_bpw(q.report)
+        # the logits' SQNR on one calibration window (report_samples=1): what predicted_sqnr_db predicts
         emit({"recipe": name, "ppl": res.perplexity, "mb": res.model_bytes / 1e6, "bpw": bpw, "quantize_s": tq,
-              **extra})
+              "measured_sqnr_db": q.report.output_sqnr, **extra})
         if args.save_recipes:
             Path(args.save_recipes).mkdir(parents=True, exist_ok=True)
             recipe.save(Path(args.save_recipes) / f"{name}.yaml")
