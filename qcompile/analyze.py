@@ -286,7 +286,7 @@ def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calib
     ~0.8 GB float64 for SmolLM2's 30 blocks); layers GPTQ does not solve (embeddings, convolutions,
     formats it does not take) get their ``hessian_proxy``. It also measures each layer's
     ``output_gain``: one forward pass per layer on the first calibration item with that layer's
-    weight rounded by its middle candidate (by ``hessian_proxy``), the model output's noise-to-signal
+    weight rounded by its coarsest candidate (largest ``hessian_proxy``), the model output's noise-to-signal
     ratio over that candidate's ``hessian_proxy`` — how much of the layer's own error reaches the
     output (``layers`` passes, not ``layers x candidates``); ``allocate(cost="gptq")`` minimises
     ``gptq_proxy x output_gain``. ``progress``: a progress bar over the layers on stderr."""
@@ -411,7 +411,7 @@ def _output_gain(model, mod, rows, item, ref_first) -> float:
                      and r.hessian_proxy > 0), key=lambda rc: rc[0].hessian_proxy)
     if not probes:
         return math.nan
-    row, cfg = probes[(len(probes) - 1) // 2]
+    row, cfg = probes[-1]   # the coarsest: its reach is what decides whether to pay for it (SmolLM2, docs/mixed.md)
     w = mod.weight
     original = w.detach().clone()
     w.data.copy_(fake_quant_weight(original, cfg.weight)[0])

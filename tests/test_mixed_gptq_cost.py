@@ -81,18 +81,18 @@ def test_table_marks_the_gptq_cost_round_trips_and_allocates_on_it():
                                                       for k, c in alloc.choice.items()))
 
 
-def test_output_gain_is_the_model_output_noise_of_the_middle_candidate_over_its_proxy(two_heads):
+def test_output_gain_is_the_model_output_noise_of_the_coarsest_candidate_over_its_proxy(two_heads):
     model, cal = two_heads
-    names = ["w8", "w4-g64", "w3-g64"]     # the middle by error: w4-g64
+    names = ["w8", "w4-g64", "w3-g64"]     # the coarsest (largest error): w3-g64
     table = qcompile.analyze(model, names, cal[0], cal, model_output=False, gptq=True)
     first = qcompile.analyze(model, names, cal[0], cal[:1], max_samples=1)   # the output cost on item 0
     for layer in ("q", "k"):
-        row = table.get(layer, "w4-g64")
+        row = table.get(layer, "w3-g64")
         assert {table.get(layer, c).output_gain for c in names} == {row.output_gain}   # one per layer
-        noise = 10 ** (-first.get(layer, "w4-g64").output_sqnr_db / 10)
+        noise = 10 ** (-first.get(layer, "w3-g64").output_sqnr_db / 10)
         assert row.output_gain * row.hessian_proxy == pytest.approx(noise, rel=1e-4)
     # q has 48 of the 80 output columns: more of the output, more of its error reaches it
-    assert table.get("q", "w4-g64").output_gain > table.get("k", "w4-g64").output_gain
+    assert table.get("q", "w3-g64").output_gain > table.get("k", "w3-g64").output_gain
 
 
 def test_recipe_auto_asks_for_the_gptq_cost_and_auto_picks_it_for_gptq_recipes(monkeypatch):
