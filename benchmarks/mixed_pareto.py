@@ -13,7 +13,8 @@ an interrupted run resumes::
     PYTHONPATH=. python benchmarks/mixed_pareto.py --render benchmarks/results/mixed_smollm2.json \\
         --png docs/img/mixed_pareto.png            # the plot, and the markdown table on stdout
 
-``--cost hessian`` (the default) allocates on the layer-local Hessian proxy: the model-output
+``--cost gptq`` allocates on each layer's own output error after GPTQ (the weight algorithm these
+rows are solved with); ``--cost hessian`` (the default) allocates on the layer-local Hessian proxy: the model-output
 SQNR of 210 Linears x 4 candidates needs 840 forward passes of the whole model, too slow on the
 shared 2-core machine this was measured on (see docs/mixed.md).
 """
@@ -84,7 +85,7 @@ def run(args) -> None:
         table = qcompile.analyze(lm.model, list(recipes.values()), cal[0], cal[:args.analyze_windows],
                                  example_kwargs={"use_cache": False}, max_samples=args.analyze_windows,
                                  layers=decoder_linears(lm.model), model_output=args.cost == "output",
-                                 progress=True)
+                                 gptq=args.cost == "gptq", progress=True)
         state["analyze_s"] = time.perf_counter() - t
         table.to_json(table_path)
         print(f"analyze: {state['analyze_s']:.0f} s", flush=True)
@@ -98,8 +99,9 @@ def run(args) -> None:
         tq = time.perf_counter() - t
         res = perplexity(q, lm.tokenizer, protocol)
         bpw, _ = linear_bpw(q.report)
+        # the logits' SQNR on one calibration window (report_samples=1): what predicted_sqnr_db predicts
         emit({"recipe": name, "ppl": res.perplexity, "mb": res.model_bytes / 1e6, "bpw": bpw, "quantize_s": tq,
-              **extra})
+              "measured_sqnr_db": q.report.output_sqnr, **extra})
         if args.save_recipes:
             Path(args.save_recipes).mkdir(parents=True, exist_ok=True)
             recipe.save(Path(args.save_recipes) / f"{name}.yaml")
@@ -114,6 +116,8 @@ def run(args) -> None:
             recipe, alloc = searched_recipe(table, recipes, bpw, args.cost)
             counts = {c: list(alloc.choice.values()).count(c) for c in CANDIDATES}
             measure(name, recipe, {"kind": "searched", "budget_bpw": bpw, "predicted_bpw": alloc.bits_per_weight,
+                                   "cost": args.cost, "predicted_noise": alloc.predicted_noise,
+                                   "predicted_sqnr_db": alloc.predicted_sqnr_db,
                                    "layers_per_candidate": counts, "solver": alloc.solver,
                                    "choice": alloc.choice})
         elif item not in done:
@@ -208,7 +212,7 @@ def main(argv=None):
     ap.add_argument("--order", nargs="*", default=["auto:4.5", "w3-g64-gptq-fp16", "auto:3.5", "auto:5.5",
                                                     "auto:3.0", "auto:4.0", "w2-g64-gptq-fp16"],
                     help="rows to measure in this order: auto:<bits per weight> or a uniform recipe name")
-    ap.add_argument("--cost", default="hessian", choices=["hessian", "output"])
+    ap.add_argument("--cost", default="hessian", choices=["hessian", "output", "gptq"])
     ap.add_argument("--calibration-windows", type=int, default=8)
     ap.add_argument("--analyze-windows", type=int, default=1)
     ap.add_argument("--save-recipes", default=None, help="write each measured recipe as YAML into this folder")

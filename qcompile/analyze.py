@@ -41,13 +41,15 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .algorithms.common import InputStats, unsupported
+from .algorithms.gptq import GPTQHessian, gptq_quantize
 from .calibration import iterate
 from .capture import input_binder
 from .errors import CalibrationError, RecipeError
 from .formats import get_format
 from .observers import weight_qparams
 from .ops import choose_qparams, dequantize, quantize
-from .recipe import LayerConfig, resolve_recipe
+from .recipe import LayerConfig, WeightAlgorithmConfig, resolve_recipe
 from .report import cosine, sqnr
 from .scope import check_patterns, resolve_layer_config
 
@@ -67,6 +69,11 @@ class Sensitivity:
     bits_per_weight: float
     weight_bytes: int
     params: int
+    # the layer's own output error after GPTQ (analyze(gptq=True)), relative like hessian_proxy; NaN if not measured
+    gptq_proxy: float = math.nan
+    # how much of this layer's own error reaches the model output: output noise / hessian_proxy of one
+    # probe candidate, on the first calibration item (analyze(gptq=True)); NaN if not measured
+    output_gain: float = math.nan
 
 
 @dataclass
@@ -81,6 +88,7 @@ class SensitivityTable:
     # every quantizable layer of the model, analysed or not -> the keyword arguments of
     # scope.resolve_layer_config that place it (layer_sites()); empty in tables saved before it existed
     sites: dict = field(default_factory=dict)
+    gptq: bool = False          # True: gptq_proxy measured (analyze(gptq=True))
 
     def get(self, layer: str, candidate: str) -> Sensitivity:
         for r in self.rows:
@@ -104,6 +112,7 @@ class SensitivityTable:
             return None if isinstance(v, float) and not math.isfinite(v) else v
 
         return {"candidates": list(self.candidates), "samples": self.samples, "model_output": self.model_output,
+                "gptq": self.gptq,
                 "excluded": dict(self.excluded), "sites": {k: dict(v) for k, v in self.sites.items()},
                 "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
 
@@ -115,7 +124,8 @@ class SensitivityTable:
 
         rows = [Sensitivity(**{k: num(v) for k, v in r.items()}) for r in data["rows"]]
         return SensitivityTable(list(data["candidates"]), rows, data.get("samples", 0), data.get("model_output", True),
-                                dict(data.get("excluded", {})), {k: dict(v) for k, v in data.get("sites", {}).items()})
+                                dict(data.get("excluded", {})), {k: dict(v) for k, v in data.get("sites", {}).items()},
+                                bool(data.get("gptq", False)))
 
     def cost_db(self, row: Sensitivity) -> float:
         """The damage shown in the HTML/PNG views, in dB (higher is better): the model-output SQNR,
@@ -123,13 +133,15 @@ class SensitivityTable:
         not measured."""
         if self.model_output:
             return row.output_sqnr_db
-        return math.inf if row.hessian_proxy <= 0 else -10 * math.log10(row.hessian_proxy)
+        proxy = row.gptq_proxy if self.gptq else row.hessian_proxy
+        return math.inf if proxy <= 0 else -10 * math.log10(proxy)
 
     @property
     def cost_label(self) -> str:
         """What :meth:`cost_db` measures, in words."""
-        return ("model output SQNR with one layer quantized" if self.model_output else
-                "Hessian-proxy SQNR of each layer's own output (model output not measured)")
+        if self.model_output:
+            return "model output SQNR with one layer quantized"
+        return (f"{'GPTQ' if self.gptq else 'Hessian-proxy'} SQNR of each layer's own output (model output not measured)")
 
     def to_png(self, path: Union[str, Path], dpi: int = 110) -> Path:
         """A heat map layer x candidate of :meth:`cost_db` (red: <= 10 dB, green: >= 40 dB), each cell
@@ -250,7 +262,7 @@ def _float_leaves(out) -> torch.Tensor:
 def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calibration: Iterable, *,
             example_kwargs: Optional[dict] = None, max_samples: int = 8,
             layers: Optional[Sequence[str]] = None, model_output: bool = True,
-            progress: bool = False) -> SensitivityTable:
+            gptq: bool = False, progress: bool = False) -> SensitivityTable:
     """Per-layer, per-candidate sensitivity of ``model`` (see the module docstring).
 
     ``candidates``: preset names or :class:`Recipe` objects; each layer is measured with the config
@@ -264,7 +276,20 @@ def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calib
     expensive part: 840 passes for SmolLM2's 210 Linears and 4 candidates) and measures only the
     layer-local columns (``hessian_proxy`` over every item, ``layer_sqnr_db`` over the first item
     only, so memory holds one item's activations per layer); ``output_sqnr_db`` and
-    ``output_cosine`` are then NaN. ``progress``: a progress bar over the layers on stderr."""
+    ``output_cosine`` are then NaN.
+
+    ``gptq=True`` also measures ``gptq_proxy``: each Linear's output error on the calibration inputs
+    after GPTQ (:func:`~qcompile.algorithms.gptq.gptq_quantize` on the layer's input Hessian, with the
+    candidate's ``weight_algorithm`` settings or GPTQ's defaults), relative to its output energy like
+    ``hessian_proxy`` — what a recipe solved with GPTQ will have, where the Hessian proxy measures
+    round-to-nearest. It holds each input's Gram matrix (one per input shared by q/k/v or gate/up:
+    ~0.8 GB float64 for SmolLM2's 30 blocks); layers GPTQ does not solve (embeddings, convolutions,
+    formats it does not take) get their ``hessian_proxy``. It also measures each layer's
+    ``output_gain``: one forward pass per layer on the first calibration item with that layer's
+    weight rounded by its coarsest candidate (largest ``hessian_proxy``), the model output's noise-to-signal
+    ratio over that candidate's ``hessian_proxy`` — how much of the layer's own error reaches the
+    output (``layers`` passes, not ``layers x candidates``); ``allocate(cost="gptq")`` minimises
+    ``gptq_proxy x output_gain``. ``progress``: a progress bar over the layers on stderr."""
     recipes = [resolve_recipe(c) for c in candidates]
     for recipe in recipes:
         check_patterns(recipe)
@@ -288,8 +313,8 @@ def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calib
     try:
         with torch.no_grad():
             sites = layer_sites(model)
-            table = _analyze(model, targets, sites, recipes, names, items, model_output, progress)
-            table.excluded, table.sites = excluded, sites
+            table = _analyze(model, targets, sites, recipes, names, items, model_output, gptq, progress)
+            table.excluded, table.sites, table.gptq = excluded, sites, gptq
             return table
     finally:
         model.train(was_training)
@@ -298,16 +323,30 @@ def analyze(model: nn.Module, candidates: Sequence, example_inputs: tuple, calib
 class _LayerStats:
     """What the float pass records at one layer: its inputs and outputs, the input range and the
     mean squared input per channel (over every call; the inputs and outputs of the first ``keep``
-    calls only, which the layer-local SQNR is measured on)."""
+    calls only, which the layer-local SQNR is measured on). With ``last`` (a one-slot list shared by
+    every layer's stats: the input the previous layer read), a Linear also keeps the Gram matrix of
+    its input, as :class:`~qcompile.algorithms.common.InputStats` in ``gram_owner``: its own, or that
+    of the layer called just before it on the same input tensor (q/k/v, gate/up share one)."""
 
-    def __init__(self, kind: str, keep: int):
+    def __init__(self, kind: str, keep: int, last: Optional[list] = None):
         self.kind, self.inputs, self.outputs, self.keep, self.calls = kind, [], [], keep, 0
         self.lo = self.hi = self.x2 = None
         self.y2, self.y_count = 0.0, 0     # the output energy over every call (the proxy's denominator)
+        self.last, self.gram_owner, self.gram = last if kind == "linear" else None, None, None
 
     def __call__(self, module, args, out):
         x = args[0].detach()
         self.calls += 1
+        if self.last is not None:
+            if self.gram_owner is None:   # first call: share the Gram of the layer that read this same tensor
+                prev = self.last[0]
+                self.gram_owner = prev[1].gram_owner if prev is not None and prev[0] is args[0] else self
+            if self.gram_owner is self:
+                if self.gram is None:
+                    self.gram = InputStats.of(x)
+                else:
+                    self.gram.add(x)
+            self.last[0] = (args[0], self)
         y = out.detach().float()
         self.y2, self.y_count = self.y2 + float(y.pow(2).sum()), self.y_count + y.numel()
         if len(self.inputs) < self.keep:
@@ -323,31 +362,107 @@ class _LayerStats:
         self.x2 = e if self.x2 is None else self.x2 + e
 
 
-def _analyze(model, targets, sites, recipes, names, items, model_output=True, progress=False) -> SensitivityTable:
+def _analyze(model, targets, sites, recipes, names, items, model_output=True, gptq=False,
+             progress=False) -> SensitivityTable:
     from tqdm.auto import tqdm
 
     # Without the model-output cost, the layer-local SQNR is measured on the first item only: keeping
     # every layer's inputs and outputs for every item was most of the 6.5 GB peak on SmolLM2 (210
     # Linears x 8 windows of 512 tokens); the Hessian proxy reads only the per-channel x^2 sums.
     keep = len(items) if model_output else 1
-    stats = {name: _LayerStats(kind, keep) for name, _, kind in targets}
+    last = [None] if gptq else None
+    stats = {name: _LayerStats(kind, keep, last) for name, _, kind in targets}
     handles = [mod.register_forward_hook(stats[name]) for name, mod, _ in targets]
     try:
         outs = [model(*a, **k) for a, k in items]
         ref = torch.cat([_float_leaves(o) for o in outs]) if model_output else None
+        ref_first = _float_leaves(outs[0]) if gptq else None
         del outs
     finally:
         for h in handles:
             h.remove()
+        if last is not None:
+            last.clear()
+    solver = _GPTQCost(stats) if gptq else None
     table = SensitivityTable(candidates=names, samples=len(items), model_output=model_output)
     for name, mod, kind in tqdm(targets, desc="sensitivity", unit="layer", disable=not progress):
+        rows = []
         for cand, recipe in zip(names, recipes):
             cfg: Optional[LayerConfig] = resolve_layer_config(recipe, name, **sites[name])[0]
             row = _measure_layer(model, mod, kind, cfg, stats[name], items, ref)
-            table.rows.append(Sensitivity(name, kind, cand, **row))
+            if solver is not None:
+                row["gptq_proxy"] = solver.proxy(mod, cfg, recipe, stats[name], row["hessian_proxy"])
+            rows.append((Sensitivity(name, kind, cand, **row), cfg))
+        if gptq:
+            gain = _output_gain(model, mod, rows, items[0], ref_first)
+            for r, _ in rows:
+                r.output_gain = gain
+        table.rows.extend(r for r, _ in rows)
         stats[name].inputs.clear()
         stats[name].outputs.clear()
+        if solver is not None:
+            solver.done(stats[name])
     return table
+
+
+def _output_gain(model, mod, rows, item, ref_first) -> float:
+    """The ``output_gain`` of :func:`analyze` (NaN when no candidate quantizes the layer)."""
+    probes = sorted(((r, cfg) for r, cfg in rows if cfg is not None and cfg.weight is not None
+                     and r.hessian_proxy > 0), key=lambda rc: rc[0].hessian_proxy)
+    if not probes:
+        return math.nan
+    row, cfg = probes[-1]   # the coarsest: its reach is what decides whether to pay for it (SmolLM2, docs/mixed.md)
+    w = mod.weight
+    original = w.detach().clone()
+    w.data.copy_(fake_quant_weight(original, cfg.weight)[0])
+    try:
+        out = _float_leaves(model(*item[0], **item[1]))
+    finally:
+        w.data.copy_(original)
+    noise = float((out - ref_first).pow(2).sum() / ref_first.pow(2).sum().clamp_min(1e-30))
+    return noise / row.hessian_proxy
+
+
+class _GPTQCost:
+    """The GPTQ-aware cost of :func:`analyze` (``gptq=True``): each Linear's output error on its
+    calibration inputs after :func:`~qcompile.algorithms.gptq.gptq_quantize`, ``mean_t ||x_t ΔWᵀ||²``
+    from the Gram matrix (``tr(ΔW XᵀX ΔWᵀ) / T``, no pass over the rows), per output element, over the
+    layer's mean squared output: the Hessian proxy's normalisation with the full Hessian and the
+    weight GPTQ gives. One factorisation per shared input and GPTQ setting; a Gram matrix is freed
+    once every layer reading it has been measured."""
+
+    def __init__(self, stats: dict):
+        self.readers: dict = {}
+        for st in stats.values():
+            if st.gram_owner is not None:
+                self.readers[id(st.gram_owner)] = self.readers.get(id(st.gram_owner), 0) + 1
+        self.preps: dict = {}
+
+    def proxy(self, mod, cfg, recipe, st: _LayerStats, rtn_proxy: float) -> float:
+        if cfg is None or cfg.weight is None:
+            return 0.0
+        owner = st.gram_owner
+        if owner is None or owner.gram is None or unsupported(cfg.weight) is not None:
+            return rtn_proxy   # not a Linear GPTQ solves: the weight-algorithm pass rounds it to nearest
+        algo = recipe.weight_algorithm if recipe.weight_algorithm is not None and \
+            recipe.weight_algorithm.method == "gptq" else WeightAlgorithmConfig("gptq")
+        key = (id(owner), algo.damping, algo.act_order)
+        if key not in self.preps:
+            self.preps[key] = GPTQHessian.of(owner.gram.hessian(), algo.damping, algo.act_order)
+        w = mod.weight.detach().float()
+        w_q = gptq_quantize(w, self.preps[key], cfg.weight, block_size=algo.block_size)[0]
+        d = (w_q - w).double()
+        err = float(((d @ owner.gram.gram) * d).sum()) / owner.gram.rows / w.shape[0]
+        return err / max(st.y2 / max(st.y_count, 1), 1e-30)
+
+    def done(self, st: _LayerStats) -> None:
+        owner = st.gram_owner
+        if owner is None:
+            return
+        self.readers[id(owner)] -= 1
+        if self.readers[id(owner)] == 0:
+            owner.gram = None
+            self.preps = {k: v for k, v in self.preps.items() if k[0] != id(owner)}
 
 
 def _measure_layer(model, mod, kind, cfg, st: _LayerStats, items, ref) -> dict:

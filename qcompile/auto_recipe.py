@@ -36,7 +36,7 @@ CLOCKS = ("wall", "cpu")
 # SQNR (one forward pass of the whole model per layer and candidate: exact, but hours on an LLM);
 # "hessian", the layer-local Hessian-diagonal proxy (one float pass with hooks); "auto" picks by the
 # model's size (qcompile.search.OUTPUT_COST_MAX_PARAMS).
-COSTS = ("auto", "output", "hessian")
+COSTS = ("auto", "output", "hessian", "gptq")
 
 
 def size_budget(budget: dict) -> tuple[str, float]:
@@ -98,9 +98,11 @@ class AutoRecipe:
     ``Recipe.auto(candidates=["w8", "w4-g64"], budget={"bits_per_weight": 4.5})``.
 
     ``cost``: how each layer's sensitivity is measured (``COSTS``): ``"output"`` (model-output SQNR,
-    ``layers x candidates`` forward passes), ``"hessian"`` (the layer-local proxy, one pass) or
-    ``"auto"`` (output for models up to ``qcompile.search.OUTPUT_COST_MAX_PARAMS`` parameters,
-    hessian above)."""
+    ``layers x candidates`` forward passes), ``"hessian"`` (the layer-local proxy of round-to-nearest,
+    one pass), ``"gptq"`` (each layer's own output error after GPTQ, one pass and one GPTQ solve per
+    layer and candidate) or ``"auto"`` (output for models up to
+    ``qcompile.search.OUTPUT_COST_MAX_PARAMS`` parameters; above, gptq when the chosen recipe will be
+    solved with GPTQ (the first candidate's ``weight_algorithm``), else hessian)."""
 
     candidates: tuple
     budget: dict = field(hash=False, default_factory=dict)

@@ -98,7 +98,8 @@ def _sensitivity(model, batches, example_kwargs, args):
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     t0 = time.perf_counter()
     table = qcompile.analyze(model, candidates, batches[0], batches, example_kwargs=example_kwargs,
-                             max_samples=args.analyze_samples, model_output=args.cost == "output", progress=True)
+                             max_samples=args.analyze_samples, model_output=args.cost == "output",
+                             gptq=args.cost == "gptq", progress=True)
     print(f"sensitivity of {len(table.layers)} layers x {len(candidates)} candidates: "
           f"{time.perf_counter() - t0:.1f} s")
     for layer, why in table.excluded.items():   # not in the budget: the first candidate's recipe decides them
@@ -261,9 +262,10 @@ def _sensitivity_args(p) -> None:
     p.add_argument("--candidates", default="w8,w4-g64,w3-g64", help="comma-separated presets or recipe files")
     p.add_argument("--analyze-samples", type=int, default=2,
                    help="calibration items (batches) the sensitivity is measured on")
-    p.add_argument("--cost", default="output", choices=["output", "hessian"],
+    p.add_argument("--cost", default="output", choices=["output", "hessian", "gptq"],
                    help="output: model-output SQNR per layer (layers x candidates forward passes); "
-                        "hessian: the layer-local Hessian proxy (no extra forward pass; for large models)")
+                        "hessian: the layer-local Hessian proxy (no extra forward pass; for large models); "
+                        "gptq: each layer's own output error after GPTQ (with --weight-algorithm gptq)")
 
 
 def _check(args) -> int:

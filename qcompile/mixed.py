@@ -93,15 +93,23 @@ def budget_bytes(budget: dict, params: int) -> float:
     return value * params / 8.0 if key == "bits_per_weight" else value
 
 
-COSTS = ("output", "hessian")
+COSTS = ("output", "hessian", "gptq")
 
 
 def layer_noise(row, cost: str = "output") -> float:
     """A row's noise-to-signal ratio: ``"output"``, of the model output with only that layer
     quantized (``10^(-SQNR/10)``); ``"hessian"``, the layer's own Hessian-proxy ratio (no model
-    forward pass needed: :func:`qcompile.analyze` with ``model_output=False``)."""
+    forward pass needed: :func:`qcompile.analyze` with ``model_output=False``); ``"gptq"``, the
+    layer's own output error after GPTQ times the share of it that reaches the model output
+    (``gptq_proxy x output_gain``: :func:`qcompile.analyze` with ``gptq=True``)."""
     if cost == "hessian":
         return max(float(row.hessian_proxy), 0.0)
+    if cost == "gptq":
+        if math.isnan(row.gptq_proxy):
+            raise RecipeError("cost", f"the table has no GPTQ cost (layer {row.layer}): analyze was run without "
+                                      "gptq=True; allocate with cost='hessian' or measure it")
+        gain = getattr(row, "output_gain", math.nan)   # a table measured before gains existed: 1
+        return max(float(row.gptq_proxy), 0.0) * (1.0 if math.isnan(gain) else gain)
     if cost != "output":
         raise RecipeError("cost", f"unknown cost '{cost}'; use one of {COSTS}")
     if math.isnan(row.output_sqnr_db):
@@ -114,12 +122,13 @@ def allocate(table, budget: dict, solver: Optional[str] = None, cost: Optional[s
              costs: Optional[dict] = None) -> Allocation:
     """Choose a candidate per layer of ``table`` minimising the summed noise (``cost``, see
     :func:`layer_noise`; default: ``"output"`` when the table measured the model output, else
-    ``"hessian"``) within ``budget``.
+    ``"gptq"`` when it measured the GPTQ cost, else ``"hessian"``) within ``budget``.
 
     ``costs``: ``{(layer, candidate): cost}`` in the budget's unit, constrained instead of bytes
     (``{"latency_ms": ms}`` with measured kernel times: :mod:`qcompile.latency`)."""
     if cost is None:
-        cost = "output" if getattr(table, "model_output", True) else "hessian"
+        cost = "output" if getattr(table, "model_output", True) else "gptq" if getattr(table, "gptq", False) \
+            else "hessian"
     options: dict = {}
     for r in table.rows:
         noise = layer_noise(r, cost)

@@ -205,7 +205,7 @@ class Recipe:
         :func:`qcompile.quantize` like any recipe. Give a ``budget`` (bits per weight, bytes, or
         ``{"latency_ms": ms, "backend": "onnx"}`` measured on that backend: :mod:`qcompile.latency`),
         or a ``quality`` contract (:class:`qcompile.auto_recipe.Quality`) to get the smallest model meeting it.
-        ``cost``: ``"auto"`` (default), ``"output"`` or ``"hessian"`` (:class:`~qcompile.auto_recipe.AutoRecipe`)."""
+        ``cost``: ``"auto"`` (default), ``"output"``, ``"hessian"`` or ``"gptq"`` (:class:`~qcompile.auto_recipe.AutoRecipe`)."""
 
         if budget is None and quality is None:
             raise RecipeError("budget", "Recipe.auto needs a budget or a quality contract")

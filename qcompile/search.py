@@ -68,11 +68,17 @@ OUTPUT_COST_MAX_PARAMS = 50_000_000
 
 
 def resolved_cost(auto: AutoRecipe, model) -> str:
-    """``auto.cost``, with ``"auto"`` made ``"output"`` or ``"hessian"`` by the model's size."""
+    """``auto.cost``, with ``"auto"`` made ``"output"`` by a model's size up to
+    :data:`OUTPUT_COST_MAX_PARAMS`, else ``"gptq"`` when the chosen recipe will be solved with GPTQ
+    (it takes the first candidate's ``weight_algorithm``: :meth:`Allocation.recipe`), else
+    ``"hessian"`` (round-to-nearest, what the recipe will do)."""
     if auto.cost != "auto":
         return auto.cost
     params = sum(p.numel() for p in model.parameters())
-    return "output" if params <= OUTPUT_COST_MAX_PARAMS else "hessian"
+    if params <= OUTPUT_COST_MAX_PARAMS:
+        return "output"
+    algo = resolve_recipe(auto.candidates[0]).weight_algorithm
+    return "gptq" if algo is not None and algo.method == "gptq" else "hessian"
 
 
 def measure_candidates(auto: AutoRecipe, model, example_inputs, calibration,
@@ -81,7 +87,8 @@ def measure_candidates(auto: AutoRecipe, model, example_inputs, calibration,
     with the cost :func:`resolved_cost` names (the table's ``model_output`` says which)."""
     cost = resolved_cost(auto, model)
     table = analyze(model, list(auto.candidates), example_inputs, calibration, example_kwargs=example_kwargs,
-                    max_samples=auto.max_samples, model_output=cost == "output", progress=cost == "hessian")
+                    max_samples=auto.max_samples, model_output=cost == "output", gptq=cost == "gptq",
+                    progress=cost != "output")
     recipes = {c if isinstance(c, str) else resolve_recipe(c).name: resolve_recipe(c) for c in auto.candidates}
     return table, recipes
 
@@ -130,8 +137,9 @@ def search_loop(steps: int, next_limit: Callable[[int, Optional[Trial]], float],
 
 def _size_budget(auto, model, example_inputs, calibration, example_kwargs, quantize_with):
     table, recipes = measure_candidates(auto, model, example_inputs, calibration, example_kwargs)
-    alloc = allocate(table, auto.budget)
-    info = {**alloc.to_dict(), "budget": dict(auto.budget), "cost": "output" if table.model_output else "hessian",
+    cost = resolved_cost(auto, model)
+    alloc = allocate(table, auto.budget, cost=cost)
+    info = {**alloc.to_dict(), "budget": dict(auto.budget), "cost": cost,
             "most_sensitive": _most_sensitive(table)}
     qmodel = quantize_with(alloc.recipe(recipes, auto.name))
     qmodel.report.mixed_precision = info
