@@ -11,7 +11,8 @@ from torch.export import Dim
 
 import qcompile
 from qcompile import CaptureError
-from qcompile.capture import BudgetExceeded, auto_dims, capture, describe_dynamic, time_budget
+from qcompile.budget import BudgetExceeded, time_budget
+from qcompile.capture import auto_dims, capture, describe_dynamic
 
 
 def test_auto_dims_like_a_user_would():

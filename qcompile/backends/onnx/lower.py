@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from ...capture import BudgetExceeded, batch_only, describe_dynamic, time_budget
+from ...budget import BudgetExceeded, time_budget
+from ...capture import batch_only, describe_dynamic
 from ...errors import BackendError, summarize
 from ..base import node_module
 from ...ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
@@ -352,7 +353,7 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     choice and its reason are in the file's ``metadata_props`` (``qcompile.int8_weights``,
     ``qcompile.int8_weights_reason``), for both targets: the ``qdq`` file runs in onnxruntime too.
     ``budget_s`` (default :data:`EXPORT_BUDGET_S`): an export still running after it stops with a
-    :class:`BackendError` naming the dynamic inputs and dims (see ``capture.time_budget``)."""
+    :class:`BackendError` naming the dynamic inputs and dims (see ``budget.time_budget``)."""
     if target not in TARGETS:
         raise BackendError(f"unknown onnx target '{target}'; choose one of {', '.join(TARGETS)}")
     args, kwargs, dynamic_shapes = qmodel.export_example(f"the onnx backend (target '{target}')")
