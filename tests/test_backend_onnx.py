@@ -412,7 +412,7 @@ def test_residual_add_before_layer_norm_is_a_sum_so_default_sessions_skip_the_sl
     """The saved file avoids onnxruntime's SkipLayerNormalization (slow on CPU) in a plain session: the
     residual Add feeding a LayerNorm is a two-input Sum (same value). An Add with another consumer
     stays Add (negative case); the same file with Add back is fused (the rewrite is what prevents it)."""
-    from qcompile.backends.onnx.lower import residual_adds_as_sum
+    from qcompile.backends.onnx.rewrites import residual_adds_as_sum
 
     torch.manual_seed(0)
     batches = [(torch.randn(2, 5, 32),) for _ in range(3)]

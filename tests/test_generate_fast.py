@@ -106,7 +106,7 @@ def test_onnx_rms_norm_is_written_in_the_form_onnxruntime_fuses(onnx_w4):
     # norm; the decoder and generate tests above check the numbers (token for token)
     import onnx
     from onnx import TensorProto, helper
-    from qcompile.backends.onnx.rms_norm import rsqrt_scale_as_div
+    from qcompile.backends.onnx.rewrites import rsqrt_scale_as_div
 
     _, art = onnx_w4
     ops = [n.op_type for n in onnx.load_from_string(art.model_bytes).graph.node]

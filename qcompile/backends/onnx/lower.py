@@ -25,7 +25,7 @@ from ...passes.lowering import FuseResult, GatherBeforeDequantizePass, quantized
 from ...cpu import cpu_info
 from . import contrib, translate
 from .cache_update import cache_blends_as_scatter
-from .rms_norm import rsqrt_scale_as_div
+from .rewrites import residual_adds_as_sum, rsqrt_scale_as_div
 from .contrib import MATMUL_INTEGER_TO_FLOAT, MATMUL_NBITS
 from .weights import Int8WeightsAsUint8Pass, resolve_int8_weights
 
@@ -409,35 +409,6 @@ def export_onnx(qmodel, opset: int = OPSET, target: str = "onnxruntime",
     model.metadata_props.add(key=INT8_WEIGHTS_REASON_KEY, value=why)
     onnx.checker.check_model(model)
     return model.SerializeToString(), [i.name for i in model.graph.input]
-
-
-def residual_adds_as_sum(model) -> int:
-    """Write each residual ``Add`` that feeds a ``LayerNormalization`` as a two-input ``Sum`` (the
-    same ``a + b``, bit for bit). onnxruntime's SkipLayerNormFusion matches ``Add`` → LayerNormalization
-    only; its SkipLayerNormalization CPU kernel measured 6-8x slower than the two ops (see
-    :data:`.runtime.DISABLED_OPTIMIZERS`), so a file written this way runs at full speed in a plain
-    onnxruntime session too, without that session option. An ``Add`` of a constant (a bias) or
-    with other consumers is left alone. Returns the number rewritten."""
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    outputs = {o.name for o in graph.output}
-    constants = {i.name for i in graph.initializer} | \
-        {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    rewritten = 0
-    for node in graph.node:
-        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
-            continue
-        add = producer.get(node.input[0])
-        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or \
-                consumers.get(add.output[0]) != 1 or add.output[0] in outputs or set(add.input) & constants:
-            continue
-        add.op_type = "Sum"
-        rewritten += 1
-    return rewritten
 
 
 def pack_low_bit_initializers(model) -> int:

@@ -22,7 +22,7 @@ from .decode import OnnxDecoder
 # CPU kernel (onnxruntime 1.32) measured 6-8x slower than the two ops it replaces
 # (benchmarks/test_onnx_skip_layernorm.py) and less accurate (max error vs float64 2.6e-6 vs 1.0e-6). A session you create yourself for the saved file should pass the same
 # ``disabled_optimizers`` (docs/onnx.md). Files qcompile writes now avoid that fusion by themselves
-# (lower.residual_adds_as_sum writes those residual adds as Sum); the option stays for older files.
+# (rewrites.residual_adds_as_sum writes those residual adds as Sum); the option stays for older files.
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
