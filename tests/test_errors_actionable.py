@@ -117,16 +117,21 @@ class WithStall(nn.Module):
         return self.out(self.act(self.fc(x)))
 
 
-def test_onnx_export_budget_names_the_node_and_module_it_stopped_in():
-    """The export stalls in one module's op: the budget's error names that node and module."""
-    q = qcompile.quantize(WithStall().eval(), "w8", (torch.randn(2, 8),))
+def _stalled_export_error(q, budget_s: float) -> str:
+    """The message of the BackendError an ONNX export stalled in qcompile_test::stall stops with."""
     STALL["seconds"] = 30.0
     try:
         with pytest.raises(BackendError) as info:
-            qcompile.lower(q, "onnx", budget_s=1)
+            qcompile.lower(q, "onnx", budget_s=budget_s)
     finally:
         STALL["seconds"] = 0.0
-    msg = str(info.value)
+    return str(info.value)
+
+
+def test_onnx_export_budget_names_the_node_and_module_it_stopped_in():
+    """The export stalls in one module's op: the budget's error names that node and module."""
+    q = qcompile.quantize(WithStall().eval(), "w8", (torch.randn(2, 8),))
+    msg = _stalled_export_error(q, budget_s=1)
     assert "within its budget of 1 s (stopped at node 'stall' of module 'act' (Stall))" in msg, msg
     assert "hint:" in msg and "dynamic_shapes=" in msg and "\x1b" not in msg
 
@@ -151,13 +156,7 @@ def test_onnx_export_budget_names_dynamic_inputs_and_hint():
     model = StalledTinyBlock().eval()
     example = (torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long))
     q = qcompile.quantize(model, "w8", example)
-    STALL["seconds"] = 30.0
-    try:
-        with pytest.raises(BackendError) as info:
-            qcompile.lower(q, "onnx", budget_s=0.5)
-    finally:
-        STALL["seconds"] = 0.0
-    msg = str(info.value)
+    msg = _stalled_export_error(q, budget_s=0.5)
     assert "within its budget of 0.5 s" in msg
     assert "input 'ids' dims 0, 1; input 'mask' dims 0, 1" in msg
     assert "dynamic_shapes={'ids': {0: Dim.AUTO}, 'mask': {0: Dim.AUTO}}" in msg and "hint:" in msg
