@@ -27,8 +27,7 @@ import torch
 import qcompile
 from qcompile.eval.perplexity import PerplexityProtocol, calibration_windows, text_tokens
 from qcompile.models.smollm2 import load_smollm2
-from qcompile.presets import llama_cpp_mix
-from gguf_quality import resolve   # presets and presets.gguf_recipe names (gguf-q4_0-a8, gguf-q5_0-awq)
+from gguf_quality import recipes_of   # presets, presets.gguf_recipe names (gguf-q4_0-a8, gguf-q5_0-awq), mixes
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.",
            "Photosynthesis is the process by which", "Here is a list of three fruits: apple,"]
@@ -105,11 +104,7 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     lm = load_smollm2()
     tokens = text_tokens(lm.tokenizer, PerplexityProtocol())
-    recipes = [resolve(r) for r in args.recipes]
-    for mix in args.mixes:
-        ftype, *rest = mix.split("-")
-        algo = next((p for p in rest if p in ("gptq", "awq")), None)
-        recipes.append(llama_cpp_mix(lm.model.config, ftype, algo, activations="a8" in rest)[0])
+    recipes = recipes_of(args.recipes, args.mixes, lm.model.config)
     cal = None
     for recipe in recipes:
         name = getattr(recipe, "name", recipe)

@@ -28,14 +28,30 @@ from qcompile.models.smollm2 import load_smollm2
 from qcompile.presets import PRESETS, gguf_recipe, llama_cpp_mix
 
 
+def _algorithm_and_activations(parts):
+    return next((p for p in parts if p in ("gptq", "awq")), None), "a8" in parts
+
+
 def resolve(name: str):
     """A preset name, or a legacy-type recipe of presets.gguf_recipe spelled like one
     (``gguf-q5_0-awq``, ``gguf-q4_0-gptq-a8``: not registered presets)."""
     if name in PRESETS:
         return name
     _, gtype, *rest = name.split("-")
-    algo = next((p for p in rest if p in ("gptq", "awq")), None)
-    return gguf_recipe(gtype.upper(), algo, activations="a8" in rest)
+    algo, activations = _algorithm_and_activations(rest)
+    return gguf_recipe(gtype.upper(), algo, activations=activations)
+
+
+def recipes_of(names, mixes, config) -> list:
+    """The recipes ``--recipes`` and ``--mixes`` name: presets or gguf_recipe names (:func:`resolve`),
+    then llama.cpp's per-layer mixes via presets.llama_cpp_mix (``q4_k_m``, ``q4_k_m-gptq``,
+    ``q4_k_m-gptq-a8``: llama.cpp's int8 activations in the reference)."""
+    recipes = [resolve(r) for r in names]
+    for mix in mixes:
+        ftype, *rest = mix.split("-")
+        algo, activations = _algorithm_and_activations(rest)
+        recipes.append(llama_cpp_mix(config, ftype, algo, activations=activations)[0])
+    return recipes
 
 
 class _Runner(torch.nn.Module):
@@ -90,11 +106,7 @@ def main():
         res = perplexity(_Runner(GgufArtifact.load(path)), lm.tokenizer, protocol, tokens=tokens)
         return res.perplexity, time.perf_counter() - t
 
-    recipes = [resolve(r) for r in args.recipes]
-    for mix in args.mixes:   # q4_k_m, q4_k_m-gptq, q4_k_m-gptq-a8 (llama.cpp's int8 activations in the reference)
-        ftype, *rest = mix.split("-")
-        algo = next((p for p in rest if p in ("gptq", "awq")), None)
-        recipes.append(llama_cpp_mix(lm.model.config, ftype, algo, activations="a8" in rest)[0])
+    recipes = recipes_of(args.recipes, args.mixes, lm.model.config)
     for recipe in recipes:
         if ("gptq" in getattr(recipe, "name", recipe) or "awq" in getattr(recipe, "name", recipe)) and cal is None:
             cal = calibration_windows(lm.tokenizer, n=8)
