@@ -69,16 +69,18 @@ class Halve(nn.Module):
 
 
 class WithCustomOp(nn.Module):
-    def __init__(self):
+    """Linear → ``act`` (a module calling a custom op) → Linear."""
+
+    def __init__(self, act: nn.Module):
         super().__init__()
-        self.fc, self.act, self.out = nn.Linear(8, 8), Halve(), nn.Linear(8, 2)
+        self.fc, self.act, self.out = nn.Linear(8, 8), act, nn.Linear(8, 2)
 
     def forward(self, x):
         return self.out(self.act(self.fc(x)))
 
 
 def test_onnx_export_failure_names_node_module_and_next_step():
-    q = qcompile.quantize(WithCustomOp().eval(), "w8", (torch.randn(2, 8),))
+    q = qcompile.quantize(WithCustomOp(Halve()).eval(), "w8", (torch.randn(2, 8),))
     with pytest.raises(BackendError) as info:
         qcompile.lower(q, "onnx")
     msg = str(info.value)
@@ -108,15 +110,6 @@ class Stall(nn.Module):
         return torch.ops.qcompile_test.stall(x)
 
 
-class WithStall(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc, self.act, self.out = nn.Linear(8, 8), Stall(), nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.out(self.act(self.fc(x)))
-
-
 def _stalled_export_error(q, budget_s: float) -> str:
     """The message of the BackendError an ONNX export stalled in qcompile_test::stall stops with."""
     STALL["seconds"] = 30.0
@@ -130,7 +123,7 @@ def _stalled_export_error(q, budget_s: float) -> str:
 
 def test_onnx_export_budget_names_the_node_and_module_it_stopped_in():
     """The export stalls in one module's op: the budget's error names that node and module."""
-    q = qcompile.quantize(WithStall().eval(), "w8", (torch.randn(2, 8),))
+    q = qcompile.quantize(WithCustomOp(Stall()).eval(), "w8", (torch.randn(2, 8),))
     msg = _stalled_export_error(q, budget_s=1)
     assert "within its budget of 1 s (stopped at node 'stall' of module 'act' (Stall))" in msg, msg
     assert "hint:" in msg and "dynamic_shapes=" in msg and "\x1b" not in msg
