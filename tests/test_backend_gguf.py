@@ -139,10 +139,10 @@ def _greedy_agreement(ref: torch.Tensor, tokens: torch.Tensor):
     return ref.argmax(-1) == tokens, ref.amax(-1) - picked <= LOGIT_TOL * span
 
 
-@needs_llama_cpp
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_llama_cpp_runs_the_file_like_the_reference(preset, exported, tokenizer):
-    q, art, path = exported(preset)
+def logits_within_tolerance(q, art, tokenizer, label: str = "") -> list:
+    """``(text, reference logits, llama.cpp logits)`` for each of PROMPTS, each checked: llama.cpp's
+    logits within ``LOGIT_TOL`` of the reference's logit span."""
+    rows = []
     for text in PROMPTS:
         ids = _ids(tokenizer, text)
         with torch.no_grad():
@@ -151,7 +151,16 @@ def test_llama_cpp_runs_the_file_like_the_reference(preset, exported, tokenizer)
         assert got.shape == ref.shape
         err = (got - ref).abs().max().item()
         span = (ref.amax(-1) - ref.amin(-1)).max().item()
-        assert err <= LOGIT_TOL * span, f"{preset} {text!r}: max |llama.cpp - reference| {err:.4f}, span {span:.3f}"
+        assert err <= LOGIT_TOL * span, f"{label} {text!r}: max |llama.cpp - reference| {err:.4f}, span {span:.3f}"
+        rows.append((text, ref, got))
+    return rows
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_llama_cpp_runs_the_file_like_the_reference(preset, exported, tokenizer):
+    q, art, path = exported(preset)
+    for text, ref, got in logits_within_tolerance(q, art, tokenizer, preset):
         exact, near_tie = _greedy_agreement(ref[0], got[0].argmax(-1))
         assert bool((exact | near_tie).all()), f"{preset} {text!r}: llama.cpp's greedy token far from the reference's"
         assert exact.float().mean().item() >= 0.75

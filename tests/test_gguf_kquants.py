@@ -22,7 +22,7 @@ from qcompile.models import load_gguf
 from qcompile.presets import _gguf_block, gguf_spec, llama_cpp_mix
 from qcompile.recipe import LayerConfig, Recipe
 from qcompile.spec import QuantSpec
-from test_backend_gguf import LOGIT_TOL, PROMPTS, VOCAB, _greedy_agreement, _ids, tokenizer  # noqa: F401
+from test_backend_gguf import PROMPTS, VOCAB, _greedy_agreement, _ids, logits_within_tolerance, tokenizer  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -150,14 +150,7 @@ def test_the_k_quant_preset_writes_every_tensor_bit_exactly(exported_k, llama256
 
 def test_llama_cpp_runs_the_k_quant_file_like_the_reference(exported_k, tokenizer):
     q, art, _ = exported_k("gguf-q4_k_m-gptq")
-    for text in PROMPTS:
-        ids = _ids(tokenizer, text)
-        with torch.no_grad():
-            ref = q(ids, use_cache=False).logits.float()
-        got = art(ids)
-        err = (got - ref).abs().max().item()
-        span = (ref.amax(-1) - ref.amin(-1)).max().item()
-        assert err <= LOGIT_TOL * span, f"{text!r}: max |llama.cpp - reference| {err:.4f}, span {span:.3f}"
+    for text, ref, got in logits_within_tolerance(q, art, tokenizer):
         exact, near_tie = _greedy_agreement(ref[0], got[0].argmax(-1))
         assert bool((exact | near_tie).all()) and exact.float().mean().item() >= 0.75
 

@@ -134,7 +134,7 @@ def test_llama_cpp_runs_the_gptq_a8_file_like_the_reference(tmp_path, tokenizer)
     tolerance of the reference (which quantizes its activations as llama.cpp does)."""
     pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python): pip install 'qcompile[gguf]'")
     from qcompile.backends.gguf import verify_gguf
-    from test_backend_gguf import LOGIT_TOL, PROMPTS, _ids
+    from test_backend_gguf import logits_within_tolerance
     from test_gguf_kquants import _quantize, _tiny_llama
 
     tok = tokenizer
@@ -146,12 +146,7 @@ def test_llama_cpp_runs_the_gptq_a8_file_like_the_reference(tmp_path, tokenizer)
     art = qcompile.lower(q, backend="gguf", config=model.config, tokenizer=tok)
     path = art.save(tmp_path / "a8.gguf")
     assert set(verify_gguf(path, q, model.config).values()) == {"F32", "Q4_0", "Q8_0"}
-    for text in PROMPTS:
-        ids = _ids(tok, text)
-        with torch.no_grad():
-            ref = q(ids, use_cache=False).logits.float()
-        span = (ref.amax(-1) - ref.amin(-1)).max().item()
-        assert (art(ids) - ref).abs().max().item() <= LOGIT_TOL * span
+    logits_within_tolerance(q, art, tok)
 
 
 def test_awq_gguf_file_folds_into_norms_only_and_llama_cpp_runs_it(tmp_path, tokenizer):  # noqa: F811
@@ -163,7 +158,7 @@ def test_awq_gguf_file_folds_into_norms_only_and_llama_cpp_runs_it(tmp_path, tok
     from qcompile.backends.gguf import verify_gguf
     from qcompile.backends.gguf.llama import _norms
     from qcompile.errors import BackendError
-    from test_backend_gguf import LOGIT_TOL, PROMPTS, _ids
+    from test_backend_gguf import logits_within_tolerance
     from test_gguf_kquants import _quantize, _tiny_llama
 
     model = _tiny_llama(64, 128, 2, 0.1)
@@ -183,12 +178,7 @@ def test_awq_gguf_file_folds_into_norms_only_and_llama_cpp_runs_it(tmp_path, tok
     path = art.save(tmp_path / "awq.gguf")
     types = verify_gguf(path, q, model.config)
     assert sum(1 for n in types if n.endswith("norm.weight")) == 5
-    for text in PROMPTS:
-        ids = _ids(tokenizer, text)
-        with torch.no_grad():
-            ref = q(ids, use_cache=False).logits.float()
-        span = (ref.amax(-1) - ref.amin(-1)).max().item()
-        assert (art(ids) - ref).abs().max().item() <= LOGIT_TOL * span
+    logits_within_tolerance(q, art, tokenizer)
     with_mul = dataclasses.replace(recipe, weight_algorithm=dataclasses.replace(recipe.weight_algorithm, fold_only=False))
     q_mul = _quantize(model, with_mul, tokenizer)
     with pytest.raises(BackendError, match=r"layer 'model\.layers\.\d\.(self_attn\.o_proj|mlp\.down_proj)'.*per-channel"):
